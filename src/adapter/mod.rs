@@ -1,0 +1,196 @@
+//! PEFT LoRA adapters: key names, `adapter_config.json`, and an atomic, streaming writer.
+
+pub mod writer;
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+pub use writer::AdapterWriter;
+
+pub const MODEL_FILE: &str = "adapter_model.safetensors";
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const REPORT_FILE: &str = "report.json";
+
+/// PEFT prefixes every key with the wrapper's path.
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+pub fn lora_a_key(module: &str) -> String {
+    format!("{KEY_PREFIX}{module}.lora_A.weight")
+}
+pub fn lora_b_key(module: &str) -> String {
+    format!("{KEY_PREFIX}{module}.lora_B.weight")
+}
+pub fn embedding_a_key(module: &str) -> String {
+    format!("{KEY_PREFIX}{module}.lora_embedding_A")
+}
+pub fn embedding_b_key(module: &str) -> String {
+    format!("{KEY_PREFIX}{module}.lora_embedding_B")
+}
+/// A module saved whole keeps its plain parameter path.
+pub fn whole_key(param: &str) -> String {
+    format!("{KEY_PREFIX}{param}")
+}
+
+/// `target_modules` is a list of module-name suffixes, or a regex (Python `re.fullmatch`)
+/// when a suffix would also match modules the adapter holds no factors for.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    Names(Vec<String>),
+    Regex(String),
+}
+
+/// The fields of PEFT's LoraConfig that phlora sets; all of them are known to PEFT, so
+/// loading warns about nothing.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdapterConfig {
+    pub peft_type: &'static str,
+    pub task_type: Option<String>,
+    pub base_model_name_or_path: String,
+    pub revision: Option<String>,
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub target_modules: TargetModules,
+    pub modules_to_save: Option<Vec<String>>,
+    pub rank_pattern: BTreeMap<String, usize>,
+    pub alpha_pattern: BTreeMap<String, f64>,
+    pub bias: &'static str,
+    pub fan_in_fan_out: bool,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+    pub init_lora_weights: bool,
+    pub inference_mode: bool,
+    pub layers_to_transform: Option<Vec<usize>>,
+    pub layers_pattern: Option<String>,
+}
+
+impl AdapterConfig {
+    pub fn new(
+        base_model_name_or_path: String,
+        task_type: Option<String>,
+        r: usize,
+        target_modules: TargetModules,
+        modules_to_save: Option<Vec<String>>,
+    ) -> Self {
+        AdapterConfig {
+            peft_type: "LORA",
+            task_type,
+            base_model_name_or_path,
+            revision: None,
+            r,
+            // scaling = lora_alpha / r = 1: the factors carry ΔW as it is.
+            lora_alpha: r as f64,
+            lora_dropout: 0.0,
+            target_modules,
+            modules_to_save,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            bias: "none",
+            fan_in_fan_out: false,
+            use_rslora: false,
+            use_dora: false,
+            init_lora_weights: true,
+            inference_mode: true,
+            layers_to_transform: None,
+            layers_pattern: None,
+        }
+    }
+}
+
+/// Chooses `target_modules`: the sorted last segments of the written modules when every
+/// module with such a name has factors; otherwise an anchored alternation of exact paths.
+pub fn target_modules(
+    written: &[String],
+    all_with_same_last: impl Fn(&str) -> Vec<String>,
+) -> TargetModules {
+    let mut names: Vec<String> = written
+        .iter()
+        .map(|m| crate::plan::last_segment(m).to_string())
+        .collect();
+    names.sort();
+    names.dedup();
+    let complete = names.iter().all(|n| {
+        all_with_same_last(n)
+            .iter()
+            .all(|path| written.iter().any(|w| w == path))
+    });
+    if complete {
+        TargetModules::Names(names)
+    } else {
+        let mut paths = written.to_vec();
+        paths.sort();
+        let alternation: Vec<String> = paths.iter().map(|p| regex_escape(p)).collect();
+        TargetModules::Regex(format!("^(?:{})$", alternation.join("|")))
+    }
+}
+
+/// Escapes a module path for Python's `re`.
+pub fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if !(c.is_ascii_alphanumeric() || c == '_') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The config's `modules_to_save`, longest names first: PEFT rewrites loaded keys by the
+/// first listed name found in them, and `norm` is a substring of `input_layernorm`.
+pub fn modules_to_save(mut names: Vec<String>) -> Vec<String> {
+    names.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
+    names.dedup();
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_peft() {
+        assert_eq!(
+            lora_a_key("model.layers.0.self_attn.q_proj"),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        );
+        assert_eq!(
+            embedding_b_key("model.embed_tokens"),
+            "base_model.model.model.embed_tokens.lora_embedding_B"
+        );
+        assert_eq!(
+            whole_key("model.norm.weight"),
+            "base_model.model.model.norm.weight"
+        );
+    }
+
+    #[test]
+    fn target_modules_fall_back_to_a_regex_when_a_module_is_missing() {
+        let all = |n: &str| vec![format!("l.0.{n}"), format!("l.1.{n}")];
+        let written = vec!["l.0.q".to_string(), "l.1.q".to_string()];
+        assert_eq!(
+            target_modules(&written, all),
+            TargetModules::Names(vec!["q".into()])
+        );
+        let partial = vec!["l.0.q".to_string()];
+        assert_eq!(
+            target_modules(&partial, all),
+            TargetModules::Regex("^(?:l\\.0\\.q)$".into())
+        );
+    }
+
+    #[test]
+    fn modules_to_save_puts_longer_names_first() {
+        let m = modules_to_save(vec![
+            "norm".into(),
+            "input_layernorm".into(),
+            "post_attention_layernorm".into(),
+        ]);
+        assert_eq!(
+            m,
+            vec!["post_attention_layernorm", "input_layernorm", "norm"]
+        );
+    }
+}

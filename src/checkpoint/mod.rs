@@ -1,0 +1,359 @@
+//! Opening checkpoints: a model folder (one `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`) or a single `.safetensors` file. Each shard is memory-mapped
+//! once; tensors are zero-copy byte views into the maps. A whole model is never loaded.
+
+pub mod dtype;
+pub mod writer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+pub use dtype::DType;
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// One tensor of a checkpoint: where its bytes are and what they hold.
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    /// Index into the checkpoint's shards.
+    pub shard: usize,
+    /// Absolute byte range in the shard file.
+    pub start: usize,
+    pub end: usize,
+}
+
+impl TensorEntry {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// The element type phlora can compute with, if it is one.
+    pub fn float_dtype(&self) -> Option<DType> {
+        DType::from_safetensors(self.dtype)
+    }
+}
+
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+}
+
+pub struct Checkpoint {
+    root: PathBuf,
+    shards: Vec<Shard>,
+    tensors: Vec<TensorEntry>,
+    by_name: HashMap<String, usize>,
+    config: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct IndexFile {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Opens a model folder or a single `.safetensors` file and validates every header.
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        let meta =
+            std::fs::metadata(path).map_err(|e| Error::io(path, "cannot open checkpoint", e))?;
+        if meta.is_file() {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let config = read_config(&dir.join("config.json"))?;
+            return Self::from_files(path, vec![path.to_path_buf()], None, config);
+        }
+        let config = read_config(&path.join("config.json"))?;
+        let index_path = path.join(INDEX_FILE);
+        if index_path.is_file() {
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|e| Error::io(&index_path, "cannot read index", e))?;
+            let index: IndexFile = serde_json::from_str(&text).map_err(|e| {
+                Error::checkpoint(&index_path, format!("not a valid index file: {e}"))
+            })?;
+            if index.weight_map.is_empty() {
+                return Err(Error::checkpoint(
+                    &index_path,
+                    "the index's weight_map is empty",
+                ));
+            }
+            let mut files: Vec<String> = index.weight_map.values().cloned().collect();
+            files.sort();
+            files.dedup();
+            let mut shard_paths = Vec::new();
+            for f in &files {
+                if f.contains("..") || Path::new(f).is_absolute() {
+                    return Err(Error::checkpoint(
+                        &index_path,
+                        format!("shard name `{f}` points outside the model folder"),
+                    ));
+                }
+                let p = path.join(f);
+                if !p.is_file() {
+                    let tensor = index
+                        .weight_map
+                        .iter()
+                        .find(|(_, v)| *v == f)
+                        .map(|(k, _)| k.as_str());
+                    return Err(Error::checkpoint(
+                        &index_path,
+                        format!(
+                            "the index names shard `{f}` (for tensor `{}`), but {} does not exist",
+                            tensor.unwrap_or("?"),
+                            p.display()
+                        ),
+                    ));
+                }
+                shard_paths.push(p);
+            }
+            return Self::from_files(
+                path,
+                shard_paths,
+                Some((index_path, index.weight_map)),
+                config,
+            );
+        }
+        let single = path.join(SINGLE_FILE);
+        if single.is_file() {
+            return Self::from_files(path, vec![single], None, config);
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, "cannot list folder", e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        found.sort();
+        match found.len() {
+            1 => Self::from_files(path, found, None, config),
+            0 => Err(Error::checkpoint(
+                path,
+                format!("no {SINGLE_FILE}, {INDEX_FILE} or other .safetensors file in this folder"),
+            )),
+            n => Err(Error::checkpoint(
+                path,
+                format!(
+                    "{n} .safetensors files but no {INDEX_FILE} to say which tensors they hold"
+                ),
+            )),
+        }
+    }
+
+    fn from_files(
+        root: &Path,
+        paths: Vec<PathBuf>,
+        index: Option<(PathBuf, BTreeMap<String, String>)>,
+        config: Option<serde_json::Value>,
+    ) -> Result<Checkpoint> {
+        let mut shards = Vec::with_capacity(paths.len());
+        let mut tensors = Vec::new();
+        for (si, p) in paths.iter().enumerate() {
+            let (shard, mut entries) = open_shard(p, si)?;
+            if let Some((index_path, weight_map)) = &index {
+                let file_name = p.file_name().and_then(|f| f.to_str()).unwrap_or_default();
+                entries.retain(|e| {
+                    let listed = weight_map.get(&e.name).is_some_and(|f| {
+                        Path::new(f).file_name().and_then(|f| f.to_str()) == Some(file_name)
+                    });
+                    if !listed {
+                        tracing::warn!(
+                            "{}: tensor `{}` is not listed for this shard in {}; ignoring it",
+                            p.display(),
+                            e.name,
+                            index_path.display()
+                        );
+                    }
+                    listed
+                });
+            }
+            shards.push(shard);
+            tensors.extend(entries);
+        }
+        let mut by_name = HashMap::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            if by_name.insert(t.name.clone(), i).is_some() {
+                return Err(Error::tensor(
+                    &shards[t.shard].path,
+                    &t.name,
+                    "appears in more than one shard",
+                ));
+            }
+        }
+        if let Some((index_path, weight_map)) = &index {
+            for (name, file) in weight_map {
+                if !by_name.contains_key(name) {
+                    return Err(Error::tensor(
+                        index_path,
+                        name,
+                        format!("the index says shard `{file}` holds this tensor, but it does not"),
+                    ));
+                }
+            }
+        }
+        Ok(Checkpoint {
+            root: root.to_path_buf(),
+            shards,
+            tensors,
+            by_name,
+            config,
+        })
+    }
+
+    /// The path the user gave.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Tensors in file order (shard, then offset): reading them in this order is sequential.
+    pub fn tensors(&self) -> &[TensorEntry] {
+        &self.tensors
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorEntry> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The shard file that holds a tensor (for error messages).
+    pub fn path_of(&self, t: &TensorEntry) -> &Path {
+        &self.shards[t.shard].path
+    }
+
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// config.json beside the checkpoint, if there is one.
+    pub fn config(&self) -> Option<&serde_json::Value> {
+        self.config.as_ref()
+    }
+
+    /// The tensor's raw bytes (little-endian, row-major), a view into the memory map.
+    pub fn bytes(&self, t: &TensorEntry) -> &[u8] {
+        &self.shards[t.shard].map[t.start..t.end]
+    }
+
+    /// Tells the kernel this process is done with a tensor's pages, so resident memory stays
+    /// near the working set instead of growing with the model. The pages stay in page cache.
+    pub fn release(&self, t: &TensorEntry) {
+        let map = &self.shards[t.shard].map;
+        let page = page_size();
+        // Only whole pages inside the tensor: neighbours may still be in use.
+        let start = t.start.div_ceil(page) * page;
+        let end = (t.end / page) * page;
+        if end > start {
+            // SAFETY: the mapping is a read-only shared file mapping; MADV_DONTNEED only drops
+            // resident pages, which the kernel re-reads from the file if touched again. No
+            // slice into this range is held across this call by the pipeline (views are
+            // short-lived borrows), and even if one were, it would read the same file bytes.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as usize
+    } else {
+        4096
+    }
+}
+
+fn read_config(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "cannot read", e))?;
+    match serde_json::from_str(&text) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) => {
+            tracing::warn!("{}: not valid JSON ({e}); ignoring it", path.display());
+            Ok(None)
+        }
+    }
+}
+
+fn open_shard(path: &Path, shard: usize) -> Result<(Shard, Vec<TensorEntry>)> {
+    let file = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io(path, "cannot stat", e))?
+        .len();
+    if len < 8 {
+        return Err(Error::checkpoint(
+            path,
+            format!("file is {len} bytes long, too short to be a safetensors file (truncated?)"),
+        ));
+    }
+    // SAFETY: the map is read-only. Another process truncating the file while we run would
+    // make reads fault (SIGBUS); that is the accepted contract of memory-mapped model loading
+    // (the same as the safetensors and transformers loaders).
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "cannot memory-map", e))?;
+    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&map)
+        .map_err(|e| Error::checkpoint(path, describe_header_error(&e, len)))?;
+    let data_start = 8usize
+        .checked_add(header_len)
+        .ok_or_else(|| Error::checkpoint(path, "header length overflows"))?;
+    let mut entries: Vec<TensorEntry> = metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| -> Result<TensorEntry> {
+            let (s, e) = info.data_offsets;
+            let start = data_start.checked_add(s);
+            let end = data_start.checked_add(e);
+            match (start, end) {
+                (Some(start), Some(end)) if start <= end && end <= map.len() => Ok(TensorEntry {
+                    name,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    shard,
+                    start,
+                    end,
+                }),
+                _ => Err(Error::tensor(
+                    path,
+                    name,
+                    "data offsets lie outside the file",
+                )),
+            }
+        })
+        .collect::<Result<_>>()?;
+    entries.sort_by_key(|e| e.start);
+    Ok((
+        Shard {
+            path: path.to_path_buf(),
+            map,
+        },
+        entries,
+    ))
+}
+
+fn describe_header_error(e: &safetensors::SafeTensorError, len: u64) -> String {
+    use safetensors::SafeTensorError as E;
+    let what = match e {
+        E::MetadataIncompleteBuffer => format!(
+            "the header's offsets do not cover the file's {len} bytes exactly (truncated or padded file)"
+        ),
+        E::InvalidHeaderLength => format!(
+            "the header length is larger than the file ({len} bytes): truncated or not safetensors"
+        ),
+        E::HeaderTooLarge => "the header length is over 100 MB: corrupted or not safetensors".into(),
+        E::InvalidOffset(t) => format!("tensor `{t}` has data offsets that overlap, leave holes, or are out of order"),
+        E::TensorInvalidInfo => "a tensor's byte count does not match its dtype and shape".into(),
+        other => other.to_string(),
+    };
+    format!("not a valid safetensors file: {what}")
+}

@@ -1,0 +1,168 @@
+//! Command-line arguments (clap derive only; validation lives in `config`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "phlora",
+    version,
+    about = "Extract LoRA adapters from fully fine-tuned models, with no training data",
+    long_about = "Extract LoRA adapters from fully fine-tuned models, with no training data.\n\n\
+For each weight matrix phlora takes ΔW = W_finetuned − W_base, keeps the top singular \
+directions with a (randomized) truncated SVD, and writes a PEFT adapter \
+(adapter_model.safetensors + adapter_config.json) with an exact error certificate per tensor.\n\n\
+Start with `phlora demo`."
+)]
+pub struct Cli {
+    /// More logging (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only errors on stderr (no table, no warnings, no progress bar).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Extract a LoRA adapter from a (base, fine-tune) checkpoint pair.
+    Extract(ExtractArgs),
+    /// Write a synthetic Llama-shaped (base, fine-tune) pair for tests and benchmarks.
+    Synth(SynthArgs),
+    /// Synthesise a small pair, extract an adapter from it and show the report.
+    Demo(DemoArgs),
+    /// List a checkpoint's tensors and what extract would do with each.
+    Inspect(InspectArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SvdArg {
+    /// Randomized range finder + small exact SVD: fast, within ~0.1% of optimal by default.
+    Randomized,
+    /// Full thin SVD (faer): the Eckart–Young optimum, much slower; for checking.
+    Exact,
+}
+
+#[derive(Debug, Args)]
+pub struct ExtractArgs {
+    /// The base model: a folder (model.safetensors or model.safetensors.index.json + shards) or
+    /// a single .safetensors file.
+    #[arg(long, value_name = "PATH")]
+    pub base: PathBuf,
+    /// The fully fine-tuned model, laid out like the base.
+    #[arg(long, value_name = "PATH")]
+    pub ft: PathBuf,
+    /// Output folder for adapter_model.safetensors, adapter_config.json and report.json.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// LoRA rank r (clamped per tensor to min(rows, cols); factors are zero-padded to r).
+    #[arg(long, short = 'r', default_value_t = 64)]
+    pub rank: usize,
+    /// SVD algorithm.
+    #[arg(long, value_enum, default_value_t = SvdArg::Randomized)]
+    pub svd: SvdArg,
+    /// Randomized SVD: extra sketch columns p beyond the rank [default: max(rank, 8)].
+    #[arg(long, value_name = "P")]
+    pub oversample: Option<usize>,
+    /// Randomized SVD: power iterations q (each costs two passes over ΔW).
+    #[arg(long, value_name = "Q", default_value_t = 2)]
+    pub power_iters: usize,
+    /// Seed of the random sketches; each tensor mixes in its name, so results do not depend
+    /// on order or sharding.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Dtype of the factors: auto (the fine-tune's), bf16, f16 or f32. Compute is always f32.
+    #[arg(long, value_name = "DTYPE", default_value = "auto")]
+    pub out_dtype: String,
+    /// Compute device: auto (a GPU when usable, else CPU), cpu, or cuda[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Only tensors whose full name matches one of these globs (`*` any run, `?` one char),
+    /// e.g. --include '*.self_attn.*'. Repeatable.
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Leave out tensors whose full name matches one of these globs. Repeatable.
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Do not decompose embeddings (they are reported as not carried).
+    #[arg(long)]
+    pub no_embeddings: bool,
+    /// Do not save changed norm weights through modules_to_save (vLLM refuses them; they
+    /// are small but matter for quality).
+    #[arg(long)]
+    pub no_norms: bool,
+    /// base_model_name_or_path for adapter_config.json [default: the base's config.json
+    /// `_name_or_path`, else the --base path].
+    #[arg(long, value_name = "NAME")]
+    pub base_name: Option<String>,
+    /// Replace an adapter already in the output folder.
+    #[arg(long)]
+    pub force: bool,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Output folder; the pair goes to OUT/base and OUT/ft.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 2048)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 8192)]
+    pub intermediate: usize,
+    #[arg(long, default_value_t = 16)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 16)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 8)]
+    pub kv_heads: usize,
+    #[arg(long, default_value_t = 32000)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Dtype of both checkpoints: bf16, f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Rank of the planted part of each ΔW.
+    #[arg(long, default_value_t = 256)]
+    pub delta_rank: usize,
+    /// Power-law decay exponent of the planted singular values.
+    #[arg(long, default_value_t = 0.6)]
+    pub decay: f64,
+    /// Dense noise RMS relative to the planted part.
+    #[arg(long, default_value_t = 0.2)]
+    pub noise: f64,
+    /// Largest shard, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    pub shard_mib: u64,
+    /// Tie lm_head to the embeddings (no lm_head tensor).
+    #[arg(long)]
+    pub tie_embeddings: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Work folder [default: a temporary folder, removed afterwards].
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// LoRA rank.
+    #[arg(long, short = 'r', default_value_t = 16)]
+    pub rank: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A model folder or .safetensors file.
+    pub path: PathBuf,
+    /// Pair with this base checkpoint: validates the pairing as extract would.
+    #[arg(long, value_name = "PATH")]
+    pub base: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}

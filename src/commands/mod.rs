@@ -1,0 +1,28 @@
+//! One file per subcommand; each is a thin orchestration of the library's stages.
+
+mod demo;
+mod extract;
+mod inspect;
+mod synth;
+
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command};
+use crate::error::Result;
+
+/// Runs a parsed command line.
+pub fn run(cli: &Cli) -> Result<ExitCode> {
+    let ui = Ui { quiet: cli.quiet };
+    match &cli.command {
+        Command::Extract(a) => extract::run(a, ui),
+        Command::Synth(a) => synth::run(a, ui),
+        Command::Demo(a) => demo::run(a, ui),
+        Command::Inspect(a) => inspect::run(a, ui),
+    }
+}
+
+/// What the user asked to see on stderr.
+#[derive(Clone, Copy, Debug)]
+pub struct Ui {
+    pub quiet: bool,
+}

@@ -1,0 +1,113 @@
+//! Arguments → validated settings, before any work starts.
+
+use crate::backend::Device;
+use crate::checkpoint::DType;
+use crate::cli::{ExtractArgs, SvdArg, SynthArgs};
+use crate::error::{Error, Result};
+use crate::extract::ExtractSettings;
+use crate::linalg::{rank::RankPolicy, Method, SvdSettings};
+use crate::plan::{Glob, PlanOptions};
+use crate::synth::SynthSettings;
+
+impl ExtractArgs {
+    pub fn settings(&self, progress: bool) -> Result<ExtractSettings> {
+        if self.rank == 0 {
+            return Err(Error::Settings("--rank must be at least 1".into()));
+        }
+        if self.power_iters > 20 {
+            return Err(Error::Settings(
+                "--power-iters above 20 only costs time".into(),
+            ));
+        }
+        if self.oversample.is_some() && self.svd == SvdArg::Exact {
+            return Err(Error::Settings(
+                "--oversample applies to --svd randomized only".into(),
+            ));
+        }
+        let out_dtype = match self.out_dtype.as_str() {
+            "auto" => None,
+            s => Some(DType::parse(s).ok_or_else(|| {
+                Error::Settings(format!(
+                    "--out-dtype `{s}`: expected auto, bf16, f16 or f32"
+                ))
+            })?),
+        };
+        let device = Device::parse(&self.device).ok_or_else(|| {
+            Error::Settings(format!(
+                "--device `{}`: expected auto, cpu, cuda or cuda:N",
+                self.device
+            ))
+        })?;
+        if self.out == self.base || self.out == self.ft {
+            return Err(Error::Settings(
+                "--out must not be the base or fine-tune folder".into(),
+            ));
+        }
+        Ok(ExtractSettings {
+            base: self.base.clone(),
+            ft: self.ft.clone(),
+            out: self.out.clone(),
+            rank: RankPolicy::Fixed(self.rank),
+            svd: SvdSettings {
+                method: match self.svd {
+                    SvdArg::Randomized => Method::Randomized,
+                    SvdArg::Exact => Method::Exact,
+                },
+                oversample: self.oversample,
+                power_iters: self.power_iters,
+                seed: self.seed,
+            },
+            out_dtype,
+            device,
+            plan: PlanOptions {
+                include: self.include.iter().map(|g| Glob::new(g)).collect(),
+                exclude: self.exclude.iter().map(|g| Glob::new(g)).collect(),
+                embeddings: !self.no_embeddings,
+                norms: !self.no_norms,
+            },
+            base_name: self.base_name.clone(),
+            overwrite: self.force,
+            progress,
+        })
+    }
+}
+
+impl SynthArgs {
+    pub fn settings(&self) -> Result<SynthSettings> {
+        let dtype = DType::parse(&self.dtype).ok_or_else(|| {
+            Error::Settings(format!(
+                "--dtype `{}`: expected bf16, f16 or f32",
+                self.dtype
+            ))
+        })?;
+        if !(self.decay.is_finite() && self.decay >= 0.0)
+            || !(self.noise.is_finite() && self.noise >= 0.0)
+        {
+            return Err(Error::Settings(
+                "--decay and --noise must be finite and non-negative".into(),
+            ));
+        }
+        if self.shard_mib == 0 {
+            return Err(Error::Settings("--shard-mib must be at least 1".into()));
+        }
+        let s = SynthSettings {
+            out: self.out.clone(),
+            hidden: self.hidden,
+            intermediate: self.intermediate,
+            layers: self.layers,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            vocab: self.vocab,
+            seed: self.seed,
+            dtype,
+            delta_rank: self.delta_rank,
+            decay: self.decay,
+            delta_scale: 0.1,
+            noise: self.noise,
+            shard_bytes: self.shard_mib << 20,
+            tie_embeddings: self.tie_embeddings,
+        };
+        s.validate()?;
+        Ok(s)
+    }
+}

@@ -1,0 +1,75 @@
+//! The library's error type. Every variant names what a user needs to find the problem:
+//! the file, the tensor, or the setting.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read, written, created or renamed.
+    #[error("{path}: {action}: {source}")]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A checkpoint (or its index) is malformed: truncated, corrupted, offsets out of range...
+    #[error("{path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+
+    /// A tensor cannot be used as it is: one checkpoint only, shape mismatch, bad dtype, NaN...
+    #[error("tensor `{tensor}` ({path}): {reason}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        reason: String,
+    },
+
+    /// The settings asked for something impossible or contradictory.
+    #[error("invalid settings: {0}")]
+    Settings(String),
+
+    /// A decomposition failed (no convergence, ...).
+    #[error("tensor `{tensor}`: decomposition failed: {reason}")]
+    Linalg { tensor: String, reason: String },
+
+    /// The chosen compute device is not usable.
+    #[error("device: {0}")]
+    Device(String),
+}
+
+impl Error {
+    pub(crate) fn io(
+        path: impl Into<PathBuf>,
+        action: &'static str,
+        source: std::io::Error,
+    ) -> Self {
+        Error::Io {
+            path: path.into(),
+            action,
+            source,
+        }
+    }
+
+    pub(crate) fn checkpoint(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::Checkpoint {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn tensor(
+        path: impl Into<PathBuf>,
+        tensor: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::Tensor {
+            path: path.into(),
+            tensor: tensor.into(),
+            reason: reason.into(),
+        }
+    }
+}

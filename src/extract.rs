@@ -1,0 +1,438 @@
+//! The extract pipeline: plan → load → delta → decompose → rank → factor → sink.
+//! Data flows one way; each stage is a module of its own and this file only orchestrates.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::adapter::{self, AdapterConfig, AdapterWriter};
+use crate::backend::{self, Backend, DeltaInput, DeltaStats, Device, Resolved};
+use crate::checkpoint::dtype::decode_into;
+use crate::checkpoint::{Checkpoint, DType, TensorEntry};
+use crate::error::{Error, Result};
+use crate::factor::{self, Layout};
+use crate::linalg::{self, rank::RankPolicy, rsvd, Method, SvdSettings};
+use crate::plan::{Action, Plan, PlanItem, PlanOptions};
+use crate::report::{RunReport, Summary, TensorReport};
+
+/// Everything `extract` needs, validated.
+#[derive(Clone, Debug)]
+pub struct ExtractSettings {
+    pub base: PathBuf,
+    pub ft: PathBuf,
+    pub out: PathBuf,
+    pub rank: RankPolicy,
+    pub svd: SvdSettings,
+    /// `None`: the fine-tune's dtype.
+    pub out_dtype: Option<DType>,
+    pub device: Device,
+    pub plan: PlanOptions,
+    /// `base_model_name_or_path`; `None`: from the base's config.json, else the base path.
+    pub base_name: Option<String>,
+    /// Replace an adapter already in OUT.
+    pub overwrite: bool,
+    /// Show a progress bar (only when stderr is a terminal).
+    pub progress: bool,
+}
+
+impl ExtractSettings {
+    pub fn new(base: PathBuf, ft: PathBuf, out: PathBuf, rank: usize) -> Self {
+        ExtractSettings {
+            base,
+            ft,
+            out,
+            rank: RankPolicy::Fixed(rank),
+            svd: SvdSettings::default(),
+            out_dtype: None,
+            device: Device::Auto,
+            plan: PlanOptions {
+                include: Vec::new(),
+                exclude: Vec::new(),
+                embeddings: true,
+                norms: true,
+            },
+            base_name: None,
+            overwrite: false,
+            progress: false,
+        }
+    }
+}
+
+/// Runs the whole extraction and returns the report (also written to OUT/report.json).
+pub fn extract(s: &ExtractSettings) -> Result<RunReport> {
+    let base = Checkpoint::open(&s.base)?;
+    let ft = Checkpoint::open(&s.ft)?;
+    let plan = Plan::build(&base, &ft, &s.plan)?;
+    match backend::resolve(s.device)? {
+        Resolved::Cpu(cpu) => run(&cpu, s, &base, &ft, &plan),
+    }
+}
+
+fn run<B: Backend>(
+    be: &B,
+    s: &ExtractSettings,
+    base: &Checkpoint,
+    ft: &Checkpoint,
+    plan: &Plan,
+) -> Result<RunReport> {
+    let started = Instant::now();
+    let out_dtype = s.out_dtype.unwrap_or_else(|| dominant_lora_dtype(plan));
+    let r_adapter = s.rank.adapter_rank();
+    let mut writer = AdapterWriter::create(&s.out, s.overwrite)?;
+    let total_bytes: u64 = plan.items.iter().map(|i| i.input_bytes()).sum();
+    let bar = progress_bar(s.progress, total_bytes, plan.items.len());
+
+    let mut rows: Vec<TensorReport> = Vec::with_capacity(plan.items.len());
+    let mut written_modules: Vec<String> = Vec::new();
+    let mut whole: Vec<&PlanItem> = Vec::new();
+    let mut any_whole_changed = false;
+    let (mut svd_seconds, mut svd_flops) = (0f64, 0f64);
+
+    for (done, item) in plan.items.iter().enumerate() {
+        let t0 = Instant::now();
+        let mut row = TensorReport::new(&item.name, item.action.label(), &item.shape);
+        match &item.action {
+            Action::Unchanged => {}
+            Action::SaveWhole | Action::NotCarried(_) => {
+                let stats = host_delta(base, ft, item)?;
+                row.delta_norm = stats.sumsq.sqrt();
+                if stats.sumsq == 0.0 {
+                    row.action = "unchanged";
+                } else if item.action == Action::SaveWhole {
+                    any_whole_changed = true;
+                } else if let Action::NotCarried(reason) = &item.action {
+                    row.reason = Some(reason.clone());
+                }
+                if item.action == Action::SaveWhole {
+                    whole.push(item);
+                }
+            }
+            Action::LoraLinear | Action::LoraEmbedding => {
+                let (rows_, cols) = (item.shape[0], item.shape[1]);
+                let input = DeltaInput {
+                    base: base.bytes(&item.base),
+                    base_dtype: item.base_dtype(),
+                    ft: ft.bytes(&item.ft),
+                    ft_dtype: item.ft_dtype(),
+                    rows: rows_,
+                    cols,
+                };
+                let (delta, stats) = be.delta(&input).map_err(|e| tensor_err(ft, &item.ft, e))?;
+                check_finite(base, ft, item, &stats)?;
+                row.delta_norm = stats.sumsq.sqrt();
+                if stats.sumsq == 0.0 {
+                    row.action = "unchanged";
+                } else {
+                    let r = s.rank.rank_for(rows_, cols);
+                    let seed = crate::rng::seed_for(s.svd.seed, &item.name);
+                    let t_svd = Instant::now();
+                    let t = linalg::decompose(be, &delta, r, &s.svd, seed).map_err(|e| {
+                        Error::Linalg {
+                            tensor: item.name.clone(),
+                            reason: e.0,
+                        }
+                    })?;
+                    if t.method == Method::Randomized {
+                        svd_seconds += t_svd.elapsed().as_secs_f64();
+                        svd_flops += rsvd::nominal_flops(rows_, cols, t.sketch, s.svd.power_iters);
+                    }
+                    let kept: f64 = t.s.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+                    let layout = if item.action == Action::LoraEmbedding {
+                        Layout::Embedding
+                    } else {
+                        Layout::Linear
+                    };
+                    let f = factor::split(&t, layout, r_adapter, out_dtype);
+                    let left = be
+                        .upload(f.left.as_ref())
+                        .map_err(|e| tensor_err(ft, &item.ft, e))?;
+                    let right = be
+                        .upload(f.right.as_ref())
+                        .map_err(|e| tensor_err(ft, &item.ft, e))?;
+                    let res = be
+                        .residual_sumsq(&delta, &left, &right)
+                        .map_err(|e| tensor_err(ft, &item.ft, e))?;
+                    let (a_key, b_key) = match layout {
+                        Layout::Linear => (
+                            adapter::lora_a_key(&item.module),
+                            adapter::lora_b_key(&item.module),
+                        ),
+                        Layout::Embedding => (
+                            adapter::embedding_a_key(&item.module),
+                            adapter::embedding_b_key(&item.module),
+                        ),
+                    };
+                    writer.add(a_key, out_dtype.as_str(), f.a_shape.to_vec(), &f.a_bytes)?;
+                    writer.add(b_key, out_dtype.as_str(), f.b_shape.to_vec(), &f.b_bytes)?;
+                    written_modules.push(item.module.clone());
+                    row.rank = Some(r);
+                    row.energy = Some((kept / stats.sumsq).min(1.0));
+                    row.residual = Some((res / stats.sumsq).sqrt());
+                    row.method = Some(t.method);
+                    row.sketch = (t.method == Method::Randomized).then_some(t.sketch);
+                }
+            }
+        }
+        base.release(&item.base);
+        ft.release(&item.ft);
+        row.seconds = t0.elapsed().as_secs_f64();
+        tracing::debug!(tensor = %item.name, action = row.action, seconds = row.seconds, "done");
+        rows.push(row);
+        bar.inc(item.input_bytes());
+        bar.set_message(format!("{}/{} tensors", done + 1, plan.items.len()));
+    }
+    bar.finish_and_clear();
+
+    // Norms are saved whole only if one changed; then every norm is written, so that PEFT's
+    // suffix matching on modules_to_save finds a tensor for each module it wraps.
+    let mut modules_to_save = None;
+    if any_whole_changed {
+        for item in &whole {
+            let dtype = item.ft.float_dtype().expect("validated by the planner");
+            writer.add(
+                adapter::whole_key(&item.name),
+                dtype.as_str(),
+                item.shape.clone(),
+                ft.bytes(&item.ft),
+            )?;
+        }
+        modules_to_save = Some(adapter::modules_to_save(
+            plan.norm_module_names().into_iter().collect(),
+        ));
+    } else {
+        for row in rows.iter_mut().filter(|r| r.action == "save-whole") {
+            row.action = "unchanged";
+        }
+    }
+    if writer.num_tensors() == 0 {
+        return Err(Error::Settings(format!(
+            "nothing to write: no selected tensor differs between {} and {}",
+            s.base.display(),
+            s.ft.display()
+        )));
+    }
+
+    let summary = summarize(&rows, plan, started, total_bytes, svd_flops, svd_seconds);
+    if summary.not_carried > 0 {
+        tracing::warn!(
+            "{} changed tensor(s) a LoRA cannot carry hold {:.3}% of ‖ΔW‖² and are not in the adapter; see report.json",
+            summary.not_carried,
+            100.0 * summary.share_not_carried
+        );
+    }
+    let targets = adapter::target_modules(&written_modules, |last| {
+        let mut paths: Vec<String> = ft
+            .tensors()
+            .iter()
+            .map(|t| crate::plan::module_of(&t.name))
+            .filter(|m| crate::plan::last_segment(m) == last)
+            .map(str::to_string)
+            .collect();
+        paths.dedup();
+        paths
+    });
+    let config = AdapterConfig::new(
+        base_model_name(s, base),
+        task_type(base, ft),
+        r_adapter,
+        targets,
+        modules_to_save,
+    );
+    let report = RunReport {
+        phlora_version: env!("CARGO_PKG_VERSION"),
+        base: s.base.display().to_string(),
+        ft: s.ft.display().to_string(),
+        out: s.out.display().to_string(),
+        device: be.name(),
+        rank: r_adapter,
+        svd: s.svd.method.as_str(),
+        oversample: (s.svd.method == Method::Randomized).then(|| s.svd.oversample_for(r_adapter)),
+        power_iters: s.svd.power_iters,
+        seed: s.svd.seed,
+        out_dtype: out_dtype.to_string(),
+        summary,
+        tensors: rows,
+    };
+    let config_json = serde_json::to_string_pretty(&config).expect("config serializes");
+    let report_json = serde_json::to_string_pretty(&report).expect("report serializes");
+    writer.commit(&config_json, &report_json)?;
+    Ok(report)
+}
+
+fn summarize(
+    rows: &[TensorReport],
+    plan: &Plan,
+    started: Instant,
+    input_bytes: u64,
+    flops: f64,
+    svd_s: f64,
+) -> Summary {
+    let mut m = Summary {
+        tensors: rows.len(),
+        filtered_out: plan.filtered_out,
+        input_bytes,
+        ..Default::default()
+    };
+    let (mut lora, mut whole, mut lost, mut not_carried) = (0f64, 0f64, 0f64, 0f64);
+    for r in rows {
+        let sq = r.delta_norm * r.delta_norm;
+        match r.action {
+            "lora" | "lora-embedding" => {
+                m.lora += 1;
+                lora += sq;
+                let res = r.residual.unwrap_or(0.0);
+                lost += res * res * sq;
+                m.max_residual = m.max_residual.max(res);
+            }
+            "save-whole" => {
+                m.saved_whole += 1;
+                whole += sq;
+            }
+            "not-carried" => {
+                m.not_carried += 1;
+                not_carried += sq;
+            }
+            _ => m.unchanged += 1,
+        }
+    }
+    let total = lora + whole + not_carried;
+    m.delta_sumsq = total;
+    if total > 0.0 {
+        m.share_lora_targets = lora / total;
+        m.share_saved_whole = whole / total;
+        m.share_not_carried = not_carried / total;
+        m.total_relative_error = ((lost + not_carried) / total).sqrt();
+    }
+    m.seconds = started.elapsed().as_secs_f64();
+    m.svd_gflops = if svd_s > 0.0 {
+        flops / svd_s / 1e9
+    } else {
+        0.0
+    };
+    m
+}
+
+/// ‖ΔW‖² of a tensor that is not decomposed, computed in chunks on the host.
+fn host_delta(base: &Checkpoint, ft: &Checkpoint, item: &PlanItem) -> Result<DeltaStats> {
+    const CHUNK: usize = 1 << 16;
+    let (bd, fd) = (item.base_dtype(), item.ft_dtype());
+    let (bb, fb) = (base.bytes(&item.base), ft.bytes(&item.ft));
+    let n = item.ft.numel();
+    let parts: Vec<DeltaStats> = (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+            let mut x = vec![0f32; hi - lo];
+            let mut y = vec![0f32; hi - lo];
+            decode_into(bd, &bb[lo * bd.size()..hi * bd.size()], &mut x);
+            decode_into(fd, &fb[lo * fd.size()..hi * fd.size()], &mut y);
+            let mut s = DeltaStats::default();
+            for (a, b) in x.iter().zip(&y) {
+                let d = b - a;
+                if d.is_finite() {
+                    s.sumsq += f64::from(d) * f64::from(d);
+                } else {
+                    s.nonfinite += 1;
+                }
+            }
+            s
+        })
+        .collect();
+    let stats = parts.iter().fold(DeltaStats::default(), |a, b| DeltaStats {
+        sumsq: a.sumsq + b.sumsq,
+        nonfinite: a.nonfinite + b.nonfinite,
+    });
+    check_finite(base, ft, item, &stats)?;
+    Ok(stats)
+}
+
+/// NaN or Inf in ΔW is an error that names the checkpoint holding it.
+fn check_finite(
+    base: &Checkpoint,
+    ft: &Checkpoint,
+    item: &PlanItem,
+    stats: &DeltaStats,
+) -> Result<()> {
+    if stats.nonfinite == 0 {
+        return Ok(());
+    }
+    let has_nonfinite = |ck: &Checkpoint, t: &TensorEntry| {
+        let dtype = t.float_dtype().expect("validated by the planner");
+        ck.bytes(t).chunks(dtype.size() * 4096).any(|c| {
+            let mut v = vec![0f32; c.len() / dtype.size()];
+            decode_into(dtype, c, &mut v);
+            v.iter().any(|x| !x.is_finite())
+        })
+    };
+    let (which, ck, t) = if has_nonfinite(ft, &item.ft) {
+        ("the fine-tune", ft, &item.ft)
+    } else if has_nonfinite(base, &item.base) {
+        ("the base", base, &item.base)
+    } else {
+        ("the difference (overflow)", ft, &item.ft)
+    };
+    Err(Error::tensor(
+        ck.path_of(t),
+        &item.name,
+        format!("ΔW has {} NaN or Inf values, from {which}", stats.nonfinite),
+    ))
+}
+
+fn tensor_err(ck: &Checkpoint, t: &TensorEntry, e: backend::BackendError) -> Error {
+    Error::tensor(ck.path_of(t), &t.name, e.0)
+}
+
+/// The most common fine-tune dtype among LoRA targets (BF16 if there are none).
+fn dominant_lora_dtype(plan: &Plan) -> DType {
+    let mut count: HashMap<DType, usize> = HashMap::new();
+    for i in &plan.items {
+        if matches!(i.action, Action::LoraLinear | Action::LoraEmbedding) {
+            *count.entry(i.ft_dtype()).or_default() += 1;
+        }
+    }
+    let mut v: Vec<(DType, usize)> = count.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.as_str().cmp(b.0.as_str())));
+    v.first().map_or(DType::BF16, |x| x.0)
+}
+
+fn base_model_name(s: &ExtractSettings, base: &Checkpoint) -> String {
+    if let Some(n) = &s.base_name {
+        return n.clone();
+    }
+    base.config()
+        .and_then(|c| c.get("_name_or_path"))
+        .and_then(|v| v.as_str())
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| s.base.display().to_string(), str::to_string)
+}
+
+fn task_type(base: &Checkpoint, ft: &Checkpoint) -> Option<String> {
+    let causal = [ft, base].iter().any(|c| {
+        c.config()
+            .and_then(|c| c.get("architectures"))
+            .and_then(|a| a.as_array())
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|x| x.as_str().is_some_and(|s| s.ends_with("ForCausalLM")))
+            })
+    });
+    causal.then(|| "CAUSAL_LM".to_string())
+}
+
+fn progress_bar(enabled: bool, total_bytes: u64, tensors: usize) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !enabled || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total_bytes);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {msg} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message(format!("0/{tensors} tensors"));
+    bar
+}

@@ -1,0 +1,23 @@
+//! phlora: extract LoRA adapters from a fully fine-tuned model with no training data.
+//!
+//! For each weight matrix, ΔW = W_ft − W_base; a truncated (randomized) SVD keeps the top
+//! singular directions; the factors are written as a PEFT adapter. Data flows one way:
+//! [`plan`] → load ([`checkpoint`]) → delta and [`linalg`] on a [`backend`] → [`factor`] →
+//! sink ([`adapter`], [`report`]). [`extract`] orchestrates.
+
+pub mod adapter;
+pub mod backend;
+pub mod checkpoint;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod factor;
+pub mod linalg;
+pub mod plan;
+pub mod report;
+pub mod rng;
+pub mod synth;
+
+pub use error::{Error, Result};

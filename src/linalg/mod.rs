@@ -1,0 +1,90 @@
+//! Decompositions, written once over the [`Backend`](crate::backend::Backend) primitives:
+//! the randomized SVD ([`rsvd`]), the exact thin SVD ([`exact`]), and rank policies ([`rank`]).
+
+pub mod exact;
+pub mod rank;
+pub mod rsvd;
+
+use crate::backend::{Backend, BackendResult};
+
+/// Which SVD to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Randomized,
+    Exact,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Randomized => "randomized",
+            Method::Exact => "exact",
+        }
+    }
+}
+
+/// Settings of the SVD step.
+#[derive(Clone, Copy, Debug)]
+pub struct SvdSettings {
+    pub method: Method,
+    /// Extra sketch columns p beyond the rank; `None` means p = max(r, 8).
+    pub oversample: Option<usize>,
+    /// Power iterations q.
+    pub power_iters: usize,
+    /// The run's seed; each tensor's sketch uses a seed derived from it and the tensor name.
+    pub seed: u64,
+}
+
+impl Default for SvdSettings {
+    fn default() -> Self {
+        SvdSettings {
+            method: Method::Randomized,
+            oversample: None,
+            power_iters: 2,
+            seed: 0,
+        }
+    }
+}
+
+impl SvdSettings {
+    pub fn oversample_for(&self, rank: usize) -> usize {
+        self.oversample.unwrap_or(rank.max(8))
+    }
+}
+
+/// The top-r part of an SVD, on the host: ΔW ≈ U·diag(s)·Vᵀ, U m×r, V n×r.
+#[derive(Clone, Debug)]
+pub struct Truncated {
+    pub u: faer::Mat<f32>,
+    pub s: Vec<f32>,
+    pub v: faer::Mat<f32>,
+    /// What actually ran: randomized falls back to exact when the sketch would be as wide
+    /// as the matrix.
+    pub method: Method,
+    /// Sketch width k = r + p (0 for exact).
+    pub sketch: usize,
+}
+
+/// Decomposes a rows×cols ΔW at rank `rank` (already ≤ min(rows, cols)).
+pub fn decompose<B: Backend>(
+    be: &B,
+    delta: &B::Mat,
+    rank: usize,
+    settings: &SvdSettings,
+    seed: u64,
+) -> BackendResult<Truncated> {
+    let (m, n) = be.shape(delta);
+    let k = (rank + settings.oversample_for(rank)).min(m.min(n));
+    match settings.method {
+        Method::Randomized if k < m.min(n) => {
+            rsvd::randomized_svd(be, delta, rank, k, settings.power_iters, seed)
+        }
+        _ => exact::exact_svd(be, delta, rank),
+    }
+}
+
+/// Keeps the first `r` columns of a host matrix.
+pub(crate) fn first_cols(m: faer::MatRef<'_, f32>, r: usize) -> faer::Mat<f32> {
+    m.subcols(0, r.min(m.ncols())).to_owned()
+}

@@ -1,0 +1,336 @@
+//! Planning: pairs base and fine-tuned tensors by name, classifies each pair, applies the
+//! include/exclude filters, and rejects every problem that needs no arithmetic (a tensor in
+//! one checkpoint only, a shape mismatch, an unsupported dtype) before any heavy work starts.
+
+use std::collections::BTreeSet;
+
+use crate::checkpoint::{Checkpoint, DType, TensorEntry};
+use crate::error::{Error, Result};
+
+/// What extract does with a tensor.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "action", content = "reason")]
+pub enum Action {
+    /// A LoRA on a linear layer (attention/MLP projections, lm_head).
+    LoraLinear,
+    /// A LoRA on an embedding (`lora_embedding_A/B`).
+    LoraEmbedding,
+    /// Saved whole through PEFT's `modules_to_save` (norms).
+    SaveWhole,
+    /// A LoRA cannot carry it; its share of ‖ΔW‖² is reported.
+    NotCarried(String),
+    /// Identical bytes in both checkpoints, found without arithmetic (non-float tensors).
+    Unchanged,
+}
+
+impl Action {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Action::LoraLinear => "lora",
+            Action::LoraEmbedding => "lora-embedding",
+            Action::SaveWhole => "save-whole",
+            Action::NotCarried(_) => "not-carried",
+            Action::Unchanged => "unchanged",
+        }
+    }
+}
+
+/// One tensor pair and what to do with it.
+#[derive(Clone, Debug)]
+pub struct PlanItem {
+    pub name: String,
+    /// The module path: the name without its last segment (`.weight`, `.bias`).
+    pub module: String,
+    pub shape: Vec<usize>,
+    pub base: TensorEntry,
+    pub ft: TensorEntry,
+    pub action: Action,
+}
+
+impl PlanItem {
+    pub fn base_dtype(&self) -> DType {
+        self.base.float_dtype().expect("validated by the planner")
+    }
+    pub fn ft_dtype(&self) -> DType {
+        self.ft.float_dtype().expect("validated by the planner")
+    }
+    /// Bytes read from both checkpoints.
+    pub fn input_bytes(&self) -> u64 {
+        (self.base.nbytes() + self.ft.nbytes()) as u64
+    }
+}
+
+/// Options that shape the plan.
+#[derive(Clone, Debug, Default)]
+pub struct PlanOptions {
+    pub include: Vec<Glob>,
+    pub exclude: Vec<Glob>,
+    /// Decompose embeddings as LoRA (else report them as not carried).
+    pub embeddings: bool,
+    /// Save changed norms whole (else report them as not carried).
+    pub norms: bool,
+}
+
+pub struct Plan {
+    /// In the fine-tune's file order.
+    pub items: Vec<PlanItem>,
+    /// Tensors left out by --include/--exclude.
+    pub filtered_out: usize,
+}
+
+impl Plan {
+    pub fn build(base: &Checkpoint, ft: &Checkpoint, opts: &PlanOptions) -> Result<Plan> {
+        let selected = |name: &str| {
+            (opts.include.is_empty() || opts.include.iter().any(|g| g.matches(name)))
+                && !opts.exclude.iter().any(|g| g.matches(name))
+        };
+        let mut filtered_out = 0;
+        let mut items = Vec::new();
+        for f in ft.tensors() {
+            if !selected(&f.name) {
+                filtered_out += 1;
+                continue;
+            }
+            let b = base.get(&f.name).ok_or_else(|| {
+                Error::tensor(
+                    ft.path_of(f),
+                    &f.name,
+                    format!(
+                        "present in the fine-tune but not in the base ({}); if this is intended, leave it out with --exclude",
+                        base.root().display()
+                    ),
+                )
+            })?;
+            if b.shape != f.shape {
+                return Err(Error::tensor(
+                    ft.path_of(f),
+                    &f.name,
+                    format!(
+                        "shape {:?} in the fine-tune but {:?} in the base ({}){}",
+                        f.shape,
+                        b.shape,
+                        base.path_of(b).display(),
+                        if is_embedding_like(&f.name) {
+                            ": the vocabulary was resized (added tokens?); a LoRA cannot carry new rows"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
+            let action = match (b.float_dtype(), f.float_dtype()) {
+                (Some(_), Some(_)) => classify(&f.name, &f.shape, opts),
+                _ => {
+                    if base.bytes(b) == ft.bytes(f) {
+                        Action::Unchanged
+                    } else {
+                        let (path, dtype) = if f.float_dtype().is_none() {
+                            (ft.path_of(f), f.dtype)
+                        } else {
+                            (base.path_of(b), b.dtype)
+                        };
+                        return Err(Error::tensor(
+                            path,
+                            &f.name,
+                            format!(
+                                "dtype {dtype:?} is not supported (phlora reads F32, F16 and BF16) and the tensor differs between the checkpoints; leave it out with --exclude"
+                            ),
+                        ));
+                    }
+                }
+            };
+            items.push(PlanItem {
+                module: module_of(&f.name).to_string(),
+                name: f.name.clone(),
+                shape: f.shape.clone(),
+                base: b.clone(),
+                ft: f.clone(),
+                action,
+            });
+        }
+        for b in base.tensors() {
+            if selected(&b.name) && ft.get(&b.name).is_none() {
+                return Err(Error::tensor(
+                    base.path_of(b),
+                    &b.name,
+                    format!(
+                        "present in the base but not in the fine-tune ({}); if this is intended, leave it out with --exclude",
+                        ft.root().display()
+                    ),
+                ));
+            }
+        }
+        Ok(Plan {
+            items,
+            filtered_out,
+        })
+    }
+
+    /// Every module path in the checkpoint whose last segment is `name` (for deciding whether
+    /// a target_modules entry would match modules that have no factors).
+    pub fn module_paths_named<'a>(&'a self, last: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.items
+            .iter()
+            .filter(move |i| last_segment(&i.module) == last)
+            .map(|i| i.module.as_str())
+    }
+
+    /// Last segments of norm modules (for modules_to_save).
+    pub fn norm_module_names(&self) -> BTreeSet<String> {
+        self.items
+            .iter()
+            .filter(|i| i.action == Action::SaveWhole)
+            .map(|i| last_segment(&i.module).to_string())
+            .collect()
+    }
+}
+
+/// The module path of a parameter name: everything before the last `.`.
+pub fn module_of(name: &str) -> &str {
+    name.rsplit_once('.').map_or("", |(m, _)| m)
+}
+
+pub fn last_segment(path: &str) -> &str {
+    path.rsplit_once('.').map_or(path, |(_, l)| l)
+}
+
+fn is_embedding_like(name: &str) -> bool {
+    let m = last_segment(module_of(name));
+    m.contains("embed") || m == "wte" || m == "wpe" || m == "lm_head"
+}
+
+fn is_norm_module(module: &str) -> bool {
+    let m = last_segment(module).to_ascii_lowercase();
+    m.contains("norm") || m.starts_with("ln_") || m == "ln"
+}
+
+/// Classifies a float tensor by its name and shape.
+pub fn classify(name: &str, shape: &[usize], opts: &PlanOptions) -> Action {
+    let module = module_of(name);
+    let param = last_segment(name);
+    match shape.len() {
+        2 if param == "weight" => {
+            let m = last_segment(module);
+            if m.contains("embed") || m == "wte" || m == "wpe" {
+                if opts.embeddings {
+                    Action::LoraEmbedding
+                } else {
+                    Action::NotCarried("embedding left out by --no-embeddings".into())
+                }
+            } else {
+                Action::LoraLinear
+            }
+        }
+        1 if is_norm_module(module) => {
+            if opts.norms {
+                Action::SaveWhole
+            } else {
+                Action::NotCarried("norm left out by --no-norms".into())
+            }
+        }
+        1 => Action::NotCarried("1-D parameter (bias); a LoRA cannot carry it".into()),
+        0 => Action::NotCarried("scalar parameter".into()),
+        2 => Action::NotCarried(format!("2-D tensor `{param}` that is not a layer weight")),
+        n => Action::NotCarried(format!("{n}-D tensor; not supported yet")),
+    }
+}
+
+/// A shell-style pattern over full tensor names: `*` matches any run of characters (dots
+/// included), `?` one character; everything else matches itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Glob(String);
+
+impl Glob {
+    pub fn new(pattern: &str) -> Glob {
+        Glob(pattern.to_string())
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        let (p, s): (Vec<char>, Vec<char>) = (self.0.chars().collect(), name.chars().collect());
+        // Iterative wildcard matching with one backtrack point: linear in practice.
+        let (mut pi, mut si) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while si < s.len() {
+            if pi < p.len() && (p[pi] == '?' || p[pi] == s[si]) {
+                pi += 1;
+                si += 1;
+            } else if pi < p.len() && p[pi] == '*' {
+                star = Some((pi, si));
+                pi += 1;
+            } else if let Some((sp, ss)) = star {
+                pi = sp + 1;
+                si = ss + 1;
+                star = Some((sp, ss + 1));
+            } else {
+                return false;
+            }
+        }
+        p[pi..].iter().all(|&c| c == '*')
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_whole_names() {
+        let g = Glob::new("*.self_attn.*");
+        assert!(g.matches("model.layers.0.self_attn.q_proj.weight"));
+        assert!(!g.matches("model.layers.0.mlp.up_proj.weight"));
+        assert!(Glob::new("model.layers.1?.*").matches("model.layers.12.mlp.up_proj.weight"));
+        assert!(!Glob::new("model.layers.1?.*").matches("model.layers.1.mlp.up_proj.weight"));
+        assert!(Glob::new("lm_head.weight").matches("lm_head.weight"));
+        assert!(!Glob::new("lm_head").matches("lm_head.weight"));
+        assert!(Glob::new("*").matches(""));
+        assert!(Glob::new("a*b*c").matches("aXXbYYc"));
+        assert!(!Glob::new("a*b*c").matches("aXXbYY"));
+    }
+
+    #[test]
+    fn classification_follows_llama_naming() {
+        let o = PlanOptions {
+            embeddings: true,
+            norms: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            classify("model.layers.0.self_attn.q_proj.weight", &[8, 8], &o),
+            Action::LoraLinear
+        );
+        assert_eq!(
+            classify("lm_head.weight", &[100, 8], &o),
+            Action::LoraLinear
+        );
+        assert_eq!(
+            classify("model.embed_tokens.weight", &[100, 8], &o),
+            Action::LoraEmbedding
+        );
+        assert_eq!(
+            classify("model.layers.0.input_layernorm.weight", &[8], &o),
+            Action::SaveWhole
+        );
+        assert_eq!(classify("model.norm.weight", &[8], &o), Action::SaveWhole);
+        assert_eq!(
+            classify("transformer.ln_f.bias", &[8], &o),
+            Action::SaveWhole
+        );
+        assert!(matches!(
+            classify("model.layers.0.self_attn.q_proj.bias", &[8], &o),
+            Action::NotCarried(_)
+        ));
+        assert!(matches!(
+            classify("x.experts.gate_up_proj", &[2, 8, 8], &o),
+            Action::NotCarried(_)
+        ));
+        let o2 = PlanOptions::default();
+        assert!(matches!(
+            classify("model.embed_tokens.weight", &[100, 8], &o2),
+            Action::NotCarried(_)
+        ));
+        assert!(matches!(
+            classify("model.norm.weight", &[8], &o2),
+            Action::NotCarried(_)
+        ));
+    }
+}
