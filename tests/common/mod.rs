@@ -1,0 +1,163 @@
+//! Helpers shared by the integration tests: small checkpoints from f32 data, adapter
+//! readers, seeded random matrices and an f64 reference SVD.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use faer::Mat;
+use phlora::checkpoint::dtype::{decode_into, encode_into};
+use phlora::checkpoint::writer::{write_file, HeaderEntry};
+use phlora::checkpoint::DType;
+
+/// A tensor to write: name, dtype, shape, values (row-major).
+pub type T = (String, DType, Vec<usize>, Vec<f32>);
+
+pub fn tensor(name: &str, dtype: DType, shape: &[usize], values: Vec<f32>) -> T {
+    assert_eq!(shape.iter().product::<usize>(), values.len());
+    (name.to_string(), dtype, shape.to_vec(), values)
+}
+
+fn entries(tensors: &[T]) -> Vec<(HeaderEntry, Vec<u8>)> {
+    tensors
+        .iter()
+        .map(|(name, dtype, shape, values)| {
+            let mut bytes = Vec::new();
+            encode_into(*dtype, values, &mut bytes);
+            (
+                HeaderEntry {
+                    name: name.clone(),
+                    dtype: dtype.as_str(),
+                    shape: shape.clone(),
+                    nbytes: bytes.len(),
+                },
+                bytes,
+            )
+        })
+        .collect()
+}
+
+/// Writes a single-file checkpoint.
+pub fn write_single(path: &Path, tensors: &[T]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    write_file(path, &entries(tensors), &BTreeMap::new()).unwrap();
+}
+
+/// Writes a sharded model folder with an index, `per_shard` tensors per shard.
+pub fn write_sharded(dir: &Path, tensors: &[T], per_shard: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let chunks: Vec<&[T]> = tensors.chunks(per_shard).collect();
+    let mut weight_map = BTreeMap::new();
+    for (k, chunk) in chunks.iter().enumerate() {
+        let name = format!("model-{:05}-of-{:05}.safetensors", k + 1, chunks.len());
+        write_file(&dir.join(&name), &entries(chunk), &BTreeMap::new()).unwrap();
+        for t in *chunk {
+            weight_map.insert(t.0.clone(), name.clone());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+/// Seeded N(0, 1) values.
+pub fn normal(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = phlora::rng::Rng::new(seed);
+    let mut v = vec![0f32; n];
+    rng.fill_normal(&mut v);
+    v
+}
+
+/// A fresh seed per call site and run (tests must not depend on one lucky seed).
+pub fn fresh_seed(tag: &str) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let seed = phlora::rng::seed_for(nanos, tag);
+    eprintln!("{tag}: seed {seed}");
+    seed
+}
+
+/// m×n = Σ_i σ_i u_i v_iᵀ (orthonormal u, v) + noise·N(0,1), as f64.
+pub fn spectrum_matrix(m: usize, n: usize, sigma: &[f64], noise: f64, seed: u64) -> Mat<f64> {
+    let r = sigma.len();
+    let u = orthonormal(m, r, seed);
+    let v = orthonormal(n, r, seed ^ 0x55);
+    let g = normal(m * n, seed ^ 0xAA);
+    Mat::from_fn(m, n, |i, j| {
+        (0..r)
+            .map(|k| u[(i, k)] * sigma[k] * v[(j, k)])
+            .sum::<f64>()
+            + noise * g[i * n + j] as f64
+    })
+}
+
+pub fn orthonormal(m: usize, r: usize, seed: u64) -> Mat<f64> {
+    let g = normal(m * r, seed);
+    let a = Mat::<f64>::from_fn(m, r, |i, j| g[i * r + j] as f64);
+    if r == 0 {
+        return a;
+    }
+    faer::linalg::solvers::Qr::new(a.as_ref()).compute_thin_Q()
+}
+
+/// Singular values of an f64 matrix, descending (the exact reference).
+pub fn singular_values(a: &Mat<f64>) -> Vec<f64> {
+    a.as_ref().singular_values().unwrap()
+}
+
+/// The Eckart–Young optimum: ‖A − A_r‖ / ‖A‖.
+pub fn optimum(s: &[f64], r: usize) -> f64 {
+    let total: f64 = s.iter().map(|x| x * x).sum();
+    let tail: f64 = s.iter().skip(r).map(|x| x * x).sum();
+    if total == 0.0 {
+        0.0
+    } else {
+        (tail / total).sqrt()
+    }
+}
+
+/// Row-major f32 bytes of an f64 matrix.
+pub fn to_row_major_f32(a: &Mat<f64>) -> Vec<f32> {
+    let mut v = Vec::with_capacity(a.nrows() * a.ncols());
+    for i in 0..a.nrows() {
+        for j in 0..a.ncols() {
+            v.push(a[(i, j)] as f32);
+        }
+    }
+    v
+}
+
+/// One tensor read back from a safetensors file.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+/// Reads every tensor of a safetensors file with the safetensors crate (an independent reader).
+pub fn read_safetensors(path: &Path) -> HashMap<String, Loaded> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let dtype = DType::from_safetensors(view.dtype()).expect("float tensor");
+            let mut values = vec![0f32; view.shape().iter().product()];
+            decode_into(dtype, view.data(), &mut values);
+            (
+                name,
+                Loaded {
+                    dtype: dtype.as_str().to_string(),
+                    shape: view.shape().to_vec(),
+                    values,
+                },
+            )
+        })
+        .collect()
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}

@@ -1,0 +1,763 @@
+//! End-to-end extraction on small checkpoints: the PEFT format, the residual certificate,
+//! input layouts and dtypes, and every kind of bad input.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use phlora::checkpoint::DType;
+use phlora::extract::{extract, ExtractSettings};
+use phlora::linalg::Method;
+
+const H: usize = 32;
+const I: usize = 48;
+const V: usize = 64;
+
+/// A small Llama-named pair: ΔW of each changed matrix is a planted rank-4 part plus a little
+/// noise. `q_proj` of layer 1 is unchanged; layer 0's q_proj bias changed (not carried).
+fn fixture_tensors(dtype: DType, seed: u64) -> (Vec<T>, Vec<T>) {
+    let mut names: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![V, H])];
+    for l in 0..2 {
+        names.push((format!("model.layers.{l}.input_layernorm.weight"), vec![H]));
+        names.push((
+            format!("model.layers.{l}.self_attn.q_proj.weight"),
+            vec![H, H],
+        ));
+        if l == 0 {
+            names.push((format!("model.layers.{l}.self_attn.q_proj.bias"), vec![H]));
+        }
+        names.push((format!("model.layers.{l}.mlp.up_proj.weight"), vec![I, H]));
+        names.push((format!("model.layers.{l}.mlp.down_proj.weight"), vec![H, I]));
+    }
+    names.push(("model.norm.weight".into(), vec![H]));
+    names.push(("lm_head.weight".into(), vec![V, H]));
+    let mut base = Vec::new();
+    let mut ft = Vec::new();
+    for (k, (name, shape)) in names.iter().enumerate() {
+        let s = seed.wrapping_add(k as u64 * 1000);
+        let n: usize = shape.iter().product();
+        let b: Vec<f32> = if shape.len() == 1 {
+            normal(n, s).iter().map(|x| 1.0 + 0.05 * x).collect()
+        } else {
+            normal(n, s).iter().map(|x| 0.02 * x).collect()
+        };
+        let d: Vec<f32> = if name == "model.layers.1.self_attn.q_proj.weight" {
+            vec![0.0; n]
+        } else if shape.len() == 1 {
+            normal(n, s + 1).iter().map(|x| 0.05 * x).collect()
+        } else {
+            let a = spectrum_matrix(shape[0], shape[1], &[1.0, 0.5, 0.25, 0.125], 1e-3, s + 2);
+            to_row_major_f32(&a)
+        };
+        let f: Vec<f32> = b.iter().zip(&d).map(|(x, y)| x + y).collect();
+        base.push(tensor(name, dtype, shape, b));
+        ft.push(tensor(name, dtype, shape, f));
+    }
+    (base, ft)
+}
+
+fn config_json(dir: &Path, name: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let c = serde_json::json!({"_name_or_path": name, "architectures": ["LlamaForCausalLM"], "model_type": "llama"});
+    std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+}
+
+/// Writes the fixture as model folders; sharded or single-file.
+fn fixture(root: &Path, dtype: DType, seed: u64, sharded: bool) -> (PathBuf, PathBuf) {
+    let (base, ft) = fixture_tensors(dtype, seed);
+    let (bd, fd) = (root.join("base"), root.join("ft"));
+    for (dir, tensors, name) in [(&bd, &base, "org/base-model"), (&fd, &ft, "org/ft-model")] {
+        config_json(dir, name);
+        if sharded {
+            write_sharded(dir, tensors, 3);
+        } else {
+            write_single(&dir.join("model.safetensors"), tensors);
+        }
+    }
+    (bd, fd)
+}
+
+fn settings(base: &Path, ft: &Path, out: &Path, rank: usize) -> ExtractSettings {
+    let mut s = ExtractSettings::new(
+        base.to_path_buf(),
+        ft.to_path_buf(),
+        out.to_path_buf(),
+        rank,
+    );
+    s.device = phlora::backend::Device::Cpu;
+    s
+}
+
+fn lora_modules() -> Vec<&'static str> {
+    vec![
+        "model.embed_tokens",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.up_proj",
+        "model.layers.1.mlp.down_proj",
+        "lm_head",
+    ]
+}
+
+#[test]
+fn adapter_matches_the_peft_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = fixture(dir.path(), DType::BF16, fresh_seed("format"), false);
+    let out = dir.path().join("adapter");
+    let report = extract(&settings(&b, &f, &out, 8)).unwrap();
+
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["base_model_name_or_path"], "org/base-model");
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["lora_alpha"], 8.0);
+    assert_eq!(cfg["bias"], "none");
+    assert_eq!(cfg["fan_in_fan_out"], false);
+    assert_eq!(cfg["use_rslora"], false);
+    assert_eq!(cfg["use_dora"], false);
+    assert_eq!(cfg["rank_pattern"], serde_json::json!({}));
+    // Longest first: PEFT rewrites a key at the first listed name it contains.
+    assert_eq!(
+        cfg["modules_to_save"],
+        serde_json::json!(["input_layernorm", "norm"])
+    );
+    // layers.1.q_proj is unchanged, so a plain "q_proj" would give it a LoRA with no
+    // weights: the config must name exact module paths.
+    let target = cfg["target_modules"]
+        .as_str()
+        .expect("a regex when a module has no factors");
+    for m in lora_modules() {
+        assert!(
+            target.contains(&phlora::adapter::regex_escape(m)),
+            "{m} in {target}"
+        );
+    }
+    assert!(!target.contains("layers\\.1\\.self_attn"));
+
+    let tensors = read_safetensors(&out.join("adapter_model.safetensors"));
+    let mut want: HashMap<String, Vec<usize>> = HashMap::new();
+    for m in lora_modules() {
+        let (rows, cols) = match m {
+            "model.embed_tokens" | "lm_head" => (V, H),
+            m if m.ends_with("up_proj") => (I, H),
+            m if m.ends_with("down_proj") => (H, I),
+            _ => (H, H),
+        };
+        if m == "model.embed_tokens" {
+            want.insert(format!("base_model.model.{m}.lora_embedding_A"), vec![8, V]);
+            want.insert(format!("base_model.model.{m}.lora_embedding_B"), vec![H, 8]);
+        } else {
+            want.insert(format!("base_model.model.{m}.lora_A.weight"), vec![8, cols]);
+            want.insert(format!("base_model.model.{m}.lora_B.weight"), vec![rows, 8]);
+        }
+    }
+    for n in [
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.1.input_layernorm.weight",
+        "model.norm.weight",
+    ] {
+        want.insert(format!("base_model.model.{n}"), vec![H]);
+    }
+    let got: HashMap<String, Vec<usize>> = tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shape.clone()))
+        .collect();
+    assert_eq!(got, want);
+    assert!(tensors.values().all(|t| t.dtype == "BF16"));
+    let raw = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let (_, md) = safetensors::SafeTensors::read_metadata(&raw).unwrap();
+    assert_eq!(md.metadata().as_ref().unwrap()["format"], "pt");
+
+    // Norms saved whole hold the fine-tune's values exactly.
+    let ft_norm = read_safetensors(&f.join("model.safetensors"))["model.norm.weight"]
+        .values
+        .clone();
+    assert_eq!(
+        tensors["base_model.model.model.norm.weight"].values,
+        ft_norm
+    );
+
+    let m = &report.summary;
+    assert_eq!(
+        (m.lora, m.unchanged, m.saved_whole, m.not_carried),
+        (7, 1, 3, 1)
+    );
+    assert!(m.share_not_carried > 0.0 && m.share_saved_whole > 0.0);
+    let bias = report
+        .tensors
+        .iter()
+        .find(|t| t.name.ends_with("q_proj.bias"))
+        .unwrap();
+    assert_eq!(bias.action, "not-carried");
+    assert!(out.join("report.json").is_file());
+    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with(".phlora")));
+}
+
+#[test]
+fn target_modules_are_plain_names_when_every_module_has_factors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = fixture(dir.path(), DType::F32, fresh_seed("names"), false);
+    let out = dir.path().join("adapter");
+    let mut s = settings(&b, &f, &out, 4);
+    s.plan.exclude = vec![phlora::plan::Glob::new("*.self_attn.*")];
+    s.plan.norms = false;
+    let report = extract(&s).unwrap();
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["down_proj", "embed_tokens", "lm_head", "up_proj"])
+    );
+    assert_eq!(cfg["modules_to_save"], serde_json::Value::Null);
+    assert_eq!(report.summary.filtered_out, 3);
+    assert_eq!(
+        report.summary.not_carried, 3,
+        "three norms left out by --no-norms"
+    );
+}
+
+/// ΔW from the checkpoints as written, and B·A from the adapter as written, in f64.
+fn direct_residuals(base: &Path, ft: &Path, adapter: &Path) -> HashMap<String, f64> {
+    let b = read_safetensors(&base.join("model.safetensors"));
+    let f = read_safetensors(&ft.join("model.safetensors"));
+    let a = read_safetensors(&adapter.join("adapter_model.safetensors"));
+    let mut out = HashMap::new();
+    for m in lora_modules() {
+        let name = format!("{m}.weight");
+        let (rows, cols) = (f[&name].shape[0], f[&name].shape[1]);
+        let emb = m.contains("embed");
+        let (ka, kb) = if emb {
+            (
+                format!("base_model.model.{m}.lora_embedding_A"),
+                format!("base_model.model.{m}.lora_embedding_B"),
+            )
+        } else {
+            (
+                format!("base_model.model.{m}.lora_A.weight"),
+                format!("base_model.model.{m}.lora_B.weight"),
+            )
+        };
+        let (fa, fb) = (&a[&ka], &a[&kb]);
+        let r = fa.shape[0];
+        let (mut num, mut den) = (0f64, 0f64);
+        for i in 0..rows {
+            for j in 0..cols {
+                let d = f[&name].values[i * cols + j] as f64 - b[&name].values[i * cols + j] as f64;
+                let ba: f64 = if emb {
+                    // ΔE[i, j] = Σ_k B[j, k]·A[k, i]
+                    (0..r)
+                        .map(|k| fb.values[j * r + k] as f64 * fa.values[k * rows + i] as f64)
+                        .sum()
+                } else {
+                    (0..r)
+                        .map(|k| fb.values[i * r + k] as f64 * fa.values[k * cols + j] as f64)
+                        .sum()
+                };
+                num += (d - ba).powi(2);
+                den += d * d;
+            }
+        }
+        out.insert(name, (num / den).sqrt());
+    }
+    out
+}
+
+#[test]
+fn report_residual_equals_a_direct_recomputation_from_the_files() {
+    for (out_dtype, method) in [
+        (None, Method::Randomized),
+        (Some(DType::F32), Method::Randomized),
+        (Some(DType::F16), Method::Exact),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, f) = fixture(dir.path(), DType::BF16, fresh_seed("certificate"), false);
+        let out = dir.path().join("adapter");
+        let mut s = settings(&b, &f, &out, 8);
+        s.out_dtype = out_dtype;
+        s.svd.method = method;
+        let report = extract(&s).unwrap();
+        let direct = direct_residuals(&b, &f, &out);
+        for (name, want) in &direct {
+            let row = report.tensors.iter().find(|t| &t.name == name).unwrap();
+            let got = row.residual.unwrap();
+            assert!(
+                (got - want).abs() <= 1e-5 + 1e-3 * want,
+                "{name} {out_dtype:?}: report {got} vs direct {want}"
+            );
+            // Planted rank 4 < r = 8: only the 1e-3 noise and the factor rounding remain.
+            assert!(got < 0.08, "{name}: residual {got}");
+            let e = row.energy.unwrap();
+            assert!(e > 0.99 && e <= 1.0, "{name}: E_r {e}");
+        }
+    }
+}
+
+#[test]
+fn sharded_and_single_file_inputs_give_the_same_adapter() {
+    let seed = fresh_seed("layouts");
+    let dir = tempfile::tempdir().unwrap();
+    let (b1, f1) = fixture(&dir.path().join("single"), DType::BF16, seed, false);
+    let (b2, f2) = fixture(&dir.path().join("sharded"), DType::BF16, seed, true);
+    assert!(b2.join("model-00002-of-00004.safetensors").is_file());
+    let (o1, o2) = (dir.path().join("o1"), dir.path().join("o2"));
+    extract(&settings(&b1, &f1, &o1, 8)).unwrap();
+    extract(&settings(&b2, &f2, &o2, 8)).unwrap();
+    let a1 = std::fs::read(o1.join("adapter_model.safetensors")).unwrap();
+    let a2 = std::fs::read(o2.join("adapter_model.safetensors")).unwrap();
+    assert!(a1 == a2, "adapters differ");
+    // A bare .safetensors file works too.
+    let o3 = dir.path().join("o3");
+    extract(&settings(
+        &b1.join("model.safetensors"),
+        &f1.join("model.safetensors"),
+        &o3,
+        8,
+    ))
+    .unwrap();
+    assert!(std::fs::read(o3.join("adapter_model.safetensors")).unwrap() == a1);
+}
+
+#[test]
+fn bf16_f16_and_f32_inputs_all_work() {
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, f) = fixture(dir.path(), dtype, fresh_seed("dtypes"), true);
+        let out = dir.path().join("adapter");
+        let report = extract(&settings(&b, &f, &out, 8)).unwrap();
+        assert_eq!(report.out_dtype, dtype.as_str());
+        let tensors = read_safetensors(&out.join("adapter_model.safetensors"));
+        assert!(
+            tensors.values().all(|t| t.dtype == dtype.as_str()),
+            "{dtype}"
+        );
+        assert!(
+            report.summary.max_residual < 0.08,
+            "{dtype}: {}",
+            report.summary.max_residual
+        );
+        assert_eq!(report.summary.lora, 7);
+    }
+}
+
+// ---- bad input -------------------------------------------------------------------------
+
+/// Runs an extraction that must fail; checks the message and that OUT holds no adapter.
+fn assert_fails(s: &ExtractSettings, must_contain: &[&str]) -> String {
+    let err = extract(s).expect_err("extraction should fail").to_string();
+    for m in must_contain {
+        assert!(err.contains(m), "error `{err}` should mention `{m}`");
+    }
+    assert!(
+        !s.out.join("adapter_config.json").exists(),
+        "no adapter_config.json after `{err}`"
+    );
+    assert!(!s.out.join("adapter_model.safetensors").exists());
+    if s.out.is_dir() {
+        for e in std::fs::read_dir(&s.out).unwrap() {
+            let n = e.unwrap().file_name();
+            assert!(
+                !n.to_string_lossy().starts_with(".phlora"),
+                "staging left behind: {n:?}"
+            );
+        }
+    }
+    err
+}
+
+fn bad_pair(tag: &str, sharded: bool) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = fixture(dir.path(), DType::BF16, fresh_seed(tag), sharded);
+    let out = dir.path().join("adapter");
+    (dir, b, f, out)
+}
+
+#[test]
+fn missing_checkpoint() {
+    let (dir, b, _, out) = bad_pair("missing", false);
+    let missing = dir.path().join("nope");
+    assert_fails(&settings(&b, &missing, &out, 8), &["nope"]);
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert_fails(
+        &settings(&empty, &b, &out, 8),
+        &["empty", "no model.safetensors"],
+    );
+}
+
+#[test]
+fn truncated_and_corrupted_shards() {
+    let (_d, b, f, out) = bad_pair("truncated", true);
+    let shard = f.join("model-00002-of-00004.safetensors");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap();
+    file.set_len(len - 100).unwrap();
+    assert_fails(
+        &settings(&b, &f, &out, 8),
+        &["model-00002-of-00004.safetensors", "truncated"],
+    );
+
+    let (_d, b, f, out) = bad_pair("corrupted", true);
+    let shard = b.join("model-00003-of-00004.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    for x in &mut bytes[8..40] {
+        *x = 0xFF;
+    }
+    std::fs::write(&shard, &bytes).unwrap();
+    assert_fails(
+        &settings(&b, &f, &out, 8),
+        &[
+            "model-00003-of-00004.safetensors",
+            "not a valid safetensors",
+        ],
+    );
+
+    let (_d, b, f, out) = bad_pair("huge-header", true);
+    let shard = b.join("model-00001-of-00004.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(&shard, &bytes).unwrap();
+    assert_fails(
+        &settings(&b, &f, &out, 8),
+        &["model-00001-of-00004.safetensors"],
+    );
+
+    let (_d, b, f, out) = bad_pair("tiny-file", true);
+    std::fs::write(b.join("model-00001-of-00004.safetensors"), b"abc").unwrap();
+    assert_fails(
+        &settings(&b, &f, &out, 8),
+        &["model-00001-of-00004.safetensors", "too short"],
+    );
+}
+
+#[test]
+fn header_offsets_out_of_range() {
+    let (dir, b, _f, out) = bad_pair("offsets", false);
+    let header = br#"{"lm_head.weight":{"dtype":"F32","shape":[4,4],"data_offsets":[0,4096]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0u8; 64]);
+    let bad = dir.path().join("bad.safetensors");
+    std::fs::write(&bad, &bytes).unwrap();
+    assert_fails(
+        &settings(&b.join("model.safetensors"), &bad, &out, 8),
+        &["bad.safetensors"],
+    );
+    // Overlapping offsets.
+    let header = br#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0u8; 12]);
+    std::fs::write(&bad, &bytes).unwrap();
+    assert_fails(
+        &settings(&b.join("model.safetensors"), &bad, &out, 8),
+        &["bad.safetensors", "offsets"],
+    );
+}
+
+#[test]
+fn index_naming_a_missing_shard() {
+    let (_d, b, f, out) = bad_pair("index", true);
+    let path = f.join("model.safetensors.index.json");
+    let mut index = read_json(&path);
+    index["weight_map"]["lm_head.weight"] = "model-00009-of-00009.safetensors".into();
+    std::fs::write(&path, index.to_string()).unwrap();
+    assert_fails(
+        &settings(&b, &f, &out, 8),
+        &[
+            "model-00009-of-00009.safetensors",
+            "lm_head.weight",
+            "index",
+        ],
+    );
+}
+
+#[test]
+fn tensor_in_one_checkpoint_only() {
+    let seed = fresh_seed("one-side");
+    let dir = tempfile::tempdir().unwrap();
+    let (base, mut ft) = fixture_tensors(DType::BF16, seed);
+    ft.push(tensor(
+        "model.extra.weight",
+        DType::BF16,
+        &[4, 4],
+        vec![0.5; 16],
+    ));
+    write_single(&dir.path().join("b.safetensors"), &base);
+    write_single(&dir.path().join("f.safetensors"), &ft);
+    let out = dir.path().join("adapter");
+    let s = settings(
+        &dir.path().join("b.safetensors"),
+        &dir.path().join("f.safetensors"),
+        &out,
+        8,
+    );
+    assert_fails(
+        &s,
+        &["model.extra.weight", "f.safetensors", "not in the base"],
+    );
+    let s2 = settings(
+        &dir.path().join("f.safetensors"),
+        &dir.path().join("b.safetensors"),
+        &out,
+        8,
+    );
+    assert_fails(&s2, &["model.extra.weight", "not in the fine-tune"]);
+    // Excluding it is the documented way out.
+    let mut s3 = s;
+    s3.plan.exclude = vec![phlora::plan::Glob::new("model.extra.*")];
+    extract(&s3).unwrap();
+}
+
+#[test]
+fn shape_mismatch_from_a_resized_vocabulary() {
+    let seed = fresh_seed("vocab");
+    let dir = tempfile::tempdir().unwrap();
+    let (base, mut ft) = fixture_tensors(DType::BF16, seed);
+    ft[0] = tensor(
+        "model.embed_tokens.weight",
+        DType::BF16,
+        &[V + 2, H],
+        vec![0.01; (V + 2) * H],
+    );
+    write_single(&dir.path().join("b.safetensors"), &base);
+    write_single(&dir.path().join("f.safetensors"), &ft);
+    let out = dir.path().join("adapter");
+    assert_fails(
+        &settings(
+            &dir.path().join("b.safetensors"),
+            &dir.path().join("f.safetensors"),
+            &out,
+            8,
+        ),
+        &[
+            "model.embed_tokens.weight",
+            "[66, 32]",
+            "[64, 32]",
+            "vocabulary",
+        ],
+    );
+}
+
+#[test]
+fn unsupported_dtype() {
+    use phlora::checkpoint::writer::{write_file, HeaderEntry};
+    let dir = tempfile::tempdir().unwrap();
+    let entry = |name: &str| HeaderEntry {
+        name: name.into(),
+        dtype: "I32",
+        shape: vec![4],
+        nbytes: 16,
+    };
+    let mut lin = Vec::new();
+    phlora::checkpoint::dtype::encode_into(DType::F32, &normal(16, 3), &mut lin);
+    let lin_entry = HeaderEntry {
+        name: "l.weight".into(),
+        dtype: "F32",
+        shape: vec![4, 4],
+        nbytes: 64,
+    };
+    let meta = Default::default();
+    write_file(
+        &dir.path().join("b.safetensors"),
+        &[
+            (entry("ids"), vec![1; 16]),
+            (lin_entry.clone(), lin.clone()),
+        ],
+        &meta,
+    )
+    .unwrap();
+    write_file(
+        &dir.path().join("f.safetensors"),
+        &[
+            (entry("ids"), vec![2; 16]),
+            (lin_entry.clone(), lin.clone()),
+        ],
+        &meta,
+    )
+    .unwrap();
+    let out = dir.path().join("adapter");
+    let s = settings(
+        &dir.path().join("b.safetensors"),
+        &dir.path().join("f.safetensors"),
+        &out,
+        2,
+    );
+    assert_fails(&s, &["ids", "I32", "not supported", "f.safetensors"]);
+    // An unchanged non-float tensor is fine (compared byte for byte); here nothing changed at all.
+    write_file(
+        &dir.path().join("f.safetensors"),
+        &[(entry("ids"), vec![1; 16]), (lin_entry, lin)],
+        &meta,
+    )
+    .unwrap();
+    assert_fails(&s, &["nothing to write"]);
+}
+
+#[test]
+fn nan_or_inf_in_a_delta() {
+    for (side, value) in [("fine-tune", f32::NAN), ("base", f32::INFINITY)] {
+        let seed = fresh_seed("nan");
+        let dir = tempfile::tempdir().unwrap();
+        let (mut base, mut ft) = fixture_tensors(DType::BF16, seed);
+        let target = if side == "base" { &mut base } else { &mut ft };
+        let t = target
+            .iter_mut()
+            .find(|t| t.0 == "model.layers.1.mlp.up_proj.weight")
+            .unwrap();
+        t.3[17] = value;
+        write_single(&dir.path().join("b.safetensors"), &base);
+        write_single(&dir.path().join("f.safetensors"), &ft);
+        let out = dir.path().join("adapter");
+        let file = if side == "base" {
+            "b.safetensors"
+        } else {
+            "f.safetensors"
+        };
+        assert_fails(
+            &settings(
+                &dir.path().join("b.safetensors"),
+                &dir.path().join("f.safetensors"),
+                &out,
+                8,
+            ),
+            &[
+                "model.layers.1.mlp.up_proj.weight",
+                "NaN or Inf",
+                side,
+                file,
+            ],
+        );
+        assert!(
+            !out.exists(),
+            "an output folder created by the failed run is removed again"
+        );
+    }
+}
+
+#[test]
+fn unwritable_output_folder() {
+    let (dir, b, f, _) = bad_pair("unwritable", false);
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let out = file.join("adapter");
+    let err = extract(&settings(&b, &f, &out, 8))
+        .expect_err("must fail")
+        .to_string();
+    assert!(err.contains("a-file"), "{err}");
+    let err = extract(&settings(&b, &f, &file, 8))
+        .expect_err("must fail")
+        .to_string();
+    assert!(err.contains("not a folder"), "{err}");
+}
+
+#[test]
+fn an_existing_adapter_is_kept_unless_forced() {
+    let (_d, b, f, out) = bad_pair("force", false);
+    extract(&settings(&b, &f, &out, 8)).unwrap();
+    let before = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let err = extract(&settings(&b, &f, &out, 4))
+        .expect_err("must refuse")
+        .to_string();
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        before
+    );
+    let mut s = settings(&b, &f, &out, 4);
+    s.overwrite = true;
+    extract(&s).unwrap();
+    assert_eq!(read_json(&out.join("adapter_config.json"))["r"], 4);
+}
+
+// ---- the binary ------------------------------------------------------------------------
+
+fn phlora(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_phlora"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cli_reports_errors_with_a_nonzero_exit_and_no_panic() {
+    let (dir, b, _f, out) = bad_pair("cli", true);
+    let missing = dir.path().join("missing-ft");
+    let o = phlora(&[
+        "extract",
+        "--base",
+        b.to_str().unwrap(),
+        "--ft",
+        missing.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.starts_with("error:") && err.contains("missing-ft"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+    let o = phlora(&[
+        "extract", "--base", "a", "--ft", "b", "--out", "c", "--rank", "0",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--rank"));
+    let o = phlora(&[
+        "extract", "--base", "a", "--ft", "b", "--out", "c", "--device", "tpu",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--device"));
+    let o = phlora(&["extract", "--base", "a"]);
+    assert_eq!(o.status.code(), Some(2), "usage errors exit 2");
+}
+
+#[test]
+fn cli_extract_json_and_inspect() {
+    let (_d, b, f, out) = bad_pair("cli-ok", true);
+    let o = phlora(&[
+        "-q",
+        "extract",
+        "--base",
+        b.to_str().unwrap(),
+        "--ft",
+        f.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "-r",
+        "4",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["summary"]["lora"], 7);
+    assert_eq!(v["rank"], 4);
+    assert!(
+        o.stderr.is_empty(),
+        "quiet: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = phlora(&[
+        "inspect",
+        f.to_str().unwrap(),
+        "--base",
+        b.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("model.layers.0.self_attn.q_proj.bias") && text.contains("not carried"),
+        "{text}"
+    );
+    assert!(text.contains("lora_embedding_A/B"));
+}

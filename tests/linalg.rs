@@ -1,0 +1,227 @@
+//! Numerical checks of the decompositions against an exact f64 reference, on the CPU backend.
+//! Invariants only (residuals, orthogonality, Eckart–Young), never raw vector signs.
+
+mod common;
+
+use common::*;
+use faer::Mat;
+use phlora::backend::{Backend, Cpu};
+use phlora::checkpoint::DType;
+use phlora::factor::{split, Layout};
+use phlora::linalg::{decompose, Method, SvdSettings, Truncated};
+
+fn settings(method: Method, seed: u64) -> SvdSettings {
+    SvdSettings {
+        method,
+        seed,
+        ..SvdSettings::default()
+    }
+}
+
+/// Decomposes an f64 matrix (as f32) and returns the truncation and the relative residual
+/// of the f32 factors, computed by the backend directly.
+fn run(a: &Mat<f64>, rank: usize, method: Method, seed: u64) -> (Truncated, f64) {
+    let be = Cpu::new();
+    let a32 = Mat::<f32>::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] as f32);
+    let d = be.upload(a32.as_ref()).unwrap();
+    let r = rank.min(a.nrows()).min(a.ncols());
+    let t = decompose(&be, &d, r, &settings(method, seed), seed).unwrap();
+    let f = split(&t, Layout::Linear, rank, DType::F32);
+    let l = be.upload(f.left.as_ref()).unwrap();
+    let rr = be.upload(f.right.as_ref()).unwrap();
+    let res = be.residual_sumsq(&d, &l, &rr).unwrap();
+    let norm2: f64 = a32.as_ref().squared_norm_l2() as f64;
+    let rel = if norm2 == 0.0 {
+        0.0
+    } else {
+        (res / norm2).sqrt()
+    };
+    (t, rel)
+}
+
+/// Direct f64 residual of the truncation (independent of the backend's residual code).
+fn direct_residual(a: &Mat<f64>, t: &Truncated) -> f64 {
+    let mut num = 0.0;
+    let mut den = 0.0;
+    for i in 0..a.nrows() {
+        for j in 0..a.ncols() {
+            let approx: f64 = (0..t.s.len())
+                .map(|k| t.u[(i, k)] as f64 * t.s[k] as f64 * t.v[(j, k)] as f64)
+                .sum();
+            num += (a[(i, j)] - approx).powi(2);
+            den += a[(i, j)].powi(2);
+        }
+    }
+    if den == 0.0 {
+        0.0
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+fn max_orthogonality_error(q: &Mat<f32>) -> f64 {
+    let mut worst = 0f64;
+    for a in 0..q.ncols() {
+        for b in 0..q.ncols() {
+            let dot: f64 = (0..q.nrows())
+                .map(|i| q[(i, a)] as f64 * q[(i, b)] as f64)
+                .sum();
+            let want = if a == b { 1.0 } else { 0.0 };
+            worst = worst.max((dot - want).abs());
+        }
+    }
+    worst
+}
+
+const SHAPES: [(usize, usize); 6] = [
+    (300, 80),
+    (80, 300),
+    (128, 128),
+    (1, 257),
+    (257, 1),
+    (400, 160),
+];
+
+#[test]
+fn planted_low_rank_is_recovered_to_f32_precision() {
+    let seed = fresh_seed("planted");
+    for (si, &(m, n)) in SHAPES.iter().enumerate() {
+        let true_rank = 5.min(m).min(n);
+        let sigma: Vec<f64> = (0..true_rank).map(|i| 10.0 / (1.0 + i as f64)).collect();
+        let a = spectrum_matrix(m, n, &sigma, 0.0, seed + si as u64);
+        for rank in [true_rank, true_rank + 3, 16] {
+            for method in [Method::Randomized, Method::Exact] {
+                let (t, rel) = run(&a, rank, method, seed);
+                // f32 has ~6e-8 relative precision; sums over ~n terms grow it by √n.
+                let tol = 1e-6 * ((m.max(n)) as f64).sqrt();
+                assert!(
+                    rel < tol,
+                    "{m}×{n} rank {rank} {method:?}: residual {rel} > {tol}"
+                );
+                assert!(direct_residual(&a, &t) < tol);
+                for (k, s) in sigma.iter().enumerate() {
+                    assert!(
+                        ((t.s[k] as f64) - s).abs() < 1e-5 * s.max(1.0),
+                        "σ{k}: {} vs {s}",
+                        t.s[k]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn exact_reaches_the_eckart_young_optimum_and_randomized_is_within_one_percent() {
+    let seed = fresh_seed("eckart-young");
+    let mut ratios = Vec::new();
+    for (si, &(m, n)) in SHAPES.iter().enumerate() {
+        let full = m.min(n);
+        // A decaying spectrum plus noise, like a fine-tuning delta.
+        let sigma: Vec<f64> = (0..full).map(|i| (1.0 + i as f64).powf(-0.8)).collect();
+        let noise = 0.02 / (m.max(n) as f64).sqrt();
+        let a = spectrum_matrix(m, n, &sigma, noise, seed ^ (si as u64 * 7919));
+        let reference = singular_values(&a);
+        for rank in [1usize, 8, 32] {
+            let rank = rank.min(full);
+            let best = optimum(&reference, rank);
+            let (te, exact) = run(&a, rank, Method::Exact, seed);
+            let (tr, randomized) = run(&a, rank, Method::Randomized, seed);
+            // The exact SVD in f32 lands on the optimum up to f32 rounding.
+            assert!(
+                (exact - best).abs() <= 1e-4 * best + 1e-6,
+                "{m}×{n} r{rank}: exact {exact} vs optimum {best}"
+            );
+            // Nothing beats Eckart–Young (up to rounding), and randomized is within 1%.
+            assert!(
+                randomized >= best * (1.0 - 1e-4) - 1e-6,
+                "{m}×{n} r{rank}: {randomized} below optimum {best}"
+            );
+            if best > 0.0 {
+                let ratio = randomized / best;
+                ratios.push((m, n, rank, ratio));
+                assert!(
+                    ratio <= 1.01,
+                    "{m}×{n} r{rank}: randomized/optimum = {ratio}"
+                );
+            }
+            // Top singular values agree with the reference.
+            for k in 0..rank {
+                let tol = 1e-3 * reference[0];
+                assert!((te.s[k] as f64 - reference[k]).abs() < tol, "exact σ{k}");
+                assert!(
+                    (tr.s[k] as f64 - reference[k]).abs() < 2e-2 * reference[0],
+                    "randomized σ{k}"
+                );
+            }
+        }
+    }
+    for (m, n, r, ratio) in ratios {
+        eprintln!("ratio {m}x{n} r={r}: {ratio:.6}");
+    }
+}
+
+#[test]
+fn singular_vectors_are_orthonormal_and_values_descend() {
+    let seed = fresh_seed("orthonormal");
+    for &(m, n) in &[(500, 120), (120, 500), (64, 64)] {
+        let sigma: Vec<f64> = (0..m.min(n)).map(|i| (-(i as f64) / 10.0).exp()).collect();
+        let a = spectrum_matrix(m, n, &sigma, 1e-3, seed);
+        for method in [Method::Randomized, Method::Exact] {
+            let (t, _) = run(&a, 24, method, seed);
+            assert!(max_orthogonality_error(&t.u) < 1e-4, "{m}×{n} {method:?} U");
+            assert!(max_orthogonality_error(&t.v) < 1e-4, "{m}×{n} {method:?} V");
+            assert!(t.s.windows(2).all(|w| w[0] >= w[1]), "descending");
+            assert!(t.s.iter().all(|s| s.is_finite() && *s >= 0.0));
+        }
+    }
+}
+
+#[test]
+fn rank_deficient_and_zero_matrices_stay_finite() {
+    let seed = fresh_seed("deficient");
+    let a = spectrum_matrix(200, 150, &[3.0, 2.0, 1.0], 0.0, seed);
+    for method in [Method::Randomized, Method::Exact] {
+        let (t, rel) = run(&a, 20, method, seed);
+        assert!(rel < 1e-5, "{method:?}: {rel}");
+        assert!(t.s[3..].iter().all(|&s| s.abs() < 1e-4), "{:?}", &t.s[3..]);
+        assert!(t
+            .u
+            .as_ref()
+            .col_iter()
+            .all(|c| c.iter().all(|x| x.is_finite())));
+    }
+    let zero = Mat::<f64>::zeros(90, 60);
+    for method in [Method::Randomized, Method::Exact] {
+        let (t, rel) = run(&zero, 8, method, seed);
+        assert_eq!(rel, 0.0);
+        assert!(t.s.iter().all(|&s| s == 0.0), "{:?}", t.s);
+        assert!(t
+            .v
+            .as_ref()
+            .col_iter()
+            .all(|c| c.iter().all(|x| x.is_finite())));
+    }
+}
+
+#[test]
+fn randomized_results_are_repeatable_and_agree_across_thread_counts() {
+    let seed = fresh_seed("threads");
+    let sigma: Vec<f64> = (0..100).map(|i| (1.0 + i as f64).powf(-0.7)).collect();
+    let a = spectrum_matrix(300, 200, &sigma, 1e-3, seed);
+    let (t1, r1) = run(&a, 16, Method::Randomized, seed);
+    let (t1b, r1b) = run(&a, 16, Method::Randomized, seed);
+    assert_eq!(t1.s, t1b.s, "same seed, same threads: bitwise identical");
+    assert_eq!(r1, r1b);
+    // faer's parallel GEMM may sum in another order with another thread count: equal up to
+    // f32 rounding, not bitwise (bitwise determinism across thread counts is a later issue).
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let (t2, r2) = pool.install(|| run(&a, 16, Method::Randomized, seed));
+    for (x, y) in t1.s.iter().zip(&t2.s) {
+        assert!((x - y).abs() <= 1e-5 * t1.s[0], "{x} vs {y}");
+    }
+    assert!((r1 - r2).abs() < 1e-5);
+}
