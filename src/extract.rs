@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::factor::{self, Layout};
 use crate::linalg::{self, rank::RankPolicy, rsvd, Method, SvdSettings};
 use crate::plan::{Action, Plan, PlanItem, PlanOptions};
-use crate::report::{RunReport, Summary, TensorReport};
+use crate::report::{RunReport, StageSeconds, Summary, TensorReport};
 
 /// Everything `extract` needs, validated.
 #[derive(Clone, Debug)]
@@ -88,7 +88,8 @@ fn run<B: Backend>(
     let mut written_modules: Vec<String> = Vec::new();
     let mut whole: Vec<&PlanItem> = Vec::new();
     let mut any_whole_changed = false;
-    let (mut svd_seconds, mut svd_flops) = (0f64, 0f64);
+    let mut svd_flops = 0f64;
+    let mut stages = StageSeconds::default();
 
     for (done, item) in plan.items.iter().enumerate() {
         let t0 = Instant::now();
@@ -110,68 +111,17 @@ fn run<B: Backend>(
                 }
             }
             Action::LoraLinear | Action::LoraEmbedding => {
-                let (rows_, cols) = (item.shape[0], item.shape[1]);
-                let input = DeltaInput {
-                    base: base.bytes(&item.base),
-                    base_dtype: item.base_dtype(),
-                    ft: ft.bytes(&item.ft),
-                    ft_dtype: item.ft_dtype(),
-                    rows: rows_,
-                    cols,
+                let job = LoraJob {
+                    be,
+                    s,
+                    base,
+                    ft,
+                    item,
+                    r_adapter,
+                    out_dtype,
                 };
-                let (delta, stats) = be.delta(&input).map_err(|e| tensor_err(ft, &item.ft, e))?;
-                check_finite(base, ft, item, &stats)?;
-                row.delta_norm = stats.sumsq.sqrt();
-                if stats.sumsq == 0.0 {
-                    row.action = "unchanged";
-                } else {
-                    let r = s.rank.rank_for(rows_, cols);
-                    let seed = crate::rng::seed_for(s.svd.seed, &item.name);
-                    let t_svd = Instant::now();
-                    let t = linalg::decompose(be, &delta, r, &s.svd, seed).map_err(|e| {
-                        Error::Linalg {
-                            tensor: item.name.clone(),
-                            reason: e.0,
-                        }
-                    })?;
-                    if t.method == Method::Randomized {
-                        svd_seconds += t_svd.elapsed().as_secs_f64();
-                        svd_flops += rsvd::nominal_flops(rows_, cols, t.sketch, s.svd.power_iters);
-                    }
-                    let kept: f64 = t.s.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
-                    let layout = if item.action == Action::LoraEmbedding {
-                        Layout::Embedding
-                    } else {
-                        Layout::Linear
-                    };
-                    let f = factor::split(&t, layout, r_adapter, out_dtype);
-                    let left = be
-                        .upload(f.left.as_ref())
-                        .map_err(|e| tensor_err(ft, &item.ft, e))?;
-                    let right = be
-                        .upload(f.right.as_ref())
-                        .map_err(|e| tensor_err(ft, &item.ft, e))?;
-                    let res = be
-                        .residual_sumsq(&delta, &left, &right)
-                        .map_err(|e| tensor_err(ft, &item.ft, e))?;
-                    let (a_key, b_key) = match layout {
-                        Layout::Linear => (
-                            adapter::lora_a_key(&item.module),
-                            adapter::lora_b_key(&item.module),
-                        ),
-                        Layout::Embedding => (
-                            adapter::embedding_a_key(&item.module),
-                            adapter::embedding_b_key(&item.module),
-                        ),
-                    };
-                    writer.add(a_key, out_dtype.as_str(), f.a_shape.to_vec(), &f.a_bytes)?;
-                    writer.add(b_key, out_dtype.as_str(), f.b_shape.to_vec(), &f.b_bytes)?;
-                    written_modules.push(item.module.clone());
-                    row.rank = Some(r);
-                    row.energy = Some((kept / stats.sumsq).min(1.0));
-                    row.residual = Some((res / stats.sumsq).sqrt());
-                    row.method = Some(t.method);
-                    row.sketch = (t.method == Method::Randomized).then_some(t.sketch);
+                if let Some(module) = job.run(&mut row, &mut writer, &mut stages, &mut svd_flops)? {
+                    written_modules.push(module);
                 }
             }
         }
@@ -214,7 +164,7 @@ fn run<B: Backend>(
         )));
     }
 
-    let summary = summarize(&rows, plan, started, total_bytes, svd_flops, svd_seconds);
+    let summary = summarize(&rows, plan, started, total_bytes, svd_flops, stages);
     if summary.not_carried > 0 {
         tracing::warn!(
             "{} changed tensor(s) a LoRA cannot carry hold {:.3}% of ‖ΔW‖² and are not in the adapter; see report.json",
@@ -261,13 +211,119 @@ fn run<B: Backend>(
     Ok(report)
 }
 
+/// One LoRA target through delta → decompose → factor → residual → sink.
+struct LoraJob<'a, B: Backend> {
+    be: &'a B,
+    s: &'a ExtractSettings,
+    base: &'a Checkpoint,
+    ft: &'a Checkpoint,
+    item: &'a PlanItem,
+    r_adapter: usize,
+    out_dtype: DType,
+}
+
+impl<B: Backend> LoraJob<'_, B> {
+    /// Fills `row`; returns the module path if factors were written (None: unchanged).
+    fn run(
+        &self,
+        row: &mut TensorReport,
+        writer: &mut AdapterWriter,
+        stages: &mut StageSeconds,
+        svd_flops: &mut f64,
+    ) -> Result<Option<String>> {
+        let (be, item, ft) = (self.be, self.item, self.ft);
+        let (rows, cols) = (item.shape[0], item.shape[1]);
+        let backend_err = |e: backend::BackendError| tensor_err(ft, &item.ft, e);
+        let clock = Instant::now();
+        let input = DeltaInput {
+            base: self.base.bytes(&item.base),
+            base_dtype: item.base_dtype(),
+            ft: ft.bytes(&item.ft),
+            ft_dtype: item.ft_dtype(),
+            rows,
+            cols,
+        };
+        let (delta, stats) = be.delta(&input).map_err(backend_err)?;
+        check_finite(self.base, ft, item, &stats)?;
+        // ΔW holds all that is needed now: drop the inputs' pages before the SVD.
+        self.base.release(&item.base);
+        ft.release(&item.ft);
+        row.delta_norm = stats.sumsq.sqrt();
+        stages.delta += lap(clock);
+        if stats.sumsq == 0.0 {
+            row.action = "unchanged";
+            return Ok(None);
+        }
+
+        let clock = Instant::now();
+        let r = self.s.rank.rank_for(rows, cols);
+        let seed = crate::rng::seed_for(self.s.svd.seed, &item.name);
+        let t = linalg::decompose(be, &delta, r, &self.s.svd, seed).map_err(|e| Error::Linalg {
+            tensor: item.name.clone(),
+            reason: e.0,
+        })?;
+        match t.method {
+            Method::Randomized => {
+                stages.svd_randomized += lap(clock);
+                *svd_flops += rsvd::nominal_flops(rows, cols, t.sketch, self.s.svd.power_iters);
+            }
+            Method::Exact => stages.svd_exact += lap(clock),
+        }
+
+        let clock = Instant::now();
+        let layout = if item.action == Action::LoraEmbedding {
+            Layout::Embedding
+        } else {
+            Layout::Linear
+        };
+        let f = factor::split(&t, layout, self.r_adapter, self.out_dtype);
+        stages.factor += lap(clock);
+
+        let clock = Instant::now();
+        let left = be.upload(f.left.as_ref()).map_err(backend_err)?;
+        let right = be.upload(f.right.as_ref()).map_err(backend_err)?;
+        let res = be
+            .residual_sumsq(&delta, &left, &right)
+            .map_err(backend_err)?;
+        stages.residual += lap(clock);
+
+        let clock = Instant::now();
+        let (a_key, b_key) = match layout {
+            Layout::Linear => (
+                adapter::lora_a_key(&item.module),
+                adapter::lora_b_key(&item.module),
+            ),
+            Layout::Embedding => (
+                adapter::embedding_a_key(&item.module),
+                adapter::embedding_b_key(&item.module),
+            ),
+        };
+        let dtype = self.out_dtype.as_str();
+        writer.add(a_key, dtype, f.a_shape.to_vec(), &f.a_bytes)?;
+        writer.add(b_key, dtype, f.b_shape.to_vec(), &f.b_bytes)?;
+        stages.write += lap(clock);
+
+        let kept: f64 = t.s.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+        row.rank = Some(r);
+        row.energy = Some((kept / stats.sumsq).min(1.0));
+        row.residual = Some((res / stats.sumsq).sqrt());
+        row.method = Some(t.method);
+        row.sketch = (t.method == Method::Randomized).then_some(t.sketch);
+        Ok(Some(item.module.clone()))
+    }
+}
+
+fn lap(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64()
+}
+
 fn summarize(
     rows: &[TensorReport],
     plan: &Plan,
     started: Instant,
     input_bytes: u64,
     flops: f64,
-    svd_s: f64,
+    stages: StageSeconds,
 ) -> Summary {
     let mut m = Summary {
         tensors: rows.len(),
@@ -306,11 +362,12 @@ fn summarize(
         m.total_relative_error = ((lost + not_carried) / total).sqrt();
     }
     m.seconds = started.elapsed().as_secs_f64();
-    m.svd_gflops = if svd_s > 0.0 {
-        flops / svd_s / 1e9
+    m.svd_gflops = if stages.svd_randomized > 0.0 {
+        flops / stages.svd_randomized / 1e9
     } else {
         0.0
     };
+    m.stages = stages;
     m
 }
 

@@ -52,6 +52,21 @@ impl TensorReport {
     }
 }
 
+/// Where the time went, summed over tensors (seconds).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct StageSeconds {
+    /// Reading both inputs (page faults on the maps) and forming ΔW in f32.
+    pub delta: f64,
+    pub svd_randomized: f64,
+    pub svd_exact: f64,
+    /// Splitting into B and A and casting to the output dtype.
+    pub factor: f64,
+    /// The direct residual certificate ‖ΔW − B·A‖.
+    pub residual: f64,
+    /// Appending factors to the adapter's staging file.
+    pub write: f64,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Summary {
     pub tensors: usize,
@@ -73,8 +88,9 @@ pub struct Summary {
     pub max_residual: f64,
     pub input_bytes: u64,
     pub seconds: f64,
-    /// Nominal SVD flops / SVD seconds (randomized: 2·m·n·k·(2q+2)).
+    /// Nominal randomized-SVD flops 2·m·n·k·(2q+2) / randomized-SVD seconds.
     pub svd_gflops: f64,
+    pub stages: StageSeconds,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -149,13 +165,19 @@ impl RunReport {
             m.total_relative_error,
             m.max_residual
         );
+        let st = &m.stages;
         let _ = writeln!(
             s,
-            "{:.2} s, {:.1} MB/s of input, SVD at {:.1} GFLOP/s on {}",
+            "{:.2} s on {}, {:.1} MB/s of input; delta {:.2} s, SVD {:.2} s ({:.1} GFLOP/s randomized), factor {:.2} s, residual {:.2} s, write {:.2} s",
             m.seconds,
+            self.device,
             m.input_bytes as f64 / 1e6 / m.seconds.max(1e-9),
+            st.delta,
+            st.svd_randomized + st.svd_exact,
             m.svd_gflops,
-            self.device
+            st.factor,
+            st.residual,
+            st.write
         );
         s
     }

@@ -275,8 +275,8 @@ fn planted_delta_t(s: &SynthSettings, rows: usize, cols: usize, seed: u64) -> Ma
     let amplitude = target_rms * ((rows * cols) as f64 / norm2).sqrt();
     let mut v = normal_matrix(cols, r, derive(seed, 2));
     let u = normal_matrix(rows, r, derive(seed, 3));
-    for k in 0..r {
-        let c = (sigma[k] * amplitude / ((rows * cols) as f64).sqrt()) as f32;
+    for (k, sk) in sigma.iter().enumerate() {
+        let c = (sk * amplitude / ((rows * cols) as f64).sqrt()) as f32;
         v.col_mut(k).iter_mut().for_each(|x| *x *= c);
     }
     let mut dt = normal_matrix(cols, rows, derive(seed, 4));

@@ -225,3 +225,74 @@ fn randomized_results_are_repeatable_and_agree_across_thread_counts() {
     }
     assert!((r1 - r2).abs() < 1e-5);
 }
+
+/// ‖QᵀQ − I‖_max and ‖Y − Q·QᵀY‖ / ‖Y‖ for the backend's orthonormalisation.
+fn check_orthonormalize(y: &Mat<f64>) -> (f64, f64) {
+    let be = Cpu::new();
+    let y32 = Mat::<f32>::from_fn(y.nrows(), y.ncols(), |i, j| y[(i, j)] as f32);
+    let q = be
+        .download(&be.orthonormalize(be.upload(y32.as_ref()).unwrap()).unwrap())
+        .unwrap();
+    let ortho = max_orthogonality_error(&q);
+    let q64 = Mat::<f64>::from_fn(q.nrows(), q.ncols(), |i, j| q[(i, j)] as f64);
+    let proj = &q64 * (q64.transpose() * y);
+    let res = (y - &proj).norm_l2() / y.norm_l2();
+    (ortho, res)
+}
+
+#[test]
+fn orthonormalisation_holds_for_easy_steep_and_rank_deficient_sketches() {
+    let seed = fresh_seed("orthonormalize");
+    // Well conditioned: the CholeskyQR2 path.
+    let easy = Mat::<f64>::from_fn(2000, 64, |i, j| {
+        normal(1, seed ^ (i * 64 + j) as u64)[0] as f64
+    });
+    // Condition number ~1e6: beyond CholeskyQR2 in f32, so the Householder fallback must run.
+    let steep_sigma: Vec<f64> = (0..64)
+        .map(|i| 10f64.powf(-6.0 * i as f64 / 63.0))
+        .collect();
+    let steep = spectrum_matrix(2000, 64, &steep_sigma, 0.0, seed);
+    // Rank 3 in 64 columns: Cholesky breaks down.
+    let deficient = spectrum_matrix(2000, 64, &[1.0, 0.5, 0.1], 0.0, seed);
+    for (name, y) in [
+        ("easy", easy),
+        ("steep", steep),
+        ("rank-deficient", deficient),
+    ] {
+        let (ortho, res) = check_orthonormalize(&y);
+        assert!(ortho < 1e-5, "{name}: QᵀQ − I = {ortho}");
+        assert!(res < 1e-5, "{name}: Y − QQᵀY = {res}");
+    }
+}
+
+#[test]
+fn short_wide_svd_agrees_with_the_bidiagonal_svd() {
+    let seed = fresh_seed("short-wide");
+    let be = Cpu::new();
+    for &(k, n) in &[(128usize, 2048usize), (16, 5000), (64, 64)] {
+        let sigma: Vec<f64> = (0..k).map(|i| (1.0 + i as f64).powf(-1.5)).collect();
+        let b = spectrum_matrix(k, n, &sigma, 0.0, seed);
+        let b32 = Mat::<f32>::from_fn(k, n, |i, j| b[(i, j)] as f32);
+        let dev = be.upload(b32.as_ref()).unwrap();
+        let fast = be.short_wide_svd(&dev).unwrap();
+        let reference = singular_values(&b);
+        for (i, (got, want)) in fast.s.iter().zip(&reference).enumerate() {
+            assert!(
+                (*got as f64 - want).abs() <= 1e-5 * reference[0],
+                "{k}×{n} σ{i}: {got} vs {want}"
+            );
+        }
+        // U S Vᵀ rebuilds B to f32 precision.
+        let (u, v) = (be.download(&fast.u).unwrap(), be.download(&fast.v).unwrap());
+        let mut err = 0f64;
+        for i in 0..k {
+            for j in 0..n {
+                let x: f64 = (0..k)
+                    .map(|t| u[(i, t)] as f64 * fast.s[t] as f64 * v[(j, t)] as f64)
+                    .sum();
+                err = err.max((x - b[(i, j)]).abs());
+            }
+        }
+        assert!(err < 1e-5, "{k}×{n}: reconstruction {err}");
+    }
+}

@@ -52,6 +52,54 @@ fn op_view(m: &CpuMat, op: Op) -> MatRef<'_, f32> {
     }
 }
 
+fn to_f64(a: MatRef<'_, f32>) -> Mat<f64> {
+    Mat::from_fn(a.nrows(), a.ncols(), |i, j| f64::from(a[(i, j)]))
+}
+
+fn to_f32(a: MatRef<'_, f64>) -> Mat<f32> {
+    Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] as f32)
+}
+
+/// CholeskyQR's first pass needs cond(Y) well below 1/√ε(f32) ≈ 3·10³; the diagonal of the
+/// Cholesky factor (Y's R) bounds it from below, so refuse ratios under 10⁻³.
+const FIRST_PASS_MIN_RATIO: f32 = 1e-3;
+/// After a good first pass Q₁ᵀQ₁ ≈ I: the second pass's R must be close to identity.
+const SECOND_PASS_MIN_RATIO: f32 = 0.5;
+
+/// One CholeskyQR pass in place: G = YᵀY = LLᵀ, Y ← Y·L⁻ᵀ. Returns false (Y untouched or
+/// garbage, the caller falls back) when G is not safely positive definite.
+fn cholesky_qr_pass(y: &mut Mat<f32>, min_ratio: f32) -> bool {
+    use faer::linalg::solvers::Llt;
+    use faer::Side;
+    let k = y.ncols();
+    let mut g = Mat::<f32>::zeros(k, k);
+    faer::linalg::matmul::matmul(
+        g.as_mut(),
+        Accum::Replace,
+        y.transpose(),
+        y.as_ref(),
+        1.0,
+        par(),
+    );
+    let Ok(llt) = Llt::new(g.as_ref(), Side::Lower) else {
+        return false;
+    };
+    let l = llt.L();
+    let diag: Vec<f32> = (0..k).map(|i| l[(i, i)]).collect();
+    let max = diag.iter().copied().fold(0f32, f32::max);
+    let min = diag.iter().copied().fold(f32::INFINITY, f32::min);
+    if !(max.is_finite() && min > min_ratio * max) {
+        return false;
+    }
+    // Y·L⁻ᵀ = (L⁻¹·Yᵀ)ᵀ: a lower-triangular solve on the transposed view.
+    faer::linalg::triangular_solve::solve_lower_triangular_in_place(
+        l,
+        y.as_mut().transpose_mut(),
+        par(),
+    );
+    true
+}
+
 impl Backend for Cpu {
     type Mat = CpuMat;
 
@@ -156,48 +204,129 @@ impl Backend for Cpu {
                 "cannot orthonormalize a wide {m}×{n} matrix"
             )));
         }
-        Ok(CpuMat::new(Qr::new(y.view()).compute_thin_Q()))
+        // CholeskyQR2 runs at GEMM speed (3× faster than Householder here); it squares the
+        // condition number, so it is guarded and falls back to Householder QR, in f64 because
+        // faer's f32 Householder QR loses ~1e-3 of ‖Y − QR‖/‖Y‖ on steep inputs.
+        let mut q = y.view().to_owned();
+        if cholesky_qr_pass(&mut q, FIRST_PASS_MIN_RATIO)
+            && cholesky_qr_pass(&mut q, SECOND_PASS_MIN_RATIO)
+        {
+            return Ok(CpuMat::new(q));
+        }
+        Ok(CpuMat::new(to_f32(
+            Qr::new(to_f64(y.view()).as_ref()).compute_thin_Q().as_ref(),
+        )))
     }
 
     fn thin_svd(&self, a: &CpuMat) -> BackendResult<SvdParts<CpuMat>> {
-        let svd = Svd::new_thin(a.view()).map_err(|e| BackendError(format!("SVD: {e:?}")))?;
-        let s = svd.S().column_vector().iter().copied().collect();
+        // In f64: faer's f32 QR (the first step of its SVD of a tall matrix) loses ~1e-3 of
+        // relative accuracy on steep or rank-deficient inputs, which the exact mode — the
+        // reference — cannot afford.
+        let svd = Svd::new_thin(to_f64(a.view()).as_ref())
+            .map_err(|e| BackendError(format!("SVD: {e:?}")))?;
+        let s = svd.S().column_vector().iter().map(|&x| x as f32).collect();
         Ok(SvdParts {
-            u: CpuMat::new(svd.U().to_owned()),
+            u: CpuMat::new(to_f32(svd.U())),
             s,
-            v: CpuMat::new(svd.V().to_owned()),
+            v: CpuMat::new(to_f32(svd.V())),
+        })
+    }
+
+    fn short_wide_svd(&self, b: &CpuMat) -> BackendResult<SvdParts<CpuMat>> {
+        let b = b.view();
+        let (k, n) = b.shape();
+        let b64 = Mat::<f64>::from_fn(k, n, |i, j| f64::from(b[(i, j)]));
+        let mut g = Mat::<f64>::zeros(k, k);
+        faer::linalg::matmul::matmul(
+            g.as_mut(),
+            Accum::Replace,
+            b64.as_ref(),
+            b64.transpose(),
+            1.0,
+            par(),
+        );
+        drop(b64);
+        let evd = g
+            .self_adjoint_eigen(faer::Side::Lower)
+            .map_err(|e| BackendError(format!("eigendecomposition of B·Bᵀ: {e:?}")))?;
+        // faer sorts eigenvalues ascending; singular values go descending.
+        let order: Vec<usize> = (0..k).rev().collect();
+        let s64: Vec<f64> = order
+            .iter()
+            .map(|&i| evd.S().column_vector()[i].max(0.0).sqrt())
+            .collect();
+        let ub = Mat::<f32>::from_fn(k, k, |i, j| evd.U()[(i, order[j])] as f32);
+        // V = Bᵀ·Ub·S⁻¹, with negligible directions zeroed instead of amplified noise.
+        let floor = s64.first().copied().unwrap_or(0.0) * 1e-6;
+        let mut v = Mat::<f32>::zeros(n, k);
+        faer::linalg::matmul::matmul(
+            v.as_mut(),
+            Accum::Replace,
+            b.transpose(),
+            ub.as_ref(),
+            1.0,
+            par(),
+        );
+        for (j, &sj) in s64.iter().enumerate() {
+            let c = if sj > floor && sj > 0.0 {
+                (1.0 / sj) as f32
+            } else {
+                0.0
+            };
+            v.col_mut(j).iter_mut().for_each(|x| *x *= c);
+        }
+        Ok(SvdParts {
+            u: CpuMat::new(ub),
+            s: s64.iter().map(|&x| x as f32).collect(),
+            v: CpuMat::new(v),
         })
     }
 
     fn residual_sumsq(&self, delta: &CpuMat, b: &CpuMat, a: &CpuMat) -> BackendResult<f64> {
-        let (d, b, a) = (delta.view(), b.view(), a.view());
-        if b.nrows() != d.nrows() || a.ncols() != d.ncols() || b.ncols() != a.nrows() {
+        let (m, n) = delta.view().shape();
+        if b.view().nrows() != m || a.view().ncols() != n || b.view().ncols() != a.view().nrows() {
             return Err(BackendError(
                 "residual: factor shapes do not match ΔW".into(),
             ));
         }
-        // Row blocks bound the scratch to BLOCK×n; each block is an independent GEMM.
+        // Work in ΔW's storage orientation, so each block is a contiguous run of columns:
+        // stored ΔWᵀ = Aᵀ·Bᵀ when ΔW is kept transposed.
+        let (d, left, right) = if delta.transposed {
+            (
+                delta.store.as_ref(),
+                a.view().transpose(),
+                b.view().transpose(),
+            )
+        } else {
+            (delta.store.as_ref(), b.view(), a.view())
+        };
         const BLOCK: usize = 256;
-        let m = d.nrows();
-        let blocks: Vec<usize> = (0..m).step_by(BLOCK).collect();
-        let partial: Vec<f64> = blocks
+        let cols = d.ncols();
+        let starts: Vec<usize> = (0..cols).step_by(BLOCK).collect();
+        let partial: Vec<f64> = starts
             .par_iter()
-            .map(|&r0| {
-                let h = BLOCK.min(m - r0);
-                let mut t = d.subrows(r0, h).to_owned();
+            .map(|&c0| {
+                let w = BLOCK.min(cols - c0);
+                let mut t = d.subcols(c0, w).to_owned();
                 faer::linalg::matmul::matmul(
                     t.as_mut(),
                     Accum::Add,
-                    b.subrows(r0, h),
-                    a,
+                    left,
+                    right.subcols(c0, w),
                     -1.0f32,
                     Par::Seq,
                 );
                 let mut s = 0f64;
-                for j in 0..t.ncols() {
-                    for &x in t.col(j).iter() {
-                        s += f64::from(x) * f64::from(x);
-                    }
+                for j in 0..w {
+                    let col = t
+                        .col(j)
+                        .try_as_col_major()
+                        .expect("owned columns are contiguous")
+                        .as_slice();
+                    s += col
+                        .iter()
+                        .map(|&x| f64::from(x) * f64::from(x))
+                        .sum::<f64>();
                 }
                 s
             })

@@ -30,11 +30,13 @@ pub fn randomized_svd<B: Backend>(
         q = be.orthonormalize(be.gemm(a, Op::N, &z, Op::N)?)?; // m×k
     }
     let b = be.gemm(&q, Op::T, a, Op::N)?; // k×n
-    let small = be.thin_svd(&b)?; // B = Ub·S·Vᵀ, Ub k×k, V n×k
-    let u = be.gemm(&q, Op::N, &small.u, Op::N)?; // m×k
+    let small = be.short_wide_svd(&b)?; // B = Ub·S·Vᵀ, Ub k×k, V n×k
     let r = rank.min(small.s.len());
+    // Only the kept directions: U_r = Q·Ub[:, :r].
+    let ub_r = be.upload(first_cols(be.download(&small.u)?.as_ref(), r).as_ref())?;
+    let u = be.gemm(&q, Op::N, &ub_r, Op::N)?; // m×r
     Ok(Truncated {
-        u: first_cols(be.download(&u)?.as_ref(), r),
+        u: be.download(&u)?,
         s: small.s[..r].to_vec(),
         v: first_cols(be.download(&small.v)?.as_ref(), r),
         method: Method::Randomized,
