@@ -98,7 +98,7 @@ fn main() {
     };
     let (r, q) = (64, 2);
     println!(
-        "{:>11}  {:>9}  {:>9}  {:>8}  {:>11}  {:>10}  {:>9}  {:>8}  {:>10}",
+        "{:>11}  {:>7}  {:>7}  {:>7}  {:>11}  {:>9}  {:>7}  {:>8}  {:>7}  {:>8}  {:>10}",
         "shape",
         "rsvd s",
         "GFLOP/s",
@@ -106,6 +106,8 @@ fn main() {
         "skinny GEMM",
         "of skinny",
         "exact s",
+        "speed-up",
+        "f32 s",
         "speed-up",
         "rsvd/exact"
     );

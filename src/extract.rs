@@ -127,6 +127,7 @@ fn run<B: Backend>(
         }
         base.release(&item.base);
         ft.release(&item.ft);
+        release_free_heap();
         row.seconds = t0.elapsed().as_secs_f64();
         tracing::debug!(tensor = %item.name, action = row.action, seconds = row.seconds, "done");
         rows.push(row);
@@ -492,4 +493,15 @@ fn progress_bar(enabled: bool, total_bytes: u64, tensors: usize) -> indicatif::P
     );
     bar.set_message(format!("0/{tensors} tensors"));
     bar
+}
+
+/// Hands freed heap pages back to the OS after each tensor. Sub-megabyte blocks (factor
+/// bytes, per-row scratch) otherwise fragment glibc's arenas, and resident memory creeps up
+/// with the number of tensors (measured: +60 MB over 16 Llama layers).
+fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
