@@ -80,9 +80,8 @@ impl SynthArgs {
                 self.dtype
             ))
         })?;
-        if !(self.decay.is_finite() && self.decay >= 0.0)
-            || !(self.noise.is_finite() && self.noise >= 0.0)
-        {
+        let finite_non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        if !finite_non_negative(self.decay) || !finite_non_negative(self.noise) {
             return Err(Error::Settings(
                 "--decay and --noise must be finite and non-negative".into(),
             ));
