@@ -66,7 +66,7 @@ pub trait Backend: Sync {
     /// An orthonormal basis of the columns of a tall (m ≥ n) matrix, same shape.
     fn orthonormalize(&self, y: Self::Mat) -> BackendResult<Self::Mat>;
 
-    /// The thin SVD of a (small, or exact-mode) matrix.
+    /// The thin SVD of a whole matrix (the exact mode, and the reference in tests).
     fn thin_svd(&self, a: &Self::Mat) -> BackendResult<SvdParts<Self::Mat>>;
 
     /// The SVD of a short, wide k×n matrix (the randomized SVD's B = QᵀΔW), through the
