@@ -80,6 +80,19 @@ fn run<B: Backend>(
     let started = Instant::now();
     let out_dtype = s.out_dtype.unwrap_or_else(|| dominant_lora_dtype(plan));
     let r_adapter = s.rank.adapter_rank();
+    // Factors are zero-padded to r, so a rank beyond every matrix's size only wastes memory
+    // and disk (r = 100000 would ask for gigabytes per tensor).
+    let useful = plan
+        .items
+        .iter()
+        .filter(|i| matches!(i.action, Action::LoraLinear | Action::LoraEmbedding))
+        .map(|i| i.shape[0].min(i.shape[1]))
+        .max();
+    if let Some(useful) = useful.filter(|&u| r_adapter > u) {
+        return Err(Error::Settings(format!(
+            "--rank {r_adapter} exceeds the rank of every target matrix (at most {useful} here)"
+        )));
+    }
     let mut writer = AdapterWriter::create(&s.out, s.overwrite)?;
     let total_bytes: u64 = plan.items.iter().map(|i| i.input_bytes()).sum();
     let bar = progress_bar(s.progress, total_bytes, plan.items.len());

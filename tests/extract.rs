@@ -662,6 +662,14 @@ fn unwritable_output_folder() {
 }
 
 #[test]
+fn a_rank_beyond_every_matrix_is_refused() {
+    let (_d, b, f, out) = bad_pair("rank", false);
+    // The largest target here is 64×32: rank 33 could only ever add zero padding.
+    assert_fails(&settings(&b, &f, &out, 33), &["--rank 33", "at most 32"]);
+    extract(&settings(&b, &f, &out, 32)).unwrap();
+}
+
+#[test]
 fn an_existing_adapter_is_kept_unless_forced() {
     let (_d, b, f, out) = bad_pair("force", false);
     extract(&settings(&b, &f, &out, 8)).unwrap();
