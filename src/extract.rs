@@ -165,6 +165,15 @@ fn run<B: Backend>(
         modules_to_save = Some(adapter::modules_to_save(
             plan.norm_module_names().into_iter().collect(),
         ));
+        // rows[i] reports plan.items[i].
+        for (row, item) in rows.iter_mut().zip(&plan.items) {
+            if item.action == Action::SaveWhole && row.action == "unchanged" {
+                row.reason = Some(
+                    "unchanged, but written whole: PEFT wraps every norm named in modules_to_save"
+                        .into(),
+                );
+            }
+        }
     } else {
         for row in rows.iter_mut().filter(|r| r.action == "save-whole") {
             row.action = "unchanged";
