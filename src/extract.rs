@@ -258,6 +258,12 @@ impl<B: Backend> LoraJob<'_, B> {
         let (rows, cols) = (item.shape[0], item.shape[1]);
         let backend_err = |e: backend::BackendError| tensor_err(ft, &item.ft, e);
         let clock = Instant::now();
+        let (bs, fs) = (item.base_dtype().size(), item.ft_dtype().size());
+        let rows_read = |r0: usize, r1: usize| {
+            self.base
+                .release_range(&item.base, r0 * cols * bs, r1 * cols * bs);
+            ft.release_range(&item.ft, r0 * cols * fs, r1 * cols * fs);
+        };
         let input = DeltaInput {
             base: self.base.bytes(&item.base),
             base_dtype: item.base_dtype(),
@@ -265,10 +271,11 @@ impl<B: Backend> LoraJob<'_, B> {
             ft_dtype: item.ft_dtype(),
             rows,
             cols,
+            rows_read: Some(&rows_read),
         };
         let (delta, stats) = be.delta(&input).map_err(backend_err)?;
         check_finite(self.base, ft, item, &stats)?;
-        // ΔW holds all that is needed now: drop the inputs' pages before the SVD.
+        // ΔW holds all that is needed now: drop what is left of the inputs' pages.
         self.base.release(&item.base);
         ft.release(&item.ft);
         row.delta_norm = stats.sumsq.sqrt();

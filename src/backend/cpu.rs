@@ -129,43 +129,56 @@ impl Backend for Cpu {
                 input.ft.len()
             )));
         }
-        // Storage is cols×rows column-major: column i holds row i of ΔW.
+        // Storage is cols×rows column-major: column i holds row i of ΔW. Rows go in chunks of
+        // ~16 MB of output so the caller can release each chunk's input pages early.
         let mut store = Mat::<f32>::zeros(cols, rows);
-        // Per-row partial sums are added in row order afterwards, so the result does not
-        // depend on how rayon split the work.
-        let per_row: Vec<DeltaStats> = store
-            .par_col_iter_mut()
-            .enumerate()
-            .map_init(
-                || vec![0f32; cols],
-                |scratch, (i, col)| {
-                    let out = col
-                        .try_as_col_major_mut()
-                        .expect("owned columns are contiguous")
-                        .as_slice_mut();
-                    decode_into(
-                        input.ft_dtype,
-                        &input.ft[i * cols * fs..(i + 1) * cols * fs],
-                        out,
-                    );
-                    decode_into(
-                        input.base_dtype,
-                        &input.base[i * cols * bs..(i + 1) * cols * bs],
-                        scratch,
-                    );
-                    let mut s = DeltaStats::default();
-                    for (o, b) in out.iter_mut().zip(scratch.iter()) {
-                        *o -= *b;
-                        if o.is_finite() {
-                            s.sumsq += f64::from(*o) * f64::from(*o);
-                        } else {
-                            s.nonfinite += 1;
+        let chunk = ((16usize << 20) / (4 * cols.max(1))).max(1);
+        let mut per_row: Vec<DeltaStats> = Vec::with_capacity(rows);
+        for r0 in (0..rows).step_by(chunk) {
+            let r1 = (r0 + chunk).min(rows);
+            let part: Vec<DeltaStats> = store
+                .as_mut()
+                .subcols_mut(r0, r1 - r0)
+                .par_col_iter_mut()
+                .enumerate()
+                .map_init(
+                    || vec![0f32; cols],
+                    |scratch, (di, col)| {
+                        let i = r0 + di;
+                        let out = col
+                            .try_as_col_major_mut()
+                            .expect("owned columns are contiguous")
+                            .as_slice_mut();
+                        decode_into(
+                            input.ft_dtype,
+                            &input.ft[i * cols * fs..(i + 1) * cols * fs],
+                            out,
+                        );
+                        decode_into(
+                            input.base_dtype,
+                            &input.base[i * cols * bs..(i + 1) * cols * bs],
+                            scratch,
+                        );
+                        let mut s = DeltaStats::default();
+                        for (o, b) in out.iter_mut().zip(scratch.iter()) {
+                            *o -= *b;
+                            if o.is_finite() {
+                                s.sumsq += f64::from(*o) * f64::from(*o);
+                            } else {
+                                s.nonfinite += 1;
+                            }
                         }
-                    }
-                    s
-                },
-            )
-            .collect();
+                        s
+                    },
+                )
+                .collect();
+            per_row.extend(part);
+            if let Some(done) = input.rows_read {
+                done(r0, r1);
+            }
+        }
+        // Per-row partial sums are added in row order, so the result does not depend on how
+        // rayon split the work.
         let stats = per_row
             .iter()
             .fold(DeltaStats::default(), |a, b| DeltaStats {
@@ -333,5 +346,58 @@ impl Backend for Cpu {
             .collect();
         // Summed in block order: deterministic whatever the thread count.
         Ok(partial.iter().sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::dtype::encode_into;
+    use crate::checkpoint::DType;
+    use std::sync::Mutex;
+
+    #[test]
+    fn delta_reports_every_row_range_once_and_in_order() {
+        // Wide rows make several 16 MB chunks: 3000 rows × 2048 cols × 4 B = 24 MB.
+        let (rows, cols) = (3000, 2048);
+        let mut rng = crate::rng::Rng::new(5);
+        let mut b = vec![0f32; rows * cols];
+        let mut f = vec![0f32; rows * cols];
+        rng.fill_normal(&mut b);
+        rng.fill_normal(&mut f);
+        let (mut bb, mut fb) = (Vec::new(), Vec::new());
+        encode_into(DType::BF16, &b, &mut bb);
+        encode_into(DType::F32, &f, &mut fb);
+        let seen = Mutex::new(Vec::new());
+        let record = |r0: usize, r1: usize| seen.lock().unwrap().push((r0, r1));
+        let input = DeltaInput {
+            base: &bb,
+            base_dtype: DType::BF16,
+            ft: &fb,
+            ft_dtype: DType::F32,
+            rows,
+            cols,
+            rows_read: Some(&record),
+        };
+        let (d, stats) = Cpu.delta(&input).unwrap();
+        let ranges = seen.into_inner().unwrap();
+        assert!(ranges.len() > 1, "{ranges:?}");
+        assert_eq!(ranges.first().unwrap().0, 0);
+        assert_eq!(ranges.last().unwrap().1, rows);
+        assert!(ranges.windows(2).all(|w| w[0].1 == w[1].0));
+        let view = d.view();
+        let mut sumsq = 0f64;
+        for &(i, j) in &[(0, 0), (1234, 77), (2999, 2047)] {
+            let want = f[i * cols + j]
+                - crate::checkpoint::dtype::round_trip(DType::BF16, b[i * cols + j]);
+            assert_eq!(view[(i, j)], want);
+        }
+        for i in 0..rows {
+            for j in 0..cols {
+                sumsq += f64::from(view[(i, j)]).powi(2);
+            }
+        }
+        assert!((stats.sumsq - sumsq).abs() <= 1e-9 * sumsq);
+        assert_eq!(stats.nonfinite, 0);
     }
 }

@@ -30,6 +30,9 @@ pub struct DeltaInput<'a> {
     pub ft_dtype: DType,
     pub rows: usize,
     pub cols: usize,
+    /// Called with `(first_row, end_row)` once those rows' input bytes have been read, so the
+    /// caller can drop their pages while the rest is still being formed.
+    pub rows_read: Option<&'a (dyn Fn(usize, usize) + Sync)>,
 }
 
 /// What the delta step learns in the same pass over the data.

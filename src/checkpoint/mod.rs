@@ -245,11 +245,16 @@ impl Checkpoint {
     /// Tells the kernel this process is done with a tensor's pages, so resident memory stays
     /// near the working set instead of growing with the model. The pages stay in page cache.
     pub fn release(&self, t: &TensorEntry) {
+        self.release_range(t, 0, t.nbytes());
+    }
+
+    /// Like [`release`](Self::release) for bytes `lo..hi` of the tensor (only whole pages
+    /// inside the range: neighbours may still be in use).
+    pub fn release_range(&self, t: &TensorEntry, lo: usize, hi: usize) {
         let map = &self.shards[t.shard].map;
         let page = page_size();
-        // Only whole pages inside the tensor: neighbours may still be in use.
-        let start = t.start.div_ceil(page) * page;
-        let end = (t.end / page) * page;
+        let start = (t.start + lo.min(t.nbytes())).div_ceil(page) * page;
+        let end = ((t.start + hi.min(t.nbytes())) / page) * page;
         if end > start {
             // SAFETY: the mapping is a read-only shared file mapping; MADV_DONTNEED only drops
             // resident pages, which the kernel re-reads from the file if touched again. No
