@@ -188,6 +188,11 @@ fn run<B: Backend>(
     }
 
     let summary = summarize(&rows, plan, started, total_bytes, svd_flops, stages);
+    if summary.delta_sumsq > 0.0 {
+        for row in &mut rows {
+            row.share = row.delta_norm * row.delta_norm / summary.delta_sumsq;
+        }
+    }
     if summary.not_carried > 0 {
         tracing::warn!(
             "{} changed tensor(s) a LoRA cannot carry hold {:.3}% of ‖ΔW‖² and are not in the adapter; see report.json",

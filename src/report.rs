@@ -31,6 +31,8 @@ pub struct TensorReport {
     /// Sketch width k = r + p of the randomized SVD.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sketch: Option<usize>,
+    /// This tensor's ‖ΔW‖² over Σ ‖ΔW‖² of the whole model.
+    pub share: f64,
     pub seconds: f64,
 }
 
@@ -47,6 +49,7 @@ impl TensorReport {
             residual: None,
             method: None,
             sketch: None,
+            share: 0.0,
             seconds: 0.0,
         }
     }

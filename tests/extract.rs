@@ -194,6 +194,11 @@ fn adapter_matches_the_peft_format() {
         .find(|t| t.name.ends_with("q_proj.bias"))
         .unwrap();
     assert_eq!(bias.action, "not-carried");
+    // Each not-carried tensor says what share of Σ‖ΔW‖² it holds; shares add up.
+    assert!(bias.share > 0.0);
+    assert!((bias.share - m.share_not_carried).abs() < 1e-12);
+    let total: f64 = report.tensors.iter().map(|t| t.share).sum();
+    assert!((total - 1.0).abs() < 1e-9, "{total}");
     assert!(out.join("report.json").is_file());
     assert!(std::fs::read_dir(&out).unwrap().all(|e| !e
         .unwrap()
