@@ -166,15 +166,6 @@ impl Plan {
         })
     }
 
-    /// Every module path in the checkpoint whose last segment is `name` (for deciding whether
-    /// a target_modules entry would match modules that have no factors).
-    pub fn module_paths_named<'a>(&'a self, last: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.items
-            .iter()
-            .filter(move |i| last_segment(&i.module) == last)
-            .map(|i| i.module.as_str())
-    }
-
     /// Last segments of norm modules (for modules_to_save).
     pub fn norm_module_names(&self) -> BTreeSet<String> {
         self.items

@@ -384,6 +384,15 @@ fn bad_pair(tag: &str, sharded: bool) -> (tempfile::TempDir, PathBuf, PathBuf, P
     (dir, b, f, out)
 }
 
+/// Writes base and fine-tune as bare `b.safetensors` / `f.safetensors`; returns their paths
+/// and the (not yet existing) output folder.
+fn write_bare_pair(dir: &Path, base: &[T], ft: &[T]) -> (PathBuf, PathBuf, PathBuf) {
+    let (b, f) = (dir.join("b.safetensors"), dir.join("f.safetensors"));
+    write_single(&b, base);
+    write_single(&f, ft);
+    (b, f, dir.join("adapter"))
+}
+
 #[test]
 fn missing_checkpoint() {
     let (dir, b, _, out) = bad_pair("missing", false);
@@ -498,25 +507,13 @@ fn tensor_in_one_checkpoint_only() {
         &[4, 4],
         vec![0.5; 16],
     ));
-    write_single(&dir.path().join("b.safetensors"), &base);
-    write_single(&dir.path().join("f.safetensors"), &ft);
-    let out = dir.path().join("adapter");
-    let s = settings(
-        &dir.path().join("b.safetensors"),
-        &dir.path().join("f.safetensors"),
-        &out,
-        8,
-    );
+    let (b, f, out) = write_bare_pair(dir.path(), &base, &ft);
+    let s = settings(&b, &f, &out, 8);
     assert_fails(
         &s,
         &["model.extra.weight", "f.safetensors", "not in the base"],
     );
-    let s2 = settings(
-        &dir.path().join("f.safetensors"),
-        &dir.path().join("b.safetensors"),
-        &out,
-        8,
-    );
+    let s2 = settings(&f, &b, &out, 8);
     assert_fails(&s2, &["model.extra.weight", "not in the fine-tune"]);
     // Excluding it is the documented way out.
     let mut s3 = s;
@@ -535,16 +532,9 @@ fn shape_mismatch_from_a_resized_vocabulary() {
         &[V + 2, H],
         vec![0.01; (V + 2) * H],
     );
-    write_single(&dir.path().join("b.safetensors"), &base);
-    write_single(&dir.path().join("f.safetensors"), &ft);
-    let out = dir.path().join("adapter");
+    let (b, f, out) = write_bare_pair(dir.path(), &base, &ft);
     assert_fails(
-        &settings(
-            &dir.path().join("b.safetensors"),
-            &dir.path().join("f.safetensors"),
-            &out,
-            8,
-        ),
+        &settings(&b, &f, &out, 8),
         &[
             "model.embed_tokens.weight",
             "[66, 32]",
@@ -621,21 +611,14 @@ fn nan_or_inf_in_a_delta() {
             .find(|t| t.0 == "model.layers.1.mlp.up_proj.weight")
             .unwrap();
         t.3[17] = value;
-        write_single(&dir.path().join("b.safetensors"), &base);
-        write_single(&dir.path().join("f.safetensors"), &ft);
-        let out = dir.path().join("adapter");
+        let (b, f, out) = write_bare_pair(dir.path(), &base, &ft);
         let file = if side == "base" {
             "b.safetensors"
         } else {
             "f.safetensors"
         };
         assert_fails(
-            &settings(
-                &dir.path().join("b.safetensors"),
-                &dir.path().join("f.safetensors"),
-                &out,
-                8,
-            ),
+            &settings(&b, &f, &out, 8),
             &[
                 "model.layers.1.mlp.up_proj.weight",
                 "NaN or Inf",

@@ -71,10 +71,6 @@ impl AdapterWriter {
         })
     }
 
-    pub fn out(&self) -> &Path {
-        &self.out
-    }
-
     /// Appends one tensor.
     pub fn add(
         &mut self,

@@ -248,7 +248,7 @@ impl Backend for Cpu {
     fn short_wide_svd(&self, b: &CpuMat) -> BackendResult<SvdParts<CpuMat>> {
         let b = b.view();
         let (k, n) = b.shape();
-        let b64 = Mat::<f64>::from_fn(k, n, |i, j| f64::from(b[(i, j)]));
+        let b64 = to_f64(b);
         let mut g = Mat::<f64>::zeros(k, k);
         faer::linalg::matmul::matmul(
             g.as_mut(),
