@@ -46,6 +46,12 @@ pub enum SvdArg {
     Exact,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GemmArg {
+    Tf32,
+    F32,
+}
+
 #[derive(Debug, Args)]
 pub struct ExtractArgs {
     /// The base model: a folder (model.safetensors or model.safetensors.index.json + shards) or
@@ -77,9 +83,15 @@ pub struct ExtractArgs {
     /// Dtype of the factors: auto (the fine-tune's), bf16, f16 or f32. Compute is always f32.
     #[arg(long, value_name = "DTYPE", default_value = "auto")]
     pub out_dtype: String,
-    /// Compute device: auto (a GPU when usable, else CPU), cpu, or cuda[:N].
+    /// Compute device: auto (GPU 0 when usable, else the CPU with a warning), cpu, or
+    /// cuda[:N] (an error when that GPU is not usable).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// GPU only: precision of the randomized SVD's products with ΔW. tf32 runs them on tensor
+    /// cores (inputs rounded to a 10-bit mantissa: ~5e-4 relative, below bf16 output rounding);
+    /// f32 is plain single precision. The residual certificate is always plain f32.
+    #[arg(long, value_enum, default_value_t = GemmArg::Tf32)]
+    pub gemm: GemmArg,
     /// Only tensors whose full name matches one of these globs (`*` any run, `?` one char),
     /// e.g. --include '*.self_attn.*'. Repeatable.
     #[arg(long, value_name = "GLOB")]

@@ -1,8 +1,8 @@
 //! Arguments → validated settings, before any work starts.
 
-use crate::backend::Device;
+use crate::backend::{CudaOptions, Device};
 use crate::checkpoint::DType;
-use crate::cli::{ExtractArgs, SvdArg, SynthArgs};
+use crate::cli::{ExtractArgs, GemmArg, SvdArg, SynthArgs};
 use crate::error::{Error, Result};
 use crate::extract::ExtractSettings;
 use crate::linalg::{rank::RankPolicy, Method, SvdSettings};
@@ -59,6 +59,10 @@ impl ExtractArgs {
             },
             out_dtype,
             device,
+            cuda: CudaOptions {
+                tf32: self.gemm == GemmArg::Tf32,
+                ..CudaOptions::default()
+            },
             plan: PlanOptions {
                 include: self.include.iter().map(|g| Glob::new(g)).collect(),
                 exclude: self.exclude.iter().map(|g| Glob::new(g)).collect(),

@@ -8,7 +8,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use crate::adapter::{self, AdapterConfig, AdapterWriter};
-use crate::backend::{self, Backend, DeltaInput, DeltaStats, Device, Resolved};
+use crate::backend::{self, Backend, CudaOptions, DeltaInput, DeltaStats, Device, Resolved};
 use crate::checkpoint::dtype::decode_into;
 use crate::checkpoint::{Checkpoint, DType, TensorEntry};
 use crate::error::{Error, Result};
@@ -28,6 +28,8 @@ pub struct ExtractSettings {
     /// `None`: the fine-tune's dtype.
     pub out_dtype: Option<DType>,
     pub device: Device,
+    /// How the randomized SVD runs on a GPU (ignored on the CPU).
+    pub cuda: CudaOptions,
     pub plan: PlanOptions,
     /// `base_model_name_or_path`; `None`: from the base's config.json, else the base path.
     pub base_name: Option<String>,
@@ -47,6 +49,7 @@ impl ExtractSettings {
             svd: SvdSettings::default(),
             out_dtype: None,
             device: Device::Auto,
+            cuda: CudaOptions::default(),
             plan: PlanOptions {
                 include: Vec::new(),
                 exclude: Vec::new(),
@@ -65,8 +68,9 @@ pub fn extract(s: &ExtractSettings) -> Result<RunReport> {
     let base = Checkpoint::open(&s.base)?;
     let ft = Checkpoint::open(&s.ft)?;
     let plan = Plan::build(&base, &ft, &s.plan)?;
-    match backend::resolve(s.device)? {
+    match backend::resolve(s.device, s.cuda)? {
         Resolved::Cpu(cpu) => run(&cpu, s, &base, &ft, &plan),
+        Resolved::Cuda(gpu) => run(gpu.as_ref(), s, &base, &ft, &plan),
     }
 }
 

@@ -93,39 +93,37 @@ impl Rng {
     }
 }
 
-/// A rows×cols column-major matrix of standard normal samples, filled in parallel by column
-/// blocks whose streams depend only on (seed, block index): identical for any thread count.
+/// Standard normal sample number `index` of the stream `seed`: counter-based (Box–Muller over
+/// SplitMix64 of the pair index), so any element can be computed on its own, by any thread, on
+/// the CPU or in the GPU's `gaussian_fill` kernel, with the same result.
+pub fn normal_at(seed: u64, index: u64) -> f32 {
+    let mut s = seed ^ (index >> 1).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    let x1 = splitmix64(&mut s);
+    let x2 = splitmix64(&mut s);
+    let scale = 1.0 / (1u64 << 53) as f64;
+    // 1 − u lies in (0, 1], so the log is finite.
+    let u1 = 1.0 - (x1 >> 11) as f64 * scale;
+    let u2 = (x2 >> 11) as f64 * scale;
+    let r = (-2.0 * u1.ln()).sqrt();
+    let t = std::f64::consts::TAU * u2;
+    (if index & 1 == 1 {
+        r * t.sin()
+    } else {
+        r * t.cos()
+    }) as f32
+}
+
+/// A rows×cols matrix of standard normal samples, element (i, j) = `normal_at(seed, j·rows + i)`
+/// (column-major numbering): the same for any thread count and on every backend.
 pub fn normal_matrix(rows: usize, cols: usize, seed: u64) -> faer::Mat<f32> {
     use rayon::prelude::*;
     let mut m = faer::Mat::<f32>::zeros(rows, cols);
-    const BLOCK: usize = 1 << 16;
-    if rows == 0 || cols == 0 {
-        return m;
-    }
-    // Column-major storage with stride == rows for an owned zeroed Mat of this shape is not
-    // guaranteed (faer may pad columns), so fill column by column.
-    let cols_per_block = (BLOCK / rows).max(1);
-    let mut col_blocks: Vec<faer::MatMut<'_, f32>> = Vec::new();
-    let mut rest = m.as_mut();
-    while rest.ncols() > 0 {
-        let take = cols_per_block.min(rest.ncols());
-        let (head, tail) = rest.split_at_col_mut(take);
-        col_blocks.push(head);
-        rest = tail;
-    }
-    col_blocks
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(bi, mut block)| {
-            let mut rng = Rng::new(derive(seed, bi as u64));
-            let mut buf = vec![0f32; block.nrows()];
-            for j in 0..block.ncols() {
-                rng.fill_normal(&mut buf);
-                for (i, v) in buf.iter().enumerate() {
-                    block[(i, j)] = *v;
-                }
-            }
-        });
+    m.par_col_iter_mut().enumerate().for_each(|(j, col)| {
+        let first = (j * rows) as u64;
+        for (i, x) in col.iter_mut().enumerate() {
+            *x = normal_at(seed, first + i as u64);
+        }
+    });
     m
 }
 
@@ -150,6 +148,23 @@ mod tests {
         assert_ne!(seed_for(0, "a.weight"), seed_for(0, "b.weight"));
         assert_eq!(seed_for(3, "a.weight"), seed_for(3, "a.weight"));
         assert_ne!(seed_for(3, "a.weight"), seed_for(4, "a.weight"));
+    }
+
+    #[test]
+    fn counter_based_normals_are_standard_and_indexed_column_major() {
+        let v: Vec<f64> = (0..200_000u64).map(|i| f64::from(normal_at(99, i))).collect();
+        let n = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.02, "var {var}");
+        let m = normal_matrix(7, 5, 3);
+        for j in 0..5 {
+            for i in 0..7 {
+                assert_eq!(m[(i, j)], normal_at(3, (j * 7 + i) as u64));
+            }
+        }
+        assert_ne!(normal_at(3, 0), normal_at(4, 0));
     }
 
     #[test]

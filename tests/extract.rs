@@ -678,11 +678,13 @@ fn an_existing_adapter_is_kept_unless_forced() {
 
 // ---- the binary ------------------------------------------------------------------------
 
+/// The binary under test; PHLORA_BIN overrides the build path (a GPU host runs the test
+/// binaries from another folder).
 fn phlora(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_phlora"))
-        .args(args)
-        .output()
-        .unwrap()
+    let bin = std::env::var_os("PHLORA_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_phlora")));
+    std::process::Command::new(bin).args(args).output().unwrap()
 }
 
 #[test]
@@ -756,4 +758,149 @@ fn cli_extract_json_and_inspect() {
         "{text}"
     );
     assert!(text.contains("lora_embedding_A/B"));
+}
+
+// ---- devices -----------------------------------------------------------------------------
+
+fn extract_args<'a>(b: &'a Path, f: &'a Path, out: &'a Path, device: &'a str) -> Vec<&'a str> {
+    vec![
+        "extract",
+        "--base",
+        b.to_str().unwrap(),
+        "--ft",
+        f.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "-r",
+        "4",
+        "--json",
+        "--device",
+        device,
+    ]
+}
+
+#[test]
+fn device_choice_cuda_fails_clearly_without_a_gpu_and_auto_falls_back_with_one_warning() {
+    let (dir, b, f, _) = bad_pair("devices", true);
+    let gpu = phlora::backend::Cuda::new(0, Default::default());
+    let out_cuda = dir.path().join("out-cuda");
+    let out_auto = dir.path().join("out-auto");
+    let cuda = phlora(&extract_args(&b, &f, &out_cuda, "cuda"));
+    let auto = phlora(&extract_args(&b, &f, &out_auto, "auto"));
+    let auto_err = String::from_utf8_lossy(&auto.stderr).to_string();
+    assert!(auto.status.success(), "{auto_err}");
+    let auto_report: serde_json::Value = serde_json::from_slice(&auto.stdout).unwrap();
+    let device = auto_report["device"].as_str().unwrap().to_string();
+    match gpu {
+        Err(reason) => {
+            eprintln!("no usable GPU here ({reason}): checking the CPU fallback");
+            let err = String::from_utf8_lossy(&cuda.stderr);
+            assert_eq!(cuda.status.code(), Some(1), "{err}");
+            assert!(err.contains("cuda:0 is not usable"), "{err}");
+            assert!(!err.contains("panicked"), "{err}");
+            assert!(!out_cuda.join("adapter_config.json").exists());
+            assert_eq!(
+                auto_err.matches("no usable CUDA GPU").count(),
+                1,
+                "{auto_err}"
+            );
+            assert!(device.starts_with("cpu"), "{device}");
+        }
+        Ok(_) => {
+            eprintln!("a usable GPU here: checking that both choices use it");
+            assert!(
+                cuda.status.success(),
+                "{}",
+                String::from_utf8_lossy(&cuda.stderr)
+            );
+            assert!(device.starts_with("cuda:0"), "{device}");
+            assert!(!auto_err.contains("no usable CUDA GPU"), "{auto_err}");
+        }
+    }
+}
+
+#[test]
+fn cpu_and_gpu_adapters_agree_on_reconstructions() {
+    let Some(_) = test_cuda(false) else {
+        eprintln!("CPU only: set PHLORA_TEST_DEVICE=cuda to run this on a GPU");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = fixture(dir.path(), DType::F32, fresh_seed("cpu-vs-gpu"), false);
+    let mut reports = Vec::new();
+    for (tag, device, tf32) in [
+        ("cpu", phlora::backend::Device::Cpu, false),
+        ("gpu-f32", phlora::backend::Device::Cuda(0), false),
+        ("gpu-tf32", phlora::backend::Device::Cuda(0), true),
+    ] {
+        let out = dir.path().join(tag);
+        // Rank 4 = the planted rank: the truncation is well determined (a wide gap to the
+        // noise), so reconstructions can be compared across devices.
+        let mut s = settings(&b, &f, &out, 4);
+        s.device = device;
+        s.cuda.tf32 = tf32;
+        let report = extract(&s).unwrap();
+        assert!(report
+            .device
+            .starts_with(if tag == "cpu" { "cpu" } else { "cuda:0" }));
+        // The certificate is the truth about the files, on every device.
+        let direct = direct_residuals(&b, &f, &out);
+        for t in &report.tensors {
+            if let (Some(res), Some(want)) = (t.residual, direct.get(&t.name)) {
+                assert!(
+                    (res - want).abs() < 1e-5 + 1e-4 * want,
+                    "{tag} {}: {res} vs {want}",
+                    t.name
+                );
+            }
+        }
+        reports.push((tag, out, report));
+    }
+    let products = |out: &Path| {
+        let a = read_safetensors(&out.join("adapter_model.safetensors"));
+        lora_modules()
+            .into_iter()
+            .map(|m| {
+                let emb = m.contains("embed");
+                let (ka, kb) = if emb {
+                    (
+                        format!("base_model.model.{m}.lora_embedding_A"),
+                        format!("base_model.model.{m}.lora_embedding_B"),
+                    )
+                } else {
+                    (
+                        format!("base_model.model.{m}.lora_A.weight"),
+                        format!("base_model.model.{m}.lora_B.weight"),
+                    )
+                };
+                let (fa, fb) = (&a[&ka], &a[&kb]);
+                let r = fa.shape[0];
+                let (p, q) = if emb {
+                    (fb.shape[0], fa.shape[1])
+                } else {
+                    (fb.shape[0], fa.shape[1])
+                };
+                let prod: Vec<f64> = (0..p * q)
+                    .map(|idx| {
+                        let (i, j) = (idx / q, idx % q);
+                        (0..r)
+                            .map(|k| fb.values[i * r + k] as f64 * fa.values[k * q + j] as f64)
+                            .sum()
+                    })
+                    .collect();
+                (m, prod)
+            })
+            .collect::<Vec<_>>()
+    };
+    let cpu = products(&reports[0].1);
+    for (tag, out, _) in &reports[1..] {
+        let tol = if *tag == "gpu-tf32" { 5e-3 } else { 1e-4 };
+        for ((m, want), (_, got)) in cpu.iter().zip(products(out)) {
+            let num: f64 = want.iter().zip(&got).map(|(x, y)| (x - y).powi(2)).sum();
+            let den: f64 = want.iter().map(|x| x * x).sum();
+            let rel = (num / den.max(1e-300)).sqrt();
+            eprintln!("{tag} {m}: ‖BA − BA_cpu‖/‖BA_cpu‖ = {rel:.2e}");
+            assert!(rel < tol, "{tag} {m}: reconstructions differ by {rel}");
+        }
+    }
 }

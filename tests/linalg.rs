@@ -1,11 +1,14 @@
-//! Numerical checks of the decompositions against an exact f64 reference, on the CPU backend.
-//! Invariants only (residuals, orthogonality, Eckart–Young), never raw vector signs.
+//! Numerical checks of the decompositions against an exact f64 reference. Each test body is
+//! generic over the backend and runs on the CPU always, and on CUDA device 0 as well when
+//! PHLORA_TEST_DEVICE=cuda. Invariants only (residuals, orthogonality, Eckart–Young), never raw
+//! vector signs.
 
 mod common;
 
 use common::*;
 use faer::Mat;
-use phlora::backend::{Backend, Cpu};
+use phlora::backend::cuda::{Orth, SmallSvd};
+use phlora::backend::{Backend, Cpu, CudaOptions};
 use phlora::checkpoint::DType;
 use phlora::factor::{split, Layout};
 use phlora::linalg::{decompose, Method, SvdSettings, Truncated};
@@ -20,12 +23,17 @@ fn settings(method: Method, seed: u64) -> SvdSettings {
 
 /// Decomposes an f64 matrix (as f32) and returns the truncation and the relative residual
 /// of the f32 factors, computed by the backend directly.
-fn run(a: &Mat<f64>, rank: usize, method: Method, seed: u64) -> (Truncated, f64) {
-    let be = Cpu::new();
+fn run<B: Backend>(
+    be: &B,
+    a: &Mat<f64>,
+    rank: usize,
+    method: Method,
+    seed: u64,
+) -> (Truncated, f64) {
     let a32 = Mat::<f32>::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] as f32);
     let d = be.upload(a32.as_ref()).unwrap();
     let r = rank.min(a.nrows()).min(a.ncols());
-    let t = decompose(&be, &d, r, &settings(method, seed), seed).unwrap();
+    let t = decompose(be, &d, r, &settings(method, seed), seed).unwrap();
     let f = split(&t, Layout::Linear, rank, DType::F32);
     let l = be.upload(f.left.as_ref()).unwrap();
     let rr = be.upload(f.right.as_ref()).unwrap();
@@ -84,6 +92,10 @@ const SHAPES: [(usize, usize); 6] = [
 
 #[test]
 fn planted_low_rank_is_recovered_to_f32_precision() {
+    on_every_device!(planted_body);
+}
+
+fn planted_body<B: Backend>(be: &B) {
     let seed = fresh_seed("planted");
     for (si, &(m, n)) in SHAPES.iter().enumerate() {
         let true_rank = 5.min(m).min(n);
@@ -91,7 +103,7 @@ fn planted_low_rank_is_recovered_to_f32_precision() {
         let a = spectrum_matrix(m, n, &sigma, 0.0, seed + si as u64);
         for rank in [true_rank, true_rank + 3, 16] {
             for method in [Method::Randomized, Method::Exact] {
-                let (t, rel) = run(&a, rank, method, seed);
+                let (t, rel) = run(be, &a, rank, method, seed);
                 // f32 has ~6e-8 relative precision; sums over ~n terms grow it by √n.
                 let tol = 1e-6 * ((m.max(n)) as f64).sqrt();
                 assert!(
@@ -113,6 +125,10 @@ fn planted_low_rank_is_recovered_to_f32_precision() {
 
 #[test]
 fn exact_reaches_the_eckart_young_optimum_and_randomized_is_within_one_percent() {
+    on_every_device!(eckart_young_body);
+}
+
+fn eckart_young_body<B: Backend>(be: &B) {
     let seed = fresh_seed("eckart-young");
     let mut ratios = Vec::new();
     for (si, &(m, n)) in SHAPES.iter().enumerate() {
@@ -125,8 +141,8 @@ fn exact_reaches_the_eckart_young_optimum_and_randomized_is_within_one_percent()
         for rank in [1usize, 8, 32] {
             let rank = rank.min(full);
             let best = optimum(&reference, rank);
-            let (te, exact) = run(&a, rank, Method::Exact, seed);
-            let (tr, randomized) = run(&a, rank, Method::Randomized, seed);
+            let (te, exact) = run(be, &a, rank, Method::Exact, seed);
+            let (tr, randomized) = run(be, &a, rank, Method::Randomized, seed);
             // The exact SVD in f32 lands on the optimum up to f32 rounding.
             assert!(
                 (exact - best).abs() <= 1e-4 * best + 1e-6,
@@ -157,18 +173,22 @@ fn exact_reaches_the_eckart_young_optimum_and_randomized_is_within_one_percent()
         }
     }
     for (m, n, r, ratio) in ratios {
-        eprintln!("ratio {m}x{n} r={r}: {ratio:.6}");
+        eprintln!("{}: ratio {m}x{n} r={r}: {ratio:.6}", be.name());
     }
 }
 
 #[test]
 fn singular_vectors_are_orthonormal_and_values_descend() {
+    on_every_device!(orthonormal_body);
+}
+
+fn orthonormal_body<B: Backend>(be: &B) {
     let seed = fresh_seed("orthonormal");
     for &(m, n) in &[(500, 120), (120, 500), (64, 64)] {
         let sigma: Vec<f64> = (0..m.min(n)).map(|i| (-(i as f64) / 10.0).exp()).collect();
         let a = spectrum_matrix(m, n, &sigma, 1e-3, seed);
         for method in [Method::Randomized, Method::Exact] {
-            let (t, _) = run(&a, 24, method, seed);
+            let (t, _) = run(be, &a, 24, method, seed);
             assert!(max_orthogonality_error(&t.u) < 1e-4, "{m}×{n} {method:?} U");
             assert!(max_orthogonality_error(&t.v) < 1e-4, "{m}×{n} {method:?} V");
             assert!(t.s.windows(2).all(|w| w[0] >= w[1]), "descending");
@@ -179,10 +199,14 @@ fn singular_vectors_are_orthonormal_and_values_descend() {
 
 #[test]
 fn rank_deficient_and_zero_matrices_stay_finite() {
+    on_every_device!(deficient_body);
+}
+
+fn deficient_body<B: Backend>(be: &B) {
     let seed = fresh_seed("deficient");
     let a = spectrum_matrix(200, 150, &[3.0, 2.0, 1.0], 0.0, seed);
     for method in [Method::Randomized, Method::Exact] {
-        let (t, rel) = run(&a, 20, method, seed);
+        let (t, rel) = run(be, &a, 20, method, seed);
         assert!(rel < 1e-5, "{method:?}: {rel}");
         assert!(t.s[3..].iter().all(|&s| s.abs() < 1e-4), "{:?}", &t.s[3..]);
         assert!(t
@@ -193,7 +217,7 @@ fn rank_deficient_and_zero_matrices_stay_finite() {
     }
     let zero = Mat::<f64>::zeros(90, 60);
     for method in [Method::Randomized, Method::Exact] {
-        let (t, rel) = run(&zero, 8, method, seed);
+        let (t, rel) = run(be, &zero, 8, method, seed);
         assert_eq!(rel, 0.0);
         assert!(t.s.iter().all(|&s| s == 0.0), "{:?}", t.s);
         assert!(t
@@ -209,8 +233,9 @@ fn randomized_results_are_repeatable_and_agree_across_thread_counts() {
     let seed = fresh_seed("threads");
     let sigma: Vec<f64> = (0..100).map(|i| (1.0 + i as f64).powf(-0.7)).collect();
     let a = spectrum_matrix(300, 200, &sigma, 1e-3, seed);
-    let (t1, r1) = run(&a, 16, Method::Randomized, seed);
-    let (t1b, r1b) = run(&a, 16, Method::Randomized, seed);
+    let be = &Cpu::new();
+    let (t1, r1) = run(be, &a, 16, Method::Randomized, seed);
+    let (t1b, r1b) = run(be, &a, 16, Method::Randomized, seed);
     assert_eq!(t1.s, t1b.s, "same seed, same threads: bitwise identical");
     assert_eq!(r1, r1b);
     // faer's parallel GEMM may sum in another order with another thread count: equal up to
@@ -219,7 +244,7 @@ fn randomized_results_are_repeatable_and_agree_across_thread_counts() {
         .num_threads(1)
         .build()
         .unwrap();
-    let (t2, r2) = pool.install(|| run(&a, 16, Method::Randomized, seed));
+    let (t2, r2) = pool.install(|| run(be, &a, 16, Method::Randomized, seed));
     for (x, y) in t1.s.iter().zip(&t2.s) {
         assert!((x - y).abs() <= 1e-5 * t1.s[0], "{x} vs {y}");
     }
@@ -227,8 +252,7 @@ fn randomized_results_are_repeatable_and_agree_across_thread_counts() {
 }
 
 /// ‖QᵀQ − I‖_max and ‖Y − Q·QᵀY‖ / ‖Y‖ for the backend's orthonormalisation.
-fn check_orthonormalize(y: &Mat<f64>) -> (f64, f64) {
-    let be = Cpu::new();
+fn check_orthonormalize<B: Backend>(be: &B, y: &Mat<f64>) -> (f64, f64) {
     let y32 = Mat::<f32>::from_fn(y.nrows(), y.ncols(), |i, j| y[(i, j)] as f32);
     let q = be
         .download(&be.orthonormalize(be.upload(y32.as_ref()).unwrap()).unwrap())
@@ -242,6 +266,10 @@ fn check_orthonormalize(y: &Mat<f64>) -> (f64, f64) {
 
 #[test]
 fn orthonormalisation_holds_for_easy_steep_and_rank_deficient_sketches() {
+    on_every_device!(orthonormalize_body);
+}
+
+fn orthonormalize_body<B: Backend>(be: &B) {
     let seed = fresh_seed("orthonormalize");
     // Well conditioned: the CholeskyQR2 path.
     let easy = Mat::<f64>::from_fn(2000, 64, |i, j| {
@@ -259,7 +287,7 @@ fn orthonormalisation_holds_for_easy_steep_and_rank_deficient_sketches() {
         ("steep", steep),
         ("rank-deficient", deficient),
     ] {
-        let (ortho, res) = check_orthonormalize(&y);
+        let (ortho, res) = check_orthonormalize(be, &y);
         assert!(ortho < 1e-5, "{name}: QᵀQ − I = {ortho}");
         assert!(res < 1e-5, "{name}: Y − QQᵀY = {res}");
     }
@@ -267,8 +295,11 @@ fn orthonormalisation_holds_for_easy_steep_and_rank_deficient_sketches() {
 
 #[test]
 fn short_wide_svd_agrees_with_the_bidiagonal_svd() {
+    on_every_device!(short_wide_body);
+}
+
+fn short_wide_body<B: Backend>(be: &B) {
     let seed = fresh_seed("short-wide");
-    let be = Cpu::new();
     for &(k, n) in &[(128usize, 2048usize), (16, 5000), (64, 64)] {
         let sigma: Vec<f64> = (0..k).map(|i| (1.0 + i as f64).powf(-1.5)).collect();
         let b = spectrum_matrix(k, n, &sigma, 0.0, seed);
@@ -295,4 +326,77 @@ fn short_wide_svd_agrees_with_the_bidiagonal_svd() {
         }
         assert!(err < 1e-5, "{k}×{n}: reconstruction {err}");
     }
+}
+
+#[test]
+fn the_gpu_repeats_itself_and_agrees_with_the_cpu() {
+    let Some(gpu) = test_cuda(false) else {
+        eprintln!("CPU only: set PHLORA_TEST_DEVICE=cuda to run this on a GPU");
+        return;
+    };
+    let seed = fresh_seed("gpu-vs-cpu");
+    let sigma: Vec<f64> = (0..150).map(|i| (1.0 + i as f64).powf(-0.7)).collect();
+    let a = spectrum_matrix(400, 150, &sigma, 1e-3, seed);
+    let (g1, gr1) = run(&gpu, &a, 16, Method::Randomized, seed);
+    let (g2, gr2) = run(&gpu, &a, 16, Method::Randomized, seed);
+    assert_eq!(g1.s, g2.s, "same seed on the GPU: bitwise identical");
+    assert_eq!(gr1, gr2);
+    // The same sketch (counter-based Gaussian) on both devices: results agree to rounding.
+    let (c, cr) = run(&Cpu::new(), &a, 16, Method::Randomized, seed);
+    for (k, (x, y)) in g1.s.iter().zip(&c.s).enumerate() {
+        assert!((x - y).abs() <= 1e-4 * c.s[0], "σ{k}: gpu {x} cpu {y}");
+    }
+    assert!((gr1 - cr).abs() <= 1e-4 * cr, "residual gpu {gr1} cpu {cr}");
+}
+
+#[test]
+fn every_gpu_variant_reaches_the_optimum() {
+    let Some(_) = test_cuda(false) else {
+        eprintln!("CPU only: set PHLORA_TEST_DEVICE=cuda to run this on a GPU");
+        return;
+    };
+    for tf32 in [false, true] {
+        for orth in [Orth::CholeskyQr2, Orth::Householder] {
+            for small in [SmallSvd::DeviceEigh, SmallSvd::HostEigh, SmallSvd::Gesvd] {
+                let options = CudaOptions { tf32, orth, small };
+                let gpu = phlora::backend::Cuda::new(0, options).expect("the GPU");
+                let seed = fresh_seed("variants");
+                let (m, n) = (600, 300);
+                let sigma: Vec<f64> = (0..n).map(|i| (1.0 + i as f64).powf(-0.8)).collect();
+                let a = spectrum_matrix(m, n, &sigma, 0.02 / (m as f64).sqrt(), seed);
+                let reference = singular_values(&a);
+                for rank in [1usize, 16, 64] {
+                    let best = optimum(&reference, rank);
+                    let (t, rel) = run(&gpu, &a, rank, Method::Randomized, seed);
+                    let ratio = rel / best;
+                    eprintln!("{options}: {m}x{n} r={rank}: residual/optimum {ratio:.6}");
+                    assert!(
+                        ratio <= 1.01 && ratio >= 1.0 - 1e-3,
+                        "{options} r{rank}: residual/optimum = {ratio}"
+                    );
+                    for k in 0..rank {
+                        assert!(
+                            (t.s[k] as f64 - reference[k]).abs() < 2e-2 * reference[0],
+                            "{options} σ{k}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tf32_error_stays_below_bf16_rounding_on_a_planted_low_rank_delta() {
+    let Some(gpu) = test_cuda(true) else {
+        eprintln!("CPU only: set PHLORA_TEST_DEVICE=cuda to run this on a GPU");
+        return;
+    };
+    let seed = fresh_seed("tf32-planted");
+    let sigma: Vec<f64> = (0..8).map(|i| 10.0 / (1.0 + i as f64)).collect();
+    let a = spectrum_matrix(700, 300, &sigma, 0.0, seed);
+    let (_, rel) = run(&gpu, &a, 16, Method::Randomized, seed);
+    // TF32 keeps 10 mantissa bits (~5e-4); bf16 output rounding alone is ~2e-3.
+    eprintln!("tf32 planted rank-8 residual {rel:.3e}");
+    assert!(rel < 2e-3, "tf32 residual {rel}");
 }

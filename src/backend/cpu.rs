@@ -4,7 +4,10 @@ use faer::linalg::solvers::{Qr, Svd};
 use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
 
-use super::{Backend, BackendError, BackendResult, DeltaInput, DeltaStats, Op, SvdParts};
+use super::{
+    eigh_descending, Backend, BackendError, BackendResult, DeltaInput, DeltaStats, Op, SvdParts,
+    FIRST_PASS_MIN_RATIO, SECOND_PASS_MIN_RATIO,
+};
 use crate::checkpoint::dtype::decode_into;
 
 /// A dense f32 matrix. ΔW arrives row-major, which is the column-major storage of ΔWᵀ, so it
@@ -60,15 +63,9 @@ fn to_f32(a: MatRef<'_, f64>) -> Mat<f32> {
     Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] as f32)
 }
 
-/// CholeskyQR's first pass needs cond(Y) well below 1/√ε(f32) ≈ 3·10³; the diagonal of the
-/// Cholesky factor (Y's R) bounds it from below, so refuse ratios under 10⁻³.
-const FIRST_PASS_MIN_RATIO: f32 = 1e-3;
-/// After a good first pass Q₁ᵀQ₁ ≈ I: the second pass's R must be close to identity.
-const SECOND_PASS_MIN_RATIO: f32 = 0.5;
-
 /// One CholeskyQR pass in place: G = YᵀY = LLᵀ, Y ← Y·L⁻ᵀ. Returns false (Y untouched or
 /// garbage, the caller falls back) when G is not safely positive definite.
-fn cholesky_qr_pass(y: &mut Mat<f32>, min_ratio: f32) -> bool {
+fn cholesky_qr_pass(y: &mut Mat<f32>, min_ratio: f64) -> bool {
     use faer::linalg::solvers::Llt;
     use faer::Side;
     let k = y.ncols();
@@ -88,7 +85,7 @@ fn cholesky_qr_pass(y: &mut Mat<f32>, min_ratio: f32) -> bool {
     let diag: Vec<f32> = (0..k).map(|i| l[(i, i)]).collect();
     let max = diag.iter().copied().fold(0f32, f32::max);
     let min = diag.iter().copied().fold(f32::INFINITY, f32::min);
-    if !(max.is_finite() && min > min_ratio * max) {
+    if !(max.is_finite() && f64::from(min) > min_ratio * f64::from(max)) {
         return false;
     }
     // Y·L⁻ᵀ = (L⁻¹·Yᵀ)ᵀ: a lower-triangular solve on the transposed view.
@@ -259,16 +256,7 @@ impl Backend for Cpu {
             par(),
         );
         drop(b64);
-        let evd = g
-            .self_adjoint_eigen(faer::Side::Lower)
-            .map_err(|e| BackendError(format!("eigendecomposition of B·Bᵀ: {e:?}")))?;
-        // faer sorts eigenvalues ascending; singular values go descending.
-        let order: Vec<usize> = (0..k).rev().collect();
-        let s64: Vec<f64> = order
-            .iter()
-            .map(|&i| evd.S().column_vector()[i].max(0.0).sqrt())
-            .collect();
-        let ub = Mat::<f32>::from_fn(k, k, |i, j| evd.U()[(i, order[j])] as f32);
+        let (s64, ub) = eigh_descending(g)?;
         // V = Bᵀ·Ub·S⁻¹, with negligible directions zeroed instead of amplified noise.
         let floor = s64.first().copied().unwrap_or(0.0) * 1e-6;
         let mut v = Mat::<f32>::zeros(n, k);

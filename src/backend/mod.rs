@@ -1,12 +1,16 @@
 //! Compute backends. The randomized SVD and the pipeline are written once over the narrow set
-//! of primitives in [`Backend`]; `Cpu` implements them with faer + rayon, and a CUDA backend
-//! slots in behind the same trait. [`Device`] is the one place that decides which runs.
+//! of primitives in [`Backend`]; `Cpu` implements them with faer + rayon, `Cuda` with NVRTC
+//! kernels, cuBLAS and cuSOLVER. [`resolve`] is the one place that decides which runs.
 
 pub mod cpu;
+pub mod cuda;
+
+use faer::{Mat, MatRef};
 
 use crate::checkpoint::DType;
 
 pub use cpu::Cpu;
+pub use cuda::{Cuda, CudaOptions};
 
 /// Whether a GEMM operand is used as it is or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,8 +67,31 @@ pub trait Backend: Sync {
     /// ΔW = ft − base in f32, fused with the ‖ΔW‖² reduction and a non-finite count.
     fn delta(&self, input: &DeltaInput<'_>) -> BackendResult<(Self::Mat, DeltaStats)>;
 
-    /// op(A)·op(B).
+    /// op(A)·op(B), at full f32 accuracy.
     fn gemm(&self, a: &Self::Mat, op_a: Op, b: &Self::Mat, op_b: Op) -> BackendResult<Self::Mat>;
+
+    /// op(A)·op(B) for the randomized SVD's products with ΔW, where a backend may trade
+    /// accuracy that the result cannot show for speed (TF32 on a GPU).
+    fn gemm_delta(
+        &self,
+        a: &Self::Mat,
+        op_a: Op,
+        b: &Self::Mat,
+        op_b: Op,
+    ) -> BackendResult<Self::Mat> {
+        self.gemm(a, op_a, b, op_b)
+    }
+
+    /// A rows×cols matrix of standard normal samples, element (i, j) equal to
+    /// `rng::normal_at(seed, j·rows + i)` on every backend.
+    fn gaussian(&self, rows: usize, cols: usize, seed: u64) -> BackendResult<Self::Mat> {
+        self.upload(crate::rng::normal_matrix(rows, cols, seed).as_ref())
+    }
+
+    /// Waits for all queued work (for timings); a no-op where work is synchronous.
+    fn synchronize(&self) -> BackendResult<()> {
+        Ok(())
+    }
 
     /// An orthonormal basis of the columns of a tall (m ≥ n) matrix, same shape.
     fn orthonormalize(&self, y: Self::Mat) -> BackendResult<Self::Mat>;
@@ -107,17 +134,69 @@ impl Device {
 /// What [`Device`] resolved to on this machine.
 pub enum Resolved {
     Cpu(Cpu),
+    Cuda(Box<Cuda>),
 }
 
-/// The one place that decides CPU vs GPU.
-pub fn resolve(device: Device) -> crate::Result<Resolved> {
+/// The one place that decides CPU vs GPU. `cuda[:N]` fails with the reason when that GPU is
+/// not usable; `auto` takes GPU 0 when it is usable and otherwise warns once and uses the CPU.
+pub fn resolve(device: Device, options: CudaOptions) -> crate::Result<Resolved> {
     match device {
         Device::Cpu => Ok(Resolved::Cpu(Cpu::new())),
-        // No CUDA backend is compiled into this build yet, so `auto` means the CPU; the
-        // warning comes once the GPU probe exists and finds nothing.
-        Device::Auto => Ok(Resolved::Cpu(Cpu::new())),
-        Device::Cuda(n) => Err(crate::Error::Device(format!(
-            "cuda:{n} was requested, but this build of phlora has no CUDA backend yet; use --device cpu or auto"
-        ))),
+        Device::Cuda(n) => Cuda::new(n, options)
+            .map(|c| Resolved::Cuda(Box::new(c)))
+            .map_err(|e| crate::Error::Device(format!("--device cuda:{n} is not usable: {e}"))),
+        Device::Auto => match Cuda::new(0, options) {
+            Ok(c) => Ok(Resolved::Cuda(Box::new(c))),
+            Err(e) => {
+                tracing::warn!("no usable CUDA GPU ({e}); running on the CPU");
+                Ok(Resolved::Cpu(Cpu::new()))
+            }
+        },
     }
+}
+
+/// CholeskyQR's first pass needs cond(Y) well below 1/√ε(f32) ≈ 3·10³; the diagonal of the
+/// Cholesky factor (Y's R) bounds it from below, so refuse ratios under 10⁻³.
+pub(crate) const FIRST_PASS_MIN_RATIO: f64 = 1e-3;
+/// After a good first pass Q₁ᵀQ₁ ≈ I: the second pass's R must be close to identity.
+pub(crate) const SECOND_PASS_MIN_RATIO: f64 = 0.5;
+
+/// L⁻ᵀ for the Cholesky factor of the Gram matrix G = YᵀY = LLᵀ (in f64), so that Y·L⁻ᵀ has
+/// orthonormal columns; None when G is not safely positive definite (diag(L) ratio below
+/// `min_ratio`).
+pub(crate) fn cholesky_inverse_transpose(g: MatRef<'_, f64>, min_ratio: f64) -> Option<Mat<f32>> {
+    use faer::linalg::solvers::Llt;
+    let k = g.nrows();
+    let llt = Llt::new(g, faer::Side::Lower).ok()?;
+    let l = llt.L();
+    let diag: Vec<f64> = (0..k).map(|i| l[(i, i)]).collect();
+    let max = diag.iter().copied().fold(0f64, f64::max);
+    let min = diag.iter().copied().fold(f64::INFINITY, f64::min);
+    if !(max.is_finite() && min > min_ratio * max) {
+        return None;
+    }
+    let mut inv = Mat::<f64>::identity(k, k);
+    faer::linalg::triangular_solve::solve_lower_triangular_in_place(
+        l,
+        inv.as_mut(),
+        faer::Par::Seq,
+    );
+    Some(Mat::from_fn(k, k, |i, j| inv[(j, i)] as f32))
+}
+
+/// The eigendecomposition of a symmetric k×k G = B·Bᵀ as singular values of B (descending,
+/// √ of the clamped eigenvalues) and the matching left singular vectors Ub.
+pub(crate) fn eigh_descending(g: Mat<f64>) -> BackendResult<(Vec<f64>, Mat<f32>)> {
+    let k = g.nrows();
+    let evd = g
+        .self_adjoint_eigen(faer::Side::Lower)
+        .map_err(|e| BackendError(format!("eigendecomposition of B·Bᵀ: {e:?}")))?;
+    // faer sorts eigenvalues ascending; singular values go descending.
+    let order: Vec<usize> = (0..k).rev().collect();
+    let s64 = order
+        .iter()
+        .map(|&i| evd.S().column_vector()[i].max(0.0).sqrt())
+        .collect();
+    let ub = Mat::<f32>::from_fn(k, k, |i, j| evd.U()[(i, order[j])] as f32);
+    Ok((s64, ub))
 }

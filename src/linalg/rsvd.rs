@@ -22,14 +22,14 @@ pub fn randomized_svd<B: Backend>(
     seed: u64,
 ) -> BackendResult<Truncated> {
     let (_m, n) = be.shape(a);
-    let omega = be.upload(crate::rng::normal_matrix(n, k, seed).as_ref())?;
-    let mut q = be.orthonormalize(be.gemm(a, Op::N, &omega, Op::N)?)?; // m×k
+    let omega = be.gaussian(n, k, seed)?;
+    let mut q = be.orthonormalize(be.gemm_delta(a, Op::N, &omega, Op::N)?)?; // m×k
     drop(omega);
     for _ in 0..power_iters {
-        let z = be.orthonormalize(be.gemm(a, Op::T, &q, Op::N)?)?; // n×k
-        q = be.orthonormalize(be.gemm(a, Op::N, &z, Op::N)?)?; // m×k
+        let z = be.orthonormalize(be.gemm_delta(a, Op::T, &q, Op::N)?)?; // n×k
+        q = be.orthonormalize(be.gemm_delta(a, Op::N, &z, Op::N)?)?; // m×k
     }
-    let b = be.gemm(&q, Op::T, a, Op::N)?; // k×n
+    let b = be.gemm_delta(&q, Op::T, a, Op::N)?; // k×n
     let small = be.short_wide_svd(&b)?; // B = Ub·S·Vᵀ, Ub k×k, V n×k
     let r = rank.min(small.s.len());
     // Only the kept directions: U_r = Q·Ub[:, :r].

@@ -161,3 +161,32 @@ pub fn read_safetensors(path: &Path) -> HashMap<String, Loaded> {
 pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
+
+/// CUDA device 0 when PHLORA_TEST_DEVICE=cuda (the test fails if it is not usable), else None.
+pub fn test_cuda(tf32: bool) -> Option<phlora::backend::Cuda> {
+    match std::env::var("PHLORA_TEST_DEVICE").as_deref() {
+        Ok("cuda") => {
+            let options = phlora::backend::CudaOptions {
+                tf32,
+                ..Default::default()
+            };
+            Some(phlora::backend::Cuda::new(0, options).unwrap_or_else(|e| {
+                panic!("PHLORA_TEST_DEVICE=cuda, but the GPU is not usable: {e}")
+            }))
+        }
+        Ok("cpu") | Ok("") | Err(_) => None,
+        Ok(other) => panic!("PHLORA_TEST_DEVICE={other}: expected cuda or cpu"),
+    }
+}
+
+/// Runs a generic test body on the CPU, and on CUDA device 0 (plain f32 GEMMs, so tolerances
+/// are the CPU's) when PHLORA_TEST_DEVICE=cuda.
+#[macro_export]
+macro_rules! on_every_device {
+    ($body:ident) => {{
+        $body(&phlora::backend::Cpu::new());
+        if let Some(gpu) = common::test_cuda(false) {
+            $body(&gpu);
+        }
+    }};
+}

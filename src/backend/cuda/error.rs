@@ -1,0 +1,77 @@
+//! What can go wrong on the device, by layer (candle-style nested error).
+
+use cudarc::cublas::result::CublasError;
+use cudarc::cusolver::result::CusolverError;
+use cudarc::driver::DriverError;
+use cudarc::nvrtc::CompileError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("{0} was not found on the library path (install the NVIDIA driver / CUDA 12 or 13 libraries, or set LD_LIBRARY_PATH)")]
+    MissingLibrary(&'static str),
+    #[error("no CUDA device {ordinal}: {count} device(s) visible")]
+    NoDevice { ordinal: usize, count: usize },
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] DriverError),
+    #[error("NVRTC could not compile {file}: {reason}")]
+    Compile { file: &'static str, reason: String },
+    #[error("cuBLAS {call}: {source}")]
+    Blas {
+        call: &'static str,
+        source: CublasError,
+    },
+    #[error("cuSOLVER {call}: {source}")]
+    Solver {
+        call: &'static str,
+        source: CusolverError,
+    },
+    #[error("cuSOLVER {call} reported info = {info}")]
+    SolverInfo { call: &'static str, info: i32 },
+    #[error("{0} is too large for the 32-bit sizes of cuBLAS/cuSOLVER")]
+    TooLarge(String),
+    #[error("the CUDA libraries failed while being probed: {0}")]
+    Panicked(String),
+}
+
+impl CudaError {
+    pub(crate) fn compile(file: &'static str, e: CompileError) -> Self {
+        let reason = match e {
+            CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            other => format!("{other:?}"),
+        };
+        CudaError::Compile { file, reason }
+    }
+}
+
+impl From<CudaError> for crate::backend::BackendError {
+    fn from(e: CudaError) -> Self {
+        crate::backend::BackendError(e.to_string())
+    }
+}
+
+/// Adds the call's name to a cuBLAS status.
+pub(crate) trait BlasCall<T> {
+    fn blas(self, call: &'static str) -> Result<T, CudaError>;
+}
+
+impl<T> BlasCall<T> for Result<T, CublasError> {
+    fn blas(self, call: &'static str) -> Result<T, CudaError> {
+        self.map_err(|source| CudaError::Blas { call, source })
+    }
+}
+
+/// Adds the call's name to a cuSOLVER status.
+pub(crate) trait SolverCall<T> {
+    fn solver(self, call: &'static str) -> Result<T, CudaError>;
+}
+
+impl<T> SolverCall<T> for Result<T, CusolverError> {
+    fn solver(self, call: &'static str) -> Result<T, CudaError> {
+        self.map_err(|source| CudaError::Solver { call, source })
+    }
+}
+
+/// A dimension as cuBLAS/cuSOLVER's `int`.
+pub(crate) fn dim(n: usize, what: &str) -> Result<i32, CudaError> {
+    i32::try_from(n).map_err(|_| CudaError::TooLarge(format!("{what} = {n}")))
+}
