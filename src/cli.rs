@@ -36,6 +36,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// List a checkpoint's tensors and what extract would do with each.
     Inspect(InspectArgs),
+    /// Randomized-SVD throughput on synthetic ΔW of known spectrum (and, on a GPU, the ΔW
+    /// kernel's bandwidth), against the GEMM rate and the exact optimum.
+    Bench(BenchArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -175,6 +178,44 @@ pub struct InspectArgs {
     #[arg(long, value_name = "PATH")]
     pub base: Option<PathBuf>,
     /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// ΔW shapes ROWSxCOLS, comma-separated [default: Llama-3-70B's
+    /// 8192x8192,1024x8192,28672x8192,8192x28672].
+    #[arg(long, value_name = "SHAPES")]
+    pub shapes: Option<String>,
+    /// Ranks, comma-separated.
+    #[arg(long, value_name = "RANKS", default_value = "16,64,256")]
+    pub ranks: String,
+    /// Compute device: auto, cpu or cuda[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// GPU only: precision of the products with ΔW (see `extract --help`).
+    #[arg(long, value_enum, default_value_t = GemmArg::Tf32)]
+    pub gemm: GemmArg,
+    /// Extra sketch columns p [default: max(rank, 8)].
+    #[arg(long, value_name = "P")]
+    pub oversample: Option<usize>,
+    /// Power iterations q.
+    #[arg(long, value_name = "Q", default_value_t = 2)]
+    pub power_iters: usize,
+    /// Timed repetitions after one warm-up (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// GPU only: also measure every variant (tf32/f32 × CholeskyQR2/Householder ×
+    /// eigh/host eigh/gesvd) on the same shapes and ranks.
+    #[arg(long)]
+    pub variants: bool,
+    /// GPU only: skip the ΔW kernel bandwidth measurement.
+    #[arg(long)]
+    pub no_delta: bool,
+    /// Print JSON on stdout (the table goes to stderr).
     #[arg(long)]
     pub json: bool,
 }

@@ -7,6 +7,7 @@
 
 pub mod adapter;
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod commands;

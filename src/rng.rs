@@ -152,7 +152,9 @@ mod tests {
 
     #[test]
     fn counter_based_normals_are_standard_and_indexed_column_major() {
-        let v: Vec<f64> = (0..200_000u64).map(|i| f64::from(normal_at(99, i))).collect();
+        let v: Vec<f64> = (0..200_000u64)
+            .map(|i| f64::from(normal_at(99, i)))
+            .collect();
         let n = v.len() as f64;
         let mean = v.iter().sum::<f64>() / n;
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;

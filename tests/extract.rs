@@ -875,11 +875,7 @@ fn cpu_and_gpu_adapters_agree_on_reconstructions() {
                 };
                 let (fa, fb) = (&a[&ka], &a[&kb]);
                 let r = fa.shape[0];
-                let (p, q) = if emb {
-                    (fb.shape[0], fa.shape[1])
-                } else {
-                    (fb.shape[0], fa.shape[1])
-                };
+                let (p, q) = (fb.shape[0], fa.shape[1]);
                 let prod: Vec<f64> = (0..p * q)
                     .map(|idx| {
                         let (i, j) = (idx / q, idx % q);

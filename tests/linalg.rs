@@ -371,7 +371,7 @@ fn every_gpu_variant_reaches_the_optimum() {
                     let ratio = rel / best;
                     eprintln!("{options}: {m}x{n} r={rank}: residual/optimum {ratio:.6}");
                     assert!(
-                        ratio <= 1.01 && ratio >= 1.0 - 1e-3,
+                        (1.0 - 1e-3..=1.01).contains(&ratio),
                         "{options} r{rank}: residual/optimum = {ratio}"
                     );
                     for k in 0..rank {

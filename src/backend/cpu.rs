@@ -191,6 +191,11 @@ impl Backend for Cpu {
         ))
     }
 
+    fn first_cols(&self, a: &CpuMat, r: usize) -> BackendResult<CpuMat> {
+        let v = a.view();
+        Ok(CpuMat::new(v.subcols(0, r.min(v.ncols())).to_owned()))
+    }
+
     fn gemm(&self, a: &CpuMat, op_a: Op, b: &CpuMat, op_b: Op) -> BackendResult<CpuMat> {
         let (a, b) = (op_view(a, op_a), op_view(b, op_b));
         if a.ncols() != b.nrows() {

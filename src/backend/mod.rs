@@ -88,6 +88,9 @@ pub trait Backend: Sync {
         self.upload(crate::rng::normal_matrix(rows, cols, seed).as_ref())
     }
 
+    /// The first `r` columns of a matrix (all of them when r ≥ its width).
+    fn first_cols(&self, a: &Self::Mat, r: usize) -> BackendResult<Self::Mat>;
+
     /// Waits for all queued work (for timings); a no-op where work is synchronous.
     fn synchronize(&self) -> BackendResult<()> {
         Ok(())

@@ -1,5 +1,6 @@
 //! One file per subcommand; each is a thin orchestration of the library's stages.
 
+mod bench;
 mod demo;
 mod extract;
 mod inspect;
@@ -18,6 +19,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Synth(a) => synth::run(a, ui),
         Command::Demo(a) => demo::run(a, ui),
         Command::Inspect(a) => inspect::run(a, ui),
+        Command::Bench(a) => bench::run(a, ui),
     }
 }
 

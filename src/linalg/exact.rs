@@ -1,17 +1,19 @@
 //! The exact thin SVD (faer on the CPU), truncated to rank r: the Eckart–Young optimum.
 
-use super::{first_cols, Method, Truncated};
+use super::{Method, OnDevice};
 use crate::backend::{Backend, BackendResult};
 
-pub fn exact_svd<B: Backend>(be: &B, delta: &B::Mat, rank: usize) -> BackendResult<Truncated> {
+pub fn exact_svd<B: Backend>(
+    be: &B,
+    delta: &B::Mat,
+    rank: usize,
+) -> BackendResult<OnDevice<B::Mat>> {
     let parts = be.thin_svd(delta)?;
-    let u = be.download(&parts.u)?;
-    let v = be.download(&parts.v)?;
     let r = rank.min(parts.s.len());
-    Ok(Truncated {
-        u: first_cols(u.as_ref(), r),
+    Ok(OnDevice {
+        u: be.first_cols(&parts.u, r)?,
         s: parts.s[..r].to_vec(),
-        v: first_cols(v.as_ref(), r),
+        v: be.first_cols(&parts.v, r)?,
         method: Method::Exact,
         sketch: 0,
     })

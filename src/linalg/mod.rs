@@ -66,6 +66,28 @@ pub struct Truncated {
     pub sketch: usize,
 }
 
+/// The same, still on the backend (what the decomposition itself produces; `phlora bench`
+/// times this apart from the download).
+pub struct OnDevice<M> {
+    pub u: M,
+    pub s: Vec<f32>,
+    pub v: M,
+    pub method: Method,
+    pub sketch: usize,
+}
+
+impl<M> OnDevice<M> {
+    pub fn download<B: Backend<Mat = M>>(&self, be: &B) -> BackendResult<Truncated> {
+        Ok(Truncated {
+            u: be.download(&self.u)?,
+            s: self.s.clone(),
+            v: be.download(&self.v)?,
+            method: self.method,
+            sketch: self.sketch,
+        })
+    }
+}
+
 /// Decomposes a rows×cols ΔW at rank `rank` (already ≤ min(rows, cols)).
 pub fn decompose<B: Backend>(
     be: &B,
@@ -74,6 +96,17 @@ pub fn decompose<B: Backend>(
     settings: &SvdSettings,
     seed: u64,
 ) -> BackendResult<Truncated> {
+    decompose_on_device(be, delta, rank, settings, seed)?.download(be)
+}
+
+/// [`decompose`] without the download of the factors.
+pub fn decompose_on_device<B: Backend>(
+    be: &B,
+    delta: &B::Mat,
+    rank: usize,
+    settings: &SvdSettings,
+    seed: u64,
+) -> BackendResult<OnDevice<B::Mat>> {
     let (m, n) = be.shape(delta);
     let k = (rank + settings.oversample_for(rank)).min(m.min(n));
     match settings.method {
@@ -82,9 +115,4 @@ pub fn decompose<B: Backend>(
         }
         _ => exact::exact_svd(be, delta, rank),
     }
-}
-
-/// Keeps the first `r` columns of a host matrix.
-pub(crate) fn first_cols(m: faer::MatRef<'_, f32>, r: usize) -> faer::Mat<f32> {
-    m.subcols(0, r.min(m.ncols())).to_owned()
 }

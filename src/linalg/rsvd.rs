@@ -5,7 +5,7 @@
 //!
 //! Cost: about 2·m·n·k·(2q + 2) flops in six GEMMs with ΔW (q = 2), plus QRs of m×k and n×k.
 
-use super::{first_cols, Method, Truncated};
+use super::{Method, OnDevice};
 use crate::backend::{Backend, BackendResult, Op};
 
 /// Flops of the GEMMs with ΔW, the figure throughput is quoted against.
@@ -20,7 +20,7 @@ pub fn randomized_svd<B: Backend>(
     k: usize,
     power_iters: usize,
     seed: u64,
-) -> BackendResult<Truncated> {
+) -> BackendResult<OnDevice<B::Mat>> {
     let (_m, n) = be.shape(a);
     let omega = be.gaussian(n, k, seed)?;
     let mut q = be.orthonormalize(be.gemm_delta(a, Op::N, &omega, Op::N)?)?; // m×k
@@ -33,12 +33,12 @@ pub fn randomized_svd<B: Backend>(
     let small = be.short_wide_svd(&b)?; // B = Ub·S·Vᵀ, Ub k×k, V n×k
     let r = rank.min(small.s.len());
     // Only the kept directions: U_r = Q·Ub[:, :r].
-    let ub_r = be.upload(first_cols(be.download(&small.u)?.as_ref(), r).as_ref())?;
+    let ub_r = be.first_cols(&small.u, r)?;
     let u = be.gemm(&q, Op::N, &ub_r, Op::N)?; // m×r
-    Ok(Truncated {
-        u: be.download(&u)?,
+    Ok(OnDevice {
+        u,
         s: small.s[..r].to_vec(),
-        v: first_cols(be.download(&small.v)?.as_ref(), r),
+        v: be.first_cols(&small.v, r)?,
         method: Method::Randomized,
         sketch: k,
     })

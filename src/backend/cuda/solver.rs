@@ -8,6 +8,9 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
 
 use super::error::{dim, CudaError, SolverCall};
 
+/// U, s and Vᵀ of a thin SVD, on the device.
+pub type SvdBuffers<T> = (CudaSlice<T>, CudaSlice<T>, CudaSlice<T>);
+
 fn info_ok(
     stream: &Arc<CudaStream>,
     info: &CudaSlice<i32>,
@@ -101,7 +104,7 @@ pub fn gesvd_f64(
     m: usize,
     n: usize,
     a: &mut CudaSlice<f64>,
-) -> Result<(CudaSlice<f64>, CudaSlice<f64>, CudaSlice<f64>), CudaError> {
+) -> Result<SvdBuffers<f64>, CudaError> {
     let (mi, ni) = (dim(m, "gesvd m")?, dim(n, "gesvd n")?);
     let mut u = stream.alloc_zeros::<f64>(m * n)?;
     let mut s = stream.alloc_zeros::<f64>(n)?;
@@ -142,7 +145,7 @@ pub fn gesvd_f32(
     m: usize,
     n: usize,
     a: &mut CudaSlice<f32>,
-) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>), CudaError> {
+) -> Result<SvdBuffers<f32>, CudaError> {
     let (mi, ni) = (dim(m, "gesvd m")?, dim(n, "gesvd n")?);
     let mut u = stream.alloc_zeros::<f32>(m * n)?;
     let mut s = stream.alloc_zeros::<f32>(n)?;

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The GPU checks, on a host with an NVIDIA GPU and no Rust toolchain. Build first where cargo
+# is (scripts/gpu-build.sh writes gpu-bin/), carry gpu-bin/ over, then run from the repo root:
+#
+#     scripts/gpu-check.sh            # logs and JSON under $OUT (default: a temp folder)
+#
+# 1. the test binaries with PHLORA_TEST_DEVICE=cuda (every test body on CPU and GPU);
+# 2. phlora bench on the GPU: default shapes and ranks, the ΔW kernel's bandwidth, and the
+#    variants (tf32/f32 × CholeskyQR2/Householder × eigh/host eigh/gesvd) on 28672×8192 r=64;
+# 3. end to end: a synth pair extracted on CPU and GPU, reconstructions compared, and each
+#    adapter loaded and merged by PEFT (scripts/compare_adapters.py).
+# A short table comes last. Exit status 1 if any check failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-gpu-bin}
+OUT=${OUT:-$(mktemp -d)}
+WORK=$(mktemp -d)
+mkdir -p "$OUT"
+ROWS=()
+FAILED=0
+row() { ROWS+=("$(printf '%-30s %-5s %s' "$1" "$2" "$3")"); [ "$2" = ok ] || FAILED=1; }
+
+echo "== machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+ldconfig -p | grep -E 'lib(cuda|nvrtc|cublas|cusolver)\.so' | sed 's/^/  /'
+
+echo "== tests on the GPU"
+export PHLORA_TEST_DEVICE=cuda PHLORA_BIN=$BIN/phlora
+for t in lib linalg extract; do
+    timeout 300 "$BIN/test-$t" --test-threads=4 >"$OUT/test-$t.log" 2>&1
+    rc=$?
+    grep -E "^test .*(FAILED|ok)$|panicked|test result" "$OUT/test-$t.log" | grep -v " ok$" | head -20
+    counts=$(awk '/^test result:/ { print $4 " passed, " $6 " failed" }' "$OUT/test-$t.log")
+    [ $rc -eq 0 ] && row "tests $t (cuda)" ok "$counts" || row "tests $t (cuda)" FAIL "rc=$rc ${counts:-no result}"
+done
+# The variant and TF32 figures the tests print.
+"$BIN/test-linalg" --test-threads=1 --nocapture tf32_error every_gpu_variant 2>&1 | grep -E "residual" | tail -40 >"$OUT/variants-tests.txt"
+
+echo "== bench"
+if timeout 300 "$BIN/phlora" bench --device cuda --json >"$OUT/bench.json" 2>"$OUT/bench.txt"; then
+    cat "$OUT/bench.txt"
+    line=$(python3 - "$OUT/bench.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+x = [t for t in r["rows"] if (t["rows"], t["cols"], t["rank"]) == (28672, 8192, 64)][0]
+d = r["delta_kernel"]
+print(f"28672x8192 r64 {x['seconds']*1e3:.2f} ms (+{x['download_seconds']*1e3:.2f} dl), "
+      f"res/opt {x['residual']/x['optimum']:.4f}; dW kernel {d['kernel_bytes_per_s']/1e12:.2f} TB/s "
+      f"= {100*d['kernel_bytes_per_s']/d['copy_bytes_per_s']:.0f}% of copy")
+PY
+)
+    row "bench (default)" ok "$line"
+    info=$(python3 - "$OUT/bench.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))["cuda"]
+print(f"{c['name']} cc{c['compute_capability']} driver {c['driver_version']} "
+      f"nvrtc {c['nvrtc_version']} cublas {c['cublas_version']} cusolver {c['cusolver_version']}")
+PY
+)
+    row "device and libraries" ok "$info"
+else
+    cat "$OUT/bench.txt"; row "bench (default)" FAIL "see bench.txt"
+fi
+if timeout 200 "$BIN/phlora" bench --device cuda --shapes 28672x8192 --ranks 64 --variants --no-delta \
+    --json >"$OUT/variants.json" 2>"$OUT/variants.txt"; then
+    cat "$OUT/variants.txt"
+    best=$(python3 - "$OUT/variants.json" <<'PY'
+import json, sys
+v = json.load(open(sys.argv[1]))["variants"]
+ok = [t for t in v if t["residual"] <= 1.01 * t["optimum"]]
+b = min(ok, key=lambda t: t["seconds"])
+print(f"fastest within +1%: {b['device'].split(', ')[-1].rstrip(')')} {b['seconds']*1e3:.2f} ms")
+PY
+)
+    row "bench --variants" ok "$best"
+else
+    cat "$OUT/variants.txt"; row "bench --variants" FAIL "see variants.txt"
+fi
+
+echo "== end to end"
+e2e() { # tag layers
+    local tag=$1 layers=$2 pair=$WORK/pair-$1
+    "$BIN/phlora" -q synth --out "$pair" --layers "$layers" || { row "e2e $tag" FAIL "synth"; return; }
+    for dev in cpu cuda; do
+        timeout 300 "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/$tag-$dev" \
+            --device $dev --json >"$OUT/e2e-$tag-$dev.json" 2>"$OUT/e2e-$tag-$dev.err" ||
+            { row "e2e $tag $dev" FAIL "$(tail -1 "$OUT/e2e-$tag-$dev.err")"; return; }
+    done
+    "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/$tag-cuda-f32" \
+        --device cuda --gemm f32 --json >"$OUT/e2e-$tag-cuda-f32.json" 2>&1
+    local peft=()
+    [ "$tag" = small ] && peft=(--base "$pair/base" --ft "$pair/ft")
+    if timeout 300 python3 scripts/compare_adapters.py "$WORK/$tag-cpu" "$WORK/$tag-cuda" "$WORK/$tag-cuda-f32" \
+        "${peft[@]}" >"$OUT/compare-$tag.txt" 2>&1; then st=ok; else st=FAIL; fi
+    cat "$OUT/compare-$tag.txt" | grep -v Warning
+    local t
+    t=$(python3 - "$OUT/e2e-$tag-cpu.json" "$OUT/e2e-$tag-cuda.json" <<'PY'
+import json, sys
+c, g = (json.load(open(p))["summary"] for p in sys.argv[1:3])
+print(f"cpu {c['seconds']:.2f} s, gpu {g['seconds']:.2f} s (delta {g['stages']['delta']:.2f}, "
+      f"svd {g['stages']['svd_randomized']:.2f}, residual {g['stages']['residual']:.2f}), "
+      f"total err cpu {c['total_relative_error']:.5f} gpu {g['total_relative_error']:.5f}")
+PY
+)
+    row "e2e $tag ($layers layers)" $st "$t"
+}
+e2e small 2
+e2e 1b 16
+
+echo
+echo "== summary (logs in $OUT)"
+printf '%-30s %-5s %s\n' check ok? detail
+for r in "${ROWS[@]}"; do echo "$r"; done
+exit $FAILED

@@ -1,0 +1,158 @@
+use std::process::ExitCode;
+
+use super::Ui;
+use crate::backend::cuda::{DeltaBench, Orth, SmallSvd};
+use crate::backend::{self, CudaOptions, Device, Resolved};
+use crate::bench::{self, BenchRow, BenchSettings};
+use crate::checkpoint::DType;
+use crate::cli::{BenchArgs, GemmArg};
+use crate::error::{Error, Result};
+
+fn parse_list(what: &str, s: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .map(|x| match x.trim().parse::<usize>() {
+            Ok(v) if v > 0 => Ok(v),
+            _ => Err(Error::Settings(format!(
+                "{what} `{s}`: expected positive integers separated by commas"
+            ))),
+        })
+        .collect()
+}
+
+fn parse_shapes(s: &str) -> Result<Vec<(usize, usize)>> {
+    s.split(',')
+        .map(|x| {
+            let bad = || {
+                Error::Settings(format!(
+                    "--shapes `{s}`: expected ROWSxCOLS[,ROWSxCOLS…], e.g. 8192x8192"
+                ))
+            };
+            let (r, c) = x.trim().split_once('x').ok_or_else(bad)?;
+            let (r, c) = (
+                r.parse::<usize>().map_err(|_| bad())?,
+                c.parse::<usize>().map_err(|_| bad())?,
+            );
+            if r == 0 || c == 0 {
+                return Err(bad());
+            }
+            Ok((r, c))
+        })
+        .collect()
+}
+
+fn settings(a: &BenchArgs) -> Result<(BenchSettings, Device, CudaOptions)> {
+    let shapes = match &a.shapes {
+        Some(s) => parse_shapes(s)?,
+        None => BenchSettings::default_shapes(),
+    };
+    let ranks = parse_list("--ranks", &a.ranks)?;
+    if a.power_iters > 20 {
+        return Err(Error::Settings(
+            "--power-iters above 20 only costs time".into(),
+        ));
+    }
+    let device = Device::parse(&a.device).ok_or_else(|| {
+        Error::Settings(format!(
+            "--device `{}`: expected auto, cpu, cuda or cuda:N",
+            a.device
+        ))
+    })?;
+    let cuda = CudaOptions {
+        tf32: a.gemm == GemmArg::Tf32,
+        ..CudaOptions::default()
+    };
+    let s = BenchSettings {
+        shapes,
+        ranks,
+        oversample: a.oversample,
+        power_iters: a.power_iters,
+        reps: a.reps.max(1),
+        seed: a.seed,
+    };
+    Ok((s, device, cuda))
+}
+
+#[derive(serde::Serialize)]
+struct BenchReport {
+    rows: Vec<BenchRow>,
+    variants: Vec<BenchRow>,
+    delta_kernel: Option<DeltaBench>,
+    cuda: Option<backend::cuda::CudaInfo>,
+}
+
+pub fn run(a: &BenchArgs, ui: Ui) -> Result<ExitCode> {
+    let (s, device, options) = settings(a)?;
+    let dev_err = |e: backend::BackendError| Error::Device(e.0);
+    let mut report = BenchReport {
+        rows: Vec::new(),
+        variants: Vec::new(),
+        delta_kernel: None,
+        cuda: None,
+    };
+    match backend::resolve(device, options)? {
+        Resolved::Cpu(cpu) => {
+            if a.variants {
+                return Err(Error::Settings("--variants needs a CUDA device".into()));
+            }
+            report.rows = bench::run(&cpu, &s).map_err(dev_err)?;
+        }
+        Resolved::Cuda(mut gpu) => {
+            report.cuda = Some(gpu.info());
+            report.rows = bench::run(gpu.as_ref(), &s).map_err(dev_err)?;
+            if a.variants {
+                for &(m, n) in &s.shapes {
+                    let p = bench::prepare(gpu.as_ref(), m, n, s.seed).map_err(dev_err)?;
+                    for tf32 in [true, false] {
+                        for orth in [Orth::CholeskyQr2, Orth::Householder] {
+                            for small in [SmallSvd::DeviceEigh, SmallSvd::HostEigh, SmallSvd::Gesvd]
+                            {
+                                gpu.set_options(CudaOptions { tf32, orth, small });
+                                for r in bench::clamped_ranks(&s.ranks, m, n) {
+                                    report.variants.push(
+                                        bench::measure(gpu.as_ref(), &p, r, &s).map_err(dev_err)?,
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+                gpu.set_options(options);
+            }
+            if !a.no_delta {
+                report.delta_kernel = Some(
+                    gpu.bench_delta(28672, 8192, DType::BF16, s.reps)
+                        .map_err(|e| Error::Device(e.to_string()))?,
+                );
+            }
+        }
+    }
+    let mut text = bench::table(&report.rows);
+    if !report.variants.is_empty() {
+        text.push_str("\nvariants:\n");
+        text.push_str(&bench::table(&report.variants));
+    }
+    if let Some(d) = &report.delta_kernel {
+        text.push_str(&format!(
+            "\nΔW kernel {}x{} {}: {:.3} ms, {:.2} TB/s (read + write) = {:.0}% of a device copy's {:.2} TB/s\n",
+            d.rows,
+            d.cols,
+            d.dtype,
+            d.kernel_seconds * 1e3,
+            d.kernel_bytes_per_s / 1e12,
+            100.0 * d.kernel_bytes_per_s / d.copy_bytes_per_s,
+            d.copy_bytes_per_s / 1e12
+        ));
+    }
+    if a.json {
+        if !ui.quiet {
+            eprint!("{text}");
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("plain data serialises")
+        );
+    } else {
+        print!("{text}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
