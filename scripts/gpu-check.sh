@@ -2,7 +2,7 @@
 # The GPU checks, on a host with an NVIDIA GPU and no Rust toolchain. Build first where cargo
 # is (scripts/gpu-build.sh writes gpu-bin/), carry gpu-bin/ over, then run from the repo root:
 #
-#     scripts/gpu-check.sh            # logs and JSON under $OUT (default: a temp folder)
+#     scripts/gpu-check.sh     # logs in a temp folder; packed into $LOG/gpu-check-logs.tar.gz if OUT is set
 #
 # 1. the test binaries with PHLORA_TEST_DEVICE=cuda (every test body on CPU and GPU);
 # 2. phlora bench on the GPU: default shapes and ranks, the ΔW kernel's bandwidth, and the
@@ -13,9 +13,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-gpu-bin}
-OUT=${OUT:-$(mktemp -d)}
+LOG=$(mktemp -d)
 WORK=$(mktemp -d)
-mkdir -p "$OUT"
 ROWS=()
 FAILED=0
 row() { ROWS+=("$(printf '%-30s %-5s %s' "$1" "$2" "$3")"); [ "$2" = ok ] || FAILED=1; }
@@ -27,19 +26,19 @@ ldconfig -p | grep -E 'lib(cuda|nvrtc|cublas|cusolver)\.so' | sed 's/^/  /'
 echo "== tests on the GPU"
 export PHLORA_TEST_DEVICE=cuda PHLORA_BIN=$BIN/phlora
 for t in lib linalg extract; do
-    timeout 300 "$BIN/test-$t" --test-threads=4 >"$OUT/test-$t.log" 2>&1
+    timeout 300 "$BIN/test-$t" --test-threads=4 >"$LOG/test-$t.log" 2>&1
     rc=$?
-    grep -E "^test .*(FAILED|ok)$|panicked|test result" "$OUT/test-$t.log" | grep -v " ok$" | head -20
-    counts=$(awk '/^test result:/ { print $4 " passed, " $6 " failed" }' "$OUT/test-$t.log")
+    grep -E "^test .*(FAILED|ok)$|panicked|test result" "$LOG/test-$t.log" | grep -v " ok$" | head -20
+    counts=$(awk '/^test result:/ { print $4 " passed, " $6 " failed" }' "$LOG/test-$t.log")
     [ $rc -eq 0 ] && row "tests $t (cuda)" ok "$counts" || row "tests $t (cuda)" FAIL "rc=$rc ${counts:-no result}"
 done
 # The variant and TF32 figures the tests print.
-"$BIN/test-linalg" --test-threads=1 --nocapture tf32_error every_gpu_variant 2>&1 | grep -E "residual" | tail -40 >"$OUT/variants-tests.txt"
+"$BIN/test-linalg" --test-threads=1 --nocapture tf32_error every_gpu_variant 2>&1 | grep -E "residual" | tail -40 >"$LOG/variants-tests.txt"
 
 echo "== bench"
-if timeout 300 "$BIN/phlora" bench --device cuda --json >"$OUT/bench.json" 2>"$OUT/bench.txt"; then
-    cat "$OUT/bench.txt"
-    line=$(python3 - "$OUT/bench.json" <<'PY'
+if timeout 300 "$BIN/phlora" bench --device cuda --json >"$LOG/bench.json" 2>"$LOG/bench.txt"; then
+    cat "$LOG/bench.txt"
+    line=$(python3 - "$LOG/bench.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 x = [t for t in r["rows"] if (t["rows"], t["cols"], t["rank"]) == (28672, 8192, 64)][0]
@@ -50,7 +49,7 @@ print(f"28672x8192 r64 {x['seconds']*1e3:.2f} ms (+{x['download_seconds']*1e3:.2
 PY
 )
     row "bench (default)" ok "$line"
-    info=$(python3 - "$OUT/bench.json" <<'PY'
+    info=$(python3 - "$LOG/bench.json" <<'PY'
 import json, sys
 c = json.load(open(sys.argv[1]))["cuda"]
 print(f"{c['name']} cc{c['compute_capability']} driver {c['driver_version']} "
@@ -59,12 +58,12 @@ PY
 )
     row "device and libraries" ok "$info"
 else
-    cat "$OUT/bench.txt"; row "bench (default)" FAIL "see bench.txt"
+    cat "$LOG/bench.txt"; row "bench (default)" FAIL "see bench.txt"
 fi
 if timeout 200 "$BIN/phlora" bench --device cuda --shapes 28672x8192 --ranks 64 --variants --no-delta \
-    --json >"$OUT/variants.json" 2>"$OUT/variants.txt"; then
-    cat "$OUT/variants.txt"
-    best=$(python3 - "$OUT/variants.json" <<'PY'
+    --json >"$LOG/variants.json" 2>"$LOG/variants.txt"; then
+    cat "$LOG/variants.txt"
+    best=$(python3 - "$LOG/variants.json" <<'PY'
 import json, sys
 v = json.load(open(sys.argv[1]))["variants"]
 ok = [t for t in v if t["residual"] <= 1.01 * t["optimum"]]
@@ -74,7 +73,7 @@ PY
 )
     row "bench --variants" ok "$best"
 else
-    cat "$OUT/variants.txt"; row "bench --variants" FAIL "see variants.txt"
+    cat "$LOG/variants.txt"; row "bench --variants" FAIL "see variants.txt"
 fi
 
 echo "== end to end"
@@ -83,18 +82,18 @@ e2e() { # tag layers
     "$BIN/phlora" -q synth --out "$pair" --layers "$layers" || { row "e2e $tag" FAIL "synth"; return; }
     for dev in cpu cuda; do
         timeout 300 "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/$tag-$dev" \
-            --device $dev --json >"$OUT/e2e-$tag-$dev.json" 2>"$OUT/e2e-$tag-$dev.err" ||
-            { row "e2e $tag $dev" FAIL "$(tail -1 "$OUT/e2e-$tag-$dev.err")"; return; }
+            --device $dev --json >"$LOG/e2e-$tag-$dev.json" 2>"$LOG/e2e-$tag-$dev.err" ||
+            { row "e2e $tag $dev" FAIL "$(tail -1 "$LOG/e2e-$tag-$dev.err")"; return; }
     done
     "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/$tag-cuda-f32" \
-        --device cuda --gemm f32 --json >"$OUT/e2e-$tag-cuda-f32.json" 2>&1
+        --device cuda --gemm f32 --json >"$LOG/e2e-$tag-cuda-f32.json" 2>&1
     local peft=()
     [ "$tag" = small ] && peft=(--base "$pair/base" --ft "$pair/ft")
     if timeout 300 python3 scripts/compare_adapters.py "$WORK/$tag-cpu" "$WORK/$tag-cuda" "$WORK/$tag-cuda-f32" \
-        "${peft[@]}" >"$OUT/compare-$tag.txt" 2>&1; then st=ok; else st=FAIL; fi
-    cat "$OUT/compare-$tag.txt" | grep -v Warning
+        "${peft[@]}" >"$LOG/compare-$tag.txt" 2>&1; then st=ok; else st=FAIL; fi
+    cat "$LOG/compare-$tag.txt" | grep -v Warning
     local t
-    t=$(python3 - "$OUT/e2e-$tag-cpu.json" "$OUT/e2e-$tag-cuda.json" <<'PY'
+    t=$(python3 - "$LOG/e2e-$tag-cpu.json" "$LOG/e2e-$tag-cuda.json" <<'PY'
 import json, sys
 c, g = (json.load(open(p))["summary"] for p in sys.argv[1:3])
 print(f"cpu {c['seconds']:.2f} s, gpu {g['seconds']:.2f} s (delta {g['stages']['delta']:.2f}, "
@@ -108,7 +107,8 @@ e2e small 2
 e2e 1b 16
 
 echo
-echo "== summary (logs in $OUT)"
+echo "== summary (logs in $LOG)"
 printf '%-30s %-5s %s\n' check ok? detail
 for r in "${ROWS[@]}"; do echo "$r"; done
+[ -n "${OUT:-}" ] && tar czf "$OUT/gpu-check-logs.tar.gz" -C "$LOG" .
 exit $FAILED
