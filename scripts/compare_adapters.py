@@ -86,6 +86,14 @@ def main():
         )
         res, rep = residuals(other)
         dres = max(abs(res[k] - ref_res[k]) / max(ref_res[k], 1e-12) for k in ref_res)
+        # ‖ΔW‖ of every tensor: the delta kernels' reductions against the CPU's.
+        norms = {t["name"]: t.get("delta_norm") for t in rep["tensors"]}
+        ref_norms = {t["name"]: t.get("delta_norm") for t in ref_rep["tensors"]}
+        dnorm = max(
+            abs(norms[k] - v) / max(v, 1e-30) for k, v in ref_norms.items() if v is not None
+        )
+        ok &= dnorm < 1e-6
+        print(f"  worst ‖ΔW‖ difference {dnorm:.2e} (relative) [{'ok' if dnorm < 1e-6 else 'FAIL'}]")
         status = "ok" if worst < a.tol else "FAIL"
         ok &= worst < a.tol
         print(

@@ -5,7 +5,7 @@
 pub mod cpu;
 pub mod cuda;
 
-use faer::{Mat, MatRef};
+use faer::Mat;
 
 use crate::checkpoint::DType;
 
@@ -163,29 +163,6 @@ pub fn resolve(device: Device, options: CudaOptions) -> crate::Result<Resolved> 
 pub(crate) const FIRST_PASS_MIN_RATIO: f64 = 1e-3;
 /// After a good first pass Q₁ᵀQ₁ ≈ I: the second pass's R must be close to identity.
 pub(crate) const SECOND_PASS_MIN_RATIO: f64 = 0.5;
-
-/// L⁻ᵀ for the Cholesky factor of the Gram matrix G = YᵀY = LLᵀ (in f64), so that Y·L⁻ᵀ has
-/// orthonormal columns; None when G is not safely positive definite (diag(L) ratio below
-/// `min_ratio`).
-pub(crate) fn cholesky_inverse_transpose(g: MatRef<'_, f64>, min_ratio: f64) -> Option<Mat<f32>> {
-    use faer::linalg::solvers::Llt;
-    let k = g.nrows();
-    let llt = Llt::new(g, faer::Side::Lower).ok()?;
-    let l = llt.L();
-    let diag: Vec<f64> = (0..k).map(|i| l[(i, i)]).collect();
-    let max = diag.iter().copied().fold(0f64, f64::max);
-    let min = diag.iter().copied().fold(f64::INFINITY, f64::min);
-    if !(max.is_finite() && min > min_ratio * max) {
-        return None;
-    }
-    let mut inv = Mat::<f64>::identity(k, k);
-    faer::linalg::triangular_solve::solve_lower_triangular_in_place(
-        l,
-        inv.as_mut(),
-        faer::Par::Seq,
-    );
-    Some(Mat::from_fn(k, k, |i, j| inv[(j, i)] as f32))
-}
 
 /// The eigendecomposition of a symmetric k×k G = B·Bᵀ as singular values of B (descending,
 /// √ of the clamped eigenvalues) and the matching left singular vectors Ub.

@@ -174,3 +174,57 @@ pub fn version(handle: cublasHandle_t) -> Option<i32> {
         .ok()
         .map(|_| v)
 }
+
+/// Y (m×k, contiguous) ← Y·L⁻ᵀ in place, L the lower triangle of a k×k matrix (the
+/// Cholesky-QR step: Y = Q·Lᵀ).
+pub fn solve_right_lower_transposed(
+    handle: cublasHandle_t,
+    m: usize,
+    k: usize,
+    l: u64,
+    y: u64,
+) -> Result<(), CudaError> {
+    let one = 1.0f32;
+    // SAFETY: l holds k×k f32 (leading dimension k), y holds m×k (leading dimension m).
+    unsafe {
+        sys::cublasStrsm_v2(
+            handle,
+            sys::cublasSideMode_t::CUBLAS_SIDE_RIGHT,
+            sys::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
+            cublasOperation_t::CUBLAS_OP_T,
+            sys::cublasDiagType_t::CUBLAS_DIAG_NON_UNIT,
+            dim(m, "trsm m")?,
+            dim(k, "trsm n")?,
+            &one,
+            l as *const f32,
+            dim(k.max(1), "lda")?,
+            y as *mut f32,
+            dim(m.max(1), "ldb")?,
+        )
+        .result()
+    }
+    .blas("cublasStrsm")
+}
+
+/// y[i] = x[i·stride] for i < n (a matrix diagonal, with stride = rows + 1).
+pub fn strided_copy(
+    handle: cublasHandle_t,
+    n: usize,
+    x: u64,
+    stride: usize,
+    y: u64,
+) -> Result<(), CudaError> {
+    // SAFETY: x holds at least (n − 1)·stride + 1 f32, y holds n.
+    unsafe {
+        sys::cublasScopy_v2(
+            handle,
+            dim(n, "copy n")?,
+            x as *const f32,
+            dim(stride, "incx")?,
+            y as *mut f32,
+            1,
+        )
+        .result()
+    }
+    .blas("cublasScopy")
+}

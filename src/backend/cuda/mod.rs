@@ -18,8 +18,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut
 use faer::{Mat, MatRef};
 
 use super::{
-    cholesky_inverse_transpose, eigh_descending, Backend, BackendError, BackendResult, DeltaInput,
-    DeltaStats, Op, SvdParts,
+    eigh_descending, Backend, BackendError, BackendResult, DeltaInput, DeltaStats, Op, SvdParts,
 };
 use blas::Operand;
 pub use error::CudaError;
@@ -341,21 +340,33 @@ impl Cuda {
         self.upload(host)
     }
 
-    /// One Cholesky-QR pass: Y ← Y·L⁻ᵀ with YᵀY = LLᵀ (L in f64 on the host). None when
-    /// YᵀY is not safely positive definite.
-    fn cholesky_qr_pass(
-        &self,
-        y: &CudaMat,
-        min_ratio: f64,
-    ) -> Result<Option<CudaMat>, BackendError> {
-        let g = self.gemm_with(false, y, Op::T, y, Op::N)?;
-        let g = self.download(&g)?;
-        let g64 = Mat::<f64>::from_fn(g.nrows(), g.ncols(), |i, j| f64::from(g[(i, j)]));
-        let Some(linv_t) = cholesky_inverse_transpose(g64.as_ref(), min_ratio) else {
-            return Ok(None);
-        };
-        let linv_t = self.upload_small(linv_t.as_ref())?;
-        Ok(Some(self.gemm_with(false, y, Op::N, &linv_t, Op::N)?))
+    /// One Cholesky-QR pass in place, all on the device: G = YᵀY = LLᵀ (cuSOLVER potrf),
+    /// Y ← Y·L⁻ᵀ (cuBLAS trsm). Returns false, Y untouched, when G is not safely positive
+    /// definite (the CPU's guard: diag(L) ratio under `min_ratio`).
+    fn cholesky_qr_pass(&self, y: &mut CudaMat, min_ratio: f64) -> Result<bool, BackendError> {
+        let (m, k) = (y.rows, y.cols);
+        let mut g = self.gemm_with(false, y, Op::T, y, Op::N)?;
+        let info = solver::potrf_f32(self.solver.cu(), &self.stream, k, &mut g.buf)?;
+        if info != 0 {
+            return Ok(false);
+        }
+        let diag = self.alloc(k)?;
+        blas::strided_copy(
+            *self.blas.handle(),
+            k,
+            g.ptr(&self.stream),
+            k + 1,
+            diag.device_ptr(&self.stream).0,
+        )?;
+        let diag = self.stream.clone_dtoh(&diag).map_err(CudaError::from)?;
+        let max = diag.iter().copied().fold(0f32, f32::max);
+        let min = diag.iter().copied().fold(f32::INFINITY, f32::min);
+        if !(max.is_finite() && f64::from(min) > min_ratio * f64::from(max)) {
+            return Ok(false);
+        }
+        let yp = y.buf.device_ptr_mut(&self.stream).0;
+        blas::solve_right_lower_transposed(*self.blas.handle(), m, k, g.ptr(&self.stream), yp)?;
+        Ok(true)
     }
 
     fn householder(&self, y: &CudaMat) -> Result<CudaMat, BackendError> {
@@ -456,11 +467,19 @@ impl Backend for Cuda {
     fn download(&self, a: &CudaMat) -> BackendResult<Mat<f32>> {
         let data = self.stream.clone_dtoh(&a.buf).map_err(CudaError::from)?;
         let (sr, _) = a.storage();
-        Ok(if a.transposed {
-            Mat::from_fn(a.rows, a.cols, |i, j| data[i * sr + j])
-        } else {
-            Mat::from_fn(a.rows, a.cols, |i, j| data[j * sr + i])
-        })
+        if a.transposed {
+            return Ok(Mat::from_fn(a.rows, a.cols, |i, j| data[i * sr + j]));
+        }
+        // Column by column: contiguous copies instead of one closure call per element.
+        let mut m = Mat::<f32>::zeros(a.rows, a.cols);
+        for j in 0..a.cols {
+            m.col_mut(j)
+                .try_as_col_major_mut()
+                .expect("owned columns are contiguous")
+                .as_slice_mut()
+                .copy_from_slice(&data[j * sr..j * sr + a.rows]);
+        }
+        Ok(m)
     }
 
     fn synchronize(&self) -> BackendResult<()> {
@@ -578,10 +597,15 @@ impl Backend for Cuda {
         }
         let y = self.plain(y)?;
         if self.options.orth == Orth::CholeskyQr2 {
-            if let Some(q1) = self.cholesky_qr_pass(&y, super::FIRST_PASS_MIN_RATIO)? {
-                if let Some(q2) = self.cholesky_qr_pass(&q1, super::SECOND_PASS_MIN_RATIO)? {
-                    return Ok(q2);
-                }
+            // The passes work in place; the fallback starts again from Y itself.
+            let mut q = CudaMat {
+                buf: y.buf.try_clone().map_err(CudaError::from)?,
+                ..y
+            };
+            if self.cholesky_qr_pass(&mut q, super::FIRST_PASS_MIN_RATIO)?
+                && self.cholesky_qr_pass(&mut q, super::SECOND_PASS_MIN_RATIO)?
+            {
+                return Ok(q);
             }
         }
         self.householder(&y)

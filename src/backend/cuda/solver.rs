@@ -188,3 +188,33 @@ pub fn version() -> Option<i32> {
         .ok()
         .map(|_| v)
 }
+
+/// Cholesky G = L·Lᵀ of the symmetric k×k `g` in place (lower triangle), in f32. Returns
+/// cuSOLVER's info: 0, or the order of the first minor that is not positive definite.
+pub fn potrf_f32(
+    h: cusolverDnHandle_t,
+    stream: &Arc<CudaStream>,
+    k: usize,
+    g: &mut CudaSlice<f32>,
+) -> Result<i32, CudaError> {
+    let n = dim(k, "potrf n")?;
+    let uplo = cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
+    let mut info = stream.alloc_zeros::<i32>(1)?;
+    {
+        let (gp, _g) = g.device_ptr_mut(stream);
+        let (ip, _i) = info.device_ptr_mut(stream);
+        // SAFETY: g is k×k with leading dimension k; the workspace is sized by the query.
+        unsafe {
+            let mut lwork = 0;
+            sys::cusolverDnSpotrf_bufferSize(h, uplo, n, gp as _, n, &mut lwork)
+                .result()
+                .solver("cusolverDnSpotrf_bufferSize")?;
+            let mut work = stream.alloc_zeros::<f32>(lwork.max(1) as usize)?;
+            let (wk, _wk) = work.device_ptr_mut(stream);
+            sys::cusolverDnSpotrf(h, uplo, n, gp as _, n, wk as _, lwork, ip as _)
+                .result()
+                .solver("cusolverDnSpotrf")?;
+        }
+    }
+    Ok(stream.clone_dtoh(&info)?[0])
+}
