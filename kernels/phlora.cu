@@ -110,21 +110,35 @@ __device__ __forceinline__ void block_reduce(double acc, u32 bad, double* part_s
 // count of non-finite elements. The pointers must be 16-byte aligned (fresh allocations and
 // offsets that are multiples of 8 elements are).
 // One group: 8 elements of each input → 8 of ΔW, accumulating Σ d² and non-finite count.
-template <int DB, int DF>
+// Mode bits (uniform across the grid): DELTA_PAIRED = two groups per step with all loads
+// first; DELTA_F32_PARTIALS = each group's 8 squares summed in f32 before the f64 total (faster
+// but not exact), else exact f64 squares added as a tree (short dependency chains).
+#define DELTA_PAIRED 1u
+#define DELTA_F32_PARTIALS 2u
+
 __device__ __forceinline__ void delta_group(const float* a, const float* b, float* out_group,
-                                            double& acc, u32& bad) {
+                                            double& acc, u32& bad, u32 mode) {
     V16 o0, o1;
+    float d[8];
 #pragma unroll
     for (int k = 0; k < 8; k++) {
-        float d = b[k] - a[k];
-        // Squares in f64 like the CPU's (FP64 throughput is far above this kernel's needs).
-        if (finite_f32(d)) {
-            acc = fma((double)d, (double)d, acc);
-        } else {
-            bad++;
-        }
-        if (k < 4) o0.w[k] = f32_to_bits(d);
-        else o1.w[k - 4] = f32_to_bits(d);
+        d[k] = b[k] - a[k];
+        if (!finite_f32(d[k])) bad++;
+        if (k < 4) o0.w[k] = f32_to_bits(d[k]);
+        else o1.w[k - 4] = f32_to_bits(d[k]);
+    }
+    if (mode & DELTA_F32_PARTIALS) {
+        float s8 = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            if (finite_f32(d[k])) s8 = fmaf(d[k], d[k], s8);
+        acc += (double)s8;
+    } else {
+        // A float times a float is exact in f64.
+        double p[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) p[k] = finite_f32(d[k]) ? (double)d[k] * (double)d[k] : 0.0;
+        acc += ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
     }
     V16* o = (V16*)out_group;
     o[0] = o0;
@@ -133,31 +147,32 @@ __device__ __forceinline__ void delta_group(const float* a, const float* b, floa
 
 // out = ft − base in f32, n elements; per block: Σ out² (finite elements, in f64) and the
 // count of non-finite elements. The pointers must be 16-byte aligned (fresh allocations and
-// offsets that are multiples of 8 elements are). Two groups per step, loads first, so each
-// thread keeps four 16-byte loads in flight.
+// offsets that are multiples of 8 elements are).
 template <int DB, int DF>
 __device__ __forceinline__ void delta_body(const void* base, const void* ft, float* out, u64 n,
-                                           double* part_sum, u32* part_bad) {
+                                           double* part_sum, u32* part_bad, u32 mode) {
     double acc = 0.0;
     u32 bad = 0;
     const u64 stride = (u64)gridDim.x * BLOCK;
     const u64 first = (u64)blockIdx.x * BLOCK + threadIdx.x;
     const u64 groups = n / 8;
     u64 g = first;
-    for (; g + stride < groups; g += 2 * stride) {
-        float a0[8], b0[8], a1[8], b1[8];
-        In<DB>::load8(base, g, a0);
-        In<DF>::load8(ft, g, b0);
-        In<DB>::load8(base, g + stride, a1);
-        In<DF>::load8(ft, g + stride, b1);
-        delta_group<DB, DF>(a0, b0, out + 8 * g, acc, bad);
-        delta_group<DB, DF>(a1, b1, out + 8 * (g + stride), acc, bad);
+    if (mode & DELTA_PAIRED) {
+        for (; g + stride < groups; g += 2 * stride) {
+            float a0[8], b0[8], a1[8], b1[8];
+            In<DB>::load8(base, g, a0);
+            In<DF>::load8(ft, g, b0);
+            In<DB>::load8(base, g + stride, a1);
+            In<DF>::load8(ft, g + stride, b1);
+            delta_group(a0, b0, out + 8 * g, acc, bad, mode);
+            delta_group(a1, b1, out + 8 * (g + stride), acc, bad, mode);
+        }
     }
-    if (g < groups) {
+    for (; g < groups; g += stride) {
         float a0[8], b0[8];
         In<DB>::load8(base, g, a0);
         In<DF>::load8(ft, g, b0);
-        delta_group<DB, DF>(a0, b0, out + 8 * g, acc, bad);
+        delta_group(a0, b0, out + 8 * g, acc, bad, mode);
     }
     for (u64 i = groups * 8 + first; i < n; i += stride) {
         float d = In<DF>::load1(ft, i) - In<DB>::load1(base, i);
@@ -171,8 +186,8 @@ __device__ __forceinline__ void delta_body(const void* base, const void* ft, flo
 #define DELTA(NAME, DB, DF)                                                                   \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                      \
         NAME(const void* base, const void* ft, float* out, u64 n, double* part_sum,          \
-             u32* part_bad) {                                                                 \
-        delta_body<DB, DF>(base, ft, out, n, part_sum, part_bad);                             \
+             u32* part_bad, u32 mode) {                                                       \
+        delta_body<DB, DF>(base, ft, out, n, part_sum, part_bad, mode);                       \
     }
 
 // delta_<base>_<ft>

@@ -233,6 +233,20 @@ impl Backend for Cpu {
         )))
     }
 
+    fn range_basis(&self, y: CpuMat) -> BackendResult<CpuMat> {
+        let (m, n) = y.view().shape();
+        if m < n {
+            return Err(BackendError(format!(
+                "cannot orthonormalize a wide {m}×{n} matrix"
+            )));
+        }
+        let mut q = y.view().to_owned();
+        if cholesky_qr_pass(&mut q, FIRST_PASS_MIN_RATIO) {
+            return Ok(CpuMat::new(q));
+        }
+        self.orthonormalize(y)
+    }
+
     fn thin_svd(&self, a: &CpuMat) -> BackendResult<SvdParts<CpuMat>> {
         // In f64: faer's f32 QR (the first step of its SVD of a tall matrix) loses ~1e-3 of
         // relative accuracy on steep or rank-deficient inputs, which the exact mode — the

@@ -142,6 +142,16 @@ pub fn run(a: &BenchArgs, ui: Ui) -> Result<ExitCode> {
             100.0 * d.kernel_bytes_per_s / d.copy_bytes_per_s,
             d.copy_bytes_per_s / 1e12
         ));
+        for (mode, secs, rate) in &d.modes {
+            text.push_str(&format!(
+                "  mode {mode} (paired {}, f32 partials {}): {:.3} ms, {:.2} TB/s = {:.0}%\n",
+                mode & 1,
+                (mode >> 1) & 1,
+                secs * 1e3,
+                rate / 1e12,
+                100.0 * rate / d.copy_bytes_per_s
+            ));
+        }
     }
     if a.json {
         if !ui.quiet {

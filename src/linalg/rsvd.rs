@@ -22,12 +22,22 @@ pub fn randomized_svd<B: Backend>(
     seed: u64,
 ) -> BackendResult<OnDevice<B::Mat>> {
     let (_m, n) = be.shape(a);
+    // Only the last basis must be orthonormal to working precision (B = QᵀΔW relies on it);
+    // the ones inside the power iterations only carry a subspace forward, for which one
+    // Cholesky-QR pass is enough.
+    let basis = |y: B::Mat, last: bool| {
+        if last {
+            be.orthonormalize(y)
+        } else {
+            be.range_basis(y)
+        }
+    };
     let omega = be.gaussian(n, k, seed)?;
-    let mut q = be.orthonormalize(be.gemm_delta(a, Op::N, &omega, Op::N)?)?; // m×k
+    let mut q = basis(be.gemm_delta(a, Op::N, &omega, Op::N)?, power_iters == 0)?; // m×k
     drop(omega);
-    for _ in 0..power_iters {
-        let z = be.orthonormalize(be.gemm_delta(a, Op::T, &q, Op::N)?)?; // n×k
-        q = be.orthonormalize(be.gemm_delta(a, Op::N, &z, Op::N)?)?; // m×k
+    for i in 0..power_iters {
+        let z = be.range_basis(be.gemm_delta(a, Op::T, &q, Op::N)?)?; // n×k
+        q = basis(be.gemm_delta(a, Op::N, &z, Op::N)?, i + 1 == power_iters)?; // m×k
     }
     let b = be.gemm_delta(&q, Op::T, a, Op::N)?; // k×n
     let small = be.short_wide_svd(&b)?; // B = Ub·S·Vᵀ, Ub k×k, V n×k

@@ -18,6 +18,11 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 /// Threads per block; the kernels' shared-memory reductions are sized for it.
 pub const BLOCK: u32 = 256;
 
+/// `delta_*` mode bits (kernels/phlora.cu): two 8-element groups per step with all loads first.
+pub const DELTA_PAIRED: u32 = 1;
+/// `delta_*` mode bits: each group's squares summed in f32 first (faster, not exact).
+pub const DELTA_F32_PARTIALS: u32 = 2;
+
 /// The single kernel file's name.
 const FILE: &str = "phlora.cu";
 
@@ -131,6 +136,7 @@ impl Kernels {
         n: usize,
         part_sum: &mut CudaSlice<f64>,
         part_bad: &mut CudaSlice<u32>,
+        mode: u32,
     ) -> Result<(), CudaError> {
         let func = &self.delta[&(base_dtype, ft_dtype)];
         // Eight elements per thread per step.
@@ -154,6 +160,7 @@ impl Kernels {
                 .arg(&n)
                 .arg(&ps)
                 .arg(&pb)
+                .arg(&mode)
                 .launch(cfg)?;
         }
         Ok(())

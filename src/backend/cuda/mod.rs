@@ -127,6 +127,8 @@ pub struct Cuda {
     solver: DnHandle,
     kernels: Kernels,
     options: CudaOptions,
+    /// How the ΔW kernel runs (kernels::DELTA_* bits); exact f64 sums unless a bench asks.
+    delta_mode: u32,
     /// "cuda:N (name, sm_XY"; the options complete it in `name()`.
     device_label: String,
 }
@@ -212,6 +214,7 @@ impl Cuda {
             solver,
             kernels,
             options,
+            delta_mode: kernels::DELTA_PAIRED,
             device_label: format!("cuda:{ordinal} ({name}, sm_{major}{minor}"),
         })
     }
@@ -537,6 +540,7 @@ impl Backend for Cuda {
                 n,
                 &mut part_sum,
                 &mut part_bad,
+                self.delta_mode,
             )?;
             // The copies are complete once the partials are back: the rows' pages may go.
             let used = self.kernels.grid(n.div_ceil(8)).grid_dim.0 as usize;
@@ -609,6 +613,21 @@ impl Backend for Cuda {
             }
         }
         self.householder(&y)
+    }
+
+    fn range_basis(&self, y: CudaMat) -> BackendResult<CudaMat> {
+        if y.rows < y.cols || self.options.orth != Orth::CholeskyQr2 {
+            return self.orthonormalize(y);
+        }
+        let mut q = self.plain(y)?;
+        let keep = CudaMat {
+            buf: q.buf.try_clone().map_err(CudaError::from)?,
+            ..q
+        };
+        if self.cholesky_qr_pass(&mut q, super::FIRST_PASS_MIN_RATIO)? {
+            return Ok(q);
+        }
+        self.householder(&keep)
     }
 
     fn thin_svd(&self, a: &CudaMat) -> BackendResult<SvdParts<CudaMat>> {
@@ -784,9 +803,13 @@ pub struct DeltaBench {
     pub rows: usize,
     pub cols: usize,
     pub dtype: &'static str,
+    /// The mode extract uses.
+    pub mode: u32,
     pub kernel_seconds: f64,
     pub kernel_bytes_per_s: f64,
     pub copy_bytes_per_s: f64,
+    /// (mode, seconds, bytes per second) for every mode.
+    pub modes: Vec<(u32, f64, f64)>,
 }
 
 impl Cuda {
@@ -830,33 +853,46 @@ impl Cuda {
             ts.sort_by(f64::total_cmp);
             Ok(ts[ts.len() / 2])
         };
-        let kernel_seconds = time(&mut || {
-            self.kernels.delta(
-                &self.stream,
-                &base,
-                dtype,
-                &ft,
-                dtype,
-                out_ptr,
-                n,
-                &mut part_sum,
-                &mut part_bad,
-            )
-        })?;
+        let moved = (2 * in_bytes + 4 * n) as f64;
+        let mut modes = Vec::new();
+        for mode in 0..4u32 {
+            let seconds = time(&mut || {
+                self.kernels.delta(
+                    &self.stream,
+                    &base,
+                    dtype,
+                    &ft,
+                    dtype,
+                    out_ptr,
+                    n,
+                    &mut part_sum,
+                    &mut part_bad,
+                    mode,
+                )
+            })?;
+            modes.push((mode, seconds, moved / seconds));
+        }
+        let kernel_seconds = modes[self.delta_mode as usize].1;
         // A copy moving as many bytes: read 2·in + write 4n ≈ copy of (2·in + 4n)/2 bytes.
         let copy_bytes = (2 * in_bytes + 4 * n) / 2;
         let src = self.stream.alloc_zeros::<u8>(copy_bytes)?;
         let mut dst = self.stream.alloc_zeros::<u8>(copy_bytes)?;
         let copy_seconds = time(&mut || Ok(self.stream.memcpy_dtod(&src, &mut dst)?))?;
-        let moved = (2 * in_bytes + 4 * n) as f64;
         Ok(DeltaBench {
             rows,
             cols,
             dtype: dtype.as_str(),
+            mode: self.delta_mode,
+            modes,
             kernel_seconds,
             kernel_bytes_per_s: moved / kernel_seconds,
             copy_bytes_per_s: (2 * copy_bytes) as f64 / copy_seconds,
         })
+    }
+
+    /// Changes how the ΔW kernel runs (kernels::DELTA_* bits; tests and benches).
+    pub fn set_delta_mode(&mut self, mode: u32) {
+        self.delta_mode = mode & (kernels::DELTA_PAIRED | kernels::DELTA_F32_PARTIALS);
     }
 
     /// Changes how the randomized SVD runs (the bench's variants).
