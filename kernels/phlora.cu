@@ -246,3 +246,47 @@ extern "C" __global__ void __launch_bounds__(BLOCK) gaussian_fill(float* out, u6
         out[i] = (float)((i & 1) ? r * sin(t) : r * cos(t));
     }
 }
+
+// LoRA factor tensors from a column-major rows×r source (U or V): out = src[:, k]·scale[k],
+// zero for r ≤ k < r_out, rounded to the output dtype (0 = f32, 1 = f16, 2 = bf16, round to
+// nearest even like the host's encoder) and written as a row-major tensor, [r_out, rows] when
+// transpose_out is 0 and [rows, r_out] when it is 1. `rounded` gets the same values back in
+// f32, in the same order, for the residual certificate.
+extern "C" __global__ void __launch_bounds__(BLOCK)
+    factor_cast(const float* src, u64 rows, u32 r, u32 r_out, const float* scale,
+                u32 transpose_out, u32 dtype, void* out, float* rounded) {
+    const u64 n = rows * (u64)r_out;
+    const u64 stride = (u64)gridDim.x * BLOCK;
+    for (u64 idx = (u64)blockIdx.x * BLOCK + threadIdx.x; idx < n; idx += stride) {
+        u64 i, k;
+        if (transpose_out) {
+            i = idx / r_out;
+            k = idx % r_out;
+        } else {
+            k = idx / rows;
+            i = idx % rows;
+        }
+        float x = k < r ? src[k * rows + i] * scale[k] : 0.0f;
+        float back;
+        if (dtype == 0) {
+            ((float*)out)[idx] = x;
+            back = x;
+        } else if (dtype == 1) {
+            u16 h;
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+            ((u16*)out)[idx] = h;
+            back = f16_to_f32(h);
+        } else {
+            u32 b = f32_to_bits(x);
+            u16 h;
+            if ((b & 0x7fffffffu) > 0x7f800000u) {
+                h = (u16)((b >> 16) | 0x40u);  // NaN stays a (quiet) NaN
+            } else {
+                h = (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+            }
+            ((u16*)out)[idx] = h;
+            back = bf16_to_f32(h);
+        }
+        rounded[idx] = back;
+    }
+}

@@ -12,7 +12,7 @@ use crate::backend::{self, Backend, CudaOptions, DeltaInput, DeltaStats, Device,
 use crate::checkpoint::dtype::decode_into;
 use crate::checkpoint::{Checkpoint, DType, TensorEntry};
 use crate::error::{Error, Result};
-use crate::factor::{self, Layout};
+use crate::factor::Layout;
 use crate::linalg::{self, rank::RankPolicy, rsvd, Method, SvdSettings};
 use crate::plan::{Action, Plan, PlanItem, PlanOptions};
 use crate::report::{RunReport, StageSeconds, Summary, TensorReport};
@@ -297,9 +297,11 @@ impl<B: Backend> LoraJob<'_, B> {
         let clock = Instant::now();
         let r = self.s.rank.rank_for(rows, cols);
         let seed = crate::rng::seed_for(self.s.svd.seed, &item.name);
-        let t = linalg::decompose(be, &delta, r, &self.s.svd, seed).map_err(|e| Error::Linalg {
-            tensor: item.name.clone(),
-            reason: e.0,
+        let t = linalg::decompose_on_device(be, &delta, r, &self.s.svd, seed).map_err(|e| {
+            Error::Linalg {
+                tensor: item.name.clone(),
+                reason: e.0,
+            }
         })?;
         match t.method {
             Method::Randomized => {
@@ -315,14 +317,14 @@ impl<B: Backend> LoraJob<'_, B> {
         } else {
             Layout::Linear
         };
-        let f = factor::split(&t, layout, self.r_adapter, self.out_dtype);
+        let f = be
+            .factor(&t, layout, self.r_adapter, self.out_dtype)
+            .map_err(backend_err)?;
         stages.factor += lap(clock);
 
         let clock = Instant::now();
-        let left = be.upload(f.left.as_ref()).map_err(backend_err)?;
-        let right = be.upload(f.right.as_ref()).map_err(backend_err)?;
         let res = be
-            .residual_sumsq(&delta, &left, &right)
+            .residual_sumsq(&delta, &f.left, &f.right)
             .map_err(backend_err)?;
         stages.residual += lap(clock);
 

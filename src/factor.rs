@@ -30,6 +30,18 @@ pub struct Factors {
     pub right: Mat<f32>,
 }
 
+/// [`Factors`] with the rounded left/right kept on a backend (for the residual there).
+pub struct DeviceFactors<M> {
+    pub a_shape: [usize; 2],
+    pub a_bytes: Vec<u8>,
+    pub b_shape: [usize; 2],
+    pub b_bytes: Vec<u8>,
+    /// rows×r_out, as rounded through the output dtype.
+    pub left: M,
+    /// r_out×cols, as rounded through the output dtype.
+    pub right: M,
+}
+
 /// Builds factors of rank `r_out` (≥ the SVD's rank; extra columns are zero, which leaves
 /// the product unchanged) for a rows×cols ΔW.
 pub fn split(t: &Truncated, layout: Layout, r_out: usize, dtype: DType) -> Factors {

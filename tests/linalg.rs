@@ -470,3 +470,38 @@ fn delta_check<B: Backend>(be: &B, sumsq_tol: f64) {
         }
     }
 }
+
+#[test]
+fn factors_from_the_backend_equal_the_host_split_bit_for_bit() {
+    on_every_device!(factor_body);
+}
+
+fn factor_body<B: Backend>(be: &B) {
+    use phlora::linalg::decompose_on_device;
+    let seed = fresh_seed("factor");
+    for &(m, n) in &[(70usize, 40usize), (40, 70), (1, 33)] {
+        let sigma: Vec<f64> = (0..m.min(n)).map(|i| (1.0 + i as f64).powf(-0.8)).collect();
+        let a = spectrum_matrix(m, n, &sigma, 1e-3, seed);
+        let a32 = Mat::<f32>::from_fn(m, n, |i, j| a[(i, j)] as f32);
+        let d = be.upload(a32.as_ref()).unwrap();
+        let r = 6.min(m).min(n);
+        let t = decompose_on_device(be, &d, r, &settings(Method::Randomized, seed), seed).unwrap();
+        let host = t.download(be).unwrap();
+        for layout in [Layout::Linear, Layout::Embedding] {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let want = split(&host, layout, r + 2, dtype);
+                let got = be.factor(&t, layout, r + 2, dtype).unwrap();
+                let what = format!("{m}×{n} {layout:?} {dtype:?} on {}", be.name());
+                assert_eq!(got.a_shape, want.a_shape, "{what}");
+                assert_eq!(got.b_shape, want.b_shape, "{what}");
+                assert!(got.a_bytes == want.a_bytes, "{what}: A bytes differ");
+                assert!(got.b_bytes == want.b_bytes, "{what}: B bytes differ");
+                assert!(be.download(&got.left).unwrap() == want.left, "{what}: left");
+                assert!(
+                    be.download(&got.right).unwrap() == want.right,
+                    "{what}: right"
+                );
+            }
+        }
+    }
+}

@@ -115,6 +115,28 @@ pub trait Backend: Sync {
     /// information in f32 and come back with zero right vectors.
     fn short_wide_svd(&self, b: &Self::Mat) -> BackendResult<SvdParts<Self::Mat>>;
 
+    /// The LoRA factors of a decomposition ([`factor::split`](crate::factor::split)): encoded
+    /// in `dtype` as they are written, and the same rounded values kept on the backend as
+    /// left (rows×r_out) and right (r_out×cols) for the residual. The default goes through
+    /// the host.
+    fn factor(
+        &self,
+        t: &crate::linalg::OnDevice<Self::Mat>,
+        layout: crate::factor::Layout,
+        r_out: usize,
+        dtype: DType,
+    ) -> BackendResult<crate::factor::DeviceFactors<Self::Mat>> {
+        let f = crate::factor::split(&t.download(self)?, layout, r_out, dtype);
+        Ok(crate::factor::DeviceFactors {
+            a_shape: f.a_shape,
+            a_bytes: f.a_bytes,
+            b_shape: f.b_shape,
+            b_bytes: f.b_bytes,
+            left: self.upload(f.left.as_ref())?,
+            right: self.upload(f.right.as_ref())?,
+        })
+    }
+
     /// ‖ΔW − B·A‖²_F in f64, computed directly (the report's error certificate).
     fn residual_sumsq(&self, delta: &Self::Mat, b: &Self::Mat, a: &Self::Mat)
         -> BackendResult<f64>;

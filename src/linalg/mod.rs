@@ -77,7 +77,7 @@ pub struct OnDevice<M> {
 }
 
 impl<M> OnDevice<M> {
-    pub fn download<B: Backend<Mat = M>>(&self, be: &B) -> BackendResult<Truncated> {
+    pub fn download<B: Backend<Mat = M> + ?Sized>(&self, be: &B) -> BackendResult<Truncated> {
         Ok(Truncated {
             u: be.download(&self.u)?,
             s: self.s.clone(),

@@ -82,6 +82,7 @@ pub struct Kernels {
     to_f64: CudaFunction,
     to_f32: CudaFunction,
     gaussian: CudaFunction,
+    factor_cast: CudaFunction,
     /// Blocks in a grid-stride launch: enough to fill the device several times over.
     max_blocks: u32,
 }
@@ -107,6 +108,7 @@ impl Kernels {
             to_f64: f("f32_to_f64")?,
             to_f32: f("f64_to_f32")?,
             gaussian: f("gaussian_fill")?,
+            factor_cast: f("factor_cast")?,
             max_blocks: (sms.max(1) * 8) as u32,
         })
     }
@@ -239,6 +241,51 @@ impl Kernels {
         Ok(())
     }
 
+    /// One LoRA factor tensor from a column-major rows×r `src` (see kernels/phlora.cu):
+    /// `out` gets the encoded values (rows·r_out elements of `dtype`), `rounded` the same
+    /// values in f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn factor_cast(
+        &self,
+        stream: &Arc<CudaStream>,
+        src: u64,
+        rows: usize,
+        r: usize,
+        r_out: usize,
+        scale: &CudaSlice<f32>,
+        transpose_out: bool,
+        dtype: DType,
+        out: u64,
+        rounded: u64,
+    ) -> Result<(), CudaError> {
+        assert!(scale.len() >= r && r <= r_out);
+        let (sp, _s) = scale.device_ptr(stream);
+        let (rows64, r32, r_out32) = (rows as u64, r as u32, r_out as u32);
+        let t = u32::from(transpose_out);
+        let code: u32 = match dtype {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::BF16 => 2,
+        };
+        // SAFETY: src holds rows·r f32, out has room for rows·r_out elements of dtype and
+        // rounded for as many f32; scale has r entries (asserted).
+        unsafe {
+            stream
+                .launch_builder(&self.factor_cast)
+                .arg(&src)
+                .arg(&rows64)
+                .arg(&r32)
+                .arg(&r_out32)
+                .arg(&sp)
+                .arg(&t)
+                .arg(&code)
+                .arg(&out)
+                .arg(&rounded)
+                .launch(self.grid(rows * r_out))?;
+        }
+        Ok(())
+    }
+
     /// out = standard normal samples, element i equal to the host's `rng::normal_at(seed, i)`.
     pub fn gaussian(
         &self,
@@ -281,10 +328,16 @@ mod tests {
     }
 
     fn kernel_names() -> Vec<String> {
-        let mut names: Vec<String> = ["sumsq_f32", "f32_to_f64", "f64_to_f32", "gaussian_fill"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut names: Vec<String> = [
+            "sumsq_f32",
+            "f32_to_f64",
+            "f64_to_f32",
+            "gaussian_fill",
+            "factor_cast",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         for b in ["f32", "f16", "bf16"] {
             for f in ["f32", "f16", "bf16"] {
                 names.push(format!("delta_{b}_{f}"));
