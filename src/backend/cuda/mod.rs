@@ -5,9 +5,12 @@
 //! Matrices are column-major f32 buffers; like the CPU's, a matrix may be kept as the storage
 //! of its transpose (ΔW arrives row-major), and GEMMs fold that into their operation flags.
 
+mod bench;
 mod blas;
 pub mod error;
+mod factor;
 pub mod kernels;
+mod options;
 mod solver;
 
 use std::sync::Arc;
@@ -20,67 +23,11 @@ use faer::{Mat, MatRef};
 use super::{
     eigh_descending, Backend, BackendError, BackendResult, DeltaInput, DeltaStats, Op, SvdParts,
 };
+pub use bench::DeltaBench;
 use blas::Operand;
 pub use error::CudaError;
 use kernels::Kernels;
-
-/// How the randomized SVD's steps run on the GPU (the variants `phlora bench --variants`
-/// compares).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CudaOptions {
-    /// The sketch and power-iteration GEMMs with ΔW on TF32 tensor cores (inputs rounded to a
-    /// 10-bit mantissa); the Gram matrices, small products and the residual stay plain f32.
-    pub tf32: bool,
-    pub orth: Orth,
-    pub small: SmallSvd,
-}
-
-impl Default for CudaOptions {
-    fn default() -> Self {
-        CudaOptions {
-            tf32: true,
-            orth: Orth::CholeskyQr2,
-            small: SmallSvd::DeviceEigh,
-        }
-    }
-}
-
-/// How a tall sketch is orthonormalised.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Orth {
-    /// Two Cholesky-QR passes on GEMMs (k×k Cholesky on the host, in f64), falling back to
-    /// Householder when the Gram matrix is too ill-conditioned.
-    CholeskyQr2,
-    /// cuSOLVER geqrf + orgqr in f64 every time.
-    Householder,
-}
-
-/// How the small k×n SVD of B = QᵀΔW is computed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SmallSvd {
-    /// B·Bᵀ in f64 on the GPU, cuSOLVER syevd.
-    DeviceEigh,
-    /// B·Bᵀ in f64 on the GPU, eigendecomposition on the host (faer).
-    HostEigh,
-    /// cuSOLVER gesvd of Bᵀ in f32.
-    Gesvd,
-}
-
-impl std::fmt::Display for CudaOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let orth = match self.orth {
-            Orth::CholeskyQr2 => "cholqr2",
-            Orth::Householder => "householder",
-        };
-        let small = match self.small {
-            SmallSvd::DeviceEigh => "eigh",
-            SmallSvd::HostEigh => "host-eigh",
-            SmallSvd::Gesvd => "gesvd",
-        };
-        let prec = if self.tf32 { "tf32" } else { "f32" };
-        write!(f, "{prec}+{orth}+{small}")
-    }
-}
+pub use options::{CudaOptions, Orth, SmallSvd};
 
 /// A dense f32 matrix on the GPU: `store` is rows×cols column-major when `transposed` is
 /// false, and the storage of the transpose (cols×rows) when it is true.
@@ -340,11 +287,6 @@ impl Cuda {
         Ok(y)
     }
 
-    /// A small host matrix into a device matrix.
-    fn upload_small(&self, host: MatRef<'_, f32>) -> Result<CudaMat, BackendError> {
-        self.upload(host)
-    }
-
     /// One Cholesky-QR pass in place, all on the device: G = YᵀY = LLᵀ (cuSOLVER potrf),
     /// Y ← Y·L⁻ᵀ (cuBLAS trsm). Returns false, Y untouched, when G is not safely positive
     /// definite (the CPU's guard: diag(L) ratio under `min_ratio`).
@@ -416,10 +358,10 @@ impl Cuda {
                 0.0
             }
         });
-        let scaled = self.upload_small(scaled.as_ref())?;
+        let scaled = self.upload(scaled.as_ref())?;
         let v = self.gemm_with(false, b, Op::T, &scaled, Op::N)?;
         Ok(SvdParts {
-            u: self.upload_small(ub.as_ref())?,
+            u: self.upload(ub.as_ref())?,
             s: s64.iter().map(|&x| x as f32).collect(),
             v,
         })
@@ -739,83 +681,7 @@ impl Backend for Cuda {
         r_out: usize,
         dtype: crate::checkpoint::DType,
     ) -> BackendResult<crate::factor::DeviceFactors<CudaMat>> {
-        use crate::factor::Layout;
-        let r = t.s.len();
-        if r > r_out || t.u.cols != r || t.v.cols != r {
-            return Err(BackendError(format!(
-                "factor: rank {r} does not fit the adapter rank {r_out}"
-            )));
-        }
-        // Plain column-major U (rows×r) and V (cols×r).
-        let u = self.first_cols(&t.u, r)?;
-        let v = self.first_cols(&t.v, r)?;
-        let (rows, cols) = (u.rows, v.rows);
-        let root: Vec<f32> = t.s.iter().map(|s| s.max(0.0).sqrt()).collect();
-        let scale = self
-            .stream
-            .clone_htod(if root.is_empty() {
-                &[0.0f32][..]
-            } else {
-                &root[..]
-            })
-            .map_err(CudaError::from)?;
-        // One factor tensor: encoded bytes on the host, rounded f32 left on the device.
-        let tensor =
-            |src: &CudaMat, transpose_out: bool| -> Result<(Vec<u8>, CudaSlice<f32>), CudaError> {
-                let n = src.rows * r_out;
-                // SAFETY: fully written by the kernel (n elements of each).
-                let mut bits = unsafe { self.stream.alloc::<u8>((n * dtype.size()).max(1)) }?;
-                let rounded = self.alloc(n)?;
-                self.kernels.factor_cast(
-                    &self.stream,
-                    src.ptr(&self.stream),
-                    src.rows,
-                    r,
-                    r_out,
-                    &scale,
-                    transpose_out,
-                    dtype,
-                    bits.device_ptr_mut(&self.stream).0,
-                    rounded.device_ptr(&self.stream).0,
-                )?;
-                let mut bytes = self.stream.clone_dtoh(&bits)?;
-                bytes.truncate(n * dtype.size());
-                Ok((bytes, rounded))
-            };
-        // The row-major [r_out, len] tensor is the column-major storage of a len×r_out matrix,
-        // the row-major [len, r_out] one that of its transpose.
-        let mat = |buf, rows, cols, transposed| CudaMat {
-            buf,
-            rows,
-            cols,
-            transposed,
-        };
-        Ok(match layout {
-            Layout::Linear => {
-                let (a_bytes, a_round) = tensor(&v, false)?; // A = √S·Vᵀ [r_out, cols]
-                let (b_bytes, b_round) = tensor(&u, true)?; // B = U·√S [rows, r_out]
-                crate::factor::DeviceFactors {
-                    a_shape: [r_out, cols],
-                    a_bytes,
-                    b_shape: [rows, r_out],
-                    b_bytes,
-                    left: mat(b_round, rows, r_out, true),
-                    right: mat(a_round, r_out, cols, true),
-                }
-            }
-            Layout::Embedding => {
-                let (a_bytes, a_round) = tensor(&u, false)?; // A = (U·√S)ᵀ [r_out, rows]
-                let (b_bytes, b_round) = tensor(&v, true)?; // B = (√S·Vᵀ)ᵀ [cols, r_out]
-                crate::factor::DeviceFactors {
-                    a_shape: [r_out, rows],
-                    a_bytes,
-                    b_shape: [cols, r_out],
-                    b_bytes,
-                    left: mat(a_round, rows, r_out, false),
-                    right: mat(b_round, r_out, cols, false),
-                }
-            }
-        })
+        self.factor_on_device(t, layout, r_out, dtype)
     }
 
     fn residual_sumsq(&self, delta: &CudaMat, b: &CudaMat, a: &CudaMat) -> BackendResult<f64> {
@@ -881,110 +747,5 @@ impl Backend for Cuda {
             total += sums[..used].iter().sum::<f64>();
         }
         Ok(total)
-    }
-}
-
-/// The ΔW kernel's speed on device-resident inputs against a device-to-device copy of the same
-/// bytes (bytes read + written, per second), measured back to back.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct DeltaBench {
-    pub rows: usize,
-    pub cols: usize,
-    pub dtype: &'static str,
-    /// The mode extract uses.
-    pub mode: u32,
-    pub kernel_seconds: f64,
-    pub kernel_bytes_per_s: f64,
-    pub copy_bytes_per_s: f64,
-    /// (mode, seconds, bytes per second) for every mode.
-    pub modes: Vec<(u32, f64, f64)>,
-}
-
-impl Cuda {
-    /// Times the ΔW kernel (inputs already on the device) and a copy, `reps` times each after
-    /// a warm-up; medians.
-    pub fn bench_delta(
-        &self,
-        rows: usize,
-        cols: usize,
-        dtype: crate::checkpoint::DType,
-        reps: usize,
-    ) -> Result<DeltaBench, CudaError> {
-        let n = rows * cols;
-        let in_bytes = n * dtype.size();
-        let mut base = self.stream.alloc_zeros::<u8>(in_bytes)?;
-        let mut ft = self.stream.alloc_zeros::<u8>(in_bytes)?;
-        // Finite, non-zero inputs (0x3f3f… and 0x4040… are ordinary numbers in every dtype).
-        // SAFETY: the memsets cover exactly the allocations.
-        unsafe {
-            let (b, _b) = base.device_ptr_mut(&self.stream);
-            cudarc::driver::result::memset_d8_async(b, 0x3f, in_bytes, self.stream.cu_stream())?;
-            let (f, _f) = ft.device_ptr_mut(&self.stream);
-            cudarc::driver::result::memset_d8_async(f, 0x40, in_bytes, self.stream.cu_stream())?;
-        }
-        let out = self.alloc(n)?;
-        let out_ptr = out.device_ptr(&self.stream).0;
-        let blocks = self.kernels.grid(n.div_ceil(8)).grid_dim.0 as usize;
-        let mut part_sum = self.alloc_f64(blocks)?;
-        // SAFETY: written by each launch before it is read.
-        let mut part_bad = unsafe { self.stream.alloc::<u32>(blocks) }?;
-        let time = |f: &mut dyn FnMut() -> Result<(), CudaError>| -> Result<f64, CudaError> {
-            f()?;
-            self.sync()?;
-            let mut ts = Vec::new();
-            for _ in 0..reps.max(1) {
-                let t = std::time::Instant::now();
-                f()?;
-                self.sync()?;
-                ts.push(t.elapsed().as_secs_f64());
-            }
-            ts.sort_by(f64::total_cmp);
-            Ok(ts[ts.len() / 2])
-        };
-        let moved = (2 * in_bytes + 4 * n) as f64;
-        let mut modes = Vec::new();
-        for mode in 0..4u32 {
-            let seconds = time(&mut || {
-                self.kernels.delta(
-                    &self.stream,
-                    &base,
-                    dtype,
-                    &ft,
-                    dtype,
-                    out_ptr,
-                    n,
-                    &mut part_sum,
-                    &mut part_bad,
-                    mode,
-                )
-            })?;
-            modes.push((mode, seconds, moved / seconds));
-        }
-        let kernel_seconds = modes[self.delta_mode as usize].1;
-        // A copy moving as many bytes: read 2·in + write 4n ≈ copy of (2·in + 4n)/2 bytes.
-        let copy_bytes = (2 * in_bytes + 4 * n) / 2;
-        let src = self.stream.alloc_zeros::<u8>(copy_bytes)?;
-        let mut dst = self.stream.alloc_zeros::<u8>(copy_bytes)?;
-        let copy_seconds = time(&mut || Ok(self.stream.memcpy_dtod(&src, &mut dst)?))?;
-        Ok(DeltaBench {
-            rows,
-            cols,
-            dtype: dtype.as_str(),
-            mode: self.delta_mode,
-            modes,
-            kernel_seconds,
-            kernel_bytes_per_s: moved / kernel_seconds,
-            copy_bytes_per_s: (2 * copy_bytes) as f64 / copy_seconds,
-        })
-    }
-
-    /// Changes how the ΔW kernel runs (kernels::DELTA_* bits; tests and benches).
-    pub fn set_delta_mode(&mut self, mode: u32) {
-        self.delta_mode = mode & (kernels::DELTA_PAIRED | kernels::DELTA_F32_PARTIALS);
-    }
-
-    /// Changes how the randomized SVD runs (the bench's variants).
-    pub fn set_options(&mut self, options: CudaOptions) {
-        self.options = options;
     }
 }
