@@ -9,6 +9,11 @@ use cudarc::nvrtc::CompileError;
 pub enum CudaError {
     #[error("{0} was not found on the library path (install the NVIDIA driver / CUDA 12 or 13 libraries, or set LD_LIBRARY_PATH)")]
     MissingLibrary(&'static str),
+    #[error("{lib} has no {symbol} (too old a CUDA installation?)")]
+    MissingSymbol {
+        lib: &'static str,
+        symbol: &'static str,
+    },
     #[error("no CUDA device {ordinal}: {count} device(s) visible")]
     NoDevice { ordinal: usize, count: usize },
     #[error("CUDA driver: {0}")]

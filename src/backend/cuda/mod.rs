@@ -93,8 +93,61 @@ pub struct CudaInfo {
     pub cusolver_version: Option<i32>,
 }
 
-fn libraries_present() -> Result<(), CudaError> {
-    // SAFETY: these only try to dlopen the library; nothing is called through it.
+/// The library functions phlora calls. cudarc resolves each on first use and panics if one is
+/// missing, so they are all looked up while probing: an older or partial installation is then
+/// a clear error (and `auto` falls back to the CPU) instead of a panic mid-run.
+const NVRTC_SYMBOLS: &[&str] = &[
+    "nvrtcCreateProgram",
+    "nvrtcCompileProgram",
+    "nvrtcGetPTXSize",
+    "nvrtcGetPTX",
+    "nvrtcGetProgramLogSize",
+    "nvrtcGetProgramLog",
+    "nvrtcDestroyProgram",
+    "nvrtcVersion",
+];
+const CUBLAS_SYMBOLS: &[&str] = &[
+    "cublasCreate_v2",
+    "cublasDestroy_v2",
+    "cublasSetStream_v2",
+    "cublasGemmEx",
+    "cublasDgemm_v2",
+    "cublasSgeam",
+    "cublasDgeam",
+    "cublasStrsm_v2",
+    "cublasScopy_v2",
+    "cublasGetVersion_v2",
+];
+const CUSOLVER_SYMBOLS: &[&str] = &[
+    "cusolverDnCreate",
+    "cusolverDnDestroy",
+    "cusolverDnSetStream",
+    "cusolverDnSpotrf_bufferSize",
+    "cusolverDnSpotrf",
+    "cusolverDnDsyevd_bufferSize",
+    "cusolverDnDsyevd",
+    "cusolverDnDgeqrf_bufferSize",
+    "cusolverDnDgeqrf",
+    "cusolverDnDorgqr_bufferSize",
+    "cusolverDnDorgqr",
+    "cusolverDnDgesvd_bufferSize",
+    "cusolverDnDgesvd",
+    "cusolverDnSgesvd_bufferSize",
+    "cusolverDnSgesvd",
+    "cusolverGetVersion",
+];
+
+/// The first of `names` that `lib` does not export, if any.
+fn missing_symbol(lib: &libloading::Library, names: &[&'static str]) -> Option<&'static str> {
+    // SAFETY: only looks the names up; nothing is called.
+    names
+        .iter()
+        .copied()
+        .find(|name| unsafe { lib.get::<*const ()>(name.as_bytes()) }.is_err())
+}
+
+pub(crate) fn libraries_present() -> Result<(), CudaError> {
+    // SAFETY: these dlopen the libraries and look names up; nothing is called through them.
     unsafe {
         if !cudarc::driver::sys::is_culib_present() {
             return Err(CudaError::MissingLibrary("libcuda (the NVIDIA driver)"));
@@ -107,6 +160,19 @@ fn libraries_present() -> Result<(), CudaError> {
         }
         if !cudarc::cusolver::sys::is_culib_present() {
             return Err(CudaError::MissingLibrary("libcusolver"));
+        }
+        for (lib, library, names) in [
+            ("libnvrtc", cudarc::nvrtc::sys::culib(), NVRTC_SYMBOLS),
+            ("libcublas", cudarc::cublas::sys::culib(), CUBLAS_SYMBOLS),
+            (
+                "libcusolver",
+                cudarc::cusolver::sys::culib(),
+                CUSOLVER_SYMBOLS,
+            ),
+        ] {
+            if let Some(symbol) = missing_symbol(library, names) {
+                return Err(CudaError::MissingSymbol { lib, symbol });
+            }
         }
     }
     Ok(())
@@ -747,5 +813,43 @@ impl Backend for Cuda {
             total += sums[..used].iter().sum::<f64>();
         }
         Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvrtc_exports_every_function_phlora_calls() {
+        // SAFETY: dlopen and name lookups only.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            assert!(
+                std::env::var_os("PHLORA_REQUIRE_NVRTC").is_none(),
+                "PHLORA_REQUIRE_NVRTC is set, but libnvrtc is not on the library path"
+            );
+            eprintln!("SKIPPED: libnvrtc not found");
+            return;
+        }
+        // SAFETY: as above.
+        let lib = unsafe { cudarc::nvrtc::sys::culib() };
+        assert_eq!(missing_symbol(lib, NVRTC_SYMBOLS), None);
+        assert_eq!(
+            missing_symbol(lib, &["nvrtcNoSuchFunction"]),
+            Some("nvrtcNoSuchFunction")
+        );
+    }
+
+    #[test]
+    fn without_the_driver_the_probe_says_what_is_missing() {
+        // SAFETY: dlopen only.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            eprintln!("libcuda is present here: nothing to check");
+            return;
+        }
+        let err = Cuda::new(0, CudaOptions::default())
+            .err()
+            .expect("no driver, no GPU");
+        assert!(err.to_string().contains("libcuda"), "{err}");
     }
 }
