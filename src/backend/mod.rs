@@ -180,7 +180,7 @@ pub fn resolve(device: Device, options: CudaOptions) -> crate::Result<Resolved> 
         Device::Auto => match Cuda::new(0, options) {
             Ok(c) => Ok(Resolved::Cuda(Box::new(c))),
             Err(e) => {
-                tracing::warn!("no usable CUDA GPU ({e}); running on the CPU");
+                tracing::warn!("no usable CUDA GPU, running on the CPU: {e}");
                 Ok(Resolved::Cpu(Cpu::new()))
             }
         },
