@@ -95,6 +95,12 @@ pub struct ExtractArgs {
     /// f32 is plain single precision. The residual certificate is always plain f32.
     #[arg(long, value_enum, default_value_t = GemmArg::Tf32)]
     pub gemm: GemmArg,
+    /// CPU only for now: bound on host memory for the computation, e.g. 768M or 40G. A matrix
+    /// whose f32 ΔW and sketches would not fit is streamed through the randomized SVD in row
+    /// blocks re-formed from the checkpoints on every pass (2q + 3 reads of its inputs)
+    /// [default: no bound].
+    #[arg(long, value_name = "SIZE")]
+    pub max_ram: Option<String>,
     /// Only tensors whose full name matches one of these globs (`*` any run, `?` one char),
     /// e.g. --include '*.self_attn.*'. Repeatable.
     #[arg(long, value_name = "GLOB")]

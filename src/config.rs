@@ -43,6 +43,13 @@ impl ExtractArgs {
                 "--out must not be the base or fine-tune folder".into(),
             ));
         }
+        let max_ram = match &self.max_ram {
+            None => None,
+            Some(s) => Some(
+                crate::size::parse_size(s)
+                    .map_err(|e| Error::Settings(format!("--max-ram {e}")))?,
+            ),
+        };
         Ok(ExtractSettings {
             base: self.base.clone(),
             ft: self.ft.clone(),
@@ -63,6 +70,7 @@ impl ExtractArgs {
                 tf32: self.gemm == GemmArg::Tf32,
                 ..CudaOptions::default()
             },
+            max_ram,
             plan: PlanOptions {
                 include: self.include.iter().map(|g| Glob::new(g)).collect(),
                 exclude: self.exclude.iter().map(|g| Glob::new(g)).collect(),

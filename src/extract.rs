@@ -13,7 +13,7 @@ use crate::checkpoint::dtype::decode_into;
 use crate::checkpoint::{Checkpoint, DType, TensorEntry};
 use crate::error::{Error, Result};
 use crate::factor::Layout;
-use crate::linalg::{self, rank::RankPolicy, rsvd, Method, SvdSettings};
+use crate::linalg::{self, blocked, rank::RankPolicy, rsvd, Method, SvdSettings};
 use crate::plan::{Action, Plan, PlanItem, PlanOptions};
 use crate::report::{RunReport, StageSeconds, Summary, TensorReport};
 
@@ -30,6 +30,9 @@ pub struct ExtractSettings {
     pub device: Device,
     /// How the randomized SVD runs on a GPU (ignored on the CPU).
     pub cuda: CudaOptions,
+    /// Bound on host memory for the computation (None: no bound). A matrix whose f32 ΔW and
+    /// sketches would not fit is streamed through the SVD in row blocks instead.
+    pub max_ram: Option<u64>,
     pub plan: PlanOptions,
     /// `base_model_name_or_path`; `None`: from the base's config.json, else the base path.
     pub base_name: Option<String>,
@@ -50,6 +53,7 @@ impl ExtractSettings {
             out_dtype: None,
             device: Device::Auto,
             cuda: CudaOptions::default(),
+            max_ram: None,
             plan: PlanOptions {
                 include: Vec::new(),
                 exclude: Vec::new(),
@@ -96,6 +100,13 @@ fn run<B: Backend>(
         return Err(Error::Settings(format!(
             "--rank {r_adapter} exceeds the rank of every target matrix (at most {useful} here)"
         )));
+    }
+    // A memory bound no tensor can meet is refused before any work.
+    for item in &plan.items {
+        if matches!(item.action, Action::LoraLinear | Action::LoraEmbedding) {
+            let rank = s.rank.rank_for(item.shape[0], item.shape[1]);
+            fit_of(be, s, item, rank, r_adapter)?;
+        }
     }
     let mut writer = AdapterWriter::create(&s.out, s.overwrite)?;
     let total_bytes: u64 = plan.items.iter().map(|i| i.input_bytes()).sum();
@@ -243,6 +254,161 @@ fn run<B: Backend>(
     Ok(report)
 }
 
+/// Whether this tensor's ΔW fits `--max-ram` whole, or in how many rows per block.
+fn fit_of<B: Backend>(
+    be: &B,
+    s: &ExtractSettings,
+    item: &PlanItem,
+    rank: usize,
+    r_adapter: usize,
+) -> Result<Fit> {
+    let Some(max) = s.max_ram else {
+        return Ok(Fit::Whole);
+    };
+    if !be.delta_in_host_memory() {
+        return Ok(Fit::Whole);
+    }
+    let (m, n) = (item.shape[0] as u64, item.shape[1] as u64);
+    let k = (rank + s.svd.oversample_for(rank)).min(m.min(n) as usize) as u64;
+    let need = memory_need(m, n, k, r_adapter as u64, item);
+    if need.fixed + need.whole <= max {
+        return Ok(Fit::Whole);
+    }
+    let too_small = |least: u64| {
+        Error::Settings(format!(
+            "--max-ram {} is too small for {} ({}×{}): it needs at least {}",
+            crate::size::format_size(max),
+            item.name,
+            m,
+            n,
+            crate::size::format_size(least)
+        ))
+    };
+    let rows = max.saturating_sub(need.fixed) / need.per_row;
+    if rows == 0 {
+        return Err(too_small(need.fixed + need.per_row));
+    }
+    if s.svd.method == Method::Exact || k >= m.min(n) {
+        return Err(Error::Settings(format!(
+            "{} ({m}×{n}) does not fit --max-ram {} whole, and the exact SVD needs it whole: \
+             raise --max-ram or use --svd randomized with a rank below {}",
+            item.name,
+            crate::size::format_size(max),
+            m.min(n)
+        )));
+    }
+    Ok(Fit::Blocked(rows as usize))
+}
+
+/// How a tensor's ΔW is held during its decomposition.
+enum Fit {
+    Whole,
+    /// Streamed in blocks of this many rows.
+    Blocked(usize),
+}
+
+/// Bytes a tensor's decomposition holds in host memory (CPU backend).
+struct MemoryNeed {
+    /// Whatever the layout: sketches (Y, Q, Z, B and their temporaries), factors, and the
+    /// process's own baseline.
+    fixed: u64,
+    /// ΔW in f32, whole.
+    whole: u64,
+    /// One row of a block: its f32 ΔW and the input pages it is formed from.
+    per_row: u64,
+}
+
+/// The process's own memory besides tensors: binary, allocator arenas, one decode chunk per
+/// thread. Measured ~40 MiB on the 2-core machine (BENCHMARKS.md); rounded up.
+pub const BASELINE_RAM: u64 = 64 << 20;
+
+fn memory_need(m: u64, n: u64, k: u64, r_out: u64, item: &PlanItem) -> MemoryNeed {
+    let (bs, fs) = (
+        item.base_dtype().size() as u64,
+        item.ft_dtype().size() as u64,
+    );
+    MemoryNeed {
+        fixed: BASELINE_RAM + 4 * k * 3 * (m + n) + 8 * r_out * (m + n),
+        whole: 4 * m * n,
+        per_row: n * (4 + bs + fs),
+    }
+}
+
+/// Where a tensor's ΔW comes from during the SVD and the residual.
+enum Source<'a, B: Backend> {
+    Whole(B::Mat),
+    Blocked(CheckpointBlocks<'a, B>),
+}
+
+impl<B: Backend> Source<'_, B> {
+    fn decompose(
+        &self,
+        be: &B,
+        rank: usize,
+        svd: &SvdSettings,
+        seed: u64,
+    ) -> backend::BackendResult<linalg::OnDevice<B::Mat>> {
+        match self {
+            Source::Whole(delta) => linalg::decompose_on_device(be, delta, rank, svd, seed),
+            Source::Blocked(src) => {
+                let (m, n) = (src.item.shape[0], src.item.shape[1]);
+                let k = (rank + svd.oversample_for(rank)).min(m.min(n));
+                blocked::blocked_randomized_svd(be, src, rank, k, svd.power_iters, seed)
+            }
+        }
+    }
+
+    fn residual_sumsq(&self, be: &B, left: &B::Mat, right: &B::Mat) -> backend::BackendResult<f64> {
+        match self {
+            Source::Whole(delta) => be.residual_sumsq(delta, left, right),
+            Source::Blocked(src) => blocked::blocked_residual_sumsq(be, src, left, right),
+        }
+    }
+}
+
+/// A tensor's ΔW in row blocks, each formed from the two checkpoints when asked for (its input
+/// pages released as soon as they are read).
+struct CheckpointBlocks<'a, B: Backend> {
+    be: &'a B,
+    base: &'a Checkpoint,
+    ft: &'a Checkpoint,
+    item: &'a PlanItem,
+    step: usize,
+}
+
+impl<B: Backend> blocked::RowBlocks<B> for CheckpointBlocks<'_, B> {
+    fn shape(&self) -> (usize, usize) {
+        (self.item.shape[0], self.item.shape[1])
+    }
+
+    fn block_rows(&self) -> usize {
+        self.step
+    }
+
+    fn block(&self, r0: usize, r1: usize) -> backend::BackendResult<B::Mat> {
+        let item = self.item;
+        let cols = item.shape[1];
+        let (bs, fs) = (item.base_dtype().size(), item.ft_dtype().size());
+        let rows_read = |a: usize, b: usize| {
+            let (a, b) = (r0 + a, r0 + b);
+            self.base
+                .release_range(&item.base, a * cols * bs, b * cols * bs);
+            self.ft
+                .release_range(&item.ft, a * cols * fs, b * cols * fs);
+        };
+        let input = DeltaInput {
+            base: &self.base.bytes(&item.base)[r0 * cols * bs..r1 * cols * bs],
+            base_dtype: item.base_dtype(),
+            ft: &self.ft.bytes(&item.ft)[r0 * cols * fs..r1 * cols * fs],
+            ft_dtype: item.ft_dtype(),
+            rows: r1 - r0,
+            cols,
+            rows_read: Some(&rows_read),
+        };
+        Ok(self.be.delta(&input)?.0)
+    }
+}
+
 /// One LoRA target through delta → decompose → factor → residual → sink.
 struct LoraJob<'a, B: Backend> {
     be: &'a B,
@@ -266,25 +432,42 @@ impl<B: Backend> LoraJob<'_, B> {
         let (be, item, ft) = (self.be, self.item, self.ft);
         let (rows, cols) = (item.shape[0], item.shape[1]);
         let backend_err = |e: backend::BackendError| tensor_err(ft, &item.ft, e);
+        let linalg_err = |e: backend::BackendError| Error::Linalg {
+            tensor: item.name.clone(),
+            reason: e.0,
+        };
+        let r = self.s.rank.rank_for(rows, cols);
         let clock = Instant::now();
-        let (bs, fs) = (item.base_dtype().size(), item.ft_dtype().size());
-        let rows_read = |r0: usize, r1: usize| {
-            self.base
-                .release_range(&item.base, r0 * cols * bs, r1 * cols * bs);
-            ft.release_range(&item.ft, r0 * cols * fs, r1 * cols * fs);
+        let (source, stats) = match self.fit(r)? {
+            Fit::Whole => {
+                let (bs, fs) = (item.base_dtype().size(), item.ft_dtype().size());
+                let rows_read = |r0: usize, r1: usize| {
+                    self.base
+                        .release_range(&item.base, r0 * cols * bs, r1 * cols * bs);
+                    ft.release_range(&item.ft, r0 * cols * fs, r1 * cols * fs);
+                };
+                let input = DeltaInput {
+                    base: self.base.bytes(&item.base),
+                    base_dtype: item.base_dtype(),
+                    ft: ft.bytes(&item.ft),
+                    ft_dtype: item.ft_dtype(),
+                    rows,
+                    cols,
+                    rows_read: Some(&rows_read),
+                };
+                let (delta, stats) = be.delta(&input).map_err(backend_err)?;
+                check_finite(self.base, ft, item, &stats)?;
+                (Source::Whole(delta), stats)
+            }
+            Fit::Blocked(step) => {
+                // ΔW is never formed whole: a first pass for ‖ΔW‖ and the finite check, then
+                // each product of the SVD re-forms the blocks from the checkpoints.
+                let stats = host_delta(self.base, ft, item)?;
+                row.row_blocks = Some(step);
+                (Source::Blocked(self.blocks(step)), stats)
+            }
         };
-        let input = DeltaInput {
-            base: self.base.bytes(&item.base),
-            base_dtype: item.base_dtype(),
-            ft: ft.bytes(&item.ft),
-            ft_dtype: item.ft_dtype(),
-            rows,
-            cols,
-            rows_read: Some(&rows_read),
-        };
-        let (delta, stats) = be.delta(&input).map_err(backend_err)?;
-        check_finite(self.base, ft, item, &stats)?;
-        // ΔW holds all that is needed now: drop what is left of the inputs' pages.
+        // The decomposition holds all that is needed now: drop what is left of the pages.
         self.base.release(&item.base);
         ft.release(&item.ft);
         row.delta_norm = stats.sumsq.sqrt();
@@ -295,14 +478,10 @@ impl<B: Backend> LoraJob<'_, B> {
         }
 
         let clock = Instant::now();
-        let r = self.s.rank.rank_for(rows, cols);
         let seed = crate::rng::seed_for(self.s.svd.seed, &item.name);
-        let t = linalg::decompose_on_device(be, &delta, r, &self.s.svd, seed).map_err(|e| {
-            Error::Linalg {
-                tensor: item.name.clone(),
-                reason: e.0,
-            }
-        })?;
+        let t = source
+            .decompose(be, r, &self.s.svd, seed)
+            .map_err(linalg_err)?;
         match t.method {
             Method::Randomized => {
                 stages.svd_randomized += lap(clock);
@@ -323,8 +502,8 @@ impl<B: Backend> LoraJob<'_, B> {
         stages.factor += lap(clock);
 
         let clock = Instant::now();
-        let res = be
-            .residual_sumsq(&delta, &f.left, &f.right)
+        let res = source
+            .residual_sumsq(be, &f.left, &f.right)
             .map_err(backend_err)?;
         stages.residual += lap(clock);
 
@@ -351,6 +530,21 @@ impl<B: Backend> LoraJob<'_, B> {
         row.method = Some(t.method);
         row.sketch = (t.method == Method::Randomized).then_some(t.sketch);
         Ok(Some(item.module.clone()))
+    }
+
+    fn fit(&self, rank: usize) -> Result<Fit> {
+        fit_of(self.be, self.s, self.item, rank, self.r_adapter)
+    }
+
+    /// ΔW of this tensor as row blocks formed from the checkpoints.
+    fn blocks(&self, step: usize) -> CheckpointBlocks<'_, B> {
+        CheckpointBlocks {
+            be: self.be,
+            base: self.base,
+            ft: self.ft,
+            item: self.item,
+            step,
+        }
     }
 }
 
@@ -426,6 +620,9 @@ fn host_delta(base: &Checkpoint, ft: &Checkpoint, item: &PlanItem) -> Result<Del
             let mut y = vec![0f32; hi - lo];
             decode_into(bd, &bb[lo * bd.size()..hi * bd.size()], &mut x);
             decode_into(fd, &fb[lo * fd.size()..hi * fd.size()], &mut y);
+            // Only the sums are kept: the pages can go (a memory bound counts them).
+            base.release_range(&item.base, lo * bd.size(), hi * bd.size());
+            ft.release_range(&item.ft, lo * fd.size(), hi * fd.size());
             let mut s = DeltaStats::default();
             for (a, b) in x.iter().zip(&y) {
                 let d = b - a;

@@ -19,6 +19,7 @@ pub mod linalg;
 pub mod plan;
 pub mod report;
 pub mod rng;
+pub mod size;
 pub mod synth;
 
 pub use error::{Error, Result};

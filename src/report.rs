@@ -31,6 +31,9 @@ pub struct TensorReport {
     /// Sketch width k = r + p of the randomized SVD.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sketch: Option<usize>,
+    /// Rows per block when ΔW did not fit `--max-ram` whole and was streamed in row blocks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub row_blocks: Option<usize>,
     /// This tensor's ‖ΔW‖² over Σ ‖ΔW‖² of the whole model.
     pub share: f64,
     pub seconds: f64,
@@ -49,6 +52,7 @@ impl TensorReport {
             residual: None,
             method: None,
             sketch: None,
+            row_blocks: None,
             share: 0.0,
             seconds: 0.0,
         }

@@ -900,3 +900,85 @@ fn cpu_and_gpu_adapters_agree_on_reconstructions() {
         }
     }
 }
+
+// ---- memory bound ------------------------------------------------------------------------
+
+#[test]
+fn a_tight_max_ram_streams_big_matrices_in_row_blocks_with_the_same_result() {
+    use phlora::extract::BASELINE_RAM;
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = fixture(dir.path(), DType::F32, fresh_seed("max-ram"), false);
+    let free = extract(&settings(&b, &f, &dir.path().join("free"), 4)).unwrap();
+    let mut s = settings(&b, &f, &dir.path().join("tight"), 4);
+    // Room for the sketches of every matrix here, but not for the largest ΔW beside them.
+    s.max_ram = Some(BASELINE_RAM + (20 << 10));
+    let tight = extract(&s).unwrap();
+    let blocked: Vec<&str> = tight
+        .tensors
+        .iter()
+        .filter(|t| t.row_blocks.is_some())
+        .map(|t| t.name.as_str())
+        .collect();
+    assert!(
+        blocked.contains(&"model.embed_tokens.weight") && blocked.contains(&"lm_head.weight"),
+        "{blocked:?}"
+    );
+    assert!(
+        blocked.len() < tight.summary.lora,
+        "some matrices still fit whole"
+    );
+    // Same seed, same sketch: the blocked SVD lands on the same factors up to rounding.
+    for (x, y) in tight.tensors.iter().zip(&free.tensors) {
+        assert_eq!(x.name, y.name);
+        assert!(
+            (x.delta_norm - y.delta_norm).abs() <= 1e-9 * y.delta_norm,
+            "{}",
+            x.name
+        );
+        if let (Some(a), Some(b)) = (x.residual, y.residual) {
+            assert!((a - b).abs() <= 1e-4 * b + 1e-7, "{}: {a} vs {b}", x.name);
+        }
+    }
+    // And its certificate is still the truth about the files.
+    let direct = direct_residuals(&b, &f, &dir.path().join("tight"));
+    for t in &tight.tensors {
+        if let (Some(res), Some(want)) = (t.residual, direct.get(&t.name)) {
+            assert!(
+                (res - want).abs() < 1e-5 + 1e-4 * want,
+                "{}: {res} vs {want}",
+                t.name
+            );
+        }
+    }
+}
+
+#[test]
+fn a_max_ram_too_small_for_one_row_or_for_an_exact_svd_is_refused_before_writing() {
+    use phlora::extract::BASELINE_RAM;
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = fixture(dir.path(), DType::F32, fresh_seed("max-ram-small"), false);
+    let mut s = settings(&b, &f, &dir.path().join("out"), 4);
+    s.max_ram = Some(BASELINE_RAM + 100);
+    let err = assert_fails(&s, &["--max-ram", "too small", "needs at least"]);
+    assert!(
+        !dir.path().join("out").join("adapter_config.json").exists(),
+        "{err}"
+    );
+    s.max_ram = Some(BASELINE_RAM + (20 << 10));
+    s.svd.method = Method::Exact;
+    assert_fails(&s, &["exact SVD needs it whole"]);
+    let o = phlora(&[
+        "extract",
+        "--base",
+        b.to_str().unwrap(),
+        "--ft",
+        f.to_str().unwrap(),
+        "--out",
+        dir.path().join("cli").to_str().unwrap(),
+        "--max-ram",
+        "12X",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--max-ram `12X`"), "{err}");
+}

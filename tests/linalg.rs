@@ -505,3 +505,104 @@ fn factor_body<B: Backend>(be: &B) {
         }
     }
 }
+
+/// A ΔW held as f32 bytes, delivered in row blocks through the backend's delta primitive
+/// (base = 0), the way the extract pipeline forms blocks from two checkpoints.
+struct BytesInBlocks {
+    bytes: Vec<u8>,
+    zeros: Vec<u8>,
+    rows: usize,
+    cols: usize,
+    step: usize,
+}
+
+/// The blocks of `BytesInBlocks` formed on a backend.
+struct OnBackend<'a, B>(&'a B, &'a BytesInBlocks);
+
+impl<B: Backend> phlora::linalg::blocked::RowBlocks<B> for OnBackend<'_, B> {
+    fn shape(&self) -> (usize, usize) {
+        (self.1.rows, self.1.cols)
+    }
+    fn block_rows(&self) -> usize {
+        self.1.step
+    }
+    fn block(&self, r0: usize, r1: usize) -> phlora::backend::BackendResult<B::Mat> {
+        let s = self.1;
+        let range = r0 * s.cols * 4..r1 * s.cols * 4;
+        let input = phlora::backend::DeltaInput {
+            base: &s.zeros[range.clone()],
+            base_dtype: DType::F32,
+            ft: &s.bytes[range],
+            ft_dtype: DType::F32,
+            rows: r1 - r0,
+            cols: s.cols,
+            rows_read: None,
+        };
+        Ok(self.0.delta(&input)?.0)
+    }
+}
+
+#[test]
+fn blocked_rsvd_matches_the_unblocked_one() {
+    on_every_device!(blocked_body);
+}
+
+fn blocked_body<B: Backend>(be: &B) {
+    use phlora::linalg::blocked::{blocked_randomized_svd, blocked_residual_sumsq};
+    use phlora::linalg::rsvd::randomized_svd;
+    let seed = fresh_seed("blocked");
+    for &(m, n) in &[(300usize, 80usize), (80, 300), (257, 64)] {
+        let sigma: Vec<f64> = (0..m.min(n)).map(|i| (1.0 + i as f64).powf(-0.8)).collect();
+        let a = spectrum_matrix(m, n, &sigma, 1e-3, seed);
+        let a32 = Mat::<f32>::from_fn(m, n, |i, j| a[(i, j)] as f32);
+        let mut bytes = Vec::new();
+        for i in 0..m {
+            for j in 0..n {
+                bytes.extend_from_slice(&a32[(i, j)].to_le_bytes());
+            }
+        }
+        let whole = be.upload(a32.as_ref()).unwrap();
+        let (rank, k) = (8, 24);
+        let full = randomized_svd(be, &whole, rank, k, 2, seed).unwrap();
+        let fh = full.download(be).unwrap();
+        let f = split(&fh, Layout::Linear, rank, DType::F32);
+        let (l, r) = (
+            be.upload(f.left.as_ref()).unwrap(),
+            be.upload(f.right.as_ref()).unwrap(),
+        );
+        let full_res = be.residual_sumsq(&whole, &l, &r).unwrap();
+        for step in [1, 7, 64, m] {
+            let src = BytesInBlocks {
+                zeros: vec![0u8; bytes.len()],
+                bytes: bytes.clone(),
+                rows: m,
+                cols: n,
+                step,
+            };
+            let blocks = OnBackend(be, &src);
+            let t = blocked_randomized_svd(be, &blocks, rank, k, 2, seed).unwrap();
+            let th = t.download(be).unwrap();
+            for (i, (x, y)) in th.s.iter().zip(&fh.s).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-4 * fh.s[0],
+                    "{m}×{n} step {step} σ{i}: {x} vs {y}"
+                );
+            }
+            let g = split(&th, Layout::Linear, rank, DType::F32);
+            let (gl, gr) = (
+                be.upload(g.left.as_ref()).unwrap(),
+                be.upload(g.right.as_ref()).unwrap(),
+            );
+            let res = blocked_residual_sumsq(be, &blocks, &gl, &gr).unwrap();
+            let whole_res = be.residual_sumsq(&whole, &gl, &gr).unwrap();
+            assert!(
+                (res - whole_res).abs() <= 1e-6 * whole_res,
+                "{m}×{n} step {step}: blocked residual {res} vs whole {whole_res}"
+            );
+            assert!(
+                (res - full_res).abs() <= 1e-3 * full_res,
+                "{m}×{n} step {step}: residual {res} vs unblocked {full_res}"
+            );
+        }
+    }
+}

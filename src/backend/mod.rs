@@ -91,6 +91,48 @@ pub trait Backend: Sync {
     /// The first `r` columns of a matrix (all of them when r ≥ its width).
     fn first_cols(&self, a: &Self::Mat, r: usize) -> BackendResult<Self::Mat>;
 
+    /// Rows r0..r1 of a matrix, as a matrix of its own. The default goes through the host.
+    fn row_range(&self, a: &Self::Mat, r0: usize, r1: usize) -> BackendResult<Self::Mat> {
+        let h = self.download(a)?;
+        self.upload(h.as_ref().subrows(r0, r1 - r0))
+    }
+
+    /// The matrices one above the other (same width). The default goes through the host.
+    fn stack_rows(&self, parts: &[Self::Mat]) -> BackendResult<Self::Mat> {
+        let hosts = parts
+            .iter()
+            .map(|p| self.download(p))
+            .collect::<BackendResult<Vec<_>>>()?;
+        let cols = hosts.first().map_or(0, |h| h.ncols());
+        if hosts.iter().any(|h| h.ncols() != cols) {
+            return Err(BackendError("stack_rows: widths differ".into()));
+        }
+        let rows: usize = hosts.iter().map(|h| h.nrows()).sum();
+        let mut out = Mat::<f32>::zeros(rows, cols);
+        let mut r0 = 0;
+        for h in &hosts {
+            out.as_mut()
+                .subrows_mut(r0, h.nrows())
+                .copy_from(h.as_ref());
+            r0 += h.nrows();
+        }
+        self.upload(out.as_ref())
+    }
+
+    /// a + b (same shape). The default goes through the host.
+    fn add(&self, a: &Self::Mat, b: &Self::Mat) -> BackendResult<Self::Mat> {
+        let (x, y) = (self.download(a)?, self.download(b)?);
+        if x.shape() != y.shape() {
+            return Err(BackendError("add: shapes differ".into()));
+        }
+        self.upload((&x + &y).as_ref())
+    }
+
+    /// Whether ΔW and the sketches live in host memory (and so count against `--max-ram`).
+    fn delta_in_host_memory(&self) -> bool {
+        true
+    }
+
     /// Waits for all queued work (for timings); a no-op where work is synchronous.
     fn synchronize(&self) -> BackendResult<()> {
         Ok(())

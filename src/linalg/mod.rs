@@ -1,6 +1,7 @@
 //! Decompositions, written once over the [`Backend`](crate::backend::Backend) primitives:
 //! the randomized SVD ([`rsvd`]), the exact thin SVD ([`exact`]), and rank policies ([`rank`]).
 
+pub mod blocked;
 pub mod exact;
 pub mod rank;
 pub mod rsvd;

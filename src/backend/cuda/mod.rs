@@ -499,6 +499,10 @@ impl Backend for Cuda {
         Ok(self.sync()?)
     }
 
+    fn delta_in_host_memory(&self) -> bool {
+        false
+    }
+
     fn gaussian(&self, rows: usize, cols: usize, seed: u64) -> BackendResult<CudaMat> {
         let mut buf = self.alloc(rows * cols)?;
         // The kernel fills the whole buffer (max(1, n) elements); an extra one is never read.
