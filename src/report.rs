@@ -172,6 +172,17 @@ impl RunReport {
             m.total_relative_error,
             m.max_residual
         );
+        let streamed = self
+            .tensors
+            .iter()
+            .filter(|t| t.row_blocks.is_some())
+            .count();
+        if streamed > 0 {
+            let _ = writeln!(
+                s,
+                "{streamed} matrices did not fit --max-ram whole and were streamed in row blocks"
+            );
+        }
         let st = &m.stages;
         let _ = writeln!(
             s,
