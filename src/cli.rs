@@ -101,6 +101,10 @@ pub struct ExtractArgs {
     /// [default: no bound].
     #[arg(long, value_name = "SIZE")]
     pub max_ram: Option<String>,
+    /// GPU: bound on device memory, e.g. 20G; a matrix that would not fit whole is streamed in
+    /// row blocks like with --max-ram [default: 90% of the GPU's free memory].
+    #[arg(long, value_name = "SIZE")]
+    pub max_vram: Option<String>,
     /// Only tensors whose full name matches one of these globs (`*` any run, `?` one char),
     /// e.g. --include '*.self_attn.*'. Repeatable.
     #[arg(long, value_name = "GLOB")]

@@ -43,13 +43,15 @@ impl ExtractArgs {
                 "--out must not be the base or fine-tune folder".into(),
             ));
         }
-        let max_ram = match &self.max_ram {
-            None => None,
-            Some(s) => Some(
-                crate::size::parse_size(s)
-                    .map_err(|e| Error::Settings(format!("--max-ram {e}")))?,
-            ),
+        let size = |flag: &str, v: &Option<String>| -> Result<Option<u64>> {
+            v.as_deref()
+                .map(|s| {
+                    crate::size::parse_size(s).map_err(|e| Error::Settings(format!("{flag} {e}")))
+                })
+                .transpose()
         };
+        let max_ram = size("--max-ram", &self.max_ram)?;
+        let max_vram = size("--max-vram", &self.max_vram)?;
         Ok(ExtractSettings {
             base: self.base.clone(),
             ft: self.ft.clone(),
@@ -71,6 +73,7 @@ impl ExtractArgs {
                 ..CudaOptions::default()
             },
             max_ram,
+            max_vram,
             plan: PlanOptions {
                 include: self.include.iter().map(|g| Glob::new(g)).collect(),
                 exclude: self.exclude.iter().map(|g| Glob::new(g)).collect(),

@@ -33,6 +33,8 @@ pub struct ExtractSettings {
     /// Bound on host memory for the computation (None: no bound). A matrix whose f32 ΔW and
     /// sketches would not fit is streamed through the SVD in row blocks instead.
     pub max_ram: Option<u64>,
+    /// The same for device memory (None: the backend's default, most of the free memory).
+    pub max_vram: Option<u64>,
     pub plan: PlanOptions,
     /// `base_model_name_or_path`; `None`: from the base's config.json, else the base path.
     pub base_name: Option<String>,
@@ -54,6 +56,7 @@ impl ExtractSettings {
             device: Device::Auto,
             cuda: CudaOptions::default(),
             max_ram: None,
+            max_vram: None,
             plan: PlanOptions {
                 include: Vec::new(),
                 exclude: Vec::new(),
@@ -254,7 +257,8 @@ fn run<B: Backend>(
     Ok(report)
 }
 
-/// Whether this tensor's ΔW fits `--max-ram` whole, or in how many rows per block.
+/// Whether this tensor's ΔW fits the memory that holds it (host: `--max-ram`; device:
+/// `--max-vram`, by default most of the GPU's free memory) whole, or in how many rows per block.
 fn fit_of<B: Backend>(
     be: &B,
     s: &ExtractSettings,
@@ -262,37 +266,47 @@ fn fit_of<B: Backend>(
     rank: usize,
     r_adapter: usize,
 ) -> Result<Fit> {
-    let Some(max) = s.max_ram else {
+    let on_host = be.delta_in_host_memory();
+    let (flag, budget) = if on_host {
+        ("--max-ram", s.max_ram)
+    } else {
+        ("--max-vram", s.max_vram.or_else(|| be.memory_budget()))
+    };
+    let Some(max) = budget else {
         return Ok(Fit::Whole);
     };
-    if !be.delta_in_host_memory() {
-        return Ok(Fit::Whole);
-    }
     let (m, n) = (item.shape[0] as u64, item.shape[1] as u64);
     let k = (rank + s.svd.oversample_for(rank)).min(m.min(n) as usize) as u64;
-    let need = memory_need(m, n, k, r_adapter as u64, item);
+    let input_bytes = (item.base_dtype().size() + item.ft_dtype().size()) as u64;
+    let need = memory_need(m, n, k, r_adapter as u64, input_bytes, on_host);
+    let exact = s.svd.method == Method::Exact || k >= m.min(n);
+    fit_in(max, &need, flag, &item.name, (m, n), exact)
+}
+
+/// The decision itself, given the budget and what the tensor needs.
+fn fit_in(
+    max: u64,
+    need: &MemoryNeed,
+    flag: &str,
+    name: &str,
+    (m, n): (u64, u64),
+    exact: bool,
+) -> Result<Fit> {
     if need.fixed + need.whole <= max {
         return Ok(Fit::Whole);
     }
-    let too_small = |least: u64| {
-        Error::Settings(format!(
-            "--max-ram {} is too small for {} ({}×{}): it needs at least {}",
-            crate::size::format_size(max),
-            item.name,
-            m,
-            n,
-            crate::size::format_size(least)
-        ))
-    };
     let rows = max.saturating_sub(need.fixed) / need.per_row;
     if rows == 0 {
-        return Err(too_small(need.fixed + need.per_row));
-    }
-    if s.svd.method == Method::Exact || k >= m.min(n) {
         return Err(Error::Settings(format!(
-            "{} ({m}×{n}) does not fit --max-ram {} whole, and the exact SVD needs it whole: \
-             raise --max-ram or use --svd randomized with a rank below {}",
-            item.name,
+            "{flag} {} is too small for {name} ({m}×{n}): it needs at least {}",
+            crate::size::format_size(max),
+            crate::size::format_size(need.fixed + need.per_row)
+        )));
+    }
+    if exact {
+        return Err(Error::Settings(format!(
+            "{name} ({m}×{n}) does not fit {flag} {} whole, and the exact SVD needs it whole: \
+             raise {flag} or use --svd randomized with a rank below {}",
             crate::size::format_size(max),
             m.min(n)
         )));
@@ -318,19 +332,30 @@ struct MemoryNeed {
     per_row: u64,
 }
 
-/// The process's own memory besides tensors: binary, allocator arenas, one decode chunk per
-/// thread. Measured ~40 MiB on the 2-core machine (BENCHMARKS.md); rounded up.
+/// The process's own memory besides tensors (binary, allocator arenas, decode chunks): an
+/// allowance. On the 1B pair under `--max-ram 200M` the peak RSS (117 MiB) less the largest
+/// whole tensor's ΔW, sketches and factors leaves ~30 MiB (BENCHMARKS.md).
 pub const BASELINE_RAM: u64 = 64 << 20;
 
-fn memory_need(m: u64, n: u64, k: u64, r_out: u64, item: &PlanItem) -> MemoryNeed {
-    let (bs, fs) = (
-        item.base_dtype().size() as u64,
-        item.ft_dtype().size() as u64,
-    );
-    MemoryNeed {
-        fixed: BASELINE_RAM + 4 * k * 3 * (m + n) + 8 * r_out * (m + n),
-        whole: 4 * m * n,
-        per_row: n * (4 + bs + fs),
+/// Device memory besides ΔW and the sketches: the ΔW kernel's input staging (2 × 64 MiB), the
+/// residual's scratch (128 MiB), cuBLAS/cuSOLVER workspaces (an allowance, not measured).
+pub const BASELINE_VRAM: u64 = 512 << 20;
+
+/// `input_bytes`: bytes per element of base + fine-tune.
+fn memory_need(m: u64, n: u64, k: u64, r_out: u64, input_bytes: u64, on_host: bool) -> MemoryNeed {
+    if on_host {
+        MemoryNeed {
+            fixed: BASELINE_RAM + 4 * k * 3 * (m + n) + 8 * r_out * (m + n),
+            whole: 4 * m * n,
+            per_row: n * (4 + input_bytes),
+        }
+    } else {
+        // Sketches twice over: f64 copies for the fallback QR and the small eigenproblem.
+        MemoryNeed {
+            fixed: BASELINE_VRAM + 4 * k * 6 * (m + n) + 8 * r_out * (m + n),
+            whole: 4 * m * n,
+            per_row: 4 * n,
+        }
     }
 }
 
@@ -740,5 +765,55 @@ fn release_free_heap() {
     // SAFETY: malloc_trim only releases free memory; it is thread-safe.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn need(fixed: u64, whole: u64, per_row: u64) -> MemoryNeed {
+        MemoryNeed {
+            fixed,
+            whole,
+            per_row,
+        }
+    }
+
+    #[test]
+    fn a_tensor_fits_whole_in_blocks_or_not_at_all() {
+        let n = need(100, 1000, 10);
+        let fit = |max| fit_in(max, &n, "--max-vram", "t", (100, 10), false);
+        assert!(matches!(fit(1100), Ok(Fit::Whole)));
+        assert!(matches!(fit(1099), Ok(Fit::Blocked(99))));
+        assert!(matches!(fit(110), Ok(Fit::Blocked(1))));
+        let err = fit(109).err().unwrap().to_string();
+        assert!(
+            err.contains("--max-vram") && err.contains("needs at least 110 B"),
+            "{err}"
+        );
+        let exact = fit_in(500, &n, "--max-ram", "t", (100, 10), true);
+        assert!(exact
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("exact SVD needs it whole"));
+    }
+
+    #[test]
+    fn the_device_model_counts_a_28672x8192_matrix_like_the_gpu_holds_it() {
+        // ΔW 0.94 GB whole; sketches at k = 128 and 512 MiB of workspace on top.
+        let (m, n) = (28672u64, 8192u64);
+        let d = memory_need(m, n, 128, 64, 4, false);
+        assert_eq!(d.whole, 4 * m * n);
+        assert!(d.fixed > BASELINE_VRAM && d.fixed < BASELINE_VRAM + (200 << 20));
+        // On the host a row also holds its input pages.
+        assert_eq!(memory_need(m, n, 128, 64, 4, true).per_row, 8 * n);
+        let fit = |max| fit_in(max, &d, "--max-vram", "mlp", (m, n), false).unwrap();
+        assert!(matches!(fit(2 << 30), Fit::Whole));
+        match fit(1 << 30) {
+            Fit::Blocked(rows) => assert!(rows > 0 && (rows as u64) < m, "{rows}"),
+            Fit::Whole => panic!("1 GiB cannot hold 0.94 GB of ΔW beside 0.6 GB of the rest"),
+        }
     }
 }

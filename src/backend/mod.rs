@@ -133,6 +133,11 @@ pub trait Backend: Sync {
         true
     }
 
+    /// Device memory a run may use when the user gives no bound (None: no device memory).
+    fn memory_budget(&self) -> Option<u64> {
+        None
+    }
+
     /// Waits for all queued work (for timings); a no-op where work is synchronous.
     fn synchronize(&self) -> BackendResult<()> {
         Ok(())

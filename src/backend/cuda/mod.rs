@@ -503,6 +503,12 @@ impl Backend for Cuda {
         false
     }
 
+    fn memory_budget(&self) -> Option<u64> {
+        // 90% of what is free now: other processes and fragmentation keep the rest.
+        let (free, _) = self.stream.context().mem_get_info().ok()?;
+        Some(free as u64 / 10 * 9)
+    }
+
     fn gaussian(&self, rows: usize, cols: usize, seed: u64) -> BackendResult<CudaMat> {
         let mut buf = self.alloc(rows * cols)?;
         // The kernel fills the whole buffer (max(1, n) elements); an extra one is never read.
