@@ -5,7 +5,7 @@
 //!
 //! Cost: 2q + 2 passes over the inputs (one per product with ΔW), plus one for the residual.
 
-use super::{Method, OnDevice};
+use super::OnDevice;
 use crate::backend::{Backend, BackendResult, Op};
 
 /// ΔW as row blocks.
@@ -35,8 +35,8 @@ fn times<B: Backend>(be: &B, src: &dyn RowBlocks<B>, x: &B::Mat) -> BackendResul
     be.stack_rows(&parts)
 }
 
-/// ΔWᵀ·Q = Σ_b ΔW_bᵀ·Q_b, and Qᵀ·ΔW = Σ_b Q_bᵀ·ΔW_b (as its transpose is not needed, it is
-/// accumulated in its own orientation).
+/// Σ_b over row blocks: ΔWᵀ·Q = Σ ΔW_bᵀ·Q_b (n×k), or with `q_first` Qᵀ·ΔW = Σ Q_bᵀ·ΔW_b
+/// (k×n, the projection B).
 fn transposed_times<B: Backend>(
     be: &B,
     src: &dyn RowBlocks<B>,
@@ -86,17 +86,7 @@ pub fn blocked_randomized_svd<B: Backend>(
         q = basis(times(be, src, &z)?, i + 1 == power_iters)?; // m×k
     }
     let b = transposed_times(be, src, &q, true)?; // k×n
-    let small = be.short_wide_svd(&b)?;
-    let r = rank.min(small.s.len());
-    let ub_r = be.first_cols(&small.u, r)?;
-    let u = be.gemm(&q, Op::N, &ub_r, Op::N)?; // m×r
-    Ok(OnDevice {
-        u,
-        s: small.s[..r].to_vec(),
-        v: be.first_cols(&small.v, r)?,
-        method: Method::Randomized,
-        sketch: k,
-    })
+    super::rsvd::from_projection(be, &q, &b, rank, k)
 }
 
 /// ‖ΔW − left·right‖²_F, block by block (one more pass over the inputs).

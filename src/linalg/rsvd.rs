@@ -40,11 +40,23 @@ pub fn randomized_svd<B: Backend>(
         q = basis(be.gemm_delta(a, Op::N, &z, Op::N)?, i + 1 == power_iters)?; // m×k
     }
     let b = be.gemm_delta(&q, Op::T, a, Op::N)?; // k×n
-    let small = be.short_wide_svd(&b)?; // B = Ub·S·Vᵀ, Ub k×k, V n×k
+    from_projection(be, &q, &b, rank, k)
+}
+
+/// The last step, shared with the blocked variant: from Q (m×k, orthonormal) and
+/// B = QᵀΔW (k×n), the top-r SVD of ΔW ≈ Q·B.
+pub(crate) fn from_projection<B: Backend>(
+    be: &B,
+    q: &B::Mat,
+    b: &B::Mat,
+    rank: usize,
+    k: usize,
+) -> BackendResult<OnDevice<B::Mat>> {
+    let small = be.short_wide_svd(b)?; // B = Ub·S·Vᵀ, Ub k×k, V n×k
     let r = rank.min(small.s.len());
     // Only the kept directions: U_r = Q·Ub[:, :r].
     let ub_r = be.first_cols(&small.u, r)?;
-    let u = be.gemm(&q, Op::N, &ub_r, Op::N)?; // m×r
+    let u = be.gemm(q, Op::N, &ub_r, Op::N)?; // m×r
     Ok(OnDevice {
         u,
         s: small.s[..r].to_vec(),
