@@ -81,6 +81,22 @@ pub fn extract(s: &ExtractSettings) -> Result<RunReport> {
     }
 }
 
+/// Says once when a memory bound has nothing to bound on this backend.
+fn warn_unused_bounds<B: Backend>(be: &B, s: &ExtractSettings) {
+    if be.delta_in_host_memory() && s.max_vram.is_some() {
+        tracing::warn!(
+            "--max-vram has no effect on {}: ΔW is in host memory (--max-ram bounds it)",
+            be.name()
+        );
+    }
+    if !be.delta_in_host_memory() && s.max_ram.is_some() {
+        tracing::warn!(
+            "--max-ram has no effect on {}: ΔW is in device memory (--max-vram bounds it)",
+            be.name()
+        );
+    }
+}
+
 fn run<B: Backend>(
     be: &B,
     s: &ExtractSettings,
@@ -89,6 +105,7 @@ fn run<B: Backend>(
     plan: &Plan,
 ) -> Result<RunReport> {
     let started = Instant::now();
+    warn_unused_bounds(be, s);
     let out_dtype = s.out_dtype.unwrap_or_else(|| dominant_lora_dtype(plan));
     let r_adapter = s.rank.adapter_rank();
     // Factors are zero-padded to r, so a rank beyond every matrix's size only wastes memory

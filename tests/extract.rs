@@ -982,3 +982,27 @@ fn a_max_ram_too_small_for_one_row_or_for_an_exact_svd_is_refused_before_writing
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("--max-ram `12X`"), "{err}");
 }
+
+#[test]
+fn a_bound_for_the_other_kind_of_memory_is_named_in_a_warning() {
+    let (dir, b, f, _) = bad_pair("bounds", true);
+    let out = dir.path().join("out");
+    let o = phlora(&[
+        "extract",
+        "--base",
+        b.to_str().unwrap(),
+        "--ft",
+        f.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "-r",
+        "4",
+        "--device",
+        "cpu",
+        "--max-vram",
+        "1G",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.matches("--max-vram has no effect").count(), 1, "{err}");
+}
