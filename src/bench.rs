@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::backend::{Backend, BackendResult, Op};
 use crate::checkpoint::DType;
-use crate::factor::{self, Layout};
+use crate::factor::Layout;
 use crate::linalg::{decompose_on_device, rsvd::nominal_flops, Method, SvdSettings};
 
 /// The spectrum's power-law exponent: σᵢ = (1 + i)^-0.8, a decaying head and a long tail
@@ -167,7 +167,7 @@ pub fn measure<B: Backend>(
         power_iters: s.power_iters,
         seed: s.seed,
     };
-    let k = (rank + svd.oversample_for(rank)).min(m.min(n));
+    let k = svd.sketch_width(rank, m, n);
     // The GEMM ceiling: one ΔW·Ω of this sketch width, in the precision the SVD uses.
     let omega = be.gaussian(n, k, s.seed)?;
     let (gemm_s, _) = timed(be, s.reps, || be.gemm_delta(&p.delta, Op::N, &omega, Op::N))?;
@@ -176,11 +176,9 @@ pub fn measure<B: Backend>(
         decompose_on_device(be, &p.delta, rank, &svd, s.seed)
     })?;
     let (download_seconds, t) = timed(be, s.reps, || on_device.download(be))?;
-    let f = factor::split(&t, Layout::Linear, rank, DType::F32);
-    let left = be.upload(f.left.as_ref())?;
-    let right = be.upload(f.right.as_ref())?;
+    let f = be.factor(&on_device, Layout::Linear, rank, DType::F32)?;
     let total: f64 = p.sigma.iter().map(|x| x * x).sum();
-    let res = be.residual_sumsq(&p.delta, &left, &right)?;
+    let res = be.residual_sumsq(&p.delta, &f.left, &f.right)?;
     // An empty f64 sum is −0.0; adding +0.0 keeps the printed optimum a plain 0.
     let tail: f64 = p.sigma[rank.min(p.sigma.len())..]
         .iter()

@@ -97,7 +97,7 @@ pub struct ExtractArgs {
     pub gemm: GemmArg,
     /// CPU only for now: bound on host memory for the computation, e.g. 768M or 40G. A matrix
     /// whose f32 ΔW and sketches would not fit is streamed through the randomized SVD in row
-    /// blocks re-formed from the checkpoints on every pass (2q + 3 reads of its inputs)
+    /// blocks re-formed from the checkpoints on every pass (2q + 4 reads of its inputs)
     /// [default: no bound].
     #[arg(long, value_name = "SIZE")]
     pub max_ram: Option<String>,

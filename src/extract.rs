@@ -121,13 +121,19 @@ fn run<B: Backend>(
             "--rank {r_adapter} exceeds the rank of every target matrix (at most {useful} here)"
         )));
     }
-    // A memory bound no tensor can meet is refused before any work.
-    for item in &plan.items {
-        if matches!(item.action, Action::LoraLinear | Action::LoraEmbedding) {
-            let rank = s.rank.rank_for(item.shape[0], item.shape[1]);
-            fit_of(be, s, item, rank, r_adapter)?;
-        }
-    }
+    // How each LoRA target's ΔW fits the memory bound, decided (and a bound no tensor can
+    // meet refused) before any work; fits[i] is for plan.items[i].
+    let fits = plan
+        .items
+        .iter()
+        .map(|item| match item.action {
+            Action::LoraLinear | Action::LoraEmbedding => {
+                let rank = s.rank.rank_for(item.shape[0], item.shape[1]);
+                fit_of(be, s, item, rank, r_adapter)
+            }
+            _ => Ok(Fit::Whole),
+        })
+        .collect::<Result<Vec<Fit>>>()?;
     let mut writer = AdapterWriter::create(&s.out, s.overwrite)?;
     let total_bytes: u64 = plan.items.iter().map(|i| i.input_bytes()).sum();
     let bar = progress_bar(s.progress, total_bytes, plan.items.len());
@@ -139,7 +145,7 @@ fn run<B: Backend>(
     let mut svd_flops = 0f64;
     let mut stages = StageSeconds::default();
 
-    for (done, item) in plan.items.iter().enumerate() {
+    for (done, (item, &fit)) in plan.items.iter().zip(&fits).enumerate() {
         let t0 = Instant::now();
         let mut row = TensorReport::new(&item.name, item.action.label(), &item.shape);
         match &item.action {
@@ -165,6 +171,7 @@ fn run<B: Backend>(
                     base,
                     ft,
                     item,
+                    fit,
                     r_adapter,
                     out_dtype,
                 };
@@ -292,11 +299,12 @@ fn fit_of<B: Backend>(
     let Some(max) = budget else {
         return Ok(Fit::Whole);
     };
-    let (m, n) = (item.shape[0] as u64, item.shape[1] as u64);
-    let k = (rank + s.svd.oversample_for(rank)).min(m.min(n) as usize) as u64;
+    let (m, n) = (item.shape[0], item.shape[1]);
+    let k = s.svd.sketch_width(rank, m, n) as u64;
     let input_bytes = (item.base_dtype().size() + item.ft_dtype().size()) as u64;
+    let (m, n) = (m as u64, n as u64);
     let need = memory_need(m, n, k, r_adapter as u64, input_bytes, on_host);
-    let exact = s.svd.method == Method::Exact || k >= m.min(n);
+    let exact = s.svd.runs_exact(rank, item.shape[0], item.shape[1]);
     fit_in(max, &need, flag, &item.name, (m, n), exact)
 }
 
@@ -332,6 +340,7 @@ fn fit_in(
 }
 
 /// How a tensor's ΔW is held during its decomposition.
+#[derive(Clone, Copy, Debug)]
 enum Fit {
     Whole,
     /// Streamed in blocks of this many rows.
@@ -393,8 +402,7 @@ impl<B: Backend> Source<'_, B> {
         match self {
             Source::Whole(delta) => linalg::decompose_on_device(be, delta, rank, svd, seed),
             Source::Blocked(src) => {
-                let (m, n) = (src.item.shape[0], src.item.shape[1]);
-                let k = (rank + svd.oversample_for(rank)).min(m.min(n));
+                let k = svd.sketch_width(rank, src.item.shape[0], src.item.shape[1]);
                 blocked::blocked_randomized_svd(be, src, rank, k, svd.power_iters, seed)
             }
         }
@@ -428,6 +436,13 @@ impl<B: Backend> blocked::RowBlocks<B> for CheckpointBlocks<'_, B> {
     }
 
     fn block(&self, r0: usize, r1: usize) -> backend::BackendResult<B::Mat> {
+        Ok(self.form(r0, r1)?.0)
+    }
+}
+
+impl<B: Backend> CheckpointBlocks<'_, B> {
+    /// Rows r0..r1 of ΔW and their statistics, releasing the input pages as they are read.
+    fn form(&self, r0: usize, r1: usize) -> backend::BackendResult<(B::Mat, DeltaStats)> {
         let item = self.item;
         let cols = item.shape[1];
         let (bs, fs) = (item.base_dtype().size(), item.ft_dtype().size());
@@ -447,7 +462,7 @@ impl<B: Backend> blocked::RowBlocks<B> for CheckpointBlocks<'_, B> {
             cols,
             rows_read: Some(&rows_read),
         };
-        Ok(self.be.delta(&input)?.0)
+        self.be.delta(&input)
     }
 }
 
@@ -458,6 +473,7 @@ struct LoraJob<'a, B: Backend> {
     base: &'a Checkpoint,
     ft: &'a Checkpoint,
     item: &'a PlanItem,
+    fit: Fit,
     r_adapter: usize,
     out_dtype: DType,
 }
@@ -480,30 +496,16 @@ impl<B: Backend> LoraJob<'_, B> {
         };
         let r = self.s.rank.rank_for(rows, cols);
         let clock = Instant::now();
-        let (source, stats) = match self.fit(r)? {
+        let (source, stats) = match self.fit {
             Fit::Whole => {
-                let (bs, fs) = (item.base_dtype().size(), item.ft_dtype().size());
-                let rows_read = |r0: usize, r1: usize| {
-                    self.base
-                        .release_range(&item.base, r0 * cols * bs, r1 * cols * bs);
-                    ft.release_range(&item.ft, r0 * cols * fs, r1 * cols * fs);
-                };
-                let input = DeltaInput {
-                    base: self.base.bytes(&item.base),
-                    base_dtype: item.base_dtype(),
-                    ft: ft.bytes(&item.ft),
-                    ft_dtype: item.ft_dtype(),
-                    rows,
-                    cols,
-                    rows_read: Some(&rows_read),
-                };
-                let (delta, stats) = be.delta(&input).map_err(backend_err)?;
+                let (delta, stats) = self.blocks(rows).form(0, rows).map_err(backend_err)?;
                 check_finite(self.base, ft, item, &stats)?;
                 (Source::Whole(delta), stats)
             }
             Fit::Blocked(step) => {
-                // ΔW is never formed whole: a first pass for ‖ΔW‖ and the finite check, then
-                // each product of the SVD re-forms the blocks from the checkpoints.
+                // ΔW is never formed whole: a first pass for ‖ΔW‖ and the finite check (so an
+                // unchanged matrix, e.g. a frozen embedding, costs one read, not 2q + 4), then
+                // each product of the SVD and the residual re-form the blocks.
                 let stats = host_delta(self.base, ft, item)?;
                 row.row_blocks = Some(step);
                 (Source::Blocked(self.blocks(step)), stats)
@@ -572,10 +574,6 @@ impl<B: Backend> LoraJob<'_, B> {
         row.method = Some(t.method);
         row.sketch = (t.method == Method::Randomized).then_some(t.sketch);
         Ok(Some(item.module.clone()))
-    }
-
-    fn fit(&self, rank: usize) -> Result<Fit> {
-        fit_of(self.be, self.s, self.item, rank, self.r_adapter)
     }
 
     /// ΔW of this tensor as row blocks formed from the checkpoints.

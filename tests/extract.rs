@@ -229,6 +229,33 @@ fn target_modules_are_plain_names_when_every_module_has_factors() {
     );
 }
 
+/// B·A of module `m` from an adapter file's tensors, in f64, row-major: ΔW (rows×cols) for a
+/// linear layer, ΔEᵀ (dim×vocab) for an embedding. Returns (product, its column count).
+fn lora_product(a: &HashMap<String, Loaded>, m: &str) -> (Vec<f64>, usize) {
+    let (ka, kb) = if m.contains("embed") {
+        (
+            format!("base_model.model.{m}.lora_embedding_A"),
+            format!("base_model.model.{m}.lora_embedding_B"),
+        )
+    } else {
+        (
+            format!("base_model.model.{m}.lora_A.weight"),
+            format!("base_model.model.{m}.lora_B.weight"),
+        )
+    };
+    let (fa, fb) = (&a[&ka], &a[&kb]);
+    let (r, p, q) = (fa.shape[0], fb.shape[0], fa.shape[1]);
+    let prod = (0..p * q)
+        .map(|idx| {
+            let (i, j) = (idx / q, idx % q);
+            (0..r)
+                .map(|k| fb.values[i * r + k] as f64 * fa.values[k * q + j] as f64)
+                .sum()
+        })
+        .collect();
+    (prod, q)
+}
+
 /// ΔW from the checkpoints as written, and B·A from the adapter as written, in f64.
 fn direct_residuals(base: &Path, ft: &Path, adapter: &Path) -> HashMap<String, f64> {
     let b = read_safetensors(&base.join("model.safetensors"));
@@ -238,35 +265,18 @@ fn direct_residuals(base: &Path, ft: &Path, adapter: &Path) -> HashMap<String, f
     for m in lora_modules() {
         let name = format!("{m}.weight");
         let (rows, cols) = (f[&name].shape[0], f[&name].shape[1]);
-        let emb = m.contains("embed");
-        let (ka, kb) = if emb {
-            (
-                format!("base_model.model.{m}.lora_embedding_A"),
-                format!("base_model.model.{m}.lora_embedding_B"),
-            )
-        } else {
-            (
-                format!("base_model.model.{m}.lora_A.weight"),
-                format!("base_model.model.{m}.lora_B.weight"),
-            )
-        };
-        let (fa, fb) = (&a[&ka], &a[&kb]);
-        let r = fa.shape[0];
+        let (ba, ba_cols) = lora_product(&a, m);
         let (mut num, mut den) = (0f64, 0f64);
         for i in 0..rows {
             for j in 0..cols {
                 let d = f[&name].values[i * cols + j] as f64 - b[&name].values[i * cols + j] as f64;
-                let ba: f64 = if emb {
-                    // ΔE[i, j] = Σ_k B[j, k]·A[k, i]
-                    (0..r)
-                        .map(|k| fb.values[j * r + k] as f64 * fa.values[k * rows + i] as f64)
-                        .sum()
+                // An embedding's product is ΔEᵀ.
+                let x = if m.contains("embed") {
+                    ba[j * ba_cols + i]
                 } else {
-                    (0..r)
-                        .map(|k| fb.values[i * r + k] as f64 * fa.values[k * cols + j] as f64)
-                        .sum()
+                    ba[i * ba_cols + j]
                 };
-                num += (d - ba).powi(2);
+                num += (d - x).powi(2);
                 den += d * d;
             }
         }
@@ -860,32 +870,7 @@ fn cpu_and_gpu_adapters_agree_on_reconstructions() {
         let a = read_safetensors(&out.join("adapter_model.safetensors"));
         lora_modules()
             .into_iter()
-            .map(|m| {
-                let emb = m.contains("embed");
-                let (ka, kb) = if emb {
-                    (
-                        format!("base_model.model.{m}.lora_embedding_A"),
-                        format!("base_model.model.{m}.lora_embedding_B"),
-                    )
-                } else {
-                    (
-                        format!("base_model.model.{m}.lora_A.weight"),
-                        format!("base_model.model.{m}.lora_B.weight"),
-                    )
-                };
-                let (fa, fb) = (&a[&ka], &a[&kb]);
-                let r = fa.shape[0];
-                let (p, q) = (fb.shape[0], fa.shape[1]);
-                let prod: Vec<f64> = (0..p * q)
-                    .map(|idx| {
-                        let (i, j) = (idx / q, idx % q);
-                        (0..r)
-                            .map(|k| fb.values[i * r + k] as f64 * fa.values[k * q + j] as f64)
-                            .sum()
-                    })
-                    .collect();
-                (m, prod)
-            })
+            .map(|m| (m, lora_product(&a, m).0))
             .collect::<Vec<_>>()
     };
     let cpu = products(&reports[0].1);

@@ -9,6 +9,7 @@ use common::*;
 use faer::Mat;
 use phlora::backend::cuda::{Orth, SmallSvd};
 use phlora::backend::{Backend, Cpu, CudaOptions};
+use phlora::checkpoint::dtype::encode_into;
 use phlora::checkpoint::DType;
 use phlora::factor::{split, Layout};
 use phlora::linalg::{decompose, Method, SvdSettings, Truncated};
@@ -30,7 +31,7 @@ fn run<B: Backend>(
     method: Method,
     seed: u64,
 ) -> (Truncated, f64) {
-    let a32 = Mat::<f32>::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] as f32);
+    let a32 = to_f32(a);
     let d = be.upload(a32.as_ref()).unwrap();
     let r = rank.min(a.nrows()).min(a.ncols());
     let t = decompose(be, &d, r, &settings(method, seed), seed).unwrap();
@@ -134,7 +135,7 @@ fn eckart_young_body<B: Backend>(be: &B) {
     for (si, &(m, n)) in SHAPES.iter().enumerate() {
         let full = m.min(n);
         // A decaying spectrum plus noise, like a fine-tuning delta.
-        let sigma: Vec<f64> = (0..full).map(|i| (1.0 + i as f64).powf(-0.8)).collect();
+        let sigma = power_law(full, 0.8);
         let noise = 0.02 / (m.max(n) as f64).sqrt();
         let a = spectrum_matrix(m, n, &sigma, noise, seed ^ (si as u64 * 7919));
         let reference = singular_values(&a);
@@ -231,7 +232,7 @@ fn deficient_body<B: Backend>(be: &B) {
 #[test]
 fn randomized_results_are_repeatable_and_agree_across_thread_counts() {
     let seed = fresh_seed("threads");
-    let sigma: Vec<f64> = (0..100).map(|i| (1.0 + i as f64).powf(-0.7)).collect();
+    let sigma = power_law(100, 0.7);
     let a = spectrum_matrix(300, 200, &sigma, 1e-3, seed);
     let be = &Cpu::new();
     let (t1, r1) = run(be, &a, 16, Method::Randomized, seed);
@@ -253,7 +254,7 @@ fn randomized_results_are_repeatable_and_agree_across_thread_counts() {
 
 /// ‖QᵀQ − I‖_max and ‖Y − Q·QᵀY‖ / ‖Y‖ for the backend's orthonormalisation.
 fn check_orthonormalize<B: Backend>(be: &B, y: &Mat<f64>) -> (f64, f64) {
-    let y32 = Mat::<f32>::from_fn(y.nrows(), y.ncols(), |i, j| y[(i, j)] as f32);
+    let y32 = to_f32(y);
     let q = be
         .download(&be.orthonormalize(be.upload(y32.as_ref()).unwrap()).unwrap())
         .unwrap();
@@ -301,9 +302,9 @@ fn short_wide_svd_agrees_with_the_bidiagonal_svd() {
 fn short_wide_body<B: Backend>(be: &B) {
     let seed = fresh_seed("short-wide");
     for &(k, n) in &[(128usize, 2048usize), (16, 5000), (64, 64)] {
-        let sigma: Vec<f64> = (0..k).map(|i| (1.0 + i as f64).powf(-1.5)).collect();
+        let sigma = power_law(k, 1.5);
         let b = spectrum_matrix(k, n, &sigma, 0.0, seed);
-        let b32 = Mat::<f32>::from_fn(k, n, |i, j| b[(i, j)] as f32);
+        let b32 = to_f32(&b);
         let dev = be.upload(b32.as_ref()).unwrap();
         let fast = be.short_wide_svd(&dev).unwrap();
         let reference = singular_values(&b);
@@ -335,7 +336,7 @@ fn the_gpu_repeats_itself_and_agrees_with_the_cpu() {
         return;
     };
     let seed = fresh_seed("gpu-vs-cpu");
-    let sigma: Vec<f64> = (0..150).map(|i| (1.0 + i as f64).powf(-0.7)).collect();
+    let sigma = power_law(150, 0.7);
     let a = spectrum_matrix(400, 150, &sigma, 1e-3, seed);
     let (g1, gr1) = run(&gpu, &a, 16, Method::Randomized, seed);
     let (g2, gr2) = run(&gpu, &a, 16, Method::Randomized, seed);
@@ -362,7 +363,7 @@ fn every_gpu_variant_reaches_the_optimum() {
                 let gpu = phlora::backend::Cuda::new(0, options).expect("the GPU");
                 let seed = fresh_seed("variants");
                 let (m, n) = (600, 300);
-                let sigma: Vec<f64> = (0..n).map(|i| (1.0 + i as f64).powf(-0.8)).collect();
+                let sigma = power_law(n, 0.8);
                 let a = spectrum_matrix(m, n, &sigma, 0.02 / (m as f64).sqrt(), seed);
                 let reference = singular_values(&a);
                 for rank in [1usize, 16, 64] {
@@ -425,7 +426,7 @@ fn delta_body<B: Backend>(be: &B) {
 
 fn delta_check<B: Backend>(be: &B, sumsq_tol: f64) {
     use phlora::backend::DeltaInput;
-    use phlora::checkpoint::dtype::{decode_into, encode_into};
+    use phlora::checkpoint::dtype::decode_into;
     let seed = fresh_seed("delta");
     // Odd sizes exercise the kernel's scalar tail; the large one its two-groups-per-step loop
     // (more than two grid strides of 8-element groups on any current GPU).
@@ -480,9 +481,9 @@ fn factor_body<B: Backend>(be: &B) {
     use phlora::linalg::decompose_on_device;
     let seed = fresh_seed("factor");
     for &(m, n) in &[(70usize, 40usize), (40, 70), (1, 33)] {
-        let sigma: Vec<f64> = (0..m.min(n)).map(|i| (1.0 + i as f64).powf(-0.8)).collect();
+        let sigma = power_law(m.min(n), 0.8);
         let a = spectrum_matrix(m, n, &sigma, 1e-3, seed);
-        let a32 = Mat::<f32>::from_fn(m, n, |i, j| a[(i, j)] as f32);
+        let a32 = to_f32(&a);
         let d = be.upload(a32.as_ref()).unwrap();
         let r = 6.min(m).min(n);
         let t = decompose_on_device(be, &d, r, &settings(Method::Randomized, seed), seed).unwrap();
@@ -552,15 +553,11 @@ fn blocked_body<B: Backend>(be: &B) {
     use phlora::linalg::rsvd::randomized_svd;
     let seed = fresh_seed("blocked");
     for &(m, n) in &[(300usize, 80usize), (80, 300), (257, 64)] {
-        let sigma: Vec<f64> = (0..m.min(n)).map(|i| (1.0 + i as f64).powf(-0.8)).collect();
+        let sigma = power_law(m.min(n), 0.8);
         let a = spectrum_matrix(m, n, &sigma, 1e-3, seed);
-        let a32 = Mat::<f32>::from_fn(m, n, |i, j| a[(i, j)] as f32);
+        let a32 = to_f32(&a);
         let mut bytes = Vec::new();
-        for i in 0..m {
-            for j in 0..n {
-                bytes.extend_from_slice(&a32[(i, j)].to_le_bytes());
-            }
-        }
+        encode_into(DType::F32, &to_row_major_f32(&a), &mut bytes);
         let whole = be.upload(a32.as_ref()).unwrap();
         let (rank, k) = (8, 24);
         let full = randomized_svd(be, &whole, rank, k, 2, seed).unwrap();

@@ -5,8 +5,8 @@ use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
 
 use super::{
-    eigh_descending, Backend, BackendError, BackendResult, DeltaInput, DeltaStats, Op, SvdParts,
-    FIRST_PASS_MIN_RATIO, SECOND_PASS_MIN_RATIO,
+    cholesky_diag_ok, eigh_descending, require_tall, Backend, BackendError, BackendResult,
+    DeltaInput, DeltaStats, Op, SvdParts, FIRST_PASS_MIN_RATIO, SECOND_PASS_MIN_RATIO,
 };
 use crate::checkpoint::dtype::decode_into;
 
@@ -83,9 +83,7 @@ fn cholesky_qr_pass(y: &mut Mat<f32>, min_ratio: f64) -> bool {
     };
     let l = llt.L();
     let diag: Vec<f32> = (0..k).map(|i| l[(i, i)]).collect();
-    let max = diag.iter().copied().fold(0f32, f32::max);
-    let min = diag.iter().copied().fold(f32::INFINITY, f32::min);
-    if !(max.is_finite() && f64::from(min) > min_ratio * f64::from(max)) {
+    if !cholesky_diag_ok(&diag, min_ratio) {
         return false;
     }
     // Y·L⁻ᵀ = (L⁻¹·Yᵀ)ᵀ: a lower-triangular solve on the transposed view.
@@ -95,6 +93,14 @@ fn cholesky_qr_pass(y: &mut Mat<f32>, min_ratio: f64) -> bool {
         par(),
     );
     true
+}
+
+/// The Q of a Householder QR, in f64 because faer's f32 Householder QR loses ~1e-3 of
+/// ‖Y − QR‖/‖Y‖ on steep inputs.
+fn householder_q(y: MatRef<'_, f32>) -> CpuMat {
+    CpuMat::new(to_f32(
+        Qr::new(to_f64(y).as_ref()).compute_thin_Q().as_ref(),
+    ))
 }
 
 impl Backend for Cpu {
@@ -117,15 +123,9 @@ impl Backend for Cpu {
     }
 
     fn delta(&self, input: &DeltaInput<'_>) -> BackendResult<(CpuMat, DeltaStats)> {
+        input.check_sizes()?;
         let (rows, cols) = (input.rows, input.cols);
         let (bs, fs) = (input.base_dtype.size(), input.ft_dtype.size());
-        if input.base.len() != rows * cols * bs || input.ft.len() != rows * cols * fs {
-            return Err(BackendError(format!(
-                "byte counts {} and {} do not match a {rows}×{cols} matrix",
-                input.base.len(),
-                input.ft.len()
-            )));
-        }
         // Storage is cols×rows column-major: column i holds row i of ΔW. Rows go in chunks of
         // ~16 MB of output so the caller can release each chunk's input pages early.
         let mut store = Mat::<f32>::zeros(cols, rows);
@@ -214,37 +214,26 @@ impl Backend for Cpu {
 
     fn orthonormalize(&self, y: CpuMat) -> BackendResult<CpuMat> {
         let (m, n) = y.view().shape();
-        if m < n {
-            return Err(BackendError(format!(
-                "cannot orthonormalize a wide {m}×{n} matrix"
-            )));
-        }
+        require_tall(m, n)?;
         // CholeskyQR2 runs at GEMM speed (3× faster than Householder here); it squares the
-        // condition number, so it is guarded and falls back to Householder QR, in f64 because
-        // faer's f32 Householder QR loses ~1e-3 of ‖Y − QR‖/‖Y‖ on steep inputs.
+        // condition number, so it is guarded and falls back to Householder QR.
         let mut q = y.view().to_owned();
         if cholesky_qr_pass(&mut q, FIRST_PASS_MIN_RATIO)
             && cholesky_qr_pass(&mut q, SECOND_PASS_MIN_RATIO)
         {
             return Ok(CpuMat::new(q));
         }
-        Ok(CpuMat::new(to_f32(
-            Qr::new(to_f64(y.view()).as_ref()).compute_thin_Q().as_ref(),
-        )))
+        Ok(householder_q(y.view()))
     }
 
     fn range_basis(&self, y: CpuMat) -> BackendResult<CpuMat> {
         let (m, n) = y.view().shape();
-        if m < n {
-            return Err(BackendError(format!(
-                "cannot orthonormalize a wide {m}×{n} matrix"
-            )));
-        }
+        require_tall(m, n)?;
         let mut q = y.view().to_owned();
         if cholesky_qr_pass(&mut q, FIRST_PASS_MIN_RATIO) {
             return Ok(CpuMat::new(q));
         }
-        self.orthonormalize(y)
+        Ok(householder_q(y.view()))
     }
 
     fn thin_svd(&self, a: &CpuMat) -> BackendResult<SvdParts<CpuMat>> {

@@ -39,6 +39,25 @@ pub struct DeltaInput<'a> {
     pub rows_read: Option<&'a (dyn Fn(usize, usize) + Sync)>,
 }
 
+impl DeltaInput<'_> {
+    /// The byte counts must be those of a rows×cols matrix of each dtype.
+    pub fn check_sizes(&self) -> BackendResult<()> {
+        let n = self.rows * self.cols;
+        if self.base.len() != n * self.base_dtype.size()
+            || self.ft.len() != n * self.ft_dtype.size()
+        {
+            return Err(BackendError(format!(
+                "byte counts {} and {} do not match a {}×{} matrix",
+                self.base.len(),
+                self.ft.len(),
+                self.rows,
+                self.cols
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// What the delta step learns in the same pass over the data.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DeltaStats {
@@ -91,10 +110,15 @@ pub trait Backend: Sync {
     /// The first `r` columns of a matrix (all of them when r ≥ its width).
     fn first_cols(&self, a: &Self::Mat, r: usize) -> BackendResult<Self::Mat>;
 
-    /// Rows r0..r1 of a matrix, as a matrix of its own. The default goes through the host.
-    fn row_range(&self, a: &Self::Mat, r0: usize, r1: usize) -> BackendResult<Self::Mat> {
+    /// The matrix cut into blocks of `step` rows (the last may be shorter), each a matrix of
+    /// its own. The default goes through the host, once for the whole matrix.
+    fn split_rows(&self, a: &Self::Mat, step: usize) -> BackendResult<Vec<Self::Mat>> {
         let h = self.download(a)?;
-        self.upload(h.as_ref().subrows(r0, r1 - r0))
+        let step = step.max(1);
+        (0..h.nrows())
+            .step_by(step)
+            .map(|r0| self.upload(h.as_ref().subrows(r0, step.min(h.nrows() - r0))))
+            .collect()
     }
 
     /// The matrices one above the other (same width). The default goes through the host.
@@ -239,6 +263,23 @@ pub fn resolve(device: Device, options: CudaOptions) -> crate::Result<Resolved> 
 pub(crate) const FIRST_PASS_MIN_RATIO: f64 = 1e-3;
 /// After a good first pass Q₁ᵀQ₁ ≈ I: the second pass's R must be close to identity.
 pub(crate) const SECOND_PASS_MIN_RATIO: f64 = 0.5;
+
+/// The Cholesky-QR guard: L's diagonal (Y's R) must be finite with min > `min_ratio`·max.
+pub(crate) fn cholesky_diag_ok(diag: &[f32], min_ratio: f64) -> bool {
+    let max = diag.iter().copied().fold(0f32, f32::max);
+    let min = diag.iter().copied().fold(f32::INFINITY, f32::min);
+    max.is_finite() && f64::from(min) > min_ratio * f64::from(max)
+}
+
+/// Orthonormalisation needs a tall (m ≥ n) matrix.
+pub(crate) fn require_tall(m: usize, n: usize) -> BackendResult<()> {
+    if m < n {
+        return Err(BackendError(format!(
+            "cannot orthonormalize a wide {m}×{n} matrix"
+        )));
+    }
+    Ok(())
+}
 
 /// The eigendecomposition of a symmetric k×k G = B·Bᵀ as singular values of B (descending,
 /// √ of the clamped eigenvalues) and the matching left singular vectors Ub.

@@ -1,10 +1,11 @@
 //! The randomized SVD of a ΔW that is never held whole: ΔW arrives in row blocks, formed anew
 //! from the checkpoints on every pass, so the working set is one block plus the m×k and n×k
-//! sketches. Same sketch (same seed → same Ω) and same steps as [`super::rsvd`]; only sums over
-//! blocks change order, so the results agree with the unblocked ones to rounding.
+//! sketches. The algorithm is [`super::rsvd`]'s, with its products with ΔW summed over blocks:
+//! same seed → same Ω, and the results agree with the unblocked ones to rounding.
 //!
 //! Cost: 2q + 2 passes over the inputs (one per product with ΔW), plus one for the residual.
 
+use super::rsvd::{sketch_svd, DeltaProducts};
 use super::OnDevice;
 use crate::backend::{Backend, BackendResult, Op};
 
@@ -26,42 +27,62 @@ pub fn ranges(rows: usize, step: usize) -> impl Iterator<Item = (usize, usize)> 
         .map(move |r0| (r0, (r0 + step).min(rows)))
 }
 
-/// ΔW·X, block by block (rows of the result follow the blocks).
-fn times<B: Backend>(be: &B, src: &dyn RowBlocks<B>, x: &B::Mat) -> BackendResult<B::Mat> {
-    let (m, _) = src.shape();
-    let parts = ranges(m, src.block_rows())
-        .map(|(r0, r1)| be.gemm_delta(&src.block(r0, r1)?, Op::N, x, Op::N))
-        .collect::<BackendResult<Vec<_>>>()?;
-    be.stack_rows(&parts)
+/// The randomized SVD's products with ΔW, summed over row blocks.
+struct Blocked<'a, B: Backend> {
+    be: &'a B,
+    src: &'a dyn RowBlocks<B>,
 }
 
-/// Σ_b over row blocks: ΔWᵀ·Q = Σ ΔW_bᵀ·Q_b (n×k), or with `q_first` Qᵀ·ΔW = Σ Q_bᵀ·ΔW_b
-/// (k×n, the projection B).
-fn transposed_times<B: Backend>(
-    be: &B,
-    src: &dyn RowBlocks<B>,
-    q: &B::Mat,
-    q_first: bool,
-) -> BackendResult<B::Mat> {
-    let (m, _) = src.shape();
-    let mut acc: Option<B::Mat> = None;
-    for (r0, r1) in ranges(m, src.block_rows()) {
-        let qb = be.row_range(q, r0, r1)?;
-        let blk = src.block(r0, r1)?;
-        let part = if q_first {
-            be.gemm_delta(&qb, Op::T, &blk, Op::N)? // k×n
-        } else {
-            be.gemm_delta(&blk, Op::T, &qb, Op::N)? // n×k
-        };
-        acc = Some(match acc {
-            None => part,
-            Some(a) => be.add(&a, &part)?,
-        });
+impl<B: Backend> Blocked<'_, B> {
+    /// Σ_b f(block b, rows b of Q) over the blocks; Q is cut once per pass.
+    fn sum_over_blocks(
+        &self,
+        q: &B::Mat,
+        f: impl Fn(&B::Mat, &B::Mat) -> BackendResult<B::Mat>,
+    ) -> BackendResult<B::Mat> {
+        let (m, _) = self.src.shape();
+        let step = self.src.block_rows();
+        let mut acc: Option<B::Mat> = None;
+        for ((r0, r1), qb) in ranges(m, step).zip(self.be.split_rows(q, step)?) {
+            let part = f(&self.src.block(r0, r1)?, &qb)?;
+            acc = Some(match acc {
+                None => part,
+                Some(a) => self.be.add(&a, &part)?,
+            });
+        }
+        Ok(acc.expect("a matrix has at least one row"))
     }
-    Ok(acc.expect("a matrix has at least one row"))
 }
 
-/// The blocked counterpart of [`super::rsvd::randomized_svd`].
+impl<B: Backend> DeltaProducts<B> for Blocked<'_, B> {
+    fn shape(&self) -> (usize, usize) {
+        self.src.shape()
+    }
+
+    /// Rows of ΔW·X follow the blocks.
+    fn times(&self, x: &B::Mat) -> BackendResult<B::Mat> {
+        let (m, _) = self.src.shape();
+        let parts = ranges(m, self.src.block_rows())
+            .map(|(r0, r1)| {
+                self.be
+                    .gemm_delta(&self.src.block(r0, r1)?, Op::N, x, Op::N)
+            })
+            .collect::<BackendResult<Vec<_>>>()?;
+        self.be.stack_rows(&parts)
+    }
+
+    /// ΔWᵀ·Q = Σ_b ΔW_bᵀ·Q_b (n×k).
+    fn transposed_times(&self, q: &B::Mat) -> BackendResult<B::Mat> {
+        self.sum_over_blocks(q, |blk, qb| self.be.gemm_delta(blk, Op::T, qb, Op::N))
+    }
+
+    /// Qᵀ·ΔW = Σ_b Q_bᵀ·ΔW_b (k×n).
+    fn projection(&self, q: &B::Mat) -> BackendResult<B::Mat> {
+        self.sum_over_blocks(q, |blk, qb| self.be.gemm_delta(qb, Op::T, blk, Op::N))
+    }
+}
+
+/// The randomized SVD ([`sketch_svd`]) of a ΔW delivered in row blocks.
 pub fn blocked_randomized_svd<B: Backend>(
     be: &B,
     src: &dyn RowBlocks<B>,
@@ -70,23 +91,7 @@ pub fn blocked_randomized_svd<B: Backend>(
     power_iters: usize,
     seed: u64,
 ) -> BackendResult<OnDevice<B::Mat>> {
-    let (_, n) = src.shape();
-    let basis = |y: B::Mat, last: bool| {
-        if last {
-            be.orthonormalize(y)
-        } else {
-            be.range_basis(y)
-        }
-    };
-    let omega = be.gaussian(n, k, seed)?;
-    let mut q = basis(times(be, src, &omega)?, power_iters == 0)?; // m×k
-    drop(omega);
-    for i in 0..power_iters {
-        let z = be.range_basis(transposed_times(be, src, &q, false)?)?; // n×k
-        q = basis(times(be, src, &z)?, i + 1 == power_iters)?; // m×k
-    }
-    let b = transposed_times(be, src, &q, true)?; // k×n
-    super::rsvd::from_projection(be, &q, &b, rank, k)
+    sketch_svd(be, &Blocked { be, src }, rank, k, power_iters, seed)
 }
 
 /// ‖ΔW − left·right‖²_F, block by block (one more pass over the inputs).
@@ -97,9 +102,9 @@ pub fn blocked_residual_sumsq<B: Backend>(
     right: &B::Mat,
 ) -> BackendResult<f64> {
     let (m, _) = src.shape();
+    let step = src.block_rows();
     let mut total = 0.0;
-    for (r0, r1) in ranges(m, src.block_rows()) {
-        let lb = be.row_range(left, r0, r1)?;
+    for ((r0, r1), lb) in ranges(m, step).zip(be.split_rows(left, step)?) {
         total += be.residual_sumsq(&src.block(r0, r1)?, &lb, right)?;
     }
     Ok(total)

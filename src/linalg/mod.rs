@@ -52,6 +52,16 @@ impl SvdSettings {
     pub fn oversample_for(&self, rank: usize) -> usize {
         self.oversample.unwrap_or(rank.max(8))
     }
+
+    /// Sketch width k = r + p for an m×n ΔW, at most min(m, n).
+    pub fn sketch_width(&self, rank: usize, m: usize, n: usize) -> usize {
+        (rank + self.oversample_for(rank)).min(m.min(n))
+    }
+
+    /// Whether the exact SVD runs: asked for, or a sketch as wide as the matrix.
+    pub fn runs_exact(&self, rank: usize, m: usize, n: usize) -> bool {
+        self.method == Method::Exact || self.sketch_width(rank, m, n) >= m.min(n)
+    }
 }
 
 /// The top-r part of an SVD, on the host: ΔW ≈ U·diag(s)·Vᵀ, U m×r, V n×r.
@@ -109,11 +119,9 @@ pub fn decompose_on_device<B: Backend>(
     seed: u64,
 ) -> BackendResult<OnDevice<B::Mat>> {
     let (m, n) = be.shape(delta);
-    let k = (rank + settings.oversample_for(rank)).min(m.min(n));
-    match settings.method {
-        Method::Randomized if k < m.min(n) => {
-            rsvd::randomized_svd(be, delta, rank, k, settings.power_iters, seed)
-        }
-        _ => exact::exact_svd(be, delta, rank),
+    if settings.runs_exact(rank, m, n) {
+        return exact::exact_svd(be, delta, rank);
     }
+    let k = settings.sketch_width(rank, m, n);
+    rsvd::randomized_svd(be, delta, rank, k, settings.power_iters, seed)
 }

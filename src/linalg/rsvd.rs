@@ -13,6 +13,37 @@ pub fn nominal_flops(m: usize, n: usize, k: usize, power_iters: usize) -> f64 {
     2.0 * m as f64 * n as f64 * k as f64 * (2 * power_iters + 2) as f64
 }
 
+/// The products with ΔW the randomized SVD is made of, so that the algorithm is written once
+/// whether ΔW is held whole or streamed in row blocks ([`super::blocked`]).
+pub trait DeltaProducts<B: Backend> {
+    /// (rows, cols) of ΔW.
+    fn shape(&self) -> (usize, usize);
+    /// ΔW·X.
+    fn times(&self, x: &B::Mat) -> BackendResult<B::Mat>;
+    /// ΔWᵀ·Q.
+    fn transposed_times(&self, q: &B::Mat) -> BackendResult<B::Mat>;
+    /// Qᵀ·ΔW.
+    fn projection(&self, q: &B::Mat) -> BackendResult<B::Mat>;
+}
+
+/// ΔW held whole on the backend.
+struct Whole<'a, B: Backend>(&'a B, &'a B::Mat);
+
+impl<B: Backend> DeltaProducts<B> for Whole<'_, B> {
+    fn shape(&self) -> (usize, usize) {
+        self.0.shape(self.1)
+    }
+    fn times(&self, x: &B::Mat) -> BackendResult<B::Mat> {
+        self.0.gemm_delta(self.1, Op::N, x, Op::N)
+    }
+    fn transposed_times(&self, q: &B::Mat) -> BackendResult<B::Mat> {
+        self.0.gemm_delta(self.1, Op::T, q, Op::N)
+    }
+    fn projection(&self, q: &B::Mat) -> BackendResult<B::Mat> {
+        self.0.gemm_delta(q, Op::T, self.1, Op::N)
+    }
+}
+
 pub fn randomized_svd<B: Backend>(
     be: &B,
     a: &B::Mat,
@@ -21,7 +52,19 @@ pub fn randomized_svd<B: Backend>(
     power_iters: usize,
     seed: u64,
 ) -> BackendResult<OnDevice<B::Mat>> {
-    let (_m, n) = be.shape(a);
+    sketch_svd(be, &Whole(be, a), rank, k, power_iters, seed)
+}
+
+/// The algorithm itself, over any way of forming the products with ΔW.
+pub fn sketch_svd<B: Backend>(
+    be: &B,
+    delta: &dyn DeltaProducts<B>,
+    rank: usize,
+    k: usize,
+    power_iters: usize,
+    seed: u64,
+) -> BackendResult<OnDevice<B::Mat>> {
+    let (_m, n) = delta.shape();
     // Only the last basis must be orthonormal to working precision (B = QᵀΔW relies on it);
     // the ones inside the power iterations only carry a subspace forward, for which one
     // Cholesky-QR pass is enough.
@@ -33,19 +76,18 @@ pub fn randomized_svd<B: Backend>(
         }
     };
     let omega = be.gaussian(n, k, seed)?;
-    let mut q = basis(be.gemm_delta(a, Op::N, &omega, Op::N)?, power_iters == 0)?; // m×k
+    let mut q = basis(delta.times(&omega)?, power_iters == 0)?; // m×k
     drop(omega);
     for i in 0..power_iters {
-        let z = be.range_basis(be.gemm_delta(a, Op::T, &q, Op::N)?)?; // n×k
-        q = basis(be.gemm_delta(a, Op::N, &z, Op::N)?, i + 1 == power_iters)?; // m×k
+        let z = be.range_basis(delta.transposed_times(&q)?)?; // n×k
+        q = basis(delta.times(&z)?, i + 1 == power_iters)?; // m×k
     }
-    let b = be.gemm_delta(&q, Op::T, a, Op::N)?; // k×n
+    let b = delta.projection(&q)?; // k×n
     from_projection(be, &q, &b, rank, k)
 }
 
-/// The last step, shared with the blocked variant: from Q (m×k, orthonormal) and
-/// B = QᵀΔW (k×n), the top-r SVD of ΔW ≈ Q·B.
-pub(crate) fn from_projection<B: Backend>(
+/// The last step: from Q (m×k, orthonormal) and B = QᵀΔW (k×n), the top-r SVD of ΔW ≈ Q·B.
+fn from_projection<B: Backend>(
     be: &B,
     q: &B::Mat,
     b: &B::Mat,

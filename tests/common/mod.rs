@@ -118,6 +118,16 @@ pub fn optimum(s: &[f64], r: usize) -> f64 {
 }
 
 /// Row-major f32 bytes of an f64 matrix.
+/// The same matrix in f32.
+pub fn to_f32(a: &Mat<f64>) -> Mat<f32> {
+    Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] as f32)
+}
+
+/// σᵢ = (1 + i)^-exponent for i < len: a decaying spectrum like a fine-tuning delta's.
+pub fn power_law(len: usize, exponent: f64) -> Vec<f64> {
+    (0..len).map(|i| (1.0 + i as f64).powf(-exponent)).collect()
+}
+
 pub fn to_row_major_f32(a: &Mat<f64>) -> Vec<f32> {
     let mut v = Vec::with_capacity(a.nrows() * a.ncols());
     for i in 0..a.nrows() {

@@ -372,9 +372,7 @@ impl Cuda {
             diag.device_ptr(&self.stream).0,
         )?;
         let diag = self.stream.clone_dtoh(&diag).map_err(CudaError::from)?;
-        let max = diag.iter().copied().fold(0f32, f32::max);
-        let min = diag.iter().copied().fold(f32::INFINITY, f32::min);
-        if !(max.is_finite() && f64::from(min) > min_ratio * f64::from(max)) {
+        if !super::cholesky_diag_ok(&diag, min_ratio) {
             return Ok(false);
         }
         let yp = y.buf.device_ptr_mut(&self.stream).0;
@@ -517,15 +515,9 @@ impl Backend for Cuda {
     }
 
     fn delta(&self, input: &DeltaInput<'_>) -> BackendResult<(CudaMat, DeltaStats)> {
+        input.check_sizes()?;
         let (rows, cols) = (input.rows, input.cols);
         let (bs, fs) = (input.base_dtype.size(), input.ft_dtype.size());
-        if input.base.len() != rows * cols * bs || input.ft.len() != rows * cols * fs {
-            return Err(BackendError(format!(
-                "byte counts {} and {} do not match a {rows}×{cols} matrix",
-                input.base.len(),
-                input.ft.len()
-            )));
-        }
         let out = self.alloc(rows * cols)?;
         let out_ptr = out.device_ptr(&self.stream).0;
         let chunk = delta_chunk_rows(cols, bs + fs).min(rows.max(1));
@@ -613,12 +605,7 @@ impl Backend for Cuda {
     }
 
     fn orthonormalize(&self, y: CudaMat) -> BackendResult<CudaMat> {
-        let (m, n) = (y.rows, y.cols);
-        if m < n {
-            return Err(BackendError(format!(
-                "cannot orthonormalize a wide {m}×{n} matrix"
-            )));
-        }
+        super::require_tall(y.rows, y.cols)?;
         let y = self.plain(y)?;
         if self.options.orth == Orth::CholeskyQr2 {
             // The passes work in place; the fallback starts again from Y itself.
