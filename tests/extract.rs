@@ -697,19 +697,26 @@ fn phlora(args: &[&str]) -> std::process::Output {
     std::process::Command::new(bin).args(args).output().unwrap()
 }
 
-#[test]
-fn cli_reports_errors_with_a_nonzero_exit_and_no_panic() {
-    let (dir, b, _f, out) = bad_pair("cli", true);
-    let missing = dir.path().join("missing-ft");
-    let o = phlora(&[
+/// `phlora extract --base B --ft F --out OUT` followed by `extra`.
+fn phlora_extract(b: &Path, f: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
         "extract",
         "--base",
         b.to_str().unwrap(),
         "--ft",
-        missing.to_str().unwrap(),
+        f.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    phlora(&args)
+}
+
+#[test]
+fn cli_reports_errors_with_a_nonzero_exit_and_no_panic() {
+    let (dir, b, _f, out) = bad_pair("cli", true);
+    let missing = dir.path().join("missing-ft");
+    let o = phlora_extract(&b, &missing, &out, &[]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -733,19 +740,7 @@ fn cli_reports_errors_with_a_nonzero_exit_and_no_panic() {
 #[test]
 fn cli_extract_json_and_inspect() {
     let (_d, b, f, out) = bad_pair("cli-ok", true);
-    let o = phlora(&[
-        "-q",
-        "extract",
-        "--base",
-        b.to_str().unwrap(),
-        "--ft",
-        f.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "-r",
-        "4",
-        "--json",
-    ]);
+    let o = phlora_extract(&b, &f, &out, &["-q", "-r", "4", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["summary"]["lora"], 7);
@@ -772,31 +767,15 @@ fn cli_extract_json_and_inspect() {
 
 // ---- devices -----------------------------------------------------------------------------
 
-fn extract_args<'a>(b: &'a Path, f: &'a Path, out: &'a Path, device: &'a str) -> Vec<&'a str> {
-    vec![
-        "extract",
-        "--base",
-        b.to_str().unwrap(),
-        "--ft",
-        f.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "-r",
-        "4",
-        "--json",
-        "--device",
-        device,
-    ]
-}
-
 #[test]
 fn device_choice_cuda_fails_clearly_without_a_gpu_and_auto_falls_back_with_one_warning() {
     let (dir, b, f, _) = bad_pair("devices", true);
     let gpu = phlora::backend::Cuda::new(0, Default::default());
     let out_cuda = dir.path().join("out-cuda");
     let out_auto = dir.path().join("out-auto");
-    let cuda = phlora(&extract_args(&b, &f, &out_cuda, "cuda"));
-    let auto = phlora(&extract_args(&b, &f, &out_auto, "auto"));
+    let args = |device| ["-r", "4", "--json", "--device", device];
+    let cuda = phlora_extract(&b, &f, &out_cuda, &args("cuda"));
+    let auto = phlora_extract(&b, &f, &out_auto, &args("auto"));
     let auto_err = String::from_utf8_lossy(&auto.stderr).to_string();
     assert!(auto.status.success(), "{auto_err}");
     let auto_report: serde_json::Value = serde_json::from_slice(&auto.stdout).unwrap();
@@ -952,17 +931,7 @@ fn a_max_ram_too_small_for_one_row_or_for_an_exact_svd_is_refused_before_writing
     s.max_ram = Some(BASELINE_RAM + (20 << 10));
     s.svd.method = Method::Exact;
     assert_fails(&s, &["exact SVD needs it whole"]);
-    let o = phlora(&[
-        "extract",
-        "--base",
-        b.to_str().unwrap(),
-        "--ft",
-        f.to_str().unwrap(),
-        "--out",
-        dir.path().join("cli").to_str().unwrap(),
-        "--max-ram",
-        "12X",
-    ]);
+    let o = phlora_extract(&b, &f, &dir.path().join("cli"), &["--max-ram", "12X"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("--max-ram `12X`"), "{err}");
@@ -972,21 +941,12 @@ fn a_max_ram_too_small_for_one_row_or_for_an_exact_svd_is_refused_before_writing
 fn a_bound_for_the_other_kind_of_memory_is_named_in_a_warning() {
     let (dir, b, f, _) = bad_pair("bounds", true);
     let out = dir.path().join("out");
-    let o = phlora(&[
-        "extract",
-        "--base",
-        b.to_str().unwrap(),
-        "--ft",
-        f.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "-r",
-        "4",
-        "--device",
-        "cpu",
-        "--max-vram",
-        "1G",
-    ]);
+    let o = phlora_extract(
+        &b,
+        &f,
+        &out,
+        &["-r", "4", "--device", "cpu", "--max-vram", "1G"],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert_eq!(err.matches("--max-vram has no effect").count(), 1, "{err}");

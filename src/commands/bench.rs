@@ -98,26 +98,33 @@ pub fn run(a: &BenchArgs, ui: Ui) -> Result<ExitCode> {
         }
         Resolved::Cuda(mut gpu) => {
             report.cuda = Some(gpu.info());
-            report.rows = bench::run(gpu.as_ref(), &s).map_err(dev_err)?;
-            if a.variants {
-                for &(m, n) in &s.shapes {
-                    let p = bench::prepare(gpu.as_ref(), m, n, s.seed).map_err(dev_err)?;
-                    for tf32 in [true, false] {
-                        for orth in [Orth::CholeskyQr2, Orth::Householder] {
-                            for small in [SmallSvd::DeviceEigh, SmallSvd::HostEigh, SmallSvd::Gesvd]
-                            {
-                                gpu.set_options(CudaOptions { tf32, orth, small });
-                                for r in bench::clamped_ranks(&s.ranks, m, n) {
-                                    report.variants.push(
-                                        bench::measure(gpu.as_ref(), &p, r, &s).map_err(dev_err)?,
-                                    );
-                                }
+            // Each shape's ΔW is generated and uploaded once, for the defaults and the variants.
+            for &(m, n) in &s.shapes {
+                let p = bench::prepare(gpu.as_ref(), m, n, s.seed).map_err(dev_err)?;
+                let ranks = bench::clamped_ranks(&s.ranks, m, n);
+                gpu.set_options(options);
+                for &r in &ranks {
+                    report
+                        .rows
+                        .push(bench::measure(gpu.as_ref(), &p, r, &s).map_err(dev_err)?);
+                }
+                if !a.variants {
+                    continue;
+                }
+                for tf32 in [true, false] {
+                    for orth in [Orth::CholeskyQr2, Orth::Householder] {
+                        for small in [SmallSvd::DeviceEigh, SmallSvd::HostEigh, SmallSvd::Gesvd] {
+                            gpu.set_options(CudaOptions { tf32, orth, small });
+                            for &r in &ranks {
+                                report.variants.push(
+                                    bench::measure(gpu.as_ref(), &p, r, &s).map_err(dev_err)?,
+                                );
                             }
                         }
                     }
                 }
-                gpu.set_options(options);
             }
+            gpu.set_options(options);
             if !a.no_delta {
                 report.delta_kernel = Some(
                     gpu.bench_delta(28672, 8192, DType::BF16, s.reps)
