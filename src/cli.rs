@@ -86,23 +86,40 @@ pub struct ExtractArgs {
     /// Dtype of the factors: auto (the fine-tune's), bf16, f16 or f32. Compute is always f32.
     #[arg(long, value_name = "DTYPE", default_value = "auto")]
     pub out_dtype: String,
-    /// Compute device: auto (GPU 0 when usable, else the CPU with a warning), cpu, or
-    /// cuda[:N] (an error when that GPU is not usable).
+    /// Compute device: auto (every usable GPU, else the CPU with a warning), cpu, cuda (every
+    /// visible GPU) or cuda:N (that one); an error when a GPU asked for is not usable.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// GPUs to run on, e.g. 0,1,3: one queue, largest tensors first, each GPU with its own
+    /// workers; the adapter is the same whichever GPU computed a tensor [default: all visible].
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub devices: Option<Vec<usize>>,
+    /// Tensors worked on at once per device. On a GPU each has its own stream, so one's
+    /// copies overlap another's SVD (while the memory budget allows); on the CPU the cores are
+    /// split between them instead of working inside each GEMM [default: 2 per GPU, 1 on the
+    /// CPU].
+    #[arg(long, value_name = "N")]
+    pub in_flight: Option<usize>,
+    /// Print where the time went (read, host-to-device, delta, SVD, factor, residual,
+    /// device-to-host, write, idle; per worker; the slowest tensors) after the run. The same
+    /// numbers are always in report.json.
+    #[arg(long)]
+    pub profile: bool,
     /// GPU only: precision of the randomized SVD's products with ΔW. tf32 runs them on tensor
     /// cores (inputs rounded to a 10-bit mantissa: ~5e-4 relative, below bf16 output rounding);
     /// f32 is plain single precision. The residual certificate is always plain f32.
     #[arg(long, value_enum, default_value_t = GemmArg::Tf32)]
     pub gemm: GemmArg,
-    /// CPU only for now: bound on host memory for the computation, e.g. 768M or 40G. A matrix
-    /// whose f32 ΔW and sketches would not fit is streamed through the randomized SVD in row
-    /// blocks re-formed from the checkpoints on every pass (2q + 4 reads of its inputs)
-    /// [default: no bound].
+    /// CPU: bound on host memory for the computation, e.g. 768M or 40G (peak RSS, the mapped
+    /// input pages included). A matrix whose f32 ΔW and sketches would not fit is streamed
+    /// through the randomized SVD in row blocks re-formed from the checkpoints on every pass
+    /// (2q + 4 reads of its inputs); tensors in flight share the bound [default: no bound].
     #[arg(long, value_name = "SIZE")]
     pub max_ram: Option<String>,
-    /// GPU: bound on device memory, e.g. 20G; a matrix that would not fit whole is streamed in
-    /// row blocks like with --max-ram [default: 90% of the GPU's free memory].
+    /// GPU: bound on device memory per GPU, e.g. 20G; tensors in flight share it, and a matrix
+    /// that would not fit whole is streamed in row blocks like with --max-ram. If the driver
+    /// still runs out of memory, the tensor is retried alone in smaller blocks
+    /// [default: 90% of each GPU's free memory].
     #[arg(long, value_name = "SIZE")]
     pub max_vram: Option<String>,
     /// Only tensors whose full name matches one of these globs (`*` any run, `?` one char),

@@ -50,6 +50,9 @@ impl ExtractArgs {
                 })
                 .transpose()
         };
+        if self.in_flight == Some(0) {
+            return Err(Error::Settings("--in-flight must be at least 1".into()));
+        }
         let max_ram = size("--max-ram", &self.max_ram)?;
         let max_vram = size("--max-vram", &self.max_vram)?;
         Ok(ExtractSettings {
@@ -74,6 +77,8 @@ impl ExtractArgs {
             },
             max_ram,
             max_vram,
+            devices: self.devices.clone(),
+            in_flight: self.in_flight,
             plan: PlanOptions {
                 include: self.include.iter().map(|g| Glob::new(g)).collect(),
                 exclude: self.exclude.iter().map(|g| Glob::new(g)).collect(),

@@ -40,6 +40,8 @@ pub struct DeviceFactors<M> {
     pub left: M,
     /// r_out×cols, as rounded through the output dtype.
     pub right: M,
+    /// Seconds spent copying the encoded factors back from the device (0 on the CPU).
+    pub d2h_seconds: f64,
 }
 
 /// Builds factors of rank `r_out` (≥ the SVD's rank; extra columns are zero, which leaves

@@ -31,12 +31,18 @@ pub struct TensorReport {
     /// Sketch width k = r + p of the randomized SVD.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sketch: Option<usize>,
-    /// Rows per block when ΔW did not fit `--max-ram` whole and was streamed in row blocks.
+    /// Rows per block when ΔW did not fit the memory bound whole (or the device ran out of
+    /// memory on it) and was streamed in row blocks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub row_blocks: Option<usize>,
     /// This tensor's ‖ΔW‖² over Σ ‖ΔW‖² of the whole model.
     pub share: f64,
+    /// Wall time of this tensor on its worker.
     pub seconds: f64,
+    /// Which worker ran it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    pub stages: StageSeconds,
 }
 
 impl TensorReport {
@@ -55,14 +61,22 @@ impl TensorReport {
             row_blocks: None,
             share: 0.0,
             seconds: 0.0,
+            worker: None,
+            stages: StageSeconds::default(),
         }
     }
 }
 
-/// Where the time went, summed over tensors (seconds).
+/// Where the time went (seconds). In the summary, summed over workers: with several workers
+/// the stages add up to workers × wall time, idle included.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct StageSeconds {
-    /// Reading both inputs (page faults on the maps) and forming ΔW in f32.
+    /// Bringing the input bytes into memory: page faults on the maps (disk or page cache),
+    /// and on a GPU the copy into pinned staging buffers.
+    pub read: f64,
+    /// Waiting for host-to-device copies (GPU).
+    pub h2d: f64,
+    /// Forming ΔW in f32 with its norm (and, for row-blocked matrices, the first pass).
     pub delta: f64,
     pub svd_randomized: f64,
     pub svd_exact: f64,
@@ -70,8 +84,67 @@ pub struct StageSeconds {
     pub factor: f64,
     /// The direct residual certificate ‖ΔW − B·A‖.
     pub residual: f64,
-    /// Appending factors to the adapter's staging file.
+    /// Copying the encoded factors back from the device (GPU).
+    pub d2h: f64,
+    /// Appending factors to the adapter's staging file (the writer thread, beside the
+    /// workers; not part of their sum).
     pub write: f64,
+    /// Workers waiting: for memory under the budget, for the writer, or at the end for the
+    /// others to finish.
+    pub idle: f64,
+}
+
+impl StageSeconds {
+    /// The stages of a worker's own time, with their names, in pipeline order.
+    pub fn worker_stages(&self) -> [(&'static str, f64); 10] {
+        [
+            ("read", self.read),
+            ("host-to-device", self.h2d),
+            ("delta", self.delta),
+            ("svd (randomized)", self.svd_randomized),
+            ("svd (exact)", self.svd_exact),
+            ("factor", self.factor),
+            ("residual", self.residual),
+            ("device-to-host", self.d2h),
+            ("idle", self.idle),
+            ("write (writer thread)", self.write),
+        ]
+    }
+
+    pub fn busy(&self) -> f64 {
+        self.read
+            + self.h2d
+            + self.delta
+            + self.svd_randomized
+            + self.svd_exact
+            + self.factor
+            + self.residual
+            + self.d2h
+    }
+
+    pub fn add(&mut self, o: &StageSeconds) {
+        self.read += o.read;
+        self.h2d += o.h2d;
+        self.delta += o.delta;
+        self.svd_randomized += o.svd_randomized;
+        self.svd_exact += o.svd_exact;
+        self.factor += o.factor;
+        self.residual += o.residual;
+        self.d2h += o.d2h;
+        self.write += o.write;
+        self.idle += o.idle;
+    }
+}
+
+/// One worker's share of a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkerTime {
+    /// "cuda:0 #1", "cpu #0".
+    pub worker: String,
+    pub tensors: usize,
+    pub busy_seconds: f64,
+    /// Waiting for memory or the writer, and at the end for the other workers.
+    pub idle_seconds: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -98,6 +171,7 @@ pub struct Summary {
     /// Nominal randomized-SVD flops 2·m·n·k·(2q+2) / randomized-SVD seconds.
     pub svd_gflops: f64,
     pub stages: StageSeconds,
+    pub workers: Vec<WorkerTime>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -180,23 +254,85 @@ impl RunReport {
         if streamed > 0 {
             let _ = writeln!(
                 s,
-                "{streamed} matrices did not fit --max-ram whole and were streamed in row blocks"
+                "{streamed} matrices did not fit the memory bound whole and were streamed in row blocks"
             );
         }
         let st = &m.stages;
         let _ = writeln!(
             s,
-            "{:.2} s on {}, {:.1} MB/s of input; delta {:.2} s, SVD {:.2} s ({:.1} GFLOP/s randomized), factor {:.2} s, residual {:.2} s, write {:.2} s",
+            "{:.2} s on {}, {:.1} MB/s of input; read {:.2} s, delta {:.2} s, SVD {:.2} s ({:.1} GFLOP/s randomized), factor {:.2} s, residual {:.2} s, write {:.2} s, idle {:.2} s",
             m.seconds,
             self.device,
             m.input_bytes as f64 / 1e6 / m.seconds.max(1e-9),
+            st.read + st.h2d,
             st.delta,
             st.svd_randomized + st.svd_exact,
             m.svd_gflops,
-            st.factor,
+            st.factor + st.d2h,
             st.residual,
-            st.write
+            st.write,
+            st.idle
         );
+        s
+    }
+
+    /// `--profile`: where the time went, per stage and per worker, and the slowest tensors.
+    pub fn profile(&self) -> String {
+        let mut s = String::new();
+        let m = &self.summary;
+        let workers = m.workers.len().max(1);
+        let total = m.seconds * workers as f64;
+        let _ = writeln!(
+            s,
+            "time breakdown: {:.3} s wall × {workers} worker(s) on {}",
+            m.seconds, self.device
+        );
+        for (name, secs) in m.stages.worker_stages() {
+            let _ = writeln!(
+                s,
+                "  {name:<22} {secs:>9.3} s  {:>5.1}%",
+                100.0 * secs / total.max(1e-12)
+            );
+        }
+        let (bound, _) = m.stages.worker_stages()[..8]
+            .iter()
+            .copied()
+            .fold(("nothing", 0.0), |a, b| if b.1 > a.1 { b } else { a });
+        let _ = writeln!(
+            s,
+            "  largest stage: {bound}; input {:.1} MB/s over the wall time",
+            m.input_bytes as f64 / 1e6 / m.seconds.max(1e-9)
+        );
+        for w in &m.workers {
+            let _ = writeln!(
+                s,
+                "  worker {:<12} {:>5} tensors  busy {:>8.3} s  idle {:>8.3} s",
+                w.worker, w.tensors, w.busy_seconds, w.idle_seconds
+            );
+        }
+        let mut slow: Vec<&TensorReport> =
+            self.tensors.iter().filter(|t| t.seconds > 0.0).collect();
+        slow.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        if !slow.is_empty() {
+            let _ = writeln!(
+                s,
+                "slowest tensors (read / delta / svd / factor / residual s):"
+            );
+        }
+        for t in slow.iter().take(8) {
+            let st = &t.stages;
+            let _ = writeln!(
+                s,
+                "  {:>8.3} s  {}  ({:.3} / {:.3} / {:.3} / {:.3} / {:.3})",
+                t.seconds,
+                t.name,
+                st.read + st.h2d,
+                st.delta,
+                st.svd_randomized + st.svd_exact,
+                st.factor + st.d2h,
+                st.residual
+            );
+        }
         s
     }
 }

@@ -1,12 +1,14 @@
 //! The adapter sink. Factor bytes stream into a staging folder inside OUT as each tensor
 //! finishes (memory does not grow with the model); `commit` writes the safetensors header,
 //! then renames the model file, the report and — last — adapter_config.json into OUT, so a
-//! reader that sees the config sees a complete adapter. If the writer is dropped without
+//! reader that sees the config sees a complete adapter. Tensors may arrive in any order (from
+//! several workers); the file lists them by the caller's order key, so its bytes do not depend
+//! on which worker finished first. If the writer is dropped without
 //! committing (an error, a panic), the staging folder is removed and OUT holds no adapter.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::{CONFIG_FILE, MODEL_FILE, REPORT_FILE};
@@ -18,7 +20,9 @@ pub struct AdapterWriter {
     staging: PathBuf,
     data_path: PathBuf,
     data: Option<BufWriter<File>>,
-    entries: Vec<HeaderEntry>,
+    /// (order key, offset in the staging file, entry), in arrival order.
+    entries: Vec<(u64, u64, HeaderEntry)>,
+    staged_bytes: u64,
     committed: bool,
     /// OUT did not exist before: on failure it is removed again (if still empty).
     created_out: bool,
@@ -66,14 +70,16 @@ impl AdapterWriter {
             data_path,
             data: Some(BufWriter::with_capacity(1 << 20, data)),
             entries: Vec::new(),
+            staged_bytes: 0,
             committed: false,
             created_out,
         })
     }
 
-    /// Appends one tensor.
+    /// Stages one tensor; `order` is its place in the final file (ties keep arrival order).
     pub fn add(
         &mut self,
+        order: u64,
         name: String,
         dtype: &'static str,
         shape: Vec<usize>,
@@ -82,12 +88,17 @@ impl AdapterWriter {
         let data = self.data.as_mut().expect("not committed");
         data.write_all(bytes)
             .map_err(|e| Error::io(&self.data_path, "cannot write", e))?;
-        self.entries.push(HeaderEntry {
-            name,
-            dtype,
-            shape,
-            nbytes: bytes.len(),
-        });
+        self.entries.push((
+            order,
+            self.staged_bytes,
+            HeaderEntry {
+                name,
+                dtype,
+                shape,
+                nbytes: bytes.len(),
+            },
+        ));
+        self.staged_bytes += bytes.len() as u64;
         Ok(())
     }
 
@@ -104,6 +115,9 @@ impl AdapterWriter {
         drop(data);
 
         let model_tmp = self.staging.join(MODEL_FILE);
+        // A stable sort: equal keys keep the order they were added in.
+        self.entries.sort_by_key(|e| e.0);
+        let entries: Vec<HeaderEntry> = self.entries.iter().map(|e| e.2.clone()).collect();
         {
             let mut meta = BTreeMap::new();
             meta.insert("format".to_string(), "pt".to_string());
@@ -111,12 +125,22 @@ impl AdapterWriter {
                 1 << 20,
                 File::create(&model_tmp).map_err(|e| Error::io(&model_tmp, "cannot create", e))?,
             );
-            f.write_all(&header_bytes(&self.entries, &meta))
+            f.write_all(&header_bytes(&entries, &meta))
                 .map_err(|e| Error::io(&model_tmp, "cannot write", e))?;
             let mut src = File::open(&self.data_path)
                 .map_err(|e| Error::io(&self.data_path, "cannot open", e))?;
-            std::io::copy(&mut src, &mut f)
-                .map_err(|e| Error::io(&model_tmp, "cannot write", e))?;
+            for (_, offset, entry) in &self.entries {
+                src.seek(SeekFrom::Start(*offset))
+                    .map_err(|e| Error::io(&self.data_path, "cannot read back", e))?;
+                let copied = std::io::copy(&mut (&mut src).take(entry.nbytes as u64), &mut f)
+                    .map_err(|e| Error::io(&model_tmp, "cannot write", e))?;
+                if copied != entry.nbytes as u64 {
+                    return Err(Error::checkpoint(
+                        &self.data_path,
+                        format!("staged data for {} is truncated", entry.name),
+                    ));
+                }
+            }
             let f = f
                 .into_inner()
                 .map_err(|e| Error::io(&model_tmp, "cannot write", e.into_error()))?;

@@ -35,17 +35,54 @@ impl CpuMat {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Cpu;
+/// The CPU backend. With a pool of its own, several `Cpu` workers share the cores between
+/// them (parallelism across tensors); without, one worker uses rayon's global pool (inside
+/// each GEMM). Never both: that would oversubscribe the cores.
+#[derive(Clone, Debug, Default)]
+pub struct Cpu {
+    pool: Option<std::sync::Arc<rayon::ThreadPool>>,
+}
 
 impl Cpu {
     pub fn new() -> Self {
-        Cpu
+        Cpu { pool: None }
+    }
+
+    /// `workers` CPU workers that split the global pool's threads between them (at least one
+    /// thread each).
+    pub fn workers(workers: usize) -> crate::Result<Vec<Cpu>> {
+        if workers <= 1 {
+            return Ok(vec![Cpu::new()]);
+        }
+        let threads = (rayon::current_num_threads() / workers).max(1);
+        (0..workers)
+            .map(|i| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(move |t| format!("phlora-cpu{i}-{t}"))
+                    .build()
+                    .map(|p| Cpu {
+                        pool: Some(std::sync::Arc::new(p)),
+                    })
+                    .map_err(|e| crate::Error::Device(format!("cannot start CPU worker {i}: {e}")))
+            })
+            .collect()
     }
 }
 
 fn par() -> Par {
     Par::rayon(0)
+}
+
+/// Reads one byte of every page, in parallel, so the pages of a mapped file are resident.
+fn touch_pages(bytes: &[u8]) {
+    const PAGE: usize = 4096;
+    bytes.par_chunks(1 << 20).for_each(|c| {
+        for i in (0..c.len()).step_by(PAGE) {
+            // SAFETY: i < c.len(); a volatile read keeps the load from being optimised away.
+            unsafe { std::ptr::read_volatile(c.as_ptr().add(i)) };
+        }
+    });
 }
 
 fn op_view(m: &CpuMat, op: Op) -> MatRef<'_, f32> {
@@ -107,7 +144,18 @@ impl Backend for Cpu {
     type Mat = CpuMat;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        let threads = self
+            .pool
+            .as_ref()
+            .map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
+        format!("cpu ({threads} threads)")
+    }
+
+    fn scope<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(pool) => pool.install(work),
+            None => work(),
+        }
     }
 
     fn shape(&self, a: &CpuMat) -> (usize, usize) {
@@ -131,8 +179,15 @@ impl Backend for Cpu {
         let mut store = Mat::<f32>::zeros(cols, rows);
         let chunk = ((16usize << 20) / (4 * cols.max(1))).max(1);
         let mut per_row: Vec<DeltaStats> = Vec::with_capacity(rows);
+        let mut read_seconds = 0.0;
         for r0 in (0..rows).step_by(chunk) {
             let r1 = (r0 + chunk).min(rows);
+            // Fault the chunk's input pages in first, so the time spent reading is known
+            // apart from the time spent computing (the decode below then finds them resident).
+            let clock = std::time::Instant::now();
+            touch_pages(&input.ft[r0 * cols * fs..r1 * cols * fs]);
+            touch_pages(&input.base[r0 * cols * bs..r1 * cols * bs]);
+            read_seconds += clock.elapsed().as_secs_f64();
             let part: Vec<DeltaStats> = store
                 .as_mut()
                 .subcols_mut(r0, r1 - r0)
@@ -178,10 +233,11 @@ impl Backend for Cpu {
         // rayon split the work.
         let stats = per_row
             .iter()
-            .fold(DeltaStats::default(), |a, b| DeltaStats {
-                sumsq: a.sumsq + b.sumsq,
-                nonfinite: a.nonfinite + b.nonfinite,
-            });
+            .fold(DeltaStats::default(), |a, b| a.merge(*b));
+        let stats = DeltaStats {
+            read_seconds,
+            ..stats
+        };
         Ok((
             CpuMat {
                 store,
@@ -199,7 +255,7 @@ impl Backend for Cpu {
     fn gemm(&self, a: &CpuMat, op_a: Op, b: &CpuMat, op_b: Op) -> BackendResult<CpuMat> {
         let (a, b) = (op_view(a, op_a), op_view(b, op_b));
         if a.ncols() != b.nrows() {
-            return Err(BackendError(format!(
+            return Err(BackendError::new(format!(
                 "gemm shapes do not agree: {}×{} · {}×{}",
                 a.nrows(),
                 a.ncols(),
@@ -241,7 +297,7 @@ impl Backend for Cpu {
         // relative accuracy on steep or rank-deficient inputs, which the exact mode — the
         // reference — cannot afford.
         let svd = Svd::new_thin(to_f64(a.view()).as_ref())
-            .map_err(|e| BackendError(format!("SVD: {e:?}")))?;
+            .map_err(|e| BackendError::new(format!("SVD: {e:?}")))?;
         let s = svd.S().column_vector().iter().map(|&x| x as f32).collect();
         Ok(SvdParts {
             u: CpuMat::new(to_f32(svd.U())),
@@ -294,9 +350,7 @@ impl Backend for Cpu {
     fn residual_sumsq(&self, delta: &CpuMat, b: &CpuMat, a: &CpuMat) -> BackendResult<f64> {
         let (m, n) = delta.view().shape();
         if b.view().nrows() != m || a.view().ncols() != n || b.view().ncols() != a.view().nrows() {
-            return Err(BackendError(
-                "residual: factor shapes do not match ΔW".into(),
-            ));
+            return Err(BackendError::new("residual: factor shapes do not match ΔW"));
         }
         // Work in ΔW's storage orientation, so each block is a contiguous run of columns:
         // stored ΔWᵀ = Aᵀ·Bᵀ when ΔW is kept transposed.
@@ -375,7 +429,7 @@ mod tests {
             cols,
             rows_read: Some(&record),
         };
-        let (d, stats) = Cpu.delta(&input).unwrap();
+        let (d, stats) = Cpu::new().delta(&input).unwrap();
         let ranges = seen.into_inner().unwrap();
         assert!(ranges.len() > 1, "{ranges:?}");
         assert_eq!(ranges.first().unwrap().0, 0);

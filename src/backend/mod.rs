@@ -21,8 +21,28 @@ pub enum Op {
 
 /// A failure inside a backend primitive; the caller adds the tensor's name.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BackendError(pub String);
+#[error("{message}")]
+pub struct BackendError {
+    pub message: String,
+    /// The device ran out of memory: the scheduler may retry the tensor in smaller blocks.
+    pub out_of_memory: bool,
+}
+
+impl BackendError {
+    pub fn new(message: impl Into<String>) -> Self {
+        BackendError {
+            message: message.into(),
+            out_of_memory: false,
+        }
+    }
+
+    pub fn out_of_memory(message: impl Into<String>) -> Self {
+        BackendError {
+            message: message.into(),
+            out_of_memory: true,
+        }
+    }
+}
 
 pub type BackendResult<T> = std::result::Result<T, BackendError>;
 
@@ -46,7 +66,7 @@ impl DeltaInput<'_> {
         if self.base.len() != n * self.base_dtype.size()
             || self.ft.len() != n * self.ft_dtype.size()
         {
-            return Err(BackendError(format!(
+            return Err(BackendError::new(format!(
                 "byte counts {} and {} do not match a {}×{} matrix",
                 self.base.len(),
                 self.ft.len(),
@@ -65,6 +85,23 @@ pub struct DeltaStats {
     pub sumsq: f64,
     /// Elements of ΔW that are NaN or ±Inf.
     pub nonfinite: usize,
+    /// Seconds spent bringing the input bytes into memory (page faults, the copy into pinned
+    /// staging), out of the delta's wall time.
+    pub read_seconds: f64,
+    /// Seconds the host waited for host-to-device copies (GPU only).
+    pub h2d_seconds: f64,
+}
+
+impl DeltaStats {
+    /// The statistics of two parts, in this order.
+    pub fn merge(self, other: DeltaStats) -> DeltaStats {
+        DeltaStats {
+            sumsq: self.sumsq + other.sumsq,
+            nonfinite: self.nonfinite + other.nonfinite,
+            read_seconds: self.read_seconds + other.read_seconds,
+            h2d_seconds: self.h2d_seconds + other.h2d_seconds,
+        }
+    }
 }
 
 /// A thin SVD: A ≈ U·diag(s)·Vᵀ with U m×p, V n×p, s descending.
@@ -79,6 +116,13 @@ pub trait Backend: Sync {
     type Mat: Send;
 
     fn name(&self) -> String;
+
+    /// Runs a worker's whole share of the work in this backend's context: its own thread pool
+    /// (CPU) or its device bound to the calling thread (GPU).
+    fn scope<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        work()
+    }
+
     fn shape(&self, a: &Self::Mat) -> (usize, usize);
     fn upload(&self, host: faer::MatRef<'_, f32>) -> BackendResult<Self::Mat>;
     fn download(&self, a: &Self::Mat) -> BackendResult<faer::Mat<f32>>;
@@ -129,7 +173,7 @@ pub trait Backend: Sync {
             .collect::<BackendResult<Vec<_>>>()?;
         let cols = hosts.first().map_or(0, |h| h.ncols());
         if hosts.iter().any(|h| h.ncols() != cols) {
-            return Err(BackendError("stack_rows: widths differ".into()));
+            return Err(BackendError::new("stack_rows: widths differ"));
         }
         let rows: usize = hosts.iter().map(|h| h.nrows()).sum();
         let mut out = Mat::<f32>::zeros(rows, cols);
@@ -147,7 +191,7 @@ pub trait Backend: Sync {
     fn add(&self, a: &Self::Mat, b: &Self::Mat) -> BackendResult<Self::Mat> {
         let (x, y) = (self.download(a)?, self.download(b)?);
         if x.shape() != y.shape() {
-            return Err(BackendError("add: shapes differ".into()));
+            return Err(BackendError::new("add: shapes differ"));
         }
         self.upload((&x + &y).as_ref())
     }
@@ -205,6 +249,7 @@ pub trait Backend: Sync {
             b_bytes: f.b_bytes,
             left: self.upload(f.left.as_ref())?,
             right: self.upload(f.right.as_ref())?,
+            d2h_seconds: 0.0,
         })
     }
 
@@ -219,6 +264,8 @@ pub enum Device {
     /// A GPU when one is usable, else the CPU (with one warning).
     Auto,
     Cpu,
+    /// Every visible CUDA device (or those `--devices` names).
+    AllCuda,
     /// A CUDA device by ordinal.
     Cuda(usize),
 }
@@ -228,7 +275,7 @@ impl Device {
         match s {
             "auto" => Some(Device::Auto),
             "cpu" => Some(Device::Cpu),
-            "cuda" => Some(Device::Cuda(0)),
+            "cuda" => Some(Device::AllCuda),
             _ => s.strip_prefix("cuda:")?.parse().ok().map(Device::Cuda),
         }
     }
@@ -245,6 +292,7 @@ pub enum Resolved {
 pub fn resolve(device: Device, options: CudaOptions) -> crate::Result<Resolved> {
     match device {
         Device::Cpu => Ok(Resolved::Cpu(Cpu::new())),
+        Device::AllCuda => resolve(Device::Cuda(0), options),
         Device::Cuda(n) => Cuda::new(n, options)
             .map(|c| Resolved::Cuda(Box::new(c)))
             .map_err(|e| crate::Error::Device(format!("--device cuda:{n} is not usable: {e}"))),
@@ -255,6 +303,114 @@ pub fn resolve(device: Device, options: CudaOptions) -> crate::Result<Resolved> 
                 Ok(Resolved::Cpu(Cpu::new()))
             }
         },
+    }
+}
+
+/// The workers of one device. They share its memory (one budget), each with its own stream
+/// or thread pool.
+pub struct DeviceWorkers<B> {
+    pub workers: Vec<B>,
+}
+
+/// What an extraction runs on: one group of CPU workers, or one group per GPU.
+pub enum Workers {
+    Cpu(Vec<DeviceWorkers<Cpu>>),
+    Cuda(Vec<DeviceWorkers<Cuda>>),
+}
+
+/// Which devices to use, and how many tensors each works on at once.
+#[derive(Clone, Debug)]
+pub struct WorkerRequest {
+    pub device: Device,
+    /// GPU ordinals (`--devices`); None: all visible.
+    pub devices: Option<Vec<usize>>,
+    /// Tensors in flight per device; None: 2 on a GPU (copies of one overlap the SVD of the
+    /// other), 1 on the CPU (all cores inside each GEMM).
+    pub in_flight: Option<usize>,
+    pub options: CudaOptions,
+}
+
+/// Default tensors in flight per GPU.
+pub const GPU_IN_FLIGHT: usize = 2;
+
+/// The one place that decides the workers of an extraction (see [`resolve`] for one device).
+pub fn resolve_workers(req: &WorkerRequest) -> crate::Result<Workers> {
+    use crate::Error;
+    let per_gpu = req.in_flight.unwrap_or(GPU_IN_FLIGHT).max(1);
+    let cpu = || {
+        Ok(Workers::Cpu(vec![DeviceWorkers {
+            workers: Cpu::workers(req.in_flight.unwrap_or(1).max(1))?,
+        }]))
+    };
+    let gpus = |ordinals: &[usize]| -> crate::Result<Workers> {
+        let mut groups = Vec::new();
+        for &n in ordinals {
+            let first = Cuda::new(n, req.options)
+                .map_err(|e| Error::Device(format!("cuda:{n} is not usable: {e}")))?;
+            let mut workers = Vec::with_capacity(per_gpu);
+            for _ in 1..per_gpu {
+                match first.another_worker() {
+                    Ok(w) => workers.push(w),
+                    Err(e) => {
+                        tracing::warn!(
+                            "cuda:{n}: {} worker(s) instead of {per_gpu}: {e}",
+                            workers.len() + 1
+                        );
+                        break;
+                    }
+                }
+            }
+            workers.insert(0, first);
+            groups.push(DeviceWorkers { workers });
+        }
+        Ok(Workers::Cuda(groups))
+    };
+    let listed = |ordinals: &[usize]| -> crate::Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        match ordinals.iter().find(|&&n| !seen.insert(n)) {
+            Some(n) => Err(Error::Settings(format!("--devices lists GPU {n} twice"))),
+            None if ordinals.is_empty() => Err(Error::Settings("--devices is empty".into())),
+            None => Ok(()),
+        }
+    };
+    match (req.device, &req.devices) {
+        (Device::Cpu, Some(_)) => Err(Error::Settings(
+            "--devices selects GPUs; it does not go with --device cpu".into(),
+        )),
+        (Device::Cpu, None) => cpu(),
+        (Device::Cuda(n), Some(list)) if list != &[n] => Err(Error::Settings(format!(
+            "--device cuda:{n} and --devices {list:?} disagree; give one of them"
+        ))),
+        (Device::Cuda(n), _) => gpus(&[n]),
+        (Device::AllCuda | Device::Auto, Some(list)) => {
+            listed(list)?;
+            gpus(list)
+        }
+        (Device::AllCuda, None) => {
+            let count = Cuda::device_count();
+            if count == 0 {
+                // The probe says why (no driver, no device, a missing library).
+                return gpus(&[0]);
+            }
+            gpus(&(0..count).collect::<Vec<_>>())
+        }
+        (Device::Auto, None) => {
+            let count = Cuda::device_count();
+            if count == 0 {
+                let why = Cuda::new(0, req.options)
+                    .err()
+                    .map_or_else(|| "no CUDA device".to_string(), |e| e.to_string());
+                tracing::warn!("no usable CUDA GPU, running on the CPU: {why}");
+                return cpu();
+            }
+            match gpus(&(0..count).collect::<Vec<_>>()) {
+                Ok(w) => Ok(w),
+                Err(e) => {
+                    tracing::warn!("no usable CUDA GPU, running on the CPU: {e}");
+                    cpu()
+                }
+            }
+        }
     }
 }
 
@@ -274,7 +430,7 @@ pub(crate) fn cholesky_diag_ok(diag: &[f32], min_ratio: f64) -> bool {
 /// Orthonormalisation needs a tall (m ≥ n) matrix.
 pub(crate) fn require_tall(m: usize, n: usize) -> BackendResult<()> {
     if m < n {
-        return Err(BackendError(format!(
+        return Err(BackendError::new(format!(
             "cannot orthonormalize a wide {m}×{n} matrix"
         )));
     }
@@ -287,7 +443,7 @@ pub(crate) fn eigh_descending(g: Mat<f64>) -> BackendResult<(Vec<f64>, Mat<f32>)
     let k = g.nrows();
     let evd = g
         .self_adjoint_eigen(faer::Side::Lower)
-        .map_err(|e| BackendError(format!("eigendecomposition of B·Bᵀ: {e:?}")))?;
+        .map_err(|e| BackendError::new(format!("eigendecomposition of B·Bᵀ: {e:?}")))?;
     // faer sorts eigenvalues ascending; singular values go descending.
     let order: Vec<usize> = (0..k).rev().collect();
     let s64 = order

@@ -244,6 +244,19 @@ impl Checkpoint {
 
     /// Tells the kernel this process is done with a tensor's pages, so resident memory stays
     /// near the working set instead of growing with the model. The pages stay in page cache.
+    /// Asks the kernel to read a tensor's pages ahead (MADV_WILLNEED): the disk works while
+    /// the current tensor computes. Nothing is mapped into the process, so resident memory
+    /// does not grow until the pages are touched.
+    pub fn prefetch(&self, t: &TensorEntry) {
+        let map = &self.shards[t.shard].map;
+        let page = page_size();
+        let start = t.start / page * page;
+        let end = t.start + t.nbytes();
+        if end > start {
+            let _ = map.advise_range(memmap2::Advice::WillNeed, start, end - start);
+        }
+    }
+
     pub fn release(&self, t: &TensorEntry) {
         self.release_range(t, 0, t.nbytes());
     }

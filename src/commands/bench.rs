@@ -82,7 +82,7 @@ struct BenchReport {
 
 pub fn run(a: &BenchArgs, ui: Ui) -> Result<ExitCode> {
     let (s, device, options) = settings(a)?;
-    let dev_err = |e: backend::BackendError| Error::Device(e.0);
+    let dev_err = |e: backend::BackendError| Error::Device(e.message);
     let mut report = BenchReport {
         rows: Vec::new(),
         variants: Vec::new(),

@@ -9,6 +9,9 @@ pub fn run(args: &ExtractArgs, ui: Ui) -> Result<ExitCode> {
     let settings = args.settings(!ui.quiet)?;
     let report = crate::extract::extract(&settings)?;
     show(&report, ui, args.json);
+    if args.profile {
+        eprint!("{}", report.profile());
+    }
     Ok(ExitCode::SUCCESS)
 }
 

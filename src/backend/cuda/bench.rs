@@ -48,6 +48,11 @@ impl Cuda {
         let mut part_sum = self.alloc_f64(blocks)?;
         // SAFETY: written by each launch before it is read.
         let mut part_bad = unsafe { self.stream.alloc::<u32>(blocks) }?;
+        let partials = (
+            part_sum.device_ptr_mut(&self.stream).0,
+            part_bad.device_ptr_mut(&self.stream).0,
+            blocks,
+        );
         let time = |f: &mut dyn FnMut() -> Result<(), CudaError>| -> Result<f64, CudaError> {
             f()?;
             self.sync()?;
@@ -65,18 +70,19 @@ impl Cuda {
         let mut modes = Vec::new();
         for mode in 0..4u32 {
             let seconds = time(&mut || {
-                self.kernels.delta(
-                    &self.stream,
-                    &base,
-                    dtype,
-                    &ft,
-                    dtype,
-                    out_ptr,
-                    n,
-                    &mut part_sum,
-                    &mut part_bad,
-                    mode,
-                )
+                self.kernels
+                    .delta(
+                        &self.stream,
+                        &base,
+                        dtype,
+                        &ft,
+                        dtype,
+                        out_ptr,
+                        n,
+                        partials,
+                        mode,
+                    )
+                    .map(|_| ())
             })?;
             modes.push((mode, seconds, moved / seconds));
         }

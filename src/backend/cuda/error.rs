@@ -39,6 +39,25 @@ pub enum CudaError {
 }
 
 impl CudaError {
+    /// An allocation failed on the device (the driver's, cuBLAS's or cuSOLVER's own).
+    pub fn is_out_of_memory(&self) -> bool {
+        use cudarc::cublas::sys::cublasStatus_t;
+        use cudarc::cusolver::sys::cusolverStatus_t;
+        use cudarc::driver::sys::cudaError_enum;
+        match self {
+            CudaError::Driver(DriverError(code)) => {
+                *code == cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY
+            }
+            CudaError::Blas { source, .. } => {
+                source.0 == cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED
+            }
+            CudaError::Solver { source, .. } => {
+                source.0 == cusolverStatus_t::CUSOLVER_STATUS_ALLOC_FAILED
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn compile(file: &'static str, e: CompileError) -> Self {
         let reason = match e {
             CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
@@ -50,7 +69,11 @@ impl CudaError {
 
 impl From<CudaError> for crate::backend::BackendError {
     fn from(e: CudaError) -> Self {
-        crate::backend::BackendError(e.to_string())
+        if e.is_out_of_memory() {
+            crate::backend::BackendError::out_of_memory(e.to_string())
+        } else {
+            crate::backend::BackendError::new(e.to_string())
+        }
     }
 }
 

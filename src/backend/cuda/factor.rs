@@ -17,7 +17,7 @@ impl Cuda {
         use crate::factor::Layout;
         let r = t.s.len();
         if r > r_out || t.u.cols != r || t.v.cols != r {
-            return Err(BackendError(format!(
+            return Err(BackendError::new(format!(
                 "factor: rank {r} does not fit the adapter rank {r_out}"
             )));
         }
@@ -34,6 +34,7 @@ impl Cuda {
                 &root[..]
             })
             .map_err(CudaError::from)?;
+        let d2h_seconds = std::cell::Cell::new(0.0);
         // One factor tensor: encoded bytes on the host, rounded f32 left on the device.
         let tensor =
             |src: &CudaMat, transpose_out: bool| -> Result<(Vec<u8>, CudaSlice<f32>), CudaError> {
@@ -53,7 +54,11 @@ impl Cuda {
                     bits.device_ptr_mut(&self.stream).0,
                     rounded.device_ptr(&self.stream).0,
                 )?;
+                // The copy alone is timed: the cast kernel (and any queued work) first.
+                self.stream.synchronize()?;
+                let clock = std::time::Instant::now();
                 let mut bytes = self.stream.clone_dtoh(&bits)?;
+                d2h_seconds.set(d2h_seconds.get() + clock.elapsed().as_secs_f64());
                 bytes.truncate(n * dtype.size());
                 Ok((bytes, rounded))
             };
@@ -76,6 +81,7 @@ impl Cuda {
                     b_bytes,
                     left: mat(b_round, rows, r_out, true),
                     right: mat(a_round, r_out, cols, true),
+                    d2h_seconds: d2h_seconds.get(),
                 }
             }
             Layout::Embedding => {
@@ -88,6 +94,7 @@ impl Cuda {
                     b_bytes,
                     left: mat(a_round, rows, r_out, false),
                     right: mat(b_round, r_out, cols, false),
+                    d2h_seconds: d2h_seconds.get(),
                 }
             }
         })

@@ -136,23 +136,20 @@ impl Kernels {
         ft_dtype: DType,
         out: u64,
         n: usize,
-        part_sum: &mut CudaSlice<f64>,
-        part_bad: &mut CudaSlice<u32>,
+        (ps, pb, slots): (u64, u64, usize),
         mode: u32,
-    ) -> Result<(), CudaError> {
+    ) -> Result<usize, CudaError> {
         let func = &self.delta[&(base_dtype, ft_dtype)];
         // Eight elements per thread per step.
         let cfg = self.grid(n.div_ceil(8));
         let blocks = cfg.grid_dim.0 as usize;
-        assert!(part_sum.len() >= blocks && part_bad.len() >= blocks);
+        assert!(slots >= blocks, "{slots} partial slots for {blocks} blocks");
         let n = n as u64;
         let (b, _b) = base.device_ptr(stream);
         let (t, _t) = ft.device_ptr(stream);
-        let (ps, _ps) = part_sum.device_ptr_mut(stream);
-        let (pb, _pb) = part_bad.device_ptr_mut(stream);
         // SAFETY: base and ft hold n elements of their dtypes, out has room for n f32 and is
-        // 16-byte aligned (the caller's offsets are multiples of 8 elements), and the partial
-        // buffers have one slot per block of this grid (asserted above).
+        // 16-byte aligned (the caller's offsets are multiples of 4 elements), and ps/pb point
+        // at `slots` f64 and u32 partials, one per block of this grid at least (asserted).
         unsafe {
             stream
                 .launch_builder(func)
@@ -165,7 +162,7 @@ impl Kernels {
                 .arg(&mode)
                 .launch(cfg)?;
         }
-        Ok(())
+        Ok(blocks)
     }
 
     /// Per-block partial sums of x[..n]² in f64; returns the number of blocks used.

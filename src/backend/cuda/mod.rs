@@ -12,6 +12,7 @@ mod factor;
 pub mod kernels;
 mod options;
 mod solver;
+mod staging;
 
 use std::sync::Arc;
 
@@ -78,6 +79,9 @@ pub struct Cuda {
     delta_mode: u32,
     /// "cuda:N (name, sm_XY"; the options complete it in `name()`.
     device_label: String,
+    ordinal: usize,
+    /// Pinned host buffers for the inputs (staging.rs).
+    staging: staging::StagingSlot,
 }
 
 /// Versions and identity of the device and libraries, for reports and BENCHMARKS.md.
@@ -137,6 +141,13 @@ const CUSOLVER_SYMBOLS: &[&str] = &[
     "cusolverGetVersion",
 ];
 
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 /// The first of `names` that `lib` does not export, if any.
 fn missing_symbol(lib: &libloading::Library, names: &[&'static str]) -> Option<&'static str> {
     // SAFETY: only looks the names up; nothing is called.
@@ -185,15 +196,24 @@ impl Cuda {
     pub fn new(ordinal: usize, options: CudaOptions) -> Result<Cuda, CudaError> {
         libraries_present()?;
         let attempt = std::panic::catch_unwind(|| Self::open(ordinal, options));
-        match attempt {
-            Ok(r) => r,
-            Err(p) => Err(CudaError::Panicked(
-                p.downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into()),
-            )),
+        attempt.unwrap_or_else(|p| Err(CudaError::Panicked(panic_text(&p))))
+    }
+
+    /// Visible CUDA devices (0 when the driver is missing or broken).
+    pub fn device_count() -> usize {
+        if libraries_present().is_err() {
+            return 0;
         }
+        std::panic::catch_unwind(|| CudaContext::device_count().map_or(0, |n| n.max(0) as usize))
+            .unwrap_or(0)
+    }
+
+    /// Another worker on the same GPU: its own stream, library handles and staging buffers, so
+    /// its copies and kernels overlap this one's. Buffers never cross workers.
+    pub fn another_worker(&self) -> Result<Cuda, CudaError> {
+        let ctx = self.stream.context().clone();
+        let attempt = std::panic::catch_unwind(|| Self::open_on(ctx, self.ordinal, self.options));
+        attempt.unwrap_or_else(|p| Err(CudaError::Panicked(panic_text(&p))))
     }
 
     fn open(ordinal: usize, options: CudaOptions) -> Result<Cuda, CudaError> {
@@ -202,11 +222,19 @@ impl Cuda {
             return Err(CudaError::NoDevice { ordinal, count });
         }
         let ctx = CudaContext::new(ordinal)?;
-        // One stream does all the work in order, so cudarc's cross-stream event tracking
-        // would only add overhead.
-        // SAFETY: no other stream of this context touches these buffers.
+        // Each worker's stream does its work in order and no buffer is shared between
+        // streams, so cudarc's cross-stream event tracking would only add overhead.
+        // SAFETY: buffers are used only on the stream of the worker that made them.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        Self::open_on(ctx, ordinal, options)
+    }
+
+    fn open_on(
+        ctx: Arc<CudaContext>,
+        ordinal: usize,
+        options: CudaOptions,
+    ) -> Result<Cuda, CudaError> {
+        let stream = ctx.new_stream()?;
         let (major, minor) = ctx.compute_capability()?;
         let sms = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -231,6 +259,8 @@ impl Cuda {
             // H200, ahead of the paired-loads mode (3.21 TB/s; BENCHMARKS.md).
             delta_mode: 0,
             device_label: format!("cuda:{ordinal} ({name}, sm_{major}{minor}"),
+            ordinal,
+            staging: std::sync::Mutex::new(None),
         })
     }
 
@@ -303,7 +333,7 @@ impl Cuda {
         let (m, ka) = logical(a, op_a);
         let (kb, n) = logical(b, op_b);
         if ka != kb {
-            return Err(BackendError(format!(
+            return Err(BackendError::new(format!(
                 "gemm shapes do not agree: {m}×{ka} · {kb}×{n}"
             )));
         }
@@ -444,18 +474,19 @@ fn logical(a: &CudaMat, op: Op) -> (usize, usize) {
     }
 }
 
-/// Rows of ΔW per upload chunk: ~64 MiB of input, a multiple of 8 so that each chunk's
-/// offset in the output keeps the kernel's 16-byte alignment.
-fn delta_chunk_rows(cols: usize, bytes_per_elem: usize) -> usize {
-    let rows = (64usize << 20) / (cols.max(1) * bytes_per_elem.max(1));
-    (rows / 8 * 8).max(8)
-}
-
 impl Backend for Cuda {
     type Mat = CudaMat;
 
     fn name(&self) -> String {
         format!("{}, {})", self.device_label, self.options)
+    }
+
+    fn scope<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        // Raw cuBLAS/cuSOLVER calls run in the thread's current context.
+        if let Err(e) = self.stream.context().bind_to_thread() {
+            tracing::warn!("cannot bind {} to a worker thread: {e}", self.device_label);
+        }
+        work()
     }
 
     fn shape(&self, a: &CudaMat) -> (usize, usize) {
@@ -515,64 +546,7 @@ impl Backend for Cuda {
     }
 
     fn delta(&self, input: &DeltaInput<'_>) -> BackendResult<(CudaMat, DeltaStats)> {
-        input.check_sizes()?;
-        let (rows, cols) = (input.rows, input.cols);
-        let (bs, fs) = (input.base_dtype.size(), input.ft_dtype.size());
-        let out = self.alloc(rows * cols)?;
-        let out_ptr = out.device_ptr(&self.stream).0;
-        let chunk = delta_chunk_rows(cols, bs + fs).min(rows.max(1));
-        // SAFETY: staging buffers, fully written by each chunk's copy before the kernel reads.
-        let mut base_dev = unsafe { self.stream.alloc::<u8>((chunk * cols * bs).max(1)) }
-            .map_err(CudaError::from)?;
-        let mut ft_dev = unsafe { self.stream.alloc::<u8>((chunk * cols * fs).max(1)) }
-            .map_err(CudaError::from)?;
-        let blocks = self.kernels.grid((chunk * cols).div_ceil(8)).grid_dim.0 as usize;
-        let mut part_sum = self.alloc_f64(blocks)?;
-        // SAFETY: written by every launch before it is read.
-        let mut part_bad = unsafe { self.stream.alloc::<u32>(blocks) }.map_err(CudaError::from)?;
-        let mut stats = DeltaStats::default();
-        for r0 in (0..rows).step_by(chunk) {
-            let r1 = (r0 + chunk).min(rows);
-            let n = (r1 - r0) * cols;
-            let b_src = &input.base[r0 * cols * bs..r1 * cols * bs];
-            let f_src = &input.ft[r0 * cols * fs..r1 * cols * fs];
-            self.stream
-                .memcpy_htod(b_src, &mut base_dev.slice_mut(0..b_src.len()))
-                .map_err(CudaError::from)?;
-            self.stream
-                .memcpy_htod(f_src, &mut ft_dev.slice_mut(0..f_src.len()))
-                .map_err(CudaError::from)?;
-            self.kernels.delta(
-                &self.stream,
-                &base_dev,
-                input.base_dtype,
-                &ft_dev,
-                input.ft_dtype,
-                out_ptr + (r0 * cols * 4) as u64,
-                n,
-                &mut part_sum,
-                &mut part_bad,
-                self.delta_mode,
-            )?;
-            // The copies are complete once the partials are back: the rows' pages may go.
-            let used = self.kernels.grid(n.div_ceil(8)).grid_dim.0 as usize;
-            let sums = self.stream.clone_dtoh(&part_sum).map_err(CudaError::from)?;
-            let bad = self.stream.clone_dtoh(&part_bad).map_err(CudaError::from)?;
-            stats.sumsq += sums[..used].iter().sum::<f64>();
-            stats.nonfinite += bad[..used].iter().map(|&x| x as usize).sum::<usize>();
-            if let Some(done) = input.rows_read {
-                done(r0, r1);
-            }
-        }
-        Ok((
-            CudaMat {
-                buf: out,
-                rows,
-                cols,
-                transposed: true,
-            },
-            stats,
-        ))
+        self.delta_streamed(input)
     }
 
     fn first_cols(&self, a: &CudaMat, r: usize) -> BackendResult<CudaMat> {
@@ -750,9 +724,7 @@ impl Backend for Cuda {
     fn residual_sumsq(&self, delta: &CudaMat, b: &CudaMat, a: &CudaMat) -> BackendResult<f64> {
         let (m, n) = (delta.rows, delta.cols);
         if b.rows != m || a.cols != n || b.cols != a.rows {
-            return Err(BackendError(
-                "residual: factor shapes do not match ΔW".into(),
-            ));
+            return Err(BackendError::new("residual: factor shapes do not match ΔW"));
         }
         // In ΔW's storage orientation, so each block is a contiguous run of columns:
         // stored ΔWᵀ = Aᵀ·Bᵀ when ΔW is kept transposed.

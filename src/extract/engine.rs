@@ -1,0 +1,421 @@
+//! The scheduler: workers (one or more per device) take tensors from one queue, each holding
+//! a reservation on its device's memory budget while it works, so tensors in flight never add
+//! up to more than the budget; a writer thread appends finished factors to the adapter. While
+//! a worker computes, the kernel reads the next tensor's pages ahead (MADV_WILLNEED), and on a
+//! GPU a second worker's copies overlap the first one's SVD.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Condvar, Mutex};
+use std::time::Instant;
+
+use super::fit::{after_out_of_memory, Placement};
+use super::job::{other_item, Finished, JobError, LoraJob};
+use super::ExtractSettings;
+use crate::adapter::AdapterWriter;
+use crate::backend::{Backend, DeviceWorkers};
+use crate::checkpoint::{Checkpoint, DType};
+use crate::error::{Error, Result};
+use crate::plan::{Action, Plan};
+use crate::report::{StageSeconds, WorkerTime};
+
+/// Bytes reserved on one device's budget.
+pub(super) struct Ledger {
+    /// None: no bound.
+    capacity: Option<u64>,
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+pub(super) struct Reservation<'a> {
+    ledger: &'a Ledger,
+    bytes: u64,
+}
+
+impl Ledger {
+    pub fn new(capacity: Option<u64>) -> Ledger {
+        Ledger {
+            capacity,
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Waits until `bytes` fit beside what others hold. A request above the capacity waits
+    /// for the device to be free and then takes all of it (the fit check keeps requests
+    /// within the budget; this only guards the arithmetic).
+    pub fn reserve(&self, bytes: u64) -> Reservation<'_> {
+        let Some(cap) = self.capacity else {
+            return Reservation {
+                ledger: self,
+                bytes: 0,
+            };
+        };
+        let bytes = bytes.min(cap);
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        while *used + bytes > cap {
+            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+        }
+        *used += bytes;
+        Reservation {
+            ledger: self,
+            bytes,
+        }
+    }
+
+    /// The whole budget: the holder runs alone on the device.
+    pub fn reserve_all(&self) -> Reservation<'_> {
+        self.reserve(self.capacity.unwrap_or(0))
+    }
+
+    #[cfg(test)]
+    fn used(&self) -> u64 {
+        *self.used.lock().unwrap()
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            let mut used = self.ledger.used.lock().unwrap_or_else(|p| p.into_inner());
+            *used -= self.bytes;
+            self.ledger.freed.notify_all();
+        }
+    }
+}
+
+/// What every worker reads.
+pub(super) struct Shared<'a> {
+    pub s: &'a ExtractSettings,
+    pub base: &'a Checkpoint,
+    pub ft: &'a Checkpoint,
+    pub plan: &'a Plan,
+    /// placements[i] is for plan.items[i] (LoRA targets only matter).
+    pub placements: &'a [Placement],
+    pub r_adapter: usize,
+    pub out_dtype: DType,
+    pub bar: &'a indicatif::ProgressBar,
+}
+
+/// What the workers and the writer hand back.
+pub(super) struct Outcome {
+    pub writer: AdapterWriter,
+    /// By plan index; None for tensors with nothing to do (unchanged, not selected).
+    pub finished: Vec<Option<Finished>>,
+    pub workers: Vec<WorkerTime>,
+    /// Summed over workers, the writer's time in `write`.
+    pub stages: StageSeconds,
+}
+
+/// The order tensors are taken in: the plan's (sequential reads) for one worker; largest first
+/// for several, so that no worker is left with a big matrix at the end.
+fn queue(sh: &Shared<'_>, workers: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = sh
+        .plan
+        .items
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i.action != Action::Unchanged)
+        .map(|(n, _)| n)
+        .collect();
+    if workers > 1 {
+        // Stable: equal sizes keep plan order.
+        order.sort_by_key(|&n| std::cmp::Reverse(sh.plan.items[n].input_bytes()));
+    }
+    order
+}
+
+/// Runs every tensor of the plan on the workers; `budgets[d]` bounds device d.
+pub(super) fn run_all<B: Backend>(
+    groups: &[DeviceWorkers<B>],
+    budgets: &[Option<u64>],
+    sh: &Shared<'_>,
+    writer: AdapterWriter,
+) -> Result<Outcome> {
+    let total_workers: usize = groups.iter().map(|g| g.workers.len()).sum();
+    let order = queue(sh, total_workers);
+    let next = AtomicUsize::new(0);
+    let cancel = AtomicBool::new(false);
+    let errors: Mutex<Vec<(usize, Error)>> = Mutex::new(Vec::new());
+    let ledgers: Vec<Ledger> = budgets.iter().map(|&b| Ledger::new(b)).collect();
+    let (tx, rx) = sync_channel::<Finished>(2 * total_workers);
+    let started = Instant::now();
+
+    let (writer_result, times) = std::thread::scope(|scope| {
+        let writer_thread = scope.spawn(|| write_all(writer, rx, sh, &cancel));
+        let mut handles = Vec::new();
+        for (d, group) in groups.iter().enumerate() {
+            for (w, be) in group.workers.iter().enumerate() {
+                let label = worker_label(be, d, w);
+                let (tx, ledger) = (tx.clone(), &ledgers[d]);
+                let (order, next, cancel, errors) = (&order, &next, &cancel, &errors);
+                handles.push(scope.spawn(move || {
+                    be.scope(|| {
+                        let mut me = WorkerLoop {
+                            be,
+                            sh,
+                            ledger,
+                            label,
+                            time: WorkerTime {
+                                worker: String::new(),
+                                tensors: 0,
+                                busy_seconds: 0.0,
+                                idle_seconds: 0.0,
+                            },
+                            stages: StageSeconds::default(),
+                        };
+                        me.time.worker = me.label.clone();
+                        while !cancel.load(Ordering::Relaxed) {
+                            let at = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(&index) = order.get(at) else { break };
+                            // The disk reads ahead what some worker takes next.
+                            if let Some(&ahead) = order.get(at + total_workers) {
+                                let item = &sh.plan.items[ahead];
+                                sh.base.prefetch(&item.base);
+                                sh.ft.prefetch(&item.ft);
+                            }
+                            match me.one(index) {
+                                Ok(done) => {
+                                    let clock = Instant::now();
+                                    let sent = tx.send(done);
+                                    me.stages.idle += clock.elapsed().as_secs_f64();
+                                    if sent.is_err() {
+                                        break; // the writer failed; its error is reported
+                                    }
+                                }
+                                Err(e) => {
+                                    cancel.store(true, Ordering::Relaxed);
+                                    errors
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .push((index, e));
+                                    break;
+                                }
+                            }
+                        }
+                        (me.time, me.stages)
+                    })
+                }));
+            }
+        }
+        drop(tx);
+        let times: Vec<std::thread::Result<(WorkerTime, StageSeconds)>> =
+            handles.into_iter().map(|h| h.join()).collect();
+        (writer_thread.join(), times)
+    });
+
+    let wall = started.elapsed().as_secs_f64();
+    let mut stages = StageSeconds::default();
+    let mut workers = Vec::new();
+    for t in times {
+        let (mut time, mut st) = t.map_err(|_| Error::Device("a worker thread panicked".into()))?;
+        // Whatever a worker did not spend on its tensors it spent waiting.
+        st.idle = (wall - st.busy()).max(0.0);
+        time.busy_seconds = st.busy();
+        time.idle_seconds = st.idle;
+        stages.add(&st);
+        workers.push(time);
+    }
+    let written = writer_result.map_err(|_| Error::Device("the writer thread panicked".into()))?;
+    let mut errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
+    // The first failure in plan order, whatever the timing.
+    errors.sort_by_key(|e| e.0);
+    if let Some((_, e)) = errors.into_iter().next() {
+        return Err(e);
+    }
+    let (writer, finished, write_seconds) = written?;
+    stages.write = write_seconds;
+    Ok(Outcome {
+        writer,
+        finished,
+        workers,
+        stages,
+    })
+}
+
+fn worker_label<B: Backend>(be: &B, device: usize, worker: usize) -> String {
+    let name = be.name();
+    let device_name = name.split_whitespace().next().unwrap_or("device");
+    let device_name = if device_name == "cpu" {
+        "cpu".to_string()
+    } else {
+        device_name.trim_end_matches(',').to_string()
+    };
+    let _ = device;
+    format!("{device_name} #{worker}")
+}
+
+/// The writer thread: appends factors as they come (in any order; the file is ordered at
+/// commit) and keeps each tensor's result by its plan index.
+fn write_all(
+    mut writer: AdapterWriter,
+    rx: Receiver<Finished>,
+    sh: &Shared<'_>,
+    cancel: &AtomicBool,
+) -> Result<(AdapterWriter, Vec<Option<Finished>>, f64)> {
+    let mut finished: Vec<Option<Finished>> = (0..sh.plan.items.len()).map(|_| None).collect();
+    let mut seconds = 0.0;
+    for mut done in rx {
+        let clock = Instant::now();
+        let item = &sh.plan.items[done.index];
+        if let Some(f) = done.factors.take() {
+            // A first, then B, both at the tensor's place in the plan.
+            let order = 2 * done.index as u64;
+            let added = writer
+                .add(order, f.a_key, f.dtype, f.a_shape.to_vec(), &f.a_bytes)
+                .and_then(|()| {
+                    writer.add(order + 1, f.b_key, f.dtype, f.b_shape.to_vec(), &f.b_bytes)
+                });
+            if let Err(e) = added {
+                // Workers stop taking tensors; the channel closes as they finish.
+                cancel.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+        seconds += clock.elapsed().as_secs_f64();
+        sh.bar.inc(item.input_bytes());
+        let index = done.index;
+        finished[index] = Some(done);
+    }
+    Ok((writer, finished, seconds))
+}
+
+/// One worker's state.
+struct WorkerLoop<'a, B: Backend> {
+    be: &'a B,
+    sh: &'a Shared<'a>,
+    ledger: &'a Ledger,
+    label: String,
+    time: WorkerTime,
+    stages: StageSeconds,
+}
+
+impl<B: Backend> WorkerLoop<'_, B> {
+    /// One tensor, start to finish, under a reservation on the device's budget. After an
+    /// out-of-memory from the device it waits to be alone on the device and retries in
+    /// blocks of half as many rows, down to one row per block.
+    fn one(&mut self, index: usize) -> Result<Finished> {
+        let sh = self.sh;
+        let item = &sh.plan.items[index];
+        let clock = Instant::now();
+        let mut done = match item.action {
+            Action::LoraLinear | Action::LoraEmbedding => {
+                let placement = sh.placements[index];
+                let mut fit = placement.fit;
+                let mut held = self.ledger.reserve(placement.bytes);
+                loop {
+                    let job = LoraJob {
+                        be: self.be,
+                        s: sh.s,
+                        base: sh.base,
+                        ft: sh.ft,
+                        index,
+                        item,
+                        fit,
+                        r_adapter: sh.r_adapter,
+                        out_dtype: sh.out_dtype,
+                    };
+                    match job.run() {
+                        Ok(done) => break done,
+                        Err(JobError::Failed(e)) => return Err(e),
+                        Err(JobError::OutOfMemory(why)) => {
+                            let exact = sh.s.svd.runs_exact(
+                                sh.s.rank.rank_for(item.shape[0], item.shape[1]),
+                                item.shape[0],
+                                item.shape[1],
+                            );
+                            let smaller = (!exact)
+                                .then(|| after_out_of_memory(fit, item.shape[0]))
+                                .flatten();
+                            let Some(smaller) = smaller else {
+                                return Err(Error::tensor(
+                                    sh.ft.path_of(&item.ft),
+                                    &item.name,
+                                    format!(
+                                        "{} ran out of memory ({why}){}; free memory on the device or lower --max-vram",
+                                        self.label,
+                                        if exact { " and the exact SVD cannot run in row blocks" } else { " even in blocks of one row" }
+                                    ),
+                                ));
+                            };
+                            let rows = match smaller {
+                                super::fit::Fit::Blocked(r) => r,
+                                super::fit::Fit::Whole => item.shape[0],
+                            };
+                            tracing::warn!(
+                                "{}: out of memory on {} ({why}); retrying alone on the device in blocks of {rows} rows",
+                                self.label,
+                                item.name
+                            );
+                            drop(held);
+                            held = self.ledger.reserve_all();
+                            fit = smaller;
+                        }
+                    }
+                }
+            }
+            _ => other_item(sh.base, sh.ft, index, item)?,
+        };
+        sh.base.release(&item.base);
+        sh.ft.release(&item.ft);
+        super::release_free_heap();
+        done.row.seconds = clock.elapsed().as_secs_f64();
+        done.row.worker = Some(self.label.clone());
+        done.row.stages = done.stages;
+        self.stages.add(&done.stages);
+        self.time.tensors += 1;
+        tracing::debug!(tensor = %item.name, action = done.row.action, seconds = done.row.seconds, worker = %self.label, "done");
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn reservations_never_exceed_the_capacity() {
+        let ledger = Arc::new(Ledger::new(Some(100)));
+        let peak = Arc::new(Mutex::new(0u64));
+        std::thread::scope(|s| {
+            for i in 0..8u64 {
+                let (ledger, peak) = (&ledger, &peak);
+                s.spawn(move || {
+                    for _ in 0..50 {
+                        let _r = ledger.reserve(30 + i * 5);
+                        let used = ledger.used();
+                        let mut p = peak.lock().unwrap();
+                        *p = (*p).max(used);
+                        assert!(used <= 100, "{used}");
+                    }
+                });
+            }
+        });
+        assert!(*peak.lock().unwrap() <= 100);
+        assert_eq!(ledger.used(), 0, "every reservation is returned");
+    }
+
+    #[test]
+    fn an_exclusive_reservation_waits_for_the_others() {
+        let ledger = Ledger::new(Some(100));
+        let first = ledger.reserve(40);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let _all = ledger.reserve_all();
+                ledger.used()
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert_eq!(
+                ledger.used(),
+                40,
+                "the exclusive request has not been granted yet"
+            );
+            drop(first);
+            assert_eq!(waiter.join().unwrap(), 100);
+        });
+        let unbounded = Ledger::new(None);
+        let _a = unbounded.reserve(u64::MAX);
+        let _b = unbounded.reserve(u64::MAX);
+    }
+}

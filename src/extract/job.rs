@@ -1,0 +1,393 @@
+//! One tensor's work: ΔW from the two checkpoints (whole, or in row blocks re-formed on every
+//! pass), its decomposition, factors and residual certificate.
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use super::fit::Fit;
+use super::ExtractSettings;
+use crate::adapter;
+use crate::backend::{self, Backend, DeltaInput, DeltaStats};
+use crate::checkpoint::dtype::decode_into;
+use crate::checkpoint::{Checkpoint, DType, TensorEntry};
+use crate::error::{Error, Result};
+use crate::factor::Layout;
+use crate::linalg::{self, blocked, rsvd, Method, SvdSettings};
+use crate::plan::{Action, PlanItem};
+use crate::report::{StageSeconds, TensorReport};
+
+/// Where a tensor's ΔW comes from during the SVD and the residual.
+enum Source<'a, B: Backend> {
+    Whole(B::Mat),
+    Blocked(CheckpointBlocks<'a, B>),
+}
+
+impl<B: Backend> Source<'_, B> {
+    fn decompose(
+        &self,
+        be: &B,
+        rank: usize,
+        svd: &SvdSettings,
+        seed: u64,
+    ) -> backend::BackendResult<linalg::OnDevice<B::Mat>> {
+        match self {
+            Source::Whole(delta) => linalg::decompose_on_device(be, delta, rank, svd, seed),
+            Source::Blocked(src) => {
+                let k = svd.sketch_width(rank, src.item.shape[0], src.item.shape[1]);
+                blocked::blocked_randomized_svd(be, src, rank, k, svd.power_iters, seed)
+            }
+        }
+    }
+
+    fn residual_sumsq(&self, be: &B, left: &B::Mat, right: &B::Mat) -> backend::BackendResult<f64> {
+        match self {
+            Source::Whole(delta) => be.residual_sumsq(delta, left, right),
+            Source::Blocked(src) => blocked::blocked_residual_sumsq(be, src, left, right),
+        }
+    }
+}
+
+/// A tensor's ΔW in row blocks, each formed from the two checkpoints when asked for (its input
+/// pages released as soon as they are read).
+pub(super) struct CheckpointBlocks<'a, B: Backend> {
+    be: &'a B,
+    base: &'a Checkpoint,
+    ft: &'a Checkpoint,
+    item: &'a PlanItem,
+    step: usize,
+}
+
+impl<B: Backend> blocked::RowBlocks<B> for CheckpointBlocks<'_, B> {
+    fn shape(&self) -> (usize, usize) {
+        (self.item.shape[0], self.item.shape[1])
+    }
+
+    fn block_rows(&self) -> usize {
+        self.step
+    }
+
+    fn block(&self, r0: usize, r1: usize) -> backend::BackendResult<B::Mat> {
+        Ok(self.form(r0, r1)?.0)
+    }
+}
+
+impl<B: Backend> CheckpointBlocks<'_, B> {
+    /// Rows r0..r1 of ΔW and their statistics, releasing the input pages as they are read.
+    fn form(&self, r0: usize, r1: usize) -> backend::BackendResult<(B::Mat, DeltaStats)> {
+        let item = self.item;
+        let cols = item.shape[1];
+        let (bs, fs) = (item.base_dtype().size(), item.ft_dtype().size());
+        let rows_read = |a: usize, b: usize| {
+            let (a, b) = (r0 + a, r0 + b);
+            self.base
+                .release_range(&item.base, a * cols * bs, b * cols * bs);
+            self.ft
+                .release_range(&item.ft, a * cols * fs, b * cols * fs);
+        };
+        let input = DeltaInput {
+            base: &self.base.bytes(&item.base)[r0 * cols * bs..r1 * cols * bs],
+            base_dtype: item.base_dtype(),
+            ft: &self.ft.bytes(&item.ft)[r0 * cols * fs..r1 * cols * fs],
+            ft_dtype: item.ft_dtype(),
+            rows: r1 - r0,
+            cols,
+            rows_read: Some(&rows_read),
+        };
+        self.be.delta(&input)
+    }
+}
+
+/// A tensor's result, handed to the writer thread.
+pub(super) struct Finished {
+    /// Its index in the plan (and so its place in the report and the adapter file).
+    pub index: usize,
+    pub row: TensorReport,
+    /// The LoRA factors, when there are any (None: unchanged, or not a LoRA target).
+    pub factors: Option<FactorTensors>,
+    /// The module path, for target_modules.
+    pub module: Option<String>,
+    pub stages: StageSeconds,
+    pub flops: f64,
+}
+
+/// Encoded A and B, named as PEFT reads them.
+pub(super) struct FactorTensors {
+    pub a_key: String,
+    pub a_shape: [usize; 2],
+    pub a_bytes: Vec<u8>,
+    pub b_key: String,
+    pub b_shape: [usize; 2],
+    pub b_bytes: Vec<u8>,
+    pub dtype: &'static str,
+}
+
+/// Why a tensor failed: out of device memory (the scheduler may retry smaller) or for good.
+pub(super) enum JobError {
+    OutOfMemory(String),
+    Failed(Error),
+}
+
+impl From<Error> for JobError {
+    fn from(e: Error) -> Self {
+        JobError::Failed(e)
+    }
+}
+
+/// One LoRA target through delta → decompose → factor → residual.
+pub(super) struct LoraJob<'a, B: Backend> {
+    pub be: &'a B,
+    pub s: &'a ExtractSettings,
+    pub base: &'a Checkpoint,
+    pub ft: &'a Checkpoint,
+    pub index: usize,
+    pub item: &'a PlanItem,
+    pub fit: Fit,
+    pub r_adapter: usize,
+    pub out_dtype: DType,
+}
+
+impl<B: Backend> LoraJob<'_, B> {
+    pub fn run(&self) -> std::result::Result<Finished, JobError> {
+        let (be, item, ft) = (self.be, self.item, self.ft);
+        let mut row = TensorReport::new(&item.name, item.action.label(), &item.shape);
+        let mut stages = StageSeconds::default();
+        let mut done = Finished {
+            index: self.index,
+            row: TensorReport::new(&item.name, item.action.label(), &item.shape),
+            factors: None,
+            module: None,
+            stages: StageSeconds::default(),
+            flops: 0.0,
+        };
+        let (rows, cols) = (item.shape[0], item.shape[1]);
+        let backend_err = |e: backend::BackendError| {
+            if e.out_of_memory {
+                JobError::OutOfMemory(e.message)
+            } else {
+                JobError::Failed(tensor_err(ft, &item.ft, e))
+            }
+        };
+        let linalg_err = |e: backend::BackendError| {
+            if e.out_of_memory {
+                JobError::OutOfMemory(e.message)
+            } else {
+                JobError::Failed(Error::Linalg {
+                    tensor: item.name.clone(),
+                    reason: e.message,
+                })
+            }
+        };
+        let r = self.s.rank.rank_for(rows, cols);
+        let clock = Instant::now();
+        let (source, stats) = match self.fit {
+            Fit::Whole => {
+                let (delta, stats) = self.blocks(rows).form(0, rows).map_err(backend_err)?;
+                check_finite(self.base, ft, item, &stats)?;
+                (Source::Whole(delta), stats)
+            }
+            Fit::Blocked(step) => {
+                // ΔW is never formed whole: a first pass for ‖ΔW‖ and the finite check (so an
+                // unchanged matrix, e.g. a frozen embedding, costs one read, not 2q + 4), then
+                // each product of the SVD and the residual re-form the blocks.
+                let stats = host_delta(self.base, ft, item)?;
+                row.row_blocks = Some(step);
+                (Source::Blocked(self.blocks(step)), stats)
+            }
+        };
+        // The decomposition holds all that is needed now: drop what is left of the pages.
+        self.base.release(&item.base);
+        ft.release(&item.ft);
+        row.delta_norm = stats.sumsq.sqrt();
+        stages.read += stats.read_seconds;
+        stages.h2d += stats.h2d_seconds;
+        stages.delta += (lap(clock) - stats.read_seconds - stats.h2d_seconds).max(0.0);
+        if stats.sumsq == 0.0 {
+            row.action = "unchanged";
+            done.row = row;
+            done.stages = stages;
+            return Ok(done);
+        }
+
+        let clock = Instant::now();
+        let seed = crate::rng::seed_for(self.s.svd.seed, &item.name);
+        let t = source
+            .decompose(be, r, &self.s.svd, seed)
+            .map_err(linalg_err)?;
+        match t.method {
+            Method::Randomized => {
+                stages.svd_randomized += lap(clock);
+                done.flops = rsvd::nominal_flops(rows, cols, t.sketch, self.s.svd.power_iters);
+            }
+            Method::Exact => stages.svd_exact += lap(clock),
+        }
+
+        let clock = Instant::now();
+        let layout = if item.action == Action::LoraEmbedding {
+            Layout::Embedding
+        } else {
+            Layout::Linear
+        };
+        let f = be
+            .factor(&t, layout, self.r_adapter, self.out_dtype)
+            .map_err(backend_err)?;
+        stages.d2h += f.d2h_seconds;
+        stages.factor += (lap(clock) - f.d2h_seconds).max(0.0);
+
+        let clock = Instant::now();
+        let res = source
+            .residual_sumsq(be, &f.left, &f.right)
+            .map_err(backend_err)?;
+        stages.residual += lap(clock);
+
+        let (a_key, b_key) = match layout {
+            Layout::Linear => (
+                adapter::lora_a_key(&item.module),
+                adapter::lora_b_key(&item.module),
+            ),
+            Layout::Embedding => (
+                adapter::embedding_a_key(&item.module),
+                adapter::embedding_b_key(&item.module),
+            ),
+        };
+        let kept: f64 = t.s.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+        row.rank = Some(r);
+        row.energy = Some((kept / stats.sumsq).min(1.0));
+        row.residual = Some((res / stats.sumsq).sqrt());
+        row.method = Some(t.method);
+        row.sketch = (t.method == Method::Randomized).then_some(t.sketch);
+        done.row = row;
+        done.stages = stages;
+        done.module = Some(item.module.clone());
+        done.factors = Some(FactorTensors {
+            a_key,
+            a_shape: f.a_shape,
+            a_bytes: f.a_bytes,
+            b_key,
+            b_shape: f.b_shape,
+            b_bytes: f.b_bytes,
+            dtype: self.out_dtype.as_str(),
+        });
+        Ok(done)
+    }
+
+    /// ΔW of this tensor as row blocks formed from the checkpoints.
+    fn blocks(&self, step: usize) -> CheckpointBlocks<'_, B> {
+        CheckpointBlocks {
+            be: self.be,
+            base: self.base,
+            ft: self.ft,
+            item: self.item,
+            step,
+        }
+    }
+}
+
+/// ‖ΔW‖² of a tensor that is not decomposed, computed in chunks on the host.
+pub(super) fn host_delta(
+    base: &Checkpoint,
+    ft: &Checkpoint,
+    item: &PlanItem,
+) -> Result<DeltaStats> {
+    const CHUNK: usize = 1 << 16;
+    let (bd, fd) = (item.base_dtype(), item.ft_dtype());
+    let (bb, fb) = (base.bytes(&item.base), ft.bytes(&item.ft));
+    let n = item.ft.numel();
+    let parts: Vec<DeltaStats> = (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+            let mut x = vec![0f32; hi - lo];
+            let mut y = vec![0f32; hi - lo];
+            decode_into(bd, &bb[lo * bd.size()..hi * bd.size()], &mut x);
+            decode_into(fd, &fb[lo * fd.size()..hi * fd.size()], &mut y);
+            // Only the sums are kept: the pages can go (a memory bound counts them).
+            base.release_range(&item.base, lo * bd.size(), hi * bd.size());
+            ft.release_range(&item.ft, lo * fd.size(), hi * fd.size());
+            let mut s = DeltaStats::default();
+            for (a, b) in x.iter().zip(&y) {
+                let d = b - a;
+                if d.is_finite() {
+                    s.sumsq += f64::from(d) * f64::from(d);
+                } else {
+                    s.nonfinite += 1;
+                }
+            }
+            s
+        })
+        .collect();
+    let stats = parts.iter().fold(DeltaStats::default(), |a, b| a.merge(*b));
+    check_finite(base, ft, item, &stats)?;
+    Ok(stats)
+}
+
+/// NaN or Inf in ΔW is an error that names the checkpoint holding it.
+fn check_finite(
+    base: &Checkpoint,
+    ft: &Checkpoint,
+    item: &PlanItem,
+    stats: &DeltaStats,
+) -> Result<()> {
+    if stats.nonfinite == 0 {
+        return Ok(());
+    }
+    let has_nonfinite = |ck: &Checkpoint, t: &TensorEntry| {
+        let dtype = t.float_dtype().expect("validated by the planner");
+        ck.bytes(t).chunks(dtype.size() * 4096).any(|c| {
+            let mut v = vec![0f32; c.len() / dtype.size()];
+            decode_into(dtype, c, &mut v);
+            v.iter().any(|x| !x.is_finite())
+        })
+    };
+    let (which, ck, t) = if has_nonfinite(ft, &item.ft) {
+        ("the fine-tune", ft, &item.ft)
+    } else if has_nonfinite(base, &item.base) {
+        ("the base", base, &item.base)
+    } else {
+        ("the difference (overflow)", ft, &item.ft)
+    };
+    Err(Error::tensor(
+        ck.path_of(t),
+        &item.name,
+        format!("ΔW has {} NaN or Inf values, from {which}", stats.nonfinite),
+    ))
+}
+
+fn tensor_err(ck: &Checkpoint, t: &TensorEntry, e: backend::BackendError) -> Error {
+    Error::tensor(ck.path_of(t), &t.name, e.message)
+}
+
+/// A tensor that is not decomposed (a norm saved whole, a change a LoRA cannot carry): its
+/// ‖ΔW‖ only.
+pub(super) fn other_item(
+    base: &Checkpoint,
+    ft: &Checkpoint,
+    index: usize,
+    item: &PlanItem,
+) -> Result<Finished> {
+    let clock = Instant::now();
+    let mut row = TensorReport::new(&item.name, item.action.label(), &item.shape);
+    let stats = host_delta(base, ft, item)?;
+    row.delta_norm = stats.sumsq.sqrt();
+    if stats.sumsq == 0.0 {
+        row.action = "unchanged";
+    } else if let Action::NotCarried(reason) = &item.action {
+        row.reason = Some(reason.clone());
+    }
+    let stages = StageSeconds {
+        delta: lap(clock),
+        ..StageSeconds::default()
+    };
+    Ok(Finished {
+        index,
+        row,
+        factors: None,
+        module: None,
+        stages,
+        flops: 0.0,
+    })
+}
+
+fn lap(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64()
+}

@@ -1,0 +1,438 @@
+//! The extract pipeline: plan → schedule → load → delta → decompose → rank → factor → sink.
+//! Data flows one way: this file plans and assembles the adapter, `fit` sizes each tensor's
+//! memory, `engine` schedules tensors onto workers and the writer, `job` does one tensor.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+mod engine;
+mod fit;
+mod job;
+
+pub use fit::{BASELINE_RAM, BASELINE_VRAM};
+
+use crate::adapter::{self, AdapterConfig, AdapterWriter};
+use crate::backend::{self, Backend, CudaOptions, Device, DeviceWorkers, WorkerRequest, Workers};
+use crate::checkpoint::{Checkpoint, DType};
+use crate::error::{Error, Result};
+use crate::linalg::{rank::RankPolicy, Method, SvdSettings};
+use crate::plan::{Action, Plan, PlanItem, PlanOptions};
+use crate::report::{RunReport, StageSeconds, Summary, TensorReport};
+
+/// Everything `extract` needs, validated.
+#[derive(Clone, Debug)]
+pub struct ExtractSettings {
+    pub base: PathBuf,
+    pub ft: PathBuf,
+    pub out: PathBuf,
+    pub rank: RankPolicy,
+    pub svd: SvdSettings,
+    /// `None`: the fine-tune's dtype.
+    pub out_dtype: Option<DType>,
+    pub device: Device,
+    /// How the randomized SVD runs on a GPU (ignored on the CPU).
+    pub cuda: CudaOptions,
+    /// Bound on host memory for the computation (None: no bound). A matrix whose f32 ΔW and
+    /// sketches would not fit is streamed through the SVD in row blocks instead.
+    pub max_ram: Option<u64>,
+    /// The same for device memory (None: the backend's default, most of the free memory).
+    pub max_vram: Option<u64>,
+    /// GPU ordinals to run on (None: all visible, or the one `device` names).
+    pub devices: Option<Vec<usize>>,
+    /// Tensors in flight per device (None: 2 per GPU, 1 on the CPU).
+    pub in_flight: Option<usize>,
+    pub plan: PlanOptions,
+    /// `base_model_name_or_path`; `None`: from the base's config.json, else the base path.
+    pub base_name: Option<String>,
+    /// Replace an adapter already in OUT.
+    pub overwrite: bool,
+    /// Show a progress bar (only when stderr is a terminal).
+    pub progress: bool,
+}
+
+impl ExtractSettings {
+    pub fn new(base: PathBuf, ft: PathBuf, out: PathBuf, rank: usize) -> Self {
+        ExtractSettings {
+            base,
+            ft,
+            out,
+            rank: RankPolicy::Fixed(rank),
+            svd: SvdSettings::default(),
+            out_dtype: None,
+            device: Device::Auto,
+            cuda: CudaOptions::default(),
+            max_ram: None,
+            max_vram: None,
+            devices: None,
+            in_flight: None,
+            plan: PlanOptions {
+                include: Vec::new(),
+                exclude: Vec::new(),
+                embeddings: true,
+                norms: true,
+            },
+            base_name: None,
+            overwrite: false,
+            progress: false,
+        }
+    }
+}
+
+/// Runs the whole extraction and returns the report (also written to OUT/report.json).
+pub fn extract(s: &ExtractSettings) -> Result<RunReport> {
+    let base = Checkpoint::open(&s.base)?;
+    let ft = Checkpoint::open(&s.ft)?;
+    let plan = Plan::build(&base, &ft, &s.plan)?;
+    let request = WorkerRequest {
+        device: s.device,
+        devices: s.devices.clone(),
+        in_flight: s.in_flight,
+        options: s.cuda,
+    };
+    match backend::resolve_workers(&request)? {
+        Workers::Cpu(groups) => run(&groups, s, &base, &ft, &plan),
+        Workers::Cuda(groups) => run(&groups, s, &base, &ft, &plan),
+    }
+}
+
+/// The memory a device's tensors in flight share: `--max-ram` for ΔW in host memory,
+/// `--max-vram` (else most of the free memory) on a GPU.
+fn budget_of<B: Backend>(be: &B, s: &ExtractSettings) -> Option<u64> {
+    if be.delta_in_host_memory() {
+        s.max_ram
+    } else {
+        s.max_vram.or_else(|| be.memory_budget())
+    }
+}
+
+/// "cuda:0 (…) + cuda:1 (…), 2 workers each".
+fn device_names<B: Backend>(groups: &[DeviceWorkers<B>]) -> String {
+    let names: Vec<String> = groups
+        .iter()
+        .filter_map(|g| g.workers.first().map(|w| w.name()))
+        .collect();
+    let per = groups.first().map_or(1, |g| g.workers.len());
+    if per > 1 {
+        format!("{}, {per} workers each", names.join(" + "))
+    } else {
+        names.join(" + ")
+    }
+}
+
+/// Says once when a memory bound has nothing to bound on this backend.
+fn warn_unused_bounds<B: Backend>(be: &B, s: &ExtractSettings) {
+    if be.delta_in_host_memory() && s.max_vram.is_some() {
+        tracing::warn!(
+            "--max-vram has no effect on {}: ΔW is in host memory (--max-ram bounds it)",
+            be.name()
+        );
+    }
+    if !be.delta_in_host_memory() && s.max_ram.is_some() {
+        tracing::warn!(
+            "--max-ram has no effect on {}: ΔW is in device memory (--max-vram bounds it)",
+            be.name()
+        );
+    }
+}
+
+fn run<B: Backend>(
+    groups: &[DeviceWorkers<B>],
+    s: &ExtractSettings,
+    base: &Checkpoint,
+    ft: &Checkpoint,
+    plan: &Plan,
+) -> Result<RunReport> {
+    let started = Instant::now();
+    let first = groups
+        .first()
+        .and_then(|g| g.workers.first())
+        .ok_or_else(|| Error::Device("no worker to run on".into()))?;
+    warn_unused_bounds(first, s);
+    let out_dtype = s.out_dtype.unwrap_or_else(|| dominant_lora_dtype(plan));
+    let r_adapter = s.rank.adapter_rank();
+    // Factors are zero-padded to r, so a rank beyond every matrix's size only wastes memory
+    // and disk (r = 100000 would ask for gigabytes per tensor).
+    let useful = plan
+        .items
+        .iter()
+        .filter(|i| matches!(i.action, Action::LoraLinear | Action::LoraEmbedding))
+        .map(|i| i.shape[0].min(i.shape[1]))
+        .max();
+    if let Some(useful) = useful.filter(|&u| r_adapter > u) {
+        return Err(Error::Settings(format!(
+            "--rank {r_adapter} exceeds the rank of every target matrix (at most {useful} here)"
+        )));
+    }
+    // Each device's budget; fits are decided for the smallest, so that any device can take
+    // any tensor and the output does not depend on which one did.
+    let budgets: Vec<Option<u64>> = groups.iter().map(|g| budget_of(&g.workers[0], s)).collect();
+    let smallest = budgets.iter().copied().flatten().min();
+    // How each LoRA target's ΔW fits, decided (and a bound no tensor can meet refused)
+    // before any work; placements[i] is for plan.items[i].
+    let placements = plan
+        .items
+        .iter()
+        .map(|item| match item.action {
+            Action::LoraLinear | Action::LoraEmbedding => {
+                let rank = s.rank.rank_for(item.shape[0], item.shape[1]);
+                fit::fit_of(first, s, smallest, item, rank, r_adapter)
+            }
+            _ => Ok(fit::Placement {
+                fit: fit::Fit::Whole,
+                bytes: 0,
+            }),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let writer = AdapterWriter::create(&s.out, s.overwrite)?;
+    let total_bytes: u64 = plan.items.iter().map(|i| i.input_bytes()).sum();
+    let bar = progress_bar(s.progress, total_bytes, plan.items.len());
+    let shared = engine::Shared {
+        s,
+        base,
+        ft,
+        plan,
+        placements: &placements,
+        r_adapter,
+        out_dtype,
+        bar: &bar,
+    };
+    let outcome = engine::run_all(groups, &budgets, &shared, writer)?;
+    bar.finish_and_clear();
+    let mut writer = outcome.writer;
+    let mut svd_flops = 0f64;
+    let mut written_modules: Vec<String> = Vec::new();
+    // rows[i] reports plan.items[i].
+    let mut rows: Vec<TensorReport> = Vec::with_capacity(plan.items.len());
+    for (item, done) in plan.items.iter().zip(outcome.finished) {
+        match done {
+            Some(done) => {
+                svd_flops += done.flops;
+                written_modules.extend(done.module);
+                rows.push(done.row);
+            }
+            None => rows.push(TensorReport::new(
+                &item.name,
+                item.action.label(),
+                &item.shape,
+            )),
+        }
+    }
+    let whole: Vec<(usize, &PlanItem)> = plan
+        .items
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i.action == Action::SaveWhole)
+        .collect();
+    let any_whole_changed = whole.iter().any(|&(n, _)| rows[n].action == "save-whole");
+    let stages = outcome.stages;
+
+    // Norms are saved whole only if one changed; then every norm is written, so that PEFT's
+    // suffix matching on modules_to_save finds a tensor for each module it wraps.
+    let mut modules_to_save = None;
+    if any_whole_changed {
+        for &(index, item) in &whole {
+            let dtype = item.ft.float_dtype().expect("validated by the planner");
+            writer.add(
+                2 * index as u64,
+                adapter::whole_key(&item.name),
+                dtype.as_str(),
+                item.shape.clone(),
+                ft.bytes(&item.ft),
+            )?;
+        }
+        modules_to_save = Some(adapter::modules_to_save(
+            plan.norm_module_names().into_iter().collect(),
+        ));
+        // rows[i] reports plan.items[i].
+        for (row, item) in rows.iter_mut().zip(&plan.items) {
+            if item.action == Action::SaveWhole && row.action == "unchanged" {
+                row.reason = Some(
+                    "unchanged, but written whole: PEFT wraps every norm named in modules_to_save"
+                        .into(),
+                );
+            }
+        }
+    } else {
+        for row in rows.iter_mut().filter(|r| r.action == "save-whole") {
+            row.action = "unchanged";
+        }
+    }
+    if writer.num_tensors() == 0 {
+        return Err(Error::Settings(format!(
+            "nothing to write: no selected tensor differs between {} and {}",
+            s.base.display(),
+            s.ft.display()
+        )));
+    }
+
+    let mut summary = summarize(&rows, plan, started, total_bytes, svd_flops, stages);
+    summary.workers = outcome.workers;
+    if summary.delta_sumsq > 0.0 {
+        for row in &mut rows {
+            row.share = row.delta_norm * row.delta_norm / summary.delta_sumsq;
+        }
+    }
+    if summary.not_carried > 0 {
+        tracing::warn!(
+            "{} changed tensor(s) a LoRA cannot carry hold {:.3}% of ‖ΔW‖² and are not in the adapter; see report.json",
+            summary.not_carried,
+            100.0 * summary.share_not_carried
+        );
+    }
+    let targets = adapter::target_modules(&written_modules, |last| {
+        let mut paths: Vec<String> = ft
+            .tensors()
+            .iter()
+            .map(|t| crate::plan::module_of(&t.name))
+            .filter(|m| crate::plan::last_segment(m) == last)
+            .map(str::to_string)
+            .collect();
+        paths.dedup();
+        paths
+    });
+    let config = AdapterConfig::new(
+        base_model_name(s, base),
+        task_type(base, ft),
+        r_adapter,
+        targets,
+        modules_to_save,
+    );
+    let report = RunReport {
+        phlora_version: env!("CARGO_PKG_VERSION"),
+        base: s.base.display().to_string(),
+        ft: s.ft.display().to_string(),
+        out: s.out.display().to_string(),
+        device: device_names(groups),
+        rank: r_adapter,
+        svd: s.svd.method.as_str(),
+        oversample: (s.svd.method == Method::Randomized).then(|| s.svd.oversample_for(r_adapter)),
+        power_iters: s.svd.power_iters,
+        seed: s.svd.seed,
+        out_dtype: out_dtype.to_string(),
+        summary,
+        tensors: rows,
+    };
+    let config_json = serde_json::to_string_pretty(&config).expect("config serializes");
+    let report_json = serde_json::to_string_pretty(&report).expect("report serializes");
+    writer.commit(&config_json, &report_json)?;
+    Ok(report)
+}
+
+fn summarize(
+    rows: &[TensorReport],
+    plan: &Plan,
+    started: Instant,
+    input_bytes: u64,
+    flops: f64,
+    stages: StageSeconds,
+) -> Summary {
+    let mut m = Summary {
+        tensors: rows.len(),
+        filtered_out: plan.filtered_out,
+        input_bytes,
+        ..Default::default()
+    };
+    let (mut lora, mut whole, mut lost, mut not_carried) = (0f64, 0f64, 0f64, 0f64);
+    for r in rows {
+        let sq = r.delta_norm * r.delta_norm;
+        match r.action {
+            "lora" | "lora-embedding" => {
+                m.lora += 1;
+                lora += sq;
+                let res = r.residual.unwrap_or(0.0);
+                lost += res * res * sq;
+                m.max_residual = m.max_residual.max(res);
+            }
+            "save-whole" => {
+                m.saved_whole += 1;
+                whole += sq;
+            }
+            "not-carried" => {
+                m.not_carried += 1;
+                not_carried += sq;
+            }
+            _ => m.unchanged += 1,
+        }
+    }
+    let total = lora + whole + not_carried;
+    m.delta_sumsq = total;
+    if total > 0.0 {
+        m.share_lora_targets = lora / total;
+        m.share_saved_whole = whole / total;
+        m.share_not_carried = not_carried / total;
+        m.total_relative_error = ((lost + not_carried) / total).sqrt();
+    }
+    m.seconds = started.elapsed().as_secs_f64();
+    m.svd_gflops = if stages.svd_randomized > 0.0 {
+        flops / stages.svd_randomized / 1e9
+    } else {
+        0.0
+    };
+    m.stages = stages;
+    m
+}
+
+/// The most common fine-tune dtype among LoRA targets (BF16 if there are none).
+fn dominant_lora_dtype(plan: &Plan) -> DType {
+    let mut count: HashMap<DType, usize> = HashMap::new();
+    for i in &plan.items {
+        if matches!(i.action, Action::LoraLinear | Action::LoraEmbedding) {
+            *count.entry(i.ft_dtype()).or_default() += 1;
+        }
+    }
+    let mut v: Vec<(DType, usize)> = count.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.as_str().cmp(b.0.as_str())));
+    v.first().map_or(DType::BF16, |x| x.0)
+}
+
+fn base_model_name(s: &ExtractSettings, base: &Checkpoint) -> String {
+    if let Some(n) = &s.base_name {
+        return n.clone();
+    }
+    base.config()
+        .and_then(|c| c.get("_name_or_path"))
+        .and_then(|v| v.as_str())
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| s.base.display().to_string(), str::to_string)
+}
+
+fn task_type(base: &Checkpoint, ft: &Checkpoint) -> Option<String> {
+    let causal = [ft, base].iter().any(|c| {
+        c.config()
+            .and_then(|c| c.get("architectures"))
+            .and_then(|a| a.as_array())
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|x| x.as_str().is_some_and(|s| s.ends_with("ForCausalLM")))
+            })
+    });
+    causal.then(|| "CAUSAL_LM".to_string())
+}
+
+fn progress_bar(enabled: bool, total_bytes: u64, tensors: usize) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !enabled || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total_bytes);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {msg} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message(format!("0/{tensors} tensors"));
+    bar
+}
+
+/// Hands freed heap pages back to the OS after each tensor. Sub-megabyte blocks (factor
+/// bytes, per-row scratch) otherwise fragment glibc's arenas, and resident memory creeps up
+/// with the number of tensors (measured: +60 MB over 16 Llama layers).
+pub(super) fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
