@@ -951,3 +951,160 @@ fn a_bound_for_the_other_kind_of_memory_is_named_in_a_warning() {
     assert!(o.status.success(), "{err}");
     assert_eq!(err.matches("--max-vram has no effect").count(), 1, "{err}");
 }
+
+// ---- scheduling ------------------------------------------------------------------------
+
+/// The devices a scheduling test runs on: the CPU, and GPU 0 when PHLORA_TEST_DEVICE=cuda.
+fn scheduling_devices() -> Vec<phlora::backend::Device> {
+    let mut d = vec![phlora::backend::Device::Cpu];
+    if test_cuda(true).is_some() {
+        d.push(phlora::backend::Device::Cuda(0));
+    }
+    d
+}
+
+#[test]
+fn tensors_in_flight_and_their_order_do_not_change_the_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = fixture(dir.path(), DType::BF16, fresh_seed("in-flight"), true);
+    for device in scheduling_devices() {
+        let run = |tag: &str, in_flight: usize, max_ram: Option<u64>| {
+            let out = dir.path().join(format!("{device:?}-{tag}"));
+            let mut s = settings(&b, &f, &out, 4);
+            s.device = device;
+            s.in_flight = Some(in_flight);
+            s.max_ram = max_ram;
+            let report = extract(&s).unwrap();
+            let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+            (report, bytes)
+        };
+        let (one, one_bytes) = run("one", 1, None);
+        // Three workers take the largest tensors first and finish in any order.
+        let (three, three_bytes) = run("three", 3, None);
+        assert_eq!(
+            three.summary.workers.len(),
+            3,
+            "{:?}",
+            three.summary.workers
+        );
+        let done: usize = three.summary.workers.iter().map(|w| w.tensors).sum();
+        assert_eq!(done, one.summary.workers[0].tensors);
+        // Workers on the CPU split the cores, so GEMMs may block differently: the file
+        // layout must be identical, the values equal to rounding.
+        let header = |bytes: &[u8]| {
+            let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            bytes[..8 + n].to_vec()
+        };
+        assert_eq!(
+            header(&one_bytes),
+            header(&three_bytes),
+            "{device:?}: tensor layout"
+        );
+        for (x, y) in one.tensors.iter().zip(&three.tensors) {
+            assert_eq!((&x.name, x.action), (&y.name, y.action));
+            if let (Some(a), Some(b)) = (x.residual, y.residual) {
+                assert!((a - b).abs() <= 1e-4 * b + 1e-7, "{}: {a} vs {b}", x.name);
+            }
+        }
+        // The same workers twice: the same bytes, whatever the timing.
+        let (_, again) = run("three-again", 3, None);
+        assert!(again == three_bytes, "{device:?}: a rerun differs");
+        // Under a bound the workers share it (and some matrices go in row blocks).
+        if device == phlora::backend::Device::Cpu {
+            let tight = Some(phlora::extract::BASELINE_RAM + (20 << 10));
+            let (bounded, _) = run("three-bounded", 3, tight);
+            assert!(bounded.tensors.iter().any(|t| t.row_blocks.is_some()));
+        }
+    }
+}
+
+#[test]
+fn the_report_and_profile_say_where_the_time_went() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = fixture(dir.path(), DType::BF16, fresh_seed("profile"), false);
+    let out = dir.path().join("out");
+    let o = phlora_extract(
+        &b,
+        &f,
+        &out,
+        &[
+            "-r",
+            "4",
+            "--device",
+            "cpu",
+            "--in-flight",
+            "2",
+            "--profile",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    for stage in [
+        "time breakdown",
+        "read",
+        "delta",
+        "svd (randomized)",
+        "residual",
+        "idle",
+        "write (writer thread)",
+        "worker cpu #1",
+        "slowest tensors",
+    ] {
+        assert!(err.contains(stage), "no `{stage}` in:\n{err}");
+    }
+    let report = read_json(&out.join("report.json"));
+    let m = &report["summary"];
+    let wall = m["seconds"].as_f64().unwrap();
+    let workers = m["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2);
+    // Each worker's busy + idle time is its share of the wall time.
+    for w in workers {
+        let total = w["busy_seconds"].as_f64().unwrap() + w["idle_seconds"].as_f64().unwrap();
+        assert!(total <= wall * 1.001 + 1e-3, "{w} vs wall {wall}");
+        assert!(total >= 0.5 * wall, "{w} vs wall {wall}");
+    }
+    let st = &m["stages"];
+    let svd = st["svd_randomized"].as_f64().unwrap();
+    assert!(svd > 0.0, "{st}");
+    // Per-tensor stages add up to no more than the tensor's time.
+    for t in report["tensors"].as_array().unwrap() {
+        let s = &t["stages"];
+        let sum: f64 = [
+            "read",
+            "h2d",
+            "delta",
+            "svd_randomized",
+            "svd_exact",
+            "factor",
+            "residual",
+            "d2h",
+        ]
+        .iter()
+        .map(|k| s[*k].as_f64().unwrap())
+        .sum();
+        assert!(sum <= t["seconds"].as_f64().unwrap() + 1e-6, "{t}");
+    }
+}
+
+#[test]
+fn device_lists_and_in_flight_are_validated() {
+    let (dir, b, f, _) = bad_pair("device-lists", false);
+    for (args, want) in [
+        (
+            vec!["--device", "cpu", "--devices", "0"],
+            "--devices selects GPUs",
+        ),
+        (vec!["--device", "cuda:1", "--devices", "0"], "disagree"),
+        (vec!["--devices", "0,0"], "lists GPU 0 twice"),
+        (vec!["--in-flight", "0"], "--in-flight must be at least 1"),
+        (vec!["--devices", "x"], "--devices"),
+    ] {
+        let out = dir.path().join("out");
+        let o = phlora_extract(&b, &f, &out, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(o.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!out.join("adapter_config.json").exists());
+    }
+}

@@ -436,3 +436,6 @@ pub(super) fn release_free_heap() {
         libc::malloc_trim(0);
     }
 }
+
+#[cfg(test)]
+mod oom_tests;

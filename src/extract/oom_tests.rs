@@ -1,0 +1,155 @@
+//! The out-of-memory retry, on a CPU backend that plays a device with little memory: its ΔW
+//! allocation fails above a size, as cudaMalloc would.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use faer::{Mat, MatRef};
+
+use super::*;
+use crate::backend::cpu::CpuMat;
+use crate::backend::{BackendError, BackendResult, Cpu, DeltaInput, DeltaStats, Op, SvdParts};
+
+struct SmallDevice {
+    cpu: Cpu,
+    /// ΔW blocks above this many elements fail with an out-of-memory error.
+    max_elems: usize,
+    refusals: AtomicUsize,
+}
+
+impl Backend for SmallDevice {
+    type Mat = CpuMat;
+    fn name(&self) -> String {
+        "small-device".into()
+    }
+    fn delta_in_host_memory(&self) -> bool {
+        false
+    }
+    fn shape(&self, a: &CpuMat) -> (usize, usize) {
+        self.cpu.shape(a)
+    }
+    fn upload(&self, host: MatRef<'_, f32>) -> BackendResult<CpuMat> {
+        self.cpu.upload(host)
+    }
+    fn download(&self, a: &CpuMat) -> BackendResult<Mat<f32>> {
+        self.cpu.download(a)
+    }
+    fn delta(&self, input: &DeltaInput<'_>) -> BackendResult<(CpuMat, DeltaStats)> {
+        if input.rows * input.cols > self.max_elems {
+            self.refusals.fetch_add(1, Ordering::Relaxed);
+            return Err(BackendError::out_of_memory(format!(
+                "simulated: no room for {} elements",
+                input.rows * input.cols
+            )));
+        }
+        self.cpu.delta(input)
+    }
+    fn first_cols(&self, a: &CpuMat, r: usize) -> BackendResult<CpuMat> {
+        self.cpu.first_cols(a, r)
+    }
+    fn gemm(&self, a: &CpuMat, op_a: Op, b: &CpuMat, op_b: Op) -> BackendResult<CpuMat> {
+        self.cpu.gemm(a, op_a, b, op_b)
+    }
+    fn orthonormalize(&self, y: CpuMat) -> BackendResult<CpuMat> {
+        self.cpu.orthonormalize(y)
+    }
+    fn range_basis(&self, y: CpuMat) -> BackendResult<CpuMat> {
+        self.cpu.range_basis(y)
+    }
+    fn thin_svd(&self, a: &CpuMat) -> BackendResult<SvdParts<CpuMat>> {
+        self.cpu.thin_svd(a)
+    }
+    fn short_wide_svd(&self, b: &CpuMat) -> BackendResult<SvdParts<CpuMat>> {
+        self.cpu.short_wide_svd(b)
+    }
+    fn residual_sumsq(&self, d: &CpuMat, b: &CpuMat, a: &CpuMat) -> BackendResult<f64> {
+        self.cpu.residual_sumsq(d, b, a)
+    }
+}
+
+fn pair(dir: &std::path::Path) -> (Checkpoint, Checkpoint, ExtractSettings) {
+    let mut synth = crate::synth::SynthSettings::tiny(dir.join("pair"));
+    synth.layers = 1;
+    synth.vocab = 512;
+    let made = crate::synth::synth(&synth).unwrap();
+    let s = ExtractSettings::new(made.base, made.ft, dir.join("out"), 8);
+    let base = Checkpoint::open(&s.base).unwrap();
+    let ft = Checkpoint::open(&s.ft).unwrap();
+    (base, ft, s)
+}
+
+fn run_on(
+    be: SmallDevice,
+    s: &ExtractSettings,
+    base: &Checkpoint,
+    ft: &Checkpoint,
+) -> Result<RunReport> {
+    let plan = Plan::build(base, ft, &s.plan)?;
+    run(&[DeviceWorkers { workers: vec![be] }], s, base, ft, &plan)
+}
+
+#[test]
+fn out_of_device_memory_is_retried_in_row_blocks_with_the_same_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft, mut s) = pair(dir.path());
+    let roomy = SmallDevice {
+        cpu: Cpu::new(),
+        max_elems: usize::MAX,
+        refusals: AtomicUsize::new(0),
+    };
+    let free = run_on(roomy, &s, &base, &ft).unwrap();
+    // The 512×256 embedding and lm_head (131072 elements) and the 688×256 MLP matrices
+    // (176128) do not fit; the 256×256 attention matrices do.
+    s.out = dir.path().join("out-small");
+    let small = SmallDevice {
+        cpu: Cpu::new(),
+        max_elems: 100_000,
+        refusals: AtomicUsize::new(0),
+    };
+    let report = run_on(small, &s, &base, &ft).unwrap();
+    let blocked: Vec<(&str, usize)> = report
+        .tensors
+        .iter()
+        .filter_map(|t| t.row_blocks.map(|r| (t.name.as_str(), r)))
+        .collect();
+    assert!(
+        blocked.iter().any(|(n, _)| n.contains("mlp.up_proj")),
+        "{blocked:?}"
+    );
+    assert!(
+        blocked.iter().any(|(n, _)| n.contains("embed_tokens")),
+        "{blocked:?}"
+    );
+    assert!(
+        !blocked.iter().any(|(n, _)| n.contains("q_proj")),
+        "{blocked:?}"
+    );
+    for (name, rows) in &blocked {
+        let t = report.tensors.iter().find(|t| t.name == *name).unwrap();
+        assert!(rows * t.shape[1] <= 100_000, "{name}: {rows} rows");
+    }
+    for (x, y) in report.tensors.iter().zip(&free.tensors) {
+        assert_eq!(x.name, y.name);
+        if let (Some(a), Some(b)) = (x.residual, y.residual) {
+            assert!((a - b).abs() <= 1e-4 * b + 1e-7, "{}: {a} vs {b}", x.name);
+        }
+    }
+    assert!(s.out.join("adapter_config.json").is_file());
+}
+
+#[test]
+fn out_of_device_memory_even_for_one_row_is_a_clear_error_and_no_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft, s) = pair(dir.path());
+    let tiny = SmallDevice {
+        cpu: Cpu::new(),
+        max_elems: 10,
+        refusals: AtomicUsize::new(0),
+    };
+    let err = run_on(tiny, &s, &base, &ft).unwrap_err().to_string();
+    assert!(
+        err.contains("ran out of memory") && err.contains("even in blocks of one row"),
+        "{err}"
+    );
+    assert!(err.contains("simulated"), "{err}");
+    assert!(!s.out.join("adapter_config.json").exists());
+}
