@@ -9,6 +9,8 @@
 #    variants (tf32/f32 × CholeskyQR2/Householder × eigh/host eigh/gesvd) on 28672×8192 r=64;
 # 3. end to end: a synth pair extracted on CPU and GPU, reconstructions compared, and each
 #    adapter loaded and merged by PEFT (scripts/compare_adapters.py).
+# 4. Llama-3-70B layer shapes against the input floor, and under a small --max-vram
+#    (scripts/bench-70b.sh; LAYERS70 layers, default 4; SKIP_70B=1 skips it).
 # A short table comes last. Exit status 1 if any check failed. QUICK=1 skips the 1B pair,
 # SKIP_BENCH=1 the benchmarks.
 set -uo pipefail
@@ -105,6 +107,14 @@ e2e() { # tag layers
         [ "${blocked:-0}" -ge 2 ] && row "e2e $tag --max-vram 700M" ok "$blocked matrices streamed in row blocks" ||
             row "e2e $tag --max-vram 700M" FAIL "streamed: ${blocked:-none} (see e2e-$tag-cuda-blocked.json)"
     fi
+    # One worker per GPU against the default two: the same bytes.
+    "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/$tag-cuda-1" \
+        --device cuda --in-flight 1 --json >"$LOG/e2e-$tag-cuda-1.json" 2>&1
+    if cmp -s "$WORK/$tag-cuda/adapter_model.safetensors" "$WORK/$tag-cuda-1/adapter_model.safetensors"; then
+        row "e2e $tag in-flight 1 vs 2" ok "identical adapters"
+    else
+        row "e2e $tag in-flight 1 vs 2" FAIL "adapters differ"; others+=("$WORK/$tag-cuda-1")
+    fi
     if timeout 300 python3 scripts/compare_adapters.py "$WORK/$tag-cpu" "${others[@]}" \
         "${peft[@]}" >"$LOG/compare-$tag.txt" 2>&1; then st=ok; else st=FAIL; fi
     cat "$LOG/compare-$tag.txt" | grep -v Warning
@@ -121,6 +131,17 @@ PY
 }
 e2e small 2
 [ -n "${QUICK:-}" ] || e2e 1b 16   # QUICK=1: the 2-layer pair only
+
+echo "== Llama-3-70B shapes against the input floor (scripts/bench-70b.sh)"
+if [ -n "${SKIP_70B:-}" ]; then
+    echo "skipped (SKIP_70B)"
+else
+    BIN=$BIN DEVICE=cuda LAYERS=${LAYERS70:-4} WORK=$WORK timeout 900 scripts/bench-70b.sh >"$LOG/bench-70b.txt" 2>&1
+    rc=$?
+    cat "$LOG/bench-70b.txt"
+    line=$(grep -E "^target:|^80 layers" "$LOG/bench-70b.txt" | tr '\n' ' ')
+    [ $rc -eq 0 ] && row "70B shapes (${LAYERS70:-4} layers)" ok "$line" || row "70B shapes" FAIL "rc=$rc $line"
+fi
 
 echo
 echo "== summary (logs in $LOG)"

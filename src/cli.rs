@@ -39,6 +39,31 @@ pub enum Command {
     /// Randomized-SVD throughput on synthetic ΔW of known spectrum (and, on a GPU, the ΔW
     /// kernel's bandwidth), against the GEMM rate and the exact optimum.
     Bench(BenchArgs),
+    /// The input floor: time to read both checkpoints once into device memory with extract's
+    /// loader and workers (extract cannot be faster; compare its time with this one).
+    Floor(FloorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FloorArgs {
+    /// The base model (as for extract).
+    #[arg(long, value_name = "PATH")]
+    pub base: PathBuf,
+    /// The fine-tuned model.
+    #[arg(long, value_name = "PATH")]
+    pub ft: PathBuf,
+    /// Device: auto, cpu, cuda or cuda:N (as for extract).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// GPUs to read into (as for extract).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub devices: Option<Vec<usize>>,
+    /// Workers per device (as for extract).
+    #[arg(long, value_name = "N")]
+    pub in_flight: Option<usize>,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -94,10 +119,10 @@ pub struct ExtractArgs {
     /// workers; the adapter is the same whichever GPU computed a tensor [default: all visible].
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub devices: Option<Vec<usize>>,
-    /// Tensors worked on at once per device. On a GPU each has its own stream, so one's
-    /// copies overlap another's SVD (while the memory budget allows); on the CPU the cores are
-    /// split between them instead of working inside each GEMM [default: 2 per GPU, 1 on the
-    /// CPU].
+    /// Tensors worked on at once per device, sharing its memory bound. On a GPU each has its
+    /// own stream, so one's copies overlap another's SVD; on the CPU the cores are split
+    /// between them (never both across tensors and inside each GEMM). The adapter does not
+    /// depend on it [default: 2 per GPU; 2 on a CPU with 2+ cores].
     #[arg(long, value_name = "N")]
     pub in_flight: Option<usize>,
     /// Print where the time went (read, host-to-device, delta, SVD, factor, residual,

@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod extract;
 pub mod factor;
+pub mod floor;
 pub mod linalg;
 pub mod plan;
 pub mod report;

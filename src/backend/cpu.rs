@@ -74,8 +74,25 @@ fn par() -> Par {
     Par::rayon(0)
 }
 
+/// Reads every byte (a parallel XOR of 8-byte words), returning the XOR so it is not elided.
+pub(crate) fn read_all(bytes: &[u8]) -> u64 {
+    bytes
+        .par_chunks(1 << 20)
+        .map(|c| {
+            let mut words = c.chunks_exact(8);
+            let mut x = words.by_ref().fold(0u64, |a, w| {
+                a ^ u64::from_le_bytes(w.try_into().expect("8 bytes"))
+            });
+            for &b in words.remainder() {
+                x ^= u64::from(b);
+            }
+            x
+        })
+        .reduce(|| 0, |a, b| a ^ b)
+}
+
 /// Reads one byte of every page, in parallel, so the pages of a mapped file are resident.
-fn touch_pages(bytes: &[u8]) {
+pub(crate) fn touch_pages(bytes: &[u8]) {
     const PAGE: usize = 4096;
     bytes.par_chunks(1 << 20).for_each(|c| {
         for i in (0..c.len()).step_by(PAGE) {

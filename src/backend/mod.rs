@@ -130,6 +130,19 @@ pub trait Backend: Sync {
     /// ΔW = ft − base in f32, fused with the ‖ΔW‖² reduction and a non-finite count.
     fn delta(&self, input: &DeltaInput<'_>) -> BackendResult<(Self::Mat, DeltaStats)>;
 
+    /// Brings both inputs into this backend's memory and lets them go, timing the reads (and
+    /// copies): the input floor `phlora floor` measures. The default reads every byte once
+    /// (what any use of the inputs costs at least).
+    fn load(&self, input: &DeltaInput<'_>) -> BackendResult<DeltaStats> {
+        input.check_sizes()?;
+        let clock = std::time::Instant::now();
+        std::hint::black_box(cpu::read_all(input.base) ^ cpu::read_all(input.ft));
+        Ok(DeltaStats {
+            read_seconds: clock.elapsed().as_secs_f64(),
+            ..DeltaStats::default()
+        })
+    }
+
     /// op(A)·op(B), at full f32 accuracy.
     fn gemm(&self, a: &Self::Mat, op_a: Op, b: &Self::Mat, op_b: Op) -> BackendResult<Self::Mat>;
 
@@ -325,13 +338,16 @@ pub struct WorkerRequest {
     /// GPU ordinals (`--devices`); None: all visible.
     pub devices: Option<Vec<usize>>,
     /// Tensors in flight per device; None: 2 on a GPU (copies of one overlap the SVD of the
-    /// other), 1 on the CPU (all cores inside each GEMM).
+    /// other), and 2 on a CPU with at least 2 cores (each worker with half the cores: on 2
+    /// cores 1.5× faster than one worker with both, BENCHMARKS.md).
     pub in_flight: Option<usize>,
     pub options: CudaOptions,
 }
 
 /// Default tensors in flight per GPU.
 pub const GPU_IN_FLIGHT: usize = 2;
+/// Default CPU workers (at most one per core).
+pub const CPU_IN_FLIGHT: usize = 2;
 
 /// The one place that decides the workers of an extraction (see [`resolve`] for one device).
 pub fn resolve_workers(req: &WorkerRequest) -> crate::Result<Workers> {
@@ -339,7 +355,11 @@ pub fn resolve_workers(req: &WorkerRequest) -> crate::Result<Workers> {
     let per_gpu = req.in_flight.unwrap_or(GPU_IN_FLIGHT).max(1);
     let cpu = || {
         Ok(Workers::Cpu(vec![DeviceWorkers {
-            workers: Cpu::workers(req.in_flight.unwrap_or(1).max(1))?,
+            workers: Cpu::workers(
+                req.in_flight
+                    .unwrap_or(CPU_IN_FLIGHT.min(rayon::current_num_threads()))
+                    .max(1),
+            )?,
         }]))
     };
     let gpus = |ordinals: &[usize]| -> crate::Result<Workers> {

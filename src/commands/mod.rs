@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod extract;
+mod floor;
 mod inspect;
 mod synth;
 
@@ -20,6 +21,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Demo(a) => demo::run(a, ui),
         Command::Inspect(a) => inspect::run(a, ui),
         Command::Bench(a) => bench::run(a, ui),
+        Command::Floor(a) => floor::run(a, ui),
     }
 }
 

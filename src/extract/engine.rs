@@ -146,7 +146,7 @@ pub(super) fn run_all<B: Backend>(
         let mut handles = Vec::new();
         for (d, group) in groups.iter().enumerate() {
             for (w, be) in group.workers.iter().enumerate() {
-                let label = worker_label(be, d, w);
+                let label = worker_label(be, w);
                 let (tx, ledger) = (tx.clone(), &ledgers[d]);
                 let (order, next, cancel, errors) = (&order, &next, &cancel, &errors);
                 handles.push(scope.spawn(move || {
@@ -233,16 +233,11 @@ pub(super) fn run_all<B: Backend>(
     })
 }
 
-fn worker_label<B: Backend>(be: &B, device: usize, worker: usize) -> String {
+/// "cuda:1 #0", "cpu #1": the device's short name (the first word of the backend's name).
+fn worker_label<B: Backend>(be: &B, worker: usize) -> String {
     let name = be.name();
-    let device_name = name.split_whitespace().next().unwrap_or("device");
-    let device_name = if device_name == "cpu" {
-        "cpu".to_string()
-    } else {
-        device_name.trim_end_matches(',').to_string()
-    };
-    let _ = device;
-    format!("{device_name} #{worker}")
+    let device = name.split_whitespace().next().unwrap_or("device");
+    format!("{} #{worker}", device.trim_end_matches(','))
 }
 
 /// The writer thread: appends factors as they come (in any order; the file is ordered at

@@ -121,8 +121,9 @@ impl MemoryNeed {
 /// whole tensor's ΔW, sketches and factors leaves ~30 MiB (BENCHMARKS.md).
 pub const BASELINE_RAM: u64 = 64 << 20;
 
-/// Device memory besides ΔW and the sketches: the ΔW kernel's input staging (2 × 64 MiB), the
-/// residual's scratch (128 MiB), cuBLAS/cuSOLVER workspaces (an allowance, not measured).
+/// Device memory per worker besides ΔW and the sketches: the ΔW kernel's input staging
+/// (64 MiB), the residual's scratch (128 MiB), cuBLAS/cuSOLVER workspaces and a share of the
+/// context (an allowance; scripts/bench-70b.sh checks the peak against --max-vram on a GPU).
 pub const BASELINE_VRAM: u64 = 512 << 20;
 
 /// `input_bytes`: bytes per element of base + fine-tune.

@@ -549,6 +549,10 @@ impl Backend for Cuda {
         self.delta_streamed(input)
     }
 
+    fn load(&self, input: &DeltaInput<'_>) -> BackendResult<DeltaStats> {
+        self.load_streamed(input)
+    }
+
     fn first_cols(&self, a: &CudaMat, r: usize) -> BackendResult<CudaMat> {
         let r = r.min(a.cols);
         if a.transposed {

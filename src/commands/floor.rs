@@ -1,0 +1,48 @@
+use std::process::ExitCode;
+
+use super::Ui;
+use crate::backend::{Device, WorkerRequest};
+use crate::cli::FloorArgs;
+use crate::error::{Error, Result};
+
+pub fn run(a: &FloorArgs, ui: Ui) -> Result<ExitCode> {
+    let device = Device::parse(&a.device).ok_or_else(|| {
+        Error::Settings(format!(
+            "--device `{}`: expected auto, cpu, cuda or cuda:N",
+            a.device
+        ))
+    })?;
+    if a.in_flight == Some(0) {
+        return Err(Error::Settings("--in-flight must be at least 1".into()));
+    }
+    let req = WorkerRequest {
+        device,
+        devices: a.devices.clone(),
+        in_flight: a.in_flight,
+        options: Default::default(),
+    };
+    let r = crate::floor::measure(&a.base, &a.ft, &req)?;
+    let text = format!(
+        "input floor: {:.1} MB ({} tensors, both checkpoints) in {:.3} s = {:.2} GB/s on {} ({} worker(s)); read {:.3} s, host-to-device wait {:.3} s (summed over workers)\n",
+        r.bytes as f64 / 1e6,
+        r.tensors,
+        r.seconds,
+        r.bytes_per_s / 1e9,
+        r.device,
+        r.workers,
+        r.read_seconds,
+        r.h2d_seconds
+    );
+    if a.json {
+        if !ui.quiet {
+            eprint!("{text}");
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).expect("plain data serialises")
+        );
+    } else {
+        print!("{text}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
