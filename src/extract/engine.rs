@@ -125,6 +125,15 @@ fn queue(sh: &Shared<'_>, workers: usize) -> Vec<usize> {
     order
 }
 
+/// Tensors with work to do (all but the unchanged ones).
+fn queue_len(sh: &Shared<'_>) -> usize {
+    sh.plan
+        .items
+        .iter()
+        .filter(|i| i.action != Action::Unchanged)
+        .count()
+}
+
 /// Runs every tensor of the plan on the workers; `budgets[d]` bounds device d.
 pub(super) fn run_all<B: Backend>(
     groups: &[DeviceWorkers<B>],
@@ -250,6 +259,8 @@ fn write_all(
 ) -> Result<(AdapterWriter, Vec<Option<Finished>>, f64)> {
     let mut finished: Vec<Option<Finished>> = (0..sh.plan.items.len()).map(|_| None).collect();
     let mut seconds = 0.0;
+    let total = sh.plan.items.len();
+    let mut count = total - queue_len(sh);
     for mut done in rx {
         let clock = Instant::now();
         let item = &sh.plan.items[done.index];
@@ -268,7 +279,9 @@ fn write_all(
             }
         }
         seconds += clock.elapsed().as_secs_f64();
+        count += 1;
         sh.bar.inc(item.input_bytes());
+        sh.bar.set_message(format!("{count}/{total} tensors"));
         let index = done.index;
         finished[index] = Some(done);
     }

@@ -67,6 +67,11 @@ fn parallel_copy(dst: &mut [u8], src: &[u8]) {
         .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
+/// What runs on the stream after each chunk's copies: (chunk, first row, elements, base on
+/// the device, fine-tune on the device).
+type ChunkWork<'a> =
+    dyn FnMut(usize, usize, usize, &CudaSlice<u8>, &CudaSlice<u8>) -> Result<(), CudaError> + 'a;
+
 impl Cuda {
     /// Streams both inputs to the device chunk by chunk, through the pinned buffers, and
     /// calls `each(chunk, first_row, elements, base_dev, ft_dev)` after each chunk's copies
@@ -75,13 +80,7 @@ impl Cuda {
     fn stream_inputs(
         &self,
         input: &DeltaInput<'_>,
-        each: &mut dyn FnMut(
-            usize,
-            usize,
-            usize,
-            &CudaSlice<u8>,
-            &CudaSlice<u8>,
-        ) -> Result<(), CudaError>,
+        each: &mut ChunkWork<'_>,
     ) -> Result<(f64, f64), CudaError> {
         let (rows, cols) = (input.rows, input.cols);
         let (bs, fs) = (input.base_dtype.size(), input.ft_dtype.size());
