@@ -1108,3 +1108,46 @@ fn device_lists_and_in_flight_are_validated() {
         assert!(!out.join("adapter_config.json").exists());
     }
 }
+
+#[test]
+fn the_input_floor_reads_every_byte_of_both_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = fixture(dir.path(), DType::F16, fresh_seed("floor"), true);
+    let o = phlora(&[
+        "floor",
+        "--base",
+        b.to_str().unwrap(),
+        "--ft",
+        f.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("input floor:"), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Every tensor of both checkpoints, f16: 2 bytes per element each.
+    let (base, _) = fixture_tensors(DType::F16, 0);
+    let elements: usize = base.iter().map(|t| t.3.len()).sum();
+    assert_eq!(
+        r["bytes"].as_u64().unwrap() as usize,
+        2 * 2 * elements,
+        "{r}"
+    );
+    assert_eq!(r["tensors"].as_u64().unwrap() as usize, base.len(), "{r}");
+    assert!(r["seconds"].as_f64().unwrap() > 0.0);
+    // A bad path is named.
+    let o = phlora(&[
+        "floor",
+        "--base",
+        "/nonexistent/base",
+        "--ft",
+        f.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("/nonexistent/base"), "{err}");
+}
