@@ -106,17 +106,17 @@ fn budget_of<B: Backend>(be: &B, s: &ExtractSettings) -> Option<u64> {
     }
 }
 
-/// "cuda:0 (…) + cuda:1 (…), 2 workers each".
+/// "cpu (1 thread) × 2 workers", "cuda:0 (…) + cuda:1 (…), 2 workers each".
 fn device_names<B: Backend>(groups: &[DeviceWorkers<B>]) -> String {
     let names: Vec<String> = groups
         .iter()
         .filter_map(|g| g.workers.first().map(|w| w.name()))
         .collect();
     let per = groups.first().map_or(1, |g| g.workers.len());
-    if per > 1 {
-        format!("{}, {per} workers each", names.join(" + "))
-    } else {
-        names.join(" + ")
+    match (names.len(), per) {
+        (_, 1) => names.join(" + "),
+        (1, _) => format!("{} × {per} workers", names[0]),
+        _ => format!("{}, {per} workers each", names.join(" + ")),
     }
 }
 
