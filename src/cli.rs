@@ -42,6 +42,33 @@ pub enum Command {
     /// The input floor: time to read both checkpoints once into device memory with extract's
     /// loader and workers (extract cannot be faster; compare its time with this one).
     Floor(FloorArgs),
+    /// Check an adapter (phlora's or another tool's) against the pair it should reproduce:
+    /// per tensor, cos and relative error of B·A·scaling against ΔW and of the merged weight
+    /// against the fine-tune; exit 3 when a threshold is not met.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The base model (as for extract).
+    #[arg(long, value_name = "PATH")]
+    pub base: PathBuf,
+    /// The fine-tuned model the adapter should reproduce.
+    #[arg(long, value_name = "PATH")]
+    pub ft: PathBuf,
+    /// The adapter folder (adapter_config.json + adapter_model.safetensors); rank_pattern,
+    /// alpha_pattern, use_rslora and fan_in_fan_out are honoured.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: PathBuf,
+    /// Fail (exit 3) if any module's cos(B·A·scaling, ΔW) is below this, e.g. 0.95.
+    #[arg(long, value_name = "COS")]
+    pub min_cos: Option<f64>,
+    /// Fail (exit 3) if any module's ‖ΔW − B·A·scaling‖/‖ΔW‖ is above this, e.g. 0.3.
+    #[arg(long, value_name = "ERR")]
+    pub max_error: Option<f64>,
+    /// Print the whole report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -8,12 +8,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be read, written, created or renamed.
-    #[error("{path}: {action}: {source}")]
+    /// (The cause is shown in the message and not chained as a source, so that `{:#}`
+    /// does not print it twice.)
+    #[error("{path}: {action}: {cause}")]
     Io {
         path: PathBuf,
         action: &'static str,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     /// A checkpoint (or its index) is malformed: truncated, corrupted, offsets out of range...
@@ -50,7 +51,7 @@ impl Error {
         Error::Io {
             path: path.into(),
             action,
-            source,
+            cause: source,
         }
     }
 

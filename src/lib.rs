@@ -22,5 +22,6 @@ pub mod report;
 pub mod rng;
 pub mod size;
 pub mod synth;
+pub mod verify;
 
 pub use error::{Error, Result};

@@ -1,5 +1,6 @@
 //! PEFT LoRA adapters: key names, `adapter_config.json`, and an atomic, streaming writer.
 
+pub mod read;
 pub mod writer;
 
 use std::collections::BTreeMap;

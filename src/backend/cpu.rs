@@ -165,7 +165,10 @@ impl Backend for Cpu {
             .pool
             .as_ref()
             .map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
-        format!("cpu ({threads} thread{})", if threads == 1 { "" } else { "s" })
+        format!(
+            "cpu ({threads} thread{})",
+            if threads == 1 { "" } else { "s" }
+        )
     }
 
     fn scope<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {

@@ -6,6 +6,7 @@ mod extract;
 mod floor;
 mod inspect;
 mod synth;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -22,6 +23,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Inspect(a) => inspect::run(a, ui),
         Command::Bench(a) => bench::run(a, ui),
         Command::Floor(a) => floor::run(a, ui),
+        Command::Verify(a) => verify::run(a, ui),
     }
 }
 

@@ -1,0 +1,41 @@
+use std::process::ExitCode;
+
+use super::Ui;
+use crate::cli::VerifyArgs;
+use crate::error::{Error, Result};
+use crate::verify::{verify, VerifySettings};
+
+/// Exit status when the adapter does not meet --min-cos / --max-error (1 is for errors).
+pub const FAILED_CHECK: u8 = 3;
+
+pub fn run(a: &VerifyArgs, ui: Ui) -> Result<ExitCode> {
+    if a.min_cos.is_some_and(|c| !(-1.0..=1.0).contains(&c)) {
+        return Err(Error::Settings("--min-cos must be between -1 and 1".into()));
+    }
+    if a.max_error.is_some_and(|e| !(e >= 0.0 && e.is_finite())) {
+        return Err(Error::Settings(
+            "--max-error must be a finite number ≥ 0".into(),
+        ));
+    }
+    let report = verify(&VerifySettings {
+        base: a.base.clone(),
+        ft: a.ft.clone(),
+        adapter: a.adapter.clone(),
+        min_cos: a.min_cos,
+        max_error: a.max_error,
+    })?;
+    if !ui.quiet {
+        eprint!("{}", report.table());
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("plain data serialises")
+        );
+    }
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(FAILED_CHECK)
+    })
+}

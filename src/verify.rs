@@ -1,0 +1,409 @@
+//! `verify`: rebuilds W_base + B·A·scaling for every module of an adapter and compares it with
+//! the fine-tune, tensor by tensor, in row blocks on the CPU (an implementation independent of
+//! extract's, so it checks extract too). Tensors that changed but that the adapter does not
+//! carry are counted with their share of ‖ΔW‖².
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use faer::{Accum, Mat, Par};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::adapter::read::{Adapter, Layout, LoraModule};
+use crate::checkpoint::dtype::decode_into;
+use crate::checkpoint::{Checkpoint, TensorEntry};
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct VerifySettings {
+    pub base: PathBuf,
+    pub ft: PathBuf,
+    pub adapter: PathBuf,
+    /// Fail (exit 3) when a module's cos(B·A·s, ΔW) is below this.
+    pub min_cos: Option<f64>,
+    /// Fail when a module's ‖ΔW − B·A·s‖/‖ΔW‖ is above this.
+    pub max_error: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TensorCheck {
+    pub name: String,
+    /// lora, lora-embedding, saved-whole, not-carried.
+    pub kind: &'static str,
+    pub shape: Vec<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<f64>,
+    /// ‖W_ft − W_base‖.
+    pub delta_norm: f64,
+    /// cos(ΔŴ, ΔW): how well the adapter's update points the fine-tune's way.
+    pub cos_delta: f64,
+    /// ‖ΔW − ΔŴ‖ / ‖ΔW‖.
+    pub rel_error_delta: f64,
+    /// cos(W_base + ΔŴ, W_ft).
+    pub cos_weight: f64,
+    /// ‖W_base + ΔŴ − W_ft‖ / ‖W_ft‖.
+    pub rel_error_weight: f64,
+    pub passed: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VerifyReport {
+    pub base: String,
+    pub ft: String,
+    pub adapter: String,
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub use_rslora: bool,
+    pub modules: usize,
+    pub saved_whole: usize,
+    pub not_carried: usize,
+    /// Σ ‖ΔW‖² over changed tensors.
+    pub delta_sumsq: f64,
+    /// Share of Σ ‖ΔW‖² in tensors the adapter does not touch.
+    pub share_not_carried: f64,
+    /// √(Σ ‖ΔW − ΔŴ‖² over every changed tensor) / √(Σ ‖ΔW‖²).
+    pub total_relative_error: f64,
+    pub worst_cos_delta: f64,
+    pub worst_rel_error_delta: f64,
+    pub passed: bool,
+    pub tensors: Vec<TensorCheck>,
+}
+
+/// Sums over a tensor (f64), gathered block by block.
+#[derive(Clone, Copy, Default)]
+struct Sums {
+    dd: f64,
+    hh: f64,
+    dh: f64,
+    ee: f64,
+    ff: f64,
+    mm: f64,
+    mf: f64,
+    nonfinite: usize,
+}
+
+impl Sums {
+    fn add(self, o: Sums) -> Sums {
+        Sums {
+            dd: self.dd + o.dd,
+            hh: self.hh + o.hh,
+            dh: self.dh + o.dh,
+            ee: self.ee + o.ee,
+            ff: self.ff + o.ff,
+            mm: self.mm + o.mm,
+            mf: self.mf + o.mf,
+            nonfinite: self.nonfinite + o.nonfinite,
+        }
+    }
+}
+
+fn ratio(num: f64, den: f64) -> f64 {
+    if den > 0.0 {
+        num / den
+    } else if num > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    }
+}
+
+fn decode(ck: &Checkpoint, t: &TensorEntry, lo: usize, hi: usize) -> Vec<f32> {
+    let d = t.float_dtype().expect("checked by the caller");
+    let mut v = vec![0f32; hi - lo];
+    decode_into(d, &ck.bytes(t)[lo * d.size()..hi * d.size()], &mut v);
+    v
+}
+
+fn matrix(ck: &Checkpoint, t: &TensorEntry) -> Mat<f32> {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let v = decode(ck, t, 0, rows * cols);
+    Mat::from_fn(rows, cols, |i, j| v[i * cols + j])
+}
+
+/// The sums of one weight: `update(r0, r1)` gives rows r0..r1 of ΔŴ row-major (None: zero).
+fn compare(
+    base: &Checkpoint,
+    bt: &TensorEntry,
+    ft: &Checkpoint,
+    ftt: &TensorEntry,
+    update: &(dyn Fn(usize, usize) -> Option<Vec<f32>> + Sync),
+) -> Sums {
+    let rows = ftt.shape.first().copied().unwrap_or(1).max(1);
+    let cols = ftt.numel() / rows;
+    let step = ((1 << 20) / cols.max(1)).clamp(1, rows);
+    let parts: Vec<Sums> = (0..rows.div_ceil(step))
+        .into_par_iter()
+        .map(|c| {
+            let (r0, r1) = (c * step, ((c + 1) * step).min(rows));
+            let wb = decode(base, bt, r0 * cols, r1 * cols);
+            let wf = decode(ft, ftt, r0 * cols, r1 * cols);
+            let h = update(r0, r1);
+            let mut s = Sums::default();
+            for i in 0..wb.len() {
+                let d = f64::from(wf[i]) - f64::from(wb[i]);
+                let hv = h.as_ref().map_or(0.0, |h| f64::from(h[i]));
+                let m = f64::from(wb[i]) + hv;
+                let f = f64::from(wf[i]);
+                if !(d.is_finite() && m.is_finite()) {
+                    s.nonfinite += 1;
+                    continue;
+                }
+                s.dd += d * d;
+                s.hh += hv * hv;
+                s.dh += d * hv;
+                s.ee += (d - hv) * (d - hv);
+                s.ff += f * f;
+                s.mm += m * m;
+                s.mf += m * f;
+            }
+            s
+        })
+        .collect();
+    parts.into_iter().fold(Sums::default(), Sums::add)
+}
+
+pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
+    let base = Checkpoint::open(&s.base)?;
+    let ft = Checkpoint::open(&s.ft)?;
+    let adapter = Adapter::open(&s.adapter)?;
+    let by_module: HashMap<&str, &LoraModule> = adapter
+        .modules
+        .iter()
+        .map(|m| (m.module.as_str(), m))
+        .collect();
+    // Every module and whole tensor of the adapter must land on a weight of the pair.
+    for m in &adapter.modules {
+        let name = format!("{}.weight", m.module);
+        let t = ft.get(&name).ok_or_else(|| {
+            Error::tensor(
+                adapter.file.path_of(&m.a),
+                &m.module,
+                format!("the fine-tune has no `{name}` for this module"),
+            )
+        })?;
+        if t.shape.as_slice() != Adapter::weight_shape(m) {
+            return Err(Error::tensor(
+                adapter.file.path_of(&m.a),
+                &m.module,
+                format!(
+                    "B·A is {:?} but `{name}` is {:?}",
+                    Adapter::weight_shape(m),
+                    t.shape
+                ),
+            ));
+        }
+    }
+    for (name, t) in &adapter.whole {
+        let f = ft.get(name).ok_or_else(|| {
+            Error::tensor(
+                adapter.file.path_of(t),
+                name,
+                "saved whole, but the fine-tune has no such tensor",
+            )
+        })?;
+        if f.shape != t.shape || t.float_dtype().is_none() {
+            return Err(Error::tensor(
+                adapter.file.path_of(t),
+                name,
+                format!(
+                    "saved whole as {:?} {:?}; the fine-tune's is {:?}",
+                    t.dtype, t.shape, f.shape
+                ),
+            ));
+        }
+    }
+    let mut checks = Vec::new();
+    let mut carried = std::collections::HashSet::new();
+    for ftt in ft.tensors() {
+        let bt = base.get(&ftt.name).ok_or_else(|| {
+            Error::tensor(ft.path_of(ftt), &ftt.name, "not in the base checkpoint")
+        })?;
+        if bt.shape != ftt.shape {
+            return Err(Error::tensor(
+                ft.path_of(ftt),
+                &ftt.name,
+                format!(
+                    "shape {:?} differs from the base's {:?}",
+                    ftt.shape, bt.shape
+                ),
+            ));
+        }
+        if bt.float_dtype().is_none() || ftt.float_dtype().is_none() {
+            continue; // not a weight phlora reads (the adapter cannot touch it either)
+        }
+        let module = ftt.name.strip_suffix(".weight").unwrap_or(&ftt.name);
+        let lora = by_module.get(module).copied();
+        let whole = adapter.whole.get(&ftt.name);
+        let sums = if let Some(m) = lora {
+            carried.insert(ftt.name.clone());
+            let (a, b) = (matrix(&adapter.file, &m.a), matrix(&adapter.file, &m.b));
+            let scale = m.scaling as f32;
+            let cols = ftt.shape[1];
+            let update = |r0: usize, r1: usize| -> Option<Vec<f32>> {
+                // Rows r0..r1 of ΔŴ: B[r0..r1]·A (linear) or (A[:, r0..r1])ᵀ·Bᵀ (transposed).
+                let mut out = Mat::<f32>::zeros(r1 - r0, cols);
+                match m.layout {
+                    Layout::Linear => faer::linalg::matmul::matmul(
+                        out.as_mut(),
+                        Accum::Replace,
+                        b.as_ref().subrows(r0, r1 - r0),
+                        a.as_ref(),
+                        scale,
+                        Par::Seq,
+                    ),
+                    Layout::Transposed => faer::linalg::matmul::matmul(
+                        out.as_mut(),
+                        Accum::Replace,
+                        a.as_ref().subcols(r0, r1 - r0).transpose(),
+                        b.as_ref().transpose(),
+                        scale,
+                        Par::Seq,
+                    ),
+                }
+                let mut v = Vec::with_capacity((r1 - r0) * cols);
+                for i in 0..r1 - r0 {
+                    v.extend((0..cols).map(|j| out[(i, j)]));
+                }
+                Some(v)
+            };
+            compare(&base, bt, &ft, ftt, &update)
+        } else if let Some(w) = whole {
+            carried.insert(ftt.name.clone());
+            let update = |r0: usize, r1: usize| -> Option<Vec<f32>> {
+                // The saved tensor replaces the base: ΔŴ = W_saved − W_base.
+                let cols = ftt.numel() / ftt.shape.first().copied().unwrap_or(1).max(1);
+                let saved = decode(&adapter.file, w, r0 * cols, r1 * cols);
+                let wb = decode(&base, bt, r0 * cols, r1 * cols);
+                Some(saved.iter().zip(&wb).map(|(x, y)| x - y).collect())
+            };
+            compare(&base, bt, &ft, ftt, &update)
+        } else {
+            compare(&base, bt, &ft, ftt, &|_, _| None)
+        };
+        base.release(bt);
+        ft.release(ftt);
+        if sums.nonfinite > 0 {
+            return Err(Error::tensor(
+                ft.path_of(ftt),
+                &ftt.name,
+                format!(
+                    "{} NaN or Inf values in the weights or the update",
+                    sums.nonfinite
+                ),
+            ));
+        }
+        let kind = match (lora, whole) {
+            (Some(m), _) if m.embedding => "lora-embedding",
+            (Some(_), _) => "lora",
+            (None, Some(_)) => "saved-whole",
+            (None, None) if sums.dd > 0.0 => "not-carried",
+            _ => continue, // unchanged and untouched
+        };
+        let mut c = TensorCheck {
+            name: ftt.name.clone(),
+            kind,
+            shape: ftt.shape.clone(),
+            rank: lora.map(|m| m.rank),
+            scaling: lora.map(|m| m.scaling),
+            delta_norm: sums.dd.sqrt(),
+            cos_delta: ratio(sums.dh, (sums.dd * sums.hh).sqrt()),
+            rel_error_delta: ratio(sums.ee, sums.dd).sqrt(),
+            cos_weight: ratio(sums.mf, (sums.mm * sums.ff).sqrt()),
+            rel_error_weight: ratio(sums.ee, sums.ff).sqrt(),
+            passed: true,
+        };
+        if sums.dd == 0.0 && sums.hh == 0.0 {
+            c.cos_delta = 1.0; // nothing to carry, nothing carried
+        }
+        if matches!(kind, "lora" | "lora-embedding") {
+            c.passed = s.min_cos.is_none_or(|t| c.cos_delta >= t)
+                && s.max_error.is_none_or(|t| c.rel_error_delta <= t);
+        }
+        checks.push((c, sums.ee));
+    }
+    let total: f64 = checks
+        .iter()
+        .map(|(c, _)| c.delta_norm * c.delta_norm)
+        .sum();
+    let lost: f64 = checks.iter().map(|(_, ee)| ee).sum();
+    let not_carried: f64 = checks
+        .iter()
+        .filter(|(c, _)| c.kind == "not-carried")
+        .map(|(c, _)| c.delta_norm * c.delta_norm)
+        .sum();
+    let loras = || {
+        checks
+            .iter()
+            .map(|(c, _)| c)
+            .filter(|c| c.kind.starts_with("lora"))
+    };
+    let tensors: Vec<TensorCheck> = checks.iter().map(|(c, _)| c.clone()).collect();
+    Ok(VerifyReport {
+        base: s.base.display().to_string(),
+        ft: s.ft.display().to_string(),
+        adapter: s.adapter.display().to_string(),
+        r: adapter.r,
+        lora_alpha: adapter.lora_alpha,
+        use_rslora: adapter.use_rslora,
+        modules: adapter.modules.len(),
+        saved_whole: tensors.iter().filter(|c| c.kind == "saved-whole").count(),
+        not_carried: tensors.iter().filter(|c| c.kind == "not-carried").count(),
+        delta_sumsq: total,
+        share_not_carried: ratio(not_carried, total),
+        total_relative_error: ratio(lost, total).sqrt(),
+        worst_cos_delta: loras().map(|c| c.cos_delta).fold(1.0, f64::min),
+        worst_rel_error_delta: loras().map(|c| c.rel_error_delta).fold(0.0, f64::max),
+        passed: tensors.iter().all(|c| c.passed),
+        tensors,
+    })
+}
+
+impl VerifyReport {
+    pub fn table(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let width = self
+            .tensors
+            .iter()
+            .map(|t| t.name.len())
+            .max()
+            .unwrap_or(6)
+            .clamp(6, 60);
+        let _ = writeln!(
+            s,
+            "{:<width$}  {:<14}  {:>4}  {:>8}  {:>9}  {:>9}  {:>10}  {:>9}  ok",
+            "tensor", "kind", "rank", "scaling", "cos(ΔW)", "err(ΔW)", "cos(W)", "err(W)"
+        );
+        for t in &self.tensors {
+            let _ = writeln!(
+                s,
+                "{:<width$}  {:<14}  {:>4}  {:>8}  {:>9.6}  {:>9.6}  {:>10.8}  {:>9.2e}  {}",
+                t.name,
+                t.kind,
+                t.rank.map_or("-".into(), |r| r.to_string()),
+                t.scaling.map_or("-".into(), |x| format!("{x:.4}")),
+                t.cos_delta,
+                t.rel_error_delta,
+                t.cos_weight,
+                t.rel_error_weight,
+                if t.passed { "yes" } else { "NO" }
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{} LoRA modules, {} saved whole, {} changed tensors not carried ({:.3}% of ‖ΔW‖²); total relative error {:.5}; worst cos(ΔW) {:.5}, worst err(ΔW) {:.5}: {}",
+            self.modules,
+            self.saved_whole,
+            self.not_carried,
+            100.0 * self.share_not_carried,
+            self.total_relative_error,
+            self.worst_cos_delta,
+            self.worst_rel_error_delta,
+            if self.passed { "passed" } else { "FAILED" }
+        );
+        s
+    }
+}

@@ -1,0 +1,321 @@
+//! The workflow after extract: verify an adapter against the pair (phlora's and hand-made ones
+//! with rank_pattern, alpha_pattern, use_rslora), catch a corrupted one, and merge.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use phlora::checkpoint::DType;
+use phlora::extract::{extract, ExtractSettings};
+use phlora::verify::{verify, VerifySettings};
+
+const H: usize = 24;
+const I: usize = 40;
+const V: usize = 56;
+
+fn phlora(args: &[&str]) -> std::process::Output {
+    let bin = std::env::var_os("PHLORA_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_phlora")));
+    std::process::Command::new(bin).args(args).output().unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A Llama-named pair: every matrix changes by a rank-3 part plus noise, norms change a little,
+/// one bias changes (a LoRA cannot carry it), layer 1's o_proj does not change.
+fn pair(root: &Path, dtype: DType, seed: u64) -> (PathBuf, PathBuf) {
+    let mut names: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![V, H])];
+    for l in 0..2 {
+        names.push((format!("model.layers.{l}.input_layernorm.weight"), vec![H]));
+        for p in ["q_proj", "o_proj"] {
+            names.push((format!("model.layers.{l}.self_attn.{p}.weight"), vec![H, H]));
+        }
+        names.push((format!("model.layers.{l}.self_attn.q_proj.bias"), vec![H]));
+        names.push((format!("model.layers.{l}.mlp.up_proj.weight"), vec![I, H]));
+        names.push((format!("model.layers.{l}.mlp.down_proj.weight"), vec![H, I]));
+    }
+    names.push(("model.norm.weight".into(), vec![H]));
+    names.push(("lm_head.weight".into(), vec![V, H]));
+    let (mut base, mut ft) = (Vec::new(), Vec::new());
+    for (k, (name, shape)) in names.iter().enumerate() {
+        let sd = seed.wrapping_add(k as u64 * 7919);
+        let n: usize = shape.iter().product();
+        let b: Vec<f32> = if shape.len() == 1 {
+            normal(n, sd).iter().map(|x| 1.0 + 0.05 * x).collect()
+        } else {
+            normal(n, sd).iter().map(|x| 0.02 * x).collect()
+        };
+        let d: Vec<f32> = if name.contains("layers.1.self_attn.o_proj") {
+            vec![0.0; n]
+        } else if shape.len() == 1 {
+            normal(n, sd + 1).iter().map(|x| 0.01 * x).collect()
+        } else {
+            to_row_major_f32(&spectrum_matrix(
+                shape[0],
+                shape[1],
+                &[1.0, 0.5, 0.25],
+                1e-3,
+                sd + 2,
+            ))
+        };
+        let f: Vec<f32> = b.iter().zip(&d).map(|(x, y)| x + y).collect();
+        base.push(tensor(name, dtype, shape, b));
+        ft.push(tensor(name, dtype, shape, f));
+    }
+    let (bd, fd) = (root.join("base"), root.join("ft"));
+    for (dir, t) in [(&bd, &base), (&fd, &ft)] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}"#,
+        )
+        .unwrap();
+        write_sharded(dir, t, 4);
+    }
+    (bd, fd)
+}
+
+fn extracted(
+    root: &Path,
+    dtype: DType,
+    seed: u64,
+    rank: usize,
+) -> (PathBuf, PathBuf, PathBuf, phlora::report::RunReport) {
+    let (b, f) = pair(root, dtype, seed);
+    let out = root.join("adapter");
+    let mut st = ExtractSettings::new(b.clone(), f.clone(), out.clone(), rank);
+    st.device = phlora::backend::Device::Cpu;
+    let report = extract(&st).unwrap();
+    (b, f, out, report)
+}
+
+fn settings(b: &Path, f: &Path, a: &Path) -> VerifySettings {
+    VerifySettings {
+        base: b.to_path_buf(),
+        ft: f.to_path_buf(),
+        adapter: a.to_path_buf(),
+        min_cos: None,
+        max_error: None,
+    }
+}
+
+#[test]
+fn verify_agrees_with_the_certificate_extract_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f, a, report) = extracted(dir.path(), DType::BF16, fresh_seed("verify-agrees"), 2);
+    let v = verify(&settings(&b, &f, &a)).unwrap();
+    assert!(v.passed);
+    assert_eq!(v.modules, report.summary.lora);
+    assert_eq!(v.not_carried, report.summary.not_carried);
+    // Two independent computations of the same numbers: extract's residual certificate and
+    // verify's merge in row blocks.
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-6 + 1e-5 * y.abs();
+    assert!(
+        close(v.total_relative_error, report.summary.total_relative_error),
+        "{} vs {}",
+        v.total_relative_error,
+        report.summary.total_relative_error
+    );
+    assert!(close(v.share_not_carried, report.summary.share_not_carried));
+    for t in &v.tensors {
+        let r = report.tensors.iter().find(|r| r.name == t.name).unwrap();
+        assert!(close(t.delta_norm, r.delta_norm), "{}", t.name);
+        if let Some(res) = r.residual {
+            assert!(
+                close(t.rel_error_delta, res),
+                "{}: {} vs {res}",
+                t.name,
+                t.rel_error_delta
+            );
+            // cos(ΔŴ, ΔW) of the best rank-r approximation is √(1 − residual²).
+            assert!(
+                (t.cos_delta - (1.0 - res * res).sqrt()).abs() < 1e-3,
+                "{}",
+                t.name
+            );
+            assert!(t.cos_weight > 0.9 && t.cos_weight <= 1.0 + 1e-12, "{}", t.name);
+        }
+        if t.kind == "saved-whole" {
+            assert!(
+                t.rel_error_delta < 1e-6,
+                "{}: norms are saved exactly",
+                t.name
+            );
+        }
+    }
+    // Rank 2 misses the third planted direction (σ = 0.25 of 1, 0.5): cos ≈ 0.97.
+    let o = phlora(&[
+        "verify",
+        "--base",
+        s(&b),
+        "--ft",
+        s(&f),
+        "--adapter",
+        s(&a),
+        "--min-cos",
+        "0.9",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = phlora(&[
+        "verify",
+        "--base",
+        s(&b),
+        "--ft",
+        s(&f),
+        "--adapter",
+        s(&a),
+        "--min-cos",
+        "0.99",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("FAILED") && err.contains(" NO"), "{err}");
+}
+
+#[test]
+fn verify_catches_a_corrupted_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f, a, _) = extracted(dir.path(), DType::F32, fresh_seed("verify-corrupt"), 3);
+    let model = a.join("adapter_model.safetensors");
+    let mut tensors = read_safetensors(&model);
+    // B of one module negated: the update points the other way.
+    let key = "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight";
+    for x in &mut tensors.get_mut(key).unwrap().values {
+        *x = -*x;
+    }
+    let rewritten: Vec<T> = tensors
+        .iter()
+        .map(|(k, t)| {
+            tensor(
+                k,
+                DType::parse(&t.dtype).unwrap(),
+                &t.shape,
+                t.values.clone(),
+            )
+        })
+        .collect();
+    write_single(&model, &rewritten);
+    let mut st = settings(&b, &f, &a);
+    st.min_cos = Some(0.9);
+    let v = verify(&st).unwrap();
+    assert!(!v.passed);
+    let bad = v
+        .tensors
+        .iter()
+        .find(|t| t.name == "model.layers.0.mlp.up_proj.weight")
+        .unwrap();
+    assert!(bad.cos_delta < -0.9 && !bad.passed, "{bad:?}");
+    assert!(bad.rel_error_delta > 1.9, "{bad:?}");
+    assert!(v
+        .tensors
+        .iter()
+        .filter(|t| t.name != bad.name)
+        .all(|t| t.passed));
+
+    // A config whose r disagrees with the factors is an error that names the module.
+    let cfg_path = a.join("adapter_config.json");
+    let mut cfg = read_json(&cfg_path);
+    cfg["r"] = serde_json::json!(5);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let err = verify(&settings(&b, &f, &a)).err().unwrap().to_string();
+    assert!(err.contains("rank 3") && err.contains("r = 5"), "{err}");
+    // So is a missing factor file.
+    std::fs::remove_file(&model).unwrap();
+    let o = phlora(&["verify", "--base", s(&b), "--ft", s(&f), "--adapter", s(&a)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("adapter_model.safetensors") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+/// An adapter another tool could have written: per-module ranks and alphas through
+/// rank_pattern / alpha_pattern, rsLoRA scaling, and whose product is exactly ΔW.
+#[test]
+fn verify_honours_rank_and_alpha_patterns_and_rslora() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = fresh_seed("patterns");
+    // (module, rows, cols, rank, alpha)
+    let modules = [
+        ("model.layers.0.self_attn.q_proj", H, H, 2, 6.0),
+        ("model.layers.0.mlp.up_proj", I, H, 4, 16.0),
+    ];
+    let (mut base, mut ft, mut factors) = (Vec::new(), Vec::new(), Vec::new());
+    for (k, &(m, rows, cols, r, alpha)) in modules.iter().enumerate() {
+        let sd = seed.wrapping_add(100 * k as u64);
+        let a = normal(r * cols, sd);
+        let bm = normal(rows * r, sd + 1);
+        let scaling = alpha / (r as f64).sqrt(); // use_rslora
+        let w = normal(rows * cols, sd + 2);
+        let mut wf = w.clone();
+        for i in 0..rows {
+            for j in 0..cols {
+                let dot: f64 = (0..r)
+                    .map(|t| f64::from(bm[i * r + t]) * f64::from(a[t * cols + j]))
+                    .sum();
+                wf[i * cols + j] += (scaling * dot) as f32;
+            }
+        }
+        base.push(tensor(&format!("{m}.weight"), DType::F32, &[rows, cols], w));
+        ft.push(tensor(
+            &format!("{m}.weight"),
+            DType::F32,
+            &[rows, cols],
+            wf,
+        ));
+        factors.push(tensor(
+            &format!("base_model.model.{m}.lora_A.weight"),
+            DType::F32,
+            &[r, cols],
+            a,
+        ));
+        factors.push(tensor(
+            &format!("base_model.model.{m}.lora_B.weight"),
+            DType::F32,
+            &[rows, r],
+            bm,
+        ));
+    }
+    let (b, f, a) = (
+        dir.path().join("base.safetensors"),
+        dir.path().join("ft.safetensors"),
+        dir.path().join("adapter"),
+    );
+    write_single(&b, &base);
+    write_single(&f, &ft);
+    std::fs::create_dir_all(&a).unwrap();
+    write_single(&a.join("adapter_model.safetensors"), &factors);
+    // Keys in file order, as PEFT tries them: `q_proj` must win over the catch-all `.*proj`.
+    let cfg = r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 16.0, "use_rslora": true,
+        "target_modules": ["q_proj", "up_proj"],
+        "rank_pattern": {"q_proj": 2, ".*proj": 4}, "alpha_pattern": {"self_attn.q_proj": 6.0}}"#;
+    std::fs::write(a.join("adapter_config.json"), cfg).unwrap();
+    let v = verify(&settings(&b, &f, &a)).unwrap();
+    assert_eq!(v.modules, 2);
+    for t in &v.tensors {
+        assert!(t.rel_error_delta < 1e-5, "{t:?}");
+        assert!(t.cos_delta > 1.0 - 1e-9, "{t:?}");
+    }
+    let q = v
+        .tensors
+        .iter()
+        .find(|t| t.name.contains("q_proj"))
+        .unwrap();
+    assert!((q.scaling.unwrap() - 6.0 / 2f64.sqrt()).abs() < 1e-12);
+    // Without rsLoRA the same factors are scaled by α/r instead: a different update.
+    let plain = cfg.replace(r#""use_rslora": true"#, r#""use_rslora": false"#);
+    std::fs::write(a.join("adapter_config.json"), plain).unwrap();
+    let v = verify(&settings(&b, &f, &a)).unwrap();
+    assert!(
+        v.tensors.iter().all(|t| t.rel_error_delta > 0.2),
+        "{:?}",
+        v.tensors
+    );
+}
