@@ -319,8 +319,8 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
             c.cos_delta = 1.0; // nothing to carry, nothing carried
         }
         if matches!(kind, "lora" | "lora-embedding") {
-            c.passed = s.min_cos.is_none_or(|t| c.cos_delta >= t)
-                && s.max_error.is_none_or(|t| c.rel_error_delta <= t);
+            c.passed = s.min_cos.map_or(true, |t| c.cos_delta >= t)
+                && s.max_error.map_or(true, |t| c.rel_error_delta <= t);
         }
         checks.push((c, sums.ee));
     }
