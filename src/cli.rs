@@ -46,6 +46,30 @@ pub enum Command {
     /// per tensor, cos and relative error of B·A·scaling against ΔW and of the merged weight
     /// against the fine-tune; exit 3 when a threshold is not met.
     Verify(VerifyArgs),
+    /// Merge an adapter into its base: the full checkpoint in the base's own layout (same
+    /// shards, index, dtypes; config and tokenizer files copied; untouched tensors byte for
+    /// byte), written atomically.
+    Merge(MergeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The base model (a folder, or a single .safetensors file).
+    #[arg(long, value_name = "PATH")]
+    pub base: PathBuf,
+    /// The adapter folder (rank_pattern, alpha_pattern, use_rslora, fan_in_fan_out and
+    /// modules_to_save honoured).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: PathBuf,
+    /// Output folder for the merged checkpoint.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Replace a checkpoint already in the output folder.
+    #[arg(long)]
+    pub force: bool,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -17,6 +17,7 @@ pub mod extract;
 pub mod factor;
 pub mod floor;
 pub mod linalg;
+pub mod merge;
 pub mod plan;
 pub mod report;
 pub mod rng;

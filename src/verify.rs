@@ -6,11 +6,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use faer::{Accum, Mat, Par};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::adapter::read::{Adapter, Layout, LoraModule};
+use crate::adapter::read::{update_rows, Adapter, LoraModule};
 use crate::checkpoint::dtype::decode_into;
 use crate::checkpoint::{Checkpoint, TensorEntry};
 use crate::error::{Error, Result};
@@ -115,12 +114,6 @@ fn decode(ck: &Checkpoint, t: &TensorEntry, lo: usize, hi: usize) -> Vec<f32> {
     let mut v = vec![0f32; hi - lo];
     decode_into(d, &ck.bytes(t)[lo * d.size()..hi * d.size()], &mut v);
     v
-}
-
-fn matrix(ck: &Checkpoint, t: &TensorEntry) -> Mat<f32> {
-    let (rows, cols) = (t.shape[0], t.shape[1]);
-    let v = decode(ck, t, 0, rows * cols);
-    Mat::from_fn(rows, cols, |i, j| v[i * cols + j])
 }
 
 /// The sums of one weight: `update(r0, r1)` gives rows r0..r1 of ΔŴ row-major (None: zero).
@@ -239,36 +232,8 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
         let whole = adapter.whole.get(&ftt.name);
         let sums = if let Some(m) = lora {
             carried.insert(ftt.name.clone());
-            let (a, b) = (matrix(&adapter.file, &m.a), matrix(&adapter.file, &m.b));
-            let scale = m.scaling as f32;
-            let cols = ftt.shape[1];
-            let update = |r0: usize, r1: usize| -> Option<Vec<f32>> {
-                // Rows r0..r1 of ΔŴ: B[r0..r1]·A (linear) or (A[:, r0..r1])ᵀ·Bᵀ (transposed).
-                let mut out = Mat::<f32>::zeros(r1 - r0, cols);
-                match m.layout {
-                    Layout::Linear => faer::linalg::matmul::matmul(
-                        out.as_mut(),
-                        Accum::Replace,
-                        b.as_ref().subrows(r0, r1 - r0),
-                        a.as_ref(),
-                        scale,
-                        Par::Seq,
-                    ),
-                    Layout::Transposed => faer::linalg::matmul::matmul(
-                        out.as_mut(),
-                        Accum::Replace,
-                        a.as_ref().subcols(r0, r1 - r0).transpose(),
-                        b.as_ref().transpose(),
-                        scale,
-                        Par::Seq,
-                    ),
-                }
-                let mut v = Vec::with_capacity((r1 - r0) * cols);
-                for i in 0..r1 - r0 {
-                    v.extend((0..cols).map(|j| out[(i, j)]));
-                }
-                Some(v)
-            };
+            let (a, b) = adapter.factors(m);
+            let update = |r0: usize, r1: usize| Some(update_rows(m, &a, &b, r0, r1));
             compare(&base, bt, &ft, ftt, &update)
         } else if let Some(w) = whole {
             carried.insert(ftt.name.clone());
@@ -324,16 +289,15 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
         }
         checks.push((c, sums.ee));
     }
-    let total: f64 = checks
+    // Folds from +0.0: an empty f64 sum is -0.0, which prints as "-0.000%".
+    let total = checks
         .iter()
-        .map(|(c, _)| c.delta_norm * c.delta_norm)
-        .sum();
-    let lost: f64 = checks.iter().map(|(_, ee)| ee).sum();
-    let not_carried: f64 = checks
+        .fold(0.0, |a, (c, _)| a + c.delta_norm * c.delta_norm);
+    let lost = checks.iter().fold(0.0, |a, (_, ee)| a + ee);
+    let not_carried = checks
         .iter()
         .filter(|(c, _)| c.kind == "not-carried")
-        .map(|(c, _)| c.delta_norm * c.delta_norm)
-        .sum();
+        .fold(0.0, |a, (c, _)| a + c.delta_norm * c.delta_norm);
     let loras = || {
         checks
             .iter()

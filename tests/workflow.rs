@@ -138,7 +138,11 @@ fn verify_agrees_with_the_certificate_extract_wrote() {
                 "{}",
                 t.name
             );
-            assert!(t.cos_weight > 0.9 && t.cos_weight <= 1.0 + 1e-12, "{}", t.name);
+            assert!(
+                t.cos_weight > 0.9 && t.cos_weight <= 1.0 + 1e-12,
+                "{}",
+                t.name
+            );
         }
         if t.kind == "saved-whole" {
             assert!(
@@ -318,4 +322,209 @@ fn verify_honours_rank_and_alpha_patterns_and_rslora() {
         "{:?}",
         v.tensors
     );
+}
+
+fn header(bytes: &[u8]) -> &[u8] {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    &bytes[..8 + n]
+}
+
+#[test]
+fn merge_equals_base_plus_ba_to_the_dtype_rounding_in_the_base_layout() {
+    for dtype in [DType::BF16, DType::F32] {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, f, a, _) = extracted(dir.path(), dtype, fresh_seed("merge"), 3);
+        let out = dir.path().join("merged");
+        let o = phlora(&[
+            "merge",
+            "--base",
+            s(&b),
+            "--adapter",
+            s(&a),
+            "--out",
+            s(&out),
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(summary["copied_files"], serde_json::json!(["config.json"]));
+        // The layout: the same files, index and headers.
+        let names = |d: &Path| {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&out), names(&b));
+        assert_eq!(
+            std::fs::read(out.join("model.safetensors.index.json")).unwrap(),
+            std::fs::read(b.join("model.safetensors.index.json")).unwrap()
+        );
+        let factors = read_safetensors(&a.join("adapter_model.safetensors"));
+        let mut checked = 0;
+        for shard in names(&b).iter().filter(|n| n.ends_with(".safetensors")) {
+            let (bb, mb) = (
+                std::fs::read(b.join(shard)).unwrap(),
+                std::fs::read(out.join(shard)).unwrap(),
+            );
+            assert_eq!(header(&bb), header(&mb), "{shard}");
+            let (base, merged, ft) = (
+                read_safetensors(&b.join(shard)),
+                read_safetensors(&out.join(shard)),
+                read_safetensors(&f.join(shard)),
+            );
+            for (name, w) in &base {
+                let m = &merged[name];
+                let module = name.trim_end_matches(".weight");
+                let key = |k: &str| format!("base_model.model.{module}.{k}");
+                let lora = factors
+                    .get(&key("lora_A.weight"))
+                    .map(|a| (a, &factors[&key("lora_B.weight")], false))
+                    .or_else(|| {
+                        factors
+                            .get(&key("lora_embedding_A"))
+                            .map(|a| (a, &factors[&key("lora_embedding_B")], true))
+                    });
+                if let Some((fa, fb, transposed)) = lora {
+                    // ΔW = B·A (scaling 1 in phlora's adapters), transposed for embeddings.
+                    let (r, cols) = (fa.shape[0], w.shape[1]);
+                    for i in 0..w.shape[0] {
+                        for j in 0..cols {
+                            let dot: f64 = (0..r)
+                                .map(|k| {
+                                    let (x, y) = if transposed {
+                                        (fa.values[k * fa.shape[1] + i], fb.values[j * r + k])
+                                    } else {
+                                        (fb.values[i * r + k], fa.values[k * cols + j])
+                                    };
+                                    f64::from(x) * f64::from(y)
+                                })
+                                .sum();
+                            let want = f64::from(w.values[i * cols + j]) + dot;
+                            let got = f64::from(m.values[i * cols + j]);
+                            // Half an ulp of the dtype, and f32 arithmetic on the way.
+                            let tol = if dtype == DType::BF16 {
+                                2f64.powi(-8)
+                            } else {
+                                1e-6
+                            } * want.abs()
+                                + 1e-7;
+                            assert!(
+                                (got - want).abs() <= tol,
+                                "{dtype:?} {name}[{i},{j}]: {got} vs {want}"
+                            );
+                        }
+                    }
+                    checked += 1;
+                } else if factors.contains_key(&format!("base_model.model.{name}")) {
+                    assert_eq!(
+                        m.values, ft[name].values,
+                        "{name}: the saved norm replaces the base's"
+                    );
+                } else {
+                    assert_eq!(m.values, w.values, "{name}: untouched tensors are copied");
+                }
+            }
+        }
+        assert_eq!(checked, summary["merged"].as_u64().unwrap() as usize);
+        // And the merged model is what verify expects of this adapter, to the dtype's rounding.
+        let v = verify(&settings(&b, &out, &a)).unwrap();
+        let limit = if dtype == DType::BF16 { 0.1 } else { 1e-5 };
+        assert!(
+            v.tensors
+                .iter()
+                .filter(|t| t.kind.starts_with("lora"))
+                .all(|t| t.rel_error_delta < limit),
+            "{:?}",
+            v.tensors
+        );
+        // Nothing outside the adapter differs between the base and the merged model.
+        assert!(v.tensors.iter().all(|t| t.kind != "not-carried"));
+    }
+}
+
+#[test]
+fn merge_refuses_bad_input_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, _f, a, _) = extracted(dir.path(), DType::BF16, fresh_seed("merge-bad"), 2);
+    let out = dir.path().join("merged");
+    assert!(phlora(&[
+        "merge",
+        "--base",
+        s(&b),
+        "--adapter",
+        s(&a),
+        "--out",
+        s(&out)
+    ])
+    .status
+    .success());
+    // An existing checkpoint is kept unless --force.
+    let o = phlora(&[
+        "merge",
+        "--base",
+        s(&b),
+        "--adapter",
+        s(&a),
+        "--out",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert!(phlora(&[
+        "merge",
+        "--base",
+        s(&b),
+        "--adapter",
+        s(&a),
+        "--out",
+        s(&out),
+        "--force"
+    ])
+    .status
+    .success());
+    // An adapter for another model: the module is named, and OUT is not created.
+    let cfg = a.join("adapter_config.json");
+    let other = dir.path().join("other-adapter");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::copy(&cfg, other.join("adapter_config.json")).unwrap();
+    write_single(
+        &other.join("adapter_model.safetensors"),
+        &[
+            tensor(
+                "base_model.model.model.layers.9.mlp.up_proj.lora_A.weight",
+                DType::F32,
+                &[2, H],
+                vec![0.0; 2 * H],
+            ),
+            tensor(
+                "base_model.model.model.layers.9.mlp.up_proj.lora_B.weight",
+                DType::F32,
+                &[I, 2],
+                vec![0.0; 2 * I],
+            ),
+        ],
+    );
+    let fresh = dir.path().join("fresh");
+    let o = phlora(&[
+        "merge",
+        "--base",
+        s(&b),
+        "--adapter",
+        s(&other),
+        "--out",
+        s(&fresh),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("layers.9.mlp.up_proj")
+            && err.contains("no `model.layers.9.mlp.up_proj.weight`"),
+        "{err}"
+    );
+    assert!(!fresh.exists(), "no output folder after a refused merge");
+    assert!(!err.contains("panicked"), "{err}");
 }

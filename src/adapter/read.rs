@@ -264,6 +264,18 @@ impl Adapter {
         })
     }
 
+    /// A module's A and B in f32.
+    pub fn factors(&self, m: &LoraModule) -> (faer::Mat<f32>, faer::Mat<f32>) {
+        let matrix = |t: &TensorEntry| {
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let d = t.float_dtype().expect("checked when opened");
+            let mut v = vec![0f32; rows * cols];
+            crate::checkpoint::dtype::decode_into(d, self.file.bytes(t), &mut v);
+            faer::Mat::from_fn(rows, cols, |i, j| v[i * cols + j])
+        };
+        (matrix(&m.a), matrix(&m.b))
+    }
+
     /// The shape [rows, cols] of the weight a module's product lands on.
     pub fn weight_shape(m: &LoraModule) -> [usize; 2] {
         let (out, inn) = (m.b.shape[0], m.a.shape[1]);
@@ -272,6 +284,46 @@ impl Adapter {
             Layout::Transposed => [inn, out],
         }
     }
+}
+
+/// Rows r0..r1 of a module's update scaling·B·A (or its transpose), row-major, in f32.
+pub fn update_rows(
+    m: &LoraModule,
+    a: &faer::Mat<f32>,
+    b: &faer::Mat<f32>,
+    r0: usize,
+    r1: usize,
+) -> Vec<f32> {
+    use faer::linalg::matmul::matmul;
+    use faer::{Accum, Par};
+    let cols = Adapter::weight_shape(m)[1];
+    let mut out = faer::Mat::<f32>::zeros(r1 - r0, cols);
+    let s = m.scaling as f32;
+    match m.layout {
+        // W rows are B's rows: B[r0..r1]·A.
+        Layout::Linear => matmul(
+            out.as_mut(),
+            Accum::Replace,
+            b.as_ref().subrows(r0, r1 - r0),
+            a.as_ref(),
+            s,
+            Par::Seq,
+        ),
+        // W rows are A's columns: (A[:, r0..r1])ᵀ·Bᵀ.
+        Layout::Transposed => matmul(
+            out.as_mut(),
+            Accum::Replace,
+            a.as_ref().subcols(r0, r1 - r0).transpose(),
+            b.as_ref().transpose(),
+            s,
+            Par::Seq,
+        ),
+    }
+    let mut v = Vec::with_capacity((r1 - r0) * cols);
+    for i in 0..r1 - r0 {
+        v.extend((0..cols).map(|j| out[(i, j)]));
+    }
+    v
 }
 
 #[cfg(test)]

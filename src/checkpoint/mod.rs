@@ -244,6 +244,16 @@ impl Checkpoint {
 
     /// Tells the kernel this process is done with a tensor's pages, so resident memory stays
     /// near the working set instead of growing with the model. The pages stay in page cache.
+    /// Shard `i`'s file.
+    pub fn shard_path(&self, i: usize) -> &Path {
+        &self.shards[i].path
+    }
+
+    /// Shard `i`'s whole file, header included (for copying a checkpoint's layout).
+    pub fn shard_bytes(&self, i: usize) -> &[u8] {
+        &self.shards[i].map
+    }
+
     /// Asks the kernel to read a tensor's pages ahead (MADV_WILLNEED): the disk works while
     /// the current tensor computes. Nothing is mapped into the process, so resident memory
     /// does not grow until the pages are touched.

@@ -5,6 +5,7 @@ mod demo;
 mod extract;
 mod floor;
 mod inspect;
+mod merge;
 mod synth;
 mod verify;
 
@@ -24,6 +25,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Bench(a) => bench::run(a, ui),
         Command::Floor(a) => floor::run(a, ui),
         Command::Verify(a) => verify::run(a, ui),
+        Command::Merge(a) => merge::run(a, ui),
     }
 }
 

@@ -1,0 +1,39 @@
+use std::process::ExitCode;
+
+use super::Ui;
+use crate::cli::MergeArgs;
+use crate::error::{Error, Result};
+use crate::merge::{merge, MergeSettings};
+
+pub fn run(a: &MergeArgs, ui: Ui) -> Result<ExitCode> {
+    if a.out == a.base || a.out == a.adapter {
+        return Err(Error::Settings(
+            "--out must not be the base or the adapter folder".into(),
+        ));
+    }
+    let report = merge(&MergeSettings {
+        base: a.base.clone(),
+        adapter: a.adapter.clone(),
+        out: a.out.clone(),
+        overwrite: a.force,
+    })?;
+    if !ui.quiet {
+        eprintln!(
+            "merged {} LoRA modules and replaced {} whole tensors into {} shard(s), {:.1} MB, in {:.2} s; copied {}; written to {}",
+            report.merged,
+            report.replaced,
+            report.shards,
+            report.bytes as f64 / 1e6,
+            report.seconds,
+            if report.copied_files.is_empty() { "nothing else".to_string() } else { report.copied_files.join(", ") },
+            report.out
+        );
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("plain data serialises")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

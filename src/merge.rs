@@ -1,0 +1,356 @@
+//! `merge`: base + adapter → a full checkpoint in the base's own layout. Every shard keeps its
+//! name, header and byte layout (dtypes and shapes do not change, so neither do the offsets);
+//! a LoRA target becomes W_base + scaling·B·A rounded to its dtype, a module saved whole
+//! replaces the base tensor, and every other byte is copied as it is. Shards stream through a
+//! staging folder inside OUT and are moved in, the index or single file and config.json last,
+//! so OUT never looks complete before it is.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::adapter::read::{update_rows, Adapter, LoraModule};
+use crate::checkpoint::dtype::{decode_into, encode_into};
+use crate::checkpoint::{Checkpoint, TensorEntry, INDEX_FILE};
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct MergeSettings {
+    pub base: PathBuf,
+    pub adapter: PathBuf,
+    pub out: PathBuf,
+    /// Replace a checkpoint already in OUT.
+    pub overwrite: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MergeReport {
+    pub out: String,
+    pub shards: usize,
+    /// Tensors that took the adapter's update.
+    pub merged: usize,
+    /// Tensors replaced by the adapter's whole copy (modules_to_save).
+    pub replaced: usize,
+    /// Bytes written to the shards.
+    pub bytes: u64,
+    /// Other files of the base folder copied over (config, tokenizer, ...).
+    pub copied_files: Vec<String>,
+    pub seconds: f64,
+}
+
+/// What happens to one tensor.
+enum Change<'a> {
+    Lora(&'a LoraModule),
+    Whole(&'a TensorEntry),
+}
+
+/// Weights in other formats would be stale next to the merged shards: not copied.
+fn is_other_weights(name: &str) -> bool {
+    [
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".h5",
+        ".msgpack",
+        ".gguf",
+        ".safetensors",
+    ]
+    .iter()
+    .any(|ext| name.ends_with(ext))
+        || name == INDEX_FILE
+        || name.starts_with(".phlora-")
+}
+
+pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
+    let started = Instant::now();
+    let base = Checkpoint::open(&s.base)?;
+    let adapter = Adapter::open(&s.adapter)?;
+    let mut changes: HashMap<&str, Change> = HashMap::new();
+    for m in &adapter.modules {
+        let name = format!("{}.weight", m.module);
+        let t = base.get(&name).ok_or_else(|| {
+            Error::tensor(
+                adapter.file.path_of(&m.a),
+                &m.module,
+                format!("the base has no `{name}` to merge into"),
+            )
+        })?;
+        if t.shape.as_slice() != Adapter::weight_shape(m) || t.float_dtype().is_none() {
+            return Err(Error::tensor(
+                adapter.file.path_of(&m.a),
+                &m.module,
+                format!(
+                    "B·A is {:?}; the base's `{name}` is {:?} {:?}",
+                    Adapter::weight_shape(m),
+                    t.dtype,
+                    t.shape
+                ),
+            ));
+        }
+        changes.insert(t.name.as_str(), Change::Lora(m));
+    }
+    for (name, w) in &adapter.whole {
+        let t = base.get(name).ok_or_else(|| {
+            Error::tensor(
+                adapter.file.path_of(w),
+                name,
+                "saved whole, but the base has no such tensor",
+            )
+        })?;
+        if t.shape != w.shape || t.float_dtype().is_none() || w.float_dtype().is_none() {
+            return Err(Error::tensor(
+                adapter.file.path_of(w),
+                name,
+                format!(
+                    "saved whole as {:?} {:?}; the base's is {:?} {:?}",
+                    w.dtype, w.shape, t.dtype, t.shape
+                ),
+            ));
+        }
+        if changes.insert(t.name.as_str(), Change::Whole(w)).is_some() {
+            return Err(Error::tensor(
+                adapter.file.path_of(w),
+                name,
+                "has LoRA factors and a whole copy",
+            ));
+        }
+    }
+
+    let staging = Staging::create(&s.out, s.overwrite)?;
+    let folder = std::fs::metadata(&s.base)
+        .map(|m| m.is_dir())
+        .unwrap_or(false);
+    let mut report = MergeReport {
+        out: s.out.display().to_string(),
+        shards: base.num_shards(),
+        merged: changes
+            .values()
+            .filter(|c| matches!(c, Change::Lora(_)))
+            .count(),
+        replaced: changes
+            .values()
+            .filter(|c| matches!(c, Change::Whole(_)))
+            .count(),
+        bytes: 0,
+        copied_files: Vec::new(),
+        seconds: 0.0,
+    };
+    let mut by_shard: Vec<Vec<&TensorEntry>> = vec![Vec::new(); base.num_shards()];
+    for t in base.tensors() {
+        if changes.contains_key(t.name.as_str()) {
+            by_shard[t.shard].push(t);
+        }
+    }
+    let mut moves = Vec::new();
+    for (i, changed) in by_shard.iter_mut().enumerate() {
+        changed.sort_by_key(|t| t.start);
+        let src = base.shard_path(i);
+        let name = src.file_name().expect("a shard is a file").to_owned();
+        let dst = staging.dir.join(&name);
+        report.bytes += write_shard(&base, &adapter, i, changed, &changes, &dst)?;
+        moves.push((dst, s.out.join(&name)));
+    }
+    // The other files of the model folder (config, tokenizer, generation config, ...).
+    let mut last = Vec::new();
+    if folder {
+        let entries =
+            std::fs::read_dir(&s.base).map_err(|e| Error::io(&s.base, "cannot list", e))?;
+        for e in entries {
+            let e = e.map_err(|e| Error::io(&s.base, "cannot list", e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let is_file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
+            if !is_file || is_other_weights(&name) {
+                continue;
+            }
+            let dst = staging.dir.join(&name);
+            std::fs::copy(e.path(), &dst).map_err(|err| Error::io(e.path(), "cannot copy", err))?;
+            report.copied_files.push(name.clone());
+            let pair = (dst, s.out.join(&name));
+            if name == "config.json" {
+                last.push(pair)
+            } else {
+                moves.push(pair)
+            }
+        }
+        let index = s.base.join(INDEX_FILE);
+        if index.is_file() {
+            let dst = staging.dir.join(INDEX_FILE);
+            std::fs::copy(&index, &dst).map_err(|e| Error::io(&index, "cannot copy", e))?;
+            last.push((dst, s.out.join(INDEX_FILE)));
+        }
+    }
+    report.copied_files.sort();
+    moves.extend(last);
+    staging.commit(&moves)?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Shard `i` with its changed tensors (sorted by offset) rewritten; every other byte, header
+/// included, copied. Returns the bytes written.
+fn write_shard(
+    base: &Checkpoint,
+    adapter: &Adapter,
+    i: usize,
+    changed: &[&TensorEntry],
+    changes: &HashMap<&str, Change>,
+    dst: &Path,
+) -> Result<u64> {
+    let src = base.shard_bytes(i);
+    let file = File::create(dst).map_err(|e| Error::io(dst, "cannot create", e))?;
+    let mut out = BufWriter::with_capacity(4 << 20, file);
+    let write = |out: &mut BufWriter<File>, bytes: &[u8]| {
+        out.write_all(bytes)
+            .map_err(|e| Error::io(dst, "cannot write", e))
+    };
+    let mut at = 0;
+    for t in changed {
+        write(&mut out, &src[at..t.start])?;
+        match changes[t.name.as_str()] {
+            Change::Lora(m) => merged_tensor(base, adapter, t, m, &mut |b| write(&mut out, b))?,
+            Change::Whole(w) => {
+                let (wd, td) = (
+                    w.float_dtype().expect("checked"),
+                    t.float_dtype().expect("checked"),
+                );
+                if wd == td {
+                    write(&mut out, adapter.file.bytes(w))?;
+                } else {
+                    let mut v = vec![0f32; w.numel()];
+                    decode_into(wd, adapter.file.bytes(w), &mut v);
+                    let mut bytes = Vec::with_capacity(t.nbytes());
+                    encode_into(td, &v, &mut bytes);
+                    write(&mut out, &bytes)?;
+                }
+            }
+        }
+        base.release(t);
+        at = t.end;
+    }
+    write(&mut out, &src[at..])?;
+    let file = out
+        .into_inner()
+        .map_err(|e| Error::io(dst, "cannot write", e.into_error()))?;
+    file.sync_all()
+        .map_err(|e| Error::io(dst, "cannot sync", e))?;
+    Ok(src.len() as u64)
+}
+
+/// W_base + scaling·B·A in the base's dtype, in blocks of rows computed in parallel.
+fn merged_tensor(
+    base: &Checkpoint,
+    adapter: &Adapter,
+    t: &TensorEntry,
+    m: &LoraModule,
+    write: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let dtype = t.float_dtype().expect("checked");
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let (a, b) = adapter.factors(m);
+    let bytes = base.bytes(t);
+    let step = ((1 << 18) / cols.max(1)).clamp(1, rows.max(1));
+    // 64 blocks at a time: bounded memory, all cores busy.
+    let blocks: Vec<usize> = (0..rows.div_ceil(step)).collect();
+    for group in blocks.chunks(64) {
+        let encoded: Vec<Vec<u8>> = group
+            .par_iter()
+            .map(|&c| {
+                let (r0, r1) = (c * step, ((c + 1) * step).min(rows));
+                let mut w = vec![0f32; (r1 - r0) * cols];
+                decode_into(
+                    dtype,
+                    &bytes[r0 * cols * dtype.size()..r1 * cols * dtype.size()],
+                    &mut w,
+                );
+                for (x, u) in w.iter_mut().zip(update_rows(m, &a, &b, r0, r1)) {
+                    *x += u;
+                }
+                let mut out = Vec::with_capacity(w.len() * dtype.size());
+                encode_into(dtype, &w, &mut out);
+                out
+            })
+            .collect();
+        for e in &encoded {
+            write(e)?;
+        }
+    }
+    Ok(())
+}
+
+/// A staging folder inside OUT; removed (and OUT too, if it was created) unless committed.
+struct Staging {
+    out: PathBuf,
+    dir: PathBuf,
+    created_out: bool,
+    committed: bool,
+}
+
+impl Staging {
+    fn create(out: &Path, overwrite: bool) -> Result<Staging> {
+        if out.exists() && !out.is_dir() {
+            return Err(Error::checkpoint(
+                out,
+                "the output path exists and is not a folder",
+            ));
+        }
+        if !overwrite {
+            for f in [INDEX_FILE, crate::checkpoint::SINGLE_FILE, "config.json"] {
+                if out.join(f).exists() {
+                    return Err(Error::checkpoint(
+                        out,
+                        format!("already holds {f}; pass --force to replace it"),
+                    ));
+                }
+            }
+        }
+        let created_out = !out.exists();
+        std::fs::create_dir_all(out)
+            .map_err(|e| Error::io(out, "cannot create output folder", e))?;
+        let dir = out.join(format!(".phlora-merge-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir)
+            .map_err(|e| Error::io(&dir, "cannot create staging folder", e))?;
+        Ok(Staging {
+            out: out.to_path_buf(),
+            dir,
+            created_out,
+            committed: false,
+        })
+    }
+
+    /// Moves the files into OUT in the order given (the index and config come last).
+    fn commit(mut self, moves: &[(PathBuf, PathBuf)]) -> Result<()> {
+        // An older checkpoint's index or config must not pair with the new shards.
+        for (_, dst) in moves.iter().rev().take(2) {
+            if dst.exists() {
+                std::fs::remove_file(dst).map_err(|e| Error::io(dst, "cannot replace", e))?;
+            }
+        }
+        for (src, dst) in moves {
+            std::fs::rename(src, dst).map_err(|e| Error::io(dst, "cannot move into place", e))?;
+        }
+        if let Ok(dir) = File::open(&self.out) {
+            let _ = dir.sync_all();
+        }
+        self.committed = true;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            if self.created_out {
+                let _ = std::fs::remove_dir(&self.out);
+            }
+        }
+    }
+}
