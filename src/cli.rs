@@ -29,7 +29,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Extract a LoRA adapter from a (base, fine-tune) checkpoint pair.
-    Extract(ExtractArgs),
+    Extract(Box<ExtractArgs>),
     /// Write a synthetic Llama-shaped (base, fine-tune) pair for tests and benchmarks.
     Synth(SynthArgs),
     /// Synthesise a small pair, extract an adapter from it and show the report.
@@ -143,9 +143,28 @@ pub struct ExtractArgs {
     /// Output folder for adapter_model.safetensors, adapter_config.json and report.json.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// LoRA rank r (clamped per tensor to min(rows, cols); factors are zero-padded to r).
-    #[arg(long, short = 'r', default_value_t = 64)]
-    pub rank: usize,
+    /// LoRA rank r, the same for every tensor (clamped per tensor to min(rows, cols); factors
+    /// are zero-padded to r) [default: 64, unless --energy or --budget chooses ranks].
+    #[arg(long, short = 'r', conflicts_with_all = ["energy", "budget"])]
+    pub rank: Option<usize>,
+    /// Per tensor, the smallest rank whose preserved energy E_r = Σσᵢ²/‖ΔW‖² reaches T (0 < T
+    /// ≤ 1), at most --max-rank; the sketch grows until it does. Ranks differ per module:
+    /// rank_pattern/alpha_pattern in the config (PEFT), or --portable.
+    #[arg(long, value_name = "T", conflicts_with = "budget")]
+    pub energy: Option<f64>,
+    /// A global parameter budget Σ r·(in + out) over all LoRA targets, e.g. 20M: the spectra
+    /// come first (a pass over the inputs), then ranks go where σ² per parameter is largest,
+    /// then the extraction at those ranks (a second pass).
+    #[arg(long, value_name = "PARAMS")]
+    pub budget: Option<String>,
+    /// Cap on any tensor's rank under --energy or --budget.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_rank: usize,
+    /// One rank for every module, from the ranks vLLM accepts (1, 8, 16, 32, 64, 128, 256,
+    /// 320, 512): smaller factors are zero-padded (B·A is unchanged), no rank_pattern, so vLLM,
+    /// SGLang, LoRAX and TGI load the adapter. Norms saved whole still need --no-norms for vLLM.
+    #[arg(long)]
+    pub portable: bool,
     /// SVD algorithm.
     #[arg(long, value_enum, default_value_t = SvdArg::Randomized)]
     pub svd: SvdArg,

@@ -9,10 +9,57 @@ use crate::linalg::{rank::RankPolicy, Method, SvdSettings};
 use crate::plan::{Glob, PlanOptions};
 use crate::synth::SynthSettings;
 
+/// A count with an optional decimal suffix: 1500, 20K, 20M, 1.5G.
+fn parse_count(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 1e3),
+        (i, 'm' | 'M') => (&s[..i], 1e6),
+        (i, 'g' | 'G' | 'b' | 'B') => (&s[..i], 1e9),
+        _ => (s, 1.0),
+    };
+    let v: f64 = num.trim().parse().ok()?;
+    let v = v * mult;
+    (1.0..1e18).contains(&v).then(|| v.round() as u64)
+}
+
 impl ExtractArgs {
     pub fn settings(&self, progress: bool) -> Result<ExtractSettings> {
-        if self.rank == 0 {
-            return Err(Error::Settings("--rank must be at least 1".into()));
+        let rank = match (self.rank, self.energy, &self.budget) {
+            (Some(0), _, _) => return Err(Error::Settings("--rank must be at least 1".into())),
+            (Some(r), _, _) => RankPolicy::Fixed(r),
+            (None, Some(t), _) if !(t > 0.0 && t <= 1.0) => {
+                return Err(Error::Settings(format!("--energy {t}: expected 0 < T ≤ 1")))
+            }
+            (None, Some(target), _) => RankPolicy::Energy {
+                target,
+                max_rank: self.max_rank,
+            },
+            (None, None, Some(b)) => RankPolicy::Budget {
+                params: parse_count(b).ok_or_else(|| {
+                    Error::Settings(format!(
+                        "--budget `{b}`: expected a parameter count such as 20M or 1.5G"
+                    ))
+                })?,
+                max_rank: self.max_rank,
+            },
+            (None, None, None) => RankPolicy::Fixed(64),
+        };
+        if self.max_rank == 0 {
+            return Err(Error::Settings("--max-rank must be at least 1".into()));
+        }
+        let largest =
+            crate::linalg::rank::PORTABLE_RANKS[crate::linalg::rank::PORTABLE_RANKS.len() - 1];
+        if self.portable && rank.adapter_rank() > largest {
+            let flag = if matches!(rank, RankPolicy::Fixed(_)) {
+                "--rank"
+            } else {
+                "--max-rank"
+            };
+            return Err(Error::Settings(format!(
+                "--portable: {flag} {} is above the largest rank vLLM accepts ({largest})",
+                rank.adapter_rank()
+            )));
         }
         if self.power_iters > 20 {
             return Err(Error::Settings(
@@ -59,7 +106,7 @@ impl ExtractArgs {
             base: self.base.clone(),
             ft: self.ft.clone(),
             out: self.out.clone(),
-            rank: RankPolicy::Fixed(self.rank),
+            rank,
             svd: SvdSettings {
                 method: match self.svd {
                     SvdArg::Randomized => Method::Randomized,
@@ -86,6 +133,7 @@ impl ExtractArgs {
                 norms: !self.no_norms,
             },
             base_name: self.base_name.clone(),
+            portable: self.portable,
             overwrite: self.force,
             progress,
         })

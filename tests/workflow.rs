@@ -528,3 +528,293 @@ fn merge_refuses_bad_input_and_leaves_nothing_behind() {
     assert!(!fresh.exists(), "no output folder after a refused merge");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+// ---- rank policies -------------------------------------------------------------------------
+
+/// A pair of one 160×120 matrix with a slowly decaying spectrum (σᵢ = (1+i)^-0.35: reaching
+/// 90% of the energy takes well over the energy policy's first sketch of 32), and two small
+/// steep ones.
+fn spectrum_pair(root: &Path, seed: u64) -> (PathBuf, PathBuf) {
+    let specs: [(&str, usize, usize, Vec<f64>); 3] = [
+        (
+            "model.layers.0.mlp.up_proj.weight",
+            160,
+            120,
+            power_law(120, 0.35),
+        ),
+        (
+            "model.layers.0.self_attn.q_proj.weight",
+            48,
+            48,
+            power_law(48, 1.5),
+        ),
+        (
+            "model.layers.0.self_attn.o_proj.weight",
+            48,
+            48,
+            power_law(48, 0.8),
+        ),
+    ];
+    let (mut base, mut ft) = (Vec::new(), Vec::new());
+    for (k, (name, m, n, sigma)) in specs.iter().enumerate() {
+        let b = normal(m * n, seed + 10 * k as u64);
+        let d = to_row_major_f32(&spectrum_matrix(
+            *m,
+            *n,
+            sigma,
+            0.0,
+            seed + 10 * k as u64 + 1,
+        ));
+        let f: Vec<f32> = b.iter().zip(&d).map(|(x, y)| x + y).collect();
+        base.push(tensor(name, DType::F32, &[*m, *n], b));
+        ft.push(tensor(name, DType::F32, &[*m, *n], f));
+    }
+    let (b, f) = (root.join("base.safetensors"), root.join("ft.safetensors"));
+    write_single(&b, &base);
+    write_single(&f, &ft);
+    (b, f)
+}
+
+/// Exact singular values of each LoRA target's ΔW, from the files (f64).
+fn exact_spectra(b: &Path, f: &Path) -> std::collections::HashMap<String, Vec<f64>> {
+    let (base, ft) = (read_safetensors(b), read_safetensors(f));
+    ft.iter()
+        .filter(|(_, t)| t.shape.len() == 2)
+        .map(|(name, t)| {
+            let (m, n) = (t.shape[0], t.shape[1]);
+            let d = faer::Mat::<f64>::from_fn(m, n, |i, j| {
+                f64::from(t.values[i * n + j]) - f64::from(base[name].values[i * n + j])
+            });
+            (name.clone(), singular_values(&d))
+        })
+        .collect()
+}
+
+fn energy_at(s: &[f64], r: usize) -> f64 {
+    s[..r].iter().map(|x| x * x).sum::<f64>() / s.iter().map(|x| x * x).sum::<f64>()
+}
+
+fn run_policy(
+    b: &Path,
+    f: &Path,
+    out: &Path,
+    policy: phlora::linalg::rank::RankPolicy,
+    portable: bool,
+) -> phlora::report::RunReport {
+    let mut st = ExtractSettings::new(b.to_path_buf(), f.to_path_buf(), out.to_path_buf(), 1);
+    st.device = phlora::backend::Device::Cpu;
+    st.rank = policy;
+    st.portable = portable;
+    extract(&st).unwrap()
+}
+
+#[test]
+fn the_energy_policy_meets_its_target_on_every_tensor() {
+    use phlora::linalg::rank::RankPolicy;
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = spectrum_pair(dir.path(), fresh_seed("energy"));
+    let exact = exact_spectra(&b, &f);
+    for target in [0.5, 0.9, 0.97] {
+        let out = dir.path().join(format!("e{target}"));
+        let report = run_policy(
+            &b,
+            &f,
+            &out,
+            RankPolicy::Energy {
+                target,
+                max_rank: 200,
+            },
+            false,
+        );
+        for t in report.tensors.iter().filter(|t| t.action == "lora") {
+            let s = &exact[&t.name];
+            let r = t.rank.unwrap();
+            let minimal = (1..=s.len()).find(|&k| energy_at(s, k) >= target).unwrap();
+            assert!(
+                energy_at(s, r) >= target - 1e-6,
+                "{} T={target}: rank {r} keeps {}",
+                t.name,
+                energy_at(s, r)
+            );
+            // The sketch's σ are a hair under the true ones: at most one direction more.
+            assert!(
+                r <= minimal + 1,
+                "{} T={target}: rank {r}, minimal {minimal}",
+                t.name
+            );
+            assert!(t.energy.unwrap() >= target - 1e-6);
+        }
+        let up = report
+            .tensors
+            .iter()
+            .find(|t| t.name.contains("up_proj"))
+            .unwrap();
+        if target == 0.97 {
+            assert!(
+                up.rank.unwrap() > 64,
+                "needs the sketch to grow twice: {:?}",
+                up.rank
+            );
+        }
+        // The ranks differ per module: rank_pattern and alpha_pattern keep every scaling at 1,
+        // and verify (which reads them as PEFT does) agrees with extract's certificate.
+        let cfg = read_json(&out.join("adapter_config.json"));
+        let patterns = cfg["rank_pattern"].as_object().unwrap();
+        assert!(!patterns.is_empty(), "{cfg}");
+        for (k, v) in patterns {
+            assert_eq!(
+                cfg["alpha_pattern"][k].as_f64().unwrap(),
+                v.as_f64().unwrap()
+            );
+        }
+        let v = verify(&settings(&b, &f, &out)).unwrap();
+        assert!((v.total_relative_error - report.summary.total_relative_error).abs() < 1e-5);
+    }
+    // A cap below what the target needs: the cap, said in the report.
+    let out = dir.path().join("capped");
+    let report = run_policy(
+        &b,
+        &f,
+        &out,
+        RankPolicy::Energy {
+            target: 0.99,
+            max_rank: 8,
+        },
+        false,
+    );
+    let up = report
+        .tensors
+        .iter()
+        .find(|t| t.name.contains("up_proj"))
+        .unwrap();
+    assert_eq!(up.rank, Some(8));
+    assert!(
+        up.reason.as_deref().unwrap_or("").contains("not reached"),
+        "{up:?}"
+    );
+}
+
+#[test]
+fn a_parameter_budget_is_kept_and_beats_every_uniform_rank_that_fits_it() {
+    use phlora::linalg::rank::RankPolicy;
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = spectrum_pair(dir.path(), fresh_seed("budget"));
+    let exact = exact_spectra(&b, &f);
+    for params in [500u64, 3_000, 12_000, 40_000] {
+        let out = dir.path().join(format!("b{params}"));
+        let report = run_policy(
+            &b,
+            &f,
+            &out,
+            RankPolicy::Budget {
+                params,
+                max_rank: 120,
+            },
+            false,
+        );
+        let loras: Vec<_> = report.tensors.iter().filter(|t| t.rank.is_some()).collect();
+        let spent: u64 = loras
+            .iter()
+            .map(|t| (t.rank.unwrap() * (t.shape[0] + t.shape[1])) as u64)
+            .sum();
+        assert!(spent <= params, "budget {params}: spent {spent}");
+        let kept = |ranks: &dyn Fn(&str, usize) -> usize| -> f64 {
+            exact
+                .iter()
+                .map(|(name, s)| {
+                    let e: f64 = s.iter().map(|x| x * x).sum();
+                    energy_at(s, ranks(name, s.len()).min(s.len())) * e
+                })
+                .sum()
+        };
+        let ours = kept(&|name, _| {
+            report
+                .tensors
+                .iter()
+                .find(|t| t.name == name)
+                .and_then(|t| t.rank)
+                .unwrap_or(0)
+        });
+        for u in 1..=120usize {
+            let cost: u64 = exact
+                .iter()
+                .map(|(name, s)| {
+                    let t = report.tensors.iter().find(|t| &t.name == name).unwrap();
+                    (u.min(s.len()) * (t.shape[0] + t.shape[1])) as u64
+                })
+                .sum();
+            if cost <= params {
+                let uniform = kept(&|_, _| u);
+                assert!(
+                    ours >= uniform * (1.0 - 1e-6),
+                    "budget {params}: {ours} < uniform r={u} {uniform}"
+                );
+            }
+        }
+        let v = verify(&settings(&b, &f, &out)).unwrap();
+        assert!((v.total_relative_error - report.summary.total_relative_error).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn a_portable_adapter_has_one_allowed_rank_and_the_same_product() {
+    use phlora::linalg::rank::{RankPolicy, PORTABLE_RANKS};
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = spectrum_pair(dir.path(), fresh_seed("portable"));
+    let policy = RankPolicy::Energy {
+        target: 0.9,
+        max_rank: 200,
+    };
+    let plain = run_policy(&b, &f, &dir.path().join("plain"), policy.clone(), false);
+    let out = dir.path().join("portable");
+    let portable = run_policy(&b, &f, &out, policy, true);
+    let cfg = read_json(&out.join("adapter_config.json"));
+    let r = cfg["r"].as_u64().unwrap() as usize;
+    assert!(PORTABLE_RANKS.contains(&r), "{r}");
+    assert!(
+        r >= portable
+            .tensors
+            .iter()
+            .filter_map(|t| t.rank)
+            .max()
+            .unwrap()
+    );
+    assert_eq!(cfg["lora_alpha"].as_f64().unwrap(), r as f64);
+    assert!(cfg["rank_pattern"].as_object().unwrap().is_empty());
+    let tensors = read_safetensors(&out.join("adapter_model.safetensors"));
+    for (k, t) in &tensors {
+        let axis = if k.ends_with("lora_A.weight") { 0 } else { 1 };
+        assert_eq!(t.shape[axis], r, "{k}");
+    }
+    // Zero padding changes nothing: the same residuals, on the files, by verify.
+    let v = verify(&settings(&b, &f, &out)).unwrap();
+    assert!((v.total_relative_error - plain.summary.total_relative_error).abs() < 1e-6);
+    // Policies do not mix, and bad values are refused.
+    let x = dir.path().join("x");
+    for (args, want) in [
+        (
+            vec!["--rank", "8", "--energy", "0.9"],
+            "cannot be used with",
+        ),
+        (vec!["--energy", "1.5"], "expected 0 < T ≤ 1"),
+        (vec!["--budget", "lots"], "--budget `lots`"),
+        (vec!["--rank", "600", "--portable"], "--portable"),
+    ] {
+        let mut full = vec![
+            "extract",
+            "--base",
+            s(&b),
+            "--ft",
+            s(&f),
+            "--out",
+            s(&x),
+            "--device",
+            "cpu",
+        ];
+        full.extend(args.iter().copied());
+        let o = phlora(&full);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(o.status.code(), Some(0), "{args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

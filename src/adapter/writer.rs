@@ -20,8 +20,8 @@ pub struct AdapterWriter {
     staging: PathBuf,
     data_path: PathBuf,
     data: Option<BufWriter<File>>,
-    /// (order key, offset in the staging file, entry), in arrival order.
-    entries: Vec<(u64, u64, HeaderEntry)>,
+    /// (order key, offset in the staging file, entry, rank axis), in arrival order.
+    entries: Vec<(u64, u64, HeaderEntry, Option<usize>)>,
     staged_bytes: u64,
     committed: bool,
     /// OUT did not exist before: on failure it is removed again (if still empty).
@@ -85,6 +85,20 @@ impl AdapterWriter {
         shape: Vec<usize>,
         bytes: &[u8],
     ) -> Result<()> {
+        self.add_factor(order, name, dtype, shape, bytes, None)
+    }
+
+    /// [`add`](Self::add) for a LoRA factor whose rank runs along `rank_axis` (0 for A
+    /// [r, in], 1 for B [out, r]): [`commit`](Self::commit) can zero-pad it to a larger rank.
+    pub fn add_factor(
+        &mut self,
+        order: u64,
+        name: String,
+        dtype: &'static str,
+        shape: Vec<usize>,
+        bytes: &[u8],
+        rank_axis: Option<usize>,
+    ) -> Result<()> {
         let data = self.data.as_mut().expect("not committed");
         data.write_all(bytes)
             .map_err(|e| Error::io(&self.data_path, "cannot write", e))?;
@@ -97,6 +111,7 @@ impl AdapterWriter {
                 shape,
                 nbytes: bytes.len(),
             },
+            rank_axis,
         ));
         self.staged_bytes += bytes.len() as u64;
         Ok(())
@@ -106,8 +121,14 @@ impl AdapterWriter {
         self.entries.len()
     }
 
-    /// Writes the final files and moves them into OUT; the config goes last.
-    pub fn commit(mut self, config_json: &str, report_json: &str) -> Result<()> {
+    /// Writes the final files and moves them into OUT; the config goes last. With `pad_to`,
+    /// every factor is zero-padded along its rank axis to that rank (B·A is unchanged).
+    pub fn commit(
+        mut self,
+        config_json: &str,
+        report_json: &str,
+        pad_to: Option<usize>,
+    ) -> Result<()> {
         let data = self.data.take().expect("not committed");
         let data = data
             .into_inner()
@@ -117,7 +138,18 @@ impl AdapterWriter {
         let model_tmp = self.staging.join(MODEL_FILE);
         // A stable sort: equal keys keep the order they were added in.
         self.entries.sort_by_key(|e| e.0);
-        let entries: Vec<HeaderEntry> = self.entries.iter().map(|e| e.2.clone()).collect();
+        let padded = |e: &HeaderEntry, axis: Option<usize>| -> HeaderEntry {
+            let mut e = e.clone();
+            if let (Some(axis), Some(r)) = (axis, pad_to) {
+                let old = e.shape[axis];
+                if r > old {
+                    e.nbytes = e.nbytes / old.max(1) * r;
+                    e.shape[axis] = r;
+                }
+            }
+            e
+        };
+        let entries: Vec<HeaderEntry> = self.entries.iter().map(|e| padded(&e.2, e.3)).collect();
         {
             let mut meta = BTreeMap::new();
             meta.insert("format".to_string(), "pt".to_string());
@@ -129,17 +161,22 @@ impl AdapterWriter {
                 .map_err(|e| Error::io(&model_tmp, "cannot write", e))?;
             let mut src = File::open(&self.data_path)
                 .map_err(|e| Error::io(&self.data_path, "cannot open", e))?;
-            for (_, offset, entry) in &self.entries {
+            for ((_, offset, entry, axis), out) in self.entries.iter().zip(&entries) {
                 src.seek(SeekFrom::Start(*offset))
                     .map_err(|e| Error::io(&self.data_path, "cannot read back", e))?;
-                let copied = std::io::copy(&mut (&mut src).take(entry.nbytes as u64), &mut f)
-                    .map_err(|e| Error::io(&model_tmp, "cannot write", e))?;
-                if copied != entry.nbytes as u64 {
-                    return Err(Error::checkpoint(
-                        &self.data_path,
-                        format!("staged data for {} is truncated", entry.name),
-                    ));
+                let mut bytes = vec![0u8; entry.nbytes];
+                src.read_exact(&mut bytes)
+                    .map_err(|e| Error::io(&self.data_path, "staged data is truncated", e))?;
+                if out.nbytes != entry.nbytes {
+                    bytes = pad_rank(
+                        &bytes,
+                        &entry.shape,
+                        axis.expect("only factors grow"),
+                        &out.shape,
+                    );
                 }
+                f.write_all(&bytes)
+                    .map_err(|e| Error::io(&model_tmp, "cannot write", e))?;
             }
             let f = f
                 .into_inner()
@@ -174,6 +211,21 @@ impl AdapterWriter {
         let _ = std::fs::remove_dir_all(&self.staging);
         Ok(())
     }
+}
+
+/// A row-major 2-D tensor zero-padded from `shape` to `to` along `axis`.
+fn pad_rank(bytes: &[u8], shape: &[usize], axis: usize, to: &[usize]) -> Vec<u8> {
+    let elem = bytes.len() / (shape[0] * shape[1]).max(1);
+    let mut out = vec![0u8; to[0] * to[1] * elem];
+    if axis == 0 {
+        out[..bytes.len()].copy_from_slice(bytes);
+    } else {
+        let (row_in, row_out) = (shape[1] * elem, to[1] * elem);
+        for (i, row) in bytes.chunks(row_in).enumerate() {
+            out[i * row_out..i * row_out + row_in].copy_from_slice(row);
+        }
+    }
+    out
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -16,6 +16,7 @@ use crate::adapter::AdapterWriter;
 use crate::backend::{Backend, DeviceWorkers};
 use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
+use crate::linalg::rank::RankPolicy;
 use crate::plan::{Action, Plan};
 use crate::report::{StageSeconds, WorkerTime};
 
@@ -95,6 +96,10 @@ pub(super) struct Shared<'a> {
     pub r_adapter: usize,
     pub out_dtype: DType,
     pub bar: &'a indicatif::ProgressBar,
+    /// The ranks this run decomposes at (a budget's second pass has them per tensor).
+    pub policy: &'a RankPolicy,
+    /// Only the spectra (a budget's first pass, analyze): no factors, no residual.
+    pub spectrum_only: bool,
 }
 
 /// What the workers and the writer hand back.
@@ -268,9 +273,17 @@ fn write_all(
             // A first, then B, both at the tensor's place in the plan.
             let order = 2 * done.index as u64;
             let added = writer
-                .add(order, f.a_key, f.dtype, f.a_shape.to_vec(), &f.a_bytes)
+                .add_factor(
+                    order,
+                    f.a_key,
+                    f.dtype,
+                    f.a_shape.to_vec(),
+                    &f.a_bytes,
+                    Some(0),
+                )
                 .and_then(|()| {
-                    writer.add(order + 1, f.b_key, f.dtype, f.b_shape.to_vec(), &f.b_bytes)
+                    let b_shape = f.b_shape.to_vec();
+                    writer.add_factor(order + 1, f.b_key, f.dtype, b_shape, &f.b_bytes, Some(1))
                 });
             if let Err(e) = added {
                 // Workers stop taking tensors; the channel closes as they finish.
@@ -322,13 +335,15 @@ impl<B: Backend> WorkerLoop<'_, B> {
                         fit,
                         r_adapter: sh.r_adapter,
                         out_dtype: sh.out_dtype,
+                        policy: sh.policy,
+                        spectrum_only: sh.spectrum_only,
                     };
                     match job.run() {
                         Ok(done) => break done,
                         Err(JobError::Failed(e)) => return Err(e),
                         Err(JobError::OutOfMemory(why)) => {
                             let exact = sh.s.svd.runs_exact(
-                                sh.s.rank.rank_for(item.shape[0], item.shape[1]),
+                                sh.policy.rank_for(&item.name, item.shape[0], item.shape[1]),
                                 item.shape[0],
                                 item.shape[1],
                             );

@@ -13,6 +13,7 @@ use crate::checkpoint::dtype::decode_into;
 use crate::checkpoint::{Checkpoint, DType, TensorEntry};
 use crate::error::{Error, Result};
 use crate::factor::Layout;
+use crate::linalg::rank::RankPolicy;
 use crate::linalg::{self, blocked, rsvd, Method, SvdSettings};
 use crate::plan::{Action, PlanItem};
 use crate::report::{StageSeconds, TensorReport};
@@ -107,6 +108,8 @@ pub(super) struct Finished {
     pub factors: Option<FactorTensors>,
     /// The module path, for target_modules.
     pub module: Option<String>,
+    /// The leading singular values (spectrum-only runs).
+    pub spectrum: Option<Vec<f32>>,
     pub stages: StageSeconds,
     pub flops: f64,
 }
@@ -145,7 +148,13 @@ pub(super) struct LoraJob<'a, B: Backend> {
     pub fit: Fit,
     pub r_adapter: usize,
     pub out_dtype: DType,
+    pub policy: &'a RankPolicy,
+    pub spectrum_only: bool,
 }
+
+/// The energy policy's first sketch is for this rank (or the cap, if lower); it doubles until
+/// the target is reached or the cap is.
+const ENERGY_FIRST_RANK: usize = 32;
 
 impl<B: Backend> LoraJob<'_, B> {
     pub fn run(&self) -> std::result::Result<Finished, JobError> {
@@ -157,6 +166,7 @@ impl<B: Backend> LoraJob<'_, B> {
             row: TensorReport::new(&item.name, item.action.label(), &item.shape),
             factors: None,
             module: None,
+            spectrum: None,
             stages: StageSeconds::default(),
             flops: 0.0,
         };
@@ -178,7 +188,7 @@ impl<B: Backend> LoraJob<'_, B> {
                 })
             }
         };
-        let r = self.s.rank.rank_for(rows, cols);
+        let cap = self.policy.rank_for(&item.name, rows, cols);
         let clock = Instant::now();
         let (source, stats) = match self.fit {
             Fit::Whole => {
@@ -209,17 +219,61 @@ impl<B: Backend> LoraJob<'_, B> {
             return Ok(done);
         }
 
+        if cap == 0 {
+            // A budget that gives this tensor nothing.
+            row.action = "not-carried";
+            row.reason = Some("rank 0 under --budget".into());
+            done.row = row;
+            done.stages = stages;
+            return Ok(done);
+        }
+
         let clock = Instant::now();
         let seed = crate::rng::seed_for(self.s.svd.seed, &item.name);
-        let t = source
+        let mut r = match self.policy {
+            RankPolicy::Energy { .. } => ENERGY_FIRST_RANK.min(cap),
+            _ => cap,
+        };
+        let mut t = source
             .decompose(be, r, &self.s.svd, seed)
             .map_err(linalg_err)?;
-        match t.method {
-            Method::Randomized => {
-                stages.svd_randomized += lap(clock);
-                done.flops = rsvd::nominal_flops(rows, cols, t.sketch, self.s.svd.power_iters);
+        done.flops += rsvd::nominal_flops(rows, cols, t.sketch, self.s.svd.power_iters);
+        if let RankPolicy::Energy { target, .. } = *self.policy {
+            // σ from the sketch never exceed the true ones, so a rank that reaches the target
+            // on them reaches it on ΔW.
+            loop {
+                if let Some(need) = crate::linalg::rank::rank_for_energy(&t.s, stats.sumsq, target)
+                {
+                    r = need.max(1);
+                    t = t.truncate(be, r).map_err(backend_err)?;
+                    break;
+                }
+                if r >= cap {
+                    row.reason = Some(format!(
+                        "energy {target} not reached within the rank cap {cap}"
+                    ));
+                    break;
+                }
+                r = (2 * r).min(cap);
+                t = source
+                    .decompose(be, r, &self.s.svd, seed)
+                    .map_err(linalg_err)?;
+                done.flops += rsvd::nominal_flops(rows, cols, t.sketch, self.s.svd.power_iters);
             }
-            Method::Exact => stages.svd_exact += lap(clock),
+        }
+        match t.method {
+            Method::Randomized => stages.svd_randomized += lap(clock),
+            Method::Exact => {
+                stages.svd_exact += lap(clock);
+                done.flops = 0.0;
+            }
+        }
+        if self.spectrum_only {
+            row.rank = Some(r);
+            done.spectrum = Some(t.s.clone());
+            done.row = row;
+            done.stages = stages;
+            return Ok(done);
         }
 
         let clock = Instant::now();
@@ -228,8 +282,15 @@ impl<B: Backend> LoraJob<'_, B> {
         } else {
             Layout::Linear
         };
+        // A uniform policy pads every tensor to the adapter's rank; others keep their own
+        // (rank_pattern; a portable adapter is padded when it is committed).
+        let r_out = if self.policy.uniform() {
+            self.r_adapter
+        } else {
+            r
+        };
         let f = be
-            .factor(&t, layout, self.r_adapter, self.out_dtype)
+            .factor(&t, layout, r_out, self.out_dtype)
             .map_err(backend_err)?;
         stages.d2h += f.d2h_seconds;
         stages.factor += (lap(clock) - f.d2h_seconds).max(0.0);
@@ -383,6 +444,7 @@ pub(super) fn other_item(
         row,
         factors: None,
         module: None,
+        spectrum: None,
         stages,
         flops: 0.0,
     })

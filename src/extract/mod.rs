@@ -16,7 +16,8 @@ use crate::adapter::{self, AdapterConfig, AdapterWriter};
 use crate::backend::{self, Backend, CudaOptions, Device, DeviceWorkers, WorkerRequest, Workers};
 use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
-use crate::linalg::{rank::RankPolicy, Method, SvdSettings};
+use crate::linalg::rank::{allocate, RankPolicy, Spectrum, PORTABLE_RANKS};
+use crate::linalg::{Method, SvdSettings};
 use crate::plan::{Action, Plan, PlanItem, PlanOptions};
 use crate::report::{RunReport, StageSeconds, Summary, TensorReport};
 
@@ -45,6 +46,9 @@ pub struct ExtractSettings {
     pub plan: PlanOptions,
     /// `base_model_name_or_path`; `None`: from the base's config.json, else the base path.
     pub base_name: Option<String>,
+    /// Pad every module to one rank from vLLM's allowed set (no rank_pattern), so every
+    /// serving engine loads the adapter.
+    pub portable: bool,
     /// Replace an adapter already in OUT.
     pub overwrite: bool,
     /// Show a progress bar (only when stderr is a terminal).
@@ -73,6 +77,7 @@ impl ExtractSettings {
                 norms: true,
             },
             base_name: None,
+            portable: false,
             overwrite: false,
             progress: false,
         }
@@ -94,6 +99,43 @@ pub fn extract(s: &ExtractSettings) -> Result<RunReport> {
         Workers::Cpu(groups) => run(&groups, s, &base, &ft, &plan),
         Workers::Cuda(groups) => run(&groups, s, &base, &ft, &plan),
     }
+}
+
+/// The adapter's `r` and, for a portable adapter, the rank every factor is padded to.
+fn adapter_ranks(
+    policy: &RankPolicy,
+    r_adapter: usize,
+    modules: &[(String, usize)],
+    portable: bool,
+) -> Result<(usize, Option<usize>)> {
+    let largest = modules.iter().map(|m| m.1).max().unwrap_or(0);
+    if portable {
+        let wanted = if policy.uniform() { r_adapter } else { largest };
+        let r = PORTABLE_RANKS
+            .iter()
+            .copied()
+            .find(|&r| r >= wanted)
+            .ok_or_else(|| {
+                Error::Settings(format!(
+                    "--portable: rank {wanted} is above the largest rank vLLM accepts ({})",
+                    PORTABLE_RANKS[PORTABLE_RANKS.len() - 1]
+                ))
+            })?;
+        return Ok((r, Some(r)));
+    }
+    if policy.uniform() {
+        return Ok((r_adapter, None));
+    }
+    // The most common rank (the larger on a tie) needs no pattern entry.
+    let mut count: HashMap<usize, usize> = HashMap::new();
+    for (_, r) in modules {
+        *count.entry(*r).or_default() += 1;
+    }
+    let common = count
+        .into_iter()
+        .max_by_key(|&(r, n)| (n, r))
+        .map_or(largest.max(1), |(r, _)| r);
+    Ok((common, None))
 }
 
 /// The memory a device's tensors in flight share: `--max-ram` for ΔW in host memory,
@@ -159,7 +201,7 @@ fn run<B: Backend>(
         .filter(|i| matches!(i.action, Action::LoraLinear | Action::LoraEmbedding))
         .map(|i| i.shape[0].min(i.shape[1]))
         .max();
-    if let Some(useful) = useful.filter(|&u| r_adapter > u) {
+    if let (Some(useful), RankPolicy::Fixed(_)) = (useful.filter(|&u| r_adapter > u), &s.rank) {
         return Err(Error::Settings(format!(
             "--rank {r_adapter} exceeds the rank of every target matrix (at most {useful} here)"
         )));
@@ -170,34 +212,83 @@ fn run<B: Backend>(
     let smallest = budgets.iter().copied().flatten().min();
     // How each LoRA target's ΔW fits, decided (and a bound no tensor can meet refused)
     // before any work; placements[i] is for plan.items[i].
-    let placements = plan
-        .items
-        .iter()
-        .map(|item| match item.action {
-            Action::LoraLinear | Action::LoraEmbedding => {
-                let rank = s.rank.rank_for(item.shape[0], item.shape[1]);
-                fit::fit_of(first, s, smallest, item, rank, r_adapter)
-            }
-            _ => Ok(fit::Placement {
-                fit: fit::Fit::Whole,
-                bytes: 0,
-            }),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let writer = AdapterWriter::create(&s.out, s.overwrite)?;
+    let placements_for = |policy: &RankPolicy| {
+        plan.items
+            .iter()
+            .map(|item| match item.action {
+                Action::LoraLinear | Action::LoraEmbedding => {
+                    let rank = policy.rank_for(&item.name, item.shape[0], item.shape[1]);
+                    fit::fit_of(first, s, smallest, item, rank.max(1), r_adapter)
+                }
+                _ => Ok(fit::Placement {
+                    fit: fit::Fit::Whole,
+                    bytes: 0,
+                }),
+            })
+            .collect::<Result<Vec<_>>>()
+    };
+    let placements = placements_for(&s.rank)?;
+    let mut writer = AdapterWriter::create(&s.out, s.overwrite)?;
     let total_bytes: u64 = plan.items.iter().map(|i| i.input_bytes()).sum();
     let bar = progress_bar(s.progress, total_bytes, plan.items.len());
-    let shared = engine::Shared {
+    let shared = |placements, policy, spectrum_only| engine::Shared {
         s,
         base,
         ft,
         plan,
-        placements: &placements,
+        placements,
         r_adapter,
         out_dtype,
         bar: &bar,
+        policy,
+        spectrum_only,
     };
-    let outcome = engine::run_all(groups, &budgets, &shared, writer)?;
+    let mut first_pass = None;
+    let allocated;
+    let policy = match &s.rank {
+        RankPolicy::Budget { params, max_rank } => {
+            // Spectra first (no factors), then the ranks, then the extraction at those ranks.
+            let pass = engine::run_all(
+                groups,
+                &budgets,
+                &shared(&placements, &s.rank, true),
+                writer,
+            )?;
+            writer = pass.writer;
+            let spectra: Vec<Spectrum> = plan
+                .items
+                .iter()
+                .zip(&pass.finished)
+                .filter_map(|(item, done)| {
+                    let sp = done.as_ref()?.spectrum.clone()?;
+                    Some(Spectrum {
+                        name: item.name.clone(),
+                        cost: (item.shape[0] + item.shape[1]) as u64,
+                        s: sp,
+                    })
+                })
+                .collect();
+            let ranks = allocate(&spectra, *params);
+            allocated = RankPolicy::PerTensor {
+                ranks: spectra.iter().map(|t| t.name.clone()).zip(ranks).collect(),
+                max_rank: *max_rank,
+            };
+            first_pass = Some(pass.stages);
+            bar.reset();
+            &allocated
+        }
+        other => other,
+    };
+    let placements = placements_for(policy)?;
+    let mut outcome = engine::run_all(
+        groups,
+        &budgets,
+        &shared(&placements, policy, false),
+        writer,
+    )?;
+    if let Some(st) = first_pass {
+        outcome.stages.add(&st);
+    }
     bar.finish_and_clear();
     let mut writer = outcome.writer;
     let mut svd_flops = 0f64;
@@ -291,20 +382,38 @@ fn run<B: Backend>(
         paths.dedup();
         paths
     });
-    let config = AdapterConfig::new(
+    // Ranks per module: one uniform r, or the most common one with rank_pattern (and
+    // alpha_pattern, so that every scaling is 1) for the others; or, portable, all padded
+    // to one rank vLLM accepts.
+    let module_ranks: Vec<(String, usize)> = rows
+        .iter()
+        .zip(&plan.items)
+        .filter(|(r, _)| matches!(r.action, "lora" | "lora-embedding"))
+        .filter_map(|(r, item)| Some((item.module.clone(), r.rank?)))
+        .collect();
+    let (config_rank, pad_to) = adapter_ranks(&s.rank, r_adapter, &module_ranks, s.portable)?;
+    let mut config = AdapterConfig::new(
         base_model_name(s, base),
         task_type(base, ft),
-        r_adapter,
+        config_rank,
         targets,
         modules_to_save,
     );
+    if pad_to.is_none() && !s.rank.uniform() {
+        for (module, r) in module_ranks.iter().filter(|(_, r)| *r != config_rank) {
+            let key = regex::escape(module);
+            config.rank_pattern.insert(key.clone(), *r);
+            config.alpha_pattern.insert(key, *r as f64);
+        }
+    }
+
     let report = RunReport {
         phlora_version: env!("CARGO_PKG_VERSION"),
         base: s.base.display().to_string(),
         ft: s.ft.display().to_string(),
         out: s.out.display().to_string(),
         device: device_names(groups),
-        rank: r_adapter,
+        rank: config_rank,
         svd: s.svd.method.as_str(),
         oversample: (s.svd.method == Method::Randomized).then(|| s.svd.oversample_for(r_adapter)),
         power_iters: s.svd.power_iters,
@@ -315,7 +424,7 @@ fn run<B: Backend>(
     };
     let config_json = serde_json::to_string_pretty(&config).expect("config serializes");
     let report_json = serde_json::to_string_pretty(&report).expect("report serializes");
-    writer.commit(&config_json, &report_json)?;
+    writer.commit(&config_json, &report_json, pad_to)?;
     Ok(report)
 }
 

@@ -88,6 +88,21 @@ pub struct OnDevice<M> {
 }
 
 impl<M> OnDevice<M> {
+    /// The leading `r` directions (all of them if there are no more).
+    pub fn truncate<B: Backend<Mat = M> + ?Sized>(
+        mut self,
+        be: &B,
+        r: usize,
+    ) -> BackendResult<Self> {
+        if r >= self.s.len() {
+            return Ok(self);
+        }
+        self.u = be.first_cols(&self.u, r)?;
+        self.v = be.first_cols(&self.v, r)?;
+        self.s.truncate(r);
+        Ok(self)
+    }
+
     pub fn download<B: Backend<Mat = M> + ?Sized>(&self, be: &B) -> BackendResult<Truncated> {
         Ok(Truncated {
             u: be.download(&self.u)?,

@@ -1,26 +1,136 @@
 //! Rank policies: how many singular directions each tensor keeps.
 
+use std::collections::HashMap;
+
+/// Ranks vLLM accepts (`max_lora_rank` choices); a portable adapter uses one of them.
+pub const PORTABLE_RANKS: [usize; 9] = [1, 8, 16, 32, 64, 128, 256, 320, 512];
+
 /// How the rank of each tensor is chosen.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum RankPolicy {
     /// The same rank r for every tensor (clamped to min(rows, cols); the factors are
     /// zero-padded back to r so the adapter keeps one uniform rank).
     Fixed(usize),
+    /// Per tensor, the smallest rank whose preserved energy E_r reaches `target`, at most
+    /// `max_rank` (decided after the decomposition; the sketch grows when needed).
+    Energy { target: f64, max_rank: usize },
+    /// A global parameter budget Σ r·(in + out) ≤ `params`, allocated across tensors to
+    /// maximise the total preserved energy (spectra first, then the ranks; see [`allocate`]).
+    Budget { params: u64, max_rank: usize },
+    /// Ranks decided beforehand per tensor name (what a budget resolves to).
+    PerTensor {
+        ranks: HashMap<String, usize>,
+        max_rank: usize,
+    },
 }
 
 impl RankPolicy {
-    /// The adapter's nominal rank (its `r`).
+    /// The largest rank any tensor may get (the fixed rank, or the cap).
     pub fn adapter_rank(&self) -> usize {
-        match *self {
-            RankPolicy::Fixed(r) => r,
+        match self {
+            RankPolicy::Fixed(r) => *r,
+            RankPolicy::Energy { max_rank, .. }
+            | RankPolicy::Budget { max_rank, .. }
+            | RankPolicy::PerTensor { max_rank, .. } => *max_rank,
         }
     }
 
-    /// The rank actually decomposed for a rows×cols matrix.
-    pub fn rank_for(&self, rows: usize, cols: usize) -> usize {
-        match *self {
-            RankPolicy::Fixed(r) => r.min(rows).min(cols),
+    /// The rank decomposed first for a rows×cols matrix `name` (for Energy, the cap: the
+    /// job truncates once it knows the spectrum).
+    pub fn rank_for(&self, name: &str, rows: usize, cols: usize) -> usize {
+        let cap = rows.min(cols);
+        match self {
+            RankPolicy::Fixed(r) => (*r).min(cap),
+            RankPolicy::Energy { max_rank, .. } | RankPolicy::Budget { max_rank, .. } => {
+                (*max_rank).min(cap)
+            }
+            RankPolicy::PerTensor { ranks, .. } => ranks.get(name).copied().unwrap_or(0).min(cap),
         }
+    }
+
+    /// Whether every tensor's factors are padded to one rank (`Fixed`), or each keeps its
+    /// own (rank_pattern in the config, unless the adapter is made portable).
+    pub fn uniform(&self) -> bool {
+        matches!(self, RankPolicy::Fixed(_))
+    }
+}
+
+/// The smallest rank r with Σ_{i≤r} σᵢ² ≥ target·total (σ descending); None if all of `s` do
+/// not reach it. A zero ΔW needs rank 0.
+pub fn rank_for_energy(s: &[f32], total: f64, target: f64) -> Option<usize> {
+    if total <= 0.0 {
+        return Some(0);
+    }
+    let goal = target * total;
+    let mut kept = 0.0;
+    for (i, &x) in s.iter().enumerate() {
+        kept += f64::from(x) * f64::from(x);
+        if kept >= goal {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// One tensor's part in a budget allocation.
+#[derive(Clone, Debug)]
+pub struct Spectrum {
+    pub name: String,
+    /// Parameters per rank: in + out.
+    pub cost: u64,
+    /// The leading singular values, descending (as many as the tensor may take).
+    pub s: Vec<f32>,
+}
+
+/// Ranks that maximise Σ preserved σ² under Σ rᵢ·costᵢ ≤ `budget`: each tensor's directions
+/// taken greedily by σ² per parameter (each tensor's σ descend, so its gains are concave),
+/// skipping what no longer fits; compared with the best uniform rank within the same budget,
+/// and the better of the two returned (greedy alone can lose up to one direction's worth).
+pub fn allocate(spectra: &[Spectrum], budget: u64) -> Vec<usize> {
+    let gain = |t: &Spectrum, r: usize| -> f64 {
+        t.s[..r].iter().map(|&x| f64::from(x) * f64::from(x)).sum()
+    };
+    // Greedy over (ratio, tensor, index) in descending ratio; ties by tensor then index.
+    let mut items: Vec<(f64, usize, usize)> = spectra
+        .iter()
+        .enumerate()
+        .flat_map(|(t, sp)| {
+            sp.s.iter()
+                .enumerate()
+                .map(move |(i, &x)| (f64::from(x) * f64::from(x) / sp.cost.max(1) as f64, t, i))
+        })
+        .collect();
+    items.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let mut greedy = vec![0usize; spectra.len()];
+    let mut spent = 0u64;
+    for (_, t, i) in items {
+        // A direction is usable only after the ones above it in the same tensor.
+        if greedy[t] == i && spent + spectra[t].cost <= budget {
+            greedy[t] += 1;
+            spent += spectra[t].cost;
+        }
+    }
+    let longest = spectra.iter().map(|t| t.s.len()).max().unwrap_or(0);
+    let uniform_cost = |r: usize| -> u64 {
+        spectra
+            .iter()
+            .map(|t| r.min(t.s.len()) as u64 * t.cost)
+            .sum()
+    };
+    let best_uniform = (0..=longest)
+        .rev()
+        .find(|&r| uniform_cost(r) <= budget)
+        .unwrap_or(0);
+    let uniform: Vec<usize> = spectra
+        .iter()
+        .map(|t| best_uniform.min(t.s.len()))
+        .collect();
+    let total =
+        |ranks: &[usize]| -> f64 { spectra.iter().zip(ranks).map(|(t, &r)| gain(t, r)).sum() };
+    if total(&uniform) > total(&greedy) {
+        uniform
+    } else {
+        greedy
     }
 }
 
@@ -31,9 +141,85 @@ mod tests {
     #[test]
     fn fixed_rank_is_clamped_to_the_matrix() {
         let p = RankPolicy::Fixed(64);
-        assert_eq!(p.rank_for(1, 4096), 1);
-        assert_eq!(p.rank_for(4096, 32), 32);
-        assert_eq!(p.rank_for(4096, 4096), 64);
+        assert_eq!(p.rank_for("t", 1, 4096), 1);
+        assert_eq!(p.rank_for("t", 4096, 32), 32);
+        assert_eq!(p.rank_for("t", 4096, 4096), 64);
         assert_eq!(p.adapter_rank(), 64);
+    }
+
+    #[test]
+    fn energy_rank_is_the_first_to_reach_the_target() {
+        let s = [3.0f32, 2.0, 1.0]; // energies 9, 4, 1 of 14
+        assert_eq!(rank_for_energy(&s, 14.0, 0.5), Some(1));
+        assert_eq!(rank_for_energy(&s, 14.0, 9.0 / 14.0), Some(1));
+        assert_eq!(rank_for_energy(&s, 14.0, 0.9), Some(2));
+        assert_eq!(rank_for_energy(&s, 14.0, 1.0), Some(3));
+        // Beyond what the sketch saw (the tail holds the rest): not reached.
+        assert_eq!(rank_for_energy(&s, 20.0, 0.9), None);
+        assert_eq!(rank_for_energy(&[], 0.0, 0.9), Some(0));
+    }
+
+    fn spectra(seed: u64) -> Vec<Spectrum> {
+        let mut state = seed | 1;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % 1000) as f64 / 1000.0
+        };
+        (0..12)
+            .map(|t| {
+                let decay = 0.3 + 1.5 * next();
+                let scale = 0.1 + 3.0 * next();
+                let len = 4 + (next() * 40.0) as usize;
+                Spectrum {
+                    name: format!("t{t}"),
+                    cost: 50 + (next() * 400.0) as u64,
+                    s: (0..len)
+                        .map(|i| (scale * (1.0 + i as f64).powf(-decay)) as f32)
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_budget_is_never_exceeded_and_beats_the_best_uniform_rank() {
+        for seed in [1u64, 7, 42, 1234, 98765] {
+            let sp = spectra(seed);
+            for budget in [0u64, 100, 1_000, 5_000, 20_000, 1_000_000] {
+                let ranks = allocate(&sp, budget);
+                let cost: u64 = sp.iter().zip(&ranks).map(|(t, &r)| r as u64 * t.cost).sum();
+                assert!(cost <= budget, "seed {seed} budget {budget}: spent {cost}");
+                assert!(sp.iter().zip(&ranks).all(|(t, &r)| r <= t.s.len()));
+                let energy = |ranks: &[usize]| -> f64 {
+                    sp.iter()
+                        .zip(ranks)
+                        .map(|(t, &r)| t.s[..r].iter().map(|&x| f64::from(x).powi(2)).sum::<f64>())
+                        .sum()
+                };
+                // Every uniform rank that fits the budget does no better.
+                for u in 0..=50usize {
+                    let uniform: Vec<usize> = sp.iter().map(|t| u.min(t.s.len())).collect();
+                    let ucost: u64 = sp
+                        .iter()
+                        .zip(&uniform)
+                        .map(|(t, &r)| r as u64 * t.cost)
+                        .sum();
+                    if ucost <= budget {
+                        assert!(
+                            energy(&ranks) >= energy(&uniform) - 1e-9,
+                            "seed {seed} budget {budget} uniform {u}"
+                        );
+                    }
+                }
+                if budget >= 1_000_000 {
+                    assert!(
+                        sp.iter().zip(&ranks).all(|(t, &r)| r == t.s.len()),
+                        "everything fits"
+                    );
+                }
+            }
+        }
     }
 }
