@@ -50,6 +50,67 @@ pub enum Command {
     /// shards, index, dtypes; config and tokenizer files copied; untouched tensors byte for
     /// byte), written atomically.
     Merge(MergeArgs),
+    /// The energy profile of a fine-tune without writing an adapter: E_r at chosen ranks, the
+    /// rank each energy needs, the head of each spectrum (JSON, CSV), an energy-versus-rank
+    /// plot by module type and a layer × module heatmap (SVG and PNG).
+    Analyze(Box<AnalyzeArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct AnalyzeArgs {
+    /// The base model (as for extract).
+    #[arg(long, value_name = "PATH")]
+    pub base: PathBuf,
+    /// The fine-tuned model.
+    #[arg(long, value_name = "PATH")]
+    pub ft: PathBuf,
+    /// Folder for analysis.json, analysis.csv, energy_curves.svg/.png, rank_heatmap.svg/.png.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Ranks at which to report E_r.
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "8,16,32,64,128,256"
+    )]
+    pub ranks: Vec<usize>,
+    /// Energies for which to report the rank needed.
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "0.5,0.8,0.9,0.95,0.99"
+    )]
+    pub energies: Vec<f64>,
+    /// The energy the heatmap shows the needed rank for.
+    #[arg(long, value_name = "T", default_value_t = 0.9)]
+    pub heatmap_energy: f64,
+    /// Singular values computed per tensor (the randomized SVD's rank) [default: the largest
+    /// of --ranks].
+    #[arg(long, value_name = "N")]
+    pub max_rank: Option<usize>,
+    /// Singular values listed per tensor in analysis.json.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub head: usize,
+    /// Compute device (as for extract).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Bound on host memory (as for extract).
+    #[arg(long, value_name = "SIZE")]
+    pub max_ram: Option<String>,
+    /// Bound on device memory (as for extract).
+    #[arg(long, value_name = "SIZE")]
+    pub max_vram: Option<String>,
+    /// Only tensors matching these globs (as for extract).
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Leave out tensors matching these globs.
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Print analysis.json on stdout too.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -90,6 +151,10 @@ pub struct VerifyArgs {
     /// Fail (exit 3) if any module's ‖ΔW − B·A·scaling‖/‖ΔW‖ is above this, e.g. 0.3.
     #[arg(long, value_name = "ERR")]
     pub max_error: Option<f64>,
+    /// Fail (exit 3) if any module's cos(W_base + B·A·scaling, W_ft) is below this, e.g.
+    /// 0.999 (near 1 whenever ΔW is small next to W; --min-cos is the sharper test).
+    #[arg(long, value_name = "COS")]
+    pub min_weight_cos: Option<f64>,
     /// Print the whole report as JSON on stdout.
     #[arg(long)]
     pub json: bool,

@@ -6,6 +6,7 @@
 //! sink ([`adapter`], [`report`]). [`extract`] orchestrates.
 
 pub mod adapter;
+pub mod analyze;
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
@@ -19,6 +20,7 @@ pub mod floor;
 pub mod linalg;
 pub mod merge;
 pub mod plan;
+pub mod plot;
 pub mod report;
 pub mod rng;
 pub mod size;

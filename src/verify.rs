@@ -23,6 +23,9 @@ pub struct VerifySettings {
     pub min_cos: Option<f64>,
     /// Fail when a module's ‖ΔW − B·A·s‖/‖ΔW‖ is above this.
     pub max_error: Option<f64>,
+    /// Fail when a module's cos(W_base + B·A·s, W_ft) is below this (close to 1 whenever ΔW
+    /// is small next to W: the ΔW cosine says more).
+    pub min_weight_cos: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -285,7 +288,8 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
         }
         if matches!(kind, "lora" | "lora-embedding") {
             c.passed = s.min_cos.map_or(true, |t| c.cos_delta >= t)
-                && s.max_error.map_or(true, |t| c.rel_error_delta <= t);
+                && s.max_error.map_or(true, |t| c.rel_error_delta <= t)
+                && s.min_weight_cos.map_or(true, |t| c.cos_weight >= t);
         }
         checks.push((c, sums.ee));
     }

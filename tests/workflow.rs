@@ -101,6 +101,7 @@ fn settings(b: &Path, f: &Path, a: &Path) -> VerifySettings {
         adapter: a.to_path_buf(),
         min_cos: None,
         max_error: None,
+        min_weight_cos: None,
     }
 }
 
@@ -817,4 +818,94 @@ fn a_portable_adapter_has_one_allowed_rank_and_the_same_product() {
         assert_ne!(o.status.code(), Some(0), "{args:?}");
         assert!(err.contains(want), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn analyze_reports_energies_and_ranks_that_match_the_exact_spectra() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = spectrum_pair(dir.path(), fresh_seed("analyze"));
+    let exact = exact_spectra(&b, &f);
+    let out = dir.path().join("analysis");
+    let o = phlora(&[
+        "analyze",
+        "--base",
+        s(&b),
+        "--ft",
+        s(&f),
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
+        "--ranks",
+        "1,4,16,64,200",
+        "--energies",
+        "0.5,0.9,0.99",
+        "--max-rank",
+        "120",
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("median rank needed"), "{err}");
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report, read_json(&out.join("analysis.json")));
+    let tensors = report["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), 3);
+    for t in tensors {
+        let name = t["name"].as_str().unwrap();
+        let s = &exact[name];
+        for r in [1usize, 4, 16, 64] {
+            let got = t["energy_at"][r.to_string()].as_f64().unwrap();
+            assert!(
+                (got - energy_at(s, r.min(s.len()))).abs() < 1e-3,
+                "{name} r={r}: {got}"
+            );
+        }
+        // 200 is beyond min(rows, cols) for every tensor here: all of the energy.
+        assert!(
+            (t["energy_at"]["200"].as_f64().unwrap() - 1.0).abs() < 1e-6
+                || t["computed"].as_u64().unwrap() < 120
+        );
+        for target in [0.5, 0.9, 0.99] {
+            let minimal = (1..=s.len()).find(|&k| energy_at(s, k) >= target).unwrap();
+            match t["rank_for"][target.to_string()].as_u64() {
+                Some(r) => assert!(
+                    (r as usize) >= minimal && (r as usize) <= minimal + 1,
+                    "{name} T={target}: {r} vs {minimal}"
+                ),
+                None => assert!(
+                    minimal > 120,
+                    "{name} T={target}: null but the exact rank is {minimal}"
+                ),
+            }
+        }
+        assert_eq!(t["layer"], serde_json::json!(0));
+        assert!(t["spectrum_head"].as_array().unwrap().len() <= 16);
+    }
+    let csv = std::fs::read_to_string(out.join("analysis.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 3);
+    assert!(csv.starts_with("tensor,module_type,layer,rows,cols,delta_norm,computed,E_r1,"));
+    for plot in ["energy_curves", "rank_heatmap"] {
+        let svg = std::fs::read_to_string(out.join(format!("{plot}.svg"))).unwrap();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        let png = std::fs::read(out.join(format!("{plot}.png"))).unwrap();
+        assert_eq!(&png[..8], &[0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A]);
+        assert!(
+            png.ends_with(&[0xAE, 0x42, 0x60, 0x82]),
+            "{plot}.png ends with IEND's CRC"
+        );
+    }
+    let o = phlora(&[
+        "analyze",
+        "--base",
+        s(&b),
+        "--ft",
+        s(&f),
+        "--out",
+        s(&out),
+        "--energies",
+        "1.5",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("expected 0 < T ≤ 1"));
 }

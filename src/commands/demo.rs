@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::extract::ExtractSettings;
 use crate::synth::SynthSettings;
 
-/// synth (small) → extract → report, in seconds.
+/// synth (small) → extract → report → verify, in seconds.
 pub fn run(args: &DemoArgs, ui: Ui) -> Result<ExitCode> {
     if args.rank == 0 {
         return Err(Error::Settings("--rank must be at least 1".into()));
@@ -30,7 +30,7 @@ fn demo(dir: &std::path::Path, rank: usize, ui: Ui) -> Result<ExitCode> {
     let synth = SynthSettings::tiny(dir.to_path_buf());
     if !ui.quiet {
         eprintln!(
-            "1/2 synthesising a Llama-shaped pair (hidden {}, intermediate {}, {} layers, vocab {}) in {}",
+            "1/3 synthesising a Llama-shaped pair (hidden {}, intermediate {}, {} layers, vocab {}) in {}",
             synth.hidden,
             synth.intermediate,
             synth.layers,
@@ -42,15 +42,30 @@ fn demo(dir: &std::path::Path, rank: usize, ui: Ui) -> Result<ExitCode> {
     let out: PathBuf = dir.join("adapter");
     if !ui.quiet {
         eprintln!(
-            "2/2 extracting a rank-{rank} adapter into {}",
+            "2/3 extracting a rank-{rank} adapter into {}",
             out.display()
         );
     }
-    let mut s = ExtractSettings::new(pair.base, pair.ft, out, rank);
+    let mut s = ExtractSettings::new(pair.base.clone(), pair.ft.clone(), out.clone(), rank);
     s.overwrite = true;
     s.progress = !ui.quiet;
     let report = crate::extract::extract(&s)?;
     super::extract::show(&report, ui, false);
+    // An independent check of the files: merge in row blocks and compare with the fine-tune.
+    let check = crate::verify::verify(&crate::verify::VerifySettings {
+        base: pair.base,
+        ft: pair.ft,
+        adapter: out,
+        min_cos: None,
+        max_error: None,
+        min_weight_cos: None,
+    })?;
+    if !ui.quiet {
+        eprintln!(
+            "3/3 verify (W_base + B·A against W_ft, recomputed from the files): total relative error {:.5} (extract's certificate: {:.5}), worst cos(ΔW) {:.4}",
+            check.total_relative_error, report.summary.total_relative_error, check.worst_cos_delta
+        );
+    }
     if !ui.quiet && dir.starts_with(std::env::temp_dir()) {
         eprintln!("(the demo folder is temporary; pass --dir DIR to keep it)");
     }

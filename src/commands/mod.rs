@@ -1,5 +1,6 @@
 //! One file per subcommand; each is a thin orchestration of the library's stages.
 
+mod analyze;
 mod bench;
 mod demo;
 mod extract;
@@ -26,6 +27,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Floor(a) => floor::run(a, ui),
         Command::Verify(a) => verify::run(a, ui),
         Command::Merge(a) => merge::run(a, ui),
+        Command::Analyze(a) => analyze::run(a, ui),
     }
 }
 

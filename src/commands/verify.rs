@@ -9,8 +9,14 @@ use crate::verify::{verify, VerifySettings};
 pub const FAILED_CHECK: u8 = 3;
 
 pub fn run(a: &VerifyArgs, ui: Ui) -> Result<ExitCode> {
-    if a.min_cos.is_some_and(|c| !(-1.0..=1.0).contains(&c)) {
-        return Err(Error::Settings("--min-cos must be between -1 and 1".into()));
+    if [a.min_cos, a.min_weight_cos]
+        .iter()
+        .flatten()
+        .any(|c| !(-1.0..=1.0).contains(c))
+    {
+        return Err(Error::Settings(
+            "--min-cos and --min-weight-cos must be between -1 and 1".into(),
+        ));
     }
     if a.max_error.is_some_and(|e| !(e >= 0.0 && e.is_finite())) {
         return Err(Error::Settings(
@@ -23,6 +29,7 @@ pub fn run(a: &VerifyArgs, ui: Ui) -> Result<ExitCode> {
         adapter: a.adapter.clone(),
         min_cos: a.min_cos,
         max_error: a.max_error,
+        min_weight_cos: a.min_weight_cos,
     })?;
     if !ui.quiet {
         eprint!("{}", report.table());

@@ -104,7 +104,8 @@ pub(super) struct Shared<'a> {
 
 /// What the workers and the writer hand back.
 pub(super) struct Outcome {
-    pub writer: AdapterWriter,
+    /// None when the run had none (spectra only).
+    pub writer: Option<AdapterWriter>,
     /// By plan index; None for tensors with nothing to do (unchanged, not selected).
     pub finished: Vec<Option<Finished>>,
     pub workers: Vec<WorkerTime>,
@@ -144,7 +145,7 @@ pub(super) fn run_all<B: Backend>(
     groups: &[DeviceWorkers<B>],
     budgets: &[Option<u64>],
     sh: &Shared<'_>,
-    writer: AdapterWriter,
+    writer: Option<AdapterWriter>,
 ) -> Result<Outcome> {
     let total_workers: usize = groups.iter().map(|g| g.workers.len()).sum();
     let order = queue(sh, total_workers);
@@ -257,11 +258,11 @@ fn worker_label<B: Backend>(be: &B, worker: usize) -> String {
 /// The writer thread: appends factors as they come (in any order; the file is ordered at
 /// commit) and keeps each tensor's result by its plan index.
 fn write_all(
-    mut writer: AdapterWriter,
+    mut writer: Option<AdapterWriter>,
     rx: Receiver<Finished>,
     sh: &Shared<'_>,
     cancel: &AtomicBool,
-) -> Result<(AdapterWriter, Vec<Option<Finished>>, f64)> {
+) -> Result<(Option<AdapterWriter>, Vec<Option<Finished>>, f64)> {
     let mut finished: Vec<Option<Finished>> = (0..sh.plan.items.len()).map(|_| None).collect();
     let mut seconds = 0.0;
     let total = sh.plan.items.len();
@@ -269,7 +270,7 @@ fn write_all(
     for mut done in rx {
         let clock = Instant::now();
         let item = &sh.plan.items[done.index];
-        if let Some(f) = done.factors.take() {
+        if let (Some(f), Some(writer)) = (done.factors.take(), writer.as_mut()) {
             // A first, then B, both at the tensor's place in the plan.
             let order = 2 * done.index as u64;
             let added = writer

@@ -101,6 +101,118 @@ pub fn extract(s: &ExtractSettings) -> Result<RunReport> {
     }
 }
 
+/// Each device's budget, and the smallest: fits are decided for it, so that any device can
+/// take any tensor and the output does not depend on which one did.
+fn budgets<B: Backend>(
+    groups: &[DeviceWorkers<B>],
+    s: &ExtractSettings,
+) -> (Vec<Option<u64>>, Option<u64>) {
+    let budgets: Vec<Option<u64>> = groups.iter().map(|g| budget_of(&g.workers[0], s)).collect();
+    let smallest = budgets.iter().copied().flatten().min();
+    (budgets, smallest)
+}
+
+/// How each LoRA target's ΔW fits at the ranks of `policy`, decided (and a bound no tensor
+/// can meet refused) before any work; placements[i] is for plan.items[i].
+fn placements<B: Backend>(
+    first: &B,
+    s: &ExtractSettings,
+    smallest: Option<u64>,
+    plan: &Plan,
+    policy: &RankPolicy,
+    r_adapter: usize,
+) -> Result<Vec<fit::Placement>> {
+    plan.items
+        .iter()
+        .map(|item| match item.action {
+            Action::LoraLinear | Action::LoraEmbedding => {
+                let rank = policy.rank_for(&item.name, item.shape[0], item.shape[1]);
+                fit::fit_of(first, s, smallest, item, rank.max(1), r_adapter)
+            }
+            _ => Ok(fit::Placement {
+                fit: fit::Fit::Whole,
+                bytes: 0,
+            }),
+        })
+        .collect()
+}
+
+/// One LoRA target's leading singular values (`phlora analyze`).
+#[derive(Clone, Debug)]
+pub struct TensorSpectrum {
+    pub name: String,
+    pub module: String,
+    pub shape: Vec<usize>,
+    pub delta_norm: f64,
+    /// Descending, at most the policy's rank for this tensor (empty: ΔW = 0).
+    pub s: Vec<f32>,
+}
+
+/// The spectra of every LoRA target at the ranks of `s.rank` (its cap), without writing an
+/// adapter: the same plan, workers and memory bounds as extract. Returns them in plan order
+/// with the device's name.
+pub fn spectra(s: &ExtractSettings) -> Result<(Vec<TensorSpectrum>, String)> {
+    let base = Checkpoint::open(&s.base)?;
+    let ft = Checkpoint::open(&s.ft)?;
+    let plan = Plan::build(&base, &ft, &s.plan)?;
+    let request = WorkerRequest {
+        device: s.device,
+        devices: s.devices.clone(),
+        in_flight: s.in_flight,
+        options: s.cuda,
+    };
+    match backend::resolve_workers(&request)? {
+        Workers::Cpu(groups) => spectra_on(&groups, s, &base, &ft, &plan),
+        Workers::Cuda(groups) => spectra_on(&groups, s, &base, &ft, &plan),
+    }
+}
+
+fn spectra_on<B: Backend>(
+    groups: &[DeviceWorkers<B>],
+    s: &ExtractSettings,
+    base: &Checkpoint,
+    ft: &Checkpoint,
+    plan: &Plan,
+) -> Result<(Vec<TensorSpectrum>, String)> {
+    let first = groups
+        .first()
+        .and_then(|g| g.workers.first())
+        .ok_or_else(|| Error::Device("no worker to run on".into()))?;
+    let r_adapter = s.rank.adapter_rank();
+    let (budgets, smallest) = budgets(groups, s);
+    let placements = placements(first, s, smallest, plan, &s.rank, r_adapter)?;
+    let total_bytes: u64 = plan.items.iter().map(|i| i.input_bytes()).sum();
+    let bar = progress_bar(s.progress, total_bytes, plan.items.len());
+    let shared = engine::Shared {
+        s,
+        base,
+        ft,
+        plan,
+        placements: &placements,
+        r_adapter,
+        out_dtype: DType::F32,
+        bar: &bar,
+        policy: &s.rank,
+        spectrum_only: true,
+    };
+    let outcome = engine::run_all(groups, &budgets, &shared, None)?;
+    bar.finish_and_clear();
+    let rows = plan
+        .items
+        .iter()
+        .zip(outcome.finished)
+        .filter(|(item, _)| matches!(item.action, Action::LoraLinear | Action::LoraEmbedding))
+        .map(|(item, done)| TensorSpectrum {
+            name: item.name.clone(),
+            module: item.module.clone(),
+            shape: item.shape.clone(),
+            delta_norm: done.as_ref().map_or(0.0, |d| d.row.delta_norm),
+            s: done.and_then(|d| d.spectrum).unwrap_or_default(),
+        })
+        .collect();
+    Ok((rows, device_names(groups)))
+}
+
 /// The adapter's `r` and, for a portable adapter, the rank every factor is padded to.
 fn adapter_ranks(
     policy: &RankPolicy,
@@ -206,29 +318,11 @@ fn run<B: Backend>(
             "--rank {r_adapter} exceeds the rank of every target matrix (at most {useful} here)"
         )));
     }
-    // Each device's budget; fits are decided for the smallest, so that any device can take
-    // any tensor and the output does not depend on which one did.
-    let budgets: Vec<Option<u64>> = groups.iter().map(|g| budget_of(&g.workers[0], s)).collect();
-    let smallest = budgets.iter().copied().flatten().min();
-    // How each LoRA target's ΔW fits, decided (and a bound no tensor can meet refused)
-    // before any work; placements[i] is for plan.items[i].
-    let placements_for = |policy: &RankPolicy| {
-        plan.items
-            .iter()
-            .map(|item| match item.action {
-                Action::LoraLinear | Action::LoraEmbedding => {
-                    let rank = policy.rank_for(&item.name, item.shape[0], item.shape[1]);
-                    fit::fit_of(first, s, smallest, item, rank.max(1), r_adapter)
-                }
-                _ => Ok(fit::Placement {
-                    fit: fit::Fit::Whole,
-                    bytes: 0,
-                }),
-            })
-            .collect::<Result<Vec<_>>>()
-    };
+    let (budgets, smallest) = budgets(groups, s);
+    let placements_for =
+        |policy: &RankPolicy| placements(first, s, smallest, plan, policy, r_adapter);
     let placements = placements_for(&s.rank)?;
-    let mut writer = AdapterWriter::create(&s.out, s.overwrite)?;
+    let mut writer = Some(AdapterWriter::create(&s.out, s.overwrite)?);
     let total_bytes: u64 = plan.items.iter().map(|i| i.input_bytes()).sum();
     let bar = progress_bar(s.progress, total_bytes, plan.items.len());
     let shared = |placements, policy, spectrum_only| engine::Shared {
@@ -290,7 +384,7 @@ fn run<B: Backend>(
         outcome.stages.add(&st);
     }
     bar.finish_and_clear();
-    let mut writer = outcome.writer;
+    let mut writer = outcome.writer.expect("extract runs with a writer");
     let mut svd_flops = 0f64;
     let mut written_modules: Vec<String> = Vec::new();
     // rows[i] reports plan.items[i].

@@ -1,0 +1,275 @@
+//! `analyze`: the energy profile of a fine-tune, without writing an adapter. Per LoRA target:
+//! the preserved energy E_r at chosen ranks, the rank each energy needs, and the head of the
+//! spectrum; written as JSON and CSV, with an energy-versus-rank plot by module type and a
+//! layer × module heatmap of the rank needed for one energy (`plot.rs`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::extract::{ExtractSettings, TensorSpectrum};
+use crate::linalg::rank::rank_for_energy;
+
+#[derive(Clone, Debug)]
+pub struct AnalyzeSettings {
+    /// Base, fine-tune, device, memory bounds, filters, SVD settings; `rank` is the cap.
+    pub extract: ExtractSettings,
+    pub ranks: Vec<usize>,
+    pub energies: Vec<f64>,
+    /// The energy of the heatmap.
+    pub heatmap_energy: f64,
+    /// Singular values kept per tensor in the report.
+    pub head: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TensorProfile {
+    pub name: String,
+    /// The module's last name (q_proj, up_proj, embed_tokens, ...).
+    pub module_type: String,
+    /// The first number in the path (the layer), if any.
+    pub layer: Option<usize>,
+    pub shape: Vec<usize>,
+    pub delta_norm: f64,
+    /// How many singular values were computed (the cap, or min(rows, cols)).
+    pub computed: usize,
+    /// E_r at each requested rank (null beyond what was computed).
+    pub energy_at: BTreeMap<usize, Option<f64>>,
+    /// The smallest rank reaching each energy (null if beyond what was computed). Keys are the
+    /// energies as written on the command line.
+    pub rank_for: BTreeMap<String, Option<usize>>,
+    pub spectrum_head: Vec<f32>,
+    /// E_r for r = 1..computed (for the plots).
+    #[serde(skip)]
+    pub curve: Vec<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AnalysisReport {
+    pub base: String,
+    pub ft: String,
+    pub device: String,
+    pub cap: usize,
+    pub ranks: Vec<usize>,
+    pub energies: Vec<f64>,
+    pub heatmap_energy: f64,
+    pub seconds: f64,
+    pub tensors: Vec<TensorProfile>,
+    /// Files written.
+    pub files: Vec<String>,
+}
+
+fn energy_key(t: f64) -> String {
+    format!("{t}")
+}
+
+/// The first path segment that is a number: the layer index.
+pub fn layer_of(name: &str) -> Option<usize> {
+    name.split('.').find_map(|p| p.parse().ok())
+}
+
+fn profile(t: &TensorSpectrum, s: &AnalyzeSettings) -> TensorProfile {
+    let total = t.delta_norm * t.delta_norm;
+    let full = t.s.len() >= t.shape[0].min(t.shape[1]);
+    let mut curve = Vec::with_capacity(t.s.len());
+    let mut kept = 0.0;
+    for &x in &t.s {
+        kept += f64::from(x) * f64::from(x);
+        curve.push(if total > 0.0 {
+            (kept / total).min(1.0)
+        } else {
+            1.0
+        });
+    }
+    let energy_at = s
+        .ranks
+        .iter()
+        .map(|&r| {
+            let e = if total == 0.0 {
+                Some(1.0)
+            } else if r <= curve.len() {
+                Some(curve[r - 1])
+            } else if full {
+                Some(1.0)
+            } else {
+                None
+            };
+            (r, e)
+        })
+        .collect();
+    let rank_for = s
+        .energies
+        .iter()
+        .map(|&e| (energy_key(e), rank_for_energy(&t.s, total, e)))
+        .collect();
+    let module_type = t.module.rsplit('.').next().unwrap_or(&t.module).to_string();
+    TensorProfile {
+        name: t.name.clone(),
+        module_type,
+        layer: layer_of(&t.name),
+        shape: t.shape.clone(),
+        delta_norm: t.delta_norm,
+        computed: t.s.len(),
+        energy_at,
+        rank_for,
+        spectrum_head: t.s.iter().take(s.head).copied().collect(),
+        curve,
+    }
+}
+
+/// Computes the spectra and writes DIR/analysis.json, analysis.csv, energy_curves.svg/.png and
+/// rank_heatmap.svg/.png.
+pub fn analyze(s: &AnalyzeSettings, dir: &Path) -> Result<AnalysisReport> {
+    let started = std::time::Instant::now();
+    let (spectra, device) = crate::extract::spectra(&s.extract)?;
+    let tensors: Vec<TensorProfile> = spectra.iter().map(|t| profile(t, s)).collect();
+    if tensors.is_empty() {
+        return Err(Error::Settings(
+            "no LoRA target to analyze (check --include/--exclude)".into(),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "cannot create output folder", e))?;
+    let mut report = AnalysisReport {
+        base: s.extract.base.display().to_string(),
+        ft: s.extract.ft.display().to_string(),
+        device,
+        cap: s.extract.rank.adapter_rank(),
+        ranks: s.ranks.clone(),
+        energies: s.energies.clone(),
+        heatmap_energy: s.heatmap_energy,
+        seconds: started.elapsed().as_secs_f64(),
+        tensors,
+        files: Vec::new(),
+    };
+    let mut files: Vec<(PathBuf, Vec<u8>)> = vec![
+        (dir.join("analysis.csv"), csv(&report).into_bytes()),
+        (
+            dir.join("energy_curves.svg"),
+            crate::plot::energy_curves(&report).svg().into_bytes(),
+        ),
+        (
+            dir.join("energy_curves.png"),
+            crate::plot::energy_curves(&report).png(),
+        ),
+        (
+            dir.join("rank_heatmap.svg"),
+            crate::plot::rank_heatmap(&report).svg().into_bytes(),
+        ),
+        (
+            dir.join("rank_heatmap.png"),
+            crate::plot::rank_heatmap(&report).png(),
+        ),
+    ];
+    report.files = files
+        .iter()
+        .map(|(p, _)| p.display().to_string())
+        .chain([dir.join("analysis.json").display().to_string()])
+        .collect();
+    files.push((
+        dir.join("analysis.json"),
+        serde_json::to_string_pretty(&report)
+            .expect("plain data serialises")
+            .into_bytes(),
+    ));
+    for (path, bytes) in files {
+        write_atomically(&path, &bytes)?;
+    }
+    Ok(report)
+}
+
+/// Written to a temporary name and renamed: a reader never sees half a file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("partial-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, "cannot write", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "cannot move into place", e))
+}
+
+fn csv(r: &AnalysisReport) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::from("tensor,module_type,layer,rows,cols,delta_norm,computed");
+    for k in &r.ranks {
+        let _ = write!(s, ",E_r{k}");
+    }
+    for e in &r.energies {
+        let _ = write!(s, ",rank_for_{e}");
+    }
+    s.push('\n');
+    let opt = |v: Option<String>| v.unwrap_or_default();
+    for t in &r.tensors {
+        let _ = write!(
+            s,
+            "{},{},{},{},{},{:.6e},{}",
+            t.name,
+            t.module_type,
+            opt(t.layer.map(|l| l.to_string())),
+            t.shape[0],
+            t.shape[1],
+            t.delta_norm,
+            t.computed
+        );
+        for k in &r.ranks {
+            let _ = write!(s, ",{}", opt(t.energy_at[k].map(|e| format!("{e:.6}"))));
+        }
+        for e in &r.energies {
+            let _ = write!(
+                s,
+                ",{}",
+                opt(t.rank_for[&energy_key(*e)].map(|x| x.to_string()))
+            );
+        }
+        s.push('\n');
+    }
+    s
+}
+
+impl AnalysisReport {
+    /// A table for people: per module type, the median rank each energy needs.
+    pub fn table(&self) -> String {
+        use std::fmt::Write as _;
+        let mut types: Vec<&str> = Vec::new();
+        for t in &self.tensors {
+            if !types.contains(&t.module_type.as_str()) {
+                types.push(&t.module_type);
+            }
+        }
+        let mut s = String::new();
+        let _ = write!(s, "{:<14} {:>7}", "module", "tensors");
+        for e in &self.energies {
+            let _ = write!(s, " {:>9}", format!("r@{e}"));
+        }
+        s.push_str("   (median rank needed; >cap: beyond the computed ranks)\n");
+        for ty in types {
+            let of: Vec<&TensorProfile> = self
+                .tensors
+                .iter()
+                .filter(|t| t.module_type == ty)
+                .collect();
+            let _ = write!(s, "{:<14} {:>7}", ty, of.len());
+            for e in &self.energies {
+                let mut v: Vec<usize> = of
+                    .iter()
+                    .map(|t| t.rank_for[&energy_key(*e)].unwrap_or(usize::MAX))
+                    .collect();
+                v.sort_unstable();
+                let m = v[v.len() / 2];
+                let cell = if m == usize::MAX {
+                    format!(">{}", self.cap)
+                } else {
+                    m.to_string()
+                };
+                let _ = write!(s, " {cell:>9}");
+            }
+            s.push('\n');
+        }
+        let _ = writeln!(
+            s,
+            "{} tensors in {:.2} s on {}",
+            self.tensors.len(),
+            self.seconds,
+            self.device
+        );
+        s
+    }
+}

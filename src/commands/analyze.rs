@@ -1,0 +1,68 @@
+use std::process::ExitCode;
+
+use super::Ui;
+use crate::analyze::{analyze, AnalyzeSettings};
+use crate::backend::Device;
+use crate::cli::AnalyzeArgs;
+use crate::error::{Error, Result};
+use crate::extract::ExtractSettings;
+use crate::plan::Glob;
+
+pub fn run(a: &AnalyzeArgs, ui: Ui) -> Result<ExitCode> {
+    if a.ranks.is_empty() || a.ranks.contains(&0) {
+        return Err(Error::Settings("--ranks: expected positive ranks".into()));
+    }
+    let valid = |t: f64| t > 0.0 && t <= 1.0;
+    if !a.energies.iter().copied().all(valid) || !valid(a.heatmap_energy) {
+        return Err(Error::Settings(
+            "--energies and --heatmap-energy: expected 0 < T ≤ 1".into(),
+        ));
+    }
+    let cap = a
+        .max_rank
+        .unwrap_or_else(|| a.ranks.iter().copied().max().unwrap_or(256));
+    if cap == 0 {
+        return Err(Error::Settings("--max-rank must be at least 1".into()));
+    }
+    let device = Device::parse(&a.device).ok_or_else(|| {
+        Error::Settings(format!(
+            "--device `{}`: expected auto, cpu, cuda or cuda:N",
+            a.device
+        ))
+    })?;
+    let size = |flag: &str, v: &Option<String>| -> Result<Option<u64>> {
+        v.as_deref()
+            .map(|s| crate::size::parse_size(s).map_err(|e| Error::Settings(format!("{flag} {e}"))))
+            .transpose()
+    };
+    let mut extract = ExtractSettings::new(a.base.clone(), a.ft.clone(), a.out.clone(), cap);
+    extract.device = device;
+    extract.max_ram = size("--max-ram", &a.max_ram)?;
+    extract.max_vram = size("--max-vram", &a.max_vram)?;
+    extract.plan.include = a.include.iter().map(|g| Glob::new(g)).collect();
+    extract.plan.exclude = a.exclude.iter().map(|g| Glob::new(g)).collect();
+    extract.progress = !ui.quiet;
+    let mut energies = a.energies.clone();
+    if !energies.contains(&a.heatmap_energy) {
+        energies.push(a.heatmap_energy);
+    }
+    let settings = AnalyzeSettings {
+        extract,
+        ranks: a.ranks.clone(),
+        energies,
+        heatmap_energy: a.heatmap_energy,
+        head: a.head,
+    };
+    let report = analyze(&settings, &a.out)?;
+    if !ui.quiet {
+        eprint!("{}", report.table());
+        eprintln!("written: {}", report.files.join(", "));
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("plain data serialises")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
