@@ -191,6 +191,13 @@ pub enum SvdArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TargetArg {
+    Peft,
+    Vllm,
+    Portable,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum GemmArg {
     Tf32,
     F32,
@@ -225,10 +232,15 @@ pub struct ExtractArgs {
     /// Cap on any tensor's rank under --energy or --budget.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_rank: usize,
-    /// One rank for every module, from the ranks vLLM accepts (1, 8, 16, 32, 64, 128, 256,
-    /// 320, 512): smaller factors are zero-padded (B·A is unchanged), no rank_pattern, so vLLM,
-    /// SGLang, LoRAX and TGI load the adapter. Norms saved whole still need --no-norms for vLLM.
-    #[arg(long)]
+    /// Which loaders the adapter is for. peft: per-module ranks via rank_pattern, norms via
+    /// modules_to_save. vllm: one rank vLLM accepts (1, 8, 16, 32, 64, 128, 256, 320, 512; a
+    /// fixed --rank must be one of them, chosen ranks are zero-padded up), no modules_to_save
+    /// (changed norms are left out, with a warning saying how much that drops). portable: what
+    /// vLLM, SGLang, LoRAX and TGI all load: as vllm, any rank padded up to an allowed one.
+    #[arg(long, value_enum, default_value_t = TargetArg::Peft)]
+    pub target: TargetArg,
+    /// Shorthand for --target portable.
+    #[arg(long, conflicts_with = "target")]
     pub portable: bool,
     /// SVD algorithm.
     #[arg(long, value_enum, default_value_t = SvdArg::Randomized)]

@@ -2,9 +2,9 @@
 
 use crate::backend::{CudaOptions, Device};
 use crate::checkpoint::DType;
-use crate::cli::{ExtractArgs, GemmArg, SvdArg, SynthArgs};
+use crate::cli::{ExtractArgs, GemmArg, SvdArg, SynthArgs, TargetArg};
 use crate::error::{Error, Result};
-use crate::extract::ExtractSettings;
+use crate::extract::{ExtractSettings, Target};
 use crate::linalg::{rank::RankPolicy, Method, SvdSettings};
 use crate::plan::{Glob, PlanOptions};
 use crate::synth::SynthSettings;
@@ -48,18 +48,42 @@ impl ExtractArgs {
         if self.max_rank == 0 {
             return Err(Error::Settings("--max-rank must be at least 1".into()));
         }
-        let largest =
-            crate::linalg::rank::PORTABLE_RANKS[crate::linalg::rank::PORTABLE_RANKS.len() - 1];
-        if self.portable && rank.adapter_rank() > largest {
-            let flag = if matches!(rank, RankPolicy::Fixed(_)) {
-                "--rank"
-            } else {
-                "--max-rank"
-            };
+        let target = match (self.portable, self.target) {
+            (true, _) | (_, TargetArg::Portable) => Target::Portable,
+            (_, TargetArg::Vllm) => Target::Vllm,
+            (_, TargetArg::Peft) => Target::Peft,
+        };
+        let allowed = crate::linalg::rank::PORTABLE_RANKS;
+        let largest = allowed[allowed.len() - 1];
+        let flag = if matches!(rank, RankPolicy::Fixed(_)) {
+            "--rank"
+        } else {
+            "--max-rank"
+        };
+        if target != Target::Peft && rank.adapter_rank() > largest {
             return Err(Error::Settings(format!(
-                "--portable: {flag} {} is above the largest rank vLLM accepts ({largest})",
+                "--target {}: {flag} {} is above the largest rank vLLM accepts ({largest})",
+                target.as_str(),
                 rank.adapter_rank()
             )));
+        }
+        if let (Target::Vllm, RankPolicy::Fixed(r)) = (target, &rank) {
+            if !allowed.contains(r) {
+                let up = allowed
+                    .iter()
+                    .find(|&&a| a > *r)
+                    .copied()
+                    .unwrap_or(largest);
+                let down = allowed
+                    .iter()
+                    .rev()
+                    .find(|&&a| a < *r)
+                    .copied()
+                    .unwrap_or(1);
+                return Err(Error::Settings(format!(
+                    "--target vllm: vLLM loads only ranks {allowed:?} (max_lora_rank), so it would reject r = {r}; use --rank {down} or --rank {up}, or --target portable to zero-pad rank {r} up to {up}"
+                )));
+            }
         }
         if self.power_iters > 20 {
             return Err(Error::Settings(
@@ -130,10 +154,10 @@ impl ExtractArgs {
                 include: self.include.iter().map(|g| Glob::new(g)).collect(),
                 exclude: self.exclude.iter().map(|g| Glob::new(g)).collect(),
                 embeddings: !self.no_embeddings,
-                norms: !self.no_norms,
+                norms: !self.no_norms && target == Target::Peft,
             },
             base_name: self.base_name.clone(),
-            portable: self.portable,
+            target,
             overwrite: self.force,
             progress,
         })

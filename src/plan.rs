@@ -190,7 +190,7 @@ fn is_embedding_like(name: &str) -> bool {
     m.contains("embed") || m == "wte" || m == "wpe" || m == "lm_head"
 }
 
-fn is_norm_module(module: &str) -> bool {
+pub fn is_norm_module(module: &str) -> bool {
     let m = last_segment(module).to_ascii_lowercase();
     m.contains("norm") || m.starts_with("ln_") || m == "ln"
 }
@@ -216,7 +216,9 @@ pub fn classify(name: &str, shape: &[usize], opts: &PlanOptions) -> Action {
             if opts.norms {
                 Action::SaveWhole
             } else {
-                Action::NotCarried("norm left out by --no-norms".into())
+                Action::NotCarried(
+                    "norm left out (--no-norms, or a --target without modules_to_save)".into(),
+                )
             }
         }
         1 => Action::NotCarried("1-D parameter (bias); a LoRA cannot carry it".into()),

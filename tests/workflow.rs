@@ -605,7 +605,11 @@ fn run_policy(
     let mut st = ExtractSettings::new(b.to_path_buf(), f.to_path_buf(), out.to_path_buf(), 1);
     st.device = phlora::backend::Device::Cpu;
     st.rank = policy;
-    st.portable = portable;
+    st.target = if portable {
+        phlora::extract::Target::Portable
+    } else {
+        phlora::extract::Target::Peft
+    };
     extract(&st).unwrap()
 }
 
@@ -799,7 +803,7 @@ fn a_portable_adapter_has_one_allowed_rank_and_the_same_product() {
         ),
         (vec!["--energy", "1.5"], "expected 0 < T ≤ 1"),
         (vec!["--budget", "lots"], "--budget `lots`"),
-        (vec!["--rank", "600", "--portable"], "--portable"),
+        (vec!["--rank", "600", "--portable"], "--target portable: --rank 600"),
     ] {
         let mut full = vec![
             "extract",
@@ -908,4 +912,73 @@ fn analyze_reports_energies_and_ranks_that_match_the_exact_spectra() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("expected 0 < T ≤ 1"));
+}
+
+#[test]
+fn target_vllm_refuses_what_vllm_rejects_and_drops_norms_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = pair(dir.path(), DType::BF16, fresh_seed("target-vllm"));
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "extract",
+            "--base",
+            s(&b),
+            "--ft",
+            s(&f),
+            "--out",
+            s(out),
+            "--device",
+            "cpu",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        phlora(&args)
+    };
+    // A rank vLLM does not load is refused before any work, with the ranks it does load.
+    let out = dir.path().join("r24");
+    let o = run(&out, &["--rank", "24", "--target", "vllm"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("would reject r = 24")
+            && err.contains("--rank 16 or --rank 32")
+            && err.contains("--target portable"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // An allowed rank: no modules_to_save, norms reported as not carried, one warning line.
+    let out = dir.path().join("r16");
+    let o = run(&out, &["--rank", "16", "--target", "vllm"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.matches("writes no modules_to_save").count(), 1, "{err}");
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert!(cfg["modules_to_save"].is_null(), "{cfg}");
+    assert_eq!(cfg["r"], 16);
+    let keys: Vec<String> = read_safetensors(&out.join("adapter_model.safetensors"))
+        .into_keys()
+        .collect();
+    assert!(
+        keys.iter().all(|k| k.ends_with("lora_A.weight")
+            || k.ends_with("lora_B.weight")
+            || k.ends_with("lora_embedding_A")
+            || k.ends_with("lora_embedding_B")),
+        "{keys:?}"
+    );
+    let report = read_json(&out.join("report.json"));
+    let norms: Vec<&serde_json::Value> = report["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["name"].as_str().unwrap().contains("norm"))
+        .collect();
+    assert!(
+        !norms.is_empty() && norms.iter().all(|t| t["action"] == "not-carried"),
+        "{norms:?}"
+    );
+    // --target portable pads 24 up to 32 instead.
+    let out = dir.path().join("p24");
+    let o = run(&out, &["--rank", "24", "--target", "portable"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read_json(&out.join("adapter_config.json"))["r"], 32);
 }
