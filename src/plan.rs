@@ -45,6 +45,9 @@ pub struct PlanItem {
     pub base: TensorEntry,
     pub ft: TensorEntry,
     pub action: Action,
+    /// A GPT-2-style Conv1D weight, stored [in, out]: its LoRA is A [r, in], B [out, r] with
+    /// `fan_in_fan_out`, ΔW = (B·A)ᵀ.
+    pub conv1d: bool,
 }
 
 impl PlanItem {
@@ -86,6 +89,7 @@ impl Plan {
         };
         let mut filtered_out = 0;
         let mut items = Vec::new();
+        let gpt2 = is_gpt2(base.config()) || is_gpt2(ft.config());
         for f in ft.tensors() {
             if !selected(&f.name) {
                 filtered_out += 1;
@@ -139,7 +143,10 @@ impl Plan {
                     }
                 }
             };
+            let conv1d =
+                action == Action::LoraLinear && gpt2 && is_conv1d_module(module_of(&f.name));
             items.push(PlanItem {
+                conv1d,
                 module: module_of(&f.name).to_string(),
                 name: f.name.clone(),
                 shape: f.shape.clone(),
@@ -188,6 +195,27 @@ pub fn last_segment(path: &str) -> &str {
 fn is_embedding_like(name: &str) -> bool {
     let m = last_segment(module_of(name));
     m.contains("embed") || m == "wte" || m == "wpe" || m == "lm_head"
+}
+
+/// GPT-2's Conv1D layers (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) store [in, out].
+fn is_conv1d_module(module: &str) -> bool {
+    matches!(
+        last_segment(module),
+        "c_attn" | "c_proj" | "c_fc" | "q_attn"
+    )
+}
+
+/// A GPT-2-family checkpoint (its config says so), whose linear layers are Conv1D.
+fn is_gpt2(config: Option<&serde_json::Value>) -> bool {
+    config.is_some_and(|c| {
+        c.get("model_type").and_then(|m| m.as_str()) == Some("gpt2")
+            || c.get("architectures")
+                .and_then(|a| a.as_array())
+                .is_some_and(|a| {
+                    a.iter()
+                        .any(|x| x.as_str().is_some_and(|s| s.starts_with("GPT2")))
+                })
+    })
 }
 
 pub fn is_norm_module(module: &str) -> bool {

@@ -803,7 +803,10 @@ fn a_portable_adapter_has_one_allowed_rank_and_the_same_product() {
         ),
         (vec!["--energy", "1.5"], "expected 0 < T ≤ 1"),
         (vec!["--budget", "lots"], "--budget `lots`"),
-        (vec!["--rank", "600", "--portable"], "--target portable: --rank 600"),
+        (
+            vec!["--rank", "600", "--portable"],
+            "--target portable: --rank 600",
+        ),
     ] {
         let mut full = vec![
             "extract",
@@ -981,4 +984,130 @@ fn target_vllm_refuses_what_vllm_rejects_and_drops_norms_with_a_warning() {
     let o = run(&out, &["--rank", "24", "--target", "portable"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(read_json(&out.join("adapter_config.json"))["r"], 32);
+}
+
+/// GPT-2 names and Conv1D weights stored [in, out]: factors A [r, in], B [out, r] with
+/// fan_in_fan_out, checked by reconstruction, by verify, and through merge.
+#[test]
+fn gpt2_conv1d_weights_get_fan_in_fan_out_factors() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = fresh_seed("gpt2");
+    let h = 16;
+    let specs: Vec<(String, Vec<usize>)> = vec![
+        ("transformer.wte.weight".into(), vec![40, h]),
+        ("transformer.wpe.weight".into(), vec![12, h]),
+        ("transformer.h.0.ln_1.weight".into(), vec![h]),
+        ("transformer.h.0.attn.c_attn.weight".into(), vec![h, 3 * h]),
+        ("transformer.h.0.attn.c_attn.bias".into(), vec![3 * h]),
+        ("transformer.h.0.attn.c_proj.weight".into(), vec![h, h]),
+        ("transformer.h.0.mlp.c_fc.weight".into(), vec![h, 4 * h]),
+        ("transformer.h.0.mlp.c_proj.weight".into(), vec![4 * h, h]),
+        ("transformer.ln_f.weight".into(), vec![h]),
+    ];
+    let (mut base, mut ft) = (Vec::new(), Vec::new());
+    for (k, (name, shape)) in specs.iter().enumerate() {
+        let sd = seed + 31 * k as u64;
+        let n: usize = shape.iter().product();
+        let b = normal(n, sd);
+        let d: Vec<f32> = if shape.len() == 2 {
+            to_row_major_f32(&spectrum_matrix(
+                shape[0],
+                shape[1],
+                &[1.0, 0.6, 0.3],
+                1e-4,
+                sd + 1,
+            ))
+        } else {
+            normal(n, sd + 1).iter().map(|x| 0.01 * x).collect()
+        };
+        base.push(tensor(name, DType::F32, shape, b.clone()));
+        ft.push(tensor(
+            name,
+            DType::F32,
+            shape,
+            b.iter().zip(&d).map(|(x, y)| x + y).collect(),
+        ));
+    }
+    let (b, f) = (dir.path().join("base"), dir.path().join("ft"));
+    for (d, t) in [(&b, &base), (&f, &ft)] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(
+            d.join("config.json"),
+            r#"{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}"#,
+        )
+        .unwrap();
+        write_single(&d.join("model.safetensors"), t);
+    }
+    let out = dir.path().join("adapter");
+    let mut st = ExtractSettings::new(b.clone(), f.clone(), out.clone(), 3);
+    st.device = phlora::backend::Device::Cpu;
+    let report = extract(&st).unwrap();
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["fan_in_fan_out"], true, "{cfg}");
+    let factors = read_safetensors(&out.join("adapter_model.safetensors"));
+    let (base_t, ft_t) = (
+        read_safetensors(&b.join("model.safetensors")),
+        read_safetensors(&f.join("model.safetensors")),
+    );
+    for m in [
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.0.attn.c_proj",
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj",
+    ] {
+        let w = format!("{m}.weight");
+        let (rows, cols) = (ft_t[&w].shape[0], ft_t[&w].shape[1]); // [in, out]
+        let a = &factors[&format!("base_model.model.{m}.lora_A.weight")];
+        let bf = &factors[&format!("base_model.model.{m}.lora_B.weight")];
+        assert_eq!(a.shape, vec![3, rows], "{m}: A is [r, in]");
+        assert_eq!(bf.shape, vec![cols, 3], "{m}: B is [out, r]");
+        // ΔW (stored [in, out]) = (B·A)ᵀ: entry (i, j) = Σ_k B[j, k]·A[k, i].
+        let (mut num, mut den) = (0f64, 0f64);
+        for i in 0..rows {
+            for j in 0..cols {
+                let d = f64::from(ft_t[&w].values[i * cols + j])
+                    - f64::from(base_t[&w].values[i * cols + j]);
+                let p: f64 = (0..3)
+                    .map(|k| f64::from(bf.values[j * 3 + k]) * f64::from(a.values[k * rows + i]))
+                    .sum();
+                num += (d - p).powi(2);
+                den += d * d;
+            }
+        }
+        let rel = (num / den).sqrt();
+        let reported = report
+            .tensors
+            .iter()
+            .find(|t| t.name == w)
+            .unwrap()
+            .residual
+            .unwrap();
+        assert!(
+            (rel - reported).abs() < 1e-5 && rel < 1e-2,
+            "{m}: {rel} vs {reported}"
+        );
+    }
+    // verify reads fan_in_fan_out the same way; merge → verify closes the loop.
+    let v = verify(&settings(&b, &f, &out)).unwrap();
+    assert!((v.total_relative_error - report.summary.total_relative_error).abs() < 1e-6);
+    let merged = dir.path().join("merged");
+    let o = phlora(&[
+        "merge",
+        "--base",
+        s(&b),
+        "--adapter",
+        s(&out),
+        "--out",
+        s(&merged),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = verify(&settings(&b, &merged, &out)).unwrap();
+    assert!(
+        v.tensors
+            .iter()
+            .filter(|t| t.kind.starts_with("lora"))
+            .all(|t| t.rel_error_delta < 1e-5),
+        "{:?}",
+        v.tensors
+    );
 }

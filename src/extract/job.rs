@@ -277,7 +277,8 @@ impl<B: Backend> LoraJob<'_, B> {
         }
 
         let clock = Instant::now();
-        let layout = if item.action == Action::LoraEmbedding {
+        // Embeddings and Conv1D weights both store [in, out]: A = (U√S)ᵀ, B = (√S·Vᵀ)ᵀ.
+        let layout = if item.action == Action::LoraEmbedding || item.conv1d {
             Layout::Embedding
         } else {
             Layout::Linear
@@ -301,12 +302,12 @@ impl<B: Backend> LoraJob<'_, B> {
             .map_err(backend_err)?;
         stages.residual += lap(clock);
 
-        let (a_key, b_key) = match layout {
-            Layout::Linear => (
+        let (a_key, b_key) = match item.action {
+            Action::LoraLinear => (
                 adapter::lora_a_key(&item.module),
                 adapter::lora_b_key(&item.module),
             ),
-            Layout::Embedding => (
+            _ => (
                 adapter::embedding_a_key(&item.module),
                 adapter::embedding_b_key(&item.module),
             ),

@@ -530,6 +530,11 @@ fn run<B: Backend>(
         targets,
         modules_to_save,
     );
+    // GPT-2's Conv1D layers store [in, out] (PEFT sets fan_in_fan_out per layer anyway).
+    config.fan_in_fan_out = rows
+        .iter()
+        .zip(&plan.items)
+        .any(|(r, i)| i.conv1d && r.action == "lora");
     if pad_to.is_none() && !s.rank.uniform() {
         for (module, r) in module_ranks.iter().filter(|(_, r)| *r != config_rank) {
             let key = regex::escape(module);
