@@ -197,6 +197,22 @@ fn is_embedding_like(name: &str) -> bool {
     m.contains("embed") || m == "wte" || m == "wpe" || m == "lm_head"
 }
 
+/// An MoE expert's module (`….experts.<N>.<rest>`): the regex every expert of the same module
+/// matches (`….experts\.\d+\.<rest>`, escaped for PEFT's rank_pattern).
+pub fn expert_group(module: &str) -> Option<String> {
+    let parts: Vec<&str> = module.split('.').collect();
+    let at = parts
+        .windows(2)
+        .position(|w| w[0] == "experts" && w[1].parse::<usize>().is_ok())?;
+    let prefix = parts[..=at].join(".");
+    let rest = parts[at + 2..].join(".");
+    let mut re = format!(r"{}\.\d+", regex::escape(&prefix));
+    if !rest.is_empty() {
+        re.push_str(&format!(r"\.{}", regex::escape(&rest)));
+    }
+    Some(re)
+}
+
 /// GPT-2's Conv1D layers (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) store [in, out].
 fn is_conv1d_module(module: &str) -> bool {
     matches!(
@@ -293,6 +309,23 @@ impl Glob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn experts_of_one_module_share_a_pattern() {
+        let g = expert_group("model.layers.0.block_sparse_moe.experts.3.w1").unwrap();
+        assert_eq!(g, r"model\.layers\.0\.block_sparse_moe\.experts\.\d+\.w1");
+        assert_eq!(
+            expert_group("model.layers.2.mlp.experts.17.down_proj").unwrap(),
+            r"model\.layers\.2\.mlp\.experts\.\d+\.down_proj"
+        );
+        assert_eq!(expert_group("model.layers.0.mlp.down_proj"), None);
+        assert_eq!(expert_group("model.layers.0.mlp.experts.gate_up_proj"), None);
+        // Read the way PEFT reads rank_pattern keys.
+        let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{g})$")).unwrap();
+        assert!(re.is_match("model.layers.0.block_sparse_moe.experts.12.w1"));
+        assert!(!re.is_match("model.layers.0.block_sparse_moe.experts.1.w12"));
+        assert!(!re.is_match("model.layers.10.block_sparse_moe.experts.1.w1"));
+    }
 
     #[test]
     fn globs_match_whole_names() {

@@ -1111,3 +1111,131 @@ fn gpt2_conv1d_weights_get_fan_in_fan_out_factors() {
         v.tensors
     );
 }
+
+/// Mixtral names: per-expert w1/w2/w3 and the router are ordinary targets; under --energy the
+/// experts of one module share the largest of their ranks (one rank_pattern entry per module).
+#[test]
+fn moe_experts_are_targets_and_share_a_rank_per_module() {
+    use phlora::linalg::rank::RankPolicy;
+    let dir = tempfile::tempdir().unwrap();
+    let seed = fresh_seed("mixtral");
+    let (h, i, e) = (16, 24, 4);
+    let mut specs: Vec<(String, Vec<usize>, Vec<f64>)> = vec![
+        (
+            "model.layers.0.self_attn.q_proj.weight".into(),
+            vec![h, h],
+            vec![1.0, 0.5],
+        ),
+        (
+            "model.layers.0.block_sparse_moe.gate.weight".into(),
+            vec![e, h],
+            vec![1.0],
+        ),
+    ];
+    for x in 0..e {
+        // Experts with different spectra: their ranks for E ≥ 0.9 differ.
+        let sigma: Vec<f64> = (0..(2 + x)).map(|k| 1.0 / (1.0 + k as f64)).collect();
+        for (w, shape) in [("w1", vec![i, h]), ("w2", vec![h, i]), ("w3", vec![i, h])] {
+            specs.push((
+                format!("model.layers.0.block_sparse_moe.experts.{x}.{w}.weight"),
+                shape,
+                sigma.clone(),
+            ));
+        }
+    }
+    let (mut base, mut ft) = (Vec::new(), Vec::new());
+    for (k, (name, shape, sigma)) in specs.iter().enumerate() {
+        let sd = seed + 17 * k as u64;
+        let b = normal(shape[0] * shape[1], sd);
+        let d = to_row_major_f32(&spectrum_matrix(shape[0], shape[1], sigma, 0.0, sd + 1));
+        base.push(tensor(name, DType::F32, shape, b.clone()));
+        ft.push(tensor(
+            name,
+            DType::F32,
+            shape,
+            b.iter().zip(&d).map(|(x, y)| x + y).collect(),
+        ));
+    }
+    let (b, f) = (
+        dir.path().join("base.safetensors"),
+        dir.path().join("ft.safetensors"),
+    );
+    write_single(&b, &base);
+    write_single(&f, &ft);
+    let out = dir.path().join("adapter");
+    let report = run_policy(
+        &b,
+        &f,
+        &out,
+        RankPolicy::Energy {
+            target: 0.9,
+            max_rank: 16,
+        },
+        false,
+    );
+    assert_eq!(
+        report.summary.lora,
+        2 + 3 * e,
+        "every expert and the router are LoRA targets"
+    );
+    let cfg = read_json(&out.join("adapter_config.json"));
+    let targets: Vec<String> = serde_json::from_value(cfg["target_modules"].clone()).unwrap();
+    for m in ["gate", "q_proj", "w1", "w2", "w3"] {
+        assert!(targets.iter().any(|t| t == m), "{m} in {targets:?}");
+    }
+    let factors = read_safetensors(&out.join("adapter_model.safetensors"));
+    for w in ["w1", "w2", "w3"] {
+        let ranks: Vec<usize> = (0..e)
+            .map(|x| factors[&format!("base_model.model.model.layers.0.block_sparse_moe.experts.{x}.{w}.lora_A.weight")].shape[0])
+            .collect();
+        let decomposed: Vec<usize> = (0..e)
+            .map(|x| {
+                report
+                    .tensors
+                    .iter()
+                    .find(|t| {
+                        t.name == format!("model.layers.0.block_sparse_moe.experts.{x}.{w}.weight")
+                    })
+                    .unwrap()
+                    .rank
+                    .unwrap()
+            })
+            .collect();
+        assert!(ranks.iter().all(|&r| r == ranks[0]), "{w}: {ranks:?}");
+        assert_eq!(
+            ranks[0],
+            *decomposed.iter().max().unwrap(),
+            "{w}: the group's largest"
+        );
+        assert!(
+            decomposed.iter().min() < decomposed.iter().max(),
+            "{w}: the experts differ: {decomposed:?}"
+        );
+    }
+    // At most one pattern per expert module (never one per expert), and PEFT's reading of the
+    // config (verify) gives the same product.
+    let patterns = cfg["rank_pattern"].as_object().unwrap();
+    assert!(
+        !patterns.keys().any(|k| k.contains(r"experts\.0\.")),
+        "{patterns:?}"
+    );
+    for w in ["w1", "w2", "w3"] {
+        let rank = factors[&format!(
+            "base_model.model.model.layers.0.block_sparse_moe.experts.0.{w}.lora_A.weight"
+        )]
+            .shape[0];
+        let group = patterns
+            .iter()
+            .find(|(k, _)| k.ends_with(&format!(r"experts\.\d+\.{w}")));
+        match group {
+            Some((_, r)) => assert_eq!(r.as_u64().unwrap() as usize, rank, "{w}"),
+            None => assert_eq!(
+                cfg["r"].as_u64().unwrap() as usize,
+                rank,
+                "{w}: at the default r"
+            ),
+        }
+    }
+    let v = verify(&settings(&b, &f, &out)).unwrap();
+    assert!((v.total_relative_error - report.summary.total_relative_error).abs() < 1e-6);
+}

@@ -121,13 +121,13 @@ impl AdapterWriter {
         self.entries.len()
     }
 
-    /// Writes the final files and moves them into OUT; the config goes last. With `pad_to`,
-    /// every factor is zero-padded along its rank axis to that rank (B·A is unchanged).
+    /// Writes the final files and moves them into OUT; the config goes last. `pad_to(name)`
+    /// gives the rank a factor is zero-padded to along its rank axis (B·A is unchanged).
     pub fn commit(
         mut self,
         config_json: &str,
         report_json: &str,
-        pad_to: Option<usize>,
+        pad_to: &dyn Fn(&str) -> Option<usize>,
     ) -> Result<()> {
         let data = self.data.take().expect("not committed");
         let data = data
@@ -140,7 +140,7 @@ impl AdapterWriter {
         self.entries.sort_by_key(|e| e.0);
         let padded = |e: &HeaderEntry, axis: Option<usize>| -> HeaderEntry {
             let mut e = e.clone();
-            if let (Some(axis), Some(r)) = (axis, pad_to) {
+            if let (Some(axis), Some(r)) = (axis, pad_to(&e.name)) {
                 let old = e.shape[axis];
                 if r > old {
                     e.nbytes = e.nbytes / old.max(1) * r;

@@ -521,8 +521,38 @@ fn run<B: Backend>(
         .filter(|(r, _)| matches!(r.action, "lora" | "lora-embedding"))
         .filter_map(|(r, item)| Some((item.module.clone(), r.rank?)))
         .collect();
+    // The experts of one MoE module share a rank (vLLM needs it, and PEFT then needs one
+    // pattern per module): the group's largest, smaller experts zero-padded at commit.
+    let mut group_rank: HashMap<String, usize> = HashMap::new();
+    for (module, r) in &module_ranks {
+        if let Some(g) = crate::plan::expert_group(module) {
+            let e = group_rank.entry(g).or_default();
+            *e = (*e).max(*r);
+        }
+    }
+    let module_ranks: Vec<(String, usize)> = module_ranks
+        .into_iter()
+        .map(|(m, r)| {
+            let shared = crate::plan::expert_group(&m).map(|g| group_rank[&g]);
+            (m, shared.unwrap_or(r))
+        })
+        .collect();
     let (config_rank, pad_to) =
         adapter_ranks(&s.rank, r_adapter, &module_ranks, s.target != Target::Peft)?;
+    // The rank each factor is written at, by tensor key.
+    let written_rank: HashMap<String, usize> = module_ranks
+        .iter()
+        .flat_map(|(m, r)| {
+            let r = pad_to.unwrap_or(*r);
+            [
+                adapter::lora_a_key(m),
+                adapter::lora_b_key(m),
+                adapter::embedding_a_key(m),
+                adapter::embedding_b_key(m),
+            ]
+            .map(|k| (k, r))
+        })
+        .collect();
     let mut config = AdapterConfig::new(
         base_model_name(s, base),
         task_type(base, ft),
@@ -537,7 +567,7 @@ fn run<B: Backend>(
         .any(|(r, i)| i.conv1d && r.action == "lora");
     if pad_to.is_none() && !s.rank.uniform() {
         for (module, r) in module_ranks.iter().filter(|(_, r)| *r != config_rank) {
-            let key = regex::escape(module);
+            let key = crate::plan::expert_group(module).unwrap_or_else(|| regex::escape(module));
             config.rank_pattern.insert(key.clone(), *r);
             config.alpha_pattern.insert(key, *r as f64);
         }
@@ -560,7 +590,9 @@ fn run<B: Backend>(
     };
     let config_json = serde_json::to_string_pretty(&config).expect("config serializes");
     let report_json = serde_json::to_string_pretty(&report).expect("report serializes");
-    writer.commit(&config_json, &report_json, pad_to)?;
+    writer.commit(&config_json, &report_json, &|key| {
+        written_rank.get(key).copied()
+    })?;
     Ok(report)
 }
 
