@@ -45,6 +45,8 @@ pub struct PlanItem {
     pub base: TensorEntry,
     pub ft: TensorEntry,
     pub action: Action,
+    /// Said in the report next to this tensor (e.g. a tied lm_head's stand-in).
+    pub note: Option<String>,
     /// A GPT-2-style Conv1D weight, stored [in, out]: its LoRA is A [r, in], B [out, r] with
     /// `fan_in_fan_out`, ΔW = (B·A)ᵀ.
     pub conv1d: bool,
@@ -89,13 +91,22 @@ impl Plan {
         };
         let mut filtered_out = 0;
         let mut items = Vec::new();
+        let mut notes: Vec<(String, String)> = Vec::new();
         let gpt2 = is_gpt2(base.config()) || is_gpt2(ft.config());
         for f in ft.tensors() {
             if !selected(&f.name) {
                 filtered_out += 1;
                 continue;
             }
-            let b = base.get(&f.name).ok_or_else(|| {
+            let tied_base = || {
+                tied_counterpart(base, &f.name, &f.shape).inspect(|e| {
+                    notes.push((
+                        f.name.clone(),
+                        format!("the base ties lm_head to `{}`: ΔW is against it", e.name),
+                    ));
+                })
+            };
+            let b = base.get(&f.name).or_else(tied_base).ok_or_else(|| {
                 Error::tensor(
                     ft.path_of(f),
                     &f.name,
@@ -147,6 +158,7 @@ impl Plan {
                 action == Action::LoraLinear && gpt2 && is_conv1d_module(module_of(&f.name));
             items.push(PlanItem {
                 conv1d,
+                note: None,
                 module: module_of(&f.name).to_string(),
                 name: f.name.clone(),
                 shape: f.shape.clone(),
@@ -156,15 +168,45 @@ impl Plan {
             });
         }
         for b in base.tensors() {
-            if selected(&b.name) && ft.get(&b.name).is_none() {
-                return Err(Error::tensor(
-                    base.path_of(b),
-                    &b.name,
+            if !selected(&b.name) || ft.get(&b.name).is_some() {
+                continue;
+            }
+            // The fine-tune ties lm_head to its embeddings: its lm_head is that tensor.
+            if let Some(f) = tied_counterpart(ft, &b.name, &b.shape)
+                .filter(|f| f.float_dtype().is_some() && b.float_dtype().is_some())
+            {
+                notes.push((
+                    b.name.clone(),
                     format!(
-                        "present in the base but not in the fine-tune ({}); if this is intended, leave it out with --exclude",
-                        ft.root().display()
+                        "the fine-tune ties lm_head to `{}`: ΔW is that minus the base's lm_head",
+                        f.name
                     ),
                 ));
+                items.push(PlanItem {
+                    conv1d: false,
+                    module: module_of(&b.name).to_string(),
+                    name: b.name.clone(),
+                    shape: b.shape.clone(),
+                    base: b.clone(),
+                    ft: f.clone(),
+                    action: classify(&b.name, &b.shape, opts),
+                    note: None,
+                });
+                continue;
+            }
+            return Err(Error::tensor(
+                base.path_of(b),
+                &b.name,
+                format!(
+                    "present in the base but not in the fine-tune ({}); if this is intended, leave it out with --exclude",
+                    ft.root().display()
+                ),
+            ));
+        }
+        for (name, note) in notes {
+            tracing::info!("{name}: {note}");
+            if let Some(item) = items.iter_mut().find(|i| i.name == name) {
+                item.note = Some(note);
             }
         }
         Ok(Plan {
@@ -211,6 +253,22 @@ pub fn expert_group(module: &str) -> Option<String> {
         re.push_str(&format!(r"\.{}", regex::escape(&rest)));
     }
     Some(re)
+}
+
+/// For `lm_head.weight` missing from a checkpoint that ties it to its embeddings: that
+/// checkpoint's embedding matrix of the same shape.
+pub fn tied_counterpart<'a>(
+    ck: &'a Checkpoint,
+    name: &str,
+    shape: &[usize],
+) -> Option<&'a TensorEntry> {
+    if last_segment(module_of(name)) != "lm_head" || !name.ends_with(".weight") {
+        return None;
+    }
+    ck.tensors().iter().find(|t| {
+        (t.name.ends_with("embed_tokens.weight") || t.name.ends_with("wte.weight"))
+            && t.shape == shape
+    })
 }
 
 /// GPT-2's Conv1D layers (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) store [in, out].
@@ -319,7 +377,10 @@ mod tests {
             r"model\.layers\.2\.mlp\.experts\.\d+\.down_proj"
         );
         assert_eq!(expert_group("model.layers.0.mlp.down_proj"), None);
-        assert_eq!(expert_group("model.layers.0.mlp.experts.gate_up_proj"), None);
+        assert_eq!(
+            expert_group("model.layers.0.mlp.experts.gate_up_proj"),
+            None
+        );
         // Read the way PEFT reads rank_pattern keys.
         let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{g})$")).unwrap();
         assert!(re.is_match("model.layers.0.block_sparse_moe.experts.12.w1"));

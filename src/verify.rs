@@ -13,6 +13,7 @@ use crate::adapter::read::{update_rows, Adapter, LoraModule};
 use crate::checkpoint::dtype::decode_into;
 use crate::checkpoint::{Checkpoint, TensorEntry};
 use crate::error::{Error, Result};
+use crate::plan::tied_counterpart;
 
 #[derive(Clone, Debug)]
 pub struct VerifySettings {
@@ -173,7 +174,11 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
     // Every module and whole tensor of the adapter must land on a weight of the pair.
     for m in &adapter.modules {
         let name = format!("{}.weight", m.module);
-        let t = ft.get(&name).ok_or_else(|| {
+        let t = ft.get(&name).or_else(|| {
+            let shape = Adapter::weight_shape(m);
+            tied_counterpart(&ft, &name, &shape)
+        });
+        let t = t.ok_or_else(|| {
             Error::tensor(
                 adapter.file.path_of(&m.a),
                 &m.module,
@@ -213,14 +218,28 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
     }
     let mut checks = Vec::new();
     let mut carried = std::collections::HashSet::new();
+    // (name, base tensor, fine-tune tensor): by name, or a tied lm_head's embedding stand-in.
+    let mut pairs: Vec<(String, &TensorEntry, &TensorEntry)> = Vec::new();
     for ftt in ft.tensors() {
-        let bt = base.get(&ftt.name).ok_or_else(|| {
-            Error::tensor(ft.path_of(ftt), &ftt.name, "not in the base checkpoint")
-        })?;
+        let bt = base
+            .get(&ftt.name)
+            .or_else(|| tied_counterpart(&base, &ftt.name, &ftt.shape))
+            .ok_or_else(|| {
+                Error::tensor(ft.path_of(ftt), &ftt.name, "not in the base checkpoint")
+            })?;
+        pairs.push((ftt.name.clone(), bt, ftt));
+    }
+    for bt in base.tensors().iter().filter(|t| ft.get(&t.name).is_none()) {
+        if let Some(ftt) = tied_counterpart(&ft, &bt.name, &bt.shape) {
+            pairs.push((bt.name.clone(), bt, ftt));
+        }
+    }
+    for (name, bt, ftt) in pairs {
+        let ftt_name = name;
         if bt.shape != ftt.shape {
             return Err(Error::tensor(
                 ft.path_of(ftt),
-                &ftt.name,
+                &ftt_name,
                 format!(
                     "shape {:?} differs from the base's {:?}",
                     ftt.shape, bt.shape
@@ -230,16 +249,16 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
         if bt.float_dtype().is_none() || ftt.float_dtype().is_none() {
             continue; // not a weight phlora reads (the adapter cannot touch it either)
         }
-        let module = ftt.name.strip_suffix(".weight").unwrap_or(&ftt.name);
+        let module = ftt_name.strip_suffix(".weight").unwrap_or(&ftt_name);
         let lora = by_module.get(module).copied();
-        let whole = adapter.whole.get(&ftt.name);
+        let whole = adapter.whole.get(&ftt_name);
         let sums = if let Some(m) = lora {
-            carried.insert(ftt.name.clone());
+            carried.insert(ftt_name.clone());
             let (a, b) = adapter.factors(m);
             let update = |r0: usize, r1: usize| Some(update_rows(m, &a, &b, r0, r1));
             compare(&base, bt, &ft, ftt, &update)
         } else if let Some(w) = whole {
-            carried.insert(ftt.name.clone());
+            carried.insert(ftt_name.clone());
             let update = |r0: usize, r1: usize| -> Option<Vec<f32>> {
                 // The saved tensor replaces the base: ΔŴ = W_saved − W_base.
                 let cols = ftt.numel() / ftt.shape.first().copied().unwrap_or(1).max(1);
@@ -256,7 +275,7 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
         if sums.nonfinite > 0 {
             return Err(Error::tensor(
                 ft.path_of(ftt),
-                &ftt.name,
+                &ftt_name,
                 format!(
                     "{} NaN or Inf values in the weights or the update",
                     sums.nonfinite
@@ -271,7 +290,7 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
             _ => continue, // unchanged and untouched
         };
         let mut c = TensorCheck {
-            name: ftt.name.clone(),
+            name: ftt_name.clone(),
             kind,
             shape: ftt.shape.clone(),
             rank: lora.map(|m| m.rank),

@@ -1239,3 +1239,83 @@ fn moe_experts_are_targets_and_share_a_rank_per_module() {
     let v = verify(&settings(&b, &f, &out)).unwrap();
     assert!((v.total_relative_error - report.summary.total_relative_error).abs() < 1e-6);
 }
+
+/// lm_head tied to the embeddings in the base only, in the fine-tune only, or in both.
+#[test]
+fn tied_lm_heads_are_extracted_against_the_embedding_they_stand_for() {
+    let seed = fresh_seed("tied");
+    let (v, h) = (48, 16);
+    let t = |name: &str, values: Vec<f32>| tensor(name, DType::F32, &[v, h], values);
+    let delta = |k: u64| to_row_major_f32(&spectrum_matrix(v, h, &[1.0, 0.4], 1e-4, seed + k));
+    let add = |x: &[f32], d: &[f32]| x.iter().zip(d).map(|(a, b)| a + b).collect::<Vec<f32>>();
+    let embed = normal(v * h, seed);
+    let head = normal(v * h, seed + 1);
+    let (d_embed, d_head) = (delta(2), delta(3));
+    for (case, base_head, ft_head) in [
+        ("base-tied", false, true),
+        ("ft-tied", true, false),
+        ("both-tied", false, false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut base = vec![t("model.embed_tokens.weight", embed.clone())];
+        let mut ft = vec![t("model.embed_tokens.weight", add(&embed, &d_embed))];
+        if base_head {
+            base.push(t("lm_head.weight", head.clone()));
+        }
+        if ft_head {
+            // Untied in the fine-tune: its lm_head started as the (tied) embedding.
+            ft.push(t("lm_head.weight", add(&embed, &d_head)));
+        }
+        let (b, f) = (
+            dir.path().join("base.safetensors"),
+            dir.path().join("ft.safetensors"),
+        );
+        write_single(&b, &base);
+        write_single(&f, &ft);
+        let out = dir.path().join("adapter");
+        let mut st = ExtractSettings::new(b.clone(), f.clone(), out.clone(), 2);
+        st.device = phlora::backend::Device::Cpu;
+        let report = extract(&st).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let head_row = report.tensors.iter().find(|r| r.name == "lm_head.weight");
+        match case {
+            "both-tied" => assert!(head_row.is_none(), "{case}"),
+            _ => {
+                let row = head_row.unwrap_or_else(|| panic!("{case}: no lm_head row"));
+                assert_eq!(row.action, "lora", "{case}");
+                assert!(
+                    row.reason.as_deref().unwrap_or("").contains("ties lm_head"),
+                    "{case}: {row:?}"
+                );
+                // In the base-tied case the planted ΔW is rank 2: the adapter carries it.
+                if case == "base-tied" {
+                    assert!(row.residual.unwrap() < 1e-2, "{case}: {row:?}");
+                }
+                let want = if case == "base-tied" {
+                    &d_head
+                } else {
+                    // ft lm_head = ft embedding = embed + d_embed; base lm_head = head.
+                    &add(&embed, &d_embed)
+                        .iter()
+                        .zip(&head)
+                        .map(|(a, b)| a - b)
+                        .collect::<Vec<f32>>()
+                };
+                let norm: f64 = want
+                    .iter()
+                    .map(|x| f64::from(*x).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                assert!(
+                    (row.delta_norm - norm).abs() < 1e-4 * norm,
+                    "{case}: ‖ΔW‖ {} vs {norm}",
+                    row.delta_norm
+                );
+            }
+        }
+        let v = verify(&settings(&b, &f, &out)).unwrap();
+        assert!(
+            (v.total_relative_error - report.summary.total_relative_error).abs() < 1e-6,
+            "{case}"
+        );
+    }
+}

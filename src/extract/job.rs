@@ -160,6 +160,7 @@ impl<B: Backend> LoraJob<'_, B> {
     pub fn run(&self) -> std::result::Result<Finished, JobError> {
         let (be, item, ft) = (self.be, self.item, self.ft);
         let mut row = TensorReport::new(&item.name, item.action.label(), &item.shape);
+        row.reason = item.note.clone();
         let mut stages = StageSeconds::default();
         let mut done = Finished {
             index: self.index,
