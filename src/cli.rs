@@ -304,6 +304,10 @@ pub struct ExtractArgs {
     /// Do not decompose embeddings (they are reported as not carried).
     #[arg(long)]
     pub no_embeddings: bool,
+    /// Carry the changed biases of LoRA-targeted layers exactly, as PEFT's `lora_B.bias`
+    /// (`lora_bias: true`; PEFT ≥ 0.14 loads it, vLLM does not).
+    #[arg(long)]
+    pub lora_bias: bool,
     /// Do not save changed norm weights through modules_to_save (vLLM refuses them; they
     /// are small but matter for quality).
     #[arg(long)]

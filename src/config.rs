@@ -67,6 +67,12 @@ impl ExtractArgs {
                 rank.adapter_rank()
             )));
         }
+        if target != Target::Peft && self.lora_bias {
+            return Err(Error::Settings(format!(
+                "--target {}: vLLM rejects lora_B.bias keys; drop --lora-bias (the biases are then reported as not carried)",
+                target.as_str()
+            )));
+        }
         if let (Target::Vllm, RankPolicy::Fixed(r)) = (target, &rank) {
             if !allowed.contains(r) {
                 let up = allowed
@@ -155,6 +161,7 @@ impl ExtractArgs {
                 exclude: self.exclude.iter().map(|g| Glob::new(g)).collect(),
                 embeddings: !self.no_embeddings,
                 norms: !self.no_norms && target == Target::Peft,
+                lora_bias: self.lora_bias,
             },
             base_name: self.base_name.clone(),
             target,

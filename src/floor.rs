@@ -39,6 +39,7 @@ pub fn measure(
         exclude: Vec::new(),
         embeddings: true,
         norms: true,
+        lora_bias: false,
     };
     let plan = Plan::build(&base, &ft, &options)?;
     match backend::resolve_workers(req)? {

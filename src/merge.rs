@@ -47,6 +47,8 @@ pub struct MergeReport {
 enum Change<'a> {
     Lora(&'a LoraModule),
     Whole(&'a TensorEntry),
+    /// The layer's bias plus scaling·lora_B.bias.
+    Bias(&'a LoraModule),
 }
 
 /// Weights in other formats would be stale next to the merged shards: not copied.
@@ -94,6 +96,23 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
             ));
         }
         changes.insert(t.name.as_str(), Change::Lora(m));
+        if let Some(lb) = &m.bias {
+            let name = format!("{}.bias", m.module);
+            let t = base
+                .get(&name)
+                .filter(|t| t.shape == lb.shape && t.float_dtype().is_some());
+            let t = t.ok_or_else(|| {
+                Error::tensor(
+                    adapter.file.path_of(lb),
+                    &m.module,
+                    format!(
+                        "has a lora_B.bias but the base has no `{name}` of shape {:?}",
+                        lb.shape
+                    ),
+                )
+            })?;
+            changes.insert(t.name.as_str(), Change::Bias(m));
+        }
     }
     for (name, w) in &adapter.whole {
         let t = base.get(name).ok_or_else(|| {
@@ -131,7 +150,7 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
         shards: base.num_shards(),
         merged: changes
             .values()
-            .filter(|c| matches!(c, Change::Lora(_)))
+            .filter(|c| matches!(c, Change::Lora(_) | Change::Bias(_)))
             .count(),
         replaced: changes
             .values()
@@ -214,6 +233,22 @@ fn write_shard(
         write(&mut out, &src[at..t.start])?;
         match changes[t.name.as_str()] {
             Change::Lora(m) => merged_tensor(base, adapter, t, m, &mut |b| write(&mut out, b))?,
+            Change::Bias(m) => {
+                let lb = m.bias.as_ref().expect("only modules with a bias");
+                let (ld, td) = (
+                    lb.float_dtype().expect("checked"),
+                    t.float_dtype().expect("checked"),
+                );
+                let (mut w, mut d) = (vec![0f32; t.numel()], vec![0f32; t.numel()]);
+                decode_into(td, base.bytes(t), &mut w);
+                decode_into(ld, adapter.file.bytes(lb), &mut d);
+                for (x, y) in w.iter_mut().zip(&d) {
+                    *x += m.scaling as f32 * y;
+                }
+                let mut bytes = Vec::with_capacity(t.nbytes());
+                encode_into(td, &w, &mut bytes);
+                write(&mut out, &bytes)?;
+            }
             Change::Whole(w) => {
                 let (wd, td) = (
                     w.float_dtype().expect("checked"),

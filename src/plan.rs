@@ -17,6 +17,9 @@ pub enum Action {
     LoraEmbedding,
     /// Saved whole through PEFT's `modules_to_save` (norms).
     SaveWhole,
+    /// The bias of a LoRA-targeted linear layer, carried exactly as PEFT's `lora_B.bias`
+    /// (`--lora-bias`).
+    LoraBias,
     /// A LoRA cannot carry it; its share of ‖ΔW‖² is reported.
     NotCarried(String),
     /// Identical bytes in both checkpoints, found without arithmetic (non-float tensors).
@@ -29,6 +32,7 @@ impl Action {
             Action::LoraLinear => "lora",
             Action::LoraEmbedding => "lora-embedding",
             Action::SaveWhole => "save-whole",
+            Action::LoraBias => "lora-bias",
             Action::NotCarried(_) => "not-carried",
             Action::Unchanged => "unchanged",
         }
@@ -74,6 +78,8 @@ pub struct PlanOptions {
     pub embeddings: bool,
     /// Save changed norms whole (else report them as not carried).
     pub norms: bool,
+    /// Carry the biases of LoRA-targeted layers as `lora_B.bias` (else not carried).
+    pub lora_bias: bool,
 }
 
 pub struct Plan {
@@ -202,6 +208,22 @@ impl Plan {
                     ft.root().display()
                 ),
             ));
+        }
+        // Biases ride on their layer's LoRA when asked (PEFT's lora_bias).
+        if opts.lora_bias {
+            let targets: BTreeSet<String> = items
+                .iter()
+                .filter(|i| i.action == Action::LoraLinear)
+                .map(|i| i.module.clone())
+                .collect();
+            for i in items.iter_mut() {
+                if i.shape.len() == 1
+                    && last_segment(&i.name) == "bias"
+                    && targets.contains(&i.module)
+                {
+                    i.action = Action::LoraBias;
+                }
+            }
         }
         for (name, note) in notes {
             tracing::info!("{name}: {note}");
@@ -407,6 +429,7 @@ mod tests {
         let o = PlanOptions {
             embeddings: true,
             norms: true,
+            lora_bias: false,
             ..Default::default()
         };
         assert_eq!(

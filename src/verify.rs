@@ -251,11 +251,24 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
         }
         let module = ftt_name.strip_suffix(".weight").unwrap_or(&ftt_name);
         let lora = by_module.get(module).copied();
+        // A layer's bias that the adapter's lora_B.bias updates.
+        let bias_of = ftt_name
+            .strip_suffix(".bias")
+            .and_then(|m| by_module.get(m).copied())
+            .filter(|m| m.bias.is_some());
         let whole = adapter.whole.get(&ftt_name);
         let sums = if let Some(m) = lora {
             carried.insert(ftt_name.clone());
             let (a, b) = adapter.factors(m);
             let update = |r0: usize, r1: usize| Some(update_rows(m, &a, &b, r0, r1));
+            compare(&base, bt, &ft, ftt, &update)
+        } else if let Some(m) = bias_of {
+            carried.insert(ftt_name.clone());
+            let bt_lora = m.bias.as_ref().expect("filtered");
+            let update = |r0: usize, r1: usize| -> Option<Vec<f32>> {
+                let v = decode(&adapter.file, bt_lora, r0, r1);
+                Some(v.iter().map(|x| x * m.scaling as f32).collect())
+            };
             compare(&base, bt, &ft, ftt, &update)
         } else if let Some(w) = whole {
             carried.insert(ftt_name.clone());
@@ -283,6 +296,7 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
             ));
         }
         let kind = match (lora, whole) {
+            _ if bias_of.is_some() => "lora-bias",
             (Some(m), _) if m.embedding => "lora-embedding",
             (Some(_), _) => "lora",
             (None, Some(_)) => "saved-whole",

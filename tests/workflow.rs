@@ -1319,3 +1319,95 @@ fn tied_lm_heads_are_extracted_against_the_embedding_they_stand_for() {
         );
     }
 }
+
+#[test]
+fn lora_bias_carries_the_biases_of_targeted_layers_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = pair(dir.path(), DType::F32, fresh_seed("lora-bias"));
+    let out = dir.path().join("adapter");
+    let mut st = ExtractSettings::new(b.clone(), f.clone(), out.clone(), 3);
+    st.device = phlora::backend::Device::Cpu;
+    st.plan.lora_bias = true;
+    let report = extract(&st).unwrap();
+    let biases: Vec<_> = report
+        .tensors
+        .iter()
+        .filter(|t| t.name.ends_with(".bias"))
+        .collect();
+    assert!(
+        !biases.is_empty() && biases.iter().all(|t| t.action == "lora-bias"),
+        "{biases:?}"
+    );
+    assert_eq!(report.summary.not_carried, 0, "nothing left behind");
+    assert_eq!(
+        read_json(&out.join("adapter_config.json"))["lora_bias"],
+        true
+    );
+    let factors = read_safetensors(&out.join("adapter_model.safetensors"));
+    let all = |d: &Path| {
+        let mut m = std::collections::HashMap::new();
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                m.extend(read_safetensors(&p));
+            }
+        }
+        m
+    };
+    let (bt, ft) = (all(&b), all(&f));
+    for l in 0..2 {
+        let name = format!("model.layers.{l}.self_attn.q_proj.bias");
+        let lb =
+            &factors[&format!("base_model.model.model.layers.{l}.self_attn.q_proj.lora_B.bias")];
+        for k in 0..lb.values.len() {
+            assert_eq!(
+                lb.values[k],
+                ft[&name].values[k] - bt[&name].values[k],
+                "{name}[{k}] is ΔB as it is"
+            );
+        }
+    }
+    let v = verify(&settings(&b, &f, &out)).unwrap();
+    assert_eq!(v.not_carried, 0);
+    for t in v.tensors.iter().filter(|t| t.kind == "lora-bias") {
+        assert!(t.rel_error_delta < 1e-6, "{t:?}");
+    }
+    assert!((v.total_relative_error - report.summary.total_relative_error).abs() < 1e-6);
+    // Merged, the biases are the fine-tune's.
+    let merged = dir.path().join("merged");
+    assert!(phlora(&[
+        "merge",
+        "--base",
+        s(&b),
+        "--adapter",
+        s(&out),
+        "--out",
+        s(&merged)
+    ])
+    .status
+    .success());
+    let v = verify(&settings(&b, &merged, &out)).unwrap();
+    assert!(v
+        .tensors
+        .iter()
+        .filter(|t| t.kind == "lora-bias")
+        .all(|t| t.rel_error_delta < 1e-6));
+    // vLLM rejects lora_B.bias: refused up front.
+    let o = phlora(&[
+        "extract",
+        "--base",
+        s(&b),
+        "--ft",
+        s(&f),
+        "--out",
+        s(&dir.path().join("v")),
+        "--lora-bias",
+        "--target",
+        "vllm",
+        "--rank",
+        "8",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("rejects lora_B.bias"), "{err}");
+}

@@ -28,6 +28,10 @@ pub fn embedding_a_key(module: &str) -> String {
 pub fn embedding_b_key(module: &str) -> String {
     format!("{KEY_PREFIX}{module}.lora_embedding_B")
 }
+/// PEFT's `lora_bias`: the bias of lora_B, added to the layer's output.
+pub fn lora_b_bias_key(module: &str) -> String {
+    format!("{KEY_PREFIX}{module}.lora_B.bias")
+}
 /// A module saved whole keeps its plain parameter path.
 pub fn whole_key(param: &str) -> String {
     format!("{KEY_PREFIX}{param}")
@@ -61,6 +65,8 @@ pub struct AdapterConfig {
     pub fan_in_fan_out: bool,
     pub use_rslora: bool,
     pub use_dora: bool,
+    /// lora_B carries a bias (`--lora-bias`).
+    pub lora_bias: bool,
     pub init_lora_weights: bool,
     pub inference_mode: bool,
     pub layers_to_transform: Option<Vec<usize>>,
@@ -92,6 +98,7 @@ impl AdapterConfig {
             fan_in_fan_out: false,
             use_rslora: false,
             use_dora: false,
+            lora_bias: false,
             init_lora_weights: true,
             inference_mode: true,
             layers_to_transform: None,

@@ -37,6 +37,8 @@ pub struct LoraModule {
     pub scaling: f64,
     /// True for `lora_embedding_A/B` keys.
     pub embedding: bool,
+    /// `lora_B.bias` (lora_bias): added, scaled, to the layer's bias.
+    pub bias: Option<TensorEntry>,
 }
 
 /// An adapter folder, opened.
@@ -159,6 +161,7 @@ impl Adapter {
         let mut pairs: BTreeMap<String, (Option<TensorEntry>, Option<TensorEntry>, bool)> =
             BTreeMap::new();
         let mut whole = BTreeMap::new();
+        let mut biases: BTreeMap<String, TensorEntry> = BTreeMap::new();
         for t in file.tensors() {
             let name = t.name.strip_prefix(KEY_PREFIX).ok_or_else(|| {
                 Error::tensor(
@@ -175,6 +178,10 @@ impl Adapter {
             ]
             .into_iter()
             .find_map(|(suffix, which, emb)| name.strip_suffix(suffix).map(|m| (m, which, emb)));
+            if let Some(module) = name.strip_suffix(".lora_B.bias") {
+                biases.insert(module.to_string(), t.clone());
+                continue;
+            }
             match part {
                 Some((module, which, emb)) => {
                     let slot = pairs.entry(module.to_string()).or_insert((None, None, emb));
@@ -243,6 +250,19 @@ impl Adapter {
             } else {
                 Layout::Linear
             };
+            let bias = biases.remove(&module);
+            if let Some(bt) = &bias {
+                if bt.shape != [b.shape[0]] || bt.float_dtype().is_none() {
+                    return Err(Error::tensor(
+                        file.path_of(bt),
+                        &module,
+                        format!(
+                            "lora_B.bias is {:?} {:?}; B has {} rows",
+                            bt.dtype, bt.shape, b.shape[0]
+                        ),
+                    ));
+                }
+            }
             modules.push(LoraModule {
                 module,
                 layout,
@@ -251,7 +271,15 @@ impl Adapter {
                 rank,
                 scaling,
                 embedding,
+                bias,
             });
+        }
+        if let Some((module, t)) = biases.into_iter().next() {
+            return Err(Error::tensor(
+                file.path_of(&t),
+                &module,
+                "has a lora_B.bias but no LoRA factors",
+            ));
         }
         Ok(Adapter {
             dir: dir.to_path_buf(),

@@ -11,6 +11,7 @@ pub fn run(args: &InspectArgs, _ui: Ui) -> Result<ExitCode> {
     let opts = PlanOptions {
         embeddings: true,
         norms: true,
+        lora_bias: false,
         ..Default::default()
     };
     // With --base, the real planner runs (pairing, shapes, dtypes); without, names and shapes.
@@ -67,6 +68,7 @@ pub fn run(args: &InspectArgs, _ui: Ui) -> Result<ExitCode> {
             Action::LoraLinear => "LoRA (lora_A/lora_B) if changed".to_string(),
             Action::LoraEmbedding => "LoRA (lora_embedding_A/B) if changed".to_string(),
             Action::SaveWhole => "saved whole (modules_to_save) if changed".to_string(),
+            Action::LoraBias => "lora_B.bias (--lora-bias) if changed".to_string(),
             Action::NotCarried(r) => format!("not carried: {r}"),
             Action::Unchanged => "unchanged".to_string(),
         };

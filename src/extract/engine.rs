@@ -292,6 +292,14 @@ fn write_all(
                 return Err(e);
             }
         }
+        if let (Some((key, dtype, shape, bytes)), Some(writer)) =
+            (done.extra.take(), writer.as_mut())
+        {
+            if let Err(e) = writer.add(2 * done.index as u64, key, dtype, shape, &bytes) {
+                cancel.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
         seconds += clock.elapsed().as_secs_f64();
         count += 1;
         sh.bar.inc(item.input_bytes());
@@ -378,7 +386,7 @@ impl<B: Backend> WorkerLoop<'_, B> {
                     }
                 }
             }
-            _ => other_item(sh.base, sh.ft, index, item)?,
+            _ => other_item(sh.base, sh.ft, index, item, sh.out_dtype)?,
         };
         sh.base.release(&item.base);
         sh.ft.release(&item.ft);

@@ -110,6 +110,8 @@ pub(super) struct Finished {
     pub module: Option<String>,
     /// The leading singular values (spectrum-only runs).
     pub spectrum: Option<Vec<f32>>,
+    /// A tensor written as it is: (key, dtype, shape, bytes) — a `lora_B.bias`.
+    pub extra: Option<(String, &'static str, Vec<usize>, Vec<u8>)>,
     pub stages: StageSeconds,
     pub flops: f64,
 }
@@ -168,6 +170,7 @@ impl<B: Backend> LoraJob<'_, B> {
             factors: None,
             module: None,
             spectrum: None,
+            extra: None,
             stages: StageSeconds::default(),
             flops: 0.0,
         };
@@ -427,6 +430,7 @@ pub(super) fn other_item(
     ft: &Checkpoint,
     index: usize,
     item: &PlanItem,
+    out_dtype: DType,
 ) -> Result<Finished> {
     let clock = Instant::now();
     let mut row = TensorReport::new(&item.name, item.action.label(), &item.shape);
@@ -437,6 +441,23 @@ pub(super) fn other_item(
     } else if let Action::NotCarried(reason) = &item.action {
         row.reason = Some(reason.clone());
     }
+    // A bias carried as lora_B.bias: ΔB itself, exactly (up to the output dtype).
+    let extra = (item.action == Action::LoraBias && stats.sumsq > 0.0).then(|| {
+        let n = item.ft.numel();
+        let (mut b, mut f) = (vec![0f32; n], vec![0f32; n]);
+        decode_into(item.base_dtype(), base.bytes(&item.base), &mut b);
+        decode_into(item.ft_dtype(), ft.bytes(&item.ft), &mut f);
+        let d: Vec<f32> = f.iter().zip(&b).map(|(x, y)| x - y).collect();
+        let mut bytes = Vec::with_capacity(n * out_dtype.size());
+        crate::checkpoint::dtype::encode_into(out_dtype, &d, &mut bytes);
+        row.residual = Some(0.0);
+        (
+            adapter::lora_b_bias_key(&item.module),
+            out_dtype.as_str(),
+            item.shape.clone(),
+            bytes,
+        )
+    });
     let stages = StageSeconds {
         delta: lap(clock),
         ..StageSeconds::default()
@@ -447,6 +468,7 @@ pub(super) fn other_item(
         factors: None,
         module: None,
         spectrum: None,
+        extra,
         stages,
         flops: 0.0,
     })

@@ -96,6 +96,7 @@ impl ExtractSettings {
                 exclude: Vec::new(),
                 embeddings: true,
                 norms: true,
+                lora_bias: false,
             },
             base_name: None,
             target: Target::Peft,
@@ -560,6 +561,7 @@ fn run<B: Backend>(
         targets,
         modules_to_save,
     );
+    config.lora_bias = rows.iter().any(|r| r.action == "lora-bias");
     // GPT-2's Conv1D layers store [in, out] (PEFT sets fan_in_fan_out per layer anyway).
     config.fan_in_fan_out = rows
         .iter()
@@ -614,7 +616,7 @@ fn summarize(
     for r in rows {
         let sq = r.delta_norm * r.delta_norm;
         match r.action {
-            "lora" | "lora-embedding" => {
+            "lora" | "lora-embedding" | "lora-bias" => {
                 m.lora += 1;
                 lora += sq;
                 let res = r.residual.unwrap_or(0.0);
