@@ -1411,3 +1411,122 @@ fn lora_bias_carries_the_biases_of_targeted_layers_exactly() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("rejects lora_B.bias"), "{err}");
 }
+
+/// A changed bias on a layer whose weight did not change has no lora_B to ride on: reported as
+/// not carried, not written. And a budget's first pass writes nothing twice.
+#[test]
+fn lora_bias_needs_its_layers_factors() {
+    use phlora::linalg::rank::RankPolicy;
+    let dir = tempfile::tempdir().unwrap();
+    let seed = fresh_seed("bias-alone");
+    let h = 12;
+    let w_changed = to_row_major_f32(&spectrum_matrix(h, h, &[1.0, 0.5], 0.0, seed));
+    let (w0, w1) = (normal(h * h, seed + 1), normal(h * h, seed + 2));
+    let (b0, b1) = (normal(h, seed + 3), normal(h, seed + 4));
+    let bump = |x: &[f32]| x.iter().map(|v| v + 0.1).collect::<Vec<f32>>();
+    let base = vec![
+        tensor(
+            "model.layers.0.self_attn.q_proj.weight",
+            DType::F32,
+            &[h, h],
+            w0.clone(),
+        ),
+        tensor(
+            "model.layers.0.self_attn.q_proj.bias",
+            DType::F32,
+            &[h],
+            b0.clone(),
+        ),
+        tensor(
+            "model.layers.0.self_attn.k_proj.weight",
+            DType::F32,
+            &[h, h],
+            w1.clone(),
+        ),
+        tensor(
+            "model.layers.0.self_attn.k_proj.bias",
+            DType::F32,
+            &[h],
+            b1.clone(),
+        ),
+    ];
+    let ft = vec![
+        tensor(
+            "model.layers.0.self_attn.q_proj.weight",
+            DType::F32,
+            &[h, h],
+            w0.iter().zip(&w_changed).map(|(a, b)| a + b).collect(),
+        ),
+        tensor(
+            "model.layers.0.self_attn.q_proj.bias",
+            DType::F32,
+            &[h],
+            bump(&b0),
+        ),
+        tensor(
+            "model.layers.0.self_attn.k_proj.weight",
+            DType::F32,
+            &[h, h],
+            w1,
+        ),
+        tensor(
+            "model.layers.0.self_attn.k_proj.bias",
+            DType::F32,
+            &[h],
+            bump(&b1),
+        ),
+    ];
+    let (b, f) = (
+        dir.path().join("base.safetensors"),
+        dir.path().join("ft.safetensors"),
+    );
+    write_single(&b, &base);
+    write_single(&f, &ft);
+    for (tag, policy) in [
+        ("fixed", RankPolicy::Fixed(2)),
+        (
+            "budget",
+            RankPolicy::Budget {
+                params: 48,
+                max_rank: 4,
+            },
+        ),
+    ] {
+        let out = dir.path().join(tag);
+        let mut st = ExtractSettings::new(b.clone(), f.clone(), out.clone(), 2);
+        st.device = phlora::backend::Device::Cpu;
+        st.rank = policy;
+        st.plan.lora_bias = true;
+        let report = extract(&st).unwrap_or_else(|e| panic!("{tag}: {e}"));
+        let row = |n: &str| report.tensors.iter().find(|t| t.name == n).unwrap();
+        assert_eq!(
+            row("model.layers.0.self_attn.q_proj.bias").action,
+            "lora-bias",
+            "{tag}"
+        );
+        let k = row("model.layers.0.self_attn.k_proj.bias");
+        assert_eq!(k.action, "not-carried", "{tag}: {k:?}");
+        assert!(
+            k.reason.as_deref().unwrap().contains("no LoRA factors"),
+            "{tag}"
+        );
+        let keys: Vec<String> = read_safetensors(&out.join("adapter_model.safetensors"))
+            .into_keys()
+            .collect();
+        assert!(
+            !keys.iter().any(|k| k.contains("k_proj")),
+            "{tag}: {keys:?}"
+        );
+        assert_eq!(
+            keys.iter().filter(|k| k.ends_with("lora_B.bias")).count(),
+            1,
+            "{tag}: {keys:?}"
+        );
+        let v = verify(&settings(&b, &f, &out)).unwrap();
+        assert_eq!(v.not_carried, 1, "{tag}");
+        assert!(
+            (v.total_relative_error - report.summary.total_relative_error).abs() < 1e-6,
+            "{tag}"
+        );
+    }
+}

@@ -121,6 +121,13 @@ impl AdapterWriter {
         self.entries.len()
     }
 
+    /// Leaves a staged tensor out of the file (its bytes stay in staging, never copied).
+    pub fn remove(&mut self, name: &str) -> bool {
+        let before = self.entries.len();
+        self.entries.retain(|e| e.2.name != name);
+        self.entries.len() != before
+    }
+
     /// Writes the final files and moves them into OUT; the config goes last. `pad_to(name)`
     /// gives the rank a factor is zero-padded to along its rank axis (B·A is unchanged).
     pub fn commit(

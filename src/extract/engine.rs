@@ -292,9 +292,9 @@ fn write_all(
                 return Err(e);
             }
         }
-        if let (Some((key, dtype, shape, bytes)), Some(writer)) =
-            (done.extra.take(), writer.as_mut())
-        {
+        // (A budget's first pass only looks: what it would write, the second pass writes.)
+        let extra = done.extra.take().filter(|_| !sh.spectrum_only);
+        if let (Some((key, dtype, shape, bytes)), Some(writer)) = (extra, writer.as_mut()) {
             if let Err(e) = writer.add(2 * done.index as u64, key, dtype, shape, &bytes) {
                 cancel.store(true, Ordering::Relaxed);
                 return Err(e);

@@ -465,6 +465,19 @@ fn run<B: Backend>(
             row.action = "unchanged";
         }
     }
+    // A lora_B.bias needs its layer's factors: a layer whose weight did not change (or got
+    // rank 0 under a budget) has none, so its bias is not carried after all.
+    for (row, item) in rows.iter_mut().zip(&plan.items) {
+        if row.action == "lora-bias" && !written_modules.contains(&item.module) {
+            writer.remove(&adapter::lora_b_bias_key(&item.module));
+            row.action = "not-carried";
+            row.residual = None;
+            row.reason = Some(
+                "bias of a layer with no LoRA factors (its weight did not change, or got rank 0): lora_B.bias needs them"
+                    .into(),
+            );
+        }
+    }
     if writer.num_tensors() == 0 {
         return Err(Error::Settings(format!(
             "nothing to write: no selected tensor differs between {} and {}",
