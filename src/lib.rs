@@ -24,6 +24,7 @@ pub mod plot;
 pub mod report;
 pub mod rng;
 pub mod size;
+pub mod staging;
 pub mod synth;
 pub mod verify;
 

@@ -18,6 +18,7 @@ use crate::adapter::read::{update_rows, Adapter, LoraModule};
 use crate::checkpoint::dtype::{decode_into, encode_into};
 use crate::checkpoint::{Checkpoint, TensorEntry, INDEX_FILE};
 use crate::error::{Error, Result};
+use crate::staging::StagedOutput;
 
 #[derive(Clone, Debug)]
 pub struct MergeSettings {
@@ -141,7 +142,13 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
         }
     }
 
-    let staging = Staging::create(&s.out, s.overwrite)?;
+    let staging = StagedOutput::create(
+        &s.out,
+        "merge",
+        &[INDEX_FILE, crate::checkpoint::SINGLE_FILE, "config.json"],
+        "it",
+        s.overwrite,
+    )?;
     let folder = std::fs::metadata(&s.base)
         .map(|m| m.is_dir())
         .unwrap_or(false);
@@ -166,14 +173,14 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
             by_shard[t.shard].push(t);
         }
     }
-    let mut moves = Vec::new();
+    // Files by name, in the order they move into OUT.
+    let mut moves: Vec<PathBuf> = Vec::new();
     for (i, changed) in by_shard.iter_mut().enumerate() {
         changed.sort_by_key(|t| t.start);
-        let src = base.shard_path(i);
-        let name = src.file_name().expect("a shard is a file").to_owned();
-        let dst = staging.dir.join(&name);
+        let name = PathBuf::from(base.shard_path(i).file_name().expect("a shard is a file"));
+        let dst = staging.dir().join(&name);
         report.bytes += write_shard(&base, &adapter, i, changed, &changes, &dst)?;
-        moves.push((dst, s.out.join(&name)));
+        moves.push(name);
     }
     // The other files of the model folder (config, tokenizer, generation config, ...).
     let mut last = Vec::new();
@@ -187,26 +194,27 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
             if !is_file || is_other_weights(&name) {
                 continue;
             }
-            let dst = staging.dir.join(&name);
+            let dst = staging.dir().join(&name);
             std::fs::copy(e.path(), &dst).map_err(|err| Error::io(e.path(), "cannot copy", err))?;
             report.copied_files.push(name.clone());
-            let pair = (dst, s.out.join(&name));
             if name == "config.json" {
-                last.push(pair)
+                last.push(PathBuf::from(name))
             } else {
-                moves.push(pair)
+                moves.push(PathBuf::from(name))
             }
         }
         let index = s.base.join(INDEX_FILE);
         if index.is_file() {
-            let dst = staging.dir.join(INDEX_FILE);
+            let dst = staging.dir().join(INDEX_FILE);
             std::fs::copy(&index, &dst).map_err(|e| Error::io(&index, "cannot copy", e))?;
-            last.push((dst, s.out.join(INDEX_FILE)));
+            last.push(PathBuf::from(INDEX_FILE));
         }
     }
     report.copied_files.sort();
-    moves.extend(last);
-    staging.commit(&moves)?;
+    // The index and config come last, and their older copies go first: they must not pair
+    // with the new shards, even briefly.
+    moves.extend(last.iter().cloned());
+    staging.commit(&moves, &last)?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -316,76 +324,4 @@ fn merged_tensor(
         }
     }
     Ok(())
-}
-
-/// A staging folder inside OUT; removed (and OUT too, if it was created) unless committed.
-struct Staging {
-    out: PathBuf,
-    dir: PathBuf,
-    created_out: bool,
-    committed: bool,
-}
-
-impl Staging {
-    fn create(out: &Path, overwrite: bool) -> Result<Staging> {
-        if out.exists() && !out.is_dir() {
-            return Err(Error::checkpoint(
-                out,
-                "the output path exists and is not a folder",
-            ));
-        }
-        if !overwrite {
-            for f in [INDEX_FILE, crate::checkpoint::SINGLE_FILE, "config.json"] {
-                if out.join(f).exists() {
-                    return Err(Error::checkpoint(
-                        out,
-                        format!("already holds {f}; pass --force to replace it"),
-                    ));
-                }
-            }
-        }
-        let created_out = !out.exists();
-        std::fs::create_dir_all(out)
-            .map_err(|e| Error::io(out, "cannot create output folder", e))?;
-        let dir = out.join(format!(".phlora-merge-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir)
-            .map_err(|e| Error::io(&dir, "cannot create staging folder", e))?;
-        Ok(Staging {
-            out: out.to_path_buf(),
-            dir,
-            created_out,
-            committed: false,
-        })
-    }
-
-    /// Moves the files into OUT in the order given (the index and config come last).
-    fn commit(mut self, moves: &[(PathBuf, PathBuf)]) -> Result<()> {
-        // An older checkpoint's index or config must not pair with the new shards.
-        for (_, dst) in moves.iter().rev().take(2) {
-            if dst.exists() {
-                std::fs::remove_file(dst).map_err(|e| Error::io(dst, "cannot replace", e))?;
-            }
-        }
-        for (src, dst) in moves {
-            std::fs::rename(src, dst).map_err(|e| Error::io(dst, "cannot move into place", e))?;
-        }
-        if let Ok(dir) = File::open(&self.out) {
-            let _ = dir.sync_all();
-        }
-        self.committed = true;
-        let _ = std::fs::remove_dir_all(&self.dir);
-        Ok(())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.dir);
-            if self.created_out {
-                let _ = std::fs::remove_dir(&self.out);
-            }
-        }
-    }
 }

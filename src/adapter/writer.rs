@@ -14,65 +14,41 @@ use std::path::{Path, PathBuf};
 use super::{CONFIG_FILE, MODEL_FILE, REPORT_FILE};
 use crate::checkpoint::writer::{header_bytes, HeaderEntry};
 use crate::error::{Error, Result};
+use crate::staging::StagedOutput;
 
 pub struct AdapterWriter {
-    out: PathBuf,
+    // Fields drop in this order: the data file closes before `staged` removes its folder.
+    data: Option<BufWriter<File>>,
+    /// Dropped uncommitted, it removes the staging folder.
+    staged: StagedOutput,
     staging: PathBuf,
     data_path: PathBuf,
-    data: Option<BufWriter<File>>,
     /// (order key, offset in the staging file, entry, rank axis), in arrival order.
     entries: Vec<(u64, u64, HeaderEntry, Option<usize>)>,
     staged_bytes: u64,
-    committed: bool,
-    /// OUT did not exist before: on failure it is removed again (if still empty).
-    created_out: bool,
 }
 
 impl AdapterWriter {
     /// Prepares OUT. Refuses to replace an existing adapter unless `overwrite`.
     pub fn create(out: &Path, overwrite: bool) -> Result<AdapterWriter> {
-        if out.exists() && !out.is_dir() {
-            return Err(Error::checkpoint(
-                out,
-                "the output path exists and is not a folder",
-            ));
-        }
-        if !overwrite {
-            for f in [CONFIG_FILE, MODEL_FILE] {
-                if out.join(f).exists() {
-                    return Err(Error::checkpoint(
-                        out,
-                        format!("already holds {f}; pass --force to replace the adapter"),
-                    ));
-                }
-            }
-        }
-        let created_out = !out.exists();
-        std::fs::create_dir_all(out)
-            .map_err(|e| Error::io(out, "cannot create output folder", e))?;
-        let staging = out.join(format!(".phlora-staging-{}", std::process::id()));
-        if staging.exists() {
-            let _ = std::fs::remove_dir_all(&staging);
-        }
-        std::fs::create_dir(&staging).map_err(|e| {
-            Error::io(
-                &staging,
-                "cannot create staging folder (is the output folder writable?)",
-                e,
-            )
-        })?;
+        let staged = StagedOutput::create(
+            out,
+            "staging",
+            &[CONFIG_FILE, MODEL_FILE],
+            "the adapter",
+            overwrite,
+        )?;
+        let staging = staged.dir().to_path_buf();
         let data_path = staging.join("tensors.partial");
         let data =
             File::create(&data_path).map_err(|e| Error::io(&data_path, "cannot create", e))?;
         Ok(AdapterWriter {
-            out: out.to_path_buf(),
+            staged,
             staging,
             data_path,
             data: Some(BufWriter::with_capacity(1 << 20, data)),
             entries: Vec::new(),
             staged_bytes: 0,
-            committed: false,
-            created_out,
         })
     }
 
@@ -197,25 +173,10 @@ impl AdapterWriter {
         let report_tmp = self.staging.join(REPORT_FILE);
         write_synced(&report_tmp, report_json.as_bytes())?;
 
-        // An older adapter's config must not pair with the new model file, even briefly.
-        let final_config = self.out.join(CONFIG_FILE);
-        if final_config.exists() {
-            std::fs::remove_file(&final_config)
-                .map_err(|e| Error::io(&final_config, "cannot replace", e))?;
-        }
-        for (tmp, name) in [
-            (&model_tmp, MODEL_FILE),
-            (&report_tmp, REPORT_FILE),
-            (&config_tmp, CONFIG_FILE),
-        ] {
-            let dst = self.out.join(name);
-            std::fs::rename(tmp, &dst).map_err(|e| Error::io(&dst, "cannot move into place", e))?;
-        }
-        if let Ok(dir) = File::open(&self.out) {
-            let _ = dir.sync_all();
-        }
-        self.committed = true;
-        let _ = std::fs::remove_dir_all(&self.staging);
+        // The config goes last, and an older adapter's config first: it must not pair with the
+        // new model file, even briefly.
+        let names = [MODEL_FILE, REPORT_FILE, CONFIG_FILE].map(PathBuf::from);
+        self.staged.commit(&names, &[PathBuf::from(CONFIG_FILE)])?;
         Ok(())
     }
 }
@@ -240,16 +201,4 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes)
         .map_err(|e| Error::io(path, "cannot write", e))?;
     f.sync_all().map_err(|e| Error::io(path, "cannot sync", e))
-}
-
-impl Drop for AdapterWriter {
-    fn drop(&mut self) {
-        if !self.committed {
-            self.data.take();
-            let _ = std::fs::remove_dir_all(&self.staging);
-            if self.created_out {
-                let _ = std::fs::remove_dir(&self.out);
-            }
-        }
-    }
 }

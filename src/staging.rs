@@ -1,0 +1,103 @@
+//! An output folder filled atomically: files are written into a staging folder inside OUT and
+//! moved in at commit, the ones that make the output look complete last. Dropped without a
+//! commit (an error, a panic), the staging folder is removed, and OUT too if this created it
+//! (and it is still empty).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+pub struct StagedOutput {
+    out: PathBuf,
+    dir: PathBuf,
+    /// OUT did not exist before.
+    created_out: bool,
+    committed: bool,
+}
+
+impl StagedOutput {
+    /// Prepares OUT and `OUT/.phlora-<tag>-<pid>`. Unless `overwrite`, refuses when OUT already
+    /// holds one of `existing` ("pass --force to replace `what`").
+    pub fn create(
+        out: &Path,
+        tag: &str,
+        existing: &[&str],
+        what: &str,
+        overwrite: bool,
+    ) -> Result<StagedOutput> {
+        if out.exists() && !out.is_dir() {
+            return Err(Error::checkpoint(
+                out,
+                "the output path exists and is not a folder",
+            ));
+        }
+        if !overwrite {
+            for f in existing {
+                if out.join(f).exists() {
+                    return Err(Error::checkpoint(
+                        out,
+                        format!("already holds {f}; pass --force to replace {what}"),
+                    ));
+                }
+            }
+        }
+        let created_out = !out.exists();
+        std::fs::create_dir_all(out)
+            .map_err(|e| Error::io(out, "cannot create output folder", e))?;
+        let dir = out.join(format!(".phlora-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).map_err(|e| {
+            Error::io(
+                &dir,
+                "cannot create staging folder (is the output folder writable?)",
+                e,
+            )
+        })?;
+        Ok(StagedOutput {
+            out: out.to_path_buf(),
+            dir,
+            created_out,
+            committed: false,
+        })
+    }
+
+    /// The staging folder: stage files here under their final names.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Moves the staged files `names` into OUT in that order. The final copies of
+    /// `unlink_first` go before anything moves: an older output's config or index must not pair
+    /// with the new files, even briefly.
+    pub fn commit(mut self, names: &[PathBuf], unlink_first: &[PathBuf]) -> Result<()> {
+        for name in unlink_first {
+            let dst = self.out.join(name);
+            if dst.exists() {
+                std::fs::remove_file(&dst).map_err(|e| Error::io(&dst, "cannot replace", e))?;
+            }
+        }
+        for name in names {
+            let dst = self.out.join(name);
+            std::fs::rename(self.dir.join(name), &dst)
+                .map_err(|e| Error::io(&dst, "cannot move into place", e))?;
+        }
+        if let Ok(dir) = File::open(&self.out) {
+            let _ = dir.sync_all();
+        }
+        self.committed = true;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
+}
+
+impl Drop for StagedOutput {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            if self.created_out {
+                let _ = std::fs::remove_dir(&self.out);
+            }
+        }
+    }
+}
