@@ -9,6 +9,22 @@ use crate::linalg::{rank::RankPolicy, Method, SvdSettings};
 use crate::plan::{Glob, PlanOptions};
 use crate::synth::SynthSettings;
 
+/// `--device`, parsed.
+pub(crate) fn device_flag(s: &str) -> Result<Device> {
+    Device::parse(s).ok_or_else(|| {
+        Error::Settings(format!(
+            "--device `{s}`: expected auto, cpu, cuda or cuda:N"
+        ))
+    })
+}
+
+/// A size flag (`--max-ram 2G`), parsed when given.
+pub(crate) fn size_flag(flag: &str, v: &Option<String>) -> Result<Option<u64>> {
+    v.as_deref()
+        .map(|s| crate::size::parse_size(s).map_err(|e| Error::Settings(format!("{flag} {e}"))))
+        .transpose()
+}
+
 /// A count with an optional decimal suffix: 1500, 20K, 20M, 1.5G.
 fn parse_count(s: &str) -> Option<u64> {
     let s = s.trim();
@@ -109,29 +125,17 @@ impl ExtractArgs {
                 ))
             })?),
         };
-        let device = Device::parse(&self.device).ok_or_else(|| {
-            Error::Settings(format!(
-                "--device `{}`: expected auto, cpu, cuda or cuda:N",
-                self.device
-            ))
-        })?;
+        let device = device_flag(&self.device)?;
         if self.out == self.base || self.out == self.ft {
             return Err(Error::Settings(
                 "--out must not be the base or fine-tune folder".into(),
             ));
         }
-        let size = |flag: &str, v: &Option<String>| -> Result<Option<u64>> {
-            v.as_deref()
-                .map(|s| {
-                    crate::size::parse_size(s).map_err(|e| Error::Settings(format!("{flag} {e}")))
-                })
-                .transpose()
-        };
         if self.in_flight == Some(0) {
             return Err(Error::Settings("--in-flight must be at least 1".into()));
         }
-        let max_ram = size("--max-ram", &self.max_ram)?;
-        let max_vram = size("--max-vram", &self.max_vram)?;
+        let max_ram = size_flag("--max-ram", &self.max_ram)?;
+        let max_vram = size_flag("--max-vram", &self.max_vram)?;
         Ok(ExtractSettings {
             base: self.base.clone(),
             ft: self.ft.clone(),

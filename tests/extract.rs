@@ -688,15 +688,6 @@ fn an_existing_adapter_is_kept_unless_forced() {
 
 // ---- the binary ------------------------------------------------------------------------
 
-/// The binary under test; PHLORA_BIN overrides the build path (a GPU host runs the test
-/// binaries from another folder).
-fn phlora(args: &[&str]) -> std::process::Output {
-    let bin = std::env::var_os("PHLORA_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_phlora")));
-    std::process::Command::new(bin).args(args).output().unwrap()
-}
-
 /// `phlora extract --base B --ft F --out OUT` followed by `extra`.
 fn phlora_extract(b: &Path, f: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![

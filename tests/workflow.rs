@@ -14,13 +14,6 @@ const H: usize = 24;
 const I: usize = 40;
 const V: usize = 56;
 
-fn phlora(args: &[&str]) -> std::process::Output {
-    let bin = std::env::var_os("PHLORA_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_phlora")));
-    std::process::Command::new(bin).args(args).output().unwrap()
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }

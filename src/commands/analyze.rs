@@ -2,7 +2,6 @@ use std::process::ExitCode;
 
 use super::Ui;
 use crate::analyze::{analyze, AnalyzeSettings};
-use crate::backend::Device;
 use crate::cli::AnalyzeArgs;
 use crate::error::{Error, Result};
 use crate::extract::ExtractSettings;
@@ -24,21 +23,11 @@ pub fn run(a: &AnalyzeArgs, ui: Ui) -> Result<ExitCode> {
     if cap == 0 {
         return Err(Error::Settings("--max-rank must be at least 1".into()));
     }
-    let device = Device::parse(&a.device).ok_or_else(|| {
-        Error::Settings(format!(
-            "--device `{}`: expected auto, cpu, cuda or cuda:N",
-            a.device
-        ))
-    })?;
-    let size = |flag: &str, v: &Option<String>| -> Result<Option<u64>> {
-        v.as_deref()
-            .map(|s| crate::size::parse_size(s).map_err(|e| Error::Settings(format!("{flag} {e}"))))
-            .transpose()
-    };
+    let device = crate::config::device_flag(&a.device)?;
     let mut extract = ExtractSettings::new(a.base.clone(), a.ft.clone(), a.out.clone(), cap);
     extract.device = device;
-    extract.max_ram = size("--max-ram", &a.max_ram)?;
-    extract.max_vram = size("--max-vram", &a.max_vram)?;
+    extract.max_ram = crate::config::size_flag("--max-ram", &a.max_ram)?;
+    extract.max_vram = crate::config::size_flag("--max-vram", &a.max_vram)?;
     extract.plan.include = a.include.iter().map(|g| Glob::new(g)).collect();
     extract.plan.exclude = a.exclude.iter().map(|g| Glob::new(g)).collect();
     extract.progress = !ui.quiet;

@@ -51,12 +51,7 @@ fn settings(a: &BenchArgs) -> Result<(BenchSettings, Device, CudaOptions)> {
             "--power-iters above 20 only costs time".into(),
         ));
     }
-    let device = Device::parse(&a.device).ok_or_else(|| {
-        Error::Settings(format!(
-            "--device `{}`: expected auto, cpu, cuda or cuda:N",
-            a.device
-        ))
-    })?;
+    let device = crate::config::device_flag(&a.device)?;
     let cuda = CudaOptions {
         tf32: a.gemm == GemmArg::Tf32,
         ..CudaOptions::default()

@@ -1,17 +1,12 @@
 use std::process::ExitCode;
 
 use super::Ui;
-use crate::backend::{Device, WorkerRequest};
+use crate::backend::WorkerRequest;
 use crate::cli::FloorArgs;
 use crate::error::{Error, Result};
 
 pub fn run(a: &FloorArgs, ui: Ui) -> Result<ExitCode> {
-    let device = Device::parse(&a.device).ok_or_else(|| {
-        Error::Settings(format!(
-            "--device `{}`: expected auto, cpu, cuda or cuda:N",
-            a.device
-        ))
-    })?;
+    let device = crate::config::device_flag(&a.device)?;
     if a.in_flight == Some(0) {
         return Err(Error::Settings("--in-flight must be at least 1".into()));
     }

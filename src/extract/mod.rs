@@ -77,6 +77,16 @@ pub struct ExtractSettings {
 }
 
 impl ExtractSettings {
+    /// The devices and workers these settings ask for.
+    pub fn worker_request(&self) -> WorkerRequest {
+        WorkerRequest {
+            device: self.device,
+            devices: self.devices.clone(),
+            in_flight: self.in_flight,
+            options: self.cuda,
+        }
+    }
+
     pub fn new(base: PathBuf, ft: PathBuf, out: PathBuf, rank: usize) -> Self {
         ExtractSettings {
             base,
@@ -106,18 +116,26 @@ impl ExtractSettings {
     }
 }
 
-/// Runs the whole extraction and returns the report (also written to OUT/report.json).
-pub fn extract(s: &ExtractSettings) -> Result<RunReport> {
+/// Both checkpoints, opened and paired.
+fn open_pair(s: &ExtractSettings) -> Result<(Checkpoint, Checkpoint, Plan)> {
     let base = Checkpoint::open(&s.base)?;
     let ft = Checkpoint::open(&s.ft)?;
     let plan = Plan::build(&base, &ft, &s.plan)?;
-    let request = WorkerRequest {
-        device: s.device,
-        devices: s.devices.clone(),
-        in_flight: s.in_flight,
-        options: s.cuda,
-    };
-    match backend::resolve_workers(&request)? {
+    Ok((base, ft, plan))
+}
+
+/// The first worker of the first device: it answers for all about memory and names.
+fn first_worker<B: Backend>(groups: &[DeviceWorkers<B>]) -> Result<&B> {
+    groups
+        .first()
+        .and_then(|g| g.workers.first())
+        .ok_or_else(|| Error::Device("no worker to run on".into()))
+}
+
+/// Runs the whole extraction and returns the report (also written to OUT/report.json).
+pub fn extract(s: &ExtractSettings) -> Result<RunReport> {
+    let (base, ft, plan) = open_pair(s)?;
+    match backend::resolve_workers(&s.worker_request())? {
         Workers::Cpu(groups) => run(&groups, s, &base, &ft, &plan),
         Workers::Cuda(groups) => run(&groups, s, &base, &ft, &plan),
     }
@@ -174,16 +192,8 @@ pub struct TensorSpectrum {
 /// adapter: the same plan, workers and memory bounds as extract. Returns them in plan order
 /// with the device's name.
 pub fn spectra(s: &ExtractSettings) -> Result<(Vec<TensorSpectrum>, String)> {
-    let base = Checkpoint::open(&s.base)?;
-    let ft = Checkpoint::open(&s.ft)?;
-    let plan = Plan::build(&base, &ft, &s.plan)?;
-    let request = WorkerRequest {
-        device: s.device,
-        devices: s.devices.clone(),
-        in_flight: s.in_flight,
-        options: s.cuda,
-    };
-    match backend::resolve_workers(&request)? {
+    let (base, ft, plan) = open_pair(s)?;
+    match backend::resolve_workers(&s.worker_request())? {
         Workers::Cpu(groups) => spectra_on(&groups, s, &base, &ft, &plan),
         Workers::Cuda(groups) => spectra_on(&groups, s, &base, &ft, &plan),
     }
@@ -196,10 +206,7 @@ fn spectra_on<B: Backend>(
     ft: &Checkpoint,
     plan: &Plan,
 ) -> Result<(Vec<TensorSpectrum>, String)> {
-    let first = groups
-        .first()
-        .and_then(|g| g.workers.first())
-        .ok_or_else(|| Error::Device("no worker to run on".into()))?;
+    let first = first_worker(groups)?;
     let r_adapter = s.rank.adapter_rank();
     let (budgets, smallest) = budgets(groups, s);
     let placements = placements(first, s, smallest, plan, &s.rank, r_adapter)?;
@@ -320,10 +327,7 @@ fn run<B: Backend>(
     plan: &Plan,
 ) -> Result<RunReport> {
     let started = Instant::now();
-    let first = groups
-        .first()
-        .and_then(|g| g.workers.first())
-        .ok_or_else(|| Error::Device("no worker to run on".into()))?;
+    let first = first_worker(groups)?;
     warn_unused_bounds(first, s);
     let out_dtype = s.out_dtype.unwrap_or_else(|| dominant_lora_dtype(plan));
     let r_adapter = s.rank.adapter_rank();

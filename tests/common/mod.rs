@@ -200,3 +200,12 @@ macro_rules! on_every_device {
         }
     }};
 }
+
+/// Runs the binary under test; PHLORA_BIN overrides the build path (a GPU host runs the test
+/// binaries from another folder).
+pub fn phlora(args: &[&str]) -> std::process::Output {
+    let bin = std::env::var_os("PHLORA_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_phlora")));
+    std::process::Command::new(bin).args(args).output().unwrap()
+}
