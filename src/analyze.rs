@@ -143,24 +143,17 @@ pub fn analyze(s: &AnalyzeSettings, dir: &Path) -> Result<AnalysisReport> {
         tensors,
         files: Vec::new(),
     };
+    // Each figure drawn once, rendered twice.
+    let (curves, heatmap) = (
+        crate::plot::energy_curves(&report),
+        crate::plot::rank_heatmap(&report),
+    );
     let mut files: Vec<(PathBuf, Vec<u8>)> = vec![
         (dir.join("analysis.csv"), csv(&report).into_bytes()),
-        (
-            dir.join("energy_curves.svg"),
-            crate::plot::energy_curves(&report).svg().into_bytes(),
-        ),
-        (
-            dir.join("energy_curves.png"),
-            crate::plot::energy_curves(&report).png(),
-        ),
-        (
-            dir.join("rank_heatmap.svg"),
-            crate::plot::rank_heatmap(&report).svg().into_bytes(),
-        ),
-        (
-            dir.join("rank_heatmap.png"),
-            crate::plot::rank_heatmap(&report).png(),
-        ),
+        (dir.join("energy_curves.svg"), curves.svg().into_bytes()),
+        (dir.join("energy_curves.png"), curves.png()),
+        (dir.join("rank_heatmap.svg"), heatmap.svg().into_bytes()),
+        (dir.join("rank_heatmap.png"), heatmap.png()),
     ];
     report.files = files
         .iter()

@@ -34,14 +34,7 @@ pub fn measure(
 ) -> Result<FloorReport> {
     let base = Checkpoint::open(base_path)?;
     let ft = Checkpoint::open(ft_path)?;
-    let options = PlanOptions {
-        include: Vec::new(),
-        exclude: Vec::new(),
-        embeddings: true,
-        norms: true,
-        lora_bias: false,
-    };
-    let plan = Plan::build(&base, &ft, &options)?;
+    let plan = Plan::build(&base, &ft, &PlanOptions::all())?;
     match backend::resolve_workers(req)? {
         Workers::Cpu(g) => run(&g, &base, &ft, &plan),
         Workers::Cuda(g) => run(&g, &base, &ft, &plan),

@@ -82,6 +82,17 @@ pub struct PlanOptions {
     pub lora_bias: bool,
 }
 
+impl PlanOptions {
+    /// Every tensor, embeddings decomposed and norms saved whole: the defaults.
+    pub fn all() -> PlanOptions {
+        PlanOptions {
+            embeddings: true,
+            norms: true,
+            ..PlanOptions::default()
+        }
+    }
+}
+
 pub struct Plan {
     /// In the fine-tune's file order.
     pub items: Vec<PlanItem>,

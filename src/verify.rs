@@ -120,13 +120,14 @@ fn decode(ck: &Checkpoint, t: &TensorEntry, lo: usize, hi: usize) -> Vec<f32> {
     v
 }
 
-/// The sums of one weight: `update(r0, r1)` gives rows r0..r1 of ΔŴ row-major (None: zero).
+/// The sums of one weight: `update(r0, r1, base_rows)` gives rows r0..r1 of ΔŴ row-major
+/// (None: zero), with those rows of the base at hand.
 fn compare(
     base: &Checkpoint,
     bt: &TensorEntry,
     ft: &Checkpoint,
     ftt: &TensorEntry,
-    update: &(dyn Fn(usize, usize) -> Option<Vec<f32>> + Sync),
+    update: &(dyn Fn(usize, usize, &[f32]) -> Option<Vec<f32>> + Sync),
 ) -> Sums {
     let rows = ftt.shape.first().copied().unwrap_or(1).max(1);
     let cols = ftt.numel() / rows;
@@ -137,7 +138,7 @@ fn compare(
             let (r0, r1) = (c * step, ((c + 1) * step).min(rows));
             let wb = decode(base, bt, r0 * cols, r1 * cols);
             let wf = decode(ft, ftt, r0 * cols, r1 * cols);
-            let h = update(r0, r1);
+            let h = update(r0, r1, &wb);
             let mut s = Sums::default();
             for i in 0..wb.len() {
                 let d = f64::from(wf[i]) - f64::from(wb[i]);
@@ -260,28 +261,27 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
         let sums = if let Some(m) = lora {
             carried.insert(ftt_name.clone());
             let (a, b) = adapter.factors(m);
-            let update = |r0: usize, r1: usize| Some(update_rows(m, &a, &b, r0, r1));
+            let update = |r0: usize, r1: usize, _: &[f32]| Some(update_rows(m, &a, &b, r0, r1));
             compare(&base, bt, &ft, ftt, &update)
         } else if let Some(m) = bias_of {
             carried.insert(ftt_name.clone());
             let bt_lora = m.bias.as_ref().expect("filtered");
-            let update = |r0: usize, r1: usize| -> Option<Vec<f32>> {
+            let update = |r0: usize, r1: usize, _: &[f32]| -> Option<Vec<f32>> {
                 let v = decode(&adapter.file, bt_lora, r0, r1);
                 Some(v.iter().map(|x| x * m.scaling as f32).collect())
             };
             compare(&base, bt, &ft, ftt, &update)
         } else if let Some(w) = whole {
             carried.insert(ftt_name.clone());
-            let update = |r0: usize, r1: usize| -> Option<Vec<f32>> {
+            let update = |r0: usize, r1: usize, wb: &[f32]| -> Option<Vec<f32>> {
                 // The saved tensor replaces the base: ΔŴ = W_saved − W_base.
-                let cols = ftt.numel() / ftt.shape.first().copied().unwrap_or(1).max(1);
+                let cols = wb.len() / (r1 - r0).max(1);
                 let saved = decode(&adapter.file, w, r0 * cols, r1 * cols);
-                let wb = decode(&base, bt, r0 * cols, r1 * cols);
-                Some(saved.iter().zip(&wb).map(|(x, y)| x - y).collect())
+                Some(saved.iter().zip(wb).map(|(x, y)| x - y).collect())
             };
             compare(&base, bt, &ft, ftt, &update)
         } else {
-            compare(&base, bt, &ft, ftt, &|_, _| None)
+            compare(&base, bt, &ft, ftt, &|_, _, _| None)
         };
         base.release(bt);
         ft.release(ftt);

@@ -8,12 +8,7 @@ use crate::plan::{classify, Action, Plan, PlanOptions};
 
 pub fn run(args: &InspectArgs, _ui: Ui) -> Result<ExitCode> {
     let ck = Checkpoint::open(&args.path)?;
-    let opts = PlanOptions {
-        embeddings: true,
-        norms: true,
-        lora_bias: false,
-        ..Default::default()
-    };
+    let opts = PlanOptions::all();
     // With --base, the real planner runs (pairing, shapes, dtypes); without, names and shapes.
     let rows: Vec<(String, String, Vec<usize>, Action)> = match &args.base {
         Some(b) => {

@@ -131,15 +131,6 @@ fn queue(sh: &Shared<'_>, workers: usize) -> Vec<usize> {
     order
 }
 
-/// Tensors with work to do (all but the unchanged ones).
-fn queue_len(sh: &Shared<'_>) -> usize {
-    sh.plan
-        .items
-        .iter()
-        .filter(|i| i.action != Action::Unchanged)
-        .count()
-}
-
 /// Runs every tensor of the plan on the workers; `budgets[d]` bounds device d.
 pub(super) fn run_all<B: Backend>(
     groups: &[DeviceWorkers<B>],
@@ -157,7 +148,7 @@ pub(super) fn run_all<B: Backend>(
     let started = Instant::now();
 
     let (writer_result, times) = std::thread::scope(|scope| {
-        let writer_thread = scope.spawn(|| write_all(writer, rx, sh, &cancel));
+        let writer_thread = scope.spawn(|| write_all(writer, rx, sh, order.len(), &cancel));
         let mut handles = Vec::new();
         for (d, group) in groups.iter().enumerate() {
             for (w, be) in group.workers.iter().enumerate() {
@@ -261,12 +252,14 @@ fn write_all(
     mut writer: Option<AdapterWriter>,
     rx: Receiver<Finished>,
     sh: &Shared<'_>,
+    queued: usize,
     cancel: &AtomicBool,
 ) -> Result<(Option<AdapterWriter>, Vec<Option<Finished>>, f64)> {
     let mut finished: Vec<Option<Finished>> = (0..sh.plan.items.len()).map(|_| None).collect();
     let mut seconds = 0.0;
     let total = sh.plan.items.len();
-    let mut count = total - queue_len(sh);
+    // Unchanged tensors count as done from the start.
+    let mut count = total - queued;
     for mut done in rx {
         let clock = Instant::now();
         let item = &sh.plan.items[done.index];
