@@ -120,6 +120,9 @@ fn decode(ck: &Checkpoint, t: &TensorEntry, lo: usize, hi: usize) -> Vec<f32> {
     v
 }
 
+/// Rows r0..r1 of a weight's update, given those rows of the base (None: no update).
+type RowUpdate<'a> = dyn Fn(usize, usize, &[f32]) -> Option<Vec<f32>> + Sync + 'a;
+
 /// The sums of one weight: `update(r0, r1, base_rows)` gives rows r0..r1 of ΔŴ row-major
 /// (None: zero), with those rows of the base at hand.
 fn compare(
@@ -127,7 +130,7 @@ fn compare(
     bt: &TensorEntry,
     ft: &Checkpoint,
     ftt: &TensorEntry,
-    update: &(dyn Fn(usize, usize, &[f32]) -> Option<Vec<f32>> + Sync),
+    update: &RowUpdate<'_>,
 ) -> Sums {
     let rows = ftt.shape.first().copied().unwrap_or(1).max(1);
     let cols = ftt.numel() / rows;
