@@ -73,10 +73,23 @@ fn is_other_weights(name: &str) -> bool {
 pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
     let started = Instant::now();
     let base = Checkpoint::open(&s.base)?;
-    let adapter = Adapter::open(&s.adapter)?;
+    let mut adapter = Adapter::open(&s.adapter)?;
+    adapter.set_experts_layout(crate::plan::experts_in_out(base.config()));
     let mut changes: HashMap<&str, Change> = HashMap::new();
     for m in &adapter.modules {
-        let name = format!("{}.weight", m.module);
+        let name = m.param.clone();
+        // A tied lm_head's LoRA updates the embedding matrix the model reuses: the embedding's
+        // own LoRA carries the same change into the one stored matrix.
+        let tied = crate::plan::tied_counterpart(&base, &name, &Adapter::weight_shape(m));
+        if base.get(&name).is_none()
+            && tied.is_some_and(|t| adapter.modules.iter().any(|e| e.param == t.name))
+        {
+            tracing::info!(
+                "{}: the base ties it to its embeddings; merged through the embedding's LoRA",
+                m.module
+            );
+            continue;
+        }
         let t = base.get(&name).ok_or_else(|| {
             Error::tensor(
                 adapter.file.path_of(&m.a),
@@ -294,7 +307,9 @@ fn merged_tensor(
     write: &mut dyn FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
     let dtype = t.float_dtype().expect("checked");
-    let (rows, cols) = (t.shape[0], t.shape[1]);
+    // Rows along the first axis (a fused parameter's: its experts).
+    let rows = t.shape[0];
+    let cols = t.numel() / rows.max(1);
     let (a, b) = adapter.factors(m);
     let bytes = base.bytes(t);
     let step = ((1 << 18) / cols.max(1)).clamp(1, rows.max(1));

@@ -51,9 +51,36 @@ pub struct PlanItem {
     pub action: Action,
     /// Said in the report next to this tensor (e.g. a tied lm_head's stand-in).
     pub note: Option<String>,
+    /// How the tensor's bytes lie as the matrix that is decomposed.
+    pub form: Form,
+}
+
+/// How a tensor is read as the matrix ΔW that is decomposed, and how its factors are written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Form {
+    /// [out, in] (an embedding: [vocab, dim]).
+    Matrix,
     /// A GPT-2-style Conv1D weight, stored [in, out]: its LoRA is A [r, in], B [out, r] with
     /// `fan_in_fan_out`, ΔW = (B·A)ᵀ.
-    pub conv1d: bool,
+    Conv1D,
+    /// A convolution weight [out, in, k…], decomposed as the matrix [out, in·k…]: A is written
+    /// [r, in, k…] and B [out, r, 1…], the shapes of PEFT's conv LoRA.
+    Conv,
+    /// One expert of a fused 3-D expert parameter [E, d1, d2] (`mlp.experts.gate_up_proj`),
+    /// written in PEFT's `target_parameters` layout: A [r·E, in] with the expert index slowest,
+    /// B [out, r·E] with it fastest.
+    Expert(ExpertSlice),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpertSlice {
+    /// The fused parameter's name (`model.layers.0.mlp.experts.gate_up_proj`).
+    pub param: String,
+    pub index: usize,
+    pub count: usize,
+    /// gpt-oss stores each expert [in, out] (ΔW = the slice transposed); transformers v5
+    /// stores [out, in].
+    pub stored_in_out: bool,
 }
 
 impl PlanItem {
@@ -66,6 +93,28 @@ impl PlanItem {
     /// Bytes read from both checkpoints.
     pub fn input_bytes(&self) -> u64 {
         (self.base.nbytes() + self.ft.nbytes()) as u64
+    }
+
+    /// The stored tensor as a row-major matrix: [shape[0], the product of the rest]. This is
+    /// the matrix decomposed (for a Conv1D or gpt-oss expert, ΔWᵀ).
+    pub fn matrix(&self) -> (usize, usize) {
+        let rows = self.shape.first().copied().unwrap_or(1);
+        (rows, self.shape.iter().skip(1).product())
+    }
+
+    /// A tensor neither checkpoint stores under this name: a tied lm_head, which is the
+    /// embedding matrix read again.
+    pub fn is_tied_copy(&self) -> bool {
+        self.base.name != self.name && self.ft.name != self.name && self.form == Form::Matrix
+    }
+
+    /// True when the stored matrix is [in, out] (the factors come out transposed).
+    pub fn stored_in_out(&self) -> bool {
+        match &self.form {
+            Form::Conv1D => true,
+            Form::Expert(e) => e.stored_in_out,
+            Form::Matrix | Form::Conv => false,
+        }
     }
 }
 
@@ -171,10 +220,21 @@ impl Plan {
                     }
                 }
             };
-            let conv1d =
-                action == Action::LoraLinear && gpt2 && is_conv1d_module(module_of(&f.name));
+            let form = if action != Action::LoraLinear {
+                Form::Matrix
+            } else if f.shape.len() == 3 && is_fused_experts(&f.name) {
+                let stored_in_out = experts_stored_in_out(ft, f)?;
+                items.extend(expert_items(f, b, stored_in_out));
+                continue;
+            } else if f.shape.len() > 2 {
+                Form::Conv
+            } else if gpt2 && is_conv1d_module(module_of(&f.name)) {
+                Form::Conv1D
+            } else {
+                Form::Matrix
+            };
             items.push(PlanItem {
-                conv1d,
+                form,
                 note: None,
                 module: module_of(&f.name).to_string(),
                 name: f.name.clone(),
@@ -200,7 +260,7 @@ impl Plan {
                     ),
                 ));
                 items.push(PlanItem {
-                    conv1d: false,
+                    form: Form::Matrix,
                     module: module_of(&b.name).to_string(),
                     name: b.name.clone(),
                     shape: b.shape.clone(),
@@ -219,6 +279,15 @@ impl Plan {
                     ft.root().display()
                 ),
             ));
+        }
+        // A tied output layer: neither checkpoint stores lm_head, the model reuses its
+        // embedding matrix there. A LoRA on the embedding does not reach the output projection,
+        // so the change of the tied matrix is carried twice: on the embedding and on lm_head.
+        if let Some(item) = tied_output_item(base, ft, &items) {
+            if selected(&item.name) {
+                notes.push((item.name.clone(), item.note.clone().unwrap_or_default()));
+                items.push(item);
+            }
         }
         // Biases ride on their layer's LoRA when asked (PEFT's lora_bias).
         if opts.lora_bias {
@@ -304,8 +373,151 @@ pub fn tied_counterpart<'a>(
     })
 }
 
+/// A fused 3-D expert parameter (transformers v5, gpt-oss): `….experts.<name>_proj` [E, d1, d2].
+fn is_fused_experts(name: &str) -> bool {
+    last_segment(module_of(name)) == "experts" && last_segment(name).ends_with("_proj")
+}
+
+/// The order transformers registers an experts module's parameters in (gate/up before down):
+/// PEFT wraps targeted parameters of one module in that order, the first innermost.
+pub fn registration_rank(param: &str) -> (u8, &str) {
+    let rank = match param {
+        "gate_up_proj" => 0,
+        "gate_proj" | "w1" => 1,
+        "up_proj" | "w3" => 2,
+        "down_proj" | "w2" => 3,
+        _ => 4,
+    };
+    (rank, param)
+}
+
+/// gpt-oss stores each expert of a fused parameter [in, out]; transformers v5 [out, in].
+pub fn experts_in_out(config: Option<&serde_json::Value>) -> bool {
+    config
+        .and_then(|c| c.get("model_type"))
+        .and_then(|m| m.as_str())
+        .is_some_and(|m| m == "gpt_oss")
+}
+
+/// Whether a fused expert parameter stores each expert [in, out] (gpt-oss) rather than
+/// [out, in] (transformers v5), from the config; checked against its hidden_size when given.
+fn experts_stored_in_out(ck: &Checkpoint, t: &TensorEntry) -> Result<bool> {
+    let config = ck.config();
+    let in_out = experts_in_out(config);
+    let hidden = config
+        .and_then(|c| c.get("hidden_size"))
+        .and_then(|h| h.as_u64())
+        .map(|h| h as usize);
+    let param = last_segment(&t.name);
+    // The hidden side: the input of gate/up projections, the output of down projections.
+    let hidden_is_input = param != "down_proj";
+    let (out_axis, in_axis) = if in_out { (2, 1) } else { (1, 2) };
+    let expected_axis = if hidden_is_input { in_axis } else { out_axis };
+    if let Some(h) = hidden {
+        if t.shape[expected_axis] != h {
+            return Err(Error::tensor(
+                ck.path_of(t),
+                &t.name,
+                format!(
+                    "fused experts {:?}: expected the hidden size {h} on axis {expected_axis} ({} layout, [E, {}]); the config and the tensor disagree",
+                    t.shape,
+                    if in_out { "gpt-oss" } else { "transformers v5" },
+                    if in_out { "in, out" } else { "out, in" },
+                ),
+            ));
+        }
+    }
+    Ok(in_out)
+}
+
+/// One plan item per expert of a fused [E, d1, d2] parameter: byte views of each expert's
+/// [d1, d2] slice in both checkpoints.
+fn expert_items(f: &TensorEntry, b: &TensorEntry, stored_in_out: bool) -> Vec<PlanItem> {
+    let (count, d1, d2) = (f.shape[0], f.shape[1], f.shape[2]);
+    let slice = |t: &TensorEntry, e: usize, name: &str| {
+        let per = t.nbytes() / count.max(1);
+        TensorEntry {
+            name: name.to_string(),
+            shape: vec![d1, d2],
+            start: t.start + e * per,
+            end: t.start + (e + 1) * per,
+            ..t.clone()
+        }
+    };
+    (0..count)
+        .map(|e| {
+            let name = format!("{}[{e}]", f.name);
+            PlanItem {
+                module: module_of(&f.name).to_string(),
+                shape: vec![d1, d2],
+                base: slice(b, e, &name),
+                ft: slice(f, e, &name),
+                action: Action::LoraLinear,
+                note: None,
+                form: Form::Expert(ExpertSlice {
+                    param: f.name.clone(),
+                    index: e,
+                    count,
+                    stored_in_out,
+                }),
+                name,
+            }
+        })
+        .collect()
+}
+
+/// For a causal LM whose config ties the output layer to the embeddings and whose checkpoints
+/// store no `lm_head.weight`: an lm_head target whose ΔW is the embedding's.
+fn tied_output_item(base: &Checkpoint, ft: &Checkpoint, items: &[PlanItem]) -> Option<PlanItem> {
+    const LM_HEAD: &str = "lm_head.weight";
+    if base.get(LM_HEAD).is_some() || ft.get(LM_HEAD).is_some() {
+        return None;
+    }
+    let config = ft.config().or(base.config())?;
+    let tied = config
+        .get("tie_word_embeddings")
+        .and_then(|t| t.as_bool())
+        .unwrap_or(true);
+    let lm = config
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .is_some_and(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str())
+                .any(|s| s.ends_with("ForCausalLM") || s.ends_with("LMHeadModel"))
+        });
+    let emb = items.iter().find(|i| {
+        i.action == Action::LoraEmbedding
+            && (i.name.ends_with("embed_tokens.weight") || i.name.ends_with("wte.weight"))
+    })?;
+    (tied && lm).then(|| PlanItem {
+        name: LM_HEAD.to_string(),
+        module: module_of(LM_HEAD).to_string(),
+        shape: emb.shape.clone(),
+        base: emb.base.clone(),
+        ft: emb.ft.clone(),
+        action: Action::LoraLinear,
+        note: Some(format!(
+            "tied to `{}`: the output layer changes with it, and a LoRA on the embedding alone does not reach it",
+            emb.name
+        )),
+        form: Form::Matrix,
+    })
+}
+
+/// An MoE router: a `gate` or `router` module beside an `experts` module. transformers v5
+/// makes several of them a router class rather than nn.Linear, so PEFT can only reach their
+/// weight as a target parameter.
+pub fn is_router(module: &str, items: &[PlanItem]) -> bool {
+    let (parent, last) = module.rsplit_once('.').unwrap_or(("", module));
+    matches!(last, "gate" | "router")
+        && items
+            .iter()
+            .any(|i| i.module.starts_with(&format!("{parent}.experts")))
+}
+
 /// GPT-2's Conv1D layers (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) store [in, out].
-fn is_conv1d_module(module: &str) -> bool {
+pub fn is_conv1d_module(module: &str) -> bool {
     matches!(
         last_segment(module),
         "c_attn" | "c_proj" | "c_fc" | "q_attn"
@@ -347,6 +559,11 @@ pub fn classify(name: &str, shape: &[usize], opts: &PlanOptions) -> Action {
                 Action::LoraLinear
             }
         }
+        3 if is_fused_experts(name) => Action::LoraLinear,
+        3..=5 if param == "weight" && shape[1] == 1 && shape[0] > 1 => Action::NotCarried(
+            "looks like a depthwise convolution (one input channel per filter): PEFT's conv LoRA needs groups = 1".into(),
+        ),
+        3..=5 if param == "weight" => Action::LoraLinear,
         1 if is_norm_module(module) => {
             if opts.norms {
                 Action::SaveWhole
@@ -356,7 +573,7 @@ pub fn classify(name: &str, shape: &[usize], opts: &PlanOptions) -> Action {
                 )
             }
         }
-        1 => Action::NotCarried("1-D parameter (bias); a LoRA cannot carry it".into()),
+        1 => Action::NotCarried("1-D parameter (a bias); a LoRA cannot carry it".into()),
         0 => Action::NotCarried("scalar parameter".into()),
         2 => Action::NotCarried(format!("2-D tensor `{param}` that is not a layer weight")),
         n => Action::NotCarried(format!("{n}-D tensor; not supported yet")),
@@ -468,8 +685,20 @@ mod tests {
             classify("model.layers.0.self_attn.q_proj.bias", &[8], &o),
             Action::NotCarried(_)
         ));
-        assert!(matches!(
+        assert_eq!(
             classify("x.experts.gate_up_proj", &[2, 8, 8], &o),
+            Action::LoraLinear
+        );
+        assert_eq!(
+            classify("conv.weight", &[8, 3, 3, 3], &o),
+            Action::LoraLinear
+        );
+        assert!(matches!(
+            classify("conv.weight", &[8, 1, 4], &o),
+            Action::NotCarried(_)
+        ));
+        assert!(matches!(
+            classify("x.experts.gate_up_proj_bias", &[2, 8], &o),
             Action::NotCarried(_)
         ));
         let o2 = PlanOptions::default();

@@ -169,15 +169,16 @@ fn compare(
 pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
     let base = Checkpoint::open(&s.base)?;
     let ft = Checkpoint::open(&s.ft)?;
-    let adapter = Adapter::open(&s.adapter)?;
-    let by_module: HashMap<&str, &LoraModule> = adapter
+    let mut adapter = Adapter::open(&s.adapter)?;
+    adapter.set_experts_layout(crate::plan::experts_in_out(base.config()));
+    let by_param: HashMap<&str, &LoraModule> = adapter
         .modules
         .iter()
-        .map(|m| (m.module.as_str(), m))
+        .map(|m| (m.param.as_str(), m))
         .collect();
     // Every module and whole tensor of the adapter must land on a weight of the pair.
     for m in &adapter.modules {
-        let name = format!("{}.weight", m.module);
+        let name = m.param.clone();
         let t = ft.get(&name).or_else(|| {
             let shape = Adapter::weight_shape(m);
             tied_counterpart(&ft, &name, &shape)
@@ -253,12 +254,11 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
         if bt.float_dtype().is_none() || ftt.float_dtype().is_none() {
             continue; // not a weight phlora reads (the adapter cannot touch it either)
         }
-        let module = ftt_name.strip_suffix(".weight").unwrap_or(&ftt_name);
-        let lora = by_module.get(module).copied();
+        let lora = by_param.get(ftt_name.as_str()).copied();
         // A layer's bias that the adapter's lora_B.bias updates.
         let bias_of = ftt_name
             .strip_suffix(".bias")
-            .and_then(|m| by_module.get(m).copied())
+            .and_then(|m| by_param.get(format!("{m}.weight").as_str()).copied())
             .filter(|m| m.bias.is_some());
         let whole = adapter.whole.get(&ftt_name);
         let sums = if let Some(m) = lora {

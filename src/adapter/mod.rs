@@ -58,6 +58,9 @@ pub struct AdapterConfig {
     pub lora_alpha: f64,
     pub lora_dropout: f64,
     pub target_modules: TargetModules,
+    /// Fused 3-D expert parameters (PEFT ≥ 0.17 `target_parameters`), by full path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_parameters: Option<Vec<String>>,
     pub modules_to_save: Option<Vec<String>>,
     pub rank_pattern: BTreeMap<String, usize>,
     pub alpha_pattern: BTreeMap<String, f64>,
@@ -91,6 +94,7 @@ impl AdapterConfig {
             lora_alpha: r as f64,
             lora_dropout: 0.0,
             target_modules,
+            target_parameters: None,
             modules_to_save,
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),

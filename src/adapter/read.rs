@@ -13,21 +13,29 @@ use super::{CONFIG_FILE, KEY_PREFIX, MODEL_FILE};
 use crate::checkpoint::{Checkpoint, TensorEntry};
 use crate::error::{Error, Result};
 
-/// How a module's product B·A lies over its weight.
+/// How a module's product B·A lies over its weight (for a fused expert parameter: over each
+/// expert's slice).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
-    /// W [out, in] += scaling · B [out, r] · A [r, in].
+    /// W [out, in] += scaling · B [out, r] · A [r, in] (a conv: W [out, in, k…], A [r, in, k…]).
     Linear,
-    /// W [in, out] += scaling · (B·A)ᵀ: embeddings (A [r, vocab], B [dim, r]) and Conv1D-style
-    /// weights under fan_in_fan_out.
+    /// W [in, out] += scaling · (B·A)ᵀ: embeddings (A [r, vocab], B [dim, r]), Conv1D-style
+    /// weights under fan_in_fan_out, gpt-oss experts.
     Transposed,
 }
 
 /// One module's factors.
 #[derive(Clone, Debug)]
 pub struct LoraModule {
-    /// The module path, e.g. `model.layers.0.self_attn.q_proj`.
+    /// The module path, e.g. `model.layers.0.self_attn.q_proj` (for a targeted parameter, the
+    /// key's path: `model.layers.0.mlp.experts.base_layer`).
     pub module: String,
+    /// The parameter the update lands on: `<module>.weight`, or a targeted parameter
+    /// (`model.layers.0.mlp.experts.gate_up_proj`).
+    pub param: String,
+    /// Experts of a fused 3-D parameter (target_parameters): A [r·E, in] with row e·r + k,
+    /// B [out, r·E] with column k·E + e. 0 for an ordinary module.
+    pub experts: usize,
     pub layout: Layout,
     pub a: TensorEntry,
     pub b: TensorEntry,
@@ -70,6 +78,8 @@ struct RawConfig {
     alpha_pattern: Option<Ordered<f64>>,
     #[serde(default)]
     bias: Option<String>,
+    #[serde(default)]
+    target_parameters: Option<Vec<String>>,
 }
 
 /// A JSON object in file order: PEFT tries rank_pattern keys in insertion order.
@@ -203,6 +213,7 @@ impl Adapter {
                 }
             }
         }
+        let targeted = raw.target_parameters.unwrap_or_default();
         let mut modules = Vec::new();
         for (module, (a, b, embedding)) in pairs {
             let path = file.path_of(a.as_ref().or(b.as_ref()).expect("one of them is set"));
@@ -213,8 +224,20 @@ impl Adapter {
                     "has only one of its two LoRA factors",
                 ));
             };
-            let rank = a.shape.first().copied().unwrap_or(0);
-            if a.shape.len() != 2 || b.shape.len() != 2 || b.shape[1] != rank || rank == 0 {
+            let as_parameter = targeted_parameter(&module, &targeted);
+            let param = as_parameter
+                .clone()
+                .unwrap_or_else(|| format!("{module}.weight"));
+            let fused = param != format!("{module}.weight");
+            let width = a.shape.first().copied().unwrap_or(0);
+            // B [out, r] (a conv's B [out, r, 1…]); A [r, in] (a conv's A [r, in, k…]).
+            let pairs_up = a.shape.len() >= 2
+                && b.shape.len() == a.shape.len()
+                && b.shape[1] == width
+                && b.shape[2..].iter().all(|&d| d == 1)
+                && width > 0
+                && (!fused || a.shape.len() == 2);
+            if !pairs_up {
                 return Err(Error::tensor(
                     path,
                     &module,
@@ -231,7 +254,25 @@ impl Adapter {
                     format!("factors in {:?}: phlora reads F32, F16 and BF16", a.dtype),
                 ));
             }
-            let r_module = ranks.get(&module).unwrap_or(r);
+            // PEFT matches a targeted parameter's patterns against the parameter's path.
+            let pattern_key = if as_parameter.is_some() {
+                param.as_str()
+            } else {
+                module.as_str()
+            };
+            let r_module = ranks.get(pattern_key).unwrap_or(r);
+            let (rank, experts) = if fused {
+                if width % r_module != 0 {
+                    return Err(Error::tensor(
+                        path,
+                        &module,
+                        format!("A has {width} rows, not a multiple of r = {r_module} (target parameter `{param}`: A is [r·experts, in])"),
+                    ));
+                }
+                (r_module, width / r_module)
+            } else {
+                (width, 0)
+            };
             if r_module != rank {
                 return Err(Error::tensor(
                     path,
@@ -239,13 +280,16 @@ impl Adapter {
                     format!("factors have rank {rank} but the config says r = {r_module} for this module"),
                 ));
             }
-            let alpha = alphas.get(&module).unwrap_or(lora_alpha);
+            let alpha = alphas.get(pattern_key).unwrap_or(lora_alpha);
             let scaling = if raw.use_rslora {
                 alpha / (rank as f64).sqrt()
             } else {
                 alpha / rank as f64
             };
-            let layout = if embedding || raw.fan_in_fan_out {
+            // PEFT applies fan_in_fan_out to Conv1D layers only (it turns it off, with a
+            // warning, for an nn.Linear such as GPT-2's lm_head).
+            let conv1d = crate::plan::is_conv1d_module(&module);
+            let layout = if embedding || (raw.fan_in_fan_out && conv1d && !fused) {
                 Layout::Transposed
             } else {
                 Layout::Linear
@@ -263,7 +307,16 @@ impl Adapter {
                     ));
                 }
             }
+            if fused && bias.is_some() {
+                return Err(Error::tensor(
+                    path,
+                    &module,
+                    "a targeted parameter cannot have a lora_B.bias",
+                ));
+            }
             modules.push(LoraModule {
+                param,
+                experts,
                 module,
                 layout,
                 a,
@@ -292,10 +345,11 @@ impl Adapter {
         })
     }
 
-    /// A module's A and B in f32.
+    /// A module's A and B in f32, as matrices (a conv's A [r, in·k…], B [out, r]).
     pub fn factors(&self, m: &LoraModule) -> (faer::Mat<f32>, faer::Mat<f32>) {
         let matrix = |t: &TensorEntry| {
-            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let rows = t.shape[0];
+            let cols = t.numel() / rows.max(1);
             let d = t.float_dtype().expect("checked when opened");
             let mut v = vec![0f32; rows * cols];
             crate::checkpoint::dtype::decode_into(d, self.file.bytes(t), &mut v);
@@ -304,17 +358,68 @@ impl Adapter {
         (matrix(&m.a), matrix(&m.b))
     }
 
-    /// The shape [rows, cols] of the weight a module's product lands on.
-    pub fn weight_shape(m: &LoraModule) -> [usize; 2] {
-        let (out, inn) = (m.b.shape[0], m.a.shape[1]);
-        match m.layout {
+    /// Fused expert parameters store each expert [in, out] in gpt-oss and [out, in] in
+    /// transformers v5; PEFT knows from the model class, an adapter does not say. Callers
+    /// that hold the base checkpoint set it from its config.
+    pub fn set_experts_layout(&mut self, in_out: bool) {
+        for m in self.modules.iter_mut().filter(|m| m.experts > 0) {
+            m.layout = if in_out {
+                Layout::Transposed
+            } else {
+                Layout::Linear
+            };
+        }
+    }
+
+    /// The shape of the weight a module's product lands on.
+    pub fn weight_shape(m: &LoraModule) -> Vec<usize> {
+        let (out, inn) = (m.b.shape[0], m.a.numel() / m.a.shape[0].max(1));
+        let slice = match m.layout {
+            Layout::Linear if m.experts == 0 => {
+                return [&[out][..], &m.a.shape[1..]].concat();
+            }
             Layout::Linear => [out, inn],
             Layout::Transposed => [inn, out],
+        };
+        if m.experts > 0 {
+            vec![m.experts, slice[0], slice[1]]
+        } else {
+            slice.to_vec()
         }
     }
 }
 
-/// Rows r0..r1 of a module's update scaling·B·A (or its transpose), row-major, in f32.
+/// The parameter a key's module path stands for under `target_parameters`: PEFT nests one
+/// wrapper per targeted parameter of a module, the first registered innermost, so a path with
+/// k `.base_layer` suffixes is the parameter with k wrappers around it. Entries are full
+/// parameter paths or suffixes of them.
+fn targeted_parameter(path: &str, targeted: &[String]) -> Option<String> {
+    if targeted.is_empty() {
+        return None;
+    }
+    let mut module = path;
+    let mut depth = 0;
+    while let Some(m) = module.strip_suffix(".base_layer") {
+        module = m;
+        depth += 1;
+    }
+    let mut names: Vec<&str> = targeted
+        .iter()
+        .filter_map(|t| {
+            let name = crate::plan::last_segment(t);
+            let full = format!("{module}.{name}");
+            (full == *t || full.ends_with(&format!(".{t}"))).then_some(name)
+        })
+        .collect();
+    names.sort_by_key(|n| crate::plan::registration_rank(n));
+    names.dedup();
+    let at = names.len().checked_sub(depth + 1)?;
+    Some(format!("{module}.{}", names[at]))
+}
+
+/// Rows r0..r1 (along the weight's first axis) of a module's update scaling·B·A (or its
+/// transpose), row-major, in f32. For a fused parameter the rows are experts, each its whole
+/// [d1, d2] slice.
 pub fn update_rows(
     m: &LoraModule,
     a: &faer::Mat<f32>,
@@ -322,18 +427,52 @@ pub fn update_rows(
     r0: usize,
     r1: usize,
 ) -> Vec<f32> {
+    if m.experts == 0 {
+        return matrix_rows(m.layout, m.scaling as f32, a.as_ref(), b.as_ref(), r0, r1);
+    }
+    let (experts, r) = (m.experts, a.nrows() / m.experts.max(1));
+    let mut out = Vec::new();
+    for e in r0..r1 {
+        let a_e = a.as_ref().subrows(e * r, r);
+        let b_e = faer::Mat::from_fn(b.nrows(), r, |o, k| b[(o, k * experts + e)]);
+        let rows = match m.layout {
+            Layout::Linear => b.nrows(),
+            Layout::Transposed => a.ncols(),
+        };
+        out.extend(matrix_rows(
+            m.layout,
+            m.scaling as f32,
+            a_e,
+            b_e.as_ref(),
+            0,
+            rows,
+        ));
+    }
+    out
+}
+
+fn matrix_rows(
+    layout: Layout,
+    s: f32,
+    a: faer::MatRef<'_, f32>,
+    b: faer::MatRef<'_, f32>,
+    r0: usize,
+    r1: usize,
+) -> Vec<f32> {
     use faer::linalg::matmul::matmul;
     use faer::{Accum, Par};
-    let cols = Adapter::weight_shape(m)[1];
+    let cols = match layout {
+        Layout::Linear => a.ncols(),
+        Layout::Transposed => b.nrows(),
+    };
     let mut out = faer::Mat::<f32>::zeros(r1 - r0, cols);
-    let s = m.scaling as f32;
-    match m.layout {
+    match layout {
         // W rows are B's rows: B[r0..r1]·A.
         Layout::Linear => matmul(
             out.as_mut(),
             Accum::Replace,
-            b.as_ref().subrows(r0, r1 - r0),
-            a.as_ref(),
+            b.subrows(r0, r1 - r0),
+            a,
             s,
             Par::Seq,
         ),
@@ -341,8 +480,8 @@ pub fn update_rows(
         Layout::Transposed => matmul(
             out.as_mut(),
             Accum::Replace,
-            a.as_ref().subcols(r0, r1 - r0).transpose(),
-            b.as_ref().transpose(),
+            a.subcols(r0, r1 - r0).transpose(),
+            b.transpose(),
             s,
             Par::Seq,
         ),
@@ -361,6 +500,40 @@ mod tests {
     fn patterns(json: &str) -> Patterns<usize> {
         let raw: Ordered<usize> = serde_json::from_str(json).unwrap();
         Patterns::new(Some(raw), Path::new("cfg"), "rank_pattern").unwrap()
+    }
+
+    #[test]
+    fn nested_keys_name_the_parameter_wrapped_first_deepest() {
+        let t = vec![
+            "mlp.experts.gate_up_proj".to_string(),
+            "mlp.experts.down_proj".to_string(),
+        ];
+        let m = "model.layers.3.mlp.experts";
+        assert_eq!(
+            targeted_parameter(m, &t).as_deref(),
+            Some("model.layers.3.mlp.experts.down_proj")
+        );
+        assert_eq!(
+            targeted_parameter(&format!("{m}.base_layer"), &t).as_deref(),
+            Some("model.layers.3.mlp.experts.gate_up_proj")
+        );
+        assert_eq!(
+            targeted_parameter(&format!("{m}.base_layer.base_layer"), &t),
+            None
+        );
+        let full = vec!["model.layers.3.mlp.experts.down_proj".to_string()];
+        assert_eq!(
+            targeted_parameter(m, &full).as_deref(),
+            Some("model.layers.3.mlp.experts.down_proj")
+        );
+        assert_eq!(
+            targeted_parameter("model.layers.4.mlp.experts", &full),
+            None
+        );
+        assert_eq!(
+            targeted_parameter("model.layers.0.self_attn.q_proj", &t),
+            None
+        );
     }
 
     #[test]

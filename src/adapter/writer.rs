@@ -23,9 +23,28 @@ pub struct AdapterWriter {
     staged: StagedOutput,
     staging: PathBuf,
     data_path: PathBuf,
-    /// (order key, offset in the staging file, entry, rank axis), in arrival order.
-    entries: Vec<(u64, u64, HeaderEntry, Option<usize>)>,
+    /// In arrival order.
+    entries: Vec<Staged>,
     staged_bytes: u64,
+}
+
+/// One staged tensor (or one expert's factor of a fused parameter).
+struct Staged {
+    /// Its place in the final file.
+    order: u64,
+    /// Where its bytes are in the staging file.
+    offset: u64,
+    entry: HeaderEntry,
+    /// The axis a LoRA factor's rank runs along (it may be zero-padded there).
+    rank_axis: Option<usize>,
+    /// (expert, experts): one expert's factor of a fused 3-D parameter, packed at commit.
+    expert: Option<(usize, usize)>,
+}
+
+/// A tensor of the final file: one staged tensor, or the experts' factors packed into one.
+enum Output {
+    Single(usize),
+    Fused(Vec<usize>),
 }
 
 impl AdapterWriter {
@@ -75,22 +94,70 @@ impl AdapterWriter {
         bytes: &[u8],
         rank_axis: Option<usize>,
     ) -> Result<()> {
+        self.stage(order, name, dtype, shape, bytes, rank_axis, None)
+    }
+
+    /// One expert's factor of a fused 3-D parameter (A [r, in] on axis 0, B [out, r] on axis
+    /// 1). At commit the `experts` factors of one name are padded to one rank r and packed the
+    /// way PEFT's `target_parameters` reads them: A [r·E, in] with row e·r + k, B [out, r·E]
+    /// with column k·E + e.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_expert_factor(
+        &mut self,
+        order: u64,
+        name: String,
+        dtype: &'static str,
+        shape: Vec<usize>,
+        bytes: &[u8],
+        rank_axis: usize,
+        expert: (usize, usize),
+    ) -> Result<()> {
+        self.stage(
+            order,
+            name,
+            dtype,
+            shape,
+            bytes,
+            Some(rank_axis),
+            Some(expert),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn stage(
+        &mut self,
+        order: u64,
+        name: String,
+        dtype: &'static str,
+        shape: Vec<usize>,
+        bytes: &[u8],
+        rank_axis: Option<usize>,
+        expert: Option<(usize, usize)>,
+    ) -> Result<()> {
         let data = self.data.as_mut().expect("not committed");
         data.write_all(bytes)
             .map_err(|e| Error::io(&self.data_path, "cannot write", e))?;
-        self.entries.push((
+        self.entries.push(Staged {
             order,
-            self.staged_bytes,
-            HeaderEntry {
+            offset: self.staged_bytes,
+            entry: HeaderEntry {
                 name,
                 dtype,
                 shape,
                 nbytes: bytes.len(),
             },
             rank_axis,
-        ));
+            expert,
+        });
         self.staged_bytes += bytes.len() as u64;
         Ok(())
+    }
+
+    /// Renames a staged tensor (every expert's part of a fused one).
+    pub fn rename(&mut self, from: &str, to: &str) {
+        for e in self.entries.iter_mut().filter(|e| e.entry.name == from) {
+            e.entry.name = to.to_string();
+        }
     }
 
     pub fn num_tensors(&self) -> usize {
@@ -100,7 +167,7 @@ impl AdapterWriter {
     /// Leaves a staged tensor out of the file (its bytes stay in staging, never copied).
     pub fn remove(&mut self, name: &str) -> bool {
         let before = self.entries.len();
-        self.entries.retain(|e| e.2.name != name);
+        self.entries.retain(|e| e.entry.name != name);
         self.entries.len() != before
     }
 
@@ -120,19 +187,12 @@ impl AdapterWriter {
 
         let model_tmp = self.staging.join(MODEL_FILE);
         // A stable sort: equal keys keep the order they were added in.
-        self.entries.sort_by_key(|e| e.0);
-        let padded = |e: &HeaderEntry, axis: Option<usize>| -> HeaderEntry {
-            let mut e = e.clone();
-            if let (Some(axis), Some(r)) = (axis, pad_to(&e.name)) {
-                let old = e.shape[axis];
-                if r > old {
-                    e.nbytes = e.nbytes / old.max(1) * r;
-                    e.shape[axis] = r;
-                }
-            }
-            e
-        };
-        let entries: Vec<HeaderEntry> = self.entries.iter().map(|e| padded(&e.2, e.3)).collect();
+        self.entries.sort_by_key(|e| e.order);
+        let outputs = self.outputs()?;
+        let entries: Vec<HeaderEntry> = outputs
+            .iter()
+            .map(|o| self.final_entry(o, pad_to))
+            .collect();
         {
             let mut meta = BTreeMap::new();
             meta.insert("format".to_string(), "pt".to_string());
@@ -144,20 +204,20 @@ impl AdapterWriter {
                 .map_err(|e| Error::io(&model_tmp, "cannot write", e))?;
             let mut src = File::open(&self.data_path)
                 .map_err(|e| Error::io(&self.data_path, "cannot open", e))?;
-            for ((_, offset, entry, axis), out) in self.entries.iter().zip(&entries) {
-                src.seek(SeekFrom::Start(*offset))
-                    .map_err(|e| Error::io(&self.data_path, "cannot read back", e))?;
-                let mut bytes = vec![0u8; entry.nbytes];
-                src.read_exact(&mut bytes)
-                    .map_err(|e| Error::io(&self.data_path, "staged data is truncated", e))?;
-                if out.nbytes != entry.nbytes {
-                    bytes = pad_rank(
-                        &bytes,
-                        &entry.shape,
-                        axis.expect("only factors grow"),
-                        &out.shape,
-                    );
-                }
+            for (output, out) in outputs.iter().zip(&entries) {
+                let bytes = match output {
+                    Output::Single(i) => {
+                        let staged = &self.entries[*i];
+                        let bytes = self.read_back(&mut src, staged)?;
+                        if out.nbytes == staged.entry.nbytes {
+                            bytes
+                        } else {
+                            let axis = staged.rank_axis.expect("only factors grow");
+                            pad_rank(&bytes, &staged.entry.shape, axis, out.shape[axis])
+                        }
+                    }
+                    Output::Fused(members) => self.pack(&mut src, members, out)?,
+                };
                 f.write_all(&bytes)
                     .map_err(|e| Error::io(&model_tmp, "cannot write", e))?;
             }
@@ -181,19 +241,132 @@ impl AdapterWriter {
     }
 }
 
-/// A row-major 2-D tensor zero-padded from `shape` to `to` along `axis`.
-fn pad_rank(bytes: &[u8], shape: &[usize], axis: usize, to: &[usize]) -> Vec<u8> {
-    let elem = bytes.len() / (shape[0] * shape[1]).max(1);
-    let mut out = vec![0u8; to[0] * to[1] * elem];
-    if axis == 0 {
-        out[..bytes.len()].copy_from_slice(bytes);
-    } else {
-        let (row_in, row_out) = (shape[1] * elem, to[1] * elem);
-        for (i, row) in bytes.chunks(row_in).enumerate() {
-            out[i * row_out..i * row_out + row_in].copy_from_slice(row);
-        }
+/// A row-major tensor zero-padded from `shape` to `to` elements along `axis`.
+fn pad_rank(bytes: &[u8], shape: &[usize], axis: usize, to: usize) -> Vec<u8> {
+    let numel: usize = shape.iter().product();
+    let elem = bytes.len() / numel.max(1);
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product::<usize>() * elem;
+    let (run_in, run_out) = (shape[axis] * inner, to * inner);
+    let mut out = vec![0u8; outer * run_out];
+    for (i, run) in bytes.chunks(run_in.max(1)).take(outer).enumerate() {
+        out[i * run_out..i * run_out + run.len()].copy_from_slice(run);
     }
     out
+}
+
+impl AdapterWriter {
+    /// The final file's tensors in order: the experts of one fused parameter become one.
+    fn outputs(&self) -> Result<Vec<Output>> {
+        let mut outputs = Vec::new();
+        let mut fused: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, e) in self.entries.iter().enumerate() {
+            if e.expert.is_none() {
+                outputs.push(Output::Single(i));
+            } else if let Some(&at) = fused.get(e.entry.name.as_str()) {
+                if let Output::Fused(m) = &mut outputs[at] {
+                    m.push(i);
+                }
+            } else {
+                fused.insert(&e.entry.name, outputs.len());
+                outputs.push(Output::Fused(vec![i]));
+            }
+        }
+        for o in &mut outputs {
+            if let Output::Fused(members) = o {
+                members.sort_by_key(|&i| self.entries[i].expert.map(|x| x.0));
+                let first = &self.entries[members[0]];
+                let count = first.expert.map_or(0, |x| x.1);
+                // An unchanged expert has no factors (its block stays zero); a repeated or
+                // out-of-range one is a bug.
+                let valid = members.windows(2).all(|w| {
+                    self.entries[w[0]].expert.map(|x| x.0) < self.entries[w[1]].expert.map(|x| x.0)
+                }) && members.iter().all(|&i| {
+                    self.entries[i]
+                        .expert
+                        .is_some_and(|(e, n)| n == count && e < count)
+                });
+                if !valid {
+                    return Err(Error::Settings(format!(
+                        "internal error: the experts' factors of {} do not fit together",
+                        first.entry.name
+                    )));
+                }
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// The header entry an output is written with (padded, or packed).
+    fn final_entry(&self, output: &Output, pad_to: &dyn Fn(&str) -> Option<usize>) -> HeaderEntry {
+        match output {
+            Output::Single(i) => {
+                let s = &self.entries[*i];
+                let mut e = s.entry.clone();
+                if let (Some(axis), Some(r)) = (s.rank_axis, pad_to(&e.name)) {
+                    let old = e.shape[axis];
+                    if r > old {
+                        e.nbytes = e.nbytes / old.max(1) * r;
+                        e.shape[axis] = r;
+                    }
+                }
+                e
+            }
+            Output::Fused(members) => {
+                let first = &self.entries[members[0]];
+                let axis = first.rank_axis.expect("experts' factors have a rank axis");
+                let r = members
+                    .iter()
+                    .map(|&i| self.entries[i].entry.shape[axis])
+                    .chain(pad_to(&first.entry.name))
+                    .max()
+                    .unwrap_or(0);
+                let count = first.expert.map_or(0, |x| x.1);
+                let mut e = first.entry.clone();
+                let elem = e.nbytes / e.shape.iter().product::<usize>().max(1);
+                e.shape[axis] = r * count;
+                e.nbytes = e.shape.iter().product::<usize>() * elem;
+                e
+            }
+        }
+    }
+
+    fn read_back(&self, src: &mut File, staged: &Staged) -> Result<Vec<u8>> {
+        src.seek(SeekFrom::Start(staged.offset))
+            .map_err(|e| Error::io(&self.data_path, "cannot read back", e))?;
+        let mut bytes = vec![0u8; staged.entry.nbytes];
+        src.read_exact(&mut bytes)
+            .map_err(|e| Error::io(&self.data_path, "staged data is truncated", e))?;
+        Ok(bytes)
+    }
+
+    /// The experts' factors, each padded to rank r, packed into `out`: A (axis 0) expert-major
+    /// — expert e's rows at e·r..(e+1)·r; B (axis 1) rank-major — expert e's column k at k·E + e.
+    fn pack(&self, src: &mut File, members: &[usize], out: &HeaderEntry) -> Result<Vec<u8>> {
+        let first = &self.entries[members[0]];
+        let axis = first.rank_axis.expect("experts' factors have a rank axis");
+        let experts = first.expert.map_or(1, |x| x.1);
+        let r = out.shape[axis] / experts;
+        let elem = out.nbytes / out.shape.iter().product::<usize>().max(1);
+        let mut packed = vec![0u8; out.nbytes];
+        for &i in members {
+            let staged = &self.entries[i];
+            let e = staged.expert.map_or(0, |x| x.0);
+            let bytes = pad_rank(&self.read_back(src, staged)?, &staged.entry.shape, axis, r);
+            if axis == 0 {
+                packed[e * bytes.len()..(e + 1) * bytes.len()].copy_from_slice(&bytes);
+            } else {
+                for o in 0..out.shape[0] {
+                    for k in 0..r {
+                        let from = (o * r + k) * elem;
+                        let to = (o * r * experts + k * experts + e) * elem;
+                        packed[to..to + elem].copy_from_slice(&bytes[from..from + elem]);
+                    }
+                }
+            }
+        }
+        Ok(packed)
+    }
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

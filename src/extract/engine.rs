@@ -266,19 +266,33 @@ fn write_all(
         if let (Some(f), Some(writer)) = (done.factors.take(), writer.as_mut()) {
             // A first, then B, both at the tensor's place in the plan.
             let order = 2 * done.index as u64;
-            let added = writer
-                .add_factor(
-                    order,
-                    f.a_key,
-                    f.dtype,
-                    f.a_shape.to_vec(),
-                    &f.a_bytes,
-                    Some(0),
-                )
-                .and_then(|()| {
-                    let b_shape = f.b_shape.to_vec();
-                    writer.add_factor(order + 1, f.b_key, f.dtype, b_shape, &f.b_bytes, Some(1))
-                });
+            let added = match f.expert {
+                None => writer
+                    .add_factor(order, f.a_key, f.dtype, f.a_shape, &f.a_bytes, Some(0))
+                    .and_then(|()| {
+                        writer.add_factor(
+                            order + 1,
+                            f.b_key,
+                            f.dtype,
+                            f.b_shape,
+                            &f.b_bytes,
+                            Some(1),
+                        )
+                    }),
+                Some(expert) => writer
+                    .add_expert_factor(order, f.a_key, f.dtype, f.a_shape, &f.a_bytes, 0, expert)
+                    .and_then(|()| {
+                        writer.add_expert_factor(
+                            order + 1,
+                            f.b_key,
+                            f.dtype,
+                            f.b_shape,
+                            &f.b_bytes,
+                            1,
+                            expert,
+                        )
+                    }),
+            };
             if let Err(e) = added {
                 // Workers stop taking tensors; the channel closes as they finish.
                 cancel.store(true, Ordering::Relaxed);
@@ -345,12 +359,13 @@ impl<B: Backend> WorkerLoop<'_, B> {
                         Err(JobError::Failed(e)) => return Err(e),
                         Err(JobError::OutOfMemory(why)) => {
                             let exact = sh.s.svd.runs_exact(
-                                sh.policy.rank_for(&item.name, item.shape[0], item.shape[1]),
-                                item.shape[0],
-                                item.shape[1],
+                                sh.policy
+                                    .rank_for(&item.name, item.matrix().0, item.matrix().1),
+                                item.matrix().0,
+                                item.matrix().1,
                             );
                             let smaller = (!exact)
-                                .then(|| after_out_of_memory(fit, item.shape[0]))
+                                .then(|| after_out_of_memory(fit, item.matrix().0))
                                 .flatten();
                             let Some(smaller) = smaller else {
                                 return Err(Error::tensor(
@@ -365,7 +380,7 @@ impl<B: Backend> WorkerLoop<'_, B> {
                             };
                             let rows = match smaller {
                                 super::fit::Fit::Blocked(r) => r,
-                                super::fit::Fit::Whole => item.shape[0],
+                                super::fit::Fit::Whole => item.matrix().0,
                             };
                             tracing::warn!(
                                 "{}: out of memory on {} ({why}); retrying alone on the device in blocks of {rows} rows",

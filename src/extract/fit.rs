@@ -44,12 +44,12 @@ pub(super) fn fit_of<B: Backend>(
             bytes: 0,
         });
     };
-    let (m, n) = (item.shape[0], item.shape[1]);
+    let (m, n) = item.matrix();
     let k = s.svd.sketch_width(rank, m, n) as u64;
     let input_bytes = (item.base_dtype().size() + item.ft_dtype().size()) as u64;
     let (m, n) = (m as u64, n as u64);
     let need = memory_need(m, n, k, r_adapter as u64, input_bytes, on_host);
-    let exact = s.svd.runs_exact(rank, item.shape[0], item.shape[1]);
+    let exact = s.svd.runs_exact(rank, m as usize, n as usize);
     let fit = fit_in(max, &need, flag, &item.name, (m, n), exact)?;
     Ok(Placement {
         fit,

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::factor::Layout;
 use crate::linalg::rank::RankPolicy;
 use crate::linalg::{self, blocked, rsvd, Method, SvdSettings};
-use crate::plan::{Action, PlanItem};
+use crate::plan::{Action, Form, PlanItem};
 use crate::report::{StageSeconds, TensorReport};
 
 /// Where a tensor's ΔW comes from during the SVD and the residual.
@@ -35,7 +35,8 @@ impl<B: Backend> Source<'_, B> {
         match self {
             Source::Whole(delta) => linalg::decompose_on_device(be, delta, rank, svd, seed),
             Source::Blocked(src) => {
-                let k = svd.sketch_width(rank, src.item.shape[0], src.item.shape[1]);
+                let (rows, cols) = src.item.matrix();
+                let k = svd.sketch_width(rank, rows, cols);
                 blocked::blocked_randomized_svd(be, src, rank, k, svd.power_iters, seed)
             }
         }
@@ -61,7 +62,7 @@ pub(super) struct CheckpointBlocks<'a, B: Backend> {
 
 impl<B: Backend> blocked::RowBlocks<B> for CheckpointBlocks<'_, B> {
     fn shape(&self) -> (usize, usize) {
-        (self.item.shape[0], self.item.shape[1])
+        self.item.matrix()
     }
 
     fn block_rows(&self) -> usize {
@@ -77,7 +78,7 @@ impl<B: Backend> CheckpointBlocks<'_, B> {
     /// Rows r0..r1 of ΔW and their statistics, releasing the input pages as they are read.
     fn form(&self, r0: usize, r1: usize) -> backend::BackendResult<(B::Mat, DeltaStats)> {
         let item = self.item;
-        let cols = item.shape[1];
+        let cols = item.matrix().1;
         let (bs, fs) = (item.base_dtype().size(), item.ft_dtype().size());
         let rows_read = |a: usize, b: usize| {
             let (a, b) = (r0 + a, r0 + b);
@@ -119,12 +120,14 @@ pub(super) struct Finished {
 /// Encoded A and B, named as PEFT reads them.
 pub(super) struct FactorTensors {
     pub a_key: String,
-    pub a_shape: [usize; 2],
+    pub a_shape: Vec<usize>,
     pub a_bytes: Vec<u8>,
     pub b_key: String,
-    pub b_shape: [usize; 2],
+    pub b_shape: Vec<usize>,
     pub b_bytes: Vec<u8>,
     pub dtype: &'static str,
+    /// (expert, experts) for one expert of a fused parameter: the writer packs them.
+    pub expert: Option<(usize, usize)>,
 }
 
 /// Why a tensor failed: out of device memory (the scheduler may retry smaller) or for good.
@@ -174,7 +177,7 @@ impl<B: Backend> LoraJob<'_, B> {
             stages: StageSeconds::default(),
             flops: 0.0,
         };
-        let (rows, cols) = (item.shape[0], item.shape[1]);
+        let (rows, cols) = item.matrix();
         let backend_err = |e: backend::BackendError| {
             if e.out_of_memory {
                 JobError::OutOfMemory(e.message)
@@ -281,8 +284,9 @@ impl<B: Backend> LoraJob<'_, B> {
         }
 
         let clock = Instant::now();
-        // Embeddings and Conv1D weights both store [in, out]: A = (U√S)ᵀ, B = (√S·Vᵀ)ᵀ.
-        let layout = if item.action == Action::LoraEmbedding || item.conv1d {
+        // Embeddings, Conv1D weights and gpt-oss experts store [in, out]: A = (U√S)ᵀ,
+        // B = (√S·Vᵀ)ᵀ.
+        let layout = if item.action == Action::LoraEmbedding || item.stored_in_out() {
             Layout::Embedding
         } else {
             Layout::Linear
@@ -306,8 +310,11 @@ impl<B: Backend> LoraJob<'_, B> {
             .map_err(backend_err)?;
         stages.residual += lap(clock);
 
-        let (a_key, b_key) = match item.action {
-            Action::LoraLinear => (
+        // A fused parameter's factors are staged under the parameter's own path; run() gives
+        // them PEFT's key once it knows which parameters of the module are targeted.
+        let (a_key, b_key) = match (&item.action, &item.form) {
+            (_, Form::Expert(e)) => (adapter::lora_a_key(&e.param), adapter::lora_b_key(&e.param)),
+            (Action::LoraLinear, _) => (
                 adapter::lora_a_key(&item.module),
                 adapter::lora_b_key(&item.module),
             ),
@@ -315,6 +322,17 @@ impl<B: Backend> LoraJob<'_, B> {
                 adapter::embedding_a_key(&item.module),
                 adapter::embedding_b_key(&item.module),
             ),
+        };
+        // A conv LoRA: A [r, in, k…] (A's rows are the flattened filters), B [out, r, 1…].
+        let (mut a_shape, mut b_shape) = (f.a_shape.to_vec(), f.b_shape.to_vec());
+        if item.form == Form::Conv {
+            a_shape.truncate(1);
+            a_shape.extend_from_slice(&item.shape[1..]);
+            b_shape.resize(item.shape.len(), 1);
+        }
+        let expert = match &item.form {
+            Form::Expert(e) => Some((e.index, e.count)),
+            _ => None,
         };
         let kept: f64 = t.s.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
         row.rank = Some(r);
@@ -324,15 +342,17 @@ impl<B: Backend> LoraJob<'_, B> {
         row.sketch = (t.method == Method::Randomized).then_some(t.sketch);
         done.row = row;
         done.stages = stages;
-        done.module = Some(item.module.clone());
+        // A fused parameter's experts are target_parameters, not target_modules.
+        done.module = (!matches!(item.form, Form::Expert(_))).then(|| item.module.clone());
         done.factors = Some(FactorTensors {
             a_key,
-            a_shape: f.a_shape,
+            a_shape,
             a_bytes: f.a_bytes,
             b_key,
-            b_shape: f.b_shape,
+            b_shape,
             b_bytes: f.b_bytes,
             dtype: self.out_dtype.as_str(),
+            expert,
         });
         Ok(done)
     }

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 mod engine;
 mod fit;
+mod fused;
 mod job;
 
 pub use fit::{BASELINE_RAM, BASELINE_VRAM};
@@ -18,7 +19,7 @@ use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
 use crate::linalg::rank::{allocate, RankPolicy, Spectrum, PORTABLE_RANKS};
 use crate::linalg::{Method, SvdSettings};
-use crate::plan::{Action, Plan, PlanItem, PlanOptions};
+use crate::plan::{Action, Form, Plan, PlanItem, PlanOptions};
 use crate::report::{RunReport, StageSeconds, Summary, TensorReport};
 
 /// Which loaders an adapter must satisfy.
@@ -115,6 +116,38 @@ fn open_pair(s: &ExtractSettings) -> Result<(Checkpoint, Checkpoint, Plan)> {
     let base = Checkpoint::open(&s.base)?;
     let ft = Checkpoint::open(&s.ft)?;
     let plan = Plan::build(&base, &ft, &s.plan)?;
+    if let Some(item) = plan
+        .items
+        .iter()
+        .find(|i| i.action == Action::LoraEmbedding)
+        .filter(|_| s.plan.lora_bias)
+    {
+        return Err(Error::Settings(format!(
+            "--lora-bias: PEFT refuses lora_bias on an adapter with an embedding LoRA (`{}`); add --no-embeddings (the embedding's change is then reported as not carried), or drop --lora-bias",
+            item.name
+        )));
+    }
+    if let Some(item) = plan
+        .items
+        .iter()
+        .find(|i| matches!(i.form, Form::Expert(_)))
+    {
+        let param = match &item.form {
+            Form::Expert(e) => e.param.as_str(),
+            _ => unreachable!(),
+        };
+        if s.target != Target::Peft {
+            return Err(Error::Settings(format!(
+                "--target {}: `{param}` is a fused 3-D expert parameter, which only PEFT's target_parameters can carry (vLLM and LoRAX load MoE LoRA per expert, `experts.N.<proj>`); use --target peft, or leave the experts out with --exclude '*.experts.*_proj'",
+                s.target.as_str()
+            )));
+        }
+        if s.plan.lora_bias {
+            return Err(Error::Settings(format!(
+                "--lora-bias: `{param}` is a fused 3-D expert parameter, and PEFT refuses lora_bias on any adapter with target_parameters; drop --lora-bias, or leave the experts out with --exclude '*.experts.*_proj'"
+            )));
+        }
+    }
     Ok((base, ft, plan))
 }
 
@@ -160,7 +193,8 @@ fn placements<B: Backend>(
         .iter()
         .map(|item| match item.action {
             Action::LoraLinear | Action::LoraEmbedding => {
-                let rank = policy.rank_for(&item.name, item.shape[0], item.shape[1]);
+                let (rows, cols) = item.matrix();
+                let rank = policy.rank_for(&item.name, rows, cols);
                 fit::fit_of(first, s, smallest, item, rank.max(1), r_adapter)
             }
             _ => Ok(fit::Placement {
@@ -331,7 +365,7 @@ fn run<B: Backend>(
         .items
         .iter()
         .filter(|i| matches!(i.action, Action::LoraLinear | Action::LoraEmbedding))
-        .map(|i| i.shape[0].min(i.shape[1]))
+        .map(|i| i.matrix().0.min(i.matrix().1))
         .max();
     if let (Some(useful), RankPolicy::Fixed(_)) = (useful.filter(|&u| r_adapter > u), &s.rank) {
         return Err(Error::Settings(format!(
@@ -377,7 +411,7 @@ fn run<B: Backend>(
                     let sp = done.as_ref()?.spectrum.clone()?;
                     Some(Spectrum {
                         name: item.name.clone(),
-                        cost: (item.shape[0] + item.shape[1]) as u64,
+                        cost: (item.matrix().0 + item.matrix().1) as u64,
                         s: sp,
                     })
                 })
@@ -513,6 +547,18 @@ fn run<B: Backend>(
             100.0 * summary.share_not_carried
         );
     }
+    // MoE routers go to PEFT as target parameters (`mlp.gate.weight`): transformers v5 makes
+    // several of them router classes that target_modules cannot wrap. Their keys are the same.
+    let routers: Vec<String> = if s.target == Target::Peft {
+        written_modules
+            .iter()
+            .filter(|m| crate::plan::is_router(m, &plan.items))
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    written_modules.retain(|m| !routers.contains(m));
     let targets = adapter::target_modules(&written_modules, |last| {
         let mut paths: Vec<String> = ft
             .tensors()
@@ -530,9 +576,15 @@ fn run<B: Backend>(
     let module_ranks: Vec<(String, usize)> = rows
         .iter()
         .zip(&plan.items)
-        .filter(|(r, _)| matches!(r.action, "lora" | "lora-embedding"))
+        .filter(|(r, i)| {
+            matches!(r.action, "lora" | "lora-embedding") && !matches!(i.form, Form::Expert(_))
+        })
         .filter_map(|(r, item)| Some((item.module.clone(), r.rank?)))
         .collect();
+    // Fused expert parameters: one rank per parameter (its largest expert's), ranked and
+    // patterned by their path like modules.
+    let fused = fused::fused_params(&rows, plan);
+    fused::warn_unknown_order(&fused);
     // The experts of one MoE module share a rank (vLLM needs it, and PEFT then needs one
     // pattern per module): the group's largest, smaller experts zero-padded at commit.
     let mut group_rank: HashMap<String, usize> = HashMap::new();
@@ -548,6 +600,10 @@ fn run<B: Backend>(
             let shared = crate::plan::expert_group(&m).map(|g| group_rank[&g]);
             (m, shared.unwrap_or(r))
         })
+        .collect();
+    let module_ranks: Vec<(String, usize)> = module_ranks
+        .into_iter()
+        .chain(fused.iter().map(|p| (p.param.clone(), p.rank)))
         .collect();
     let (config_rank, pad_to) =
         adapter_ranks(&s.rank, r_adapter, &module_ranks, s.target != Target::Peft)?;
@@ -565,6 +621,13 @@ fn run<B: Backend>(
             .map(|k| (k, r))
         })
         .collect();
+    let mut written_rank = written_rank;
+    for (p, keys) in fused.iter().zip(fused::peft_keys(&fused)) {
+        for (staged, key) in p.staged_keys().iter().zip(keys) {
+            writer.rename(staged, &key);
+            written_rank.insert(key, pad_to.unwrap_or(p.rank));
+        }
+    }
     let mut config = AdapterConfig::new(
         base_model_name(s, base),
         task_type(base, ft),
@@ -573,14 +636,34 @@ fn run<B: Backend>(
         modules_to_save,
     );
     config.lora_bias = rows.iter().any(|r| r.action == "lora-bias");
+    // Routers by suffix (`gate.weight`): transformers v5 renames some MoE blocks in memory
+    // (Mixtral's block_sparse_moe becomes mlp), and a suffix matches either name.
+    let mut router_names: Vec<String> = routers
+        .iter()
+        .map(|m| format!("{}.weight", crate::plan::last_segment(m)))
+        .collect();
+    router_names.sort();
+    router_names.dedup();
+    let target_parameters: Vec<String> = router_names
+        .into_iter()
+        .chain(fused.iter().map(|p| p.param.clone()))
+        .collect();
+    if !target_parameters.is_empty() {
+        config.target_parameters = Some(target_parameters);
+    }
     // GPT-2's Conv1D layers store [in, out] (PEFT sets fan_in_fan_out per layer anyway).
     config.fan_in_fan_out = rows
         .iter()
         .zip(&plan.items)
-        .any(|(r, i)| i.conv1d && r.action == "lora");
+        .any(|(r, i)| i.form == Form::Conv1D && r.action == "lora");
     if pad_to.is_none() && !s.rank.uniform() {
         for (module, r) in module_ranks.iter().filter(|(_, r)| *r != config_rank) {
-            let key = crate::plan::expert_group(module).unwrap_or_else(|| regex::escape(module));
+            // PEFT matches a target parameter's pattern against the parameter's path.
+            let key = if routers.contains(module) {
+                regex::escape(&format!("{module}.weight"))
+            } else {
+                crate::plan::expert_group(module).unwrap_or_else(|| regex::escape(module))
+            };
             config.rank_pattern.insert(key.clone(), *r);
             config.alpha_pattern.insert(key, *r as f64);
         }
@@ -624,8 +707,13 @@ fn summarize(
         ..Default::default()
     };
     let (mut lora, mut whole, mut lost, mut not_carried) = (0f64, 0f64, 0f64, 0f64);
-    for r in rows {
-        let sq = r.delta_norm * r.delta_norm;
+    for (r, item) in rows.iter().zip(&plan.items) {
+        // A tied lm_head is the embedding's matrix again: its ΔW is counted once.
+        let sq = if item.is_tied_copy() {
+            0.0
+        } else {
+            r.delta_norm * r.delta_norm
+        };
         match r.action {
             "lora" | "lora-embedding" | "lora-bias" => {
                 m.lora += 1;

@@ -1,0 +1,560 @@
+//! One synthetic pair per model family, with the family's real tensor names and layouts, and
+//! a reconstruction test for each: the adapter's factors are read back with the safetensors
+//! crate and multiplied out here, by the formulas PEFT uses (FORMATS.md), independently of
+//! phlora's own reader; each matrix (each expert, each conv filter bank) must be as close to
+//! ΔW as the rank allows (Eckart–Young), and verify → merge → verify closes the loop.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use faer::Mat;
+use phlora::checkpoint::DType;
+use phlora::extract::{extract, ExtractSettings};
+use phlora::verify::{verify, VerifySettings};
+
+const R: usize = 4;
+
+/// How a tensor's ΔW is laid out, and so how its update is rebuilt from the adapter.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    /// [out, in]: B·A.
+    Linear,
+    /// [vocab, dim]: (B·A)ᵀ from lora_embedding_A/B.
+    Embedding,
+    /// [out, in, k…]: B [out, r, 1…] · A [r, in, k…].
+    Conv,
+    /// [E, out, in] (transformers v5): ΔW_e = Σ_k B[:, k·E+e]·A[e·r+k, :].
+    Fused,
+    /// [E, in, out] (gpt-oss): each slice is ΔW_eᵀ.
+    FusedInOut,
+    /// 1-D: a bias or a norm, not a LoRA target.
+    Vector,
+}
+
+struct Family {
+    config: serde_json::Value,
+    tensors: Vec<(String, Vec<usize>, Kind)>,
+}
+
+/// The matrices ΔW is made of: one for a plain weight, one per expert, a conv as [out, in·k…].
+fn matrices(shape: &[usize], kind: Kind) -> Vec<(usize, usize)> {
+    match kind {
+        Kind::Fused | Kind::FusedInOut => vec![(shape[1], shape[2]); shape[0]],
+        Kind::Vector => vec![],
+        _ => vec![(shape[0], shape[1..].iter().product())],
+    }
+}
+
+/// Writes base and fine-tune folders: every matrix changes by a rank-3 part plus noise, every
+/// vector a little.
+fn write_pair(root: &Path, fam: &Family, seed: u64) -> (PathBuf, PathBuf) {
+    let (mut base, mut ft) = (Vec::new(), Vec::new());
+    for (k, (name, shape, kind)) in fam.tensors.iter().enumerate() {
+        let sd = seed + 101 * k as u64;
+        let n: usize = shape.iter().product();
+        let b = normal(n, sd);
+        let d: Vec<f32> = if *kind == Kind::Vector {
+            normal(n, sd + 1).iter().map(|x| 0.01 * x).collect()
+        } else {
+            matrices(shape, *kind)
+                .iter()
+                .enumerate()
+                .flat_map(|(e, &(m, c))| {
+                    let sigma = [1.0, 0.5 + 0.1 * e as f64, 0.25];
+                    let sigma = &sigma[..sigma.len().min(m).min(c)];
+                    to_row_major_f32(&spectrum_matrix(m, c, sigma, 1e-4, sd + 7 * e as u64 + 1))
+                })
+                .collect()
+        };
+        base.push(tensor(name, DType::F32, shape, b.clone()));
+        let f: Vec<f32> = b.iter().zip(&d).map(|(x, y)| x + y).collect();
+        ft.push(tensor(name, DType::F32, shape, f));
+    }
+    let (b, f) = (root.join("base"), root.join("ft"));
+    for (dir, t) in [(&b, &base), (&f, &ft)] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("config.json"), fam.config.to_string()).unwrap();
+        write_single(&dir.join("model.safetensors"), t);
+    }
+    (b, f)
+}
+
+fn module(name: &str) -> &str {
+    name.rsplit_once('.').unwrap().0
+}
+
+/// PEFT's keys for a fused parameter: with several parameters of one experts module
+/// targeted, the one registered first (gate_up_proj) is nested one `base_layer` deeper.
+fn fused_key(name: &str, siblings: usize, which: &str) -> String {
+    let m = module(name);
+    let nested = siblings > 1 && name.ends_with("gate_up_proj");
+    let path = if nested {
+        format!("{m}.base_layer")
+    } else {
+        m.to_string()
+    };
+    format!("base_model.model.{path}.lora_{which}.weight")
+}
+
+/// The matrices of ΔW and of the adapter's update for one tensor, rebuilt from the files.
+fn rebuilt(
+    name: &str,
+    shape: &[usize],
+    kind: Kind,
+    delta: &[f32],
+    factors: &HashMap<String, Loaded>,
+    fused_siblings: usize,
+) -> Vec<(Mat<f64>, Mat<f64>)> {
+    let m = module(name);
+    let key = |which: &str| match kind {
+        Kind::Embedding => format!("base_model.model.{m}.lora_embedding_{which}"),
+        Kind::Fused | Kind::FusedInOut => fused_key(name, fused_siblings, which),
+        _ => format!("base_model.model.{m}.lora_{which}.weight"),
+    };
+    let (a, b) = (&factors[&key("A")], &factors[&key("B")]);
+    let at = |t: &Loaded, i: usize, j: usize| {
+        let cols: usize = t.shape[1..].iter().product();
+        f64::from(t.values[i * cols + j])
+    };
+    let mut out = Vec::new();
+    for (e, (rows, cols)) in matrices(shape, kind).into_iter().enumerate() {
+        let off = e * rows * cols;
+        let d = Mat::from_fn(rows, cols, |i, j| f64::from(delta[off + i * cols + j]));
+        let u = match kind {
+            Kind::Linear | Kind::Conv => {
+                assert_eq!(a.shape[1..].iter().product::<usize>(), cols, "{name}: A");
+                assert!(
+                    b.shape[2..].iter().all(|&x| x == 1),
+                    "{name}: B {:?}",
+                    b.shape
+                );
+                let r = a.shape[0];
+                Mat::from_fn(rows, cols, |i, j| {
+                    (0..r).map(|k| at(b, i, k) * at(a, k, j)).sum()
+                })
+            }
+            Kind::Embedding => {
+                let r = a.shape[0];
+                Mat::from_fn(rows, cols, |i, j| {
+                    (0..r).map(|k| at(b, j, k) * at(a, k, i)).sum()
+                })
+            }
+            Kind::Fused | Kind::FusedInOut => {
+                let experts = shape[0];
+                assert_eq!(a.shape[0] % experts, 0, "{name}: A {:?}", a.shape);
+                let r = a.shape[0] / experts;
+                assert_eq!(b.shape[1], r * experts, "{name}: B {:?}", b.shape);
+                // PEFT: A.reshape(E, r, in), B.reshape(out, r, E).
+                let w = |o: usize, i: usize| -> f64 {
+                    (0..r)
+                        .map(|k| at(b, o, k * experts + e) * at(a, e * r + k, i))
+                        .sum()
+                };
+                if kind == Kind::Fused {
+                    Mat::from_fn(rows, cols, w)
+                } else {
+                    Mat::from_fn(rows, cols, |i, o| w(o, i))
+                }
+            }
+            Kind::Vector => unreachable!(),
+        };
+        out.push((d, u));
+    }
+    out
+}
+
+fn extract_family(fam: &Family, tag: &str) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = write_pair(dir.path(), fam, fresh_seed(tag));
+    let out = dir.path().join("adapter");
+    let mut st = ExtractSettings::new(b.clone(), f.clone(), out.clone(), R);
+    st.device = phlora::backend::Device::Cpu;
+    extract(&st).unwrap();
+    (dir, b, f, out)
+}
+
+/// Extracts a family's pair at rank R and checks every LoRA target by reconstruction, then
+/// verify, merge and verify again.
+fn check_family(fam: &Family, tag: &str) -> serde_json::Value {
+    let (dir, b, f, out) = extract_family(fam, tag);
+    let factors = read_safetensors(&out.join("adapter_model.safetensors"));
+    let (bt, ftt) = (
+        read_safetensors(&b.join("model.safetensors")),
+        read_safetensors(&f.join("model.safetensors")),
+    );
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["r"], R, "{cfg}");
+    assert_eq!(cfg["lora_alpha"], R as f64, "scaling 1: {cfg}");
+    for (name, shape, kind) in &fam.tensors {
+        if *kind == Kind::Vector {
+            continue;
+        }
+        let delta: Vec<f32> = ftt[name]
+            .values
+            .iter()
+            .zip(&bt[name].values)
+            .map(|(x, y)| x - y)
+            .collect();
+        let siblings = fam
+            .tensors
+            .iter()
+            .filter(|(n, _, k)| {
+                matches!(k, Kind::Fused | Kind::FusedInOut) && module(n) == module(name)
+            })
+            .count();
+        for (e, (d, u)) in rebuilt(name, shape, *kind, &delta, &factors, siblings)
+            .into_iter()
+            .enumerate()
+        {
+            let best = optimum(&singular_values(&d), R);
+            let err = (&d - &u).norm_l2() / d.norm_l2();
+            assert!(
+                err <= 1.01 * best + 1e-5,
+                "{tag} {name} [{e}]: relative error {err} vs the rank-{R} optimum {best}"
+            );
+        }
+    }
+    let settings = |ft: &Path| VerifySettings {
+        base: b.clone(),
+        ft: ft.to_path_buf(),
+        adapter: out.clone(),
+        min_cos: None,
+        max_error: None,
+        min_weight_cos: None,
+    };
+    let v = verify(&settings(&f)).unwrap();
+    assert!(
+        v.tensors
+            .iter()
+            .filter(|t| t.kind.starts_with("lora"))
+            .all(|t| t.rel_error_delta < 1e-2),
+        "{tag}: {:?}",
+        v.tensors
+    );
+    let merged = dir.path().join("merged");
+    let o = phlora(&[
+        "merge",
+        "--base",
+        b.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The merged model is base + B·A: against it, the adapter's update is exact (f32).
+    let v = verify(&settings(&merged)).unwrap();
+    assert!(
+        v.tensors
+            .iter()
+            .filter(|t| t.kind.starts_with("lora"))
+            .all(|t| t.rel_error_delta < 1e-5),
+        "{tag}: {:?}",
+        v.tensors
+    );
+    cfg
+}
+
+fn llama_attention(t: &mut Vec<(String, Vec<usize>, Kind)>, l: usize, h: usize) {
+    t.push((
+        format!("model.layers.{l}.input_layernorm.weight"),
+        vec![h],
+        Kind::Vector,
+    ));
+    for p in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+        t.push((
+            format!("model.layers.{l}.self_attn.{p}.weight"),
+            vec![h, h],
+            Kind::Linear,
+        ));
+    }
+    t.push((
+        format!("model.layers.{l}.post_attention_layernorm.weight"),
+        vec![h],
+        Kind::Vector,
+    ));
+}
+
+#[test]
+fn llama() {
+    let (h, i, v) = (16, 24, 40);
+    let mut t = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![v, h],
+        Kind::Embedding,
+    )];
+    llama_attention(&mut t, 0, h);
+    for (p, s) in [
+        ("gate_proj", [i, h]),
+        ("up_proj", [i, h]),
+        ("down_proj", [h, i]),
+    ] {
+        t.push((
+            format!("model.layers.0.mlp.{p}.weight"),
+            s.to_vec(),
+            Kind::Linear,
+        ));
+    }
+    t.push(("model.norm.weight".into(), vec![h], Kind::Vector));
+    t.push(("lm_head.weight".into(), vec![v, h], Kind::Linear));
+    let cfg = check_family(
+        &Family {
+            config: serde_json::json!({"model_type": "llama", "hidden_size": h}),
+            tensors: t,
+        },
+        "llama",
+    );
+    assert!(cfg.get("target_parameters").is_none(), "{cfg}");
+}
+
+#[test]
+fn mixtral_per_expert_linears() {
+    let (h, i, e) = (16, 24, 3);
+    let mut t = Vec::new();
+    llama_attention(&mut t, 0, h);
+    t.push((
+        "model.layers.0.block_sparse_moe.gate.weight".into(),
+        vec![e, h],
+        Kind::Linear,
+    ));
+    for x in 0..e {
+        for (w, s) in [("w1", [i, h]), ("w2", [h, i]), ("w3", [i, h])] {
+            let name = format!("model.layers.0.block_sparse_moe.experts.{x}.{w}.weight");
+            t.push((name, s.to_vec(), Kind::Linear));
+        }
+    }
+    check_family(
+        &Family {
+            config: serde_json::json!({"model_type": "mixtral", "hidden_size": h}),
+            tensors: t,
+        },
+        "mixtral",
+    );
+}
+
+#[test]
+fn qwen2_moe_with_a_shared_expert() {
+    let (h, i, e) = (16, 12, 3);
+    let mut t = Vec::new();
+    llama_attention(&mut t, 0, h);
+    let mlp = "model.layers.0.mlp";
+    t.push((format!("{mlp}.gate.weight"), vec![e, h], Kind::Linear));
+    for x in 0..e {
+        for (p, s) in [
+            ("gate_proj", [i, h]),
+            ("up_proj", [i, h]),
+            ("down_proj", [h, i]),
+        ] {
+            t.push((
+                format!("{mlp}.experts.{x}.{p}.weight"),
+                s.to_vec(),
+                Kind::Linear,
+            ));
+        }
+    }
+    for (p, s) in [
+        ("gate_proj", [2 * i, h]),
+        ("up_proj", [2 * i, h]),
+        ("down_proj", [h, 2 * i]),
+    ] {
+        t.push((
+            format!("{mlp}.shared_expert.{p}.weight"),
+            s.to_vec(),
+            Kind::Linear,
+        ));
+    }
+    // A 1×n matrix: the shared expert's gate.
+    t.push((
+        format!("{mlp}.shared_expert_gate.weight"),
+        vec![1, h],
+        Kind::Linear,
+    ));
+    let cfg = check_family(
+        &Family {
+            config: serde_json::json!({"model_type": "qwen2_moe", "hidden_size": h}),
+            tensors: t,
+        },
+        "qwen2-moe",
+    );
+    let targets: Vec<String> = serde_json::from_value(cfg["target_modules"].clone()).unwrap();
+    for m in ["shared_expert_gate", "gate_proj", "up_proj", "down_proj"] {
+        assert!(targets.iter().any(|t| t == m), "{m} in {targets:?}");
+    }
+    // transformers v5 makes the router a class target_modules cannot wrap: a target parameter.
+    assert!(!targets.iter().any(|t| t == "gate"), "{targets:?}");
+    assert_eq!(
+        cfg["target_parameters"],
+        serde_json::json!(["gate.weight"]),
+        "{cfg}"
+    );
+}
+
+/// transformers v5 fused experts [E, 2I, H] and [E, H, I] as PEFT target_parameters.
+#[test]
+fn fused_experts_in_peft_target_parameters_layout() {
+    let (h, i, e) = (16, 12, 4);
+    let mut t = Vec::new();
+    llama_attention(&mut t, 0, h);
+    let mlp = "model.layers.0.mlp";
+    t.push((format!("{mlp}.gate.weight"), vec![e, h], Kind::Linear));
+    t.push((
+        format!("{mlp}.experts.gate_up_proj"),
+        vec![e, 2 * i, h],
+        Kind::Fused,
+    ));
+    t.push((
+        format!("{mlp}.experts.down_proj"),
+        vec![e, h, i],
+        Kind::Fused,
+    ));
+    // Layer 1 changes only its down_proj: no nesting there.
+    llama_attention(&mut t, 1, h);
+    t.push((
+        "model.layers.1.mlp.experts.down_proj".into(),
+        vec![e, h, i],
+        Kind::Fused,
+    ));
+    let cfg = check_family(
+        &Family {
+            config: serde_json::json!({"model_type": "qwen3_moe", "hidden_size": h}),
+            tensors: t,
+        },
+        "fused-v5",
+    );
+    let params: Vec<String> = serde_json::from_value(cfg["target_parameters"].clone()).unwrap();
+    assert_eq!(
+        params,
+        [
+            "gate.weight",
+            "model.layers.0.mlp.experts.gate_up_proj",
+            "model.layers.0.mlp.experts.down_proj",
+            "model.layers.1.mlp.experts.down_proj"
+        ]
+    );
+    let targets: Vec<String> = serde_json::from_value(cfg["target_modules"].clone()).unwrap();
+    assert!(!targets.iter().any(|t| t == "experts"), "{targets:?}");
+}
+
+/// gpt-oss stores experts transposed ([E, H, 2I], [E, I, H]) next to their biases; the router
+/// is `mlp.router`, and attention has 1-D `sinks`.
+#[test]
+fn gpt_oss_transposed_experts() {
+    let (h, i, e) = (16, 12, 4);
+    let mut t = Vec::new();
+    llama_attention(&mut t, 0, h);
+    t.push((
+        "model.layers.0.self_attn.sinks".into(),
+        vec![4],
+        Kind::Vector,
+    ));
+    let mlp = "model.layers.0.mlp";
+    t.push((format!("{mlp}.router.weight"), vec![e, h], Kind::Linear));
+    t.push((format!("{mlp}.router.bias"), vec![e], Kind::Vector));
+    t.push((
+        format!("{mlp}.experts.gate_up_proj"),
+        vec![e, h, 2 * i],
+        Kind::FusedInOut,
+    ));
+    t.push((
+        format!("{mlp}.experts.gate_up_proj_bias"),
+        vec![e * 2 * i],
+        Kind::Vector,
+    ));
+    t.push((
+        format!("{mlp}.experts.down_proj"),
+        vec![e, i, h],
+        Kind::FusedInOut,
+    ));
+    let cfg = check_family(
+        &Family {
+            config: serde_json::json!({"model_type": "gpt_oss", "hidden_size": h}),
+            tensors: t,
+        },
+        "gpt-oss",
+    );
+    assert_eq!(
+        cfg["fan_in_fan_out"], false,
+        "PEFT's ParamWrapper refuses it: {cfg}"
+    );
+}
+
+/// A small conv net: Conv2d weights [out, in, kh, kw] get PEFT's conv LoRA shapes.
+#[test]
+fn conv_net() {
+    let t = vec![
+        (
+            "features.0.weight".to_string(),
+            vec![8, 3, 3, 3],
+            Kind::Conv,
+        ),
+        ("features.0.bias".into(), vec![8], Kind::Vector),
+        ("features.3.weight".into(), vec![16, 8, 3, 3], Kind::Conv),
+        ("features.6.weight".into(), vec![16, 16, 1, 1], Kind::Conv),
+        ("classifier.weight".into(), vec![10, 16], Kind::Linear),
+    ];
+    let fam = Family {
+        config: serde_json::json!({}),
+        tensors: t,
+    };
+    check_family(&fam, "conv");
+    let (_dir, _b, _f, out) = extract_family(&fam, "conv-shapes");
+    let factors = read_safetensors(&out.join("adapter_model.safetensors"));
+    assert_eq!(
+        factors["base_model.model.features.3.lora_A.weight"].shape,
+        [R, 8, 3, 3]
+    );
+    assert_eq!(
+        factors["base_model.model.features.3.lora_B.weight"].shape,
+        [16, R, 1, 1]
+    );
+}
+
+#[test]
+fn fused_experts_are_refused_for_vllm_with_the_reason() {
+    let (h, i, e) = (16, 12, 2);
+    let fam = Family {
+        config: serde_json::json!({"model_type": "qwen3_moe", "hidden_size": h}),
+        tensors: vec![(
+            "model.layers.0.mlp.experts.down_proj".into(),
+            vec![e, h, i],
+            Kind::Fused,
+        )],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = write_pair(dir.path(), &fam, fresh_seed("fused-vllm"));
+    let mut st = ExtractSettings::new(b, f, dir.path().join("out"), R);
+    st.device = phlora::backend::Device::Cpu;
+    st.target = phlora::extract::Target::Vllm;
+    let err = extract(&st).unwrap_err().to_string();
+    assert!(
+        err.contains("target_parameters") && err.contains("--exclude"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out").join("adapter_config.json").exists());
+}
+
+#[test]
+fn fused_experts_against_the_wrong_hidden_size_are_an_error() {
+    let (h, i, e) = (16, 12, 2);
+    let fam = Family {
+        // Says gpt-oss (experts [E, in, out]) but the tensor is v5 [E, out, in].
+        config: serde_json::json!({"model_type": "gpt_oss", "hidden_size": h}),
+        tensors: vec![(
+            "model.layers.0.mlp.experts.down_proj".into(),
+            vec![e, h, i],
+            Kind::Fused,
+        )],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = write_pair(dir.path(), &fam, fresh_seed("fused-wrong"));
+    let mut st = ExtractSettings::new(b, f, dir.path().join("out"), R);
+    st.device = phlora::backend::Device::Cpu;
+    let err = extract(&st).unwrap_err().to_string();
+    assert!(
+        err.contains("experts.down_proj") && err.contains("hidden size"),
+        "{err}"
+    );
+}
