@@ -41,6 +41,7 @@ FAMILIES = {
     "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2,
                                 "moe_intermediate_size": 24}),
     "gpt_oss": ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "convnet": (None, {}),  # not a transformers model: ConvNet below
 }
 # Biases a LoRA can carry (--lora-bias; PEFT allows it only without embedding LoRA, so these
 # fine-tunes leave the embeddings alone and phlora runs with --no-embeddings).
@@ -71,12 +72,15 @@ def tiny_config(family):
 
 @torch.no_grad()
 def fine_tune(model, rank, seed, embeddings=True, norms_only=False):
-    """Adds Σ of `rank` outer products to every matrix (to each expert of a 3-D tensor) and
+    """Adds Σ of `rank` outer products to every matrix (each expert of a 3-D tensor, a conv
+    weight as [out, in·k·k]) and
     noise to every vector (only to norms if `norms_only`): a change a rank-`rank` LoRA
     carries exactly."""
     g = torch.Generator().manual_seed(seed)
-    frozen = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
-              if m is not None and not embeddings}
+    frozen = set()
+    if not embeddings:
+        frozen = {id(m.weight) for m in (model.get_input_embeddings(),
+                                         model.get_output_embeddings()) if m is not None}
     for name, p in model.named_parameters():
         if id(p) in frozen or (not embeddings and ("wpe" in name or "embed" in name)):
             continue
@@ -84,12 +88,60 @@ def fine_tune(model, rank, seed, embeddings=True, norms_only=False):
             if not norms_only or "norm" in name:
                 p.add_(0.01 * torch.randn(p.shape, generator=g))
             continue
-        mats = p.view(-1, *p.shape[-2:]) if p.ndim >= 3 else p.unsqueeze(0)
+        if p.ndim == 3:  # fused experts: each expert its own matrix
+            mats = p
+        else:  # a matrix, or a conv weight as [out, in·k·k]
+            mats = p.view(p.shape[0], -1).unsqueeze(0)
         for m in mats:
             u = torch.randn(m.shape[0], rank, generator=g)
             v = torch.randn(rank, m.shape[1], generator=g)
             d = u @ v
             m.add_(0.05 * d * (m.norm() / d.norm()))
+
+
+class ConvNet(torch.nn.Module):
+    """A small image classifier: PEFT's Conv2d LoRA on 3×3 and 1×1 convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 16, 1))
+        self.classifier = torch.nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+def check_convnet(phlora, rank, work, tol):
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    base = ConvNet().eval()
+    ft = copy.deepcopy(base)
+    fine_tune(ft, rank=2, seed=1)
+    dirs = {}
+    for tag, m in (("base", base), ("ft", ft)):
+        d = dirs[tag] = os.path.join(work, "convnet", tag)
+        os.makedirs(d, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()},
+                  os.path.join(d, "model.safetensors"))
+    adir = os.path.join(work, "convnet", "adapter")
+    run = subprocess.run([phlora, "extract", "--base", dirs["base"], "--ft", dirs["ft"],
+                          "--out", adir, "--rank", str(rank), "--device", "cpu", "--quiet",
+                          "--lora-bias"], capture_output=True, text=True)
+    if run.returncode != 0:
+        return dict(family="convnet", ok=False, error=run.stderr.strip().splitlines()[-1:])
+    report = json.load(open(os.path.join(adir, "report.json")))
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, plain = ft(x), base(x)
+        got = PeftModel.from_pretrained(copy.deepcopy(base), adir).eval()(x)
+    rel = ((got - want).norm() / want.norm()).item()
+    return dict(family="convnet", ok=rel < tol, tensors=len(report["tensors"]), rel=rel,
+                rel_base=((plain - want).norm() / want.norm()).item())
 
 
 def logits(model, ids):
@@ -143,7 +195,10 @@ def main():
     rows = []
     for f in args.families:
         try:
-            rows.append(check(f, args.phlora, args.rank, work, args.tol))
+            if f == "convnet":
+                rows.append(check_convnet(args.phlora, args.rank, work, args.tol))
+            else:
+                rows.append(check(f, args.phlora, args.rank, work, args.tol))
         except Exception as e:  # a family that fails to load is a result, not a crash
             rows.append(dict(family=f, ok=False, error=[f"{type(e).__name__}: {e}"]))
     print(f"\n{'family':<11} {'tensors':>7} {'err(base+adapter)':>18} {'err(base)':>10}  result")
