@@ -69,12 +69,15 @@ fn run<B: Backend>(
                         let (mut read, mut h2d) = (0.0, 0.0);
                         while let Some(&n) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
                             let item = &plan.items[n];
-                            let rows = item.shape.first().copied().unwrap_or(1);
-                            let cols = item.ft.numel() / rows.max(1);
+                            let (rows, cols) = item.matrix();
+                            let (base_rows, ft_rows) = (
+                                item.side_rows(base, false, 0, rows),
+                                item.side_rows(ft, true, 0, rows),
+                            );
                             let input = DeltaInput {
-                                base: base.bytes(&item.base),
+                                base: &base_rows,
                                 base_dtype: item.base_dtype(),
-                                ft: ft.bytes(&item.ft),
+                                ft: &ft_rows,
                                 ft_dtype: item.ft_dtype(),
                                 rows,
                                 cols,

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 
+use crate::checkpoint::fp8::{self, BlockScale};
 use crate::checkpoint::{Checkpoint, DType, TensorEntry};
 use crate::error::{Error, Result};
 
@@ -53,6 +54,9 @@ pub struct PlanItem {
     pub note: Option<String>,
     /// How the tensor's bytes lie as the matrix that is decomposed.
     pub form: Form,
+    /// FP8 sides: the block scales they are dequantised with.
+    pub base_scale: Option<BlockScale>,
+    pub ft_scale: Option<BlockScale>,
 }
 
 /// How a tensor is read as the matrix ΔW that is decomposed, and how its factors are written.
@@ -84,11 +88,66 @@ pub struct ExpertSlice {
 }
 
 impl PlanItem {
+    /// The dtype of the base side's rows as [`side_rows`](Self::side_rows) hands them over
+    /// (an FP8 side comes dequantised, as F32).
     pub fn base_dtype(&self) -> DType {
-        self.base.float_dtype().expect("validated by the planner")
+        match self.base_scale {
+            Some(_) => DType::F32,
+            None => self.base.float_dtype().expect("validated by the planner"),
+        }
     }
     pub fn ft_dtype(&self) -> DType {
-        self.ft.float_dtype().expect("validated by the planner")
+        match self.ft_scale {
+            Some(_) => DType::F32,
+            None => self.ft.float_dtype().expect("validated by the planner"),
+        }
+    }
+
+    /// Rows r0..r1 (of the stored matrix) of one side, as bytes of that side's dtype: a view
+    /// into the map, or FP8 dequantised into F32 bytes.
+    pub fn side_rows<'a>(
+        &self,
+        ck: &'a Checkpoint,
+        ft_side: bool,
+        r0: usize,
+        r1: usize,
+    ) -> std::borrow::Cow<'a, [u8]> {
+        let (t, scale) = if ft_side {
+            (&self.ft, &self.ft_scale)
+        } else {
+            (&self.base, &self.base_scale)
+        };
+        let cols = self.matrix().1;
+        match scale {
+            None => {
+                let size = t.float_dtype().expect("validated by the planner").size();
+                std::borrow::Cow::Borrowed(&ck.bytes(t)[r0 * cols * size..r1 * cols * size])
+            }
+            Some(s) => {
+                let v = fp8::dequant_rows(ck, t, s, r0, r1);
+                let mut bytes = Vec::with_capacity(v.len() * 4);
+                crate::checkpoint::dtype::encode_into(DType::F32, &v, &mut bytes);
+                std::borrow::Cow::Owned(bytes)
+            }
+        }
+    }
+
+    /// Bytes per stored element of one side (1 for FP8).
+    pub fn stored_size(&self, ft_side: bool) -> usize {
+        let (t, scale) = if ft_side {
+            (&self.ft, &self.ft_scale)
+        } else {
+            (&self.base, &self.base_scale)
+        };
+        match scale {
+            Some(_) => 1,
+            None => t.float_dtype().map_or(1, |d| d.size()),
+        }
+    }
+
+    /// True when either side is FP8 (its rows are dequantised on the host).
+    pub fn has_fp8(&self) -> bool {
+        self.base_scale.is_some() || self.ft_scale.is_some()
     }
     /// Bytes read from both checkpoints.
     pub fn input_bytes(&self) -> u64 {
@@ -160,6 +219,9 @@ impl Plan {
         let mut notes: Vec<(String, String)> = Vec::new();
         let gpt2 = is_gpt2(base.config()) || is_gpt2(ft.config());
         for f in ft.tensors() {
+            if is_scale_of_fp8(ft, f) {
+                continue; // read with its weight
+            }
             if !selected(&f.name) {
                 filtered_out += 1;
                 continue;
@@ -199,10 +261,13 @@ impl Plan {
                     ),
                 ));
             }
-            let action = match (b.float_dtype(), f.float_dtype()) {
-                (Some(_), Some(_)) => classify(&f.name, &f.shape, opts),
+            let (base_scale, ft_scale) = (fp8_scale(base, b)?, fp8_scale(ft, f)?);
+            let float =
+                |t: &TensorEntry, s: &Option<BlockScale>| t.float_dtype().is_some() || s.is_some();
+            let action = match (float(b, &base_scale), float(f, &ft_scale)) {
+                (true, true) => classify(&f.name, &f.shape, opts),
                 _ => {
-                    if base.bytes(b) == ft.bytes(f) {
+                    if base.bytes(b) == ft.bytes(f) && b.dtype == f.dtype {
                         Action::Unchanged
                     } else {
                         let (path, dtype) = if f.float_dtype().is_none() {
@@ -214,7 +279,7 @@ impl Plan {
                             path,
                             &f.name,
                             format!(
-                                "dtype {dtype:?} is not supported (phlora reads F32, F16 and BF16) and the tensor differs between the checkpoints; leave it out with --exclude"
+                                "dtype {dtype:?} is not supported (phlora reads F32, F16, BF16, and F8_E4M3 with a `_scale_inv`) and the tensor differs between the checkpoints; leave it out with --exclude"
                             ),
                         ));
                     }
@@ -233,8 +298,17 @@ impl Plan {
             } else {
                 Form::Matrix
             };
+            if (base_scale.is_some() || ft_scale.is_some()) && form != Form::Matrix {
+                return Err(Error::tensor(
+                    ft.path_of(f),
+                    &f.name,
+                    "FP8 block scales are read for 2-D weights only",
+                ));
+            }
             items.push(PlanItem {
                 form,
+                base_scale,
+                ft_scale,
                 note: None,
                 module: module_of(&f.name).to_string(),
                 name: f.name.clone(),
@@ -245,7 +319,7 @@ impl Plan {
             });
         }
         for b in base.tensors() {
-            if !selected(&b.name) || ft.get(&b.name).is_some() {
+            if !selected(&b.name) || ft.get(&b.name).is_some() || is_scale_of_fp8(base, b) {
                 continue;
             }
             // The fine-tune ties lm_head to its embeddings: its lm_head is that tensor.
@@ -261,6 +335,8 @@ impl Plan {
                 ));
                 items.push(PlanItem {
                     form: Form::Matrix,
+                    base_scale: None,
+                    ft_scale: None,
                     module: module_of(&b.name).to_string(),
                     name: b.name.clone(),
                     shape: b.shape.clone(),
@@ -448,6 +524,8 @@ fn expert_items(f: &TensorEntry, b: &TensorEntry, stored_in_out: bool) -> Vec<Pl
         .map(|e| {
             let name = format!("{}[{e}]", f.name);
             PlanItem {
+                base_scale: None,
+                ft_scale: None,
                 module: module_of(&f.name).to_string(),
                 shape: vec![d1, d2],
                 base: slice(b, e, &name),
@@ -464,6 +542,51 @@ fn expert_items(f: &TensorEntry, b: &TensorEntry, stored_in_out: bool) -> Vec<Pl
             }
         })
         .collect()
+}
+
+/// `<weight>_scale_inv` beside an F8_E4M3 `<weight>`: read with it, not on its own.
+fn is_scale_of_fp8(ck: &Checkpoint, t: &TensorEntry) -> bool {
+    t.name
+        .strip_suffix("_scale_inv")
+        .and_then(|w| ck.get(w))
+        .is_some_and(|w| w.dtype == safetensors::Dtype::F8_E4M3)
+}
+
+/// The block scales of an F8_E4M3 weight (None for any other dtype); an FP8 weight without
+/// a valid `_scale_inv` is an error.
+fn fp8_scale(ck: &Checkpoint, t: &TensorEntry) -> Result<Option<BlockScale>> {
+    if t.dtype != safetensors::Dtype::F8_E4M3 {
+        return Ok(None);
+    }
+    let block = ck
+        .config()
+        .and_then(|c| c.pointer("/quantization_config/weight_block_size"))
+        .and_then(|b| serde_json::from_value::<[usize; 2]>(b.clone()).ok())
+        .filter(|b| b[0] > 0 && b[1] > 0)
+        .unwrap_or(fp8::DEFAULT_BLOCK);
+    let name = format!("{}_scale_inv", t.name);
+    let scale = ck.get(&name).ok_or_else(|| {
+        Error::tensor(
+            ck.path_of(t),
+            &t.name,
+            format!("F8_E4M3 without `{name}`: phlora reads FP8 weights with block scales (DeepSeek-V3 style) only"),
+        )
+    })?;
+    if scale.dtype != safetensors::Dtype::F32 || !fp8::scale_shape_ok(&t.shape, &scale.shape, block)
+    {
+        return Err(Error::tensor(
+            ck.path_of(scale),
+            &name,
+            format!(
+                "{:?} {:?} does not scale {:?} in {}×{} blocks (expected F32 [⌈rows/{}⌉, ⌈cols/{}⌉])",
+                scale.dtype, scale.shape, t.shape, block[0], block[1], block[0], block[1]
+            ),
+        ));
+    }
+    Ok(Some(BlockScale {
+        scale: scale.clone(),
+        block,
+    }))
 }
 
 /// For a causal LM whose config ties the output layer to the embeddings and whose checkpoints
@@ -491,6 +614,8 @@ fn tied_output_item(base: &Checkpoint, ft: &Checkpoint, items: &[PlanItem]) -> O
             && (i.name.ends_with("embed_tokens.weight") || i.name.ends_with("wte.weight"))
     })?;
     (tied && lm).then(|| PlanItem {
+        base_scale: emb.base_scale.clone(),
+        ft_scale: emb.ft_scale.clone(),
         name: LM_HEAD.to_string(),
         module: module_of(LM_HEAD).to_string(),
         shape: emb.shape.clone(),

@@ -190,6 +190,16 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
                 format!("the fine-tune has no `{name}` for this module"),
             )
         })?;
+        if t.float_dtype().is_none() {
+            return Err(Error::tensor(
+                ft.path_of(t),
+                &name,
+                format!(
+                    "is {:?}: verify reads F32, F16 and BF16 weights (FP8 checkpoints are extracted from, not verified against, yet)",
+                    t.dtype
+                ),
+            ));
+        }
         if t.shape.as_slice() != Adapter::weight_shape(m) {
             return Err(Error::tensor(
                 adapter.file.path_of(&m.a),

@@ -558,3 +558,131 @@ fn fused_experts_against_the_wrong_hidden_size_are_an_error() {
         "{err}"
     );
 }
+
+/// DeepSeek-V3 style FP8: an F8_E4M3 base with `_scale_inv` block scales (blocks of 8 here,
+/// from the config) and a BF16 fine-tune. ΔW is formed from the dequantised base; the scale
+/// tensors are read with their weights, not reported on their own.
+#[test]
+fn fp8_block_scaled_base() {
+    use phlora::checkpoint::fp8::{e4m3_to_f32, f32_to_e4m3};
+    use phlora::checkpoint::writer::{write_file, HeaderEntry};
+    let dir = tempfile::tempdir().unwrap();
+    let seed = fresh_seed("fp8");
+    let block = 8;
+    let shapes = [
+        ("model.layers.0.mlp.down_proj.weight", [16, 20]),
+        ("model.layers.0.self_attn.q_proj.weight", [12, 16]),
+    ];
+    let config = serde_json::json!({
+        "model_type": "deepseek_v3",
+        "quantization_config": {"quant_method": "fp8", "weight_block_size": [block, block]}
+    });
+    let (mut base_entries, mut ft_tensors, mut dequant) = (Vec::new(), Vec::new(), Vec::new());
+    for (k, (name, [m, n])) in shapes.iter().enumerate() {
+        let w = normal(m * n, seed + k as u64);
+        let (sm, sn) = (m.div_ceil(block), n.div_ceil(block));
+        // One scale per block: its largest |w| maps to 448.
+        let mut scale = vec![0f32; sm * sn];
+        for i in 0..*m {
+            for j in 0..*n {
+                let s = &mut scale[(i / block) * sn + j / block];
+                *s = s.max(w[i * n + j].abs() / 448.0);
+            }
+        }
+        let codes: Vec<u8> = (0..m * n)
+            .map(|x| f32_to_e4m3(w[x] / scale[(x / n / block) * sn + (x % n) / block]))
+            .collect();
+        let wq: Vec<f32> = (0..m * n)
+            .map(|x| e4m3_to_f32(codes[x]) * scale[(x / n / block) * sn + (x % n) / block])
+            .collect();
+        let d = to_row_major_f32(&spectrum_matrix(
+            *m,
+            *n,
+            &[0.5, 0.2, 0.1],
+            1e-3,
+            seed + 50 + k as u64,
+        ));
+        let f: Vec<f32> = wq.iter().zip(&d).map(|(a, b)| a + b).collect();
+        let mut scale_bytes = Vec::new();
+        for s in &scale {
+            scale_bytes.extend_from_slice(&s.to_le_bytes());
+        }
+        base_entries.push((
+            HeaderEntry {
+                name: name.to_string(),
+                dtype: "F8_E4M3",
+                shape: vec![*m, *n],
+                nbytes: codes.len(),
+            },
+            codes,
+        ));
+        base_entries.push((
+            HeaderEntry {
+                name: format!("{name}_scale_inv"),
+                dtype: "F32",
+                shape: vec![sm, sn],
+                nbytes: scale_bytes.len(),
+            },
+            scale_bytes,
+        ));
+        ft_tensors.push(tensor(name, DType::BF16, &[*m, *n], f.clone()));
+        dequant.push((name.to_string(), *m, *n, wq));
+    }
+    let (b, f) = (dir.path().join("base"), dir.path().join("ft"));
+    std::fs::create_dir_all(&b).unwrap();
+    std::fs::write(b.join("config.json"), config.to_string()).unwrap();
+    write_file(
+        &b.join("model.safetensors"),
+        &base_entries,
+        &Default::default(),
+    )
+    .unwrap();
+    std::fs::create_dir_all(&f).unwrap();
+    write_single(&f.join("model.safetensors"), &ft_tensors);
+    let out = dir.path().join("adapter");
+    let mut st = ExtractSettings::new(b.clone(), f.clone(), out.clone(), R);
+    st.device = phlora::backend::Device::Cpu;
+    let report = extract(&st).unwrap();
+    assert_eq!(
+        report.tensors.len(),
+        2,
+        "the scales are not tensors of their own"
+    );
+    let factors = read_safetensors(&out.join("adapter_model.safetensors"));
+    let ftt = read_safetensors(&f.join("model.safetensors"));
+    for (name, m, n, wq) in &dequant {
+        let module = name.strip_suffix(".weight").unwrap();
+        let a = &factors[&format!("base_model.model.{module}.lora_A.weight")];
+        let bf = &factors[&format!("base_model.model.{module}.lora_B.weight")];
+        assert_eq!(a.dtype, "BF16", "FP8 inputs give BF16 factors");
+        let d = Mat::from_fn(*m, *n, |i, j| {
+            f64::from(ftt[name].values[i * n + j]) - f64::from(wq[i * n + j])
+        });
+        let u = Mat::from_fn(*m, *n, |i, j| {
+            (0..R)
+                .map(|k| f64::from(bf.values[i * R + k]) * f64::from(a.values[k * n + j]))
+                .sum::<f64>()
+        });
+        let best = optimum(&singular_values(&d), R);
+        let err = (&d - &u).norm_l2() / d.norm_l2();
+        // BF16 factors round at ~4e-3 relative.
+        assert!(err <= best + 1e-2, "{name}: {err} vs the optimum {best}");
+    }
+    // An FP8 weight whose scale is missing is an error that names it.
+    let broken: Vec<_> = base_entries
+        .iter()
+        .filter(|(h, _)| !h.name.ends_with("_scale_inv"))
+        .cloned()
+        .collect();
+    write_file(&b.join("model.safetensors"), &broken, &Default::default()).unwrap();
+    let err = extract(&ExtractSettings {
+        out: dir.path().join("b2"),
+        ..st
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("_scale_inv") && err.contains("down_proj"),
+        "{err}"
+    );
+}

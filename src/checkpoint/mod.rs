@@ -3,6 +3,7 @@
 //! once; tensors are zero-copy byte views into the maps. A whole model is never loaded.
 
 pub mod dtype;
+pub mod fp8;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};

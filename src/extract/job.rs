@@ -79,7 +79,7 @@ impl<B: Backend> CheckpointBlocks<'_, B> {
     fn form(&self, r0: usize, r1: usize) -> backend::BackendResult<(B::Mat, DeltaStats)> {
         let item = self.item;
         let cols = item.matrix().1;
-        let (bs, fs) = (item.base_dtype().size(), item.ft_dtype().size());
+        let (bs, fs) = (item.stored_size(false), item.stored_size(true));
         let rows_read = |a: usize, b: usize| {
             let (a, b) = (r0 + a, r0 + b);
             self.base
@@ -87,10 +87,15 @@ impl<B: Backend> CheckpointBlocks<'_, B> {
             self.ft
                 .release_range(&item.ft, a * cols * fs, b * cols * fs);
         };
+        // Views into the maps (FP8: dequantised here, on the host).
+        let (base_rows, ft_rows) = (
+            item.side_rows(self.base, false, r0, r1),
+            item.side_rows(self.ft, true, r0, r1),
+        );
         let input = DeltaInput {
-            base: &self.base.bytes(&item.base)[r0 * cols * bs..r1 * cols * bs],
+            base: &base_rows,
             base_dtype: item.base_dtype(),
-            ft: &self.ft.bytes(&item.ft)[r0 * cols * fs..r1 * cols * fs],
+            ft: &ft_rows,
             ft_dtype: item.ft_dtype(),
             rows: r1 - r0,
             cols,
@@ -369,7 +374,7 @@ impl<B: Backend> LoraJob<'_, B> {
     }
 }
 
-/// ‖ΔW‖² of a tensor that is not decomposed, computed in chunks on the host.
+/// ‖ΔW‖² of a tensor that is not decomposed, computed in chunks of rows on the host.
 pub(super) fn host_delta(
     base: &Checkpoint,
     ft: &Checkpoint,
@@ -377,19 +382,21 @@ pub(super) fn host_delta(
 ) -> Result<DeltaStats> {
     const CHUNK: usize = 1 << 16;
     let (bd, fd) = (item.base_dtype(), item.ft_dtype());
-    let (bb, fb) = (base.bytes(&item.base), ft.bytes(&item.ft));
-    let n = item.ft.numel();
-    let parts: Vec<DeltaStats> = (0..n.div_ceil(CHUNK))
+    let (bs, fs) = (item.stored_size(false), item.stored_size(true));
+    let (rows, cols) = item.matrix();
+    let step = (CHUNK / cols.max(1)).max(1);
+    let parts: Vec<DeltaStats> = (0..rows.div_ceil(step))
         .into_par_iter()
         .map(|c| {
-            let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-            let mut x = vec![0f32; hi - lo];
-            let mut y = vec![0f32; hi - lo];
-            decode_into(bd, &bb[lo * bd.size()..hi * bd.size()], &mut x);
-            decode_into(fd, &fb[lo * fd.size()..hi * fd.size()], &mut y);
+            let (r0, r1) = (c * step, ((c + 1) * step).min(rows));
+            let n = (r1 - r0) * cols;
+            let mut x = vec![0f32; n];
+            let mut y = vec![0f32; n];
+            decode_into(bd, &item.side_rows(base, false, r0, r1), &mut x);
+            decode_into(fd, &item.side_rows(ft, true, r0, r1), &mut y);
             // Only the sums are kept: the pages can go (a memory bound counts them).
-            base.release_range(&item.base, lo * bd.size(), hi * bd.size());
-            ft.release_range(&item.ft, lo * fd.size(), hi * fd.size());
+            base.release_range(&item.base, r0 * cols * bs, r1 * cols * bs);
+            ft.release_range(&item.ft, r0 * cols * fs, r1 * cols * fs);
             let mut s = DeltaStats::default();
             for (a, b) in x.iter().zip(&y) {
                 let d = b - a;
@@ -417,17 +424,22 @@ fn check_finite(
     if stats.nonfinite == 0 {
         return Ok(());
     }
-    let has_nonfinite = |ck: &Checkpoint, t: &TensorEntry| {
-        let dtype = t.float_dtype().expect("validated by the planner");
-        ck.bytes(t).chunks(dtype.size() * 4096).any(|c| {
+    let has_nonfinite = |ck: &Checkpoint, ft_side: bool| {
+        let dtype = if ft_side {
+            item.ft_dtype()
+        } else {
+            item.base_dtype()
+        };
+        let rows = item.side_rows(ck, ft_side, 0, item.matrix().0);
+        rows.chunks(dtype.size() * 4096).any(|c| {
             let mut v = vec![0f32; c.len() / dtype.size()];
             decode_into(dtype, c, &mut v);
             v.iter().any(|x| !x.is_finite())
         })
     };
-    let (which, ck, t) = if has_nonfinite(ft, &item.ft) {
+    let (which, ck, t) = if has_nonfinite(ft, true) {
         ("the fine-tune", ft, &item.ft)
-    } else if has_nonfinite(base, &item.base) {
+    } else if has_nonfinite(base, false) {
         ("the base", base, &item.base)
     } else {
         ("the difference (overflow)", ft, &item.ft)

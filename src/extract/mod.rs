@@ -756,7 +756,13 @@ fn dominant_lora_dtype(plan: &Plan) -> DType {
     let mut count: HashMap<DType, usize> = HashMap::new();
     for i in &plan.items {
         if matches!(i.action, Action::LoraLinear | Action::LoraEmbedding) {
-            *count.entry(i.ft_dtype()).or_default() += 1;
+            // FP8 weights come dequantised; their factors are written in BF16.
+            let d = if i.has_fp8() {
+                DType::BF16
+            } else {
+                i.ft_dtype()
+            };
+            *count.entry(d).or_default() += 1;
         }
     }
     let mut v: Vec<(DType, usize)> = count.into_iter().collect();
