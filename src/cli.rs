@@ -305,7 +305,8 @@ pub struct ExtractArgs {
     #[arg(long)]
     pub no_embeddings: bool,
     /// Carry the changed biases of LoRA-targeted layers exactly, as PEFT's `lora_B.bias`
-    /// (`lora_bias: true`; PEFT ≥ 0.14 loads it, vLLM does not).
+    /// (`lora_bias: true`; PEFT ≥ 0.14 loads it, vLLM does not). PEFT refuses it next to an
+    /// embedding LoRA (add --no-embeddings) or fused 3-D experts.
     #[arg(long)]
     pub lora_bias: bool,
     /// Do not save changed norm weights through modules_to_save (vLLM refuses them; they
