@@ -40,6 +40,10 @@ FAMILIES = {
                                 "shared_expert_intermediate_size": 48}),
     "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2,
                                 "moe_intermediate_size": 24}),
+    # The same model saved as it is in memory (fused experts [E, 2I, H], [E, H, I]) instead of
+    # through save_pretrained, which writes Qwen3-MoE per expert: the v5 fused layout itself.
+    "qwen3_moe_fused": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2,
+                                      "moe_intermediate_size": 24}),
     "gpt_oss": ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "convnet": (None, {}),  # not a transformers model: ConvNet below
 }
@@ -50,11 +54,14 @@ WITH_BIASES = {"qwen2", "gpt2"}
 # target_parameters; gpt-oss's attention sinks): these fine-tunes change only norms among
 # the 1-D parameters, so the check measures what the adapter is meant to carry.
 NORMS_ONLY = {"qwen2_moe", "gpt_oss"}
+# Saved with safetensors from the in-memory state dict, loaded with load_state_dict.
+RAW_STATE_DICT = {"qwen3_moe_fused"}
 # Known gaps, reported as such (not counted as failures): what a reader of the table needs.
 KNOWN_GAPS = {
     "qwen2_moe": "transformers v5 saves Qwen2-MoE experts per expert on disk but fuses them in "
-                 "memory; PEFT converts per-expert LoRA to the fused layout only for Mixtral, so "
-                 "the experts' LoRA does not apply (it does in vLLM, which keeps per-expert names)",
+                 "memory; PEFT does not convert a per-expert Qwen2-MoE adapter to the fused model "
+                 "(it does for Mixtral and Qwen3-MoE), so the experts' LoRA does not apply (it "
+                 "does in vLLM, which keeps per-expert names)",
 }
 
 
@@ -160,8 +167,24 @@ def check(family, phlora, rank, work, tol):
     biases = family in WITH_BIASES
     fine_tune(ft, rank=2, seed=1, embeddings=not biases, norms_only=family in NORMS_ONLY)
     bdir, fdir, adir = (os.path.join(work, family, x) for x in ("base", "ft", "adapter"))
-    base.save_pretrained(bdir)
-    ft.save_pretrained(fdir)
+    raw = family in RAW_STATE_DICT
+    for m, d in ((base, bdir), (ft, fdir)):
+        if raw:
+            from safetensors.torch import save_file
+
+            os.makedirs(d, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in m.state_dict().items()},
+                      os.path.join(d, "model.safetensors"))
+            cfg.save_pretrained(d)
+        else:
+            m.save_pretrained(d)
+
+    def load_base():
+        if not raw:
+            return AutoModelForCausalLM.from_pretrained(bdir).float()
+        m = AutoModelForCausalLM.from_config(cfg).float()
+        m.load_state_dict(base.state_dict())
+        return m
     flags = ["--lora-bias", "--no-embeddings"] if biases else []
     run = subprocess.run([phlora, "extract", "--base", bdir, "--ft", fdir, "--out", adir,
                           "--rank", str(rank), "--device", "cpu", "--quiet", *flags],
@@ -171,8 +194,8 @@ def check(family, phlora, rank, work, tol):
     report = json.load(open(os.path.join(adir, "report.json")))
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
     want = logits(ft, ids)
-    plain = logits(AutoModelForCausalLM.from_pretrained(bdir).float().eval(), ids)
-    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bdir).float(), adir)
+    plain = logits(load_base().eval(), ids)
+    loaded = PeftModel.from_pretrained(load_base(), adir)
     got = logits(loaded.eval(), ids)
     rel = ((got - want).norm() / want.norm()).item()
     rel_base = ((plain - want).norm() / want.norm()).item()
