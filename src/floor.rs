@@ -49,10 +49,10 @@ fn run<B: Backend>(
 ) -> Result<FloorReport> {
     // Largest first, as extract schedules several workers.
     // Tensors in a dtype phlora does not read are equal in both (the planner checked) and
-    // extract skips them too.
+    // extract skips them too, as it does a tied lm_head (the embedding, read once).
     let readable = |n: &usize| {
         let i = &plan.items[*n];
-        i.base.float_dtype().is_some() && i.ft.float_dtype().is_some()
+        i.action != crate::plan::Action::Unchanged && !i.is_tied_copy()
     };
     let mut order: Vec<usize> = (0..plan.items.len()).filter(readable).collect();
     order.sort_by_key(|&n| std::cmp::Reverse(plan.items[n].input_bytes()));

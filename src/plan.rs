@@ -123,12 +123,7 @@ impl PlanItem {
                 let size = t.float_dtype().expect("validated by the planner").size();
                 std::borrow::Cow::Borrowed(&ck.bytes(t)[r0 * cols * size..r1 * cols * size])
             }
-            Some(s) => {
-                let v = fp8::dequant_rows(ck, t, s, r0, r1);
-                let mut bytes = Vec::with_capacity(v.len() * 4);
-                crate::checkpoint::dtype::encode_into(DType::F32, &v, &mut bytes);
-                std::borrow::Cow::Owned(bytes)
-            }
+            Some(s) => std::borrow::Cow::Owned(fp8::dequant_rows(ck, t, s, r0, r1)),
         }
     }
 
@@ -391,6 +386,34 @@ impl Plan {
             items,
             filtered_out,
         })
+    }
+
+    /// Each tied lm_head (a [`PlanItem::is_tied_copy`]) with the embedding item it copies:
+    /// (embedding index, copy index). The copy is never read or decomposed; its factors are the
+    /// embedding's, transposed.
+    pub fn tied_copies(&self) -> Vec<(usize, usize)> {
+        self.items
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_tied_copy())
+            .filter_map(|(copy, c)| {
+                let source = self.items.iter().position(|e| {
+                    e.action == Action::LoraEmbedding
+                        && e.base.name == c.base.name
+                        && e.ft.name == c.ft.name
+                })?;
+                Some((source, copy))
+            })
+            .collect()
+    }
+
+    /// Bytes read from both checkpoints for the whole plan (a tied copy is not read again).
+    pub fn input_bytes(&self) -> u64 {
+        self.items
+            .iter()
+            .filter(|i| !i.is_tied_copy())
+            .map(PlanItem::input_bytes)
+            .sum()
     }
 
     /// Last segments of norm modules (for modules_to_save).

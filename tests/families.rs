@@ -686,3 +686,78 @@ fn fp8_block_scaled_base() {
         "{err}"
     );
 }
+
+/// Both checkpoints tie lm_head to the embeddings (no `lm_head.weight` stored): the adapter
+/// carries the embedding's change on lm_head too, with the embedding's factors transposed, and
+/// the report counts that ΔW once.
+#[test]
+fn tied_embeddings_get_an_lm_head_lora() {
+    let (h, v) = (16, 40);
+    let mut t = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![v, h],
+        Kind::Embedding,
+    )];
+    llama_attention(&mut t, 0, h);
+    let fam = Family {
+        config: serde_json::json!({
+            "model_type": "llama", "hidden_size": h,
+            "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": true
+        }),
+        tensors: t,
+    };
+    let (_dir, b, f, out) = extract_family(&fam, "tied");
+    let factors = read_safetensors(&out.join("adapter_model.safetensors"));
+    let emb_a = &factors["base_model.model.model.embed_tokens.lora_embedding_A"];
+    let emb_b = &factors["base_model.model.model.embed_tokens.lora_embedding_B"];
+    let head_a = &factors["base_model.model.lm_head.lora_A.weight"];
+    let head_b = &factors["base_model.model.lm_head.lora_B.weight"];
+    assert_eq!(
+        (head_a.shape.clone(), head_b.shape.clone()),
+        (vec![R, h], vec![v, R])
+    );
+    for k in 0..R {
+        for j in 0..h {
+            assert_eq!(
+                head_a.values[k * h + j],
+                emb_b.values[j * R + k],
+                "A = embedding Bᵀ"
+            );
+        }
+        for i in 0..v {
+            assert_eq!(
+                head_b.values[i * R + k],
+                emb_a.values[k * v + i],
+                "B = embedding Aᵀ"
+            );
+        }
+    }
+    // lm_head's B·A is ΔE ([vocab, dim]) as well as the rank allows.
+    let (bt, ftt) = (
+        read_safetensors(&b.join("model.safetensors")),
+        read_safetensors(&f.join("model.safetensors")),
+    );
+    let name = "model.embed_tokens.weight";
+    let d = Mat::from_fn(v, h, |i, j| {
+        f64::from(ftt[name].values[i * h + j]) - f64::from(bt[name].values[i * h + j])
+    });
+    let u = Mat::from_fn(v, h, |i, j| {
+        (0..R)
+            .map(|k| f64::from(head_b.values[i * R + k]) * f64::from(head_a.values[k * h + j]))
+            .sum::<f64>()
+    });
+    let best = optimum(&singular_values(&d), R);
+    assert!((&d - &u).norm_l2() / d.norm_l2() <= 1.01 * best + 1e-5);
+    let report = read_json(&out.join("report.json"));
+    let rows = report["tensors"].as_array().unwrap();
+    let row = |n: &str| rows.iter().find(|r| r["name"] == n).unwrap().clone();
+    assert_eq!(row("lm_head.weight")["action"], "lora");
+    assert_eq!(row("lm_head.weight")["residual"], row(name)["residual"]);
+    // Counted once: the shares of the carried tensors add up to 1 without lm_head.
+    let shares: f64 = rows
+        .iter()
+        .filter(|r| r["name"] != "lm_head.weight")
+        .map(|r| r["share"].as_f64().unwrap())
+        .sum();
+    assert!((shares - 1.0).abs() < 1e-9, "{shares}");
+}

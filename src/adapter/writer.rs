@@ -80,11 +80,16 @@ impl AdapterWriter {
         shape: Vec<usize>,
         bytes: &[u8],
     ) -> Result<()> {
-        self.add_factor(order, name, dtype, shape, bytes, None)
+        self.stage(order, name, dtype, shape, bytes, None, None)
     }
 
     /// [`add`](Self::add) for a LoRA factor whose rank runs along `rank_axis` (0 for A
     /// [r, in], 1 for B [out, r]): [`commit`](Self::commit) can zero-pad it to a larger rank.
+    /// `expert` = (e, E) marks expert e's factor of a fused 3-D parameter: at commit the E
+    /// factors of one name are padded to one rank r and packed the way PEFT's
+    /// `target_parameters` reads them: A [r·E, in] with row e·r + k, B [out, r·E] with column
+    /// k·E + e.
+    #[allow(clippy::too_many_arguments)]
     pub fn add_factor(
         &mut self,
         order: u64,
@@ -92,35 +97,10 @@ impl AdapterWriter {
         dtype: &'static str,
         shape: Vec<usize>,
         bytes: &[u8],
-        rank_axis: Option<usize>,
-    ) -> Result<()> {
-        self.stage(order, name, dtype, shape, bytes, rank_axis, None)
-    }
-
-    /// One expert's factor of a fused 3-D parameter (A [r, in] on axis 0, B [out, r] on axis
-    /// 1). At commit the `experts` factors of one name are padded to one rank r and packed the
-    /// way PEFT's `target_parameters` reads them: A [r·E, in] with row e·r + k, B [out, r·E]
-    /// with column k·E + e.
-    #[allow(clippy::too_many_arguments)]
-    pub fn add_expert_factor(
-        &mut self,
-        order: u64,
-        name: String,
-        dtype: &'static str,
-        shape: Vec<usize>,
-        bytes: &[u8],
         rank_axis: usize,
-        expert: (usize, usize),
+        expert: Option<(usize, usize)>,
     ) -> Result<()> {
-        self.stage(
-            order,
-            name,
-            dtype,
-            shape,
-            bytes,
-            Some(rank_axis),
-            Some(expert),
-        )
+        self.stage(order, name, dtype, shape, bytes, Some(rank_axis), expert)
     }
 
     #[allow(clippy::too_many_arguments)]

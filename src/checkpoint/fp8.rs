@@ -56,14 +56,15 @@ pub fn scale_shape_ok(weight: &[usize], scale: &[usize], block: [usize; 2]) -> b
         && scale[1] == weight[1].div_ceil(block[1])
 }
 
-/// Rows r0..r1 of an FP8 weight [rows, cols], dequantised to f32.
+/// Rows r0..r1 of an FP8 weight [rows, cols], dequantised, as little-endian F32 bytes (what
+/// the backends read).
 pub fn dequant_rows(
     ck: &Checkpoint,
     t: &TensorEntry,
     s: &BlockScale,
     r0: usize,
     r1: usize,
-) -> Vec<f32> {
+) -> Vec<u8> {
     let cols = t.shape[1];
     let bytes = &ck.bytes(t)[r0 * cols..r1 * cols];
     let scales = ck.bytes(&s.scale);
@@ -72,14 +73,12 @@ pub fn dequant_rows(
         let k = 4 * ((i / s.block[0]) * scale_cols + j / s.block[1]);
         f32::from_le_bytes([scales[k], scales[k + 1], scales[k + 2], scales[k + 3]])
     };
-    let mut out = Vec::with_capacity(bytes.len());
+    let mut out = Vec::with_capacity(4 * bytes.len());
     for (di, row) in bytes.chunks_exact(cols.max(1)).enumerate() {
         let i = r0 + di;
-        out.extend(
-            row.iter()
-                .enumerate()
-                .map(|(j, &b)| e4m3_to_f32(b) * scale_at(i, j)),
-        );
+        for (j, &b) in row.iter().enumerate() {
+            out.extend_from_slice(&(e4m3_to_f32(b) * scale_at(i, j)).to_le_bytes());
+        }
     }
     out
 }

@@ -121,7 +121,8 @@ fn queue(sh: &Shared<'_>, workers: usize) -> Vec<usize> {
         .items
         .iter()
         .enumerate()
-        .filter(|(_, i)| i.action != Action::Unchanged)
+        // A tied lm_head comes with its embedding (the writer derives it).
+        .filter(|(_, i)| i.action != Action::Unchanged && !i.is_tied_copy())
         .map(|(n, _)| n)
         .collect();
     if workers > 1 {
@@ -147,8 +148,10 @@ pub(super) fn run_all<B: Backend>(
     let (tx, rx) = sync_channel::<Finished>(2 * total_workers);
     let started = Instant::now();
 
+    // Every queued tensor and each tied lm_head derived from one reach the writer.
+    let done_later = order.len() + sh.plan.tied_copies().len();
     let (writer_result, times) = std::thread::scope(|scope| {
-        let writer_thread = scope.spawn(|| write_all(writer, rx, sh, order.len(), &cancel));
+        let writer_thread = scope.spawn(|| write_all(writer, rx, sh, done_later, &cancel));
         let mut handles = Vec::new();
         for (d, group) in groups.iter().enumerate() {
             for (w, be) in group.workers.iter().enumerate() {
@@ -260,39 +263,27 @@ fn write_all(
     let total = sh.plan.items.len();
     // Unchanged tensors count as done from the start.
     let mut count = total - queued;
-    for mut done in rx {
+    let copies: std::collections::HashMap<usize, usize> =
+        sh.plan.tied_copies().into_iter().collect();
+    // Each tensor a worker finished, then the tied lm_head derived from it, if any.
+    let arrivals = rx.into_iter().flat_map(|done| {
+        let copy = copies
+            .get(&done.index)
+            .map(|&c| super::job::tied_copy(&done, c, &sh.plan.items[c]));
+        std::iter::once(done).chain(copy)
+    });
+    for mut done in arrivals {
         let clock = Instant::now();
         let item = &sh.plan.items[done.index];
         if let (Some(f), Some(writer)) = (done.factors.take(), writer.as_mut()) {
             // A first, then B, both at the tensor's place in the plan.
             let order = 2 * done.index as u64;
-            let added = match f.expert {
-                None => writer
-                    .add_factor(order, f.a_key, f.dtype, f.a_shape, &f.a_bytes, Some(0))
-                    .and_then(|()| {
-                        writer.add_factor(
-                            order + 1,
-                            f.b_key,
-                            f.dtype,
-                            f.b_shape,
-                            &f.b_bytes,
-                            Some(1),
-                        )
-                    }),
-                Some(expert) => writer
-                    .add_expert_factor(order, f.a_key, f.dtype, f.a_shape, &f.a_bytes, 0, expert)
-                    .and_then(|()| {
-                        writer.add_expert_factor(
-                            order + 1,
-                            f.b_key,
-                            f.dtype,
-                            f.b_shape,
-                            &f.b_bytes,
-                            1,
-                            expert,
-                        )
-                    }),
-            };
+            let added = writer
+                .add_factor(order, f.a_key, f.dtype, f.a_shape, &f.a_bytes, 0, f.expert)
+                .and_then(|()| {
+                    let (key, shape) = (f.b_key, f.b_shape);
+                    writer.add_factor(order + 1, key, f.dtype, shape, &f.b_bytes, 1, f.expert)
+                });
             if let Err(e) = added {
                 // Workers stop taking tensors; the channel closes as they finish.
                 cancel.store(true, Ordering::Relaxed);
@@ -309,7 +300,9 @@ fn write_all(
         }
         seconds += clock.elapsed().as_secs_f64();
         count += 1;
-        sh.bar.inc(item.input_bytes());
+        if !item.is_tied_copy() {
+            sh.bar.inc(item.input_bytes());
+        }
         sh.bar.set_message(format!("{count}/{total} tensors"));
         let index = done.index;
         finished[index] = Some(done);
@@ -358,15 +351,14 @@ impl<B: Backend> WorkerLoop<'_, B> {
                         Ok(done) => break done,
                         Err(JobError::Failed(e)) => return Err(e),
                         Err(JobError::OutOfMemory(why)) => {
+                            let (rows, cols) = item.matrix();
                             let exact = sh.s.svd.runs_exact(
-                                sh.policy
-                                    .rank_for(&item.name, item.matrix().0, item.matrix().1),
-                                item.matrix().0,
-                                item.matrix().1,
+                                sh.policy.rank_for(&item.name, rows, cols),
+                                rows,
+                                cols,
                             );
-                            let smaller = (!exact)
-                                .then(|| after_out_of_memory(fit, item.matrix().0))
-                                .flatten();
+                            let smaller =
+                                (!exact).then(|| after_out_of_memory(fit, rows)).flatten();
                             let Some(smaller) = smaller else {
                                 return Err(Error::tensor(
                                     sh.ft.path_of(&item.ft),
@@ -380,7 +372,7 @@ impl<B: Backend> WorkerLoop<'_, B> {
                             };
                             let rows = match smaller {
                                 super::fit::Fit::Blocked(r) => r,
-                                super::fit::Fit::Whole => item.matrix().0,
+                                super::fit::Fit::Whole => rows,
                             };
                             tracing::warn!(
                                 "{}: out of memory on {} ({why}); retrying alone on the device in blocks of {rows} rows",

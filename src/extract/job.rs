@@ -374,6 +374,68 @@ impl<B: Backend> LoraJob<'_, B> {
     }
 }
 
+/// The result for a tied lm_head, derived from its embedding's: the same ΔW stored as
+/// [vocab, dim], so the embedding's factors transposed are its LoRA (lm_head B = embedding Aᵀ,
+/// A = embedding Bᵀ) with the same rank, energy and residual certificate — no second read or
+/// SVD of the largest matrix.
+pub(super) fn tied_copy(source: &Finished, index: usize, item: &PlanItem) -> Finished {
+    let mut row = source.row.clone();
+    row.name = item.name.clone();
+    row.shape = item.shape.clone();
+    row.seconds = 0.0;
+    row.stages = StageSeconds::default();
+    if row.action == "lora-embedding" {
+        row.action = "lora";
+        row.reason = item.note.clone();
+    }
+    let factors = source.factors.as_ref().map(|f| {
+        let elem =
+            |bytes: &[u8], shape: &[usize]| bytes.len() / shape.iter().product::<usize>().max(1);
+        FactorTensors {
+            a_key: adapter::lora_a_key(&item.module),
+            a_shape: vec![f.b_shape[1], f.b_shape[0]],
+            a_bytes: transpose(
+                &f.b_bytes,
+                f.b_shape[0],
+                f.b_shape[1],
+                elem(&f.b_bytes, &f.b_shape),
+            ),
+            b_key: adapter::lora_b_key(&item.module),
+            b_shape: vec![f.a_shape[1], f.a_shape[0]],
+            b_bytes: transpose(
+                &f.a_bytes,
+                f.a_shape[0],
+                f.a_shape[1],
+                elem(&f.a_bytes, &f.a_shape),
+            ),
+            dtype: f.dtype,
+            expert: None,
+        }
+    });
+    Finished {
+        index,
+        row,
+        module: factors.as_ref().map(|_| item.module.clone()),
+        factors,
+        spectrum: source.spectrum.clone(),
+        extra: None,
+        stages: StageSeconds::default(),
+        flops: 0.0,
+    }
+}
+
+/// A row-major [rows, cols] matrix of `elem`-byte values, transposed.
+fn transpose(bytes: &[u8], rows: usize, cols: usize, elem: usize) -> Vec<u8> {
+    let mut out = vec![0u8; bytes.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            let (from, to) = ((i * cols + j) * elem, (j * rows + i) * elem);
+            out[to..to + elem].copy_from_slice(&bytes[from..from + elem]);
+        }
+    }
+    out
+}
+
 /// ‖ΔW‖² of a tensor that is not decomposed, computed in chunks of rows on the host.
 pub(super) fn host_delta(
     base: &Checkpoint,

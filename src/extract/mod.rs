@@ -238,7 +238,7 @@ fn spectra_on<B: Backend>(
     let r_adapter = s.rank.adapter_rank();
     let (budgets, smallest) = budgets(groups, s);
     let placements = placements(first, s, smallest, plan, &s.rank, r_adapter)?;
-    let total_bytes: u64 = plan.items.iter().map(|i| i.input_bytes()).sum();
+    let total_bytes = plan.input_bytes();
     let bar = progress_bar(s.progress, total_bytes, plan.items.len());
     let shared = engine::Shared {
         s,
@@ -377,7 +377,7 @@ fn run<B: Backend>(
         |policy: &RankPolicy| placements(first, s, smallest, plan, policy, r_adapter);
     let placements = placements_for(&s.rank)?;
     let mut writer = Some(AdapterWriter::create(&s.out, s.overwrite)?);
-    let total_bytes: u64 = plan.items.iter().map(|i| i.input_bytes()).sum();
+    let total_bytes = plan.input_bytes();
     let bar = progress_bar(s.progress, total_bytes, plan.items.len());
     let shared = |placements, policy, spectrum_only| engine::Shared {
         s,
