@@ -88,19 +88,29 @@ pub struct ExpertSlice {
 }
 
 impl PlanItem {
-    /// The dtype of the base side's rows as [`side_rows`](Self::side_rows) hands them over
-    /// (an FP8 side comes dequantised, as F32).
-    pub fn base_dtype(&self) -> DType {
-        match self.base_scale {
-            Some(_) => DType::F32,
-            None => self.base.float_dtype().expect("validated by the planner"),
+    /// One side's entry and its FP8 block scales.
+    fn side(&self, ft_side: bool) -> (&TensorEntry, &Option<BlockScale>) {
+        if ft_side {
+            (&self.ft, &self.ft_scale)
+        } else {
+            (&self.base, &self.base_scale)
         }
     }
-    pub fn ft_dtype(&self) -> DType {
-        match self.ft_scale {
-            Some(_) => DType::F32,
-            None => self.ft.float_dtype().expect("validated by the planner"),
+
+    /// The dtype of one side's rows as [`side_rows`](Self::side_rows) hands them over (an FP8
+    /// side comes dequantised, as F32).
+    pub fn side_dtype(&self, ft_side: bool) -> DType {
+        match self.side(ft_side) {
+            (_, Some(_)) => DType::F32,
+            (t, None) => t.float_dtype().expect("validated by the planner"),
         }
+    }
+
+    pub fn base_dtype(&self) -> DType {
+        self.side_dtype(false)
+    }
+    pub fn ft_dtype(&self) -> DType {
+        self.side_dtype(true)
     }
 
     /// Rows r0..r1 (of the stored matrix) of one side, as bytes of that side's dtype: a view
@@ -112,31 +122,21 @@ impl PlanItem {
         r0: usize,
         r1: usize,
     ) -> std::borrow::Cow<'a, [u8]> {
-        let (t, scale) = if ft_side {
-            (&self.ft, &self.ft_scale)
-        } else {
-            (&self.base, &self.base_scale)
-        };
         let cols = self.matrix().1;
-        match scale {
-            None => {
-                let size = t.float_dtype().expect("validated by the planner").size();
+        match self.side(ft_side) {
+            (t, None) => {
+                let size = self.side_dtype(ft_side).size();
                 std::borrow::Cow::Borrowed(&ck.bytes(t)[r0 * cols * size..r1 * cols * size])
             }
-            Some(s) => std::borrow::Cow::Owned(fp8::dequant_rows(ck, t, s, r0, r1)),
+            (t, Some(s)) => std::borrow::Cow::Owned(fp8::dequant_rows(ck, t, s, r0, r1)),
         }
     }
 
     /// Bytes per stored element of one side (1 for FP8).
     pub fn stored_size(&self, ft_side: bool) -> usize {
-        let (t, scale) = if ft_side {
-            (&self.ft, &self.ft_scale)
-        } else {
-            (&self.base, &self.base_scale)
-        };
-        match scale {
-            Some(_) => 1,
-            None => t.float_dtype().map_or(1, |d| d.size()),
+        match self.side(ft_side) {
+            (_, Some(_)) => 1,
+            (t, None) => t.float_dtype().map_or(1, |d| d.size()),
         }
     }
 
@@ -658,10 +658,11 @@ fn tied_output_item(base: &Checkpoint, ft: &Checkpoint, items: &[PlanItem]) -> O
 /// weight as a target parameter.
 pub fn is_router(module: &str, items: &[PlanItem]) -> bool {
     let (parent, last) = module.rsplit_once('.').unwrap_or(("", module));
-    matches!(last, "gate" | "router")
-        && items
-            .iter()
-            .any(|i| i.module.starts_with(&format!("{parent}.experts")))
+    if !matches!(last, "gate" | "router") {
+        return false;
+    }
+    let experts = format!("{parent}.experts");
+    items.iter().any(|i| i.module.starts_with(&experts))
 }
 
 /// GPT-2's Conv1D layers (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) store [in, out].

@@ -487,11 +487,7 @@ fn check_finite(
         return Ok(());
     }
     let has_nonfinite = |ck: &Checkpoint, ft_side: bool| {
-        let dtype = if ft_side {
-            item.ft_dtype()
-        } else {
-            item.base_dtype()
-        };
+        let dtype = item.side_dtype(ft_side);
         let rows = item.side_rows(ck, ft_side, 0, item.matrix().0);
         rows.chunks(dtype.size() * 4096).any(|c| {
             let mut v = vec![0f32; c.len() / dtype.size()];

@@ -127,15 +127,11 @@ fn open_pair(s: &ExtractSettings) -> Result<(Checkpoint, Checkpoint, Plan)> {
             item.name
         )));
     }
-    if let Some(item) = plan
-        .items
-        .iter()
-        .find(|i| matches!(i.form, Form::Expert(_)))
-    {
-        let param = match &item.form {
-            Form::Expert(e) => e.param.as_str(),
-            _ => unreachable!(),
-        };
+    let fused_param = plan.items.iter().find_map(|i| match &i.form {
+        Form::Expert(e) => Some(e.param.as_str()),
+        _ => None,
+    });
+    if let Some(param) = fused_param {
         if s.target != Target::Peft {
             return Err(Error::Settings(format!(
                 "--target {}: `{param}` is a fused 3-D expert parameter, which only PEFT's target_parameters can carry (vLLM and LoRAX load MoE LoRA per expert, `experts.N.<proj>`); use --target peft, or leave the experts out with --exclude '*.experts.*_proj'",
@@ -608,7 +604,7 @@ fn run<B: Backend>(
     let (config_rank, pad_to) =
         adapter_ranks(&s.rank, r_adapter, &module_ranks, s.target != Target::Peft)?;
     // The rank each factor is written at, by tensor key.
-    let written_rank: HashMap<String, usize> = module_ranks
+    let mut written_rank: HashMap<String, usize> = module_ranks
         .iter()
         .flat_map(|(m, r)| {
             let r = pad_to.unwrap_or(*r);
@@ -621,7 +617,6 @@ fn run<B: Backend>(
             .map(|k| (k, r))
         })
         .collect();
-    let mut written_rank = written_rank;
     for (p, keys) in fused.iter().zip(fused::peft_keys(&fused)) {
         for (staged, key) in p.staged_keys().iter().zip(keys) {
             writer.rename(staged, &key);
