@@ -29,6 +29,10 @@ FAMILIES = {
     # name: (model_type, extra config fields). Every config: 2 layers, hidden 32, vocab 96.
     "llama": ("llama", {}),
     "llama_tied": ("llama", {"tie_word_embeddings": True}),
+    # Fine-tunes with 4 added tokens (vocabulary 96 → 100): --added-tokens, loaded by resizing
+    # the base and copying in the new rows (load_resized, the README's recipe).
+    "llama_added": ("llama", {}),
+    "llama_tied_added": ("llama", {"tie_word_embeddings": True}),
     "mistral": ("mistral", {}),
     # Attention biases: extracted with --lora-bias, which PEFT allows only without embedding
     # LoRA, so these fine-tunes leave the embeddings alone (--no-embeddings).
@@ -54,6 +58,7 @@ WITH_BIASES = {"qwen2", "gpt2"}
 # target_parameters; gpt-oss's attention sinks): these fine-tunes change only norms among
 # the 1-D parameters, so the check measures what the adapter is meant to carry.
 NORMS_ONLY = {"qwen2_moe", "gpt_oss"}
+ADDED_TOKENS = {"llama_added": 4, "llama_tied_added": 4}
 # Saved with safetensors from the in-memory state dict, loaded with load_state_dict.
 RAW_STATE_DICT = {"qwen3_moe_fused"}
 # Known gaps, reported as such (not counted as failures): what a reader of the table needs.
@@ -137,7 +142,7 @@ def check_convnet(phlora, rank, work, tol):
                   os.path.join(d, "model.safetensors"))
     adir = os.path.join(work, "convnet", "adapter")
     run = subprocess.run([phlora, "extract", "--base", dirs["base"], "--ft", dirs["ft"],
-                          "--out", adir, "--rank", str(rank), "--device", "cpu", "--quiet",
+                          "--out", adir, "--rank", str(rank), "--device", "cpu", "--quiet", "--force",
                           "--lora-bias"], capture_output=True, text=True)
     if run.returncode != 0:
         return dict(family="convnet", ok=False, error=run.stderr.strip().splitlines()[-1:])
@@ -149,6 +154,21 @@ def check_convnet(phlora, rank, work, tol):
     rel = ((got - want).norm() / want.norm()).item()
     return dict(family="convnet", ok=rel < tol, tensors=len(report["tensors"]), rel=rel,
                 rel_base=((plain - want).norm() / want.norm()).item())
+
+
+def load_resized(model, adapter_dir):
+    """The README's recipe for an adapter extracted with --added-tokens: resize the base's
+    embeddings to the fine-tune's vocabulary and copy in the new rows, then load the adapter."""
+    from safetensors import safe_open
+
+    path = os.path.join(adapter_dir, "added_tokens.safetensors")
+    with safe_open(path, "pt") as f:
+        model.resize_token_embeddings(int(f.metadata()["vocab_size"]))
+        with torch.no_grad():
+            for name in f.keys():
+                rows = f.get_tensor(name)
+                model.get_parameter(name)[-rows.shape[0]:] = rows
+    return model
 
 
 def logits(model, ids):
@@ -164,6 +184,13 @@ def check(family, phlora, rank, work, tol):
     cfg = tiny_config(family)
     base = AutoModelForCausalLM.from_config(cfg).float().eval()
     ft = copy.deepcopy(base)
+    added = ADDED_TOKENS.get(family, 0)
+    if added:
+        g = torch.Generator().manual_seed(3)
+        ft.resize_token_embeddings(cfg.vocab_size + added)
+        with torch.no_grad():
+            for m in {ft.get_input_embeddings(), ft.get_output_embeddings()}:
+                m.weight[-added:] = 0.02 * torch.randn(added, m.weight.shape[1], generator=g)
     biases = family in WITH_BIASES
     fine_tune(ft, rank=2, seed=1, embeddings=not biases, norms_only=family in NORMS_ONLY)
     bdir, fdir, adir = (os.path.join(work, family, x) for x in ("base", "ft", "adapter"))
@@ -180,21 +207,27 @@ def check(family, phlora, rank, work, tol):
             m.save_pretrained(d)
 
     def load_base():
+        if added:
+            return load_resized(AutoModelForCausalLM.from_pretrained(bdir).float(), adir)
         if not raw:
             return AutoModelForCausalLM.from_pretrained(bdir).float()
         m = AutoModelForCausalLM.from_config(cfg).float()
         m.load_state_dict(base.state_dict())
         return m
     flags = ["--lora-bias", "--no-embeddings"] if biases else []
+    if added:
+        flags.append("--added-tokens")
     run = subprocess.run([phlora, "extract", "--base", bdir, "--ft", fdir, "--out", adir,
-                          "--rank", str(rank), "--device", "cpu", "--quiet", *flags],
+                          "--rank", str(rank), "--device", "cpu", "--quiet", "--force", *flags],
                          capture_output=True, text=True)
     if run.returncode != 0:
         return dict(family=family, ok=False, error=run.stderr.strip().splitlines()[-1:])
     report = json.load(open(os.path.join(adir, "report.json")))
-    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    # Inputs that use the added tokens too.
+    ids = torch.randint(0, cfg.vocab_size + added, (2, 16),
+                        generator=torch.Generator().manual_seed(2))
     want = logits(ft, ids)
-    plain = logits(load_base().eval(), ids)
+    plain = logits(load_base().eval(), ids)  # resized too, for added tokens
     loaded = PeftModel.from_pretrained(load_base(), adir)
     got = logits(loaded.eval(), ids)
     rel = ((got - want).norm() / want.norm()).item()

@@ -309,6 +309,13 @@ pub struct ExtractArgs {
     /// embedding LoRA (add --no-embeddings) or fused 3-D experts.
     #[arg(long)]
     pub lora_bias: bool,
+    /// A fine-tune whose vocabulary grew (added tokens): carry the rows both share as LoRA, and
+    /// write the new rows whole to added_tokens.safetensors (with the fine-tune's tokenizer
+    /// files). The factors are shaped for the resized model: resize the base's embeddings to
+    /// the fine-tune's vocabulary, copy in the new rows, then load the adapter (README: added
+    /// tokens). Without it a grown vocabulary is an error.
+    #[arg(long)]
+    pub added_tokens: bool,
     /// Do not save changed norm weights through modules_to_save (vLLM refuses them; they
     /// are small but matter for quality).
     #[arg(long)]

@@ -166,6 +166,7 @@ impl ExtractArgs {
                 embeddings: !self.no_embeddings,
                 norms: !self.no_norms && target == Target::Peft,
                 lora_bias: self.lora_bias,
+                added_tokens: self.added_tokens,
             },
             base_name: self.base_name.clone(),
             target,

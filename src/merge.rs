@@ -75,6 +75,12 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
     let base = Checkpoint::open(&s.base)?;
     let mut adapter = Adapter::open(&s.adapter)?;
     adapter.set_experts_layout(crate::plan::experts_in_out(base.config()));
+    if adapter.added.is_some() {
+        return Err(Error::checkpoint(
+            s.adapter.join(crate::adapter::ADDED_TOKENS_FILE),
+            "the adapter grows the vocabulary (added tokens), and merge does not resize a checkpoint yet; load it with PEFT after resizing the base's embeddings (README: added tokens)",
+        ));
+    }
     let mut changes: HashMap<&str, Change> = HashMap::new();
     for m in &adapter.modules {
         let name = m.param.clone();

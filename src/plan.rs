@@ -57,6 +57,26 @@ pub struct PlanItem {
     /// FP8 sides: the block scales they are dequantised with.
     pub base_scale: Option<BlockScale>,
     pub ft_scale: Option<BlockScale>,
+    /// The fine-tune's vocabulary grew (`--added-tokens`): `ft` views the rows both share.
+    pub added: Option<AddedRows>,
+}
+
+/// An embedding or output matrix whose fine-tune has more rows than the base (added tokens).
+/// The LoRA covers the rows both share (its factors are zero-padded to the fine-tune's rows,
+/// the shape of the resized model's matrix); the new rows are written whole beside it.
+#[derive(Clone, Debug)]
+pub struct AddedRows {
+    /// The fine-tune's whole tensor.
+    pub ft: TensorEntry,
+    /// Rows both checkpoints have: the base's.
+    pub base_rows: usize,
+}
+
+impl AddedRows {
+    /// The fine-tune's (the resized model's) row count.
+    pub fn ft_rows(&self) -> usize {
+        self.ft.shape[0]
+    }
 }
 
 /// How a tensor is read as the matrix ΔW that is decomposed, and how its factors are written.
@@ -183,6 +203,9 @@ pub struct PlanOptions {
     pub norms: bool,
     /// Carry the biases of LoRA-targeted layers as `lora_B.bias` (else not carried).
     pub lora_bias: bool,
+    /// A vocabulary that grew: LoRA on the shared rows, the new rows written whole (else an
+    /// error).
+    pub added_tokens: bool,
 }
 
 impl PlanOptions {
@@ -239,24 +262,16 @@ impl Plan {
                     ),
                 )
             })?;
-            if b.shape != f.shape {
+            let (f_view, added) = pair_shapes(base, b, ft, f, opts)?;
+            let f = &f_view;
+            let (base_scale, ft_scale) = (fp8_scale(base, b)?, fp8_scale(ft, f)?);
+            if added.is_some() && (base_scale.is_some() || ft_scale.is_some()) {
                 return Err(Error::tensor(
                     ft.path_of(f),
                     &f.name,
-                    format!(
-                        "shape {:?} in the fine-tune but {:?} in the base ({}){}",
-                        f.shape,
-                        b.shape,
-                        base.path_of(b).display(),
-                        if is_embedding_like(&f.name) {
-                            ": the vocabulary was resized (added tokens?); a LoRA cannot carry new rows"
-                        } else {
-                            ""
-                        }
-                    ),
+                    "--added-tokens reads F32, F16 and BF16 embeddings, not FP8",
                 ));
             }
-            let (base_scale, ft_scale) = (fp8_scale(base, b)?, fp8_scale(ft, f)?);
             let float =
                 |t: &TensorEntry, s: &Option<BlockScale>| t.float_dtype().is_some() || s.is_some();
             let action = match (float(b, &base_scale), float(f, &ft_scale)) {
@@ -300,10 +315,24 @@ impl Plan {
                     "FP8 block scales are read for 2-D weights only",
                 ));
             }
+            if let Some(a) = &added {
+                notes.push((
+                    f.name.clone(),
+                    format!(
+                        "the fine-tune adds {} rows (added tokens {}..{}): the LoRA covers the first {}, the new rows are written whole to {}",
+                        a.ft_rows() - a.base_rows,
+                        a.base_rows,
+                        a.ft_rows(),
+                        a.base_rows,
+                        crate::adapter::ADDED_TOKENS_FILE
+                    ),
+                ));
+            }
             items.push(PlanItem {
                 form,
                 base_scale,
                 ft_scale,
+                added,
                 note: None,
                 module: module_of(&f.name).to_string(),
                 name: f.name.clone(),
@@ -321,6 +350,8 @@ impl Plan {
             if let Some(f) = tied_counterpart(ft, &b.name, &b.shape)
                 .filter(|f| f.float_dtype().is_some() && b.float_dtype().is_some())
             {
+                let (f_view, added) = pair_shapes(base, b, ft, f, opts)?;
+                let f = &f_view;
                 notes.push((
                     b.name.clone(),
                     format!(
@@ -332,6 +363,7 @@ impl Plan {
                     form: Form::Matrix,
                     base_scale: None,
                     ft_scale: None,
+                    added,
                     module: module_of(&b.name).to_string(),
                     name: b.name.clone(),
                     shape: b.shape.clone(),
@@ -435,9 +467,75 @@ pub fn last_segment(path: &str) -> &str {
     path.rsplit_once('.').map_or(path, |(_, l)| l)
 }
 
-fn is_embedding_like(name: &str) -> bool {
+/// A token embedding or output matrix: its rows are the vocabulary.
+fn is_vocabulary_matrix(name: &str) -> bool {
     let m = last_segment(module_of(name));
-    m.contains("embed") || m == "wte" || m == "wpe" || m == "lm_head"
+    name.ends_with(".weight")
+        && !m.contains("position")
+        && (m.contains("embed") || m == "wte" || m == "lm_head")
+}
+
+/// The fine-tune's side of a pair, as the item reads it: the tensor itself when the shapes
+/// agree; with `--added-tokens`, a view of the rows both share of a vocabulary matrix that
+/// grew. Any other mismatch is an error that names the tensor.
+fn pair_shapes(
+    base: &Checkpoint,
+    b: &TensorEntry,
+    ft: &Checkpoint,
+    f: &TensorEntry,
+    opts: &PlanOptions,
+) -> Result<(TensorEntry, Option<AddedRows>)> {
+    if b.shape == f.shape {
+        return Ok((f.clone(), None));
+    }
+    let grew = is_vocabulary_matrix(&f.name)
+        && f.shape.len() == 2
+        && b.shape.len() == 2
+        && f.shape[1] == b.shape[1]
+        && f.shape[0] > b.shape[0];
+    let why = if !grew {
+        String::new()
+    } else if opts.added_tokens {
+        let size = f.float_dtype().map(|d| d.size()).ok_or_else(|| {
+            Error::tensor(
+                ft.path_of(f),
+                &f.name,
+                format!(
+                    "--added-tokens reads F32, F16 and BF16 embeddings, not {:?}",
+                    f.dtype
+                ),
+            )
+        })?;
+        let base_rows = b.shape[0];
+        let view = TensorEntry {
+            shape: b.shape.clone(),
+            end: f.start + base_rows * f.shape[1] * size,
+            ..f.clone()
+        };
+        return Ok((
+            view,
+            Some(AddedRows {
+                ft: f.clone(),
+                base_rows,
+            }),
+        ));
+    } else {
+        format!(
+            ": the vocabulary grew by {} rows (added tokens?), and a LoRA cannot carry new rows; pass --added-tokens to carry the shared rows as LoRA and write the new rows to {} (README: added tokens)",
+            f.shape[0] - b.shape[0],
+            crate::adapter::ADDED_TOKENS_FILE
+        )
+    };
+    Err(Error::tensor(
+        ft.path_of(f),
+        &f.name,
+        format!(
+            "shape {:?} in the fine-tune but {:?} in the base ({}){why}",
+            f.shape,
+            b.shape,
+            base.path_of(b).display(),
+        ),
+    ))
 }
 
 /// An MoE expert's module (`….experts.<N>.<rest>`): the regex every expert of the same module
@@ -457,7 +555,8 @@ pub fn expert_group(module: &str) -> Option<String> {
 }
 
 /// For `lm_head.weight` missing from a checkpoint that ties it to its embeddings: that
-/// checkpoint's embedding matrix of the same shape.
+/// checkpoint's embedding matrix of the same width (the callers compare the rows: a vocabulary
+/// may have grown).
 pub fn tied_counterpart<'a>(
     ck: &'a Checkpoint,
     name: &str,
@@ -468,7 +567,8 @@ pub fn tied_counterpart<'a>(
     }
     ck.tensors().iter().find(|t| {
         (t.name.ends_with("embed_tokens.weight") || t.name.ends_with("wte.weight"))
-            && t.shape == shape
+            && t.shape.len() == shape.len()
+            && t.shape.get(1..) == shape.get(1..)
     })
 }
 
@@ -549,6 +649,7 @@ fn expert_items(f: &TensorEntry, b: &TensorEntry, stored_in_out: bool) -> Vec<Pl
             PlanItem {
                 base_scale: None,
                 ft_scale: None,
+                added: None,
                 module: module_of(&f.name).to_string(),
                 shape: vec![d1, d2],
                 base: slice(b, e, &name),
@@ -639,6 +740,7 @@ fn tied_output_item(base: &Checkpoint, ft: &Checkpoint, items: &[PlanItem]) -> O
     (tied && lm).then(|| PlanItem {
         base_scale: emb.base_scale.clone(),
         ft_scale: emb.ft_scale.clone(),
+        added: emb.added.clone(),
         name: LM_HEAD.to_string(),
         module: module_of(LM_HEAD).to_string(),
         shape: emb.shape.clone(),

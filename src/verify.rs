@@ -103,6 +103,60 @@ impl Sums {
     }
 }
 
+/// How the base's side of a pair is read: as it is when the shapes agree, or resized by the
+/// adapter's added rows when the fine-tune's vocabulary grew. Any other mismatch is an error.
+fn base_side<'a>(
+    base: &'a Checkpoint,
+    bt: &'a TensorEntry,
+    ft: &Checkpoint,
+    ftt: &TensorEntry,
+    name: &str,
+    added: Option<&'a Checkpoint>,
+) -> Result<BaseSide<'a>> {
+    let side = BaseSide {
+        ck: base,
+        t: bt,
+        added: None,
+    };
+    if bt.shape == ftt.shape {
+        return Ok(side);
+    }
+    let grown = (bt.shape.len() == 2 && ftt.shape.len() == 2 && bt.shape[1] == ftt.shape[1])
+        .then(|| ftt.shape[0].checked_sub(bt.shape[0]))
+        .flatten()
+        .filter(|&n| n > 0);
+    let rows = grown.and_then(|n| {
+        let ck = added?;
+        let t = ck.get(name)?;
+        (t.shape == [n, bt.shape[1]]).then_some((ck, t))
+    });
+    match (grown, rows) {
+        (_, Some(rows)) => Ok(BaseSide {
+            added: Some(rows),
+            ..side
+        }),
+        (Some(n), None) => Err(Error::tensor(
+            ft.path_of(ftt),
+            name,
+            format!(
+                "shape {:?} is {n} rows more than the base's {:?} (added tokens), and the adapter has no {} with `{name}` [{n}, {}] for them",
+                ftt.shape,
+                bt.shape,
+                crate::adapter::ADDED_TOKENS_FILE,
+                bt.shape[1]
+            ),
+        )),
+        (None, None) => Err(Error::tensor(
+            ft.path_of(ftt),
+            name,
+            format!(
+                "shape {:?} differs from the base's {:?}",
+                ftt.shape, bt.shape
+            ),
+        )),
+    }
+}
+
 fn ratio(num: f64, den: f64) -> f64 {
     if den > 0.0 {
         num / den
@@ -123,15 +177,31 @@ fn decode(ck: &Checkpoint, t: &TensorEntry, lo: usize, hi: usize) -> Vec<f32> {
 /// Rows r0..r1 of a weight's update, given those rows of the base (None: no update).
 type RowUpdate<'a> = dyn Fn(usize, usize, &[f32]) -> Option<Vec<f32>> + Sync + 'a;
 
+/// A base weight as verify reads it: the base's tensor, then — for a vocabulary the adapter
+/// grew — the adapter's added rows, which is the resized model the adapter is loaded onto.
+#[derive(Clone, Copy)]
+struct BaseSide<'a> {
+    ck: &'a Checkpoint,
+    t: &'a TensorEntry,
+    added: Option<(&'a Checkpoint, &'a TensorEntry)>,
+}
+
+impl BaseSide<'_> {
+    /// Rows r0..r1 decoded, `cols` to a row.
+    fn rows(&self, r0: usize, r1: usize, cols: usize) -> Vec<f32> {
+        let own = self.t.shape.first().copied().unwrap_or(1);
+        let mut v = decode(self.ck, self.t, r0.min(own) * cols, r1.min(own) * cols);
+        if let Some((ck, t)) = self.added.filter(|_| r1 > own) {
+            let (a0, a1) = (r0.max(own) - own, r1 - own);
+            v.extend(decode(ck, t, a0 * cols, a1 * cols));
+        }
+        v
+    }
+}
+
 /// The sums of one weight: `update(r0, r1, base_rows)` gives rows r0..r1 of ΔŴ row-major
 /// (None: zero), with those rows of the base at hand.
-fn compare(
-    base: &Checkpoint,
-    bt: &TensorEntry,
-    ft: &Checkpoint,
-    ftt: &TensorEntry,
-    update: &RowUpdate<'_>,
-) -> Sums {
+fn compare(base: BaseSide<'_>, ft: &Checkpoint, ftt: &TensorEntry, update: &RowUpdate<'_>) -> Sums {
     let rows = ftt.shape.first().copied().unwrap_or(1).max(1);
     let cols = ftt.numel() / rows;
     let step = ((1 << 20) / cols.max(1)).clamp(1, rows);
@@ -139,7 +209,7 @@ fn compare(
         .into_par_iter()
         .map(|c| {
             let (r0, r1) = (c * step, ((c + 1) * step).min(rows));
-            let wb = decode(base, bt, r0 * cols, r1 * cols);
+            let wb = base.rows(r0, r1, cols);
             let wf = decode(ft, ftt, r0 * cols, r1 * cols);
             let h = update(r0, r1, &wb);
             let mut s = Sums::default();
@@ -251,16 +321,7 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
     }
     for (name, bt, ftt) in pairs {
         let ftt_name = name;
-        if bt.shape != ftt.shape {
-            return Err(Error::tensor(
-                ft.path_of(ftt),
-                &ftt_name,
-                format!(
-                    "shape {:?} differs from the base's {:?}",
-                    ftt.shape, bt.shape
-                ),
-            ));
-        }
+        let side = base_side(&base, bt, &ft, ftt, &ftt_name, adapter.added.as_ref())?;
         if bt.float_dtype().is_none() || ftt.float_dtype().is_none() {
             continue; // not a weight phlora reads (the adapter cannot touch it either)
         }
@@ -275,7 +336,7 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
             carried.insert(ftt_name.clone());
             let (a, b) = adapter.factors(m);
             let update = |r0: usize, r1: usize, _: &[f32]| Some(update_rows(m, &a, &b, r0, r1));
-            compare(&base, bt, &ft, ftt, &update)
+            compare(side, &ft, ftt, &update)
         } else if let Some(m) = bias_of {
             carried.insert(ftt_name.clone());
             let bt_lora = m.bias.as_ref().expect("filtered");
@@ -283,7 +344,7 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
                 let v = decode(&adapter.file, bt_lora, r0, r1);
                 Some(v.iter().map(|x| x * m.scaling as f32).collect())
             };
-            compare(&base, bt, &ft, ftt, &update)
+            compare(side, &ft, ftt, &update)
         } else if let Some(w) = whole {
             carried.insert(ftt_name.clone());
             let update = |r0: usize, r1: usize, wb: &[f32]| -> Option<Vec<f32>> {
@@ -292,9 +353,9 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
                 let saved = decode(&adapter.file, w, r0 * cols, r1 * cols);
                 Some(saved.iter().zip(wb).map(|(x, y)| x - y).collect())
             };
-            compare(&base, bt, &ft, ftt, &update)
+            compare(side, &ft, ftt, &update)
         } else {
-            compare(&base, bt, &ft, ftt, &|_, _, _| None)
+            compare(side, &ft, ftt, &|_, _, _| None)
         };
         base.release(bt);
         ft.release(ftt);

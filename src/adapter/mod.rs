@@ -12,6 +12,8 @@ pub use writer::AdapterWriter;
 pub const MODEL_FILE: &str = "adapter_model.safetensors";
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const REPORT_FILE: &str = "report.json";
+/// The fine-tune's new vocabulary rows (`--added-tokens`), under the tensors' checkpoint names.
+pub const ADDED_TOKENS_FILE: &str = "added_tokens.safetensors";
 
 /// PEFT prefixes every key with the wrapper's path.
 pub const KEY_PREFIX: &str = "base_model.model.";

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-use super::{CONFIG_FILE, KEY_PREFIX, MODEL_FILE};
+use super::{ADDED_TOKENS_FILE, CONFIG_FILE, KEY_PREFIX, MODEL_FILE};
 use crate::checkpoint::{Checkpoint, TensorEntry};
 use crate::error::{Error, Result};
 
@@ -59,6 +59,9 @@ pub struct Adapter {
     pub r: usize,
     pub lora_alpha: f64,
     pub use_rslora: bool,
+    /// `added_tokens.safetensors`: the fine-tune's new vocabulary rows, by checkpoint name
+    /// (the adapter's factors are shaped for the resized model).
+    pub added: Option<Checkpoint>,
 }
 
 #[derive(Deserialize)]
@@ -342,6 +345,7 @@ impl Adapter {
             r,
             lora_alpha,
             use_rslora: raw.use_rslora,
+            added: open_added(dir)?,
         })
     }
 
@@ -387,6 +391,30 @@ impl Adapter {
             slice.to_vec()
         }
     }
+}
+
+/// `added_tokens.safetensors` beside the adapter, if there is one.
+fn open_added(dir: &Path) -> Result<Option<Checkpoint>> {
+    let path = dir.join(ADDED_TOKENS_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let ck = Checkpoint::open(&path)?;
+    if let Some(t) = ck
+        .tensors()
+        .iter()
+        .find(|t| t.shape.len() != 2 || t.float_dtype().is_none())
+    {
+        return Err(Error::tensor(
+            &path,
+            &t.name,
+            format!(
+                "{:?} {:?}: added vocabulary rows are F32, F16 or BF16 [rows, dim]",
+                t.dtype, t.shape
+            ),
+        ));
+    }
+    Ok(Some(ck))
 }
 
 /// The parameter a key's module path stands for under `target_parameters`: PEFT nests one

@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::{CONFIG_FILE, MODEL_FILE, REPORT_FILE};
+use super::{ADDED_TOKENS_FILE, CONFIG_FILE, MODEL_FILE, REPORT_FILE};
 use crate::checkpoint::writer::{header_bytes, HeaderEntry};
 use crate::error::{Error, Result};
 use crate::staging::StagedOutput;
@@ -26,6 +26,8 @@ pub struct AdapterWriter {
     /// In arrival order.
     entries: Vec<Staged>,
     staged_bytes: u64,
+    /// Files staged beside the model file (added tokens, the tokenizer), by name.
+    side_files: Vec<PathBuf>,
 }
 
 /// One staged tensor (or one expert's factor of a fused parameter).
@@ -68,6 +70,7 @@ impl AdapterWriter {
             data: Some(BufWriter::with_capacity(1 << 20, data)),
             entries: Vec::new(),
             staged_bytes: 0,
+            side_files: Vec::new(),
         })
     }
 
@@ -133,6 +136,20 @@ impl AdapterWriter {
         Ok(())
     }
 
+    /// Stages a file beside the model file: `write` creates it at the path it is given, and
+    /// [`commit`](Self::commit) moves it into OUT with the adapter, before the config.
+    pub fn add_file(&mut self, name: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        let reserved = [MODEL_FILE, CONFIG_FILE, REPORT_FILE];
+        if reserved.contains(&name) || self.side_files.iter().any(|f| f.as_os_str() == name) {
+            return Err(Error::Settings(format!(
+                "internal error: {name} is staged twice"
+            )));
+        }
+        write(&self.staging.join(name))?;
+        self.side_files.push(PathBuf::from(name));
+        Ok(())
+    }
+
     /// Renames a staged tensor (every expert's part of a fused one).
     pub fn rename(&mut self, from: &str, to: &str) {
         for e in self.entries.iter_mut().filter(|e| e.entry.name == from) {
@@ -193,7 +210,7 @@ impl AdapterWriter {
                             bytes
                         } else {
                             let axis = staged.rank_axis.expect("only factors grow");
-                            pad_rank(&bytes, &staged.entry.shape, axis, out.shape[axis])
+                            pad_axis(&bytes, &staged.entry.shape, axis, out.shape[axis])
                         }
                     }
                     Output::Fused(members) => self.pack(&mut src, members, out)?,
@@ -214,15 +231,18 @@ impl AdapterWriter {
         write_synced(&report_tmp, report_json.as_bytes())?;
 
         // The config goes last, and an older adapter's config first: it must not pair with the
-        // new model file, even briefly.
-        let names = [MODEL_FILE, REPORT_FILE, CONFIG_FILE].map(PathBuf::from);
-        self.staged.commit(&names, &[PathBuf::from(CONFIG_FILE)])?;
+        // new model file, even briefly. Nor may an older adapter's added rows.
+        let mut names = vec![PathBuf::from(MODEL_FILE)];
+        names.extend(self.side_files.iter().cloned());
+        names.extend([REPORT_FILE, CONFIG_FILE].map(PathBuf::from));
+        self.staged
+            .commit(&names, &[CONFIG_FILE, ADDED_TOKENS_FILE].map(PathBuf::from))?;
         Ok(())
     }
 }
 
 /// A row-major tensor zero-padded from `shape` to `to` elements along `axis`.
-fn pad_rank(bytes: &[u8], shape: &[usize], axis: usize, to: usize) -> Vec<u8> {
+pub fn pad_axis(bytes: &[u8], shape: &[usize], axis: usize, to: usize) -> Vec<u8> {
     let numel: usize = shape.iter().product();
     let elem = bytes.len() / numel.max(1);
     let outer: usize = shape[..axis].iter().product();
@@ -332,7 +352,7 @@ impl AdapterWriter {
         for &i in members {
             let staged = &self.entries[i];
             let e = staged.expert.map_or(0, |x| x.0);
-            let bytes = pad_rank(&self.read_back(src, staged)?, &staged.entry.shape, axis, r);
+            let bytes = pad_axis(&self.read_back(src, staged)?, &staged.entry.shape, axis, r);
             if axis == 0 {
                 packed[e * bytes.len()..(e + 1) * bytes.len()].copy_from_slice(&bytes);
             } else {

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::fit::Fit;
 use super::ExtractSettings;
-use crate::adapter;
+use crate::adapter::{self, writer::pad_axis};
 use crate::backend::{self, Backend, DeltaInput, DeltaStats};
 use crate::checkpoint::dtype::decode_into;
 use crate::checkpoint::{Checkpoint, DType, TensorEntry};
@@ -335,6 +335,18 @@ impl<B: Backend> LoraJob<'_, B> {
             a_shape.extend_from_slice(&item.shape[1..]);
             b_shape.resize(item.shape.len(), 1);
         }
+        // A vocabulary that grew: the factors take the resized model's shape, zero on the new
+        // rows (those are written whole beside the adapter).
+        let (mut a_bytes, mut b_bytes) = (f.a_bytes, f.b_bytes);
+        if let Some(added) = &item.added {
+            let (shape, bytes, axis) = if layout == Layout::Embedding {
+                (&mut a_shape, &mut a_bytes, 1)
+            } else {
+                (&mut b_shape, &mut b_bytes, 0)
+            };
+            *bytes = pad_axis(bytes, shape, axis, added.ft_rows());
+            shape[axis] = added.ft_rows();
+        }
         let expert = match &item.form {
             Form::Expert(e) => Some((e.index, e.count)),
             _ => None,
@@ -352,10 +364,10 @@ impl<B: Backend> LoraJob<'_, B> {
         done.factors = Some(FactorTensors {
             a_key,
             a_shape,
-            a_bytes: f.a_bytes,
+            a_bytes,
             b_key,
             b_shape,
-            b_bytes: f.b_bytes,
+            b_bytes,
             dtype: self.out_dtype.as_str(),
             expert,
         });

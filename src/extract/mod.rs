@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
+mod added;
 mod engine;
 mod fit;
 mod fused;
@@ -679,6 +680,13 @@ fn run<B: Backend>(
         summary,
         tensors: rows,
     };
+    let staged = added::stage(&mut writer, plan, ft)?;
+    if !staged.is_empty() {
+        tracing::info!(
+            "added tokens: {} written beside the adapter; resize the base's embeddings to the fine-tune's vocabulary and copy the new rows in before loading it (README: added tokens)",
+            staged.join(", ")
+        );
+    }
     let config_json = serde_json::to_string_pretty(&config).expect("config serializes");
     let report_json = serde_json::to_string_pretty(&report).expect("report serializes");
     writer.commit(&config_json, &report_json, &|key| {
