@@ -39,9 +39,14 @@ FAMILIES = {
     "qwen2": ("qwen2", {}),
     "gpt2": ("gpt2", {}),
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    # Extracted with --fuse-experts: v5 fuses Qwen2-MoE's per-expert weights in memory.
     "qwen2_moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2,
                                 "moe_intermediate_size": 24,
                                 "shared_expert_intermediate_size": 48}),
+    # The same without --fuse-experts (the per-expert adapter vLLM loads): a known PEFT gap.
+    "qwen2_moe_per_expert": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2,
+                                           "moe_intermediate_size": 24,
+                                           "shared_expert_intermediate_size": 48}),
     "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2,
                                 "moe_intermediate_size": 24}),
     # The same model saved as it is in memory (fused experts [E, 2I, H], [E, H, I]) instead of
@@ -57,16 +62,18 @@ WITH_BIASES = {"qwen2", "gpt2"}
 # Biases and other vectors no LoRA can carry here (PEFT refuses lora_bias next to
 # target_parameters; gpt-oss's attention sinks): these fine-tunes change only norms among
 # the 1-D parameters, so the check measures what the adapter is meant to carry.
-NORMS_ONLY = {"qwen2_moe", "gpt_oss"}
+NORMS_ONLY = {"qwen2_moe", "qwen2_moe_per_expert", "gpt_oss"}
+FUSE_EXPERTS = {"qwen2_moe"}
 ADDED_TOKENS = {"llama_added": 4, "llama_tied_added": 4}
 # Saved with safetensors from the in-memory state dict, loaded with load_state_dict.
 RAW_STATE_DICT = {"qwen3_moe_fused"}
 # Known gaps, reported as such (not counted as failures): what a reader of the table needs.
 KNOWN_GAPS = {
-    "qwen2_moe": "transformers v5 saves Qwen2-MoE experts per expert on disk but fuses them in "
-                 "memory; PEFT does not convert a per-expert Qwen2-MoE adapter to the fused model "
-                 "(it does for Mixtral and Qwen3-MoE), so the experts' LoRA does not apply (it "
-                 "does in vLLM, which keeps per-expert names)",
+    "qwen2_moe_per_expert": "transformers v5 fuses Qwen2-MoE's per-expert weights in memory, and "
+                            "PEFT 0.21.2 does not convert a per-expert adapter for model_type "
+                            "qwen2_moe (its conversion table maps qwen3_moe and others to the "
+                            "qwen2_moe pattern, but not qwen2_moe itself), so the experts' LoRA is "
+                            "not applied; extract with --fuse-experts for PEFT",
 }
 
 
@@ -217,6 +224,8 @@ def check(family, phlora, rank, work, tol):
     flags = ["--lora-bias", "--no-embeddings"] if biases else []
     if added:
         flags.append("--added-tokens")
+    if family in FUSE_EXPERTS:
+        flags.append("--fuse-experts")
     run = subprocess.run([phlora, "extract", "--base", bdir, "--ft", fdir, "--out", adir,
                           "--rank", str(rank), "--device", "cpu", "--quiet", "--force", *flags],
                          capture_output=True, text=True)

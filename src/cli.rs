@@ -316,6 +316,14 @@ pub struct ExtractArgs {
     /// tokens). Without it a grown vocabulary is an error.
     #[arg(long)]
     pub added_tokens: bool,
+    /// Write per-expert MoE weights (`experts.N.gate_proj/up_proj/down_proj`) as the fused
+    /// parameters transformers v5 builds from them in memory (`experts.gate_up_proj`,
+    /// `experts.down_proj`), in PEFT's target_parameters layout: what PEFT needs for Qwen2-MoE
+    /// under transformers v5, which it does not convert from per-expert adapters. gate and up
+    /// stay separate decompositions, stacked block-diagonally (an expert's rank in gate_up_proj
+    /// is r_gate + r_up), so each B·A is unchanged. PEFT only; vLLM takes the per-expert form.
+    #[arg(long)]
+    pub fuse_experts: bool,
     /// Do not save changed norm weights through modules_to_save (vLLM refuses them; they
     /// are small but matter for quality).
     #[arg(long)]

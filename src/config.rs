@@ -89,6 +89,12 @@ impl ExtractArgs {
                 target.as_str()
             )));
         }
+        if target != Target::Peft && self.fuse_experts {
+            return Err(Error::Settings(format!(
+                "--target {}: --fuse-experts writes PEFT's target_parameters, which vLLM and LoRAX cannot load (they take MoE LoRA per expert, as phlora writes it without --fuse-experts)",
+                target.as_str()
+            )));
+        }
         if let (Target::Vllm, RankPolicy::Fixed(r)) = (target, &rank) {
             if !allowed.contains(r) {
                 let up = allowed
@@ -167,6 +173,7 @@ impl ExtractArgs {
                 norms: !self.no_norms && target == Target::Peft,
                 lora_bias: self.lora_bias,
                 added_tokens: self.added_tokens,
+                fuse_experts: self.fuse_experts,
             },
             base_name: self.base_name.clone(),
             target,

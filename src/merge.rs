@@ -50,6 +50,9 @@ enum Change<'a> {
     Whole(&'a TensorEntry),
     /// The layer's bias plus scaling·lora_B.bias.
     Bias(&'a LoraModule),
+    /// A per-expert weight inside a fused module (`--fuse-experts`): its rows, from `offset`,
+    /// of expert `expert`'s update.
+    ExpertPart(&'a LoraModule, usize, usize),
 }
 
 /// Weights in other formats would be stale next to the merged shards: not copied.
@@ -82,8 +85,26 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
         ));
     }
     let mut changes: HashMap<&str, Change> = HashMap::new();
+    // Fused modules whose experts the base stores one by one.
+    for t in base.tensors().iter().filter(|t| t.shape.len() == 2) {
+        if let Some((m, e, offset)) = adapter.expert_part(&t.name, t.shape[0], t.shape[1]) {
+            if base.get(&m.param).is_none() && t.float_dtype().is_some() {
+                changes.insert(t.name.as_str(), Change::ExpertPart(m, e, offset));
+            }
+        }
+    }
+    let by_parts: std::collections::HashSet<&str> = changes
+        .values()
+        .filter_map(|c| match c {
+            Change::ExpertPart(m, _, _) => Some(m.param.as_str()),
+            _ => None,
+        })
+        .collect();
     for m in &adapter.modules {
         let name = m.param.clone();
+        if by_parts.contains(name.as_str()) {
+            continue;
+        }
         // A tied lm_head's LoRA updates the embedding matrix the model reuses: the embedding's
         // own LoRA carries the same change into the one stored matrix.
         let tied = crate::plan::tied_counterpart(&base, &name, &Adapter::weight_shape(m));
@@ -176,7 +197,12 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
         shards: base.num_shards(),
         merged: changes
             .values()
-            .filter(|c| matches!(c, Change::Lora(_) | Change::Bias(_)))
+            .filter(|c| {
+                matches!(
+                    c,
+                    Change::Lora(_) | Change::Bias(_) | Change::ExpertPart(..)
+                )
+            })
             .count(),
         replaced: changes
             .values()
@@ -260,6 +286,20 @@ fn write_shard(
         write(&mut out, &src[at..t.start])?;
         match changes[t.name.as_str()] {
             Change::Lora(m) => merged_tensor(base, adapter, t, m, &mut |b| write(&mut out, b))?,
+            Change::ExpertPart(m, e, offset) => {
+                let td = t.float_dtype().expect("checked");
+                let (a, b) = adapter.factors(m);
+                let update = update_rows(m, &a, &b, e, e + 1);
+                let mut w = vec![0f32; t.numel()];
+                decode_into(td, base.bytes(t), &mut w);
+                let cols = t.shape[1];
+                for (x, u) in w.iter_mut().zip(&update[offset * cols..]) {
+                    *x += u;
+                }
+                let mut bytes = Vec::with_capacity(t.nbytes());
+                encode_into(td, &w, &mut bytes);
+                write(&mut out, &bytes)?;
+            }
             Change::Bias(m) => {
                 let lb = m.bias.as_ref().expect("only modules with a bias");
                 let (ld, td) = (

@@ -246,9 +246,20 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
         .iter()
         .map(|m| (m.param.as_str(), m))
         .collect();
+    // Fused modules whose experts the fine-tune stores one by one (`--fuse-experts`).
+    let reached_by_parts: std::collections::HashSet<&str> = ft
+        .tensors()
+        .iter()
+        .filter(|t| t.shape.len() == 2)
+        .filter_map(|t| adapter.expert_part(&t.name, t.shape[0], t.shape[1]))
+        .map(|(m, _, _)| m.param.as_str())
+        .collect();
     // Every module and whole tensor of the adapter must land on a weight of the pair.
     for m in &adapter.modules {
         let name = m.param.clone();
+        if reached_by_parts.contains(name.as_str()) && ft.get(&name).is_none() {
+            continue;
+        }
         let t = ft.get(&name).or_else(|| {
             let shape = Adapter::weight_shape(m);
             tied_counterpart(&ft, &name, &shape)
@@ -326,13 +337,28 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
             continue; // not a weight phlora reads (the adapter cannot touch it either)
         }
         let lora = by_param.get(ftt_name.as_str()).copied();
+        // A per-expert weight inside a fused module: its rows of the expert's update.
+        let part = lora.is_none().then(|| {
+            let cols = ftt.shape.get(1).copied().unwrap_or(0);
+            adapter.expert_part(&ftt_name, ftt.shape[0], cols)
+        });
+        let part = part.flatten().filter(|_| ftt.shape.len() == 2);
         // A layer's bias that the adapter's lora_B.bias updates.
         let bias_of = ftt_name
             .strip_suffix(".bias")
             .and_then(|m| by_param.get(format!("{m}.weight").as_str()).copied())
             .filter(|m| m.bias.is_some());
         let whole = adapter.whole.get(&ftt_name);
-        let sums = if let Some(m) = lora {
+        let sums = if let Some((m, expert, offset)) = part {
+            carried.insert(ftt_name.clone());
+            let (a, b) = adapter.factors(m);
+            let whole = update_rows(m, &a, &b, expert, expert + 1);
+            let cols = ftt.shape[1];
+            let update = |r0: usize, r1: usize, _: &[f32]| {
+                Some(whole[(offset + r0) * cols..(offset + r1) * cols].to_vec())
+            };
+            compare(side, &ft, ftt, &update)
+        } else if let Some(m) = lora {
             carried.insert(ftt_name.clone());
             let (a, b) = adapter.factors(m);
             let update = |r0: usize, r1: usize, _: &[f32]| Some(update_rows(m, &a, &b, r0, r1));
@@ -369,6 +395,7 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
                 ),
             ));
         }
+        let lora = lora.or(part.map(|p| p.0));
         let kind = match (lora, whole) {
             _ if bias_of.is_some() => "lora-bias",
             (Some(m), _) if m.embedding => "lora-embedding",

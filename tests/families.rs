@@ -761,3 +761,204 @@ fn tied_embeddings_get_an_lm_head_lora() {
         .sum();
     assert!((shares - 1.0).abs() < 1e-9, "{shares}");
 }
+
+/// `--fuse-experts`: Qwen2-MoE's per-expert weights written as the fused parameters
+/// transformers v5 builds from them in memory (`experts.gate_up_proj` [E, 2I, H] with gate's
+/// rows first, `experts.down_proj` [E, H, I]), gate and up as a block-diagonal pair of rank
+/// 2R; the shared expert stays in target_modules. Rebuilt here by PEFT's formulas, then verify
+/// and merge read the fused modules against the per-expert checkpoints.
+#[test]
+fn per_expert_weights_fused_for_transformers_v5() {
+    let (h, i, e) = (16, 12, 3);
+    let mlp = "model.layers.0.mlp";
+    let mut t = Vec::new();
+    llama_attention(&mut t, 0, h);
+    t.push((format!("{mlp}.gate.weight"), vec![e, h], Kind::Linear));
+    for x in 0..e {
+        for (p, s) in [
+            ("gate_proj", [i, h]),
+            ("up_proj", [i, h]),
+            ("down_proj", [h, i]),
+        ] {
+            t.push((
+                format!("{mlp}.experts.{x}.{p}.weight"),
+                s.to_vec(),
+                Kind::Linear,
+            ));
+        }
+    }
+    for (p, s) in [("gate_proj", [i, h]), ("down_proj", [h, i])] {
+        t.push((
+            format!("{mlp}.shared_expert.{p}.weight"),
+            s.to_vec(),
+            Kind::Linear,
+        ));
+    }
+    let fam = Family {
+        config: serde_json::json!({"model_type": "qwen2_moe", "hidden_size": h, "num_experts": e}),
+        tensors: t,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = write_pair(dir.path(), &fam, fresh_seed("fuse-experts"));
+    let out = dir.path().join("adapter");
+    let mut st = ExtractSettings::new(b.clone(), f.clone(), out.clone(), R);
+    st.device = phlora::backend::Device::Cpu;
+    st.plan.fuse_experts = true;
+    extract(&st).unwrap();
+
+    let cfg = read_json(&out.join("adapter_config.json"));
+    let params: Vec<String> = serde_json::from_value(cfg["target_parameters"].clone()).unwrap();
+    for p in [
+        "gate.weight".to_string(),
+        format!("{mlp}.experts.gate_up_proj"),
+        format!("{mlp}.experts.down_proj"),
+    ] {
+        assert!(params.contains(&p), "{p} in {params:?}");
+    }
+    // The shared expert's layers by path (a regex: the per-expert modules on disk share their
+    // names), the experts not at all.
+    let targets = cfg["target_modules"].as_str().unwrap_or_default();
+    assert!(targets.contains(r"shared_expert\.gate_proj"), "{targets}");
+    assert!(!targets.contains(r"experts\.0"), "{targets}");
+    let key = regex::escape(&format!("{mlp}.experts.gate_up_proj"));
+    assert_eq!(cfg["rank_pattern"][&key], 2 * R, "{cfg}");
+    assert_eq!(cfg["alpha_pattern"][&key], (2 * R) as f64, "{cfg}");
+    assert!(cfg["rank_pattern"].as_object().unwrap().len() == 1, "{cfg}");
+
+    let factors = read_safetensors(&out.join("adapter_model.safetensors"));
+    let (bt, ftt) = (
+        read_safetensors(&b.join("model.safetensors")),
+        read_safetensors(&f.join("model.safetensors")),
+    );
+    let gate_up = (
+        &factors[&format!("base_model.model.{mlp}.experts.base_layer.lora_A.weight")],
+        &factors[&format!("base_model.model.{mlp}.experts.base_layer.lora_B.weight")],
+    );
+    let down = (
+        &factors[&format!("base_model.model.{mlp}.experts.lora_A.weight")],
+        &factors[&format!("base_model.model.{mlp}.experts.lora_B.weight")],
+    );
+    assert_eq!(gate_up.0.shape, vec![2 * R * e, h]);
+    assert_eq!(gate_up.1.shape, vec![2 * i, 2 * R * e]);
+    assert_eq!(down.0.shape, vec![R * e, i]);
+    assert_eq!(down.1.shape, vec![h, R * e]);
+    for x in 0..e {
+        for (p, (a, bb), offset) in [
+            ("gate_proj", gate_up, 0),
+            ("up_proj", gate_up, i),
+            ("down_proj", down, 0),
+        ] {
+            let name = format!("{mlp}.experts.{x}.{p}.weight");
+            let (rows, cols) = (ftt[&name].shape[0], ftt[&name].shape[1]);
+            let d = Mat::from_fn(rows, cols, |r, c| {
+                f64::from(ftt[&name].values[r * cols + c])
+                    - f64::from(bt[&name].values[r * cols + c])
+            });
+            // PEFT: A.reshape(E, r, in), B.reshape(out, r, E); scaling 2R/2R or R/R = 1.
+            let r = a.shape[0] / e;
+            let u = Mat::from_fn(rows, cols, |o, c| {
+                (0..r)
+                    .map(|k| {
+                        f64::from(bb.values[(offset + o) * r * e + k * e + x])
+                            * f64::from(a.values[(x * r + k) * cols + c])
+                    })
+                    .sum::<f64>()
+            });
+            let best = optimum(&singular_values(&d), R);
+            let err = (&d - &u).norm_l2() / d.norm_l2();
+            assert!(err <= 1.01 * best + 1e-5, "{name}: {err} vs {best}");
+        }
+    }
+
+    let settings = |ft: &Path| VerifySettings {
+        base: b.clone(),
+        ft: ft.to_path_buf(),
+        adapter: out.clone(),
+        min_cos: None,
+        max_error: None,
+        min_weight_cos: None,
+    };
+    let v = verify(&settings(&f)).unwrap();
+    let experts: Vec<_> = v
+        .tensors
+        .iter()
+        .filter(|t| t.name.contains(".experts."))
+        .collect();
+    assert_eq!(experts.len(), 3 * e, "{experts:?}");
+    assert!(
+        experts
+            .iter()
+            .all(|t| t.kind == "lora" && t.rel_error_delta < 1e-2),
+        "{experts:?}"
+    );
+    let merged = dir.path().join("merged");
+    let o = phlora(&[
+        "merge",
+        "--base",
+        b.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = verify(&settings(&merged)).unwrap();
+    assert!(
+        v.tensors
+            .iter()
+            .filter(|t| t.kind.starts_with("lora"))
+            .all(|t| t.rel_error_delta < 1e-5),
+        "{:?}",
+        v.tensors
+    );
+}
+
+/// --fuse-experts refuses what it cannot do, naming the reason: vLLM targets, Mixtral's
+/// w1/w2/w3 experts (PEFT converts those itself), and a model without per-expert weights.
+#[test]
+fn fuse_experts_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = phlora(&[
+        "extract",
+        "--base",
+        "b",
+        "--ft",
+        "f",
+        "--out",
+        "o",
+        "--fuse-experts",
+        "--target",
+        "vllm",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--fuse-experts"),
+        "{err}"
+    );
+
+    let h = 8;
+    let cases = [
+        (
+            "model.layers.0.block_sparse_moe.experts.0.w1.weight",
+            "`w1`",
+        ),
+        (
+            "model.layers.0.mlp.gate_proj.weight",
+            "no per-expert weight",
+        ),
+    ];
+    for (k, (name, want)) in cases.iter().enumerate() {
+        let fam = Family {
+            config: serde_json::json!({"model_type": "mixtral", "hidden_size": h}),
+            tensors: vec![(name.to_string(), vec![h, h], Kind::Linear)],
+        };
+        let root = dir.path().join(k.to_string());
+        let (b, f) = write_pair(&root, &fam, fresh_seed("fuse-refusals") + k as u64);
+        let mut st = ExtractSettings::new(b, f, root.join("out"), R);
+        st.device = phlora::backend::Device::Cpu;
+        st.plan.fuse_experts = true;
+        let e = extract(&st).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+        assert!(!root.join("out").join("adapter_config.json").exists());
+    }
+}

@@ -375,6 +375,30 @@ impl Adapter {
         }
     }
 
+    /// For a per-expert weight (`….experts.N.up_proj.weight`, `rows` × `cols`) that the adapter
+    /// carries inside a fused parameter (`….experts.gate_up_proj`, written by
+    /// `--fuse-experts`): the module, the expert, and the weight's first row in that expert's
+    /// fused matrix.
+    pub fn expert_part(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Option<(&LoraModule, usize, usize)> {
+        let (experts, index, proj) = crate::plan::per_expert_weight(name)?;
+        let (target, part) = crate::plan::fused_target(proj)?;
+        let parts = if target == "gate_up_proj" { 2 } else { 1 };
+        let param = format!("{experts}.{target}");
+        self.modules
+            .iter()
+            .find(|m| {
+                m.param == param
+                    && m.experts > index
+                    && Adapter::weight_shape(m)[1..] == [parts * rows, cols]
+            })
+            .map(|m| (m, index, part * rows))
+    }
+
     /// The shape of the weight a module's product lands on.
     pub fn weight_shape(m: &LoraModule) -> Vec<usize> {
         let (out, inn) = (m.b.shape[0], m.a.numel() / m.a.shape[0].max(1));

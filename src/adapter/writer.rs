@@ -39,8 +39,35 @@ struct Staged {
     entry: HeaderEntry,
     /// The axis a LoRA factor's rank runs along (it may be zero-padded there).
     rank_axis: Option<usize>,
-    /// (expert, experts): one expert's factor of a fused 3-D parameter, packed at commit.
-    expert: Option<(usize, usize)>,
+    /// One expert's factor (or part of it) of a fused 3-D parameter, packed at commit.
+    expert: Option<ExpertPlace>,
+}
+
+/// Where a factor goes in a fused 3-D parameter's packed LoRA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertPlace {
+    pub index: usize,
+    pub count: usize,
+    /// Parts stack along the output axis (gate and up of `gate_up_proj`, from per-expert
+    /// weights): part p of expert e takes output rows `out_offset..` of the `out_total`, and
+    /// the ranks after those of its lower parts — a block-diagonal B, so B·A per part is the
+    /// part's own.
+    pub part: usize,
+    pub out_offset: usize,
+    pub out_total: usize,
+}
+
+impl ExpertPlace {
+    /// Expert `index` of `count`, the whole of its matrix with `out` rows.
+    pub fn whole(index: usize, count: usize, out: usize) -> ExpertPlace {
+        ExpertPlace {
+            index,
+            count,
+            part: 0,
+            out_offset: 0,
+            out_total: out,
+        }
+    }
 }
 
 /// A tensor of the final file: one staged tensor, or the experts' factors packed into one.
@@ -88,10 +115,10 @@ impl AdapterWriter {
 
     /// [`add`](Self::add) for a LoRA factor whose rank runs along `rank_axis` (0 for A
     /// [r, in], 1 for B [out, r]): [`commit`](Self::commit) can zero-pad it to a larger rank.
-    /// `expert` = (e, E) marks expert e's factor of a fused 3-D parameter: at commit the E
-    /// factors of one name are padded to one rank r and packed the way PEFT's
-    /// `target_parameters` reads them: A [r·E, in] with row e·r + k, B [out, r·E] with column
-    /// k·E + e.
+    /// `expert` marks expert e's factor (or part of it) of a fused 3-D parameter of E
+    /// experts: at commit the factors of one name are padded to one rank r and packed the way
+    /// PEFT's `target_parameters` reads them: A [r·E, in] with row e·r + k, B [out, r·E] with
+    /// column k·E + e.
     #[allow(clippy::too_many_arguments)]
     pub fn add_factor(
         &mut self,
@@ -101,7 +128,7 @@ impl AdapterWriter {
         shape: Vec<usize>,
         bytes: &[u8],
         rank_axis: usize,
-        expert: Option<(usize, usize)>,
+        expert: Option<ExpertPlace>,
     ) -> Result<()> {
         self.stage(order, name, dtype, shape, bytes, Some(rank_axis), expert)
     }
@@ -115,7 +142,7 @@ impl AdapterWriter {
         shape: Vec<usize>,
         bytes: &[u8],
         rank_axis: Option<usize>,
-        expert: Option<(usize, usize)>,
+        expert: Option<ExpertPlace>,
     ) -> Result<()> {
         let data = self.data.as_mut().expect("not committed");
         data.write_all(bytes)
@@ -274,22 +301,25 @@ impl AdapterWriter {
         }
         for o in &mut outputs {
             if let Output::Fused(members) = o {
-                members.sort_by_key(|&i| self.entries[i].expert.map(|x| x.0));
-                let first = &self.entries[members[0]];
-                let count = first.expert.map_or(0, |x| x.1);
-                // An unchanged expert has no factors (its block stays zero); a repeated or
-                // out-of-range one is a bug.
+                let place = |i: usize| self.entries[i].expert.expect("fused members are experts");
+                members.sort_by_key(|&i| (place(i).index, place(i).part));
+                let first = place(members[0]);
+                // An unchanged expert (or part) has no factors (its block stays zero); a
+                // repeated or out-of-range one is a bug.
                 let valid = members.windows(2).all(|w| {
-                    self.entries[w[0]].expert.map(|x| x.0) < self.entries[w[1]].expert.map(|x| x.0)
+                    (place(w[0]).index, place(w[0]).part) < (place(w[1]).index, place(w[1]).part)
                 }) && members.iter().all(|&i| {
-                    self.entries[i]
-                        .expert
-                        .is_some_and(|(e, n)| n == count && e < count)
+                    let p = place(i);
+                    let rows = self.out_rows(i);
+                    p.count == first.count
+                        && p.index < p.count
+                        && p.out_total == first.out_total
+                        && p.out_offset + rows <= p.out_total
                 });
                 if !valid {
                     return Err(Error::Settings(format!(
                         "internal error: the experts' factors of {} do not fit together",
-                        first.entry.name
+                        self.entries[members[0]].entry.name
                     )));
                 }
             }
@@ -315,20 +345,45 @@ impl AdapterWriter {
             Output::Fused(members) => {
                 let first = &self.entries[members[0]];
                 let axis = first.rank_axis.expect("experts' factors have a rank axis");
-                let r = members
-                    .iter()
-                    .map(|&i| self.entries[i].entry.shape[axis])
+                let place = first.expert.expect("fused members are experts");
+                let r = self
+                    .expert_ranks(members)
+                    .into_iter()
                     .chain(pad_to(&first.entry.name))
                     .max()
                     .unwrap_or(0);
-                let count = first.expert.map_or(0, |x| x.1);
                 let mut e = first.entry.clone();
                 let elem = e.nbytes / e.shape.iter().product::<usize>().max(1);
-                e.shape[axis] = r * count;
+                e.shape[axis] = r * place.count;
+                if axis == 1 {
+                    e.shape[0] = place.out_total;
+                }
                 e.nbytes = e.shape.iter().product::<usize>() * elem;
                 e
             }
         }
+    }
+
+    /// Output rows of a staged factor: B's rows (A's are the rank).
+    fn out_rows(&self, i: usize) -> usize {
+        let s = &self.entries[i];
+        if s.rank_axis == Some(1) {
+            s.entry.shape[0]
+        } else {
+            0
+        }
+    }
+
+    /// Each expert's rank: the sum of its parts' ranks.
+    fn expert_ranks(&self, members: &[usize]) -> Vec<usize> {
+        let mut ranks: BTreeMap<usize, usize> = BTreeMap::new();
+        for &i in members {
+            let s = &self.entries[i];
+            let axis = s.rank_axis.expect("experts' factors have a rank axis");
+            let index = s.expert.expect("fused members are experts").index;
+            *ranks.entry(index).or_default() += s.entry.shape[axis];
+        }
+        ranks.into_values().collect()
     }
 
     fn read_back(&self, src: &mut File, staged: &Staged) -> Result<Vec<u8>> {
@@ -340,26 +395,36 @@ impl AdapterWriter {
         Ok(bytes)
     }
 
-    /// The experts' factors, each padded to rank r, packed into `out`: A (axis 0) expert-major
-    /// — expert e's rows at e·r..(e+1)·r; B (axis 1) rank-major — expert e's column k at k·E + e.
+    /// The experts' factors packed into `out` at rank r per expert: A (axis 0) expert-major —
+    /// expert e's rows at e·r..(e+1)·r; B (axis 1) rank-major — expert e's column k at k·E + e.
+    /// An expert's parts follow one another along the rank, each in its own output rows.
     fn pack(&self, src: &mut File, members: &[usize], out: &HeaderEntry) -> Result<Vec<u8>> {
         let first = &self.entries[members[0]];
         let axis = first.rank_axis.expect("experts' factors have a rank axis");
-        let experts = first.expert.map_or(1, |x| x.1);
+        let experts = first.expert.map_or(1, |x| x.count);
         let r = out.shape[axis] / experts;
         let elem = out.nbytes / out.shape.iter().product::<usize>().max(1);
         let mut packed = vec![0u8; out.nbytes];
+        // The rank already taken by an expert's lower parts (members are sorted by expert, part).
+        let mut taken: BTreeMap<usize, usize> = BTreeMap::new();
         for &i in members {
             let staged = &self.entries[i];
-            let e = staged.expert.map_or(0, |x| x.0);
-            let bytes = pad_axis(&self.read_back(src, staged)?, &staged.entry.shape, axis, r);
+            let place = staged.expert.expect("fused members are experts");
+            let e = place.index;
+            let rank = staged.entry.shape[axis];
+            let k0 = taken.get(&e).copied().unwrap_or(0);
+            taken.insert(e, k0 + rank);
+            let bytes = self.read_back(src, staged)?;
             if axis == 0 {
-                packed[e * bytes.len()..(e + 1) * bytes.len()].copy_from_slice(&bytes);
+                let row = bytes.len() / rank.max(1);
+                let at = (e * r + k0) * row;
+                packed[at..at + bytes.len()].copy_from_slice(&bytes);
             } else {
-                for o in 0..out.shape[0] {
-                    for k in 0..r {
-                        let from = (o * r + k) * elem;
-                        let to = (o * r * experts + k * experts + e) * elem;
+                let columns = out.shape[1];
+                for o in 0..staged.entry.shape[0] {
+                    for k in 0..rank {
+                        let from = (o * rank + k) * elem;
+                        let to = ((place.out_offset + o) * columns + (k0 + k) * experts + e) * elem;
                         packed[to..to + elem].copy_from_slice(&bytes[from..from + elem]);
                     }
                 }

@@ -1,6 +1,8 @@
 //! Fused 3-D expert parameters (`mlp.experts.gate_up_proj` [E, d1, d2]) as PEFT's
 //! `target_parameters`: which ones the adapter holds, and the keys PEFT gives their factors.
 
+use std::collections::BTreeMap;
+
 use crate::adapter;
 use crate::plan::{Form, Plan};
 use crate::report::TensorReport;
@@ -25,19 +27,29 @@ impl FusedParam {
     }
 }
 
-/// The fused parameters whose experts got factors, in plan order.
-pub(super) fn fused_params(rows: &[TensorReport], plan: &Plan) -> Vec<FusedParam> {
+/// The fused parameters whose experts got factors, in plan order. An expert's rank is the sum
+/// of its parts' (gate and up of per-expert weights fused into gate_up_proj), each part at
+/// `uniform` when every factor is padded to one rank, else at its own.
+pub(super) fn fused_params(
+    rows: &[TensorReport],
+    plan: &Plan,
+    uniform: Option<usize>,
+) -> Vec<FusedParam> {
     let mut out: Vec<FusedParam> = Vec::new();
+    let mut expert_rank: BTreeMap<(String, usize), usize> = BTreeMap::new();
     for (row, item) in rows.iter().zip(&plan.items) {
         let (Form::Expert(e), "lora", Some(r)) = (&item.form, row.action, row.rank) else {
             continue;
         };
+        let sum = expert_rank.entry((e.param.clone(), e.index)).or_default();
+        *sum += uniform.unwrap_or(r);
+        let sum = *sum;
         match out.iter_mut().find(|p| p.param == e.param) {
-            Some(p) => p.rank = p.rank.max(r),
+            Some(p) => p.rank = p.rank.max(sum),
             None => out.push(FusedParam {
                 param: e.param.clone(),
                 module: item.module.clone(),
-                rank: r,
+                rank: sum,
             }),
         }
     }

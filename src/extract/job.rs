@@ -7,7 +7,8 @@ use rayon::prelude::*;
 
 use super::fit::Fit;
 use super::ExtractSettings;
-use crate::adapter::{self, writer::pad_axis};
+use crate::adapter;
+use crate::adapter::writer::{pad_axis, ExpertPlace};
 use crate::backend::{self, Backend, DeltaInput, DeltaStats};
 use crate::checkpoint::dtype::decode_into;
 use crate::checkpoint::{Checkpoint, DType, TensorEntry};
@@ -131,8 +132,8 @@ pub(super) struct FactorTensors {
     pub b_shape: Vec<usize>,
     pub b_bytes: Vec<u8>,
     pub dtype: &'static str,
-    /// (expert, experts) for one expert of a fused parameter: the writer packs them.
-    pub expert: Option<(usize, usize)>,
+    /// One expert (or part of one) of a fused parameter: the writer packs them.
+    pub expert: Option<ExpertPlace>,
 }
 
 /// Why a tensor failed: out of device memory (the scheduler may retry smaller) or for good.
@@ -348,7 +349,16 @@ impl<B: Backend> LoraJob<'_, B> {
             shape[axis] = added.ft_rows();
         }
         let expert = match &item.form {
-            Form::Expert(e) => Some((e.index, e.count)),
+            Form::Expert(e) => Some(match &e.part {
+                None => ExpertPlace::whole(e.index, e.count, b_shape[0]),
+                Some(p) => ExpertPlace {
+                    index: e.index,
+                    count: e.count,
+                    part: p.part,
+                    out_offset: p.out_offset,
+                    out_total: p.out_total,
+                },
+            }),
             _ => None,
         };
         let kept: f64 = t.s.iter().map(|&x| f64::from(x) * f64::from(x)).sum();

@@ -128,6 +128,22 @@ fn open_pair(s: &ExtractSettings) -> Result<(Checkpoint, Checkpoint, Plan)> {
             item.name
         )));
     }
+    let model_type = ft
+        .config()
+        .and_then(|c| c.get("model_type"))
+        .and_then(|m| m.as_str());
+    if s.target == Target::Peft && !s.plan.fuse_experts && model_type == Some("qwen2_moe") {
+        if let Some(item) = plan
+            .items
+            .iter()
+            .find(|i| crate::plan::per_expert_weight(&i.name).is_some())
+        {
+            tracing::warn!(
+                "{}: Qwen2-MoE experts are written per expert (what vLLM loads); PEFT under transformers v5 does not apply a per-expert Qwen2-MoE adapter (it fuses the experts in memory), so pass --fuse-experts for PEFT",
+                item.name
+            );
+        }
+    }
     let fused_param = plan.items.iter().find_map(|i| match &i.form {
         Form::Expert(e) => Some(e.param.as_str()),
         _ => None,
@@ -580,7 +596,7 @@ fn run<B: Backend>(
         .collect();
     // Fused expert parameters: one rank per parameter (its largest expert's), ranked and
     // patterned by their path like modules.
-    let fused = fused::fused_params(&rows, plan);
+    let fused = fused::fused_params(&rows, plan, s.rank.uniform().then_some(r_adapter));
     fused::warn_unknown_order(&fused);
     // The experts of one MoE module share a rank (vLLM needs it, and PEFT then needs one
     // pattern per module): the group's largest, smaller experts zero-padded at commit.
@@ -652,8 +668,14 @@ fn run<B: Backend>(
         .iter()
         .zip(&plan.items)
         .any(|(r, i)| i.form == Form::Conv1D && r.action == "lora");
-    if pad_to.is_none() && !s.rank.uniform() {
-        for (module, r) in module_ranks.iter().filter(|(_, r)| *r != config_rank) {
+    // Under one rank every factor is padded to it, except a fused parameter whose experts
+    // stack parts (gate_up_proj from per-expert gate and up: twice the rank).
+    let patterned = |m: &String| !s.rank.uniform() || fused.iter().any(|p| &p.param == m);
+    if pad_to.is_none() {
+        for (module, r) in module_ranks
+            .iter()
+            .filter(|(m, r)| *r != config_rank && patterned(m))
+        {
             // PEFT matches a target parameter's pattern against the parameter's path.
             let key = if routers.contains(module) {
                 regex::escape(&format!("{module}.weight"))

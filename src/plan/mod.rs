@@ -4,6 +4,12 @@
 
 use std::collections::BTreeSet;
 
+mod experts;
+mod vocab;
+
+pub use experts::*;
+pub use vocab::*;
+
 use crate::checkpoint::fp8::{self, BlockScale};
 use crate::checkpoint::{Checkpoint, DType, TensorEntry};
 use crate::error::{Error, Result};
@@ -61,24 +67,6 @@ pub struct PlanItem {
     pub added: Option<AddedRows>,
 }
 
-/// An embedding or output matrix whose fine-tune has more rows than the base (added tokens).
-/// The LoRA covers the rows both share (its factors are zero-padded to the fine-tune's rows,
-/// the shape of the resized model's matrix); the new rows are written whole beside it.
-#[derive(Clone, Debug)]
-pub struct AddedRows {
-    /// The fine-tune's whole tensor.
-    pub ft: TensorEntry,
-    /// Rows both checkpoints have: the base's.
-    pub base_rows: usize,
-}
-
-impl AddedRows {
-    /// The fine-tune's (the resized model's) row count.
-    pub fn ft_rows(&self) -> usize {
-        self.ft.shape[0]
-    }
-}
-
 /// How a tensor is read as the matrix ΔW that is decomposed, and how its factors are written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Form {
@@ -94,17 +82,6 @@ pub enum Form {
     /// written in PEFT's `target_parameters` layout: A [r·E, in] with the expert index slowest,
     /// B [out, r·E] with it fastest.
     Expert(ExpertSlice),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExpertSlice {
-    /// The fused parameter's name (`model.layers.0.mlp.experts.gate_up_proj`).
-    pub param: String,
-    pub index: usize,
-    pub count: usize,
-    /// gpt-oss stores each expert [in, out] (ΔW = the slice transposed); transformers v5
-    /// stores [out, in].
-    pub stored_in_out: bool,
 }
 
 impl PlanItem {
@@ -206,6 +183,8 @@ pub struct PlanOptions {
     /// A vocabulary that grew: LoRA on the shared rows, the new rows written whole (else an
     /// error).
     pub added_tokens: bool,
+    /// Per-expert MoE weights written as transformers v5's fused parameters.
+    pub fuse_experts: bool,
 }
 
 impl PlanOptions {
@@ -392,6 +371,9 @@ impl Plan {
                 items.push(item);
             }
         }
+        if opts.fuse_experts {
+            fuse_per_expert(&mut items, ft)?;
+        }
         // Biases ride on their layer's LoRA when asked (PEFT's lora_bias).
         if opts.lora_bias {
             let targets: BTreeSet<String> = items
@@ -467,207 +449,6 @@ pub fn last_segment(path: &str) -> &str {
     path.rsplit_once('.').map_or(path, |(_, l)| l)
 }
 
-/// A token embedding or output matrix: its rows are the vocabulary.
-fn is_vocabulary_matrix(name: &str) -> bool {
-    let m = last_segment(module_of(name));
-    name.ends_with(".weight")
-        && !m.contains("position")
-        && (m.contains("embed") || m == "wte" || m == "lm_head")
-}
-
-/// The fine-tune's side of a pair, as the item reads it: the tensor itself when the shapes
-/// agree; with `--added-tokens`, a view of the rows both share of a vocabulary matrix that
-/// grew. Any other mismatch is an error that names the tensor.
-fn pair_shapes(
-    base: &Checkpoint,
-    b: &TensorEntry,
-    ft: &Checkpoint,
-    f: &TensorEntry,
-    opts: &PlanOptions,
-) -> Result<(TensorEntry, Option<AddedRows>)> {
-    if b.shape == f.shape {
-        return Ok((f.clone(), None));
-    }
-    let grew = is_vocabulary_matrix(&f.name)
-        && f.shape.len() == 2
-        && b.shape.len() == 2
-        && f.shape[1] == b.shape[1]
-        && f.shape[0] > b.shape[0];
-    let why = if !grew {
-        String::new()
-    } else if opts.added_tokens {
-        let size = f.float_dtype().map(|d| d.size()).ok_or_else(|| {
-            Error::tensor(
-                ft.path_of(f),
-                &f.name,
-                format!(
-                    "--added-tokens reads F32, F16 and BF16 embeddings, not {:?}",
-                    f.dtype
-                ),
-            )
-        })?;
-        let base_rows = b.shape[0];
-        let view = TensorEntry {
-            shape: b.shape.clone(),
-            end: f.start + base_rows * f.shape[1] * size,
-            ..f.clone()
-        };
-        return Ok((
-            view,
-            Some(AddedRows {
-                ft: f.clone(),
-                base_rows,
-            }),
-        ));
-    } else {
-        format!(
-            ": the vocabulary grew by {} rows (added tokens?), and a LoRA cannot carry new rows; pass --added-tokens to carry the shared rows as LoRA and write the new rows to {} (README: added tokens)",
-            f.shape[0] - b.shape[0],
-            crate::adapter::ADDED_TOKENS_FILE
-        )
-    };
-    Err(Error::tensor(
-        ft.path_of(f),
-        &f.name,
-        format!(
-            "shape {:?} in the fine-tune but {:?} in the base ({}){why}",
-            f.shape,
-            b.shape,
-            base.path_of(b).display(),
-        ),
-    ))
-}
-
-/// An MoE expert's module (`….experts.<N>.<rest>`): the regex every expert of the same module
-/// matches (`….experts\.\d+\.<rest>`, escaped for PEFT's rank_pattern).
-pub fn expert_group(module: &str) -> Option<String> {
-    let parts: Vec<&str> = module.split('.').collect();
-    let at = parts
-        .windows(2)
-        .position(|w| w[0] == "experts" && w[1].parse::<usize>().is_ok())?;
-    let prefix = parts[..=at].join(".");
-    let rest = parts[at + 2..].join(".");
-    let mut re = format!(r"{}\.\d+", regex::escape(&prefix));
-    if !rest.is_empty() {
-        re.push_str(&format!(r"\.{}", regex::escape(&rest)));
-    }
-    Some(re)
-}
-
-/// For `lm_head.weight` missing from a checkpoint that ties it to its embeddings: that
-/// checkpoint's embedding matrix of the same width (the callers compare the rows: a vocabulary
-/// may have grown).
-pub fn tied_counterpart<'a>(
-    ck: &'a Checkpoint,
-    name: &str,
-    shape: &[usize],
-) -> Option<&'a TensorEntry> {
-    if last_segment(module_of(name)) != "lm_head" || !name.ends_with(".weight") {
-        return None;
-    }
-    ck.tensors().iter().find(|t| {
-        (t.name.ends_with("embed_tokens.weight") || t.name.ends_with("wte.weight"))
-            && t.shape.len() == shape.len()
-            && t.shape.get(1..) == shape.get(1..)
-    })
-}
-
-/// A fused 3-D expert parameter (transformers v5, gpt-oss): `….experts.<name>_proj` [E, d1, d2].
-fn is_fused_experts(name: &str) -> bool {
-    last_segment(module_of(name)) == "experts" && last_segment(name).ends_with("_proj")
-}
-
-/// The order transformers registers an experts module's parameters in (gate/up before down):
-/// PEFT wraps targeted parameters of one module in that order, the first innermost.
-pub fn registration_rank(param: &str) -> (u8, &str) {
-    let rank = match param {
-        "gate_up_proj" => 0,
-        "gate_proj" | "w1" => 1,
-        "up_proj" | "w3" => 2,
-        "down_proj" | "w2" => 3,
-        _ => 4,
-    };
-    (rank, param)
-}
-
-/// gpt-oss stores each expert of a fused parameter [in, out]; transformers v5 [out, in].
-pub fn experts_in_out(config: Option<&serde_json::Value>) -> bool {
-    config
-        .and_then(|c| c.get("model_type"))
-        .and_then(|m| m.as_str())
-        .is_some_and(|m| m == "gpt_oss")
-}
-
-/// Whether a fused expert parameter stores each expert [in, out] (gpt-oss) rather than
-/// [out, in] (transformers v5), from the config; checked against its hidden_size when given.
-fn experts_stored_in_out(ck: &Checkpoint, t: &TensorEntry) -> Result<bool> {
-    let config = ck.config();
-    let in_out = experts_in_out(config);
-    let hidden = config
-        .and_then(|c| c.get("hidden_size"))
-        .and_then(|h| h.as_u64())
-        .map(|h| h as usize);
-    let param = last_segment(&t.name);
-    // The hidden side: the input of gate/up projections, the output of down projections.
-    let hidden_is_input = param != "down_proj";
-    let (out_axis, in_axis) = if in_out { (2, 1) } else { (1, 2) };
-    let expected_axis = if hidden_is_input { in_axis } else { out_axis };
-    if let Some(h) = hidden {
-        if t.shape[expected_axis] != h {
-            return Err(Error::tensor(
-                ck.path_of(t),
-                &t.name,
-                format!(
-                    "fused experts {:?}: expected the hidden size {h} on axis {expected_axis} ({} layout, [E, {}]); the config and the tensor disagree",
-                    t.shape,
-                    if in_out { "gpt-oss" } else { "transformers v5" },
-                    if in_out { "in, out" } else { "out, in" },
-                ),
-            ));
-        }
-    }
-    Ok(in_out)
-}
-
-/// One plan item per expert of a fused [E, d1, d2] parameter: byte views of each expert's
-/// [d1, d2] slice in both checkpoints.
-fn expert_items(f: &TensorEntry, b: &TensorEntry, stored_in_out: bool) -> Vec<PlanItem> {
-    let (count, d1, d2) = (f.shape[0], f.shape[1], f.shape[2]);
-    let slice = |t: &TensorEntry, e: usize, name: &str| {
-        let per = t.nbytes() / count.max(1);
-        TensorEntry {
-            name: name.to_string(),
-            shape: vec![d1, d2],
-            start: t.start + e * per,
-            end: t.start + (e + 1) * per,
-            ..t.clone()
-        }
-    };
-    (0..count)
-        .map(|e| {
-            let name = format!("{}[{e}]", f.name);
-            PlanItem {
-                base_scale: None,
-                ft_scale: None,
-                added: None,
-                module: module_of(&f.name).to_string(),
-                shape: vec![d1, d2],
-                base: slice(b, e, &name),
-                ft: slice(f, e, &name),
-                action: Action::LoraLinear,
-                note: None,
-                form: Form::Expert(ExpertSlice {
-                    param: f.name.clone(),
-                    index: e,
-                    count,
-                    stored_in_out,
-                }),
-                name,
-            }
-        })
-        .collect()
-}
-
 /// `<weight>_scale_inv` beside an F8_E4M3 `<weight>`: read with it, not on its own.
 fn is_scale_of_fp8(ck: &Checkpoint, t: &TensorEntry) -> bool {
     t.name
@@ -711,60 +492,6 @@ fn fp8_scale(ck: &Checkpoint, t: &TensorEntry) -> Result<Option<BlockScale>> {
         scale: scale.clone(),
         block,
     }))
-}
-
-/// For a causal LM whose config ties the output layer to the embeddings and whose checkpoints
-/// store no `lm_head.weight`: an lm_head target whose ΔW is the embedding's.
-fn tied_output_item(base: &Checkpoint, ft: &Checkpoint, items: &[PlanItem]) -> Option<PlanItem> {
-    const LM_HEAD: &str = "lm_head.weight";
-    if base.get(LM_HEAD).is_some() || ft.get(LM_HEAD).is_some() {
-        return None;
-    }
-    let config = ft.config().or(base.config())?;
-    let tied = config
-        .get("tie_word_embeddings")
-        .and_then(|t| t.as_bool())
-        .unwrap_or(true);
-    let lm = config
-        .get("architectures")
-        .and_then(|a| a.as_array())
-        .is_some_and(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str())
-                .any(|s| s.ends_with("ForCausalLM") || s.ends_with("LMHeadModel"))
-        });
-    let emb = items.iter().find(|i| {
-        i.action == Action::LoraEmbedding
-            && (i.name.ends_with("embed_tokens.weight") || i.name.ends_with("wte.weight"))
-    })?;
-    (tied && lm).then(|| PlanItem {
-        base_scale: emb.base_scale.clone(),
-        ft_scale: emb.ft_scale.clone(),
-        added: emb.added.clone(),
-        name: LM_HEAD.to_string(),
-        module: module_of(LM_HEAD).to_string(),
-        shape: emb.shape.clone(),
-        base: emb.base.clone(),
-        ft: emb.ft.clone(),
-        action: Action::LoraLinear,
-        note: Some(format!(
-            "tied to `{}`: the output layer changes with it, and a LoRA on the embedding alone does not reach it",
-            emb.name
-        )),
-        form: Form::Matrix,
-    })
-}
-
-/// An MoE router: a `gate` or `router` module beside an `experts` module. transformers v5
-/// makes several of them a router class rather than nn.Linear, so PEFT can only reach their
-/// weight as a target parameter.
-pub fn is_router(module: &str, items: &[PlanItem]) -> bool {
-    let (parent, last) = module.rsplit_once('.').unwrap_or(("", module));
-    if !matches!(last, "gate" | "router") {
-        return false;
-    }
-    let experts = format!("{parent}.experts");
-    items.iter().any(|i| i.module.starts_with(&experts))
 }
 
 /// GPT-2's Conv1D layers (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) store [in, out].
