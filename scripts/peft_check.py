@@ -91,7 +91,7 @@ def tiny_config(family):
 
 @torch.no_grad()
 def fine_tune(model, rank, seed, embeddings=True, norms_only=False):
-    """Adds Σ of `rank` outer products to every matrix (each expert of a 3-D tensor, a conv
+    """Adds Σ of 1..`rank`+1 outer products to every matrix (each expert of a 3-D tensor, a conv
     weight as [out, in·k·k]) and
     noise to every vector (only to norms if `norms_only`): a change a rank-`rank` LoRA
     carries exactly."""
@@ -111,9 +111,11 @@ def fine_tune(model, rank, seed, embeddings=True, norms_only=False):
             mats = p
         else:  # a matrix, or a conv weight as [out, in·k·k]
             mats = p.view(p.shape[0], -1).unsqueeze(0)
+        # Ranks 1..rank+1 by name, so that --energy chooses different ranks per module.
+        r = 1 + sum(map(ord, name)) % (rank + 1)
         for m in mats:
-            u = torch.randn(m.shape[0], rank, generator=g)
-            v = torch.randn(rank, m.shape[1], generator=g)
+            u = torch.randn(m.shape[0], r, generator=g)
+            v = torch.randn(r, m.shape[1], generator=g)
             d = u @ v
             m.add_(0.05 * d * (m.norm() / d.norm()))
 
@@ -133,6 +135,15 @@ class ConvNet(torch.nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
+EXTRA_ARGS = []
+
+
+def rank_args(rank):
+    """--rank, unless the extra arguments choose ranks (--energy, --budget)."""
+    chosen = any(a.startswith(("--energy", "--budget")) for a in EXTRA_ARGS)
+    return [] if chosen else ["--rank", str(rank)]
+
+
 def check_convnet(phlora, rank, work, tol):
     from peft import PeftModel
     from safetensors.torch import save_file
@@ -149,8 +160,8 @@ def check_convnet(phlora, rank, work, tol):
                   os.path.join(d, "model.safetensors"))
     adir = os.path.join(work, "convnet", "adapter")
     run = subprocess.run([phlora, "extract", "--base", dirs["base"], "--ft", dirs["ft"],
-                          "--out", adir, "--rank", str(rank), "--device", "cpu", "--quiet", "--force",
-                          "--lora-bias"], capture_output=True, text=True)
+                          "--out", adir, *rank_args(rank), "--device", "cpu", "--quiet", "--force",
+                          "--lora-bias", *EXTRA_ARGS], capture_output=True, text=True)
     if run.returncode != 0:
         return dict(family="convnet", ok=False, error=run.stderr.strip().splitlines()[-1:])
     report = json.load(open(os.path.join(adir, "report.json")))
@@ -227,7 +238,7 @@ def check(family, phlora, rank, work, tol):
     if family in FUSE_EXPERTS:
         flags.append("--fuse-experts")
     run = subprocess.run([phlora, "extract", "--base", bdir, "--ft", fdir, "--out", adir,
-                          "--rank", str(rank), "--device", "cpu", "--quiet", "--force", *flags],
+                          *rank_args(rank), "--device", "cpu", "--quiet", "--force", *flags, *EXTRA_ARGS],
                          capture_output=True, text=True)
     if run.returncode != 0:
         return dict(family=family, ok=False, error=run.stderr.strip().splitlines()[-1:])
@@ -252,7 +263,10 @@ def main():
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--tol", type=float, default=1e-3, help="largest relative logit error")
     ap.add_argument("--work", help="keep the models and adapters here (default: a temp dir)")
+    ap.add_argument("--extract-args", default="",
+                    help="more `phlora extract` arguments, e.g. '--energy 0.9' (ranks per module)")
     args = ap.parse_args()
+    EXTRA_ARGS.extend(args.extract_args.split())
     unknown = [f for f in args.families if f not in FAMILIES]
     if unknown:
         sys.exit(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")

@@ -63,8 +63,9 @@ fn write_pair(root: &Path, fam: &Family, seed: u64) -> (PathBuf, PathBuf) {
                 .iter()
                 .enumerate()
                 .flat_map(|(e, &(m, c))| {
+                    // Ranks 1..3 by tensor, so that ranks chosen per tensor differ.
                     let sigma = [1.0, 0.5 + 0.1 * e as f64, 0.25];
-                    let sigma = &sigma[..sigma.len().min(m).min(c)];
+                    let sigma = &sigma[..sigma.len().min(m).min(c).min(1 + k % 3)];
                     to_row_major_f32(&spectrum_matrix(m, c, sigma, 1e-4, sd + 7 * e as u64 + 1))
                 })
                 .collect()
@@ -326,12 +327,89 @@ fn mixtral_per_expert_linears() {
             t.push((name, s.to_vec(), Kind::Linear));
         }
     }
-    check_family(
-        &Family {
-            config: serde_json::json!({"model_type": "mixtral", "hidden_size": h}),
-            tensors: t,
-        },
-        "mixtral",
+    let fam = Family {
+        config: serde_json::json!({"model_type": "mixtral", "hidden_size": h}),
+        tensors: t,
+    };
+    check_family(&fam, "mixtral");
+
+    // Ranks per tensor: every expert takes the experts' largest rank, which is the adapter's
+    // r (PEFT converts per-expert adapters at r, without rank_pattern); the router's pattern
+    // leaves its block's name open (v5 renames block_sparse_moe to mlp in memory).
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = write_pair(dir.path(), &fam, fresh_seed("mixtral-energy"));
+    let out = dir.path().join("adapter");
+    let mut st = ExtractSettings::new(b.clone(), f.clone(), out.clone(), R);
+    st.device = phlora::backend::Device::Cpu;
+    st.rank = phlora::linalg::rank::RankPolicy::Energy {
+        target: 0.99999,
+        max_rank: 8,
+    };
+    let report = extract(&st).unwrap();
+    let cfg = read_json(&out.join("adapter_config.json"));
+    let rank_of = |n: &str| {
+        report
+            .tensors
+            .iter()
+            .find(|t| t.name == n)
+            .unwrap()
+            .rank
+            .unwrap()
+    };
+    let experts_rank = (0..e)
+        .flat_map(|x| {
+            ["w1", "w2", "w3"]
+                .map(|w| format!("model.layers.0.block_sparse_moe.experts.{x}.{w}.weight"))
+        })
+        .map(|n| rank_of(&n))
+        .max()
+        .unwrap();
+    assert_eq!(cfg["r"], experts_rank, "{cfg}");
+    let factors = read_safetensors(&out.join("adapter_model.safetensors"));
+    for (k, t) in &factors {
+        if k.contains(".experts.") {
+            let r = if k.contains("lora_A") {
+                t.shape[0]
+            } else {
+                t.shape[1]
+            };
+            assert_eq!(r, experts_rank, "{k}");
+        }
+    }
+    let patterns = cfg["rank_pattern"].as_object().unwrap();
+    assert!(patterns.keys().all(|k| !k.contains("experts")), "{cfg}");
+    let router = rank_of("model.layers.0.block_sparse_moe.gate.weight");
+    // The router's true rank is 1 (ranks follow the tensor's place), the experts' up to 3.
+    assert_ne!(router, experts_rank);
+    assert_eq!(
+        patterns[r"model\.layers\.0\.[^.]+\.gate\.weight"], router,
+        "{cfg}"
+    );
+    assert!(
+        !patterns.is_empty()
+            && report
+                .tensors
+                .iter()
+                .filter_map(|t| t.rank)
+                .any(|r| r != experts_rank),
+        "the ranks chosen should differ: {cfg}"
+    );
+    let v = verify(&VerifySettings {
+        base: b,
+        ft: f,
+        adapter: out,
+        min_cos: None,
+        max_error: None,
+        min_weight_cos: None,
+    })
+    .unwrap();
+    assert!(
+        v.tensors
+            .iter()
+            .filter(|t| t.kind.starts_with("lora"))
+            .all(|t| t.rel_error_delta < 1e-2),
+        "{:?}",
+        v.tensors
     );
 }
 

@@ -288,6 +288,7 @@ fn adapter_ranks(
     policy: &RankPolicy,
     r_adapter: usize,
     modules: &[(String, usize)],
+    pinned: Option<usize>,
     portable: bool,
 ) -> Result<(usize, Option<usize>)> {
     let largest = modules.iter().map(|m| m.1).max().unwrap_or(0);
@@ -307,6 +308,9 @@ fn adapter_ranks(
     }
     if policy.uniform() {
         return Ok((r_adapter, None));
+    }
+    if let Some(r) = pinned {
+        return Ok((r, None));
     }
     // The most common rank (the larger on a tie) needs no pattern entry.
     let mut count: HashMap<usize, usize> = HashMap::new();
@@ -598,19 +602,19 @@ fn run<B: Backend>(
     // patterned by their path like modules.
     let fused = fused::fused_params(&rows, plan, s.rank.uniform().then_some(r_adapter));
     fused::warn_unknown_order(&fused);
-    // The experts of one MoE module share a rank (vLLM needs it, and PEFT then needs one
-    // pattern per module): the group's largest, smaller experts zero-padded at commit.
-    let mut group_rank: HashMap<String, usize> = HashMap::new();
-    for (module, r) in &module_ranks {
-        if let Some(g) = crate::plan::expert_group(module) {
-            let e = group_rank.entry(g).or_default();
-            *e = (*e).max(*r);
-        }
-    }
+    // Per-expert MoE weights all take one rank, the largest expert's (smaller experts are
+    // zero-padded at commit), and it is the adapter's r: PEFT converts a per-expert adapter to
+    // transformers v5's fused experts at the config's r, without rank_pattern, and vLLM needs
+    // one rank per module anyway.
+    let experts_rank = module_ranks
+        .iter()
+        .filter(|(m, _)| crate::plan::expert_group(m).is_some())
+        .map(|(_, r)| *r)
+        .max();
     let module_ranks: Vec<(String, usize)> = module_ranks
         .into_iter()
         .map(|(m, r)| {
-            let shared = crate::plan::expert_group(&m).map(|g| group_rank[&g]);
+            let shared = crate::plan::expert_group(&m).and(experts_rank);
             (m, shared.unwrap_or(r))
         })
         .collect();
@@ -618,8 +622,13 @@ fn run<B: Backend>(
         .into_iter()
         .chain(fused.iter().map(|p| (p.param.clone(), p.rank)))
         .collect();
-    let (config_rank, pad_to) =
-        adapter_ranks(&s.rank, r_adapter, &module_ranks, s.target != Target::Peft)?;
+    let (config_rank, pad_to) = adapter_ranks(
+        &s.rank,
+        r_adapter,
+        &module_ranks,
+        experts_rank,
+        s.target != Target::Peft,
+    )?;
     // The rank each factor is written at, by tensor key.
     let mut written_rank: HashMap<String, usize> = module_ranks
         .iter()
@@ -678,7 +687,7 @@ fn run<B: Backend>(
         {
             // PEFT matches a target parameter's pattern against the parameter's path.
             let key = if routers.contains(module) {
-                regex::escape(&format!("{module}.weight"))
+                crate::plan::router_pattern(module)
             } else {
                 crate::plan::expert_group(module).unwrap_or_else(|| regex::escape(module))
             };

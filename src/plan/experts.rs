@@ -277,3 +277,24 @@ pub fn is_router(module: &str, items: &[PlanItem]) -> bool {
     let experts = format!("{parent}.experts");
     items.iter().any(|i| i.module.starts_with(&experts))
 }
+
+/// A router's rank_pattern key: its weight's path with the block that holds it left open
+/// (`model\.layers\.0\.[^.]+\.gate\.weight`), because transformers v5 renames some MoE blocks in
+/// memory (Mixtral's `block_sparse_moe` becomes `mlp`) and PEFT matches the in-memory path.
+pub fn router_pattern(module: &str) -> String {
+    let param = format!("{module}.weight");
+    let segments: Vec<&str> = param.split('.').collect();
+    let at = segments.len().saturating_sub(3);
+    segments
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            if i == at {
+                "[^.]+".to_string()
+            } else {
+                regex::escape(s)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(r"\.")
+}
