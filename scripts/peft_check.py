@@ -54,6 +54,20 @@ FAMILIES = {
     "qwen3_moe_fused": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2,
                                       "moe_intermediate_size": 24}),
     "gpt_oss": ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    # Per expert on disk, shared experts, a dense first layer, MLA attention; --fuse-experts.
+    "deepseek_v3": ("deepseek_v3", {"moe_intermediate_size": 24, "n_routed_experts": 4,
+                                    "n_shared_experts": 1, "num_experts_per_tok": 2,
+                                    "first_k_dense_replace": 1, "q_lora_rank": 16,
+                                    "kv_lora_rank": 16, "qk_rope_head_dim": 4,
+                                    "qk_nope_head_dim": 4, "v_head_dim": 8, "n_group": 1,
+                                    "topk_group": 1, "num_key_value_heads": 4, "head_dim": 4}),
+    # The same without --fuse-experts: PEFT's v5 conversion drops the dense and shared MLPs.
+    "deepseek_v3_per_expert": ("deepseek_v3", {"moe_intermediate_size": 24, "n_routed_experts": 4,
+                                    "n_shared_experts": 1, "num_experts_per_tok": 2,
+                                    "first_k_dense_replace": 1, "q_lora_rank": 16,
+                                    "kv_lora_rank": 16, "qk_rope_head_dim": 4,
+                                    "qk_nope_head_dim": 4, "v_head_dim": 8, "n_group": 1,
+                                    "topk_group": 1, "num_key_value_heads": 4, "head_dim": 4}),
     "convnet": (None, {}),  # not a transformers model: ConvNet below
 }
 # Biases a LoRA can carry (--lora-bias; PEFT allows it only without embedding LoRA, so these
@@ -63,7 +77,7 @@ WITH_BIASES = {"qwen2", "gpt2"}
 # target_parameters; gpt-oss's attention sinks): these fine-tunes change only norms among
 # the 1-D parameters, so the check measures what the adapter is meant to carry.
 NORMS_ONLY = {"qwen2_moe", "qwen2_moe_per_expert", "gpt_oss"}
-FUSE_EXPERTS = {"qwen2_moe"}
+FUSE_EXPERTS = {"qwen2_moe", "deepseek_v3"}
 ADDED_TOKENS = {"llama_added": 4, "llama_tied_added": 4}
 # Saved with safetensors from the in-memory state dict, loaded with load_state_dict.
 RAW_STATE_DICT = {"qwen3_moe_fused"}
@@ -74,6 +88,10 @@ KNOWN_GAPS = {
                             "qwen2_moe (its conversion table maps qwen3_moe and others to the "
                             "qwen2_moe pattern, but not qwen2_moe itself), so the experts' LoRA is "
                             "not applied; extract with --fuse-experts for PEFT",
+    "deepseek_v3_per_expert": "PEFT 0.21.2 converts the per-expert adapter to transformers v5's "
+                              "fused experts by renaming every gate_proj/up_proj/down_proj in "
+                              "target_modules, so the dense MLP's and the shared experts' LoRA is "
+                              "dropped; extract with --fuse-experts for PEFT",
 }
 
 

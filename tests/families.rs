@@ -843,7 +843,7 @@ fn tied_embeddings_get_an_lm_head_lora() {
 /// `--fuse-experts`: Qwen2-MoE's per-expert weights written as the fused parameters
 /// transformers v5 builds from them in memory (`experts.gate_up_proj` [E, 2I, H] with gate's
 /// rows first, `experts.down_proj` [E, H, I]), gate and up as a block-diagonal pair of rank
-/// 2R; the shared expert stays in target_modules. Rebuilt here by PEFT's formulas, then verify
+/// 2R; the shared expert's layers become target parameters by path. Rebuilt here by PEFT's formulas, then verify
 /// and merge read the fused modules against the per-expert checkpoints.
 #[test]
 fn per_expert_weights_fused_for_transformers_v5() {
@@ -893,11 +893,17 @@ fn per_expert_weights_fused_for_transformers_v5() {
     ] {
         assert!(params.contains(&p), "{p} in {params:?}");
     }
-    // The shared expert's layers by path (a regex: the per-expert modules on disk share their
-    // names), the experts not at all.
-    let targets = cfg["target_modules"].as_str().unwrap_or_default();
-    assert!(targets.contains(r"shared_expert\.gate_proj"), "{targets}");
-    assert!(!targets.contains(r"experts\.0"), "{targets}");
+    // The shared expert's layers are target parameters by path too: PEFT's conversion to v5
+    // would turn a `gate_proj` in target_modules into the experts' parameter.
+    for p in ["gate_proj", "down_proj"] {
+        let path = format!("{mlp}.shared_expert.{p}.weight");
+        assert!(params.contains(&path), "{path} in {params:?}");
+    }
+    let targets = cfg["target_modules"].to_string();
+    assert!(
+        !targets.contains("gate_proj") && !targets.contains("down_proj"),
+        "{targets}"
+    );
     let key = regex::escape(&format!("{mlp}.experts.gate_up_proj"));
     assert_eq!(cfg["rank_pattern"][&key], 2 * R, "{cfg}");
     assert_eq!(cfg["alpha_pattern"][&key], (2 * R) as f64, "{cfg}");

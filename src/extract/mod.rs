@@ -132,17 +132,8 @@ fn open_pair(s: &ExtractSettings) -> Result<(Checkpoint, Checkpoint, Plan)> {
         .config()
         .and_then(|c| c.get("model_type"))
         .and_then(|m| m.as_str());
-    if s.target == Target::Peft && !s.plan.fuse_experts && model_type == Some("qwen2_moe") {
-        if let Some(item) = plan
-            .items
-            .iter()
-            .find(|i| crate::plan::per_expert_weight(&i.name).is_some())
-        {
-            tracing::warn!(
-                "{}: Qwen2-MoE experts are written per expert (what vLLM loads); PEFT under transformers v5 does not apply a per-expert Qwen2-MoE adapter (it fuses the experts in memory), so pass --fuse-experts for PEFT",
-                item.name
-            );
-        }
+    if s.target == Target::Peft && !s.plan.fuse_experts {
+        warn_per_expert_for_peft(&plan, model_type);
     }
     let fused_param = plan.items.iter().find_map(|i| match &i.form {
         Form::Expert(e) => Some(e.param.as_str()),
@@ -162,6 +153,36 @@ fn open_pair(s: &ExtractSettings) -> Result<(Checkpoint, Checkpoint, Plan)> {
         }
     }
     Ok((base, ft, plan))
+}
+
+/// Per-expert `gate_proj`/`up_proj`/`down_proj` weights that PEFT under transformers v5 will not
+/// apply as written: Qwen2-MoE's experts (PEFT does not convert that type), or, for the types it
+/// converts, a dense MLP or shared expert of the same names (the conversion drops their LoRA).
+fn warn_per_expert_for_peft(plan: &Plan, model_type: Option<&str>) {
+    let expert = plan.items.iter().find(|i| {
+        crate::plan::per_expert_weight(&i.name)
+            .is_some_and(|(_, _, proj)| crate::plan::fused_target(proj).is_some())
+    });
+    let Some(expert) = expert else {
+        return;
+    };
+    let namesake = plan.items.iter().find(|i| {
+        i.action == Action::LoraLinear
+            && crate::plan::per_expert_weight(&i.name).is_none()
+            && crate::plan::fused_target(crate::plan::last_segment(&i.module)).is_some()
+    });
+    if model_type == Some("qwen2_moe") {
+        tracing::warn!(
+            "{}: the experts are written per expert (what vLLM loads); PEFT under transformers v5 does not apply a per-expert Qwen2-MoE adapter (it fuses the experts in memory): pass --fuse-experts for PEFT",
+            expert.name
+        );
+    } else if let Some(other) = namesake {
+        tracing::warn!(
+            "{}: when PEFT under transformers v5 converts these per-expert weights to fused experts, it also turns `{}` (a dense MLP or shared expert of the same name) into the experts' parameter and drops its LoRA: pass --fuse-experts for PEFT (vLLM loads the per-expert form)",
+            expert.name,
+            other.module
+        );
+    }
 }
 
 /// The first worker of the first device: it answers for all about memory and names.
@@ -576,6 +597,20 @@ fn run<B: Backend>(
         Vec::new()
     };
     written_modules.retain(|m| !routers.contains(m));
+    // With --fuse-experts, the other MLP layers named like experts (a dense MLP, a shared
+    // expert) go to PEFT as target parameters by path: PEFT's conversion to transformers v5
+    // turns every `gate_proj`/`up_proj`/`down_proj` in target_modules into the fused experts'
+    // parameters, which would drop their LoRA (seen with DeepSeek-V3).
+    let mlp_params: Vec<String> = if s.plan.fuse_experts {
+        written_modules
+            .iter()
+            .filter(|m| crate::plan::fused_target(crate::plan::last_segment(m)).is_some())
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    written_modules.retain(|m| !mlp_params.contains(m));
     let targets = adapter::target_modules(&written_modules, |last| {
         let mut paths: Vec<String> = ft
             .tensors()
@@ -667,6 +702,7 @@ fn run<B: Backend>(
     router_names.dedup();
     let target_parameters: Vec<String> = router_names
         .into_iter()
+        .chain(mlp_params.iter().map(|m| format!("{m}.weight")))
         .chain(fused.iter().map(|p| p.param.clone()))
         .collect();
     if !target_parameters.is_empty() {
@@ -688,6 +724,8 @@ fn run<B: Backend>(
             // PEFT matches a target parameter's pattern against the parameter's path.
             let key = if routers.contains(module) {
                 crate::plan::router_pattern(module)
+            } else if mlp_params.contains(module) {
+                regex::escape(&format!("{module}.weight"))
             } else {
                 crate::plan::expert_group(module).unwrap_or_else(|| regex::escape(module))
             };
