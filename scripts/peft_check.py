@@ -13,7 +13,8 @@ with the adapter through PEFT and compares its logits with the fine-tune's.
 
 Exit status 0 when every family's adapter reproduces the fine-tune's logits (relative error
 below --tol), 1 otherwise. The last lines are a table: family, tensors, relative logit error
-of base+adapter against the fine-tune, and of the base alone (what the adapter fixes).
+of base+adapter (PEFT) against the fine-tune, of `phlora merge`'s checkpoint (loaded by
+transformers), and of the base alone (what the adapter fixes).
 """
 import argparse
 import copy
@@ -270,8 +271,20 @@ def check(family, phlora, rank, work, tol):
     got = logits(loaded.eval(), ids)
     rel = ((got - want).norm() / want.norm()).item()
     rel_base = ((plain - want).norm() / want.norm()).item()
-    return dict(family=family, ok=rel < tol, tensors=len(report["tensors"]), rel=rel,
-                rel_base=rel_base, gap=KNOWN_GAPS.get(family) if rel >= tol else None)
+    # `phlora merge`: base + adapter written as a checkpoint, loaded by transformers itself.
+    rel_merged = None
+    if not raw:
+        mdir = os.path.join(work, family, "merged")
+        run = subprocess.run([phlora, "merge", "--base", bdir, "--adapter", adir, "--out", mdir,
+                              "--force"], capture_output=True, text=True)
+        if run.returncode != 0:
+            return dict(family=family, ok=False, error=run.stderr.strip().splitlines()[-1:])
+        merged = logits(AutoModelForCausalLM.from_pretrained(mdir).float().eval(), ids)
+        rel_merged = ((merged - want).norm() / want.norm()).item()
+    ok = rel < tol and (rel_merged is None or rel_merged < tol)
+    return dict(family=family, ok=ok, tensors=len(report["tensors"]), rel=rel,
+                rel_base=rel_base, rel_merged=rel_merged,
+                gap=KNOWN_GAPS.get(family) if not ok else None)
 
 
 def main():
@@ -298,14 +311,17 @@ def main():
                 rows.append(check(f, args.phlora, args.rank, work, args.tol))
         except Exception as e:  # a family that fails to load is a result, not a crash
             rows.append(dict(family=f, ok=False, error=[f"{type(e).__name__}: {e}"]))
-    print(f"\n{'family':<11} {'tensors':>7} {'err(base+adapter)':>18} {'err(base)':>10}  result")
+    print(f"\n{'family':<22} {'tensors':>7} {'err(base+adapter)':>18} {'err(merged)':>12} "
+          f"{'err(base)':>10}  result")
     for r in rows:
         if "error" in r:
-            print(f"{r['family']:<11} {'-':>7} {'-':>18} {'-':>10}  FAIL: {' '.join(r['error'])[:200]}")
+            print(f"{r['family']:<22} {'-':>7} {'-':>18} {'-':>12} {'-':>10}  "
+                  f"FAIL: {' '.join(r['error'])[:200]}")
         else:
             verdict = "ok" if r["ok"] else ("known gap" if r.get("gap") else "FAIL")
-            print(f"{r['family']:<11} {r['tensors']:>7} {r['rel']:>18.2e} {r['rel_base']:>10.2e}  "
-                  f"{verdict}")
+            merged = "-" if r.get("rel_merged") is None else f"{r['rel_merged']:.2e}"
+            print(f"{r['family']:<22} {r['tensors']:>7} {r['rel']:>18.2e} {merged:>12} "
+                  f"{r['rel_base']:>10.2e}  {verdict}")
     for r in rows:
         if r.get("gap"):
             print(f"known gap, {r['family']}: {r['gap']}")

@@ -136,6 +136,48 @@ fn delta(base: &Loaded, ft: &Loaded) -> Mat<f64> {
     })
 }
 
+/// merge writes the resized model: the base's rows plus the update, then the added rows (plus
+/// their update, zero), in a header rewritten for the new shapes; config.json says the new
+/// vocabulary. Checked with the safetensors crate and against base + adapter (verify).
+fn merge_and_check(root: &Path, b: &Path, f: &Path, out: &Path) -> serde_json::Value {
+    let merged = root.join("merged");
+    let o = phlora(&[
+        "merge",
+        "--base",
+        b.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = read_safetensors(&merged.join("model.safetensors"));
+    let ftt = read_safetensors(&f.join("model.safetensors"));
+    for (name, t) in &ftt {
+        let mt = m
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} missing from the merged model"));
+        assert_eq!(mt.shape, t.shape, "{name}");
+        if t.shape[0] == V + NEW {
+            // The new rows are the fine-tune's, exactly (f32 throughout).
+            assert_eq!(mt.values[V * H..], t.values[V * H..], "{name}");
+        }
+    }
+    let v = verify_pair(b, &merged, out);
+    assert!(
+        v.tensors
+            .iter()
+            .filter(|t| t.kind.starts_with("lora"))
+            .all(|t| t.rel_error_delta < 1e-5),
+        "{:?}",
+        v.tensors
+    );
+    assert!(merged.join("tokenizer.json").is_file());
+    let cfg = read_json(&merged.join("config.json"));
+    assert_eq!(cfg["vocab_size"], V + NEW, "{cfg}");
+    cfg
+}
+
 #[test]
 fn a_grown_vocabulary_is_an_error_that_names_the_tensor_and_the_option() {
     let dir = tempfile::tempdir().unwrap();
@@ -226,21 +268,7 @@ fn untied_vocabulary_grown_in_both_matrices() {
         "{row}"
     );
 
-    // merge cannot resize a checkpoint yet: a clear refusal, nothing written.
-    let merged = dir.path().join("merged");
-    let o = phlora(&[
-        "merge",
-        "--base",
-        b.to_str().unwrap(),
-        "--adapter",
-        out.to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
-    assert!(stderr.contains("added tokens"), "{stderr}");
-    assert!(!merged.join("config.json").exists());
+    merge_and_check(dir.path(), &b, &f, &out);
 }
 
 /// verify notices added rows that are not the fine-tune's.
@@ -315,6 +343,11 @@ fn tied_vocabulary_grown() {
         .find(|t| t.name == "model.embed_tokens.weight")
         .unwrap();
     assert!(t.rel_error_delta < 1e-2, "{t:?}");
+    // Still tied: lm_head's LoRA is the embedding's, merged through it.
+    let cfg = merge_and_check(dir.path(), &b, &f, &out);
+    assert_eq!(cfg["tie_word_embeddings"], true, "{cfg}");
+    let m = read_safetensors(&dir.path().join("merged/model.safetensors"));
+    assert!(!m.contains_key("lm_head.weight"));
 }
 
 /// The base ties lm_head, the fine-tune stores its own with the new rows: lm_head's ΔW is
@@ -353,6 +386,18 @@ fn base_tied_fine_tune_untied_vocabulary_grown() {
         .iter()
         .filter(|t| t.kind.starts_with("lora"))
         .all(|t| t.rel_error_delta < 1e-2));
+    // The merged model stores lm_head, untied: base embedding + lm_head's update, then the
+    // fine-tune's new lm_head rows.
+    let cfg = merge_and_check(dir.path(), &b, &f, &out);
+    assert_eq!(cfg["tie_word_embeddings"], false, "{cfg}");
+    let m = read_safetensors(&dir.path().join("merged/model.safetensors"));
+    let d = Mat::from_fn(V, H, |i, j| {
+        f64::from(m["lm_head.weight"].values[i * H + j])
+            - f64::from(bt["model.embed_tokens.weight"].values[i * H + j])
+    });
+    let want = delta(&bt["model.embed_tokens.weight"], &ftt["lm_head.weight"]);
+    let best = optimum(&singular_values(&want), R);
+    assert!((&want - &d).norm_l2() / want.norm_l2() <= 1.01 * best + 1e-5);
 }
 
 /// A stale added_tokens.safetensors from an earlier run in OUT does not survive --force.
@@ -422,4 +467,69 @@ fn shapes_that_are_not_added_tokens_stay_errors() {
         assert!(err.contains(name) && err.contains("in the base"), "{err}");
         assert!(!err.contains("--added-tokens"), "{err}");
     }
+}
+
+/// A sharded base that ties lm_head, a fine-tune that unties it and adds tokens: merge grows
+/// the embedding's shard, appends lm_head to it, and updates the index (weight_map and
+/// total_size) and the config; every shard reads back with the safetensors crate.
+#[test]
+fn sharded_base_merges_into_an_untied_resized_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b1, f) = write_pair(dir.path(), Heads::FineTuneOnly, fresh_seed("grown-sharded"));
+    let b = dir.path().join("base-sharded");
+    let mut tensors: Vec<_> = read_safetensors(&b1.join("model.safetensors"))
+        .into_iter()
+        .map(|(n, l)| tensor(&n, DType::F32, &l.shape, l.values))
+        .collect();
+    tensors.sort_by(|x, y| x.0.cmp(&y.0));
+    write_sharded(&b, &tensors, 1);
+    let data: usize = tensors.iter().map(|t| 4 * t.3.len()).sum();
+    let index_path = b.join("model.safetensors.index.json");
+    let mut index = read_json(&index_path);
+    index["metadata"]["total_size"] = data.into();
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    std::fs::copy(b1.join("config.json"), b.join("config.json")).unwrap();
+
+    let out = dir.path().join("adapter");
+    extract(&settings(&b, &f, &out, true)).unwrap();
+    let merged = dir.path().join("merged");
+    let o = phlora(&[
+        "merge",
+        "--base",
+        b.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let index = read_json(&merged.join("model.safetensors.index.json"));
+    let map = index["weight_map"].as_object().unwrap();
+    assert_eq!(map["lm_head.weight"], map["model.embed_tokens.weight"]);
+    let mut shards: Vec<_> = map.values().map(|v| v.as_str().unwrap()).collect();
+    shards.sort();
+    shards.dedup();
+    let total: usize = shards
+        .iter()
+        .map(|s| {
+            let bytes = std::fs::read(merged.join(s)).unwrap();
+            let (n, _) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+            bytes.len() - 8 - n
+        })
+        .sum();
+    assert_eq!(index["metadata"]["total_size"], total);
+    assert_eq!(total, data + (NEW * H + (V + NEW) * H) * 4);
+    let cfg = read_json(&merged.join("config.json"));
+    assert_eq!(cfg["tie_word_embeddings"], false);
+    assert_eq!(cfg["vocab_size"], V + NEW);
+    let v = verify_pair(&b, &merged, &out);
+    assert!(v.tensors.iter().any(|t| t.name == "lm_head.weight"));
+    assert!(
+        v.tensors
+            .iter()
+            .filter(|t| t.kind.starts_with("lora"))
+            .all(|t| t.rel_error_delta < 1e-5),
+        "{:?}",
+        v.tensors
+    );
 }

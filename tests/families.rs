@@ -1046,3 +1046,99 @@ fn fuse_experts_refusals() {
         assert!(!root.join("out").join("adapter_config.json").exists());
     }
 }
+
+/// The base ties lm_head, the fine-tune stores its own (untied while fine-tuning): lm_head's
+/// LoRA is against the base's embedding, and merge stores an untied lm_head (before, it was
+/// folded into the embedding's update and lost).
+#[test]
+fn base_tied_fine_tune_untied_merges_untied() {
+    let (h, v) = (16, 40);
+    let dir = tempfile::tempdir().unwrap();
+    let seed = fresh_seed("untie");
+    let emb = normal(v * h, seed);
+    let change = |s: u64| to_row_major_f32(&spectrum_matrix(v, h, &[1.0, 0.5], 1e-4, s));
+    let plus = |a: &[f32], d: Vec<f32>| a.iter().zip(d).map(|(x, y)| x + y).collect::<Vec<_>>();
+    let q = normal(h * h, seed + 3);
+    let (b, f) = (dir.path().join("base"), dir.path().join("ft"));
+    let config = |tied: bool| {
+        serde_json::json!({"model_type": "llama", "hidden_size": h,
+            "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": tied})
+        .to_string()
+    };
+    write_single(
+        &b.join("model.safetensors"),
+        &[
+            tensor(
+                "model.embed_tokens.weight",
+                DType::F32,
+                &[v, h],
+                emb.clone(),
+            ),
+            tensor(
+                "model.layers.0.self_attn.q_proj.weight",
+                DType::F32,
+                &[h, h],
+                q.clone(),
+            ),
+        ],
+    );
+    write_single(
+        &f.join("model.safetensors"),
+        &[
+            tensor(
+                "model.embed_tokens.weight",
+                DType::F32,
+                &[v, h],
+                plus(&emb, change(seed + 1)),
+            ),
+            tensor(
+                "model.layers.0.self_attn.q_proj.weight",
+                DType::F32,
+                &[h, h],
+                q,
+            ),
+            tensor(
+                "lm_head.weight",
+                DType::F32,
+                &[v, h],
+                plus(&emb, change(seed + 2)),
+            ),
+        ],
+    );
+    std::fs::write(b.join("config.json"), config(true)).unwrap();
+    std::fs::write(f.join("config.json"), config(false)).unwrap();
+    let out = dir.path().join("adapter");
+    let mut st = ExtractSettings::new(b.clone(), f.clone(), out.clone(), R);
+    st.device = phlora::backend::Device::Cpu;
+    extract(&st).unwrap();
+    let merged = dir.path().join("merged");
+    let o = phlora(&[
+        "merge",
+        "--base",
+        b.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        read_json(&merged.join("config.json"))["tie_word_embeddings"],
+        false
+    );
+    let m = read_safetensors(&merged.join("model.safetensors"));
+    let ft = read_safetensors(&f.join("model.safetensors"));
+    // Both rank-2 changes are carried at rank 4 (the noise is not): merged ≈ fine-tune, the
+    // embedding and lm_head each, relative to their change from the base's embedding.
+    let dist = |x: &[f32], y: &[f32]| -> f64 {
+        x.iter()
+            .zip(y)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    for name in ["lm_head.weight", "model.embed_tokens.weight"] {
+        let err = dist(&m[name].values, &ft[name].values) / dist(&ft[name].values, &emb);
+        assert!(err < 1e-2, "{name}: {err}");
+    }
+}

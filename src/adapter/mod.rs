@@ -14,6 +14,18 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const REPORT_FILE: &str = "report.json";
 /// The fine-tune's new vocabulary rows (`--added-tokens`), under the tensors' checkpoint names.
 pub const ADDED_TOKENS_FILE: &str = "added_tokens.safetensors";
+/// What a tokenizer is made of, across the tokenizer classes transformers saves (copied beside
+/// an adapter with added tokens).
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+];
 
 /// PEFT prefixes every key with the wrapper's path.
 pub const KEY_PREFIX: &str = "base_model.model.";

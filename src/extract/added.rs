@@ -6,23 +6,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::adapter::{AdapterWriter, ADDED_TOKENS_FILE};
+use crate::adapter::{AdapterWriter, ADDED_TOKENS_FILE, TOKENIZER_FILES};
 use crate::checkpoint::writer::{HeaderEntry, StreamWriter};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
-
-/// What a tokenizer is made of, across the tokenizer classes transformers saves.
-const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-];
 
 /// Stages the new rows of every grown vocabulary matrix (a tied lm_head's are its embedding's,
 /// written once) and the fine-tune's tokenizer files. Returns the files staged.

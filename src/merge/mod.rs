@@ -5,7 +5,7 @@
 //! staging folder inside OUT and are moved in, the index or single file and config.json last,
 //! so OUT never looks complete before it is.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -19,6 +19,10 @@ use crate::checkpoint::dtype::{decode_into, encode_into};
 use crate::checkpoint::{Checkpoint, TensorEntry, INDEX_FILE};
 use crate::error::{Error, Result};
 use crate::staging::StagedOutput;
+
+mod vocab;
+
+use vocab::{UntiedHead, LM_HEAD};
 
 #[derive(Clone, Debug)]
 pub struct MergeSettings {
@@ -53,6 +57,8 @@ enum Change<'a> {
     /// A per-expert weight inside a fused module (`--fuse-experts`): its rows, from `offset`,
     /// of expert `expert`'s update.
     ExpertPart(&'a LoraModule, usize, usize),
+    /// A vocabulary matrix grown by the adapter's added rows (added tokens), with its update.
+    Grown(Option<&'a LoraModule>, &'a TensorEntry),
 }
 
 /// Weights in other formats would be stale next to the merged shards: not copied.
@@ -78,12 +84,6 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
     let base = Checkpoint::open(&s.base)?;
     let mut adapter = Adapter::open(&s.adapter)?;
     adapter.set_experts_layout(crate::plan::experts_in_out(base.config()));
-    if adapter.added.is_some() {
-        return Err(Error::checkpoint(
-            s.adapter.join(crate::adapter::ADDED_TOKENS_FILE),
-            "the adapter grows the vocabulary (added tokens), and merge does not resize a checkpoint yet; load it with PEFT after resizing the base's embeddings (README: added tokens)",
-        ));
-    }
     let mut changes: HashMap<&str, Change> = HashMap::new();
     // Fused modules whose experts the base stores one by one.
     for t in base.tensors().iter().filter(|t| t.shape.len() == 2) {
@@ -100,22 +100,50 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
             _ => None,
         })
         .collect();
+    let mut untied: Option<UntiedHead> = None;
     for m in &adapter.modules {
         let name = m.param.clone();
         if by_parts.contains(name.as_str()) {
             continue;
         }
-        // A tied lm_head's LoRA updates the embedding matrix the model reuses: the embedding's
-        // own LoRA carries the same change into the one stored matrix.
-        let tied = crate::plan::tied_counterpart(&base, &name, &Adapter::weight_shape(m));
-        if base.get(&name).is_none()
-            && tied.is_some_and(|t| adapter.modules.iter().any(|e| e.param == t.name))
-        {
-            tracing::info!(
-                "{}: the base ties it to its embeddings; merged through the embedding's LoRA",
-                m.module
-            );
-            continue;
+        let shape = Adapter::weight_shape(m);
+        // A tied lm_head: the model reuses its embedding matrix there. When the lm_head LoRA is
+        // the embedding's transposed (both checkpoints tie it), the embedding's own LoRA
+        // carries the change into the one stored matrix; otherwise the fine-tune untied it,
+        // and the merged checkpoint stores an lm_head of its own.
+        if base.get(&name).is_none() {
+            if let Some(emb) = crate::plan::tied_counterpart(&base, &name, &shape) {
+                if vocab::is_embedding_transposed(&adapter, m, &emb.name) {
+                    tracing::info!(
+                        "{}: the base ties it to its embeddings; merged through the embedding's LoRA",
+                        m.module
+                    );
+                } else {
+                    let added = adapter
+                        .added
+                        .as_ref()
+                        .and_then(|a| a.get(LM_HEAD).or_else(|| a.get(&emb.name)));
+                    let rows = emb.shape[0] + added.map_or(0, |a| a.shape[0]);
+                    if shape != [rows, emb.shape[1]] || emb.float_dtype().is_none() {
+                        return Err(Error::tensor(
+                            adapter.file.path_of(&m.a),
+                            &m.module,
+                            format!("B·A is {shape:?}; the base's tied `{}` (with the added rows) is [{rows}, {}]", emb.name, emb.shape[1]),
+                        ));
+                    }
+                    tracing::info!(
+                        "{}: the base ties it to `{}` but the adapter updates it on its own: the merged checkpoint stores it (tie_word_embeddings false)",
+                        m.module,
+                        emb.name
+                    );
+                    untied = Some(UntiedHead {
+                        lora: m,
+                        emb,
+                        added,
+                    });
+                }
+                continue;
+            }
         }
         let t = base.get(&name).ok_or_else(|| {
             Error::tensor(
@@ -124,17 +152,26 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
                 format!("the base has no `{name}` to merge into"),
             )
         })?;
-        if t.shape.as_slice() != Adapter::weight_shape(m) || t.float_dtype().is_none() {
+        let grown = vocab::added_rows(&adapter, &name, t, shape[0]);
+        if (t.shape != shape && grown.is_none()) || t.float_dtype().is_none() {
             return Err(Error::tensor(
                 adapter.file.path_of(&m.a),
                 &m.module,
                 format!(
-                    "B·A is {:?}; the base's `{name}` is {:?} {:?}",
-                    Adapter::weight_shape(m),
+                    "B·A is {shape:?}; the base's `{name}` is {:?} {:?}{}",
                     t.dtype,
-                    t.shape
+                    t.shape,
+                    if t.shape.first() < shape.first() {
+                        " (the adapter's vocabulary is larger: its added_tokens.safetensors is missing or does not fit)"
+                    } else {
+                        ""
+                    }
                 ),
             ));
+        }
+        if let Some(added) = grown {
+            changes.insert(t.name.as_str(), Change::Grown(Some(m), added));
+            continue;
         }
         changes.insert(t.name.as_str(), Change::Lora(m));
         if let Some(lb) = &m.bias {
@@ -182,6 +219,31 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
         }
     }
 
+    // Added rows of vocabulary matrices without a LoRA (their shared rows did not change).
+    if let Some(file) = &adapter.added {
+        for a in file.tensors() {
+            let head_rows = untied
+                .as_ref()
+                .is_some_and(|u| u.added.is_some_and(|x| x.name == a.name));
+            if changes.contains_key(a.name.as_str()) || head_rows {
+                continue;
+            }
+            let t = base.get(&a.name).filter(|t| {
+                t.float_dtype().is_some() && t.shape.len() == 2 && t.shape[1] == a.shape[1]
+            });
+            let t = t.ok_or_else(|| {
+                Error::tensor(
+                    file.path_of(a),
+                    &a.name,
+                    format!(
+                        "added rows {:?}, but the base has no such float matrix of that width",
+                        a.shape
+                    ),
+                )
+            })?;
+            changes.insert(t.name.as_str(), Change::Grown(None, a));
+        }
+    }
     let staging = StagedOutput::create(
         &s.out,
         "merge",
@@ -218,15 +280,61 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
             by_shard[t.shard].push(t);
         }
     }
+    // Tensors that grow (added tokens), by name: their new row counts.
+    let grown_rows: BTreeMap<&str, usize> = changes
+        .iter()
+        .filter_map(|(&n, c)| match c {
+            Change::Grown(_, a) => Some((n, base.get(n)?.shape[0] + a.shape[0])),
+            _ => None,
+        })
+        .collect();
+    let head_rows = untied
+        .as_ref()
+        .map(|u| u.emb.shape[0] + u.added.map_or(0, |a| a.shape[0]));
     // Files by name, in the order they move into OUT.
     let mut moves: Vec<PathBuf> = Vec::new();
+    let mut head_shard = None;
+    let mut grown_bytes = 0u64;
     for (i, changed) in by_shard.iter_mut().enumerate() {
         changed.sort_by_key(|t| t.start);
         let name = PathBuf::from(base.shard_path(i).file_name().expect("a shard is a file"));
         let dst = staging.dir().join(&name);
-        report.bytes += write_shard(&base, &adapter, i, changed, &changes, &dst)?;
+        // A shard whose layout changes gets a new header.
+        let head = untied.as_ref().filter(|u| u.emb.shard == i);
+        let header = if head.is_some()
+            || changed
+                .iter()
+                .any(|t| grown_rows.contains_key(t.name.as_str()))
+        {
+            let mut in_order: Vec<&TensorEntry> =
+                base.tensors().iter().filter(|t| t.shard == i).collect();
+            in_order.sort_by_key(|t| t.start);
+            let appended =
+                head.map(|u| (LM_HEAD, u.emb, vec![head_rows.unwrap_or(0), u.emb.shape[1]]));
+            Some(vocab::rewritten_header(
+                base.shard_path(i),
+                base.shard_bytes(i),
+                &in_order,
+                &grown_rows,
+                appended,
+            )?)
+        } else {
+            None
+        };
+        if head.is_some() {
+            head_shard = Some(name.to_string_lossy().into_owned());
+        }
+        let (written, data_growth) =
+            write_shard(&base, &adapter, i, changed, &changes, header, head, &dst)?;
+        report.bytes += written;
+        grown_bytes += data_growth;
         moves.push(name);
     }
+    let vocab_size = grown_rows
+        .values()
+        .copied()
+        .max()
+        .or(head_rows.filter(|_| untied.as_ref().is_some_and(|u| u.added.is_some())));
     // The other files of the model folder (config, tokenizer, generation config, ...).
     let mut last = Vec::new();
     if folder {
@@ -240,7 +348,16 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
                 continue;
             }
             let dst = staging.dir().join(&name);
-            std::fs::copy(e.path(), &dst).map_err(|err| Error::io(e.path(), "cannot copy", err))?;
+            if name == "config.json" && (vocab_size.is_some() || untied.is_some()) {
+                let text = std::fs::read_to_string(e.path())
+                    .map_err(|err| Error::io(e.path(), "cannot read", err))?;
+                let text = vocab::updated_config(&text, vocab_size, untied.is_some())
+                    .map_err(|err| Error::checkpoint(e.path(), format!("not valid JSON: {err}")))?;
+                std::fs::write(&dst, text).map_err(|err| Error::io(&dst, "cannot write", err))?;
+            } else {
+                std::fs::copy(e.path(), &dst)
+                    .map_err(|err| Error::io(e.path(), "cannot copy", err))?;
+            }
             report.copied_files.push(name.clone());
             if name == "config.json" {
                 last.push(PathBuf::from(name))
@@ -251,8 +368,31 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
         let index = s.base.join(INDEX_FILE);
         if index.is_file() {
             let dst = staging.dir().join(INDEX_FILE);
-            std::fs::copy(&index, &dst).map_err(|e| Error::io(&index, "cannot copy", e))?;
+            if head_shard.is_some() || grown_bytes > 0 {
+                let text = std::fs::read_to_string(&index)
+                    .map_err(|e| Error::io(&index, "cannot read", e))?;
+                let text = vocab::updated_index(&text, head_shard.as_deref(), grown_bytes)
+                    .map_err(|e| Error::checkpoint(&index, format!("not valid JSON: {e}")))?;
+                std::fs::write(&dst, text).map_err(|e| Error::io(&dst, "cannot write", e))?;
+            } else {
+                // Unchanged layout: the index as it is, byte for byte.
+                std::fs::copy(&index, &dst).map_err(|e| Error::io(&index, "cannot copy", e))?;
+            }
             last.push(PathBuf::from(INDEX_FILE));
+        }
+        // The fine-tune's tokenizer, which knows the added tokens, replaces the base's.
+        if adapter.added.is_some() {
+            for name in crate::adapter::TOKENIZER_FILES {
+                let src = s.adapter.join(name);
+                if src.is_file() {
+                    let dst = staging.dir().join(name);
+                    std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, "cannot copy", e))?;
+                    if !report.copied_files.iter().any(|f| f == name) {
+                        report.copied_files.push(name.to_string());
+                        moves.push(PathBuf::from(name));
+                    }
+                }
+            }
         }
     }
     report.copied_files.sort();
@@ -265,27 +405,45 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
 }
 
 /// Shard `i` with its changed tensors (sorted by offset) rewritten; every other byte, header
-/// included, copied. Returns the bytes written.
+/// included, copied — or, when its layout changes, `header` (new bytes, where the old data
+/// starts) and then an untied lm_head appended. Returns (bytes written, data bytes added).
+#[allow(clippy::too_many_arguments)]
 fn write_shard(
     base: &Checkpoint,
     adapter: &Adapter,
     i: usize,
     changed: &[&TensorEntry],
     changes: &HashMap<&str, Change>,
+    header: Option<(Vec<u8>, usize)>,
+    head: Option<&UntiedHead>,
     dst: &Path,
-) -> Result<u64> {
+) -> Result<(u64, u64)> {
     let src = base.shard_bytes(i);
     let file = File::create(dst).map_err(|e| Error::io(dst, "cannot create", e))?;
     let mut out = BufWriter::with_capacity(4 << 20, file);
-    let write = |out: &mut BufWriter<File>, bytes: &[u8]| {
+    let mut written = 0u64;
+    let mut write = |bytes: &[u8]| {
+        written += bytes.len() as u64;
         out.write_all(bytes)
             .map_err(|e| Error::io(dst, "cannot write", e))
     };
     let mut at = 0;
+    let mut header_growth = 0i64;
+    if let Some((h, data_start)) = &header {
+        write(h)?;
+        header_growth = h.len() as i64 - *data_start as i64;
+        at = *data_start;
+    }
     for t in changed {
-        write(&mut out, &src[at..t.start])?;
+        write(&src[at..t.start])?;
         match changes[t.name.as_str()] {
-            Change::Lora(m) => merged_tensor(base, adapter, t, m, &mut |b| write(&mut out, b))?,
+            Change::Lora(m) => merged_tensor(base, adapter, t, m, &mut write)?,
+            Change::Grown(m, added) => {
+                let file = adapter.added.as_ref().expect("grown by the added rows");
+                let rows = t.shape[0] + added.shape[0];
+                let source = |r0: usize, r1: usize| stacked_rows(base, t, file, added, r0, r1);
+                merged_rows(t, rows, &source, m.map(|m| (adapter, m)), &mut write)?;
+            }
             Change::ExpertPart(m, e, offset) => {
                 let td = t.float_dtype().expect("checked");
                 let (a, b) = adapter.factors(m);
@@ -298,7 +456,7 @@ fn write_shard(
                 }
                 let mut bytes = Vec::with_capacity(t.nbytes());
                 encode_into(td, &w, &mut bytes);
-                write(&mut out, &bytes)?;
+                write(&bytes)?;
             }
             Change::Bias(m) => {
                 let lb = m.bias.as_ref().expect("only modules with a bias");
@@ -314,7 +472,7 @@ fn write_shard(
                 }
                 let mut bytes = Vec::with_capacity(t.nbytes());
                 encode_into(td, &w, &mut bytes);
-                write(&mut out, &bytes)?;
+                write(&bytes)?;
             }
             Change::Whole(w) => {
                 let (wd, td) = (
@@ -322,29 +480,44 @@ fn write_shard(
                     t.float_dtype().expect("checked"),
                 );
                 if wd == td {
-                    write(&mut out, adapter.file.bytes(w))?;
+                    write(adapter.file.bytes(w))?;
                 } else {
                     let mut v = vec![0f32; w.numel()];
                     decode_into(wd, adapter.file.bytes(w), &mut v);
                     let mut bytes = Vec::with_capacity(t.nbytes());
                     encode_into(td, &v, &mut bytes);
-                    write(&mut out, &bytes)?;
+                    write(&bytes)?;
                 }
             }
         }
         base.release(t);
         at = t.end;
     }
-    write(&mut out, &src[at..])?;
+    write(&src[at..])?;
+    if let Some(u) = head {
+        let rows = u.emb.shape[0] + u.added.map_or(0, |a| a.shape[0]);
+        match (u.added, adapter.added.as_ref()) {
+            (Some(added), Some(file)) => {
+                let source = |r0: usize, r1: usize| stacked_rows(base, u.emb, file, added, r0, r1);
+                merged_rows(u.emb, rows, &source, Some((adapter, u.lora)), &mut write)?;
+            }
+            _ => {
+                let source = |r0: usize, r1: usize| decode_rows(base, u.emb, r0, r1);
+                merged_rows(u.emb, rows, &source, Some((adapter, u.lora)), &mut write)?;
+            }
+        }
+    }
     let file = out
         .into_inner()
         .map_err(|e| Error::io(dst, "cannot write", e.into_error()))?;
     file.sync_all()
         .map_err(|e| Error::io(dst, "cannot sync", e))?;
-    Ok(src.len() as u64)
+    let growth = written as i64 - src.len() as i64 - header_growth;
+    Ok((written, growth.max(0) as u64))
 }
 
-/// W_base + scaling·B·A in the base's dtype, in blocks of rows computed in parallel.
+/// W_base + scaling·B·A in the base's dtype, in blocks of rows computed in parallel (rows
+/// along the first axis: a fused parameter's are its experts).
 fn merged_tensor(
     base: &Checkpoint,
     adapter: &Adapter,
@@ -352,28 +525,67 @@ fn merged_tensor(
     m: &LoraModule,
     write: &mut dyn FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
+    let source = |r0: usize, r1: usize| decode_rows(base, t, r0, r1);
+    merged_rows(t, t.shape[0], &source, Some((adapter, m)), write)
+}
+
+/// Rows r0..r1 of a tensor (rows along its first axis), decoded to f32.
+fn decode_rows(ck: &Checkpoint, t: &TensorEntry, r0: usize, r1: usize) -> Vec<f32> {
     let dtype = t.float_dtype().expect("checked");
-    // Rows along the first axis (a fused parameter's: its experts).
-    let rows = t.shape[0];
-    let cols = t.numel() / rows.max(1);
-    let (a, b) = adapter.factors(m);
-    let bytes = base.bytes(t);
+    let cols = t.numel() / t.shape[0].max(1);
+    let mut w = vec![0f32; (r1 - r0) * cols];
+    let size = dtype.size();
+    decode_into(
+        dtype,
+        &ck.bytes(t)[r0 * cols * size..r1 * cols * size],
+        &mut w,
+    );
+    w
+}
+
+/// Rows r0..r1 of `t` followed by `more`'s rows (a vocabulary with its added rows).
+fn stacked_rows(
+    ck: &Checkpoint,
+    t: &TensorEntry,
+    more_ck: &Checkpoint,
+    more: &TensorEntry,
+    r0: usize,
+    r1: usize,
+) -> Vec<f32> {
+    let own = t.shape[0];
+    let mut v = decode_rows(ck, t, r0.min(own), r1.min(own));
+    if r1 > own {
+        v.extend(decode_rows(more_ck, more, r0.max(own) - own, r1 - own));
+    }
+    v
+}
+
+/// `rows` rows of a matrix shaped like `like` (its dtype, its row width): `source(r0, r1)`
+/// gives them before the update, the LoRA's update is added where there is one, and the
+/// result is written in `like`'s dtype — in blocks of rows computed in parallel, 64 at a time
+/// (bounded memory, all cores busy).
+fn merged_rows(
+    like: &TensorEntry,
+    rows: usize,
+    source: &(dyn Fn(usize, usize) -> Vec<f32> + Sync),
+    lora: Option<(&Adapter, &LoraModule)>,
+    write: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let dtype = like.float_dtype().expect("checked");
+    let cols = like.numel() / like.shape[0].max(1);
+    let factors = lora.map(|(adapter, m)| (m, adapter.factors(m)));
     let step = ((1 << 18) / cols.max(1)).clamp(1, rows.max(1));
-    // 64 blocks at a time: bounded memory, all cores busy.
     let blocks: Vec<usize> = (0..rows.div_ceil(step)).collect();
     for group in blocks.chunks(64) {
         let encoded: Vec<Vec<u8>> = group
             .par_iter()
             .map(|&c| {
                 let (r0, r1) = (c * step, ((c + 1) * step).min(rows));
-                let mut w = vec![0f32; (r1 - r0) * cols];
-                decode_into(
-                    dtype,
-                    &bytes[r0 * cols * dtype.size()..r1 * cols * dtype.size()],
-                    &mut w,
-                );
-                for (x, u) in w.iter_mut().zip(update_rows(m, &a, &b, r0, r1)) {
-                    *x += u;
+                let mut w = source(r0, r1);
+                if let Some((m, (a, b))) = &factors {
+                    for (x, u) in w.iter_mut().zip(update_rows(m, a, b, r0, r1)) {
+                        *x += u;
+                    }
                 }
                 let mut out = Vec::with_capacity(w.len() * dtype.size());
                 encode_into(dtype, &w, &mut out);
