@@ -26,6 +26,13 @@ import tempfile
 
 import torch
 
+# A tiny DeepSeek-V3: MLA attention, a dense first layer, shared and routed experts.
+DEEPSEEK_V3 = {"moe_intermediate_size": 24, "n_routed_experts": 4, "n_shared_experts": 1,
+               "num_experts_per_tok": 2, "first_k_dense_replace": 1, "q_lora_rank": 16,
+               "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
+               "v_head_dim": 8, "n_group": 1, "topk_group": 1, "num_key_value_heads": 4,
+               "head_dim": 4}
+
 FAMILIES = {
     # name: (model_type, extra config fields). Every config: 2 layers, hidden 32, vocab 96.
     "llama": ("llama", {}),
@@ -56,19 +63,9 @@ FAMILIES = {
                                       "moe_intermediate_size": 24}),
     "gpt_oss": ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     # Per expert on disk, shared experts, a dense first layer, MLA attention; --fuse-experts.
-    "deepseek_v3": ("deepseek_v3", {"moe_intermediate_size": 24, "n_routed_experts": 4,
-                                    "n_shared_experts": 1, "num_experts_per_tok": 2,
-                                    "first_k_dense_replace": 1, "q_lora_rank": 16,
-                                    "kv_lora_rank": 16, "qk_rope_head_dim": 4,
-                                    "qk_nope_head_dim": 4, "v_head_dim": 8, "n_group": 1,
-                                    "topk_group": 1, "num_key_value_heads": 4, "head_dim": 4}),
+    "deepseek_v3": ("deepseek_v3", DEEPSEEK_V3),
     # The same without --fuse-experts: PEFT's v5 conversion drops the dense and shared MLPs.
-    "deepseek_v3_per_expert": ("deepseek_v3", {"moe_intermediate_size": 24, "n_routed_experts": 4,
-                                    "n_shared_experts": 1, "num_experts_per_tok": 2,
-                                    "first_k_dense_replace": 1, "q_lora_rank": 16,
-                                    "kv_lora_rank": 16, "qk_rope_head_dim": 4,
-                                    "qk_nope_head_dim": 4, "v_head_dim": 8, "n_group": 1,
-                                    "topk_group": 1, "num_key_value_heads": 4, "head_dim": 4}),
+    "deepseek_v3_per_expert": ("deepseek_v3", DEEPSEEK_V3),
     "convnet": (None, {}),  # not a transformers model: ConvNet below
 }
 # Biases a LoRA can carry (--lora-bias; PEFT allows it only without embedding LoRA, so these

@@ -11,7 +11,6 @@ use common::*;
 use faer::Mat;
 use phlora::checkpoint::DType;
 use phlora::extract::{extract, ExtractSettings};
-use phlora::verify::{verify, VerifySettings};
 
 const R: usize = 4;
 const H: usize = 16;
@@ -101,18 +100,6 @@ fn settings(b: &Path, f: &Path, out: &Path, added: bool) -> ExtractSettings {
     st
 }
 
-fn verify_pair(b: &Path, f: &Path, out: &Path) -> phlora::verify::VerifyReport {
-    verify(&VerifySettings {
-        base: b.to_path_buf(),
-        ft: f.to_path_buf(),
-        adapter: out.to_path_buf(),
-        min_cos: None,
-        max_error: None,
-        min_weight_cos: None,
-    })
-    .unwrap()
-}
-
 /// ΔW on the shared rows and the adapter's update there, for a [vocab, dim] matrix whose
 /// factors are `(rows of the update) = f(i, j)`; the update's new rows must be exactly zero.
 fn check_update(name: &str, d: Mat<f64>, update: impl Fn(usize, usize) -> f64) {
@@ -141,16 +128,7 @@ fn delta(base: &Loaded, ft: &Loaded) -> Mat<f64> {
 /// vocabulary. Checked with the safetensors crate and against base + adapter (verify).
 fn merge_and_check(root: &Path, b: &Path, f: &Path, out: &Path) -> serde_json::Value {
     let merged = root.join("merged");
-    let o = phlora(&[
-        "merge",
-        "--base",
-        b.to_str().unwrap(),
-        "--adapter",
-        out.to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    merge_ok(b, out, &merged);
     let m = read_safetensors(&merged.join("model.safetensors"));
     let ftt = read_safetensors(&f.join("model.safetensors"));
     for (name, t) in &ftt {
@@ -163,7 +141,7 @@ fn merge_and_check(root: &Path, b: &Path, f: &Path, out: &Path) -> serde_json::V
             assert_eq!(mt.values[V * H..], t.values[V * H..], "{name}");
         }
     }
-    let v = verify_pair(b, &merged, out);
+    let v = verify_pair(b, &merged, out).unwrap();
     assert!(
         v.tensors
             .iter()
@@ -249,7 +227,7 @@ fn untied_vocabulary_grown_in_both_matrices() {
 
     // verify reads base + added rows as the resized model: the new rows are exact, the shared
     // rows as good as the rank allows.
-    let v = verify_pair(&b, &f, &out);
+    let v = verify_pair(&b, &f, &out).unwrap();
     for name in [emb, head] {
         let t = v.tensors.iter().find(|t| t.name == name).unwrap();
         assert_eq!(t.shape, vec![V + NEW, H]);
@@ -278,7 +256,7 @@ fn verify_sees_wrong_added_rows() {
     let (b, f) = write_pair(dir.path(), Heads::Both, fresh_seed("grown-wrong"));
     let out = dir.path().join("adapter");
     extract(&settings(&b, &f, &out, true)).unwrap();
-    let good = verify_pair(&b, &f, &out);
+    let good = verify_pair(&b, &f, &out).unwrap();
     let path = out.join("added_tokens.safetensors");
     let mut added = read_safetensors(&path);
     for t in added.values_mut() {
@@ -289,7 +267,7 @@ fn verify_sees_wrong_added_rows() {
         .map(|n| tensor(n, DType::F32, &added[*n].shape, added[*n].values.clone()))
         .collect();
     write_single(&path, &tensors);
-    let bad = verify_pair(&b, &f, &out);
+    let bad = verify_pair(&b, &f, &out).unwrap();
     let err = |v: &phlora::verify::VerifyReport| {
         v.tensors
             .iter()
@@ -306,16 +284,7 @@ fn verify_sees_wrong_added_rows() {
 
     // And without the file, verify says what is missing.
     std::fs::remove_file(&path).unwrap();
-    let e = verify(&VerifySettings {
-        base: b.clone(),
-        ft: f.clone(),
-        adapter: out.clone(),
-        min_cos: None,
-        max_error: None,
-        min_weight_cos: None,
-    })
-    .unwrap_err()
-    .to_string();
+    let e = verify_pair(&b, &f, &out).unwrap_err().to_string();
     assert!(e.contains("added_tokens.safetensors"), "{e}");
 }
 
@@ -336,7 +305,7 @@ fn tied_vocabulary_grown() {
         added.keys().collect::<Vec<_>>(),
         ["model.embed_tokens.weight"]
     );
-    let v = verify_pair(&b, &f, &out);
+    let v = verify_pair(&b, &f, &out).unwrap();
     let t = v
         .tensors
         .iter()
@@ -379,7 +348,7 @@ fn base_tied_fine_tune_untied_vocabulary_grown() {
         added["lm_head.weight"].values,
         ftt["lm_head.weight"].values[V * H..]
     );
-    let v = verify_pair(&b, &f, &out);
+    let v = verify_pair(&b, &f, &out).unwrap();
     assert!(v.tensors.iter().any(|t| t.name == "lm_head.weight"));
     assert!(v
         .tensors
@@ -493,16 +462,7 @@ fn sharded_base_merges_into_an_untied_resized_checkpoint() {
     let out = dir.path().join("adapter");
     extract(&settings(&b, &f, &out, true)).unwrap();
     let merged = dir.path().join("merged");
-    let o = phlora(&[
-        "merge",
-        "--base",
-        b.to_str().unwrap(),
-        "--adapter",
-        out.to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    merge_ok(&b, &out, &merged);
     let index = read_json(&merged.join("model.safetensors.index.json"));
     let map = index["weight_map"].as_object().unwrap();
     assert_eq!(map["lm_head.weight"], map["model.embed_tokens.weight"]);
@@ -522,7 +482,7 @@ fn sharded_base_merges_into_an_untied_resized_checkpoint() {
     let cfg = read_json(&merged.join("config.json"));
     assert_eq!(cfg["tie_word_embeddings"], false);
     assert_eq!(cfg["vocab_size"], V + NEW);
-    let v = verify_pair(&b, &merged, &out);
+    let v = verify_pair(&b, &merged, &out).unwrap();
     assert!(v.tensors.iter().any(|t| t.name == "lm_head.weight"));
     assert!(
         v.tensors

@@ -13,7 +13,6 @@ use common::*;
 use faer::Mat;
 use phlora::checkpoint::DType;
 use phlora::extract::{extract, ExtractSettings};
-use phlora::verify::{verify, VerifySettings};
 
 const R: usize = 4;
 
@@ -218,15 +217,7 @@ fn check_family(fam: &Family, tag: &str) -> serde_json::Value {
             );
         }
     }
-    let settings = |ft: &Path| VerifySettings {
-        base: b.clone(),
-        ft: ft.to_path_buf(),
-        adapter: out.clone(),
-        min_cos: None,
-        max_error: None,
-        min_weight_cos: None,
-    };
-    let v = verify(&settings(&f)).unwrap();
+    let v = verify_pair(&b, &f, &out).unwrap();
     assert!(
         v.tensors
             .iter()
@@ -236,18 +227,9 @@ fn check_family(fam: &Family, tag: &str) -> serde_json::Value {
         v.tensors
     );
     let merged = dir.path().join("merged");
-    let o = phlora(&[
-        "merge",
-        "--base",
-        b.to_str().unwrap(),
-        "--adapter",
-        out.to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    merge_ok(&b, &out, &merged);
     // The merged model is base + B·A: against it, the adapter's update is exact (f32).
-    let v = verify(&settings(&merged)).unwrap();
+    let v = verify_pair(&b, &merged, &out).unwrap();
     assert!(
         v.tensors
             .iter()
@@ -394,15 +376,7 @@ fn mixtral_per_expert_linears() {
                 .any(|r| r != experts_rank),
         "the ranks chosen should differ: {cfg}"
     );
-    let v = verify(&VerifySettings {
-        base: b,
-        ft: f,
-        adapter: out,
-        min_cos: None,
-        max_error: None,
-        min_weight_cos: None,
-    })
-    .unwrap();
+    let v = verify_pair(&b, &f, &out).unwrap();
     assert!(
         v.tensors
             .iter()
@@ -954,15 +928,7 @@ fn per_expert_weights_fused_for_transformers_v5() {
         }
     }
 
-    let settings = |ft: &Path| VerifySettings {
-        base: b.clone(),
-        ft: ft.to_path_buf(),
-        adapter: out.clone(),
-        min_cos: None,
-        max_error: None,
-        min_weight_cos: None,
-    };
-    let v = verify(&settings(&f)).unwrap();
+    let v = verify_pair(&b, &f, &out).unwrap();
     let experts: Vec<_> = v
         .tensors
         .iter()
@@ -976,17 +942,8 @@ fn per_expert_weights_fused_for_transformers_v5() {
         "{experts:?}"
     );
     let merged = dir.path().join("merged");
-    let o = phlora(&[
-        "merge",
-        "--base",
-        b.to_str().unwrap(),
-        "--adapter",
-        out.to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v = verify(&settings(&merged)).unwrap();
+    merge_ok(&b, &out, &merged);
+    let v = verify_pair(&b, &merged, &out).unwrap();
     assert!(
         v.tensors
             .iter()
@@ -1112,16 +1069,7 @@ fn base_tied_fine_tune_untied_merges_untied() {
     st.device = phlora::backend::Device::Cpu;
     extract(&st).unwrap();
     let merged = dir.path().join("merged");
-    let o = phlora(&[
-        "merge",
-        "--base",
-        b.to_str().unwrap(),
-        "--adapter",
-        out.to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    merge_ok(&b, &out, &merged);
     assert_eq!(
         read_json(&merged.join("config.json"))["tie_word_embeddings"],
         false

@@ -209,3 +209,33 @@ pub fn phlora(args: &[&str]) -> std::process::Output {
         .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_phlora")));
     std::process::Command::new(bin).args(args).output().unwrap()
 }
+
+/// `phlora merge --base BASE --adapter ADAPTER --out OUT`, which must succeed.
+pub fn merge_ok(base: &Path, adapter: &Path, out: &Path) {
+    let o = phlora(&[
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// verify with no thresholds: every tensor's figures, for the test to judge.
+pub fn verify_pair(
+    base: &Path,
+    ft: &Path,
+    adapter: &Path,
+) -> phlora::error::Result<phlora::verify::VerifyReport> {
+    phlora::verify::verify(&phlora::verify::VerifySettings {
+        base: base.to_path_buf(),
+        ft: ft.to_path_buf(),
+        adapter: adapter.to_path_buf(),
+        min_cos: None,
+        max_error: None,
+        min_weight_cos: None,
+    })
+}
