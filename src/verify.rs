@@ -338,11 +338,10 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
         }
         let lora = by_param.get(ftt_name.as_str()).copied();
         // A per-expert weight inside a fused module: its rows of the expert's update.
-        let part = lora.is_none().then(|| {
-            let cols = ftt.shape.get(1).copied().unwrap_or(0);
-            adapter.expert_part(&ftt_name, ftt.shape[0], cols)
-        });
-        let part = part.flatten().filter(|_| ftt.shape.len() == 2);
+        let part = match ftt.shape[..] {
+            [rows, cols] if lora.is_none() => adapter.expert_part(&ftt_name, rows, cols),
+            _ => None,
+        };
         // A layer's bias that the adapter's lora_B.bias updates.
         let bias_of = ftt_name
             .strip_suffix(".bias")

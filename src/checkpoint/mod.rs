@@ -80,50 +80,35 @@ impl Checkpoint {
         if index_path.is_file() {
             let text = std::fs::read_to_string(&index_path)
                 .map_err(|e| Error::io(&index_path, "cannot read index", e))?;
-            let index: IndexFile = serde_json::from_str(&text).map_err(|e| {
-                Error::checkpoint(&index_path, format!("not a valid index file: {e}"))
-            })?;
-            if index.weight_map.is_empty() {
-                return Err(Error::checkpoint(
-                    &index_path,
-                    "the index's weight_map is empty",
-                ));
-            }
-            let mut files: Vec<String> = index.weight_map.values().cloned().collect();
+            let weight_map = parse_index(&index_path, &text)?;
+            let mut files: Vec<String> = weight_map.values().cloned().collect();
             files.sort();
             files.dedup();
             let mut shard_paths = Vec::new();
             for f in &files {
-                if f.contains("..") || Path::new(f).is_absolute() {
-                    return Err(Error::checkpoint(
-                        &index_path,
-                        format!("shard name `{f}` points outside the model folder"),
-                    ));
-                }
                 let p = path.join(f);
                 if !p.is_file() {
-                    let tensor = index
-                        .weight_map
+                    let tensor = weight_map
                         .iter()
                         .find(|(_, v)| *v == f)
                         .map(|(k, _)| k.as_str());
                     return Err(Error::checkpoint(
                         &index_path,
                         format!(
-                            "the index names shard `{f}` (for tensor `{}`), but {} does not exist",
+                            "the index names shard `{f}` (for tensor `{}`), but {} {}",
                             tensor.unwrap_or("?"),
-                            p.display()
+                            p.display(),
+                            if p.exists() {
+                                "is not a file"
+                            } else {
+                                "does not exist"
+                            }
                         ),
                     ));
                 }
                 shard_paths.push(p);
             }
-            return Self::from_files(
-                path,
-                shard_paths,
-                Some((index_path, index.weight_map)),
-                config,
-            );
+            return Self::from_files(path, shard_paths, Some((index_path, weight_map)), config);
         }
         let single = path.join(SINGLE_FILE);
         if single.is_file() {
@@ -315,6 +300,30 @@ fn read_config(path: &Path) -> Result<Option<serde_json::Value>> {
     }
 }
 
+/// An index file's weight_map (tensor → shard file name), validated: JSON of the right form,
+/// not empty, every shard a plain name inside the model folder. Public for the fuzz target.
+pub fn parse_index(index_path: &Path, text: &str) -> Result<BTreeMap<String, String>> {
+    let index: IndexFile = serde_json::from_str(text)
+        .map_err(|e| Error::checkpoint(index_path, format!("not a valid index file: {e}")))?;
+    if index.weight_map.is_empty() {
+        return Err(Error::checkpoint(
+            index_path,
+            "the index's weight_map is empty",
+        ));
+    }
+    if let Some(f) = index
+        .weight_map
+        .values()
+        .find(|f| f.contains("..") || Path::new(f).is_absolute())
+    {
+        return Err(Error::checkpoint(
+            index_path,
+            format!("shard name `{f}` points outside the model folder"),
+        ));
+    }
+    Ok(index.weight_map)
+}
+
 fn open_shard(path: &Path, shard: usize) -> Result<(Shard, Vec<TensorEntry>)> {
     let file = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
     let len = file
@@ -331,8 +340,28 @@ fn open_shard(path: &Path, shard: usize) -> Result<(Shard, Vec<TensorEntry>)> {
     // make reads fault (SIGBUS); that is the accepted contract of memory-mapped model loading
     // (the same as the safetensors and transformers loaders).
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "cannot memory-map", e))?;
-    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&map)
-        .map_err(|e| Error::checkpoint(path, describe_header_error(&e, len)))?;
+    let entries = parse_shard(path, &map, shard)?;
+    Ok((
+        Shard {
+            path: path.to_path_buf(),
+            map,
+        },
+        entries,
+    ))
+}
+
+/// The tensors of one safetensors file's bytes (`path` names it in errors), validated: the
+/// header, every tensor's offsets within the file. Sorted by offset. Public for the fuzz target.
+pub fn parse_shard(path: &Path, map: &[u8], shard: usize) -> Result<Vec<TensorEntry>> {
+    let len = map.len();
+    if len < 8 {
+        return Err(Error::checkpoint(
+            path,
+            format!("file is {len} bytes long, too short to be a safetensors file (truncated?)"),
+        ));
+    }
+    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(map)
+        .map_err(|e| Error::checkpoint(path, describe_header_error(&e, len as u64)))?;
     let data_start = 8usize
         .checked_add(header_len)
         .ok_or_else(|| Error::checkpoint(path, "header length overflows"))?;
@@ -361,13 +390,7 @@ fn open_shard(path: &Path, shard: usize) -> Result<(Shard, Vec<TensorEntry>)> {
         })
         .collect::<Result<_>>()?;
     entries.sort_by_key(|e| e.start);
-    Ok((
-        Shard {
-            path: path.to_path_buf(),
-            map,
-        },
-        entries,
-    ))
+    Ok(entries)
 }
 
 fn describe_header_error(e: &safetensors::SafeTensorError, len: u64) -> String {
