@@ -324,6 +324,11 @@ pub struct ExtractArgs {
     /// is r_gate + r_up), so each B·A is unchanged. PEFT only; vLLM takes the per-expert form.
     #[arg(long)]
     pub fuse_experts: bool,
+    /// Continue an interrupted run (crash, kill, Ctrl-C) from the journal it left in OUT
+    /// (OUT/.phlora-journal): only unfinished tensors are computed, and the adapter is
+    /// identical to an uninterrupted run. Refused if the inputs or settings changed.
+    #[arg(long, conflicts_with = "force")]
+    pub resume: bool,
     /// Do not save changed norm weights through modules_to_save (vLLM refuses them; they
     /// are small but matter for quality).
     #[arg(long)]

@@ -178,6 +178,7 @@ impl ExtractArgs {
             base_name: self.base_name.clone(),
             target,
             overwrite: self.force,
+            resume: self.resume,
             progress,
         })
     }

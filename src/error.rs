@@ -40,6 +40,10 @@ pub enum Error {
     /// The chosen compute device is not usable.
     #[error("device: {0}")]
     Device(String),
+
+    /// Ctrl-C or SIGTERM stopped the run (what was finished is kept for --resume).
+    #[error("interrupted: {0}")]
+    Interrupted(String),
 }
 
 impl Error {

@@ -12,7 +12,10 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<phlora::error::Error>() {
+                Some(phlora::error::Error::Interrupted(_)) => ExitCode::from(130),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

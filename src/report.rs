@@ -2,15 +2,16 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::linalg::Method;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TensorReport {
     pub name: String,
-    /// lora, lora-embedding, save-whole, not-carried, unchanged.
-    pub action: &'static str,
+    /// lora, lora-embedding, save-whole, not-carried, unchanged (owned only when read back
+    /// from a resume journal).
+    pub action: std::borrow::Cow<'static, str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub shape: Vec<usize>,
@@ -49,7 +50,7 @@ impl TensorReport {
     pub fn new(name: &str, action: &'static str, shape: &[usize]) -> Self {
         TensorReport {
             name: name.to_string(),
-            action,
+            action: action.into(),
             reason: None,
             shape: shape.to_vec(),
             delta_norm: 0.0,
@@ -69,7 +70,7 @@ impl TensorReport {
 
 /// Where the time went (seconds). In the summary, summed over workers: with several workers
 /// the stages add up to workers × wall time, idle included.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct StageSeconds {
     /// Bringing the input bytes into memory: page faults on the maps (disk or page cache),
     /// and on a GPU the copy into pinned staging buffers.

@@ -45,6 +45,7 @@ impl StagedOutput {
         let created_out = !out.exists();
         std::fs::create_dir_all(out)
             .map_err(|e| Error::io(out, "cannot create output folder", e))?;
+        remove_orphans(out, tag);
         let dir = out.join(format!(".phlora-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).map_err(|e| {
@@ -89,6 +90,41 @@ impl StagedOutput {
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(())
     }
+}
+
+/// Staging folders of processes that are gone (killed before they could clean up).
+fn remove_orphans(out: &Path, tag: &str) {
+    let prefix = format!(".phlora-{tag}-");
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !process_alive(pid) {
+            tracing::info!(
+                "{}: removing the staging folder of a run that was killed",
+                e.path().display()
+            );
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Without /proc, a folder might belong to a live process: keep it.
+#[cfg(not(target_os = "linux"))]
+fn process_alive(_: u32) -> bool {
+    true
 }
 
 impl Drop for StagedOutput {

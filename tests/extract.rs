@@ -992,7 +992,7 @@ fn tensors_in_flight_and_their_order_do_not_change_the_adapter() {
             "{device:?}: tensor layout"
         );
         for (x, y) in one.tensors.iter().zip(&three.tensors) {
-            assert_eq!((&x.name, x.action), (&y.name, y.action));
+            assert_eq!((&x.name, &x.action), (&y.name, &y.action));
             if let (Some(a), Some(b)) = (x.residual, y.residual) {
                 assert!((a - b).abs() <= 1e-4 * b + 1e-7, "{}: {a} vs {b}", x.name);
             }

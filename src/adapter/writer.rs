@@ -44,7 +44,7 @@ struct Staged {
 }
 
 /// Where a factor goes in a fused 3-D parameter's packed LoRA.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExpertPlace {
     pub index: usize,
     pub count: usize,

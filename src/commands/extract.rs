@@ -7,6 +7,7 @@ use crate::report::RunReport;
 
 pub fn run(args: &ExtractArgs, ui: Ui) -> Result<ExitCode> {
     let settings = args.settings(!ui.quiet)?;
+    crate::interrupt::install();
     let report = crate::extract::extract(&settings)?;
     show(&report, ui, args.json);
     if args.profile {

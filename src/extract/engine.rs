@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use super::fit::{after_out_of_memory, Placement};
 use super::job::{other_item, Finished, JobError, LoraJob};
+use super::journal::Journal;
 use super::ExtractSettings;
 use crate::adapter::AdapterWriter;
 use crate::backend::{Backend, DeviceWorkers};
@@ -100,6 +101,8 @@ pub(super) struct Shared<'a> {
     pub policy: &'a RankPolicy,
     /// Only the spectra (a budget's first pass, analyze): no factors, no residual.
     pub spectrum_only: bool,
+    /// skip[i]: plan item i is done already (resumed from the journal).
+    pub skip: &'a [bool],
 }
 
 /// What the workers and the writer hand back.
@@ -122,7 +125,7 @@ fn queue(sh: &Shared<'_>, workers: usize) -> Vec<usize> {
         .iter()
         .enumerate()
         // A tied lm_head comes with its embedding (the writer derives it).
-        .filter(|(_, i)| i.action != Action::Unchanged && !i.is_tied_copy())
+        .filter(|(n, i)| i.action != Action::Unchanged && !i.is_tied_copy() && !sh.skip[*n])
         .map(|(n, _)| n)
         .collect();
     if workers > 1 {
@@ -138,6 +141,7 @@ pub(super) fn run_all<B: Backend>(
     budgets: &[Option<u64>],
     sh: &Shared<'_>,
     writer: Option<AdapterWriter>,
+    journal: Option<&mut Journal>,
 ) -> Result<Outcome> {
     let total_workers: usize = groups.iter().map(|g| g.workers.len()).sum();
     let order = queue(sh, total_workers);
@@ -149,9 +153,10 @@ pub(super) fn run_all<B: Backend>(
     let started = Instant::now();
 
     // Every queued tensor and each tied lm_head derived from one reach the writer.
-    let done_later = order.len() + sh.plan.tied_copies().len();
+    let copies = sh.plan.tied_copies();
+    let done_later = order.len() + copies.iter().filter(|(e, _)| !sh.skip[*e]).count();
     let (writer_result, times) = std::thread::scope(|scope| {
-        let writer_thread = scope.spawn(|| write_all(writer, rx, sh, done_later, &cancel));
+        let writer_thread = scope.spawn(|| write_all(writer, journal, rx, sh, done_later, &cancel));
         let mut handles = Vec::new();
         for (d, group) in groups.iter().enumerate() {
             for (w, be) in group.workers.iter().enumerate() {
@@ -174,7 +179,7 @@ pub(super) fn run_all<B: Backend>(
                             stages: StageSeconds::default(),
                         };
                         me.time.worker = me.label.clone();
-                        while !cancel.load(Ordering::Relaxed) {
+                        while !cancel.load(Ordering::Relaxed) && !crate::interrupt::requested() {
                             let at = next.fetch_add(1, Ordering::Relaxed);
                             let Some(&index) = order.get(at) else { break };
                             // The disk reads ahead what some worker takes next.
@@ -249,10 +254,11 @@ fn worker_label<B: Backend>(be: &B, worker: usize) -> String {
     format!("{} #{worker}", device.trim_end_matches(','))
 }
 
-/// The writer thread: appends factors as they come (in any order; the file is ordered at
-/// commit) and keeps each tensor's result by its plan index.
+/// The writer thread: journals each finished tensor, appends its factors to the adapter (in
+/// any order; the file is ordered at commit) and keeps its result by its plan index.
 fn write_all(
     mut writer: Option<AdapterWriter>,
+    mut journal: Option<&mut Journal>,
     rx: Receiver<Finished>,
     sh: &Shared<'_>,
     queued: usize,
@@ -261,7 +267,7 @@ fn write_all(
     let mut finished: Vec<Option<Finished>> = (0..sh.plan.items.len()).map(|_| None).collect();
     let mut seconds = 0.0;
     let total = sh.plan.items.len();
-    // Unchanged tensors count as done from the start.
+    // Unchanged and resumed tensors count as done from the start.
     let mut count = total - queued;
     let copies: std::collections::HashMap<usize, usize> =
         sh.plan.tied_copies().into_iter().collect();
@@ -275,28 +281,14 @@ fn write_all(
     for mut done in arrivals {
         let clock = Instant::now();
         let item = &sh.plan.items[done.index];
-        if let (Some(f), Some(writer)) = (done.factors.take(), writer.as_mut()) {
-            // A first, then B, both at the tensor's place in the plan.
-            let order = 2 * done.index as u64;
-            let added = writer
-                .add_factor(order, f.a_key, f.dtype, f.a_shape, &f.a_bytes, 0, f.expert)
-                .and_then(|()| {
-                    let (key, shape) = (f.b_key, f.b_shape);
-                    writer.add_factor(order + 1, key, f.dtype, shape, &f.b_bytes, 1, f.expert)
-                });
-            if let Err(e) = added {
-                // Workers stop taking tensors; the channel closes as they finish.
-                cancel.store(true, Ordering::Relaxed);
-                return Err(e);
-            }
-        }
-        // (A budget's first pass only looks: what it would write, the second pass writes.)
-        let extra = done.extra.take().filter(|_| !sh.spectrum_only);
-        if let (Some((key, dtype, shape, bytes)), Some(writer)) = (extra, writer.as_mut()) {
-            if let Err(e) = writer.add(2 * done.index as u64, key, dtype, shape, &bytes) {
-                cancel.store(true, Ordering::Relaxed);
-                return Err(e);
-            }
+        let kept = match journal.as_mut() {
+            Some(j) => j.record(&done),
+            None => Ok(()),
+        };
+        if let Err(e) = kept.and_then(|()| stage(writer.as_mut(), &mut done, sh.spectrum_only)) {
+            // Workers stop taking tensors; the channel closes as they finish.
+            cancel.store(true, Ordering::Relaxed);
+            return Err(e);
         }
         seconds += clock.elapsed().as_secs_f64();
         count += 1;
@@ -308,6 +300,36 @@ fn write_all(
         finished[index] = Some(done);
     }
     Ok((writer, finished, seconds))
+}
+
+/// Hands a finished tensor's factors (A, then B, at its place in the plan) and any tensor it
+/// writes as it is (a `lora_B.bias`) to the adapter writer. (A budget's first pass only
+/// looks: what it would write, the second pass writes.)
+pub(super) fn stage(
+    writer: Option<&mut AdapterWriter>,
+    done: &mut Finished,
+    spectrum_only: bool,
+) -> Result<()> {
+    let Some(writer) = writer else {
+        return Ok(());
+    };
+    let order = 2 * done.index as u64;
+    if let Some(f) = done.factors.take() {
+        writer.add_factor(order, f.a_key, f.dtype, f.a_shape, &f.a_bytes, 0, f.expert)?;
+        writer.add_factor(
+            order + 1,
+            f.b_key,
+            f.dtype,
+            f.b_shape,
+            &f.b_bytes,
+            1,
+            f.expert,
+        )?;
+    }
+    if let Some((key, dtype, shape, bytes)) = done.extra.take().filter(|_| !spectrum_only) {
+        writer.add(order, key, dtype, shape, &bytes)?;
+    }
+    Ok(())
 }
 
 /// One worker's state.
@@ -396,7 +418,7 @@ impl<B: Backend> WorkerLoop<'_, B> {
         done.row.stages = done.stages;
         self.stages.add(&done.stages);
         self.time.tensors += 1;
-        tracing::debug!(tensor = %item.name, action = done.row.action, seconds = done.row.seconds, worker = %self.label, "done");
+        tracing::debug!(tensor = %item.name, action = %done.row.action, seconds = done.row.seconds, worker = %self.label, "done");
         Ok(done)
     }
 }

@@ -38,7 +38,7 @@ pub(super) fn fused_params(
     let mut out: Vec<FusedParam> = Vec::new();
     let mut expert_rank: BTreeMap<(String, usize), usize> = BTreeMap::new();
     for (row, item) in rows.iter().zip(&plan.items) {
-        let (Form::Expert(e), "lora", Some(r)) = (&item.form, row.action, row.rank) else {
+        let (Form::Expert(e), "lora", Some(r)) = (&item.form, &*row.action, row.rank) else {
             continue;
         };
         let sum = expert_rank.entry((e.param.clone(), e.index)).or_default();

@@ -226,7 +226,7 @@ impl<B: Backend> LoraJob<'_, B> {
         stages.h2d += stats.h2d_seconds;
         stages.delta += (lap(clock) - stats.read_seconds - stats.h2d_seconds).max(0.0);
         if stats.sumsq == 0.0 {
-            row.action = "unchanged";
+            row.action = "unchanged".into();
             done.row = row;
             done.stages = stages;
             return Ok(done);
@@ -234,7 +234,7 @@ impl<B: Backend> LoraJob<'_, B> {
 
         if cap == 0 {
             // A budget that gives this tensor nothing.
-            row.action = "not-carried";
+            row.action = "not-carried".into();
             row.reason = Some("rank 0 under --budget".into());
             done.row = row;
             done.stages = stages;
@@ -407,7 +407,7 @@ pub(super) fn tied_copy(source: &Finished, index: usize, item: &PlanItem) -> Fin
     row.seconds = 0.0;
     row.stages = StageSeconds::default();
     if row.action == "lora-embedding" {
-        row.action = "lora";
+        row.action = "lora".into();
         row.reason = item.note.clone();
     }
     let factors = source.factors.as_ref().map(|f| {
@@ -549,7 +549,7 @@ pub(super) fn other_item(
     let stats = host_delta(base, ft, item)?;
     row.delta_norm = stats.sumsq.sqrt();
     if stats.sumsq == 0.0 {
-        row.action = "unchanged";
+        row.action = "unchanged".into();
     } else if let Action::NotCarried(reason) = &item.action {
         row.reason = Some(reason.clone());
     }

@@ -11,6 +11,7 @@ mod engine;
 mod fit;
 mod fused;
 mod job;
+mod journal;
 
 pub use fit::{BASELINE_RAM, BASELINE_VRAM};
 
@@ -74,6 +75,8 @@ pub struct ExtractSettings {
     pub target: Target,
     /// Replace an adapter already in OUT.
     pub overwrite: bool,
+    /// Continue an interrupted run from its journal in OUT.
+    pub resume: bool,
     /// Show a progress bar (only when stderr is a terminal).
     pub progress: bool,
 }
@@ -107,6 +110,7 @@ impl ExtractSettings {
             base_name: None,
             target: Target::Peft,
             overwrite: false,
+            resume: false,
             progress: false,
         }
     }
@@ -196,10 +200,28 @@ fn first_worker<B: Backend>(groups: &[DeviceWorkers<B>]) -> Result<&B> {
 /// Runs the whole extraction and returns the report (also written to OUT/report.json).
 pub fn extract(s: &ExtractSettings) -> Result<RunReport> {
     let (base, ft, plan) = open_pair(s)?;
-    match backend::resolve_workers(&s.worker_request())? {
-        Workers::Cpu(groups) => run(&groups, s, &base, &ft, &plan),
-        Workers::Cuda(groups) => run(&groups, s, &base, &ft, &plan),
+    let out_existed = s.out.exists();
+    // Set once this run holds a journal (a refused --resume leaves the old one alone).
+    let mut journal_held = false;
+    let result = match backend::resolve_workers(&s.worker_request())? {
+        Workers::Cpu(groups) => run(&groups, s, &base, &ft, &plan, &mut journal_held),
+        Workers::Cuda(groups) => run(&groups, s, &base, &ft, &plan, &mut journal_held),
+    };
+    // The journal is for runs that can go on: interrupted, or stopped by the disk or the
+    // device. An error in the inputs or settings would only come back on --resume.
+    if let Err(e) = &result {
+        let transient = matches!(
+            e,
+            Error::Interrupted(_) | Error::Io { .. } | Error::Device(_)
+        );
+        if journal_held && !transient {
+            journal::Journal::discard(&s.out);
+            if !out_existed {
+                let _ = std::fs::remove_dir(&s.out); // only if empty
+            }
+        }
     }
+    result
 }
 
 /// Each device's budget, and the smallest: fits are decided for it, so that any device can
@@ -285,8 +307,9 @@ fn spectra_on<B: Backend>(
         bar: &bar,
         policy: &s.rank,
         spectrum_only: true,
+        skip: &vec![false; plan.items.len()],
     };
-    let outcome = engine::run_all(groups, &budgets, &shared, None)?;
+    let outcome = engine::run_all(groups, &budgets, &shared, None, None)?;
     bar.finish_and_clear();
     let rows = plan
         .items
@@ -391,6 +414,7 @@ fn run<B: Backend>(
     base: &Checkpoint,
     ft: &Checkpoint,
     plan: &Plan,
+    journal_held: &mut bool,
 ) -> Result<RunReport> {
     let started = Instant::now();
     let first = first_worker(groups)?;
@@ -414,10 +438,35 @@ fn run<B: Backend>(
     let placements_for =
         |policy: &RankPolicy| placements(first, s, smallest, plan, policy, r_adapter);
     let placements = placements_for(&s.rank)?;
-    let mut writer = Some(AdapterWriter::create(&s.out, s.overwrite)?);
+    let mut writer = Some(AdapterWriter::create(&s.out, s.overwrite || s.resume)?);
+    // The journal: a fresh one, or the interrupted run's with what it finished.
+    let fingerprint = journal::Fingerprint::of(s, base, ft)?;
+    let (mut journal, resumed) = if s.resume {
+        journal::Journal::resume(&s.out, &fingerprint)?
+    } else {
+        let old = journal::Journal::dir(&s.out);
+        if old.exists() && !s.overwrite {
+            return Err(Error::checkpoint(
+                &old,
+                "holds the journal of an interrupted run: pass --resume to continue it, or --force to start over",
+            ));
+        }
+        (journal::Journal::start(&s.out, &fingerprint)?, Vec::new())
+    };
+    *journal_held = true;
+    let resumed = resume_into(plan, resumed, &mut journal, writer.as_mut())?;
+    let skip: Vec<bool> = resumed.iter().map(Option::is_some).collect();
+    let no_skip = vec![false; plan.items.len()];
+    if s.resume {
+        tracing::info!(
+            "resuming: {} of {} tensors were finished by the interrupted run",
+            skip.iter().filter(|&&d| d).count(),
+            plan.items.len()
+        );
+    }
     let total_bytes = plan.input_bytes();
     let bar = progress_bar(s.progress, total_bytes, plan.items.len());
-    let shared = |placements, policy, spectrum_only| engine::Shared {
+    let shared = |placements, policy, spectrum_only, skip| engine::Shared {
         s,
         base,
         ft,
@@ -428,6 +477,7 @@ fn run<B: Backend>(
         bar: &bar,
         policy,
         spectrum_only,
+        skip,
     };
     let mut first_pass = None;
     let allocated;
@@ -437,8 +487,9 @@ fn run<B: Backend>(
             let pass = engine::run_all(
                 groups,
                 &budgets,
-                &shared(&placements, &s.rank, true),
+                &shared(&placements, &s.rank, true, &no_skip),
                 writer,
+                None,
             )?;
             writer = pass.writer;
             let spectra: Vec<Spectrum> = plan
@@ -469,9 +520,23 @@ fn run<B: Backend>(
     let mut outcome = engine::run_all(
         groups,
         &budgets,
-        &shared(&placements, policy, false),
+        &shared(&placements, policy, false, &skip),
         writer,
+        Some(&mut journal),
     )?;
+    if crate::interrupt::requested() {
+        let done = outcome.finished.iter().flatten().count() + skip.iter().filter(|&&d| d).count();
+        return Err(Error::Interrupted(format!(
+            "{done} of {} tensors are finished and kept in {}; run the same command with --resume to continue",
+            plan.items.len(),
+            journal::Journal::dir(&s.out).display()
+        )));
+    }
+    for (slot, done) in outcome.finished.iter_mut().zip(resumed) {
+        if done.is_some() {
+            *slot = done;
+        }
+    }
     if let Some(st) = first_pass {
         outcome.stages.add(&st);
     }
@@ -532,7 +597,7 @@ fn run<B: Backend>(
         }
     } else {
         for row in rows.iter_mut().filter(|r| r.action == "save-whole") {
-            row.action = "unchanged";
+            row.action = "unchanged".into();
         }
     }
     // A lora_B.bias needs its layer's factors: a layer whose weight did not change (or got
@@ -540,7 +605,7 @@ fn run<B: Backend>(
     for (row, item) in rows.iter_mut().zip(&plan.items) {
         if row.action == "lora-bias" && !written_modules.contains(&item.module) {
             writer.remove(&adapter::lora_b_bias_key(&item.module));
-            row.action = "not-carried";
+            row.action = "not-carried".into();
             row.residual = None;
             row.reason = Some(
                 "bias of a layer with no LoRA factors (its weight did not change, or got rank 0): lora_B.bias needs them"
@@ -629,7 +694,7 @@ fn run<B: Backend>(
         .iter()
         .zip(&plan.items)
         .filter(|(r, i)| {
-            matches!(r.action, "lora" | "lora-embedding") && !matches!(i.form, Form::Expert(_))
+            matches!(&*r.action, "lora" | "lora-embedding") && !matches!(i.form, Form::Expert(_))
         })
         .filter_map(|(r, item)| Some((item.module.clone(), r.rank?)))
         .collect();
@@ -761,7 +826,43 @@ fn run<B: Backend>(
     writer.commit(&config_json, &report_json, &|key| {
         written_rank.get(key).copied()
     })?;
+    journal.remove();
     Ok(report)
+}
+
+/// The interrupted run's finished tensors by plan index, staged into the writer; a tied
+/// lm_head whose embedding finished but which was not journaled itself is derived (and
+/// journaled) now.
+fn resume_into(
+    plan: &Plan,
+    resumed: Vec<job::Finished>,
+    journal: &mut journal::Journal,
+    mut writer: Option<&mut AdapterWriter>,
+) -> Result<Vec<Option<job::Finished>>> {
+    let mut by_index: Vec<Option<job::Finished>> = (0..plan.items.len()).map(|_| None).collect();
+    for done in resumed {
+        let index = done.index;
+        if index >= plan.items.len() || plan.items[index].name != done.row.name {
+            return Err(Error::Settings(format!(
+                "the journal's tensor #{index} `{}` is not the plan's; start over with --force",
+                done.row.name
+            )));
+        }
+        by_index[index] = Some(done);
+    }
+    for (source, copy) in plan.tied_copies() {
+        if by_index[copy].is_none() {
+            if let Some(src) = &by_index[source] {
+                let derived = job::tied_copy(src, copy, &plan.items[copy]);
+                journal.record(&derived)?;
+                by_index[copy] = Some(derived);
+            }
+        }
+    }
+    for done in by_index.iter_mut().flatten() {
+        engine::stage(writer.as_deref_mut(), done, false)?;
+    }
+    Ok(by_index)
 }
 
 fn summarize(
@@ -786,7 +887,7 @@ fn summarize(
         } else {
             r.delta_norm * r.delta_norm
         };
-        match r.action {
+        match &*r.action {
             "lora" | "lora-embedding" | "lora-bias" => {
                 m.lora += 1;
                 lora += sq;

@@ -9,7 +9,7 @@ pub mod rsvd;
 use crate::backend::{Backend, BackendResult};
 
 /// Which SVD to run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     Randomized,

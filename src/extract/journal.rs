@@ -1,0 +1,386 @@
+//! The resume journal, `OUT/.phlora-journal/`: each finished tensor's report row and factors
+//! are appended as it completes (bytes first, then one JSON line naming them, both synced), so
+//! after a crash, kill -9 or Ctrl-C `--resume` redoes only what is not there. A torn last
+//! record is ignored. The inputs are fingerprinted (size, mtime and a hash of each shard's
+//! header, and the settings that shape the result); a resume against anything else is refused.
+//! The journal is removed once the adapter is committed.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::job::{FactorTensors, Finished};
+use super::ExtractSettings;
+use crate::adapter::writer::ExpertPlace;
+use crate::checkpoint::{Checkpoint, DType};
+use crate::error::{Error, Result};
+use crate::report::TensorReport;
+
+pub const JOURNAL_DIR: &str = ".phlora-journal";
+const FINGERPRINT: &str = "inputs.json";
+const RECORDS: &str = "tensors.jsonl";
+const DATA: &str = "tensors.bin";
+
+/// What a journal was written for: the input files as they were, and the settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub files: Vec<FileStamp>,
+    pub settings: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FileStamp {
+    pub path: String,
+    pub size: u64,
+    pub mtime_ns: u128,
+    /// FNV-1a of the length prefix and the JSON header.
+    pub header_hash: String,
+}
+
+impl Fingerprint {
+    pub fn of(s: &ExtractSettings, base: &Checkpoint, ft: &Checkpoint) -> Result<Fingerprint> {
+        let mut files = Vec::new();
+        for ck in [base, ft] {
+            for i in 0..ck.num_shards() {
+                files.push(stamp(ck.shard_path(i), ck.shard_bytes(i))?);
+            }
+            for extra in ["config.json", crate::checkpoint::INDEX_FILE] {
+                let p = ck
+                    .shard_path(0)
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join(extra);
+                if let Ok(bytes) = std::fs::read(&p) {
+                    files.push(stamp(&p, &bytes)?);
+                }
+            }
+        }
+        // Everything that changes the adapter's bytes (not: progress, in-flight, overwrite).
+        let settings = format!(
+            "{:?} | {:?} | {:?} | {:?} | {:?} | {:?} | {:?} | {:?} | {:?} | {:?}",
+            s.rank,
+            s.svd,
+            s.out_dtype,
+            s.device,
+            s.cuda,
+            s.max_ram,
+            s.max_vram,
+            s.plan,
+            s.base_name,
+            s.target
+        );
+        Ok(Fingerprint { files, settings })
+    }
+
+    /// What differs from `other`, for the refusal.
+    fn difference(&self, other: &Fingerprint) -> String {
+        if self.settings != other.settings {
+            return "the settings differ".into();
+        }
+        for (a, b) in self.files.iter().zip(&other.files) {
+            if a != b {
+                return format!("{} changed", a.path);
+            }
+        }
+        "the input files differ".into()
+    }
+}
+
+fn stamp(path: &Path, bytes: &[u8]) -> Result<FileStamp> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "cannot stat", e))?;
+    let mtime_ns = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let header_len = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .unwrap_or(0);
+    let header = &bytes[..bytes.len().min(8usize.saturating_add(header_len))];
+    Ok(FileStamp {
+        path: path.display().to_string(),
+        size: meta.len(),
+        mtime_ns,
+        header_hash: format!("{:016x}", fnv1a(header)),
+    })
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// One finished tensor, as a line of `tensors.jsonl`.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    index: usize,
+    row: TensorReport,
+    module: Option<String>,
+    factors: Option<FactorRecord>,
+    extra: Option<ExtraRecord>,
+    flops: f64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FactorRecord {
+    a_key: String,
+    a_shape: Vec<usize>,
+    b_key: String,
+    b_shape: Vec<usize>,
+    dtype: String,
+    expert: Option<ExpertPlace>,
+    /// Byte ranges in `tensors.bin`.
+    a: (u64, u64),
+    b: (u64, u64),
+}
+
+#[derive(Serialize, Deserialize)]
+struct ExtraRecord {
+    key: String,
+    dtype: String,
+    shape: Vec<usize>,
+    at: (u64, u64),
+}
+
+pub struct Journal {
+    dir: PathBuf,
+    data: File,
+    records: File,
+    data_len: u64,
+    /// Records written by this process.
+    written: usize,
+}
+
+/// Fault injection for the resume tests, once this process has journaled N tensors:
+/// `PHLORA_TEST_CRASH_AFTER=N` aborts it (as kill -9 would: no unwinding, no cleanup);
+/// `PHLORA_TEST_INTERRUPT_AFTER=N` sends it SIGINT (as Ctrl-C would).
+fn fault_after(var: &str) -> Option<usize> {
+    std::env::var(var).ok().and_then(|v| v.parse().ok())
+}
+
+impl Journal {
+    pub fn dir(out: &Path) -> PathBuf {
+        out.join(JOURNAL_DIR)
+    }
+
+    /// A fresh journal (an older one is removed).
+    pub fn start(out: &Path, fingerprint: &Fingerprint) -> Result<Journal> {
+        let dir = Self::dir(out);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(&dir, "cannot create the resume journal", e))?;
+        let text = serde_json::to_string_pretty(fingerprint).expect("a fingerprint serializes");
+        write_synced(&dir.join(FINGERPRINT), text.as_bytes())?;
+        Self::open(dir, 0)
+    }
+
+    /// The journal of an interrupted run with the same fingerprint, and the tensors it holds
+    /// (a torn last record is dropped).
+    pub fn resume(out: &Path, fingerprint: &Fingerprint) -> Result<(Journal, Vec<Finished>)> {
+        let dir = Self::dir(out);
+        let path = dir.join(FINGERPRINT);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Error::io(
+                &path,
+                "--resume: no journal of an interrupted run to resume (run without --resume)",
+                e,
+            )
+        })?;
+        let old: Fingerprint = serde_json::from_str(&text)
+            .map_err(|e| Error::checkpoint(&path, format!("not a valid journal: {e}")))?;
+        if &old != fingerprint {
+            return Err(Error::checkpoint(
+                &path,
+                format!(
+                    "--resume refused: {} since the interrupted run; start over with --force",
+                    old.difference(fingerprint)
+                ),
+            ));
+        }
+        let mut data = File::open(dir.join(DATA))
+            .map_err(|e| Error::io(dir.join(DATA), "cannot open the journal", e))?;
+        let data_len = data
+            .metadata()
+            .map_err(|e| Error::io(dir.join(DATA), "cannot stat", e))?
+            .len();
+        let lines = File::open(dir.join(RECORDS))
+            .map_err(|e| Error::io(dir.join(RECORDS), "cannot open the journal", e))?;
+        let mut finished = Vec::new();
+        let (mut good_bytes, mut good_data) = (0u64, 0u64);
+        for line in BufReader::new(lines).split(b'\n') {
+            let Ok(line) = line else { break };
+            let Ok(rec) = serde_json::from_slice::<Record>(&line) else {
+                break; // a torn last record
+            };
+            let end = rec.data_end();
+            if end > data_len {
+                break;
+            }
+            finished.push(rec.load(&mut data, &dir)?);
+            good_bytes += line.len() as u64 + 1;
+            good_data = good_data.max(end);
+        }
+        // Drop whatever follows the last whole record, then append after it.
+        let records = OpenOptions::new()
+            .write(true)
+            .open(dir.join(RECORDS))
+            .map_err(|e| Error::io(dir.join(RECORDS), "cannot open the journal", e))?;
+        records
+            .set_len(good_bytes)
+            .map_err(|e| Error::io(dir.join(RECORDS), "cannot truncate", e))?;
+        let j = Self::open(dir, good_data)?;
+        Ok((j, finished))
+    }
+
+    fn open(dir: PathBuf, data_len: u64) -> Result<Journal> {
+        let open = |name: &str| {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(name))
+                .map_err(|e| Error::io(dir.join(name), "cannot open the journal", e))
+        };
+        let data = open(DATA)?;
+        data.set_len(data_len)
+            .map_err(|e| Error::io(dir.join(DATA), "cannot truncate", e))?;
+        Ok(Journal {
+            data,
+            records: open(RECORDS)?,
+            data_len,
+            dir,
+            written: 0,
+        })
+    }
+
+    /// Appends a finished tensor: its bytes, then the line that names them, each synced.
+    pub fn record(&mut self, done: &Finished) -> Result<()> {
+        let mut put = |bytes: &[u8]| -> Result<(u64, u64)> {
+            self.data
+                .write_all(bytes)
+                .map_err(|e| Error::io(self.dir.join(DATA), "cannot write the journal", e))?;
+            let at = (self.data_len, self.data_len + bytes.len() as u64);
+            self.data_len = at.1;
+            Ok(at)
+        };
+        let factors = match &done.factors {
+            Some(f) => Some(FactorRecord {
+                a: put(&f.a_bytes)?,
+                b: put(&f.b_bytes)?,
+                a_key: f.a_key.clone(),
+                a_shape: f.a_shape.clone(),
+                b_key: f.b_key.clone(),
+                b_shape: f.b_shape.clone(),
+                dtype: f.dtype.to_string(),
+                expert: f.expert,
+            }),
+            None => None,
+        };
+        let extra = match &done.extra {
+            Some((key, dtype, shape, bytes)) => Some(ExtraRecord {
+                at: put(bytes)?,
+                key: key.clone(),
+                dtype: dtype.to_string(),
+                shape: shape.clone(),
+            }),
+            None => None,
+        };
+        self.data
+            .sync_data()
+            .map_err(|e| Error::io(self.dir.join(DATA), "cannot sync the journal", e))?;
+        let rec = Record {
+            index: done.index,
+            row: done.row.clone(),
+            module: done.module.clone(),
+            factors,
+            extra,
+            flops: done.flops,
+        };
+        let mut line = serde_json::to_vec(&rec).expect("a record serializes");
+        line.push(b'\n');
+        self.records
+            .write_all(&line)
+            .and_then(|()| self.records.sync_data())
+            .map_err(|e| Error::io(self.dir.join(RECORDS), "cannot write the journal", e))?;
+        self.written += 1;
+        if fault_after("PHLORA_TEST_CRASH_AFTER").is_some_and(|n| self.written >= n) {
+            std::process::abort();
+        }
+        if fault_after("PHLORA_TEST_INTERRUPT_AFTER") == Some(self.written) {
+            // SAFETY: raise only delivers a signal to this process; its handler is installed.
+            unsafe { libc::raise(libc::SIGINT) };
+        }
+        Ok(())
+    }
+
+    /// The adapter is committed: the journal has served.
+    pub fn remove(self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// Removes OUT's journal, if any (a run that failed for good).
+    pub fn discard(out: &Path) {
+        let _ = std::fs::remove_dir_all(Self::dir(out));
+    }
+}
+
+impl Record {
+    fn data_end(&self) -> u64 {
+        let f = self.factors.as_ref().map_or(0, |f| f.a.1.max(f.b.1));
+        let e = self.extra.as_ref().map_or(0, |x| x.at.1);
+        f.max(e)
+    }
+
+    fn load(self, data: &mut File, dir: &Path) -> Result<Finished> {
+        let path = dir.join(DATA);
+        let mut read = |(from, to): (u64, u64)| -> Result<Vec<u8>> {
+            let mut bytes = vec![0u8; (to - from) as usize];
+            data.seek(SeekFrom::Start(from))
+                .and_then(|_| data.read_exact(&mut bytes))
+                .map_err(|e| Error::io(&path, "cannot read the journal", e))?;
+            Ok(bytes)
+        };
+        let dtype = |s: &str| {
+            DType::parse(s).map(DType::as_str).ok_or_else(|| {
+                Error::checkpoint(&path, format!("unknown dtype {s} in the journal"))
+            })
+        };
+        let factors = match self.factors {
+            Some(f) => Some(FactorTensors {
+                a_bytes: read(f.a)?,
+                b_bytes: read(f.b)?,
+                dtype: dtype(&f.dtype)?,
+                a_key: f.a_key,
+                a_shape: f.a_shape,
+                b_key: f.b_key,
+                b_shape: f.b_shape,
+                expert: f.expert,
+            }),
+            None => None,
+        };
+        let extra = match self.extra {
+            Some(x) => Some((x.key, dtype(&x.dtype)?, x.shape, read(x.at)?)),
+            None => None,
+        };
+        Ok(Finished {
+            index: self.index,
+            stages: self.row.stages,
+            row: self.row,
+            factors,
+            module: self.module,
+            spectrum: None,
+            extra,
+            flops: self.flops,
+        })
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::io(path, "cannot create", e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io(path, "cannot write", e))
+}

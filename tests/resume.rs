@@ -1,0 +1,185 @@
+//! Resume: a run killed (abort, as kill -9) or interrupted (SIGINT, as Ctrl-C) after some
+//! tensors leaves its journal in OUT and no adapter; `--resume` redoes only the rest, and the
+//! adapter is byte for byte the one an uninterrupted run writes. A resume against changed
+//! inputs is refused, and a journal is never silently overwritten.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+fn bin() -> PathBuf {
+    std::env::var_os("PHLORA_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_phlora")))
+}
+
+/// `phlora extract` on the pair in `root` into `out`, with extra arguments and environment.
+fn extract(root: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["extract", "--base", root.join("base").to_str().unwrap()])
+        .args(["--ft", root.join("ft").to_str().unwrap()])
+        .args([
+            "--out",
+            out.to_str().unwrap(),
+            "--rank",
+            "8",
+            "--device",
+            "cpu",
+        ])
+        .args(["--in-flight", "2", "--quiet"])
+        .args(extra);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn synth(root: &Path, tag: &str) {
+    let seed = common::fresh_seed(tag).to_string();
+    let o = common::phlora(&[
+        "synth",
+        "--out",
+        root.to_str().unwrap(),
+        "--hidden",
+        "256",
+        "--intermediate",
+        "512",
+        "--layers",
+        "3",
+        "--vocab",
+        "1024",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--seed",
+        &seed,
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn adapter_bytes(out: &Path) -> Vec<u8> {
+    let mut b = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    b.extend(std::fs::read(out.join("adapter_config.json")).unwrap());
+    b
+}
+
+fn journaled(out: &Path) -> usize {
+    std::fs::read_to_string(out.join(".phlora-journal/tensors.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    synth(root, "resume-kill");
+    let whole = root.join("whole");
+    let o = extract(root, &whole, &[], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !whole.join(".phlora-journal").exists(),
+        "the journal goes once the adapter is in"
+    );
+
+    let out = root.join("out");
+    let o = extract(root, &out, &[], &[("PHLORA_TEST_CRASH_AFTER", "5")]);
+    assert!(!o.status.success());
+    assert!(
+        !out.join("adapter_config.json").exists(),
+        "no adapter after a crash"
+    );
+    assert!(journaled(&out) >= 5);
+    // A torn last record (the crash hit mid-write) is ignored.
+    let lines = out.join(".phlora-journal/tensors.jsonl");
+    let mut text = std::fs::read(&lines).unwrap();
+    text.extend_from_slice(b"{\"index\": 3, \"row\": {\"na");
+    std::fs::write(&lines, text).unwrap();
+
+    // Without --resume, the journal is not overwritten by accident.
+    let o = extract(root, &out, &[], &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--resume"), "{err}");
+
+    let o = extract(root, &out, &["--resume"], &[]);
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(
+        adapter_bytes(&out) == adapter_bytes(&whole),
+        "the resumed adapter differs"
+    );
+    assert!(!out.join(".phlora-journal").exists());
+    assert!(
+        std::fs::read_dir(&out).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".phlora")),
+        "a killed run's staging folder is cleaned up"
+    );
+}
+
+#[test]
+fn an_interrupted_run_stops_cleanly_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    synth(root, "resume-sigint");
+    let whole = root.join("whole");
+    assert!(extract(root, &whole, &[], &[]).status.success());
+    let out = root.join("out");
+    let o = extract(root, &out, &[], &[("PHLORA_TEST_INTERRUPT_AFTER", "4")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted") && err.contains("--resume"),
+        "{err}"
+    );
+    assert!(!out.join("adapter_config.json").exists());
+    let kept = journaled(&out);
+    assert!(kept >= 4, "{kept}");
+    let o = extract(root, &out, &["--resume"], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(adapter_bytes(&out) == adapter_bytes(&whole));
+}
+
+#[test]
+fn a_resume_against_changed_inputs_or_settings_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    synth(root, "resume-changed");
+    let out = root.join("out");
+    let o = extract(root, &out, &[], &[("PHLORA_TEST_CRASH_AFTER", "2")]);
+    assert!(!o.status.success());
+    // Other settings.
+    let o = extract(root, &out, &["--resume", "--seed", "9"], &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("settings differ"),
+        "{err}"
+    );
+    // A changed fine-tune (rewritten: new mtime).
+    let ft = std::fs::read_dir(root.join("ft"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .unwrap();
+    let bytes = std::fs::read(&ft).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&ft, &bytes).unwrap();
+    let o = extract(root, &out, &["--resume"], &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("changed"), "{err}");
+    assert!(
+        err.contains(".safetensors changed"),
+        "names the file: {err}"
+    );
+    // --force starts over.
+    let o = extract(root, &out, &["--force"], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // --resume with no journal says so.
+    let o = extract(root, &out, &["--resume"], &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("no journal"), "{err}");
+}
