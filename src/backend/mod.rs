@@ -272,7 +272,7 @@ pub trait Backend: Sync {
 }
 
 /// The device a user asked for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Device {
     /// A GPU when one is usable, else the CPU (with one warning).
     Auto,

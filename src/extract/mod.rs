@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 mod added;
+mod assemble;
 mod engine;
 mod fit;
 mod fused;
@@ -25,7 +26,7 @@ use crate::plan::{Action, Form, Plan, PlanItem, PlanOptions};
 use crate::report::{RunReport, StageSeconds, Summary, TensorReport};
 
 /// Which loaders an adapter must satisfy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Target {
     /// PEFT: per-module ranks through rank_pattern, norms through modules_to_save.
     Peft,
@@ -47,7 +48,7 @@ impl Target {
 }
 
 /// Everything `extract` needs, validated.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ExtractSettings {
     pub base: PathBuf,
     pub ft: PathBuf,
@@ -541,291 +542,14 @@ fn run<B: Backend>(
         outcome.stages.add(&st);
     }
     bar.finish_and_clear();
-    let mut writer = outcome.writer.expect("extract runs with a writer");
-    let mut svd_flops = 0f64;
-    let mut written_modules: Vec<String> = Vec::new();
-    // rows[i] reports plan.items[i].
-    let mut rows: Vec<TensorReport> = Vec::with_capacity(plan.items.len());
-    for (item, done) in plan.items.iter().zip(outcome.finished) {
-        match done {
-            Some(done) => {
-                svd_flops += done.flops;
-                written_modules.extend(done.module);
-                rows.push(done.row);
-            }
-            None => rows.push(TensorReport::new(
-                &item.name,
-                item.action.label(),
-                &item.shape,
-            )),
-        }
-    }
-    let whole: Vec<(usize, &PlanItem)> = plan
-        .items
-        .iter()
-        .enumerate()
-        .filter(|(_, i)| i.action == Action::SaveWhole)
-        .collect();
-    let any_whole_changed = whole.iter().any(|&(n, _)| rows[n].action == "save-whole");
-    let stages = outcome.stages;
-
-    // Norms are saved whole only if one changed; then every norm is written, so that PEFT's
-    // suffix matching on modules_to_save finds a tensor for each module it wraps.
-    let mut modules_to_save = None;
-    if any_whole_changed {
-        for &(index, item) in &whole {
-            let dtype = item.ft.float_dtype().expect("validated by the planner");
-            writer.add(
-                2 * index as u64,
-                adapter::whole_key(&item.name),
-                dtype.as_str(),
-                item.shape.clone(),
-                ft.bytes(&item.ft),
-            )?;
-        }
-        modules_to_save = Some(adapter::modules_to_save(
-            plan.norm_module_names().into_iter().collect(),
-        ));
-        // rows[i] reports plan.items[i].
-        for (row, item) in rows.iter_mut().zip(&plan.items) {
-            if item.action == Action::SaveWhole && row.action == "unchanged" {
-                row.reason = Some(
-                    "unchanged, but written whole: PEFT wraps every norm named in modules_to_save"
-                        .into(),
-                );
-            }
-        }
-    } else {
-        for row in rows.iter_mut().filter(|r| r.action == "save-whole") {
-            row.action = "unchanged".into();
-        }
-    }
-    // A lora_B.bias needs its layer's factors: a layer whose weight did not change (or got
-    // rank 0 under a budget) has none, so its bias is not carried after all.
-    for (row, item) in rows.iter_mut().zip(&plan.items) {
-        if row.action == "lora-bias" && !written_modules.contains(&item.module) {
-            writer.remove(&adapter::lora_b_bias_key(&item.module));
-            row.action = "not-carried".into();
-            row.residual = None;
-            row.reason = Some(
-                "bias of a layer with no LoRA factors (its weight did not change, or got rank 0): lora_B.bias needs them"
-                    .into(),
-            );
-        }
-    }
-    if writer.num_tensors() == 0 {
-        return Err(Error::Settings(format!(
-            "nothing to write: no selected tensor differs between {} and {}",
-            s.base.display(),
-            s.ft.display()
-        )));
-    }
-
-    let mut summary = summarize(&rows, plan, started, total_bytes, svd_flops, stages);
-    summary.workers = outcome.workers;
-    if summary.delta_sumsq > 0.0 {
-        for row in &mut rows {
-            row.share = row.delta_norm * row.delta_norm / summary.delta_sumsq;
-        }
-    }
-    let dropped_norms: Vec<&TensorReport> = rows
-        .iter()
-        .zip(&plan.items)
-        .filter(|(r, i)| r.action == "not-carried" && crate::plan::is_norm_module(&i.module))
-        .map(|(r, _)| r)
-        .collect();
-    if s.target != Target::Peft && !dropped_norms.is_empty() {
-        let share: f64 = dropped_norms.iter().map(|r| r.share).sum();
-        tracing::warn!(
-            "--target {} writes no modules_to_save (vLLM refuses them): {} changed norm(s) holding {:.3}% of ‖ΔW‖² are left out; small as that is, saving norms raised top-1 agreement from 0.887 to 0.946 on one measured fine-tune (FORMATS.md), so expect some quality loss",
-            s.target.as_str(),
-            dropped_norms.len(),
-            100.0 * share
-        );
-    }
-    if summary.not_carried > 0 {
-        tracing::warn!(
-            "{} changed tensor(s) a LoRA cannot carry hold {:.3}% of ‖ΔW‖² and are not in the adapter; see report.json",
-            summary.not_carried,
-            100.0 * summary.share_not_carried
-        );
-    }
-    // MoE routers go to PEFT as target parameters (`mlp.gate.weight`): transformers v5 makes
-    // several of them router classes that target_modules cannot wrap. Their keys are the same.
-    let routers: Vec<String> = if s.target == Target::Peft {
-        written_modules
-            .iter()
-            .filter(|m| crate::plan::is_router(m, &plan.items))
-            .cloned()
-            .collect()
-    } else {
-        Vec::new()
-    };
-    written_modules.retain(|m| !routers.contains(m));
-    // With --fuse-experts, the other MLP layers named like experts (a dense MLP, a shared
-    // expert) go to PEFT as target parameters by path: PEFT's conversion to transformers v5
-    // turns every `gate_proj`/`up_proj`/`down_proj` in target_modules into the fused experts'
-    // parameters, which would drop their LoRA (seen with DeepSeek-V3).
-    let mlp_params: Vec<String> = if s.plan.fuse_experts {
-        written_modules
-            .iter()
-            .filter(|m| crate::plan::fused_target(crate::plan::last_segment(m)).is_some())
-            .cloned()
-            .collect()
-    } else {
-        Vec::new()
-    };
-    written_modules.retain(|m| !mlp_params.contains(m));
-    let targets = adapter::target_modules(&written_modules, |last| {
-        let mut paths: Vec<String> = ft
-            .tensors()
-            .iter()
-            .map(|t| crate::plan::module_of(&t.name))
-            .filter(|m| crate::plan::last_segment(m) == last)
-            .map(str::to_string)
-            .collect();
-        paths.dedup();
-        paths
-    });
-    // Ranks per module: one uniform r, or the most common one with rank_pattern (and
-    // alpha_pattern, so that every scaling is 1) for the others; or, portable, all padded
-    // to one rank vLLM accepts.
-    let module_ranks: Vec<(String, usize)> = rows
-        .iter()
-        .zip(&plan.items)
-        .filter(|(r, i)| {
-            matches!(&*r.action, "lora" | "lora-embedding") && !matches!(i.form, Form::Expert(_))
-        })
-        .filter_map(|(r, item)| Some((item.module.clone(), r.rank?)))
-        .collect();
-    // Fused expert parameters: one rank per parameter (its largest expert's), ranked and
-    // patterned by their path like modules.
-    let fused = fused::fused_params(&rows, plan, s.rank.uniform().then_some(r_adapter));
-    fused::warn_unknown_order(&fused);
-    // Per-expert MoE weights all take one rank, the largest expert's (smaller experts are
-    // zero-padded at commit), and it is the adapter's r: PEFT converts a per-expert adapter to
-    // transformers v5's fused experts at the config's r, without rank_pattern, and vLLM needs
-    // one rank per module anyway.
-    let experts_rank = module_ranks
-        .iter()
-        .filter(|(m, _)| crate::plan::expert_group(m).is_some())
-        .map(|(_, r)| *r)
-        .max();
-    let module_ranks: Vec<(String, usize)> = module_ranks
-        .into_iter()
-        .map(|(m, r)| {
-            let shared = crate::plan::expert_group(&m).and(experts_rank);
-            (m, shared.unwrap_or(r))
-        })
-        .collect();
-    let module_ranks: Vec<(String, usize)> = module_ranks
-        .into_iter()
-        .chain(fused.iter().map(|p| (p.param.clone(), p.rank)))
-        .collect();
-    let (config_rank, pad_to) = adapter_ranks(
-        &s.rank,
+    let context = assemble::Context {
+        started,
+        input_bytes: total_bytes,
         r_adapter,
-        &module_ranks,
-        experts_rank,
-        s.target != Target::Peft,
-    )?;
-    // The rank each factor is written at, by tensor key.
-    let mut written_rank: HashMap<String, usize> = module_ranks
-        .iter()
-        .flat_map(|(m, r)| {
-            let r = pad_to.unwrap_or(*r);
-            [
-                adapter::lora_a_key(m),
-                adapter::lora_b_key(m),
-                adapter::embedding_a_key(m),
-                adapter::embedding_b_key(m),
-            ]
-            .map(|k| (k, r))
-        })
-        .collect();
-    for (p, keys) in fused.iter().zip(fused::peft_keys(&fused)) {
-        for (staged, key) in p.staged_keys().iter().zip(keys) {
-            writer.rename(staged, &key);
-            written_rank.insert(key, pad_to.unwrap_or(p.rank));
-        }
-    }
-    let mut config = AdapterConfig::new(
-        base_model_name(s, base),
-        task_type(base, ft),
-        config_rank,
-        targets,
-        modules_to_save,
-    );
-    config.lora_bias = rows.iter().any(|r| r.action == "lora-bias");
-    // Routers by suffix (`gate.weight`): transformers v5 renames some MoE blocks in memory
-    // (Mixtral's block_sparse_moe becomes mlp), and a suffix matches either name.
-    let mut router_names: Vec<String> = routers
-        .iter()
-        .map(|m| format!("{}.weight", crate::plan::last_segment(m)))
-        .collect();
-    router_names.sort();
-    router_names.dedup();
-    let target_parameters: Vec<String> = router_names
-        .into_iter()
-        .chain(mlp_params.iter().map(|m| format!("{m}.weight")))
-        .chain(fused.iter().map(|p| p.param.clone()))
-        .collect();
-    if !target_parameters.is_empty() {
-        config.target_parameters = Some(target_parameters);
-    }
-    // GPT-2's Conv1D layers store [in, out] (PEFT sets fan_in_fan_out per layer anyway).
-    config.fan_in_fan_out = rows
-        .iter()
-        .zip(&plan.items)
-        .any(|(r, i)| i.form == Form::Conv1D && r.action == "lora");
-    // Under one rank every factor is padded to it, except a fused parameter whose experts
-    // stack parts (gate_up_proj from per-expert gate and up: twice the rank).
-    let patterned = |m: &String| !s.rank.uniform() || fused.iter().any(|p| &p.param == m);
-    if pad_to.is_none() {
-        for (module, r) in module_ranks
-            .iter()
-            .filter(|(m, r)| *r != config_rank && patterned(m))
-        {
-            // PEFT matches a target parameter's pattern against the parameter's path.
-            let key = if routers.contains(module) {
-                crate::plan::router_pattern(module)
-            } else if mlp_params.contains(module) {
-                regex::escape(&format!("{module}.weight"))
-            } else {
-                crate::plan::expert_group(module).unwrap_or_else(|| regex::escape(module))
-            };
-            config.rank_pattern.insert(key.clone(), *r);
-            config.alpha_pattern.insert(key, *r as f64);
-        }
-    }
-
-    let report = RunReport {
-        phlora_version: env!("CARGO_PKG_VERSION"),
-        base: s.base.display().to_string(),
-        ft: s.ft.display().to_string(),
-        out: s.out.display().to_string(),
+        out_dtype,
         device: device_names(groups),
-        rank: config_rank,
-        svd: s.svd.method.as_str(),
-        oversample: (s.svd.method == Method::Randomized).then(|| s.svd.oversample_for(r_adapter)),
-        power_iters: s.svd.power_iters,
-        seed: s.svd.seed,
-        out_dtype: out_dtype.to_string(),
-        summary,
-        tensors: rows,
     };
-    let staged = added::stage(&mut writer, plan, ft)?;
-    if !staged.is_empty() {
-        tracing::info!(
-            "added tokens: {} written beside the adapter; resize the base's embeddings to the fine-tune's vocabulary and copy the new rows in before loading it (README: added tokens)",
-            staged.join(", ")
-        );
-    }
-    let config_json = serde_json::to_string_pretty(&config).expect("config serializes");
-    let report_json = serde_json::to_string_pretty(&report).expect("report serializes");
-    writer.commit(&config_json, &report_json, &|key| {
-        written_rank.get(key).copied()
-    })?;
+    let report = assemble::assemble(s, base, ft, plan, outcome, &context)?;
     journal.remove();
     Ok(report)
 }

@@ -84,7 +84,14 @@ fn run_on(
     ft: &Checkpoint,
 ) -> Result<RunReport> {
     let plan = Plan::build(base, ft, &s.plan)?;
-    run(&[DeviceWorkers { workers: vec![be] }], s, base, ft, &plan, &mut false)
+    run(
+        &[DeviceWorkers { workers: vec![be] }],
+        s,
+        base,
+        ft,
+        &plan,
+        &mut false,
+    )
 }
 
 #[test]

@@ -26,7 +26,7 @@ impl Method {
 }
 
 /// Settings of the SVD step.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SvdSettings {
     pub method: Method,
     /// Extra sketch columns p beyond the rank; `None` means p = max(r, 8).

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 pub const PORTABLE_RANKS: [usize; 9] = [1, 8, 16, 32, 64, 128, 256, 320, 512];
 
 /// How the rank of each tensor is chosen.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum RankPolicy {
     /// The same rank r for every tensor (clamped to min(rows, cols); the factors are
     /// zero-padded back to r so the adapter keeps one uniform rank).

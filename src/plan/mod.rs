@@ -170,7 +170,7 @@ impl PlanItem {
 }
 
 /// Options that shape the plan.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct PlanOptions {
     pub include: Vec<Glob>,
     pub exclude: Vec<Glob>,
@@ -560,7 +560,7 @@ pub fn classify(name: &str, shape: &[usize], opts: &PlanOptions) -> Action {
 
 /// A shell-style pattern over full tensor names: `*` matches any run of characters (dots
 /// included), `?` one character; everything else matches itself.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Glob(String);
 
 impl Glob {

@@ -2,7 +2,7 @@
 
 /// How the randomized SVD's steps run on the GPU (the variants `phlora bench --variants`
 /// compares).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CudaOptions {
     /// The sketch and power-iteration GEMMs with ΔW on TF32 tensor cores (inputs rounded to a
     /// 10-bit mantissa); the Gram matrices, small products and the residual stay plain f32.
@@ -22,7 +22,7 @@ impl Default for CudaOptions {
 }
 
 /// How a tall sketch is orthonormalised.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Orth {
     /// Two Cholesky-QR passes on GEMMs (k×k Cholesky on the host, in f64), falling back to
     /// Householder when the Gram matrix is too ill-conditioned.
@@ -32,7 +32,7 @@ pub enum Orth {
 }
 
 /// How the small k×n SVD of B = QᵀΔW is computed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SmallSvd {
     /// B·Bᵀ in f64 on the GPU, cuSOLVER syevd.
     DeviceEigh,
