@@ -50,6 +50,8 @@ pub enum Command {
     /// shards, index, dtypes; config and tokenizer files copied; untouched tensors byte for
     /// byte), written atomically.
     Merge(MergeArgs),
+    /// Join the parts of a sharded run (`extract --shard I/N`) into one adapter.
+    Combine(CombineArgs),
     /// The energy profile of a fine-tune without writing an adapter: E_r at chosen ranks, the
     /// rank each energy needs, the head of each spectrum (JSON, CSV), an energy-versus-rank
     /// plot by module type and a layer × module heatmap (SVG and PNG).
@@ -126,6 +128,22 @@ pub struct MergeArgs {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Replace a checkpoint already in the output folder.
+    #[arg(long)]
+    pub force: bool,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CombineArgs {
+    /// The parts: every OUT of `extract --shard I/N` for I = 1..N, in any order.
+    #[arg(required = true, value_name = "PART")]
+    pub parts: Vec<PathBuf>,
+    /// Output folder for the adapter (byte for byte what a single run writes).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Replace an adapter already in the output folder.
     #[arg(long)]
     pub force: bool,
     /// Print a JSON summary on stdout.
@@ -329,6 +347,12 @@ pub struct ExtractArgs {
     /// identical to an uninterrupted run. Refused if the inputs or settings changed.
     #[arg(long, conflicts_with = "force")]
     pub resume: bool,
+    /// Compute only share I of N (1 ≤ I ≤ N) of the tensors, balanced by bytes read, into OUT
+    /// as a part; `phlora combine PART… --out ADAPTER` joins the N parts into the adapter a
+    /// single run writes, byte for byte. One process per shard (Slurm array task, Kubernetes
+    /// indexed job). Not with --budget.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
     /// Do not save changed norm weights through modules_to_save (vLLM refuses them; they
     /// are small but matter for quality).
     #[arg(long)]

@@ -179,6 +179,12 @@ impl ExtractArgs {
             target,
             overwrite: self.force,
             resume: self.resume,
+            shard: self
+                .shard
+                .as_deref()
+                .map(crate::extract::shard::Shard::parse)
+                .transpose()
+                .map_err(Error::Settings)?,
             progress,
         })
     }

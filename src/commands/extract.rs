@@ -8,6 +8,22 @@ use crate::report::RunReport;
 pub fn run(args: &ExtractArgs, ui: Ui) -> Result<ExitCode> {
     let settings = args.settings(!ui.quiet)?;
     crate::interrupt::install();
+    if let Some(shard) = settings.shard {
+        let part = crate::extract::extract_part(&settings)?;
+        if !ui.quiet {
+            eprintln!(
+                "shard {}/{}: {} tensors in {:.1} s, kept as a part in {}; join all {} parts with `phlora combine PART... --out ADAPTER`",
+                shard.index, shard.count, part.tensors, part.seconds, part.out, shard.count
+            );
+        }
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&part).expect("plain data serializes")
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let report = crate::extract::extract(&settings)?;
     show(&report, ui, args.json);
     if args.profile {

@@ -28,6 +28,9 @@ const DATA: &str = "tensors.bin";
 pub struct Fingerprint {
     pub files: Vec<FileStamp>,
     pub settings: String,
+    /// A shard run's share (combine joins parts that differ only in this).
+    #[serde(default)]
+    pub shard: Option<super::shard::Shard>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -71,13 +74,20 @@ impl Fingerprint {
             s.base_name,
             s.target
         );
-        Ok(Fingerprint { files, settings })
+        Ok(Fingerprint {
+            files,
+            settings,
+            shard: s.shard,
+        })
     }
 
     /// What differs from `other`, for the refusal.
     fn difference(&self, other: &Fingerprint) -> String {
         if self.settings != other.settings {
             return "the settings differ".into();
+        }
+        if self.shard != other.shard {
+            return "the shard differs".into();
         }
         for (a, b) in self.files.iter().zip(&other.files) {
             if a != b {
@@ -201,29 +211,7 @@ impl Journal {
                 ),
             ));
         }
-        let mut data = File::open(dir.join(DATA))
-            .map_err(|e| Error::io(dir.join(DATA), "cannot open the journal", e))?;
-        let data_len = data
-            .metadata()
-            .map_err(|e| Error::io(dir.join(DATA), "cannot stat", e))?
-            .len();
-        let lines = File::open(dir.join(RECORDS))
-            .map_err(|e| Error::io(dir.join(RECORDS), "cannot open the journal", e))?;
-        let mut finished = Vec::new();
-        let (mut good_bytes, mut good_data) = (0u64, 0u64);
-        for line in BufReader::new(lines).split(b'\n') {
-            let Ok(line) = line else { break };
-            let Ok(rec) = serde_json::from_slice::<Record>(&line) else {
-                break; // a torn last record
-            };
-            let end = rec.data_end();
-            if end > data_len {
-                break;
-            }
-            finished.push(rec.load(&mut data, &dir)?);
-            good_bytes += line.len() as u64 + 1;
-            good_data = good_data.max(end);
-        }
+        let (finished, good_bytes, good_data) = read_records(&dir)?;
         // Drop whatever follows the last whole record, then append after it.
         let records = OpenOptions::new()
             .write(true)
@@ -234,6 +222,11 @@ impl Journal {
             .map_err(|e| Error::io(dir.join(RECORDS), "cannot truncate", e))?;
         let j = Self::open(dir, good_data)?;
         Ok((j, finished))
+    }
+
+    /// The finished tensors of the journal in `out` (a shard's part), read only.
+    pub fn read(out: &Path) -> Result<Vec<Finished>> {
+        Ok(read_records(&Self::dir(out))?.0)
     }
 
     fn open(dir: PathBuf, data_len: u64) -> Result<Journal> {
@@ -325,6 +318,35 @@ impl Journal {
     pub fn discard(out: &Path) {
         let _ = std::fs::remove_dir_all(Self::dir(out));
     }
+}
+
+/// The whole records of a journal folder, and where they end (in the records file, in the
+/// data file); a torn last record is left out.
+fn read_records(dir: &Path) -> Result<(Vec<Finished>, u64, u64)> {
+    let mut data = File::open(dir.join(DATA))
+        .map_err(|e| Error::io(dir.join(DATA), "cannot open the journal", e))?;
+    let data_len = data
+        .metadata()
+        .map_err(|e| Error::io(dir.join(DATA), "cannot stat", e))?
+        .len();
+    let lines = File::open(dir.join(RECORDS))
+        .map_err(|e| Error::io(dir.join(RECORDS), "cannot open the journal", e))?;
+    let mut finished = Vec::new();
+    let (mut good_bytes, mut good_data) = (0u64, 0u64);
+    for line in BufReader::new(lines).split(b'\n') {
+        let Ok(line) = line else { break };
+        let Ok(rec) = serde_json::from_slice::<Record>(&line) else {
+            break; // a torn last record
+        };
+        let end = rec.data_end();
+        if end > data_len {
+            break;
+        }
+        finished.push(rec.load(&mut data, dir)?);
+        good_bytes += line.len() as u64 + 1;
+        good_data = good_data.max(end);
+    }
+    Ok((finished, good_bytes, good_data))
 }
 
 impl Record {

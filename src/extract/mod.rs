@@ -13,6 +13,7 @@ mod fit;
 mod fused;
 mod job;
 mod journal;
+pub mod shard;
 
 pub use fit::{BASELINE_RAM, BASELINE_VRAM};
 
@@ -78,6 +79,8 @@ pub struct ExtractSettings {
     pub overwrite: bool,
     /// Continue an interrupted run from its journal in OUT.
     pub resume: bool,
+    /// Compute only this share of the plan, as a part for `combine`.
+    pub shard: Option<shard::Shard>,
     /// Show a progress bar (only when stderr is a terminal).
     pub progress: bool,
 }
@@ -112,6 +115,7 @@ impl ExtractSettings {
             target: Target::Peft,
             overwrite: false,
             resume: false,
+            shard: None,
             progress: false,
         }
     }
@@ -200,6 +204,35 @@ fn first_worker<B: Backend>(groups: &[DeviceWorkers<B>]) -> Result<&B> {
 
 /// Runs the whole extraction and returns the report (also written to OUT/report.json).
 pub fn extract(s: &ExtractSettings) -> Result<RunReport> {
+    if s.shard.is_some() {
+        return Err(Error::Settings(
+            "a shard run writes a part, not an adapter: call extract_part".into(),
+        ));
+    }
+    match extract_any(s)? {
+        Ran::Adapter(report) => Ok(*report),
+        Ran::Part(_) => unreachable!("no shard was asked for"),
+    }
+}
+
+/// A shard run (`--shard I/N`): this share of the tensors, journaled into OUT as a part.
+pub fn extract_part(s: &ExtractSettings) -> Result<shard::PartReport> {
+    if s.shard.is_none() {
+        return Err(Error::Settings("extract_part needs a shard".into()));
+    }
+    match extract_any(s)? {
+        Ran::Part(part) => Ok(part),
+        Ran::Adapter(_) => unreachable!("a shard was asked for"),
+    }
+}
+
+/// How a run ended: with the adapter, or (a shard run) with its part.
+enum Ran {
+    Adapter(Box<RunReport>),
+    Part(shard::PartReport),
+}
+
+fn extract_any(s: &ExtractSettings) -> Result<Ran> {
     let (base, ft, plan) = open_pair(s)?;
     let out_existed = s.out.exists();
     // Set once this run holds a journal (a refused --resume leaves the old one alone).
@@ -416,10 +449,14 @@ fn run<B: Backend>(
     ft: &Checkpoint,
     plan: &Plan,
     journal_held: &mut bool,
-) -> Result<RunReport> {
+) -> Result<Ran> {
     let started = Instant::now();
     let first = first_worker(groups)?;
     warn_unused_bounds(first, s);
+    if s.shard.is_some() {
+        shard::check_policy(&s.rank)?;
+        shard::check_part_out(s)?;
+    }
     let out_dtype = s.out_dtype.unwrap_or_else(|| dominant_lora_dtype(plan));
     let r_adapter = s.rank.adapter_rank();
     // Factors are zero-padded to r, so a rank beyond every matrix's size only wastes memory
@@ -439,7 +476,11 @@ fn run<B: Backend>(
     let placements_for =
         |policy: &RankPolicy| placements(first, s, smallest, plan, policy, r_adapter);
     let placements = placements_for(&s.rank)?;
-    let mut writer = Some(AdapterWriter::create(&s.out, s.overwrite || s.resume)?);
+    // A shard run writes no adapter, only its part (the journal).
+    let mut writer = match s.shard {
+        None => Some(AdapterWriter::create(&s.out, s.overwrite || s.resume)?),
+        Some(_) => None,
+    };
     // The journal: a fresh one, or the interrupted run's with what it finished.
     let fingerprint = journal::Fingerprint::of(s, base, ft)?;
     let (mut journal, resumed) = if s.resume {
@@ -456,7 +497,18 @@ fn run<B: Backend>(
     };
     *journal_held = true;
     let resumed = resume_into(plan, resumed, &mut journal, writer.as_mut())?;
-    let skip: Vec<bool> = resumed.iter().map(Option::is_some).collect();
+    // Done already, or another shard's.
+    let owner = s
+        .shard
+        .map(|sh| (sh.index - 1, shard::assignment(plan, sh.count)));
+    let skip: Vec<bool> = (0..plan.items.len())
+        .map(|i| {
+            let others = owner
+                .as_ref()
+                .is_some_and(|(me, o)| o[i].is_some_and(|k| k != *me));
+            resumed[i].is_some() || others
+        })
+        .collect();
     let no_skip = vec![false; plan.items.len()];
     if s.resume {
         tracing::info!(
@@ -538,6 +590,12 @@ fn run<B: Backend>(
             *slot = done;
         }
     }
+    if let Some(sh) = s.shard {
+        // The part is the journal; combine assembles the adapter from all of them.
+        let tensors = outcome.finished.iter().flatten().count();
+        let part = shard::finish_part(s, sh, &fingerprint, tensors, started)?;
+        return Ok(Ran::Part(part));
+    }
     if let Some(st) = first_pass {
         outcome.stages.add(&st);
     }
@@ -551,7 +609,7 @@ fn run<B: Backend>(
     };
     let report = assemble::assemble(s, base, ft, plan, outcome, &context)?;
     journal.remove();
-    Ok(report)
+    Ok(Ran::Adapter(Box::new(report)))
 }
 
 /// The interrupted run's finished tensors by plan index, staged into the writer; a tied

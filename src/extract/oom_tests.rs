@@ -84,14 +84,18 @@ fn run_on(
     ft: &Checkpoint,
 ) -> Result<RunReport> {
     let plan = Plan::build(base, ft, &s.plan)?;
-    run(
+    let ran = run(
         &[DeviceWorkers { workers: vec![be] }],
         s,
         base,
         ft,
         &plan,
         &mut false,
-    )
+    );
+    match ran? {
+        super::Ran::Adapter(report) => Ok(*report),
+        super::Ran::Part(_) => unreachable!("no shard"),
+    }
 }
 
 #[test]

@@ -1,0 +1,269 @@
+//! Runs split across processes: `--shard I/N` computes one deterministic, work-balanced share
+//! of the plan into OUT as a part (its journal and `phlora-part.json`), and `combine` joins the
+//! N parts into the adapter a single run writes, byte for byte (each tensor's sketch seed comes
+//! from its name, and the file is ordered by the plan, so where a tensor ran does not matter).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::journal::{Fingerprint, Journal};
+use super::{assemble, engine, job, ExtractSettings};
+use crate::adapter::AdapterWriter;
+use crate::error::{Error, Result};
+use crate::linalg::rank::RankPolicy;
+use crate::plan::{Action, Plan};
+use crate::report::{RunReport, StageSeconds};
+
+pub const PART_FILE: &str = "phlora-part.json";
+
+/// Shard `index` (1-based) of `count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// "I/N" with 1 ≤ I ≤ N.
+    pub fn parse(text: &str) -> std::result::Result<Shard, String> {
+        let bad = || format!("--shard `{text}`: expected I/N with 1 ≤ I ≤ N, e.g. 2/8");
+        let (i, n) = text.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if index == 0 || count == 0 || index > count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+/// What a part says about itself.
+#[derive(Serialize, Deserialize)]
+struct PartMarker {
+    shard: Shard,
+    /// The run's settings as given (paths as typed: the adapter's config names them).
+    settings: ExtractSettings,
+    /// The checkpoints, as absolute paths (combine may run elsewhere).
+    base: PathBuf,
+    ft: PathBuf,
+    fingerprint: Fingerprint,
+    tensors: usize,
+}
+
+/// A part written by a shard run.
+#[derive(Clone, Debug, Serialize)]
+pub struct PartReport {
+    pub out: String,
+    pub shard: Shard,
+    /// Tensors this part computed.
+    pub tensors: usize,
+    pub seconds: f64,
+}
+
+/// Which shard (0-based) computes each plan item; None for items with no work (unchanged,
+/// or a tied lm_head, which goes with its embedding). Largest inputs first, each onto the
+/// least-loaded shard (the lower index on a tie): balanced by bytes read, not by count.
+pub fn assignment(plan: &Plan, count: usize) -> Vec<Option<usize>> {
+    let mut order: Vec<usize> = (0..plan.items.len())
+        .filter(|&i| {
+            let item = &plan.items[i];
+            item.action != Action::Unchanged && !item.is_tied_copy()
+        })
+        .collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(plan.items[i].input_bytes()), i));
+    let mut load = vec![0u64; count];
+    let mut of = vec![None; plan.items.len()];
+    for i in order {
+        let k = (0..count).min_by_key(|&k| (load[k], k)).expect("count ≥ 1");
+        load[k] += plan.items[i].input_bytes().max(1);
+        of[i] = Some(k);
+    }
+    for (source, copy) in plan.tied_copies() {
+        of[copy] = of[source];
+    }
+    of
+}
+
+/// Writes the part marker (atomically) once the shard's tensors are all journaled.
+pub(super) fn finish_part(
+    s: &ExtractSettings,
+    shard: Shard,
+    fingerprint: &Fingerprint,
+    tensors: usize,
+    started: Instant,
+) -> Result<PartReport> {
+    let absolute =
+        |p: &Path| std::fs::canonicalize(p).map_err(|e| Error::io(p, "cannot resolve the path", e));
+    let marker = PartMarker {
+        shard,
+        settings: s.clone(),
+        base: absolute(&s.base)?,
+        ft: absolute(&s.ft)?,
+        fingerprint: fingerprint.clone(),
+        tensors,
+    };
+    let path = s.out.join(PART_FILE);
+    let tmp = s.out.join(format!(".{PART_FILE}.tmp"));
+    let text = serde_json::to_string_pretty(&marker).expect("a part marker serializes");
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, "cannot write", e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "cannot move into place", e))?;
+    Ok(PartReport {
+        out: s.out.display().to_string(),
+        shard,
+        tensors,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Refuses a shard run whose OUT already holds an adapter or a part, unless forced.
+pub(super) fn check_part_out(s: &ExtractSettings) -> Result<()> {
+    if s.out.exists() && !s.out.is_dir() {
+        return Err(Error::checkpoint(
+            &s.out,
+            "the output path exists and is not a folder",
+        ));
+    }
+    for f in [PART_FILE, crate::adapter::CONFIG_FILE] {
+        if s.out.join(f).exists() && !s.overwrite && !s.resume {
+            return Err(Error::checkpoint(
+                &s.out,
+                format!("already holds {f}; pass --force to replace it"),
+            ));
+        }
+    }
+    let _ = std::fs::remove_file(s.out.join(PART_FILE));
+    std::fs::create_dir_all(&s.out).map_err(|e| Error::io(&s.out, "cannot create", e))
+}
+
+/// Joins the parts in `dirs` (shards 1..N of one run) into the adapter at `out`.
+pub fn combine(dirs: &[PathBuf], out: &Path, overwrite: bool) -> Result<RunReport> {
+    let started = Instant::now();
+    let mut markers = Vec::new();
+    for d in dirs {
+        let path = d.join(PART_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Error::io(
+                &path,
+                "not a finished part (run `extract --shard I/N` into it)",
+                e,
+            )
+        })?;
+        let m: PartMarker = serde_json::from_str(&text)
+            .map_err(|e| Error::checkpoint(&path, format!("not a valid part: {e}")))?;
+        markers.push((d, m));
+    }
+    let first = &markers
+        .first()
+        .ok_or_else(|| Error::Settings("combine: no parts given".into()))?
+        .1;
+    let count = first.shard.count;
+    let mut seen = vec![None; count];
+    for (d, m) in &markers {
+        let same = m.shard.count == count
+            && m.fingerprint.files == first.fingerprint.files
+            && m.fingerprint.settings == first.fingerprint.settings;
+        if !same {
+            return Err(Error::checkpoint(
+                d.join(PART_FILE),
+                format!(
+                    "is not a part of the same run as {} (other inputs, settings or shard count)",
+                    dirs[0].display()
+                ),
+            ));
+        }
+        if let Some(other) = seen[m.shard.index - 1].replace(*d) {
+            return Err(Error::Settings(format!(
+                "combine: shard {}/{count} is given twice ({} and {})",
+                m.shard.index,
+                other.display(),
+                d.display()
+            )));
+        }
+    }
+    if let Some(missing) = seen.iter().position(Option::is_none) {
+        return Err(Error::Settings(format!(
+            "combine: shard {}/{count} is missing; give all {count} parts",
+            missing + 1
+        )));
+    }
+    // The run's settings, with the paths that open the inputs from here.
+    let mut s = first.settings.clone();
+    let (named_base, named_ft) = (s.base.clone(), s.ft.clone());
+    s.base = first.base.clone();
+    s.ft = first.ft.clone();
+    s.out = out.to_path_buf();
+    s.overwrite = overwrite;
+    let (base, ft, plan) = super::open_pair(&s)?;
+    let mut now = Fingerprint::of(&s, &base, &ft)?;
+    now.shard = first.fingerprint.shard;
+    if now.files != first.fingerprint.files {
+        return Err(Error::Settings(
+            "combine: the checkpoints changed since the parts were computed".into(),
+        ));
+    }
+    // Every part's tensors, by plan index.
+    let mut finished: Vec<Option<job::Finished>> = (0..plan.items.len()).map(|_| None).collect();
+    for (d, _) in &markers {
+        for done in Journal::read(d)? {
+            let i = done.index;
+            if i >= plan.items.len() || plan.items[i].name != done.row.name {
+                return Err(Error::checkpoint(
+                    d.join(super::journal::JOURNAL_DIR),
+                    format!("tensor #{i} `{}` is not the plan's", done.row.name),
+                ));
+            }
+            finished[i] = Some(done);
+        }
+    }
+    let owner = assignment(&plan, count);
+    if let Some(i) = (0..plan.items.len()).find(|&i| owner[i].is_some() && finished[i].is_none()) {
+        return Err(Error::Settings(format!(
+            "combine: `{}` is missing from shard {}/{count}'s part",
+            plan.items[i].name,
+            owner[i].unwrap_or(0) + 1
+        )));
+    }
+    s.base = named_base;
+    s.ft = named_ft;
+    let mut writer = AdapterWriter::create(out, overwrite)?;
+    for done in finished.iter_mut().flatten() {
+        engine::stage(Some(&mut writer), done, false)?;
+    }
+    let stages = finished
+        .iter()
+        .flatten()
+        .fold(StageSeconds::default(), |mut acc, d| {
+            acc.add(&d.row.stages);
+            acc
+        });
+    let outcome = engine::Outcome {
+        writer: Some(writer),
+        finished,
+        workers: Vec::new(),
+        stages,
+    };
+    let context = assemble::Context {
+        started,
+        input_bytes: plan.input_bytes(),
+        r_adapter: s.rank.adapter_rank(),
+        out_dtype: s
+            .out_dtype
+            .unwrap_or_else(|| super::dominant_lora_dtype(&plan)),
+        device: format!("{count} parts"),
+    };
+    assemble::assemble(&s, &base, &ft, &plan, outcome, &context)
+}
+
+/// `--shard` cannot split what needs every tensor at once.
+pub(super) fn check_policy(rank: &RankPolicy) -> Result<()> {
+    if matches!(rank, RankPolicy::Budget { .. }) {
+        return Err(Error::Settings(
+            "--shard with --budget: a budget allocates ranks over every tensor's spectrum at once; use --rank or --energy with --shard".into(),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! `--shard I/N` and `combine`: N processes each compute a share of the tensors (balanced by
+//! bytes read) into a part, and combine joins the parts into the adapter a single run writes,
+//! byte for byte. Missing, repeated or foreign parts are refused by name.
+
+mod common;
+
+use std::path::Path;
+
+use common::phlora;
+
+fn run(args: &[&str]) -> std::process::Output {
+    let o = phlora(args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn extract(root: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let (b, f) = (root.join("base"), root.join("ft"));
+    let mut args = vec![
+        "extract",
+        "--base",
+        b.to_str().unwrap(),
+        "--ft",
+        f.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    phlora(&args)
+}
+
+fn adapter_bytes(out: &Path) -> Vec<u8> {
+    let mut b = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    b.extend(std::fs::read(out.join("adapter_config.json")).unwrap());
+    b
+}
+
+#[test]
+fn parts_combine_into_the_single_run_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let seed = common::fresh_seed("shard").to_string();
+    run(&[
+        "synth",
+        "--out",
+        root.to_str().unwrap(),
+        "--hidden",
+        "256",
+        "--intermediate",
+        "512",
+        "--layers",
+        "3",
+        "--vocab",
+        "1024",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--seed",
+        &seed,
+        "--quiet",
+    ]);
+    for policy in [&["--rank", "8"][..], &["--energy", "0.9"][..]] {
+        let whole = root.join("whole");
+        let o = extract(root, &whole, &[policy, &["--force"]].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let n = 3;
+        let mut parts = Vec::new();
+        for i in 1..=n {
+            let part = root.join(format!("part{i}"));
+            let shard = format!("{i}/{n}");
+            let o = extract(
+                root,
+                &part,
+                &[policy, &["--shard", &shard, "--force", "--json"]].concat(),
+            );
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            // Balanced: every shard has work.
+            assert!(report["tensors"].as_u64().unwrap() > 0, "{report}");
+            assert!(
+                !part.join("adapter_config.json").exists(),
+                "a part is not an adapter"
+            );
+            parts.push(part);
+        }
+        let combined = root.join("combined");
+        // Parts in any order.
+        let mut args = vec!["combine", "--out", combined.to_str().unwrap(), "--force"];
+        args.extend(parts.iter().rev().map(|p| p.to_str().unwrap()));
+        run(&args);
+        assert!(
+            adapter_bytes(&combined) == adapter_bytes(&whole),
+            "{policy:?}: the combined adapter differs from the single run's"
+        );
+
+        // A missing part, a repeated one.
+        let o = phlora(&[
+            "combine",
+            "--out",
+            root.join("x").to_str().unwrap(),
+            parts[0].to_str().unwrap(),
+            parts[2].to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("shard 2/3 is missing"),
+            "{err}"
+        );
+        let o = phlora(&[
+            "combine",
+            "--out",
+            root.join("x").to_str().unwrap(),
+            parts[0].to_str().unwrap(),
+            parts[0].to_str().unwrap(),
+            parts[1].to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("given twice"), "{err}");
+    }
+    // A part of another run (other settings).
+    let other = root.join("other");
+    let o = extract(root, &other, &["--rank", "4", "--shard", "2/3"]);
+    assert!(o.status.success());
+    let o = phlora(&[
+        "combine",
+        "--out",
+        root.join("y").to_str().unwrap(),
+        root.join("part1").to_str().unwrap(),
+        other.to_str().unwrap(),
+        root.join("part3").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a part of the same run"),
+        "{err}"
+    );
+}
+
+#[test]
+fn shard_arguments_are_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["0/3", "4/3", "3", "a/b", "1/0"] {
+        let o = extract(dir.path(), &dir.path().join("o"), &["--shard", bad]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("--shard"),
+            "{bad}: {err}"
+        );
+    }
+}
