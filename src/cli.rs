@@ -336,8 +336,10 @@ pub struct ExtractArgs {
     pub added_tokens: bool,
     /// Write per-expert MoE weights (`experts.N.gate_proj/up_proj/down_proj`) as the fused
     /// parameters transformers v5 builds from them in memory (`experts.gate_up_proj`,
-    /// `experts.down_proj`), in PEFT's target_parameters layout: what PEFT needs for Qwen2-MoE
-    /// under transformers v5, which it does not convert from per-expert adapters. gate and up
+    /// `experts.down_proj`), in PEFT's target_parameters layout: what PEFT under transformers
+    /// v5 needs for Qwen2-MoE (which it does not convert from per-expert adapters) and for
+    /// models with a dense MLP or shared experts (DeepSeek-V3: its conversion drops their LoRA;
+    /// with this flag they become target parameters by path). gate and up
     /// stay separate decompositions, stacked block-diagonally (an expert's rank in gate_up_proj
     /// is r_gate + r_up), so each B·A is unchanged. PEFT only; vLLM takes the per-expert form.
     #[arg(long)]
