@@ -183,3 +183,45 @@ fn a_resume_against_changed_inputs_or_settings_is_refused() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("no journal"), "{err}");
 }
+
+/// A write that fails (here: a file-size limit, EFBIG, standing in for a full disk) ends the
+/// run with an error that names the file; OUT holds no adapter and no staging folder, the
+/// journal keeps what was finished, and `--resume` completes to the same bytes.
+#[test]
+fn a_failed_write_leaves_nothing_half_written_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    synth(root, "resume-efbig");
+    let whole = root.join("whole");
+    assert!(extract(root, &whole, &[], &[]).status.success());
+    let out = root.join("out");
+    // bash: ulimit -f counts 1024-byte blocks; SIGXFSZ ignored, so write() fails with EFBIG.
+    let script = format!(
+        "ulimit -f 96; trap '' XFSZ; exec {} extract --base {} --ft {} --out {} --rank 8 --device cpu --in-flight 2 --quiet",
+        bin().display(),
+        root.join("base").display(),
+        root.join("ft").display(),
+        out.display()
+    );
+    let o = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&*out.to_string_lossy()) && err.contains("cannot"),
+        "{err}"
+    );
+    assert!(!out.join("adapter_config.json").exists());
+    assert!(!out.join("adapter_model.safetensors").exists());
+    let leftovers: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".phlora-journal")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let o = extract(root, &out, &["--resume"], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(adapter_bytes(&out) == adapter_bytes(&whole));
+}
