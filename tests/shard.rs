@@ -156,3 +156,71 @@ fn shard_arguments_are_validated() {
         );
     }
 }
+
+/// Parts computed with paths relative to one folder combine from another folder, and the
+/// adapter still names the base as it was typed.
+#[test]
+fn relative_paths_combine_from_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let seed = common::fresh_seed("shard-relative").to_string();
+    run(&[
+        "synth",
+        "--out",
+        root.to_str().unwrap(),
+        "--hidden",
+        "128",
+        "--intermediate",
+        "256",
+        "--layers",
+        "2",
+        "--vocab",
+        "512",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--seed",
+        &seed,
+        "--quiet",
+    ]);
+    let bin = std::env::var_os("PHLORA_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_phlora")));
+    let in_root = |args: &[&str]| {
+        let o = std::process::Command::new(&bin)
+            .current_dir(root)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let common_args = [
+        "--base", "base", "--ft", "ft", "--rank", "4", "--device", "cpu", "--quiet",
+    ];
+    in_root(&[&["extract", "--out", "whole"][..], &common_args].concat());
+    for i in 1..=2 {
+        let (out, shard) = (format!("p{i}"), format!("{i}/2"));
+        in_root(
+            &[
+                &["extract", "--out", &out, "--shard", &shard][..],
+                &common_args,
+            ]
+            .concat(),
+        );
+    }
+    // From the test's own folder, with absolute part paths.
+    let combined = root.join("combined");
+    run(&[
+        "combine",
+        "--out",
+        combined.to_str().unwrap(),
+        root.join("p1").to_str().unwrap(),
+        root.join("p2").to_str().unwrap(),
+    ]);
+    assert!(adapter_bytes(&combined) == adapter_bytes(&root.join("whole")));
+}

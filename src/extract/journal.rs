@@ -110,6 +110,8 @@ fn stamp(path: &Path, bytes: &[u8]) -> Result<FileStamp> {
         .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
         .unwrap_or(0);
     let header = &bytes[..bytes.len().min(8usize.saturating_add(header_len))];
+    // The absolute path: a part run from one folder is combined from another.
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     Ok(FileStamp {
         path: path.display().to_string(),
         size: meta.len(),
