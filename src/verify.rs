@@ -10,8 +10,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::adapter::read::{update_rows, Adapter, LoraModule};
-use crate::checkpoint::dtype::decode_into;
-use crate::checkpoint::{Checkpoint, TensorEntry};
+use crate::checkpoint::{stacked_rows, Checkpoint, TensorEntry};
 use crate::error::{Error, Result};
 use crate::plan::tied_counterpart;
 
@@ -167,13 +166,6 @@ fn ratio(num: f64, den: f64) -> f64 {
     }
 }
 
-fn decode(ck: &Checkpoint, t: &TensorEntry, lo: usize, hi: usize) -> Vec<f32> {
-    let d = t.float_dtype().expect("checked by the caller");
-    let mut v = vec![0f32; hi - lo];
-    decode_into(d, &ck.bytes(t)[lo * d.size()..hi * d.size()], &mut v);
-    v
-}
-
 /// Rows r0..r1 of a weight's update, given those rows of the base (None: no update).
 type RowUpdate<'a> = dyn Fn(usize, usize, &[f32]) -> Option<Vec<f32>> + Sync + 'a;
 
@@ -187,15 +179,9 @@ struct BaseSide<'a> {
 }
 
 impl BaseSide<'_> {
-    /// Rows r0..r1 decoded, `cols` to a row.
-    fn rows(&self, r0: usize, r1: usize, cols: usize) -> Vec<f32> {
-        let own = self.t.shape.first().copied().unwrap_or(1);
-        let mut v = decode(self.ck, self.t, r0.min(own) * cols, r1.min(own) * cols);
-        if let Some((ck, t)) = self.added.filter(|_| r1 > own) {
-            let (a0, a1) = (r0.max(own) - own, r1 - own);
-            v.extend(decode(ck, t, a0 * cols, a1 * cols));
-        }
-        v
+    /// Rows r0..r1 decoded.
+    fn rows(&self, r0: usize, r1: usize) -> Vec<f32> {
+        stacked_rows(self.ck, self.t, self.added, r0, r1)
     }
 }
 
@@ -209,8 +195,8 @@ fn compare(base: BaseSide<'_>, ft: &Checkpoint, ftt: &TensorEntry, update: &RowU
         .into_par_iter()
         .map(|c| {
             let (r0, r1) = (c * step, ((c + 1) * step).min(rows));
-            let wb = base.rows(r0, r1, cols);
-            let wf = decode(ft, ftt, r0 * cols, r1 * cols);
+            let wb = base.rows(r0, r1);
+            let wf = ft.rows_f32(ftt, r0, r1);
             let h = update(r0, r1, &wb);
             let mut s = Sums::default();
             for i in 0..wb.len() {
@@ -350,12 +336,10 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
         let whole = adapter.whole.get(&ftt_name);
         let sums = if let Some((m, expert, offset)) = part {
             carried.insert(ftt_name.clone());
-            let (a, b) = adapter.factors(m);
-            let whole = update_rows(m, &a, &b, expert, expert + 1);
+            let rows = adapter.expert_rows(m, expert, offset, offset + ftt.shape[0]);
             let cols = ftt.shape[1];
-            let update = |r0: usize, r1: usize, _: &[f32]| {
-                Some(whole[(offset + r0) * cols..(offset + r1) * cols].to_vec())
-            };
+            let update =
+                |r0: usize, r1: usize, _: &[f32]| Some(rows[r0 * cols..r1 * cols].to_vec());
             compare(side, &ft, ftt, &update)
         } else if let Some(m) = lora {
             carried.insert(ftt_name.clone());
@@ -366,7 +350,7 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
             carried.insert(ftt_name.clone());
             let bt_lora = m.bias.as_ref().expect("filtered");
             let update = |r0: usize, r1: usize, _: &[f32]| -> Option<Vec<f32>> {
-                let v = decode(&adapter.file, bt_lora, r0, r1);
+                let v = adapter.file.rows_f32(bt_lora, r0, r1);
                 Some(v.iter().map(|x| x * m.scaling as f32).collect())
             };
             compare(side, &ft, ftt, &update)
@@ -374,8 +358,7 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
             carried.insert(ftt_name.clone());
             let update = |r0: usize, r1: usize, wb: &[f32]| -> Option<Vec<f32>> {
                 // The saved tensor replaces the base: ΔŴ = W_saved − W_base.
-                let cols = wb.len() / (r1 - r0).max(1);
-                let saved = decode(&adapter.file, w, r0 * cols, r1 * cols);
+                let saved = adapter.file.rows_f32(w, r0, r1);
                 Some(saved.iter().zip(wb).map(|(x, y)| x - y).collect())
             };
             compare(side, &ft, ftt, &update)

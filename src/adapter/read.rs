@@ -362,6 +362,40 @@ impl Adapter {
         (matrix(&m.a), matrix(&m.b))
     }
 
+    /// Rows r0..r1 of expert `e`'s update (scaled) in a fused module, decoding only that
+    /// expert's factors: its r rows of A and its r columns of B (column k·E + e), not all E.
+    pub fn expert_rows(&self, m: &LoraModule, e: usize, r0: usize, r1: usize) -> Vec<f32> {
+        use crate::checkpoint::dtype::decode_into;
+        let (r, experts) = (m.rank, m.experts.max(1));
+        let (inn, out, width) = (m.a.shape[1], m.b.shape[0], m.b.shape[1]);
+        let (da, db) = (
+            m.a.float_dtype().expect("checked when opened"),
+            m.b.float_dtype().expect("checked when opened"),
+        );
+        let mut a = vec![0f32; r * inn];
+        let from = e * r * inn * da.size();
+        decode_into(
+            da,
+            &self.file.bytes(&m.a)[from..from + a.len() * da.size()],
+            &mut a,
+        );
+        let b_bytes = self.file.bytes(&m.b);
+        let mut b = vec![0f32; out * r];
+        for o in 0..out {
+            for k in 0..r {
+                let at = (o * width + k * experts + e) * db.size();
+                decode_into(
+                    db,
+                    &b_bytes[at..at + db.size()],
+                    &mut b[o * r + k..=o * r + k],
+                );
+            }
+        }
+        let a = faer::Mat::from_fn(r, inn, |i, j| a[i * inn + j]);
+        let b = faer::Mat::from_fn(out, r, |i, j| b[i * r + j]);
+        matrix_rows(m.layout, m.scaling as f32, a.as_ref(), b.as_ref(), r0, r1)
+    }
+
     /// Fused expert parameters store each expert [in, out] in gpt-oss and [out, in] in
     /// transformers v5; PEFT knows from the model class, an adapter does not say. Callers
     /// that hold the base checkpoint set it from its config.

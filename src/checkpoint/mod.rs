@@ -223,6 +223,21 @@ impl Checkpoint {
         self.config.as_ref()
     }
 
+    /// Rows r0..r1 (along the first axis; a scalar is one row) of a float tensor, in f32.
+    pub fn rows_f32(&self, t: &TensorEntry, r0: usize, r1: usize) -> Vec<f32> {
+        let d = t
+            .float_dtype()
+            .expect("a float tensor, checked by the caller");
+        let cols = t.numel() / t.shape.first().copied().unwrap_or(1).max(1);
+        let mut v = vec![0f32; (r1 - r0) * cols];
+        dtype::decode_into(
+            d,
+            &self.bytes(t)[r0 * cols * d.size()..r1 * cols * d.size()],
+            &mut v,
+        );
+        v
+    }
+
     /// The tensor's raw bytes (little-endian, row-major), a view into the memory map.
     pub fn bytes(&self, t: &TensorEntry) -> &[u8] {
         &self.shards[t.shard].map[t.start..t.end]
@@ -298,6 +313,23 @@ fn read_config(path: &Path) -> Result<Option<serde_json::Value>> {
             Ok(None)
         }
     }
+}
+
+/// Rows r0..r1 of `t`, continued past its last row by the rows of `more` (a vocabulary with
+/// its added rows, as the resized model has them).
+pub fn stacked_rows(
+    ck: &Checkpoint,
+    t: &TensorEntry,
+    more: Option<(&Checkpoint, &TensorEntry)>,
+    r0: usize,
+    r1: usize,
+) -> Vec<f32> {
+    let own = t.shape.first().copied().unwrap_or(1);
+    let mut v = ck.rows_f32(t, r0.min(own), r1.min(own));
+    if let Some((more_ck, more)) = more.filter(|_| r1 > own) {
+        v.extend(more_ck.rows_f32(more, r0.max(own) - own, r1 - own));
+    }
+    v
 }
 
 /// An index file's weight_map (tensor → shard file name), validated: JSON of the right form,

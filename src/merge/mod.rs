@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::adapter::read::{update_rows, Adapter, LoraModule};
 use crate::checkpoint::dtype::{decode_into, encode_into};
-use crate::checkpoint::{Checkpoint, TensorEntry, INDEX_FILE};
+use crate::checkpoint::{stacked_rows, Checkpoint, TensorEntry, INDEX_FILE};
 use crate::error::{Error, Result};
 use crate::staging::StagedOutput;
 
@@ -441,17 +441,16 @@ fn write_shard(
             Change::Grown(m, added) => {
                 let file = adapter.added.as_ref().expect("grown by the added rows");
                 let rows = t.shape[0] + added.shape[0];
-                let source = |r0: usize, r1: usize| stacked_rows(base, t, file, added, r0, r1);
+                let source =
+                    |r0: usize, r1: usize| stacked_rows(base, t, Some((file, added)), r0, r1);
                 merged_rows(t, rows, &source, m.map(|m| (adapter, m)), &mut write)?;
             }
             Change::ExpertPart(m, e, offset) => {
                 let td = t.float_dtype().expect("checked");
-                let (a, b) = adapter.factors(m);
-                let update = update_rows(m, &a, &b, e, e + 1);
+                let update = adapter.expert_rows(m, e, offset, offset + t.shape[0]);
                 let mut w = vec![0f32; t.numel()];
                 decode_into(td, base.bytes(t), &mut w);
-                let cols = t.shape[1];
-                for (x, u) in w.iter_mut().zip(&update[offset * cols..]) {
+                for (x, u) in w.iter_mut().zip(&update) {
                     *x += u;
                 }
                 let mut bytes = Vec::with_capacity(t.nbytes());
@@ -498,11 +497,12 @@ fn write_shard(
         let rows = u.emb.shape[0] + u.added.map_or(0, |a| a.shape[0]);
         match (u.added, adapter.added.as_ref()) {
             (Some(added), Some(file)) => {
-                let source = |r0: usize, r1: usize| stacked_rows(base, u.emb, file, added, r0, r1);
+                let source =
+                    |r0: usize, r1: usize| stacked_rows(base, u.emb, Some((file, added)), r0, r1);
                 merged_rows(u.emb, rows, &source, Some((adapter, u.lora)), &mut write)?;
             }
             _ => {
-                let source = |r0: usize, r1: usize| decode_rows(base, u.emb, r0, r1);
+                let source = |r0: usize, r1: usize| base.rows_f32(u.emb, r0, r1);
                 merged_rows(u.emb, rows, &source, Some((adapter, u.lora)), &mut write)?;
             }
         }
@@ -525,39 +525,8 @@ fn merged_tensor(
     m: &LoraModule,
     write: &mut dyn FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
-    let source = |r0: usize, r1: usize| decode_rows(base, t, r0, r1);
+    let source = |r0: usize, r1: usize| base.rows_f32(t, r0, r1);
     merged_rows(t, t.shape[0], &source, Some((adapter, m)), write)
-}
-
-/// Rows r0..r1 of a tensor (rows along its first axis), decoded to f32.
-fn decode_rows(ck: &Checkpoint, t: &TensorEntry, r0: usize, r1: usize) -> Vec<f32> {
-    let dtype = t.float_dtype().expect("checked");
-    let cols = t.numel() / t.shape[0].max(1);
-    let mut w = vec![0f32; (r1 - r0) * cols];
-    let size = dtype.size();
-    decode_into(
-        dtype,
-        &ck.bytes(t)[r0 * cols * size..r1 * cols * size],
-        &mut w,
-    );
-    w
-}
-
-/// Rows r0..r1 of `t` followed by `more`'s rows (a vocabulary with its added rows).
-fn stacked_rows(
-    ck: &Checkpoint,
-    t: &TensorEntry,
-    more_ck: &Checkpoint,
-    more: &TensorEntry,
-    r0: usize,
-    r1: usize,
-) -> Vec<f32> {
-    let own = t.shape[0];
-    let mut v = decode_rows(ck, t, r0.min(own), r1.min(own));
-    if r1 > own {
-        v.extend(decode_rows(more_ck, more, r0.max(own) - own, r1 - own));
-    }
-    v
 }
 
 /// `rows` rows of a matrix shaped like `like` (its dtype, its row width): `source(r0, r1)`
