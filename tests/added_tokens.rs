@@ -94,8 +94,7 @@ fn write_pair(root: &Path, heads: Heads, seed: u64) -> (PathBuf, PathBuf) {
 }
 
 fn settings(b: &Path, f: &Path, out: &Path, added: bool) -> ExtractSettings {
-    let mut st = ExtractSettings::new(b.to_path_buf(), f.to_path_buf(), out.to_path_buf(), R);
-    st.device = phlora::backend::Device::Cpu;
+    let mut st = cpu_settings(b, f, out, R);
     st.plan.added_tokens = added;
     st
 }

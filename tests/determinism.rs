@@ -6,10 +6,7 @@ mod common;
 use std::path::Path;
 
 fn extract_with(b: &Path, f: &Path, out: &Path, threads: usize, in_flight: &str) -> Vec<u8> {
-    let bin = std::env::var_os("PHLORA_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_phlora")));
-    let o = std::process::Command::new(bin)
+    let o = common::phlora_cmd()
         .env("RAYON_NUM_THREADS", threads.to_string())
         .args([
             "extract",
@@ -45,28 +42,7 @@ fn extract_with(b: &Path, f: &Path, out: &Path, threads: usize, in_flight: &str)
 #[test]
 fn the_adapter_does_not_depend_on_threads_or_tensors_in_flight() {
     let dir = tempfile::tempdir().unwrap();
-    let seed = common::fresh_seed("determinism").to_string();
-    let o = common::phlora(&[
-        "synth",
-        "--out",
-        dir.path().to_str().unwrap(),
-        "--hidden",
-        "256",
-        "--intermediate",
-        "512",
-        "--layers",
-        "2",
-        "--vocab",
-        "1024",
-        "--heads",
-        "4",
-        "--kv-heads",
-        "2",
-        "--seed",
-        &seed,
-        "--quiet",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::synth_pair(dir.path(), "determinism", 256, 2);
     let (b, f) = (dir.path().join("base"), dir.path().join("ft"));
     let out = dir.path().join("adapter");
     let first = extract_with(&b, &f, &out, 1, "1");

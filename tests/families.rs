@@ -170,8 +170,7 @@ fn extract_family(fam: &Family, tag: &str) -> (tempfile::TempDir, PathBuf, PathB
     let dir = tempfile::tempdir().unwrap();
     let (b, f) = write_pair(dir.path(), fam, fresh_seed(tag));
     let out = dir.path().join("adapter");
-    let mut st = ExtractSettings::new(b.clone(), f.clone(), out.clone(), R);
-    st.device = phlora::backend::Device::Cpu;
+    let st = cpu_settings(&b, &f, &out, R);
     extract(&st).unwrap();
     (dir, b, f, out)
 }
@@ -321,8 +320,7 @@ fn mixtral_per_expert_linears() {
     let dir = tempfile::tempdir().unwrap();
     let (b, f) = write_pair(dir.path(), &fam, fresh_seed("mixtral-energy"));
     let out = dir.path().join("adapter");
-    let mut st = ExtractSettings::new(b.clone(), f.clone(), out.clone(), R);
-    st.device = phlora::backend::Device::Cpu;
+    let mut st = cpu_settings(&b, &f, &out, R);
     st.rank = phlora::linalg::rank::RankPolicy::Energy {
         target: 0.99999,
         max_rank: 8,
@@ -577,8 +575,7 @@ fn fused_experts_are_refused_for_vllm_with_the_reason() {
     };
     let dir = tempfile::tempdir().unwrap();
     let (b, f) = write_pair(dir.path(), &fam, fresh_seed("fused-vllm"));
-    let mut st = ExtractSettings::new(b, f, dir.path().join("out"), R);
-    st.device = phlora::backend::Device::Cpu;
+    let mut st = cpu_settings(&b, &f, &dir.path().join("out"), R);
     st.target = phlora::extract::Target::Vllm;
     let err = extract(&st).unwrap_err().to_string();
     assert!(
@@ -602,8 +599,7 @@ fn fused_experts_against_the_wrong_hidden_size_are_an_error() {
     };
     let dir = tempfile::tempdir().unwrap();
     let (b, f) = write_pair(dir.path(), &fam, fresh_seed("fused-wrong"));
-    let mut st = ExtractSettings::new(b, f, dir.path().join("out"), R);
-    st.device = phlora::backend::Device::Cpu;
+    let st = cpu_settings(&b, &f, &dir.path().join("out"), R);
     let err = extract(&st).unwrap_err().to_string();
     assert!(
         err.contains("experts.down_proj") && err.contains("hidden size"),
@@ -692,8 +688,7 @@ fn fp8_block_scaled_base() {
     std::fs::create_dir_all(&f).unwrap();
     write_single(&f.join("model.safetensors"), &ft_tensors);
     let out = dir.path().join("adapter");
-    let mut st = ExtractSettings::new(b.clone(), f.clone(), out.clone(), R);
-    st.device = phlora::backend::Device::Cpu;
+    let st = cpu_settings(&b, &f, &out, R);
     let report = extract(&st).unwrap();
     assert_eq!(
         report.tensors.len(),
@@ -853,8 +848,7 @@ fn per_expert_weights_fused_for_transformers_v5() {
     let dir = tempfile::tempdir().unwrap();
     let (b, f) = write_pair(dir.path(), &fam, fresh_seed("fuse-experts"));
     let out = dir.path().join("adapter");
-    let mut st = ExtractSettings::new(b.clone(), f.clone(), out.clone(), R);
-    st.device = phlora::backend::Device::Cpu;
+    let mut st = cpu_settings(&b, &f, &out, R);
     st.plan.fuse_experts = true;
     extract(&st).unwrap();
 
@@ -995,8 +989,7 @@ fn fuse_experts_refusals() {
         };
         let root = dir.path().join(k.to_string());
         let (b, f) = write_pair(&root, &fam, fresh_seed("fuse-refusals") + k as u64);
-        let mut st = ExtractSettings::new(b, f, root.join("out"), R);
-        st.device = phlora::backend::Device::Cpu;
+        let mut st = cpu_settings(&b, &f, &root.join("out"), R);
         st.plan.fuse_experts = true;
         let e = extract(&st).unwrap_err().to_string();
         assert!(e.contains(want), "{e}");
@@ -1065,8 +1058,7 @@ fn base_tied_fine_tune_untied_merges_untied() {
     std::fs::write(b.join("config.json"), config(true)).unwrap();
     std::fs::write(f.join("config.json"), config(false)).unwrap();
     let out = dir.path().join("adapter");
-    let mut st = ExtractSettings::new(b.clone(), f.clone(), out.clone(), R);
-    st.device = phlora::backend::Device::Cpu;
+    let st = cpu_settings(&b, &f, &out, R);
     extract(&st).unwrap();
     let merged = dir.path().join("merged");
     merge_ok(&b, &out, &merged);

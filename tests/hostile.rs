@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use phlora::checkpoint::{Checkpoint, DType};
-use phlora::extract::{extract, ExtractSettings};
+use phlora::extract::extract;
 use phlora::plan::{Plan, PlanOptions};
 
 /// A safetensors file from a raw header and data, with no validation at all.
@@ -213,8 +213,7 @@ fn degenerate_shapes_extract_correctly() {
     write_single(&b, &base);
     write_single(&f, &ft);
     let out = dir.path().join("adapter");
-    let mut st = ExtractSettings::new(b.clone(), f.clone(), out.clone(), 1);
-    st.device = phlora::backend::Device::Cpu;
+    let st = cpu_settings(&b, &f, &out, 1);
     let report = catch_unwind(AssertUnwindSafe(|| extract(&st)))
         .expect("no panic")
         .unwrap();
@@ -382,8 +381,7 @@ fn mutated_adapters_never_panic() {
     write_single(&b, &base);
     write_single(&f, &ft);
     let good = dir.path().join("adapter");
-    let mut st = ExtractSettings::new(b.clone(), f.clone(), good.clone(), 2);
-    st.device = phlora::backend::Device::Cpu;
+    let st = cpu_settings(&b, &f, &good, 2);
     extract(&st).unwrap();
     let files = ["adapter_config.json", "adapter_model.safetensors"];
     let originals: Vec<Vec<u8>> = files

@@ -5,17 +5,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
-fn bin() -> PathBuf {
-    std::env::var_os("PHLORA_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_phlora")))
-}
+use std::path::Path;
 
 /// `phlora extract` on the pair in `root` into `out`, with extra arguments and environment.
 fn extract(root: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut cmd = std::process::Command::new(bin());
+    let mut cmd = common::phlora_cmd();
     cmd.args(["extract", "--base", root.join("base").to_str().unwrap()])
         .args(["--ft", root.join("ft").to_str().unwrap()])
         .args([
@@ -34,37 +28,6 @@ fn extract(root: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> std
     cmd.output().unwrap()
 }
 
-fn synth(root: &Path, tag: &str) {
-    let seed = common::fresh_seed(tag).to_string();
-    let o = common::phlora(&[
-        "synth",
-        "--out",
-        root.to_str().unwrap(),
-        "--hidden",
-        "256",
-        "--intermediate",
-        "512",
-        "--layers",
-        "3",
-        "--vocab",
-        "1024",
-        "--heads",
-        "4",
-        "--kv-heads",
-        "2",
-        "--seed",
-        &seed,
-        "--quiet",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
-fn adapter_bytes(out: &Path) -> Vec<u8> {
-    let mut b = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
-    b.extend(std::fs::read(out.join("adapter_config.json")).unwrap());
-    b
-}
-
 fn journaled(out: &Path) -> usize {
     std::fs::read_to_string(out.join(".phlora-journal/tensors.jsonl"))
         .map(|t| t.lines().count())
@@ -75,7 +38,7 @@ fn journaled(out: &Path) -> usize {
 fn a_killed_run_resumes_to_the_same_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    synth(root, "resume-kill");
+    common::synth_pair(root, "resume-kill", 256, 3);
     let whole = root.join("whole");
     let o = extract(root, &whole, &[], &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -107,7 +70,7 @@ fn a_killed_run_resumes_to_the_same_adapter() {
     let log = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{log}");
     assert!(
-        adapter_bytes(&out) == adapter_bytes(&whole),
+        common::adapter_bytes(&out) == common::adapter_bytes(&whole),
         "the resumed adapter differs"
     );
     assert!(!out.join(".phlora-journal").exists());
@@ -125,7 +88,7 @@ fn a_killed_run_resumes_to_the_same_adapter() {
 fn an_interrupted_run_stops_cleanly_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    synth(root, "resume-sigint");
+    common::synth_pair(root, "resume-sigint", 256, 3);
     let whole = root.join("whole");
     assert!(extract(root, &whole, &[], &[]).status.success());
     let out = root.join("out");
@@ -141,14 +104,14 @@ fn an_interrupted_run_stops_cleanly_and_resumes() {
     assert!(kept >= 4, "{kept}");
     let o = extract(root, &out, &["--resume"], &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(adapter_bytes(&out) == adapter_bytes(&whole));
+    assert!(common::adapter_bytes(&out) == common::adapter_bytes(&whole));
 }
 
 #[test]
 fn a_resume_against_changed_inputs_or_settings_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    synth(root, "resume-changed");
+    common::synth_pair(root, "resume-changed", 256, 3);
     let out = root.join("out");
     let o = extract(root, &out, &[], &[("PHLORA_TEST_CRASH_AFTER", "2")]);
     assert!(!o.status.success());
@@ -191,14 +154,14 @@ fn a_resume_against_changed_inputs_or_settings_is_refused() {
 fn a_failed_write_leaves_nothing_half_written_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    synth(root, "resume-efbig");
+    common::synth_pair(root, "resume-efbig", 256, 3);
     let whole = root.join("whole");
     assert!(extract(root, &whole, &[], &[]).status.success());
     let out = root.join("out");
     // bash: ulimit -f counts 1024-byte blocks; SIGXFSZ ignored, so write() fails with EFBIG.
     let script = format!(
         "ulimit -f 96; trap '' XFSZ; exec {} extract --base {} --ft {} --out {} --rank 8 --device cpu --in-flight 2 --quiet",
-        bin().display(),
+        common::phlora_cmd().get_program().to_string_lossy(),
         root.join("base").display(),
         root.join("ft").display(),
         out.display()
@@ -223,5 +186,5 @@ fn a_failed_write_leaves_nothing_half_written_and_resumes() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     let o = extract(root, &out, &["--resume"], &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(adapter_bytes(&out) == adapter_bytes(&whole));
+    assert!(common::adapter_bytes(&out) == common::adapter_bytes(&whole));
 }

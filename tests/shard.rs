@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::phlora;
+use common::{adapter_bytes, phlora, phlora_cmd, synth_pair};
 
 fn run(args: &[&str]) -> std::process::Output {
     let o = phlora(args);
@@ -36,37 +36,11 @@ fn extract(root: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     phlora(&args)
 }
 
-fn adapter_bytes(out: &Path) -> Vec<u8> {
-    let mut b = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
-    b.extend(std::fs::read(out.join("adapter_config.json")).unwrap());
-    b
-}
-
 #[test]
 fn parts_combine_into_the_single_run_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let seed = common::fresh_seed("shard").to_string();
-    run(&[
-        "synth",
-        "--out",
-        root.to_str().unwrap(),
-        "--hidden",
-        "256",
-        "--intermediate",
-        "512",
-        "--layers",
-        "3",
-        "--vocab",
-        "1024",
-        "--heads",
-        "4",
-        "--kv-heads",
-        "2",
-        "--seed",
-        &seed,
-        "--quiet",
-    ]);
+    synth_pair(root, "shard", 256, 3);
     for policy in [&["--rank", "8"][..], &["--energy", "0.9"][..]] {
         let whole = root.join("whole");
         let o = extract(root, &whole, &[policy, &["--force"]].concat());
@@ -163,36 +137,9 @@ fn shard_arguments_are_validated() {
 fn relative_paths_combine_from_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let seed = common::fresh_seed("shard-relative").to_string();
-    run(&[
-        "synth",
-        "--out",
-        root.to_str().unwrap(),
-        "--hidden",
-        "128",
-        "--intermediate",
-        "256",
-        "--layers",
-        "2",
-        "--vocab",
-        "512",
-        "--heads",
-        "4",
-        "--kv-heads",
-        "2",
-        "--seed",
-        &seed,
-        "--quiet",
-    ]);
-    let bin = std::env::var_os("PHLORA_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_phlora")));
+    synth_pair(root, "shard-relative", 128, 2);
     let in_root = |args: &[&str]| {
-        let o = std::process::Command::new(&bin)
-            .current_dir(root)
-            .args(args)
-            .output()
-            .unwrap();
+        let o = phlora_cmd().current_dir(root).args(args).output().unwrap();
         assert!(
             o.status.success(),
             "{args:?}: {}",

@@ -204,10 +204,70 @@ macro_rules! on_every_device {
 /// Runs the binary under test; PHLORA_BIN overrides the build path (a GPU host runs the test
 /// binaries from another folder).
 pub fn phlora(args: &[&str]) -> std::process::Output {
+    phlora_cmd().args(args).output().unwrap()
+}
+
+/// The binary under test as a command, for tests that set its environment or folder.
+pub fn phlora_cmd() -> std::process::Command {
     let bin = std::env::var_os("PHLORA_BIN")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_phlora")));
-    std::process::Command::new(bin).args(args).output().unwrap()
+    std::process::Command::new(bin)
+}
+
+/// A small Llama-shaped synth pair in ROOT/base and ROOT/ft (fresh seed for `tag`).
+pub fn synth_pair(root: &Path, tag: &str, hidden: usize, layers: usize) {
+    let (seed, hidden, inter, layers) = (
+        fresh_seed(tag).to_string(),
+        hidden.to_string(),
+        (2 * hidden).to_string(),
+        layers.to_string(),
+    );
+    let o = phlora(&[
+        "synth",
+        "--out",
+        root.to_str().unwrap(),
+        "--hidden",
+        &hidden,
+        "--intermediate",
+        &inter,
+        "--layers",
+        &layers,
+        "--vocab",
+        "1024",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--seed",
+        &seed,
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Extract settings for the CPU at rank `rank`.
+pub fn cpu_settings(
+    base: &Path,
+    ft: &Path,
+    out: &Path,
+    rank: usize,
+) -> phlora::extract::ExtractSettings {
+    let mut st = phlora::extract::ExtractSettings::new(
+        base.to_path_buf(),
+        ft.to_path_buf(),
+        out.to_path_buf(),
+        rank,
+    );
+    st.device = phlora::backend::Device::Cpu;
+    st
+}
+
+/// The adapter's two files, concatenated: what "byte for byte the same adapter" compares.
+pub fn adapter_bytes(out: &Path) -> Vec<u8> {
+    let mut b = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    b.extend(std::fs::read(out.join("adapter_config.json")).unwrap());
+    b
 }
 
 /// `phlora merge --base BASE --adapter ADAPTER --out OUT`, which must succeed.
