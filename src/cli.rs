@@ -143,6 +143,10 @@ pub struct CombineArgs {
     /// Output folder for the adapter (byte for byte what a single run writes).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Split the adapter's weights as extract's --max-shard-size does [default: the parts'
+    /// setting].
+    #[arg(long, value_name = "SIZE")]
+    pub max_shard_size: Option<String>,
     /// Replace an adapter already in the output folder.
     #[arg(long)]
     pub force: bool,
@@ -349,6 +353,14 @@ pub struct ExtractArgs {
     /// identical to an uninterrupted run. Refused if the inputs or settings changed.
     #[arg(long, conflicts_with = "force")]
     pub resume: bool,
+    /// Split the adapter's weights into files of at most SIZE of tensor data each (e.g. 2G;
+    /// a larger tensor gets a file of its own): adapter_model-00001-of-0000N.safetensors plus
+    /// adapter_model.safetensors.index.json, the Hugging Face sharded layout. PEFT's
+    /// from_pretrained and vLLM read only a single adapter_model.safetensors: shard only for
+    /// storage or transfer limits, and `phlora merge`/`verify` read either layout
+    /// [default: one file].
+    #[arg(long, value_name = "SIZE")]
+    pub max_shard_size: Option<String>,
     /// Compute only share I of N (1 ≤ I ≤ N) of the tensors, balanced by bytes read, into OUT
     /// as a part; `phlora combine PART… --out ADAPTER` joins the N parts into the adapter a
     /// single run writes, byte for byte. One process per shard (Slurm array task, Kubernetes

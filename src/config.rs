@@ -186,6 +186,7 @@ impl ExtractArgs {
                 .transpose()
                 .map_err(Error::Settings)?,
             progress,
+            max_shard_size: size_flag("--max-shard-size", &self.max_shard_size)?,
         })
     }
 }

@@ -380,53 +380,70 @@ fn mutated_adapters_never_panic() {
     );
     write_single(&b, &base);
     write_single(&f, &ft);
-    let good = dir.path().join("adapter");
-    let st = cpu_settings(&b, &f, &good, 2);
-    extract(&st).unwrap();
-    let files = ["adapter_config.json", "adapter_model.safetensors"];
-    let originals: Vec<Vec<u8>> = files
-        .iter()
-        .map(|n| std::fs::read(good.join(n)).unwrap())
-        .collect();
     let mut rng = phlora::rng::Rng::new(seed);
     let mut below = |n: usize| (rng.next_u64() % n.max(1) as u64) as usize;
-    let (mut read, mut refused) = (0, 0);
-    let case_dir = dir.path().join("case");
-    std::fs::create_dir_all(&case_dir).unwrap();
-    for case in 0..1000 {
-        let victim = below(files.len());
-        for (k, (name, bytes)) in files.iter().zip(&originals).enumerate() {
-            let mut bytes = bytes.clone();
-            if k == victim {
-                match below(3) {
-                    0 => {
-                        let at = below(bytes.len());
-                        bytes[at] = below(256) as u8;
-                    }
-                    1 => {
-                        let digits: Vec<usize> = (0..bytes.len().min(4096))
-                            .filter(|&i| bytes[i].is_ascii_digit())
-                            .collect();
-                        if !digits.is_empty() {
-                            let at = digits[below(digits.len())];
-                            bytes[at] = b'0' + below(10) as u8;
+    // The single file, and shards with their index (--max-shard-size).
+    for (layout, max_shard_size) in [("single", None), ("sharded", Some(1))] {
+        let good = dir.path().join(format!("adapter-{layout}"));
+        let mut st = cpu_settings(&b, &f, &good, 2);
+        st.max_shard_size = max_shard_size;
+        extract(&st).unwrap();
+        let mut files: Vec<String> = std::fs::read_dir(&good)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("adapter_"))
+            .collect();
+        files.sort();
+        assert!(
+            files.len() >= if max_shard_size.is_some() { 4 } else { 2 },
+            "{files:?}"
+        );
+        let originals: Vec<Vec<u8>> = files
+            .iter()
+            .map(|n| std::fs::read(good.join(n)).unwrap())
+            .collect();
+        let (mut read, mut refused) = (0, 0);
+        let case_dir = dir.path().join(format!("case-{layout}"));
+        std::fs::create_dir_all(&case_dir).unwrap();
+        for case in 0..600 {
+            let victim = below(files.len());
+            for (k, (name, bytes)) in files.iter().zip(&originals).enumerate() {
+                let mut bytes = bytes.clone();
+                if k == victim {
+                    match below(3) {
+                        0 => {
+                            let at = below(bytes.len());
+                            bytes[at] = below(256) as u8;
                         }
+                        1 => {
+                            let digits: Vec<usize> = (0..bytes.len().min(4096))
+                                .filter(|&i| bytes[i].is_ascii_digit())
+                                .collect();
+                            if !digits.is_empty() {
+                                let at = digits[below(digits.len())];
+                                bytes[at] = b'0' + below(10) as u8;
+                            }
+                        }
+                        _ => bytes.truncate(below(bytes.len())),
                     }
-                    _ => bytes.truncate(below(bytes.len())),
                 }
+                std::fs::write(case_dir.join(name), bytes).unwrap();
             }
-            std::fs::write(case_dir.join(name), bytes).unwrap();
+            match catch_unwind(AssertUnwindSafe(|| verify_pair(&b, &f, &case_dir))) {
+                Ok(Ok(_)) => read += 1,
+                Ok(Err(_)) => refused += 1,
+                Err(p) => panic!(
+                    "{layout} case {case} (seed {seed}) panicked: {:?}",
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                ),
+            }
         }
-        match catch_unwind(AssertUnwindSafe(|| verify_pair(&b, &f, &case_dir))) {
-            Ok(Ok(_)) => read += 1,
-            Ok(Err(_)) => refused += 1,
-            Err(p) => panic!(
-                "case {case} (seed {seed}) panicked: {:?}",
-                p.downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            ),
-        }
+        assert!(
+            read > 20 && refused > 20,
+            "{layout}: read {read}, refused {refused}"
+        );
     }
-    assert!(read > 20 && refused > 20, "read {read}, refused {refused}");
 }

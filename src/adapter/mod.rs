@@ -10,6 +10,9 @@ use serde::Serialize;
 pub use writer::AdapterWriter;
 
 pub const MODEL_FILE: &str = "adapter_model.safetensors";
+/// A sharded adapter's index (`--max-shard-size`), in the Hugging Face layout: `weight_map`
+/// names each key's shard, `metadata.total_size` the tensor bytes.
+pub const INDEX_FILE: &str = "adapter_model.safetensors.index.json";
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const REPORT_FILE: &str = "report.json";
 /// The fine-tune's new vocabulary rows (`--added-tokens`), under the tensors' checkpoint names.
@@ -26,6 +29,26 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "merges.txt",
     "chat_template.jinja",
 ];
+
+/// Shard `index` (from 1) of `count`: `adapter_model-00001-of-00003.safetensors`.
+pub fn shard_file(index: usize, count: usize) -> String {
+    format!("adapter_model-{index:05}-of-{count:05}.safetensors")
+}
+
+/// The adapter's weights under any layout: the single file, the index, or a shard.
+pub fn is_weights_file(name: &str) -> bool {
+    if name == MODEL_FILE || name == INDEX_FILE {
+        return true;
+    }
+    let Some(rest) = name
+        .strip_prefix("adapter_model-")
+        .and_then(|r| r.strip_suffix(".safetensors"))
+    else {
+        return false;
+    };
+    let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    matches!(rest.split_once("-of-"), Some((i, n)) if digits(i) && digits(n))
+}
 
 /// PEFT prefixes every key with the wrapper's path.
 pub const KEY_PREFIX: &str = "base_model.model.";
@@ -190,6 +213,26 @@ mod tests {
             whole_key("model.norm.weight"),
             "base_model.model.model.norm.weight"
         );
+    }
+
+    #[test]
+    fn weights_files_are_told_by_name() {
+        assert_eq!(
+            shard_file(2, 13),
+            "adapter_model-00002-of-00013.safetensors"
+        );
+        for yes in [MODEL_FILE, INDEX_FILE, &shard_file(1, 1)] {
+            assert!(is_weights_file(yes), "{yes}");
+        }
+        for no in [
+            "adapter_config.json",
+            "adapter_model-1-of-2.safetensors",
+            "adapter_model-00001-of-00002.safetensors.tmp",
+            "adapter_model-0000a-of-00002.safetensors",
+            "model.safetensors",
+        ] {
+            assert!(!is_weights_file(no), "{no}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-use super::{ADDED_TOKENS_FILE, CONFIG_FILE, KEY_PREFIX, MODEL_FILE};
+use super::{ADDED_TOKENS_FILE, CONFIG_FILE, INDEX_FILE, KEY_PREFIX, MODEL_FILE};
 use crate::checkpoint::{Checkpoint, TensorEntry};
 use crate::error::{Error, Result};
 
@@ -140,6 +140,20 @@ impl<T: Copy> Patterns<T> {
     }
 }
 
+/// The adapter's weights: the single file, or the shards its index names. Both at once is
+/// refused: loaders disagree on which one wins.
+fn open_weights(dir: &Path) -> Result<Checkpoint> {
+    let (single, index) = (dir.join(MODEL_FILE), dir.join(INDEX_FILE));
+    match (single.exists(), index.is_file()) {
+        (true, true) => Err(Error::checkpoint(
+            dir,
+            format!("holds both {MODEL_FILE} and {INDEX_FILE}; which one is the adapter? Remove the other"),
+        )),
+        (false, true) => Checkpoint::open_indexed(dir, &index, None),
+        _ => Checkpoint::open(&single),
+    }
+}
+
 impl Adapter {
     pub fn open(dir: &Path) -> Result<Adapter> {
         let config_path = dir.join(CONFIG_FILE);
@@ -169,7 +183,7 @@ impl Adapter {
         let lora_alpha = raw.lora_alpha.unwrap_or(8.0);
         let ranks = Patterns::new(raw.rank_pattern, &config_path, "rank_pattern")?;
         let alphas = Patterns::new(raw.alpha_pattern, &config_path, "alpha_pattern")?;
-        let file = Checkpoint::open(&dir.join(MODEL_FILE))?;
+        let file = open_weights(dir)?;
 
         let mut pairs: BTreeMap<String, (Option<TensorEntry>, Option<TensorEntry>, bool)> =
             BTreeMap::new();

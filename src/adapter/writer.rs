@@ -1,6 +1,7 @@
 //! The adapter sink. Factor bytes stream into a staging folder inside OUT as each tensor
 //! finishes (memory does not grow with the model); `commit` writes the safetensors header,
-//! then renames the model file, the report and — last — adapter_config.json into OUT, so a
+//! then renames the weights (one file, or shards and their index), the report and — last —
+//! adapter_config.json into OUT, so a
 //! reader that sees the config sees a complete adapter. Tensors may arrive in any order (from
 //! several workers); the file lists them by the caller's order key, so its bytes do not depend
 //! on which worker finished first. If the writer is dropped without
@@ -9,9 +10,13 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use super::{ADDED_TOKENS_FILE, CONFIG_FILE, MODEL_FILE, REPORT_FILE};
+use super::{
+    is_weights_file, shard_file, ADDED_TOKENS_FILE, CONFIG_FILE, INDEX_FILE, MODEL_FILE,
+    REPORT_FILE,
+};
 use crate::checkpoint::writer::{header_bytes, HeaderEntry};
 use crate::error::{Error, Result};
 use crate::staging::StagedOutput;
@@ -82,7 +87,7 @@ impl AdapterWriter {
         let staged = StagedOutput::create(
             out,
             "staging",
-            &[CONFIG_FILE, MODEL_FILE],
+            &[CONFIG_FILE, MODEL_FILE, INDEX_FILE],
             "the adapter",
             overwrite,
         )?;
@@ -166,8 +171,11 @@ impl AdapterWriter {
     /// Stages a file beside the model file: `write` creates it at the path it is given, and
     /// [`commit`](Self::commit) moves it into OUT with the adapter, before the config.
     pub fn add_file(&mut self, name: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-        let reserved = [MODEL_FILE, CONFIG_FILE, REPORT_FILE];
-        if reserved.contains(&name) || self.side_files.iter().any(|f| f.as_os_str() == name) {
+        let reserved = [CONFIG_FILE, REPORT_FILE];
+        if reserved.contains(&name)
+            || is_weights_file(name)
+            || self.side_files.iter().any(|f| f.as_os_str() == name)
+        {
             return Err(Error::Settings(format!(
                 "internal error: {name} is staged twice"
             )));
@@ -197,11 +205,16 @@ impl AdapterWriter {
 
     /// Writes the final files and moves them into OUT; the config goes last. `pad_to(name)`
     /// gives the rank a factor is zero-padded to along its rank axis (B·A is unchanged).
+    /// `max_shard_bytes` splits the weights into `adapter_model-0000i-of-0000n.safetensors`
+    /// files of at most that many tensor bytes each (a larger tensor gets a file of its own)
+    /// plus `adapter_model.safetensors.index.json`; when everything fits in one, the single
+    /// `adapter_model.safetensors` is written, as without it.
     pub fn commit(
         mut self,
         config_json: &str,
         report_json: &str,
         pad_to: &dyn Fn(&str) -> Option<usize>,
+        max_shard_bytes: Option<u64>,
     ) -> Result<()> {
         let data = self.data.take().expect("not committed");
         let data = data
@@ -209,7 +222,6 @@ impl AdapterWriter {
             .map_err(|e| Error::io(&self.data_path, "cannot write", e.into_error()))?;
         drop(data);
 
-        let model_tmp = self.staging.join(MODEL_FILE);
         // A stable sort: equal keys keep the order they were added in.
         self.entries.sort_by_key(|e| e.order);
         let outputs = self.outputs()?;
@@ -217,39 +229,39 @@ impl AdapterWriter {
             .iter()
             .map(|o| self.final_entry(o, pad_to))
             .collect();
-        {
-            let mut meta = BTreeMap::new();
-            meta.insert("format".to_string(), "pt".to_string());
-            let mut f = BufWriter::with_capacity(
-                1 << 20,
-                File::create(&model_tmp).map_err(|e| Error::io(&model_tmp, "cannot create", e))?,
-            );
-            f.write_all(&header_bytes(&entries, &meta))
-                .map_err(|e| Error::io(&model_tmp, "cannot write", e))?;
-            let mut src = File::open(&self.data_path)
-                .map_err(|e| Error::io(&self.data_path, "cannot open", e))?;
-            for (output, out) in outputs.iter().zip(&entries) {
-                let bytes = match output {
-                    Output::Single(i) => {
-                        let staged = &self.entries[*i];
-                        let bytes = self.read_back(&mut src, staged)?;
-                        if out.nbytes == staged.entry.nbytes {
-                            bytes
-                        } else {
-                            let axis = staged.rank_axis.expect("only factors grow");
-                            pad_axis(&bytes, &staged.entry.shape, axis, out.shape[axis])
-                        }
-                    }
-                    Output::Fused(members) => self.pack(&mut src, members, out)?,
-                };
-                f.write_all(&bytes)
-                    .map_err(|e| Error::io(&model_tmp, "cannot write", e))?;
+        let shards = split_into_shards(&entries, max_shard_bytes);
+        let mut src = File::open(&self.data_path)
+            .map_err(|e| Error::io(&self.data_path, "cannot open", e))?;
+        let mut weights: Vec<PathBuf> = Vec::with_capacity(shards.len() + 1);
+        let mut weight_map: BTreeMap<&str, String> = BTreeMap::new();
+        for (i, range) in shards.iter().enumerate() {
+            let name = if shards.len() == 1 {
+                MODEL_FILE.to_string()
+            } else {
+                shard_file(i + 1, shards.len())
+            };
+            let path = self.staging.join(&name);
+            self.write_weights(
+                &path,
+                &outputs[range.clone()],
+                &entries[range.clone()],
+                &mut src,
+            )?;
+            for e in &entries[range.clone()] {
+                weight_map.insert(&e.name, name.clone());
             }
-            let f = f
-                .into_inner()
-                .map_err(|e| Error::io(&model_tmp, "cannot write", e.into_error()))?;
-            f.sync_all()
-                .map_err(|e| Error::io(&model_tmp, "cannot sync", e))?;
+            weights.push(PathBuf::from(name));
+        }
+        if shards.len() > 1 {
+            let total: u64 = entries.iter().map(|e| e.nbytes as u64).sum();
+            let index = serde_json::json!({
+                "metadata": { "total_size": total },
+                "weight_map": weight_map,
+            });
+            let text = serde_json::to_string_pretty(&index).expect("index serializes");
+            write_synced(&self.staging.join(INDEX_FILE), text.as_bytes())?;
+            // The index goes after its shards: a reader never follows it to a missing file.
+            weights.push(PathBuf::from(INDEX_FILE));
         }
         let _ = std::fs::remove_file(&self.data_path);
         let config_tmp = self.staging.join(CONFIG_FILE);
@@ -258,14 +270,91 @@ impl AdapterWriter {
         write_synced(&report_tmp, report_json.as_bytes())?;
 
         // The config goes last, and an older adapter's config first: it must not pair with the
-        // new model file, even briefly. Nor may an older adapter's added rows.
-        let mut names = vec![PathBuf::from(MODEL_FILE)];
+        // new weights, even briefly. Nor may an older adapter's added rows, or weights files of
+        // another layout (a single file beside a new index, shards of another count).
+        let mut unlink_first = vec![PathBuf::from(CONFIG_FILE), PathBuf::from(ADDED_TOKENS_FILE)];
+        unlink_first.extend(self.stale_weights(&weights));
+        let mut names = weights;
         names.extend(self.side_files.iter().cloned());
         names.extend([REPORT_FILE, CONFIG_FILE].map(PathBuf::from));
-        self.staged
-            .commit(&names, &[CONFIG_FILE, ADDED_TOKENS_FILE].map(PathBuf::from))?;
+        self.staged.commit(&names, &unlink_first)?;
         Ok(())
     }
+
+    /// One weights file: the header of `entries`, then each output's bytes.
+    fn write_weights(
+        &self,
+        path: &Path,
+        outputs: &[Output],
+        entries: &[HeaderEntry],
+        src: &mut File,
+    ) -> Result<()> {
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        let mut f = BufWriter::with_capacity(
+            1 << 20,
+            File::create(path).map_err(|e| Error::io(path, "cannot create", e))?,
+        );
+        f.write_all(&header_bytes(entries, &meta))
+            .map_err(|e| Error::io(path, "cannot write", e))?;
+        for (output, out) in outputs.iter().zip(entries) {
+            let bytes = match output {
+                Output::Single(i) => {
+                    let staged = &self.entries[*i];
+                    let bytes = self.read_back(src, staged)?;
+                    if out.nbytes == staged.entry.nbytes {
+                        bytes
+                    } else {
+                        let axis = staged.rank_axis.expect("only factors grow");
+                        pad_axis(&bytes, &staged.entry.shape, axis, out.shape[axis])
+                    }
+                }
+                Output::Fused(members) => self.pack(src, members, out)?,
+            };
+            f.write_all(&bytes)
+                .map_err(|e| Error::io(path, "cannot write", e))?;
+        }
+        let f = f
+            .into_inner()
+            .map_err(|e| Error::io(path, "cannot write", e.into_error()))?;
+        f.sync_all().map_err(|e| Error::io(path, "cannot sync", e))
+    }
+
+    /// Weights files in OUT that are not among the new ones.
+    fn stale_weights(&self, new: &[PathBuf]) -> Vec<PathBuf> {
+        let out = self.staging.parent().unwrap_or(Path::new("."));
+        let Ok(listing) = std::fs::read_dir(out) else {
+            return Vec::new();
+        };
+        let mut stale: Vec<PathBuf> = listing
+            .flatten()
+            .map(|e| PathBuf::from(e.file_name()))
+            .filter(|n| n.to_str().is_some_and(is_weights_file) && !new.contains(n))
+            .collect();
+        // The index first: it must not name a shard that is already gone.
+        stale.sort_by_key(|n| (n.as_os_str() != INDEX_FILE, n.clone()));
+        stale
+    }
+}
+
+/// Consecutive runs of `entries` of at most `max` tensor bytes each (a larger tensor alone);
+/// one run without a bound.
+fn split_into_shards(entries: &[HeaderEntry], max: Option<u64>) -> Vec<Range<usize>> {
+    let Some(max) = max else {
+        return std::iter::once(0..entries.len()).collect();
+    };
+    let mut shards = Vec::new();
+    let (mut start, mut size) = (0, 0u64);
+    for (i, e) in entries.iter().enumerate() {
+        let n = e.nbytes as u64;
+        if i > start && size.saturating_add(n) > max {
+            shards.push(start..i);
+            (start, size) = (i, 0);
+        }
+        size = size.saturating_add(n);
+    }
+    shards.push(start..entries.len());
+    shards
 }
 
 /// A row-major tensor zero-padded from `shape` to `to` elements along `axis`.

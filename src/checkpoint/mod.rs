@@ -78,45 +78,31 @@ impl Checkpoint {
         let config = read_config(&path.join("config.json"))?;
         let index_path = path.join(INDEX_FILE);
         if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|e| Error::io(&index_path, "cannot read index", e))?;
-            let weight_map = parse_index(&index_path, &text)?;
-            let mut files: Vec<String> = weight_map.values().cloned().collect();
-            files.sort();
-            files.dedup();
-            let mut shard_paths = Vec::new();
-            for f in &files {
-                let p = path.join(f);
-                if !p.is_file() {
-                    let tensor = weight_map
-                        .iter()
-                        .find(|(_, v)| *v == f)
-                        .map(|(k, _)| k.as_str());
-                    return Err(Error::checkpoint(
-                        &index_path,
-                        format!(
-                            "the index names shard `{f}` (for tensor `{}`), but {} {}",
-                            tensor.unwrap_or("?"),
-                            p.display(),
-                            if p.exists() {
-                                "is not a file"
-                            } else {
-                                "does not exist"
-                            }
-                        ),
-                    ));
-                }
-                shard_paths.push(p);
-            }
-            return Self::from_files(path, shard_paths, Some((index_path, weight_map)), config);
+            return Self::open_indexed(path, &index_path, config);
         }
         let single = path.join(SINGLE_FILE);
         if single.is_file() {
             return Self::from_files(path, vec![single], None, config);
         }
-        let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+        let listing: Vec<PathBuf> = std::fs::read_dir(path)
             .map_err(|e| Error::io(path, "cannot list folder", e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        // Another index name (a sharded adapter's `adapter_model.safetensors.index.json`).
+        let indexes: Vec<&PathBuf> = listing
+            .iter()
+            .filter(|p| {
+                p.is_file()
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.ends_with(".safetensors.index.json"))
+            })
+            .collect();
+        if let [index] = indexes[..] {
+            return Self::open_indexed(path, index, config);
+        }
+        let mut found: Vec<PathBuf> = listing
+            .into_iter()
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
             .collect();
         found.sort();
@@ -133,6 +119,50 @@ impl Checkpoint {
                 ),
             )),
         }
+    }
+
+    /// The shards an index file in `path` names (a model's, or a sharded adapter's).
+    pub fn open_indexed(
+        path: &Path,
+        index_path: &Path,
+        config: Option<serde_json::Value>,
+    ) -> Result<Checkpoint> {
+        let text = std::fs::read_to_string(index_path)
+            .map_err(|e| Error::io(index_path, "cannot read index", e))?;
+        let weight_map = parse_index(index_path, &text)?;
+        let mut files: Vec<String> = weight_map.values().cloned().collect();
+        files.sort();
+        files.dedup();
+        let mut shard_paths = Vec::new();
+        for f in &files {
+            let p = path.join(f);
+            if !p.is_file() {
+                let tensor = weight_map
+                    .iter()
+                    .find(|(_, v)| *v == f)
+                    .map(|(k, _)| k.as_str());
+                return Err(Error::checkpoint(
+                    index_path,
+                    format!(
+                        "the index names shard `{f}` (for tensor `{}`), but {} {}",
+                        tensor.unwrap_or("?"),
+                        p.display(),
+                        if p.exists() {
+                            "is not a file"
+                        } else {
+                            "does not exist"
+                        }
+                    ),
+                ));
+            }
+            shard_paths.push(p);
+        }
+        Self::from_files(
+            path,
+            shard_paths,
+            Some((index_path.to_path_buf(), weight_map)),
+            config,
+        )
     }
 
     fn from_files(

@@ -5,7 +5,8 @@ use crate::cli::CombineArgs;
 use crate::error::Result;
 
 pub fn run(a: &CombineArgs, ui: Ui) -> Result<ExitCode> {
-    let report = crate::extract::shard::combine(&a.parts, &a.out, a.force)?;
+    let max_shard_size = crate::config::size_flag("--max-shard-size", &a.max_shard_size)?;
+    let report = crate::extract::shard::combine(&a.parts, &a.out, a.force, max_shard_size)?;
     super::extract::show(&report, ui, a.json);
     Ok(ExitCode::SUCCESS)
 }

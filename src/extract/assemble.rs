@@ -310,8 +310,11 @@ pub(super) fn assemble(
     }
     let config_json = serde_json::to_string_pretty(&config).expect("config serializes");
     let report_json = serde_json::to_string_pretty(&report).expect("report serializes");
-    writer.commit(&config_json, &report_json, &|key| {
-        written_rank.get(key).copied()
-    })?;
+    writer.commit(
+        &config_json,
+        &report_json,
+        &|key| written_rank.get(key).copied(),
+        s.max_shard_size,
+    )?;
     Ok(report)
 }

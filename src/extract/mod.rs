@@ -83,6 +83,11 @@ pub struct ExtractSettings {
     pub shard: Option<shard::Shard>,
     /// Show a progress bar (only when stderr is a terminal).
     pub progress: bool,
+    /// Split the adapter's weights into files of at most this many tensor bytes, with an
+    /// index (None: one adapter_model.safetensors). Only the layout: not part of a journal's
+    /// fingerprint, so a resume or a combine may choose another.
+    #[serde(default)]
+    pub max_shard_size: Option<u64>,
 }
 
 impl ExtractSettings {
@@ -117,6 +122,7 @@ impl ExtractSettings {
             resume: false,
             shard: None,
             progress: false,
+            max_shard_size: None,
         }
     }
 }

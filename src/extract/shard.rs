@@ -140,7 +140,13 @@ pub(super) fn check_part_out(s: &ExtractSettings) -> Result<()> {
 }
 
 /// Joins the parts in `dirs` (shards 1..N of one run) into the adapter at `out`.
-pub fn combine(dirs: &[PathBuf], out: &Path, overwrite: bool) -> Result<RunReport> {
+/// `max_shard_size` overrides the parts' own setting.
+pub fn combine(
+    dirs: &[PathBuf],
+    out: &Path,
+    overwrite: bool,
+    max_shard_size: Option<u64>,
+) -> Result<RunReport> {
     let started = Instant::now();
     let mut markers = Vec::new();
     for d in dirs {
@@ -197,6 +203,9 @@ pub fn combine(dirs: &[PathBuf], out: &Path, overwrite: bool) -> Result<RunRepor
     s.ft = first.ft.clone();
     s.out = out.to_path_buf();
     s.overwrite = overwrite;
+    if max_shard_size.is_some() {
+        s.max_shard_size = max_shard_size;
+    }
     let (base, ft, plan) = super::open_pair(&s)?;
     let mut now = Fingerprint::of(&s, &base, &ft)?;
     now.shard = first.fingerprint.shard;
