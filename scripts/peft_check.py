@@ -184,7 +184,7 @@ def check_convnet(phlora, rank, work, tol):
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want, plain = ft(x), base(x)
-        got = PeftModel.from_pretrained(copy.deepcopy(base), adir).eval()(x)
+        got = load_adapter(copy.deepcopy(base), adir).eval()(x)
     rel = ((got - want).norm() / want.norm()).item()
     return dict(family="convnet", ok=rel < tol, tensors=len(report["tensors"]), rel=rel,
                 rel_base=((plain - want).norm() / want.norm()).item())
@@ -202,6 +202,28 @@ def load_resized(model, adapter_dir):
             for name in f.keys():
                 rows = f.get_tensor(name)
                 model.get_parameter(name)[-rows.shape[0]:] = rows
+    return model
+
+
+def load_adapter(model, adapter_dir):
+    """PeftModel.from_pretrained, or for a sharded adapter (--max-shard-size) the README's
+    recipe: PEFT reads only a single adapter_model.safetensors, so the shards are read and
+    handed to PEFT as one state dict."""
+    from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    index_path = os.path.join(adapter_dir, "adapter_model.safetensors.index.json")
+    if not os.path.exists(index_path):
+        return PeftModel.from_pretrained(model, adapter_dir)
+    index = json.load(open(index_path))
+    state = {}
+    for f in sorted(set(index["weight_map"].values())):
+        state.update(load_file(os.path.join(adapter_dir, f)))
+    model = get_peft_model(model, PeftConfig.from_pretrained(adapter_dir))
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise RuntimeError(f"unexpected {result.unexpected_keys}, missing {missing}")
     return model
 
 
@@ -264,7 +286,7 @@ def check(family, phlora, rank, work, tol):
                         generator=torch.Generator().manual_seed(2))
     want = logits(ft, ids)
     plain = logits(load_base().eval(), ids)  # resized too, for added tokens
-    loaded = PeftModel.from_pretrained(load_base(), adir)
+    loaded = load_adapter(load_base(), adir)
     got = logits(loaded.eval(), ids)
     rel = ((got - want).norm() / want.norm()).item()
     rel_base = ((plain - want).norm() / want.norm()).item()
