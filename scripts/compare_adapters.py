@@ -85,7 +85,10 @@ def main():
             ((got[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30)).item() for k in ref
         )
         res, rep = residuals(other)
-        dres = max(abs(res[k] - ref_res[k]) / max(ref_res[k], 1e-12) for k in ref_res)
+        # Residuals are certificates: they agree to rounding (relative to at least 1e-3, so a
+        # nearly exact fit's tiny residual is not held to a relative bound).
+        dres = max(abs(res[k] - ref_res[k]) / max(ref_res[k], 1e-3) for k in ref_res)
+        ok &= dres < 1e-5
         # ‖ΔW‖ of every tensor: the delta kernels' reductions against the CPU's.
         norms = {t["name"]: t.get("delta_norm") for t in rep["tensors"]}
         ref_norms = {t["name"]: t.get("delta_norm") for t in ref_rep["tensors"]}
@@ -98,7 +101,8 @@ def main():
         ok &= worst < a.tol
         print(
             f"{os.path.basename(other)} vs {os.path.basename(a.reference)}: worst ‖ΔBA‖/‖BA‖ "
-            f"{worst:.2e}, worst residual difference {dres:.2e} (relative), "
+            f"{worst:.2e}, worst residual difference {dres:.2e} (relative"
+            f"{'' if dres < 1e-5 else ', over 1e-5: FAIL'}), "
             f"time {rep['summary']['seconds']:.2f} s vs {ref_rep['summary']['seconds']:.2f} s "
             f"[{status}]"
         )

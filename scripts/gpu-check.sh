@@ -115,6 +115,29 @@ e2e() { # tag layers
     else
         row "e2e $tag in-flight 1 vs 2" FAIL "adapters differ"; others+=("$WORK/$tag-cuda-1")
     fi
+    if [ "$tag" = small ]; then
+        # Determinism on the GPU (README): a second run, a run killed after 5 tensors and
+        # resumed, and two shards combined all give the first run's bytes.
+        local d=ok why="" same=()
+        "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/$tag-cuda-again" \
+            --device cuda >/dev/null 2>&1 && same+=("$WORK/$tag-cuda-again")
+        PHLORA_TEST_CRASH_AFTER=5 "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" \
+            --out "$WORK/$tag-cuda-resumed" --device cuda >/dev/null 2>&1
+        "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/$tag-cuda-resumed" \
+            --device cuda --resume >/dev/null 2>&1 && same+=("$WORK/$tag-cuda-resumed")
+        for i in 1 2; do
+            "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/$tag-part$i" \
+                --device cuda --shard $i/2 >/dev/null 2>&1
+        done
+        "$BIN/phlora" -q combine "$WORK/$tag-part1" "$WORK/$tag-part2" --out "$WORK/$tag-cuda-combined" \
+            >/dev/null 2>&1 && same+=("$WORK/$tag-cuda-combined")
+        [ ${#same[@]} -eq 3 ] || { d=FAIL; why="only ${#same[@]} of 3 runs finished; "; }
+        for o in "${same[@]}"; do
+            cmp -s "$WORK/$tag-cuda/adapter_model.safetensors" "$o/adapter_model.safetensors" ||
+                { d=FAIL; why+="$(basename "$o") differs; "; }
+        done
+        row "e2e $tag GPU determinism" $d "${why:-again, resumed, 2 shards combined: identical to the first run}"
+    fi
     if timeout 300 python3 scripts/compare_adapters.py "$WORK/$tag-cpu" "${others[@]}" \
         "${peft[@]}" >"$LOG/compare-$tag.txt" 2>&1; then st=ok; else st=FAIL; fi
     cat "$LOG/compare-$tag.txt" | grep -v Warning

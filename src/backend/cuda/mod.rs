@@ -126,6 +126,7 @@ const CUSOLVER_SYMBOLS: &[&str] = &[
     "cusolverDnCreate",
     "cusolverDnDestroy",
     "cusolverDnSetStream",
+    "cusolverDnSetDeterministicMode",
     "cusolverDnSpotrf_bufferSize",
     "cusolverDnSpotrf",
     "cusolverDnDsyevd_bufferSize",
@@ -248,6 +249,7 @@ impl Cuda {
             call: "cusolverDnCreate",
             source,
         })?;
+        solver::deterministic(solver.cu())?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         Ok(Cuda {
             stream,

@@ -3,10 +3,23 @@
 
 use std::sync::Arc;
 
-use cudarc::cusolver::sys::{self, cublasFillMode_t, cusolverDnHandle_t, cusolverEigMode_t};
+use cudarc::cusolver::sys::{
+    self, cublasFillMode_t, cusolverDeterministicMode_t, cusolverDnHandle_t, cusolverEigMode_t,
+};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
 
 use super::error::{dim, CudaError, SolverCall};
+
+/// Same inputs, same bits (geqrf, syevd and gesvd may otherwise take faster non-deterministic
+/// paths): each worker has its own cuBLAS handle and stream too, so a GPU's adapter does not
+/// depend on timing (README: determinism).
+pub(super) fn deterministic(h: cusolverDnHandle_t) -> Result<(), CudaError> {
+    let mode = cusolverDeterministicMode_t::CUSOLVER_DETERMINISTIC_RESULTS;
+    // SAFETY: h is a live handle of this worker.
+    unsafe { sys::cusolverDnSetDeterministicMode(h, mode) }
+        .result()
+        .solver("cusolverDnSetDeterministicMode")
+}
 
 /// U, s and Vᵀ of a thin SVD, on the device.
 pub type SvdBuffers<T> = (CudaSlice<T>, CudaSlice<T>, CudaSlice<T>);
