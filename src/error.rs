@@ -44,6 +44,11 @@ pub enum Error {
     /// Ctrl-C or SIGTERM stopped the run (what was finished is kept for --resume).
     #[error("interrupted: {0}")]
     Interrupted(String),
+
+    /// A disk or device error stopped the run; what was finished is journaled, and `hint`
+    /// says how to go on. (Not a chained source, so that `{:#}` prints the cause once.)
+    #[error("{error}\n{hint}")]
+    Resumable { error: Box<Error>, hint: String },
 }
 
 impl Error {

@@ -249,19 +249,25 @@ fn extract_any(s: &ExtractSettings) -> Result<Ran> {
     };
     // The journal is for runs that can go on: interrupted, or stopped by the disk or the
     // device. An error in the inputs or settings would only come back on --resume.
-    if let Err(e) = &result {
-        let transient = matches!(
-            e,
-            Error::Interrupted(_) | Error::Io { .. } | Error::Device(_)
-        );
-        if journal_held && !transient {
+    match result {
+        Err(e @ (Error::Io { .. } | Error::Device(_))) if journal_held => {
+            Err(Error::Resumable {
+                error: Box::new(e),
+                hint: format!(
+                    "the finished tensors are kept in {}: fix the cause (free disk space, …) and run the same command with --resume",
+                    s.out.join(journal::JOURNAL_DIR).display()
+                ),
+            })
+        }
+        Err(e) if journal_held && !matches!(e, Error::Interrupted(_)) => {
             journal::Journal::discard(&s.out);
             if !out_existed {
                 let _ = std::fs::remove_dir(&s.out); // only if empty
             }
+            Err(e)
         }
+        other => other,
     }
-    result
 }
 
 /// Each device's budget, and the smallest: fits are decided for it, so that any device can
