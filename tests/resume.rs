@@ -84,6 +84,64 @@ fn a_killed_run_resumes_to_the_same_adapter() {
     );
 }
 
+/// A journal whose bytes rotted or whose record lies (a reversed byte range): the record fails
+/// its checks, it and the later ones are computed again, and the adapter is still the
+/// uninterrupted run's. Without the checksum the flipped byte would reach the adapter.
+#[test]
+fn a_corrupt_journal_record_is_computed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    common::synth_pair(root, "resume-corrupt", 256, 3);
+    let whole = root.join("whole");
+    assert!(extract(root, &whole, &[], &[]).status.success());
+    for (case, corrupt) in [
+        ("a flipped factor byte", 0usize),
+        ("a reversed byte range", 1),
+    ] {
+        let out = root.join(format!("out{corrupt}"));
+        let o = extract(root, &out, &[], &[("PHLORA_TEST_CRASH_AFTER", "6")]);
+        assert!(!o.status.success());
+        let journal = out.join(".phlora-journal");
+        let text = std::fs::read_to_string(journal.join("tensors.jsonl")).unwrap();
+        let mut lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        // The third record with factors.
+        let victim = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r["factors"].is_null())
+            .nth(2)
+            .map(|(i, _)| i)
+            .expect("three records with factors");
+        let (from, to) = (
+            lines[victim]["factors"]["a"][0].as_u64().unwrap(),
+            lines[victim]["factors"]["a"][1].as_u64().unwrap(),
+        );
+        if corrupt == 0 {
+            let data = journal.join("tensors.bin");
+            let mut bytes = std::fs::read(&data).unwrap();
+            bytes[((from + to) / 2) as usize] ^= 0x40;
+            std::fs::write(&data, bytes).unwrap();
+        } else {
+            lines[victim]["factors"]["a"] = serde_json::json!([to, from]);
+            let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+            std::fs::write(journal.join("tensors.jsonl"), text).unwrap();
+        }
+        let o = extract(root, &out, &["--resume"], &[]);
+        assert!(
+            o.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            common::adapter_bytes(&out) == common::adapter_bytes(&whole),
+            "{case}: the resumed adapter differs"
+        );
+    }
+}
+
 #[test]
 fn an_interrupted_run_stops_cleanly_and_resumes() {
     let dir = tempfile::tempdir().unwrap();

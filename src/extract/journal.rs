@@ -1,7 +1,7 @@
 //! The resume journal, `OUT/.phlora-journal/`: each finished tensor's report row and factors
-//! are appended as it completes (bytes first, then one JSON line naming them, both synced), so
-//! after a crash, kill -9 or Ctrl-C `--resume` redoes only what is not there. A torn last
-//! record is ignored. The inputs are fingerprinted (size, mtime and a hash of each shard's
+//! are appended as it completes (bytes first, then one JSON line naming them and their
+//! checksum, both synced), so after a crash, kill -9 or Ctrl-C `--resume` redoes only what is
+//! not there. A torn or corrupt record ends the journal there: it and what follows are redone. The inputs are fingerprinted (size, mtime and a hash of each shard's
 //! header, and the settings that shape the result); a resume against anything else is refused.
 //! The journal is removed once the adapter is committed.
 
@@ -135,6 +135,30 @@ struct Record {
     factors: Option<FactorRecord>,
     extra: Option<ExtraRecord>,
     flops: f64,
+    /// [`checksum`] of the record's bytes in order (A, B, extra); absent in journals written
+    /// before it was added.
+    #[serde(default)]
+    sum: Option<String>,
+}
+
+/// A fast 64-bit checksum (word-wise multiply-rotate, then the tail and the length): it
+/// catches torn or rotted journal bytes; it is not meant to resist deliberate collisions.
+fn checksum(parts: &[&[u8]]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h = 0u64;
+    let mut len = 0u64;
+    for part in parts {
+        let mut words = part.chunks_exact(8);
+        for w in &mut words {
+            let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+            h = (h.rotate_left(5) ^ w).wrapping_mul(K);
+        }
+        for &b in words.remainder() {
+            h = (h.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+        }
+        len += part.len() as u64;
+    }
+    (h ^ len).wrapping_mul(K) ^ (h >> 29)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -253,6 +277,7 @@ impl Journal {
 
     /// Appends a finished tensor: its bytes, then the line that names them, each synced.
     pub fn record(&mut self, done: &Finished) -> Result<()> {
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(3);
         let mut put = |bytes: &[u8]| -> Result<(u64, u64)> {
             self.data
                 .write_all(bytes)
@@ -286,6 +311,12 @@ impl Journal {
         self.data
             .sync_data()
             .map_err(|e| Error::io(self.dir.join(DATA), "cannot sync the journal", e))?;
+        if let Some(f) = &done.factors {
+            parts.extend([f.a_bytes.as_slice(), f.b_bytes.as_slice()]);
+        }
+        if let Some((_, _, _, bytes)) = &done.extra {
+            parts.push(bytes);
+        }
         let rec = Record {
             index: done.index,
             row: done.row.clone(),
@@ -293,6 +324,7 @@ impl Journal {
             factors,
             extra,
             flops: done.flops,
+            sum: Some(format!("{:016x}", checksum(&parts))),
         };
         let mut line = serde_json::to_vec(&rec).expect("a record serializes");
         line.push(b'\n');
@@ -344,7 +376,17 @@ fn read_records(dir: &Path) -> Result<(Vec<Finished>, u64, u64)> {
         if end > data_len {
             break;
         }
-        finished.push(rec.load(&mut data, dir)?);
+        let index = rec.index;
+        match rec.load(&mut data, dir)? {
+            Some(done) => finished.push(done),
+            None => {
+                tracing::warn!(
+                    "{}: the record of tensor #{index} is corrupt (its byte ranges, sizes or checksum do not hold); it and the records after it are computed again",
+                    dir.join(RECORDS).display()
+                );
+                break;
+            }
+        }
         good_bytes += line.len() as u64 + 1;
         good_data = good_data.max(end);
     }
@@ -358,8 +400,25 @@ impl Record {
         f.max(e)
     }
 
-    fn load(self, data: &mut File, dir: &Path) -> Result<Finished> {
+    /// The finished tensor, or None when the record does not hold together (a range that is
+    /// reversed or does not match its shape and dtype, a checksum that differs).
+    fn load(self, data: &mut File, dir: &Path) -> Result<Option<Finished>> {
         let path = dir.join(DATA);
+        let expect = |shape: &[usize], dtype: &str, (from, to): (u64, u64)| {
+            let elem = DType::parse(dtype).map_or(0, |d| d.size() as u64);
+            let numel = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+            from <= to && numel.and_then(|n| n.checked_mul(elem)) == Some(to - from)
+        };
+        let whole =
+            self.factors.as_ref().is_none_or(|f| {
+                expect(&f.a_shape, &f.dtype, f.a) && expect(&f.b_shape, &f.dtype, f.b)
+            }) && self
+                .extra
+                .as_ref()
+                .is_none_or(|x| expect(&x.shape, &x.dtype, x.at));
+        if !whole {
+            return Ok(None);
+        }
         let mut read = |(from, to): (u64, u64)| -> Result<Vec<u8>> {
             let mut bytes = vec![0u8; (to - from) as usize];
             data.seek(SeekFrom::Start(from))
@@ -389,7 +448,19 @@ impl Record {
             Some(x) => Some((x.key, dtype(&x.dtype)?, x.shape, read(x.at)?)),
             None => None,
         };
-        Ok(Finished {
+        if let Some(sum) = &self.sum {
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(3);
+            if let Some(f) = &factors {
+                parts.extend([f.a_bytes.as_slice(), f.b_bytes.as_slice()]);
+            }
+            if let Some((_, _, _, bytes)) = &extra {
+                parts.push(bytes);
+            }
+            if *sum != format!("{:016x}", checksum(&parts)) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(Finished {
             index: self.index,
             stages: self.row.stages,
             row: self.row,
@@ -398,7 +469,7 @@ impl Record {
             spectrum: None,
             extra,
             flops: self.flops,
-        })
+        }))
     }
 }
 

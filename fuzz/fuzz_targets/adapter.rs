@@ -1,0 +1,38 @@
+//! Arbitrary bytes as an adapter folder (adapter_config.json + adapter_model.safetensors, split
+//! where the first two bytes say): opening it must give modules whose factors pair up, or an
+//! error — never a panic, a hang or an unbounded allocation. This is what verify and merge read.
+#![no_main]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use libfuzzer_sys::fuzz_target;
+use phlora::adapter::read::Adapter;
+
+fn folder() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("phlora-fuzz-adapter-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 2 {
+        return;
+    }
+    let split = (u16::from_le_bytes([data[0], data[1]]) as usize).min(data.len() - 2);
+    let (config, weights) = data[2..].split_at(split);
+    let dir = folder();
+    std::fs::write(dir.join("adapter_config.json"), config).unwrap();
+    std::fs::write(dir.join("adapter_model.safetensors"), weights).unwrap();
+    if let Ok(adapter) = Adapter::open(dir) {
+        for m in &adapter.modules {
+            assert!(m.rank > 0);
+            assert_eq!(m.a.shape.first().copied(), Some(m.rank * m.experts.max(1)));
+            let bytes = adapter.file.bytes(&m.a);
+            assert_eq!(bytes.len(), m.a.nbytes());
+        }
+    }
+});
