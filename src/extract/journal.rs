@@ -409,13 +409,12 @@ impl Record {
             let numel = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
             from <= to && numel.and_then(|n| n.checked_mul(elem)) == Some(to - from)
         };
-        let whole =
-            self.factors.as_ref().is_none_or(|f| {
-                expect(&f.a_shape, &f.dtype, f.a) && expect(&f.b_shape, &f.dtype, f.b)
-            }) && self
-                .extra
-                .as_ref()
-                .is_none_or(|x| expect(&x.shape, &x.dtype, x.at));
+        let whole = self.factors.as_ref().map_or(true, |f| {
+            expect(&f.a_shape, &f.dtype, f.a) && expect(&f.b_shape, &f.dtype, f.b)
+        }) && self
+            .extra
+            .as_ref()
+            .map_or(true, |x| expect(&x.shape, &x.dtype, x.at));
         if !whole {
             return Ok(None);
         }
