@@ -120,8 +120,8 @@ pub struct MergeArgs {
     /// The base model (a folder, or a single .safetensors file).
     #[arg(long, value_name = "PATH")]
     pub base: PathBuf,
-    /// The adapter folder (rank_pattern, alpha_pattern, use_rslora, fan_in_fan_out and
-    /// modules_to_save honoured).
+    /// The adapter folder, single-file or sharded (rank_pattern, alpha_pattern, use_rslora,
+    /// fan_in_fan_out and modules_to_save honoured).
     #[arg(long, value_name = "DIR")]
     pub adapter: PathBuf,
     /// Output folder for the merged checkpoint.
@@ -163,8 +163,9 @@ pub struct VerifyArgs {
     /// The fine-tuned model the adapter should reproduce.
     #[arg(long, value_name = "PATH")]
     pub ft: PathBuf,
-    /// The adapter folder (adapter_config.json + adapter_model.safetensors); rank_pattern,
-    /// alpha_pattern, use_rslora and fan_in_fan_out are honoured.
+    /// The adapter folder (adapter_config.json + adapter_model.safetensors, or its shards and
+    /// adapter_model.safetensors.index.json); rank_pattern, alpha_pattern, use_rslora and
+    /// fan_in_fan_out are honoured.
     #[arg(long, value_name = "DIR")]
     pub adapter: PathBuf,
     /// Fail (exit 3) if any module's cos(B·A·scaling, ΔW) is below this, e.g. 0.95.
@@ -234,7 +235,8 @@ pub struct ExtractArgs {
     /// The fully fine-tuned model, laid out like the base.
     #[arg(long, value_name = "PATH")]
     pub ft: PathBuf,
-    /// Output folder for adapter_model.safetensors, adapter_config.json and report.json.
+    /// Output folder for adapter_model.safetensors (or its shards, --max-shard-size),
+    /// adapter_config.json and report.json.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// LoRA rank r, the same for every tensor (clamped per tensor to min(rows, cols); factors
