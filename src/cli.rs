@@ -143,6 +143,14 @@ pub struct CombineArgs {
     /// Output folder for the adapter (byte for byte what a single run writes).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// The base model as seen from this machine, when it is not at the path the parts read it
+    /// from (another mount point). Its files must be the parts': same names, sizes,
+    /// modification times (copy with cp -p or rsync -a) and headers.
+    #[arg(long, value_name = "PATH")]
+    pub base: Option<PathBuf>,
+    /// The fine-tuned model as seen from this machine (as --base).
+    #[arg(long, value_name = "PATH")]
+    pub ft: Option<PathBuf>,
     /// Split the adapter's weights as extract's --max-shard-size does [default: the parts'
     /// setting].
     #[arg(long, value_name = "SIZE")]

@@ -171,3 +171,77 @@ fn relative_paths_combine_from_elsewhere() {
     ]);
     assert!(adapter_bytes(&combined) == adapter_bytes(&root.join("whole")));
 }
+
+/// Copies a model folder; `keep_mtime` as `cp -p` does.
+fn copy_model(from: &Path, to: &Path, keep_mtime: bool) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let dst = to.join(e.file_name());
+        std::fs::copy(e.path(), &dst).unwrap();
+        if keep_mtime {
+            let mtime = e.metadata().unwrap().modified().unwrap();
+            let f = std::fs::File::options().write(true).open(&dst).unwrap();
+            f.set_modified(mtime).unwrap();
+        }
+    }
+}
+
+/// Parts computed on two machines that hold the models at different paths (copies that keep
+/// their mtimes) combine on a third, told where the models are with --base/--ft; a copy with
+/// new mtimes, or models that are not where the parts read them, are refused with the way out.
+#[test]
+fn parts_from_different_mount_points_combine_with_base_and_ft() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let a = root.join("node-a");
+    synth_pair(&a, "shard-mounts", 128, 2);
+    let b = root.join("node-b");
+    for m in ["base", "ft"] {
+        copy_model(&a.join(m), &b.join(m), true);
+    }
+    let whole = root.join("whole");
+    let o = extract(&a, &whole, &["--rank", "4"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (i, node) in [(1, &a), (2, &b)] {
+        let part = root.join(format!("part{i}"));
+        let shard = format!("{i}/2");
+        let o = extract(node, &part, &["--rank", "4", "--shard", &shard]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let parts = [root.join("part1"), root.join("part2")];
+    let combine = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["combine", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend(parts.iter().map(|p| p.to_str().unwrap()));
+        phlora(&args)
+    };
+    // The models move (node-a's paths are gone here): told where they are, combine works.
+    let c = root.join("node-c");
+    std::fs::rename(&a, &c).unwrap();
+    let o = combine(&root.join("nowhere"), &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--base"), "{err}");
+    let (cb, cf) = (c.join("base"), c.join("ft"));
+    let here = ["--base", cb.to_str().unwrap(), "--ft", cf.to_str().unwrap()];
+    let combined = root.join("combined");
+    let o = combine(&combined, &here);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(adapter_bytes(&combined) == adapter_bytes(&whole));
+
+    // A copy that did not keep the mtimes is not taken for the same files.
+    let d = root.join("node-d");
+    for m in ["base", "ft"] {
+        copy_model(&c.join(m), &d.join(m), false);
+    }
+    let (db, df) = (d.join("base"), d.join("ft"));
+    let o = combine(
+        &root.join("refused"),
+        &["--base", db.to_str().unwrap(), "--ft", df.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not the files the parts read"),
+        "{err}"
+    );
+    assert!(!root.join("refused").join("adapter_config.json").exists());
+}

@@ -5,8 +5,13 @@ use crate::cli::CombineArgs;
 use crate::error::Result;
 
 pub fn run(a: &CombineArgs, ui: Ui) -> Result<ExitCode> {
-    let max_shard_size = crate::config::size_flag("--max-shard-size", &a.max_shard_size)?;
-    let report = crate::extract::shard::combine(&a.parts, &a.out, a.force, max_shard_size)?;
+    let options = crate::extract::shard::CombineOptions {
+        overwrite: a.force,
+        max_shard_size: crate::config::size_flag("--max-shard-size", &a.max_shard_size)?,
+        base: a.base.clone(),
+        ft: a.ft.clone(),
+    };
+    let report = crate::extract::shard::combine(&a.parts, &a.out, &options)?;
     super::extract::show(&report, ui, a.json);
     Ok(ExitCode::SUCCESS)
 }

@@ -81,6 +81,17 @@ impl Fingerprint {
         })
     }
 
+    /// The same files, wherever their folders are: in order, the same names, sizes, mtimes and
+    /// headers (parts computed on machines that mount the models at different paths).
+    pub fn same_files_anywhere(&self, other: &Fingerprint) -> bool {
+        let name = |f: &FileStamp| Path::new(&f.path).file_name().map(|n| n.to_os_string());
+        self.files.len() == other.files.len()
+            && self.files.iter().zip(&other.files).all(|(a, b)| {
+                name(a) == name(b)
+                    && (a.size, a.mtime_ns, &a.header_hash) == (b.size, b.mtime_ns, &b.header_hash)
+            })
+    }
+
     /// What differs from `other`, for the refusal.
     fn difference(&self, other: &Fingerprint) -> String {
         if self.settings != other.settings {

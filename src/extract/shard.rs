@@ -139,14 +139,20 @@ pub(super) fn check_part_out(s: &ExtractSettings) -> Result<()> {
     std::fs::create_dir_all(&s.out).map_err(|e| Error::io(&s.out, "cannot create", e))
 }
 
+/// Where `combine` reads the checkpoints from and how it lays out the adapter.
+#[derive(Clone, Debug, Default)]
+pub struct CombineOptions {
+    pub overwrite: bool,
+    /// Overrides the parts' `--max-shard-size`.
+    pub max_shard_size: Option<u64>,
+    /// The checkpoints as seen from here, when not at the paths the parts recorded (another
+    /// machine's mount point); their files must match the parts' by name, size, mtime, header.
+    pub base: Option<PathBuf>,
+    pub ft: Option<PathBuf>,
+}
+
 /// Joins the parts in `dirs` (shards 1..N of one run) into the adapter at `out`.
-/// `max_shard_size` overrides the parts' own setting.
-pub fn combine(
-    dirs: &[PathBuf],
-    out: &Path,
-    overwrite: bool,
-    max_shard_size: Option<u64>,
-) -> Result<RunReport> {
+pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result<RunReport> {
     let started = Instant::now();
     let mut markers = Vec::new();
     for d in dirs {
@@ -170,7 +176,7 @@ pub fn combine(
     let mut seen = vec![None; count];
     for (d, m) in &markers {
         let same = m.shard.count == count
-            && m.fingerprint.files == first.fingerprint.files
+            && m.fingerprint.same_files_anywhere(&first.fingerprint)
             && m.fingerprint.settings == first.fingerprint.settings;
         if !same {
             return Err(Error::checkpoint(
@@ -199,20 +205,38 @@ pub fn combine(
     // The run's settings, with the paths that open the inputs from here.
     let mut s = first.settings.clone();
     let (named_base, named_ft) = (s.base.clone(), s.ft.clone());
-    s.base = first.base.clone();
-    s.ft = first.ft.clone();
+    s.base = options.base.clone().unwrap_or_else(|| first.base.clone());
+    s.ft = options.ft.clone().unwrap_or_else(|| first.ft.clone());
     s.out = out.to_path_buf();
-    s.overwrite = overwrite;
-    if max_shard_size.is_some() {
-        s.max_shard_size = max_shard_size;
+    s.overwrite = options.overwrite;
+    if options.max_shard_size.is_some() {
+        s.max_shard_size = options.max_shard_size;
+    }
+    for (path, given, flag) in [
+        (&s.base, &options.base, "--base"),
+        (&s.ft, &options.ft, "--ft"),
+    ] {
+        if given.is_none() && !path.exists() {
+            return Err(Error::checkpoint(
+                path,
+                format!("the parts read this checkpoint here, and it is not on this machine: pass {flag} to say where it is"),
+            ));
+        }
     }
     let (base, ft, plan) = super::open_pair(&s)?;
     let mut now = Fingerprint::of(&s, &base, &ft)?;
     now.shard = first.fingerprint.shard;
-    if now.files != first.fingerprint.files {
-        return Err(Error::Settings(
-            "combine: the checkpoints changed since the parts were computed".into(),
-        ));
+    if !now.same_files_anywhere(&first.fingerprint) {
+        return Err(Error::Settings(format!(
+            "combine: {} and {} are not the files the parts read (names, sizes, modification times and headers must match; copy with `cp -p` or `rsync -a` to keep mtimes){}",
+            s.base.display(),
+            s.ft.display(),
+            if options.base.is_none() && options.ft.is_none() {
+                "; if the models are elsewhere on this machine, pass --base and --ft"
+            } else {
+                ""
+            }
+        )));
     }
     // Every part's tensors, by plan index.
     let mut finished: Vec<Option<job::Finished>> = (0..plan.items.len()).map(|_| None).collect();
@@ -238,7 +262,7 @@ pub fn combine(
     }
     s.base = named_base;
     s.ft = named_ft;
-    let mut writer = AdapterWriter::create(out, overwrite)?;
+    let mut writer = AdapterWriter::create(out, options.overwrite)?;
     for done in finished.iter_mut().flatten() {
         engine::stage(Some(&mut writer), done, false)?;
     }
