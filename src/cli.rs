@@ -487,6 +487,15 @@ pub struct BenchArgs {
     /// GPU only: skip the ΔW kernel bandwidth measurement.
     #[arg(long)]
     pub no_delta: bool,
+    /// Measure the sink instead of the SVD: Llama-3-70B's factors (random bf16 bytes) at each
+    /// of --ranks, journaled and staged as the writer thread does in a run, then committed,
+    /// in a folder inside DIR that is removed afterwards. Needs about 3× the adapter free
+    /// (journal, staging, adapter: ~5 GiB at rank 64), e.g. --sink /scratch --ranks 64.
+    #[arg(long, value_name = "DIR")]
+    pub sink: Option<PathBuf>,
+    /// With --sink: decoder layers (Llama-3-70B has 80).
+    #[arg(long, value_name = "N", default_value_t = 80)]
+    pub layers: usize,
     /// Print JSON on stdout (the table goes to stderr).
     #[arg(long)]
     pub json: bool,

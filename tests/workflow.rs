@@ -1544,3 +1544,46 @@ fn lora_bias_needs_its_layers_factors() {
         );
     }
 }
+
+/// `bench --sink`: the writer thread's work on a small slice of Llama-3-70B's factors; one row
+/// per rank, the right number of tensors and bytes, and nothing left in DIR.
+#[test]
+fn bench_sink_measures_the_writer_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = phlora(&[
+        "bench",
+        "--sink",
+        dir.path().to_str().unwrap(),
+        "--ranks",
+        "2,8",
+        "--layers",
+        "1",
+        "--json",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    // One layer's 7 matrices, the embedding and lm_head; A [r, in] and B [out, r] in bf16.
+    let per_rank: u64 = [
+        8192 + 8192,
+        1024 + 8192,
+        1024 + 8192,
+        8192 + 8192,
+        28672 + 8192,
+        28672 + 8192,
+        8192 + 28672,
+        8192 + 128_256,
+        128_256 + 8192,
+    ]
+    .iter()
+    .sum::<u64>()
+        * 2;
+    for (row, rank) in rows.iter().zip([2u64, 8]) {
+        assert_eq!(row["tensors"], 9);
+        assert_eq!(row["bytes"].as_u64(), Some(per_rank * rank));
+        assert!(row["journal_seconds"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}

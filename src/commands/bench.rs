@@ -76,6 +76,9 @@ struct BenchReport {
 }
 
 pub fn run(a: &BenchArgs, ui: Ui) -> Result<ExitCode> {
+    if let Some(dir) = &a.sink {
+        return sink(a, dir, ui);
+    }
     let (s, device, options) = settings(a)?;
     let dev_err = |e: backend::BackendError| Error::Device(e.message);
     let mut report = BenchReport {
@@ -162,6 +165,46 @@ pub fn run(a: &BenchArgs, ui: Ui) -> Result<ExitCode> {
         println!(
             "{}",
             serde_json::to_string_pretty(&report).expect("plain data serialises")
+        );
+    } else {
+        print!("{text}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--sink DIR`: the writer thread's work at a large model's scale, one row per rank.
+fn sink(a: &BenchArgs, dir: &std::path::Path, ui: Ui) -> Result<ExitCode> {
+    let ranks = parse_list("--ranks", &a.ranks)?;
+    let mut rows = Vec::new();
+    let mut text = String::from(
+        "rank  tensors  factors GiB  journal s  stage s  tensors/s  MB/s (journal+stage)  commit s\n",
+    );
+    for &rank in &ranks {
+        let out = dir.join(format!("phlora-sink-bench-r{rank}-{}", std::process::id()));
+        let result = crate::extract::bench_sink(&out, rank, a.layers);
+        let _ = std::fs::remove_dir_all(&out);
+        let r = result?;
+        let busy = r.journal_seconds + r.stage_seconds;
+        text.push_str(&format!(
+            "{:>4}  {:>7}  {:>11.2}  {:>9.2}  {:>7.2}  {:>9.1}  {:>20.0}  {:>8.2}\n",
+            r.rank,
+            r.tensors,
+            r.bytes as f64 / (1u64 << 30) as f64,
+            r.journal_seconds,
+            r.stage_seconds,
+            r.tensors_per_second(),
+            r.bytes as f64 / busy.max(1e-9) / 1e6,
+            r.commit_seconds
+        ));
+        rows.push(r);
+    }
+    if a.json {
+        if !ui.quiet {
+            eprint!("{text}");
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).expect("plain data serialises")
         );
     } else {
         print!("{text}");

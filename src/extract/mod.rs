@@ -14,6 +14,8 @@ mod fused;
 mod job;
 mod journal;
 pub mod shard;
+mod sink_bench;
+pub use sink_bench::{bench_sink, SinkBench};
 
 pub use fit::{BASELINE_RAM, BASELINE_VRAM};
 
