@@ -33,13 +33,17 @@ pub struct AdapterWriter {
     staged_bytes: u64,
     /// Files staged beside the model file (added tokens, the tokenizer), by name.
     side_files: Vec<PathBuf>,
+    /// Files that already hold some tensors' bytes (the resume journal's data file), read at
+    /// commit instead of a copy in the staging file.
+    sources: Vec<PathBuf>,
 }
 
 /// One staged tensor (or one expert's factor of a fused parameter).
 struct Staged {
     /// Its place in the final file.
     order: u64,
-    /// Where its bytes are in the staging file.
+    /// Where its bytes are: in the staging file, or in `sources[i]` for `Some(i)`.
+    source: Option<usize>,
     offset: u64,
     entry: HeaderEntry,
     /// The axis a LoRA factor's rank runs along (it may be zero-padded there).
@@ -103,6 +107,7 @@ impl AdapterWriter {
             entries: Vec::new(),
             staged_bytes: 0,
             side_files: Vec::new(),
+            sources: Vec::new(),
         })
     }
 
@@ -138,6 +143,41 @@ impl AdapterWriter {
         self.stage(order, name, dtype, shape, bytes, Some(rank_axis), expert)
     }
 
+    /// [`add_factor`](Self::add_factor) for bytes that already lie at `offset` in `file` (and
+    /// stay there until the commit): nothing is copied now.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_factor_in(
+        &mut self,
+        order: u64,
+        name: String,
+        dtype: &'static str,
+        shape: Vec<usize>,
+        (file, offset, nbytes): (&Path, u64, usize),
+        rank_axis: usize,
+        expert: Option<ExpertPlace>,
+    ) {
+        let source = match self.sources.iter().position(|s| s == file) {
+            Some(i) => i,
+            None => {
+                self.sources.push(file.to_path_buf());
+                self.sources.len() - 1
+            }
+        };
+        self.entries.push(Staged {
+            order,
+            source: Some(source),
+            offset,
+            entry: HeaderEntry {
+                name,
+                dtype,
+                shape,
+                nbytes,
+            },
+            rank_axis: Some(rank_axis),
+            expert,
+        });
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn stage(
         &mut self,
@@ -154,6 +194,7 @@ impl AdapterWriter {
             .map_err(|e| Error::io(&self.data_path, "cannot write", e))?;
         self.entries.push(Staged {
             order,
+            source: None,
             offset: self.staged_bytes,
             entry: HeaderEntry {
                 name,
@@ -230,8 +271,7 @@ impl AdapterWriter {
             .map(|o| self.final_entry(o, pad_to))
             .collect();
         let shards = split_into_shards(&entries, max_shard_bytes);
-        let mut src = File::open(&self.data_path)
-            .map_err(|e| Error::io(&self.data_path, "cannot open", e))?;
+        let mut src = Sources::open(&self.data_path, &self.sources)?;
         let mut weights: Vec<PathBuf> = Vec::with_capacity(shards.len() + 1);
         let mut weight_map: BTreeMap<&str, String> = BTreeMap::new();
         for (i, range) in shards.iter().enumerate() {
@@ -287,7 +327,7 @@ impl AdapterWriter {
         path: &Path,
         outputs: &[Output],
         entries: &[HeaderEntry],
-        src: &mut File,
+        src: &mut Sources,
     ) -> Result<()> {
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
@@ -475,19 +515,23 @@ impl AdapterWriter {
         ranks.into_values().collect()
     }
 
-    fn read_back(&self, src: &mut File, staged: &Staged) -> Result<Vec<u8>> {
-        src.seek(SeekFrom::Start(staged.offset))
-            .map_err(|e| Error::io(&self.data_path, "cannot read back", e))?;
+    fn read_back(&self, src: &mut Sources, staged: &Staged) -> Result<Vec<u8>> {
+        let (file, path) = match staged.source {
+            None => (&mut src.staging, &self.data_path),
+            Some(i) => (&mut src.others[i], &self.sources[i]),
+        };
+        file.seek(SeekFrom::Start(staged.offset))
+            .map_err(|e| Error::io(path, "cannot read back", e))?;
         let mut bytes = vec![0u8; staged.entry.nbytes];
-        src.read_exact(&mut bytes)
-            .map_err(|e| Error::io(&self.data_path, "staged data is truncated", e))?;
+        file.read_exact(&mut bytes)
+            .map_err(|e| Error::io(path, "staged data is truncated", e))?;
         Ok(bytes)
     }
 
     /// The experts' factors packed into `out` at rank r per expert: A (axis 0) expert-major —
     /// expert e's rows at e·r..(e+1)·r; B (axis 1) rank-major — expert e's column k at k·E + e.
     /// An expert's parts follow one another along the rank, each in its own output rows.
-    fn pack(&self, src: &mut File, members: &[usize], out: &HeaderEntry) -> Result<Vec<u8>> {
+    fn pack(&self, src: &mut Sources, members: &[usize], out: &HeaderEntry) -> Result<Vec<u8>> {
         let first = &self.entries[members[0]];
         let axis = first.rank_axis.expect("experts' factors have a rank axis");
         let experts = first.expert.map_or(1, |x| x.count);
@@ -520,6 +564,22 @@ impl AdapterWriter {
             }
         }
         Ok(packed)
+    }
+}
+
+/// The files a commit reads tensors back from: the staging file and the sources.
+struct Sources {
+    staging: File,
+    others: Vec<File>,
+}
+
+impl Sources {
+    fn open(staging: &Path, others: &[PathBuf]) -> Result<Sources> {
+        let open = |p: &Path| File::open(p).map_err(|e| Error::io(p, "cannot open", e));
+        Ok(Sources {
+            staging: open(staging)?,
+            others: others.iter().map(|p| open(p)).collect::<Result<_>>()?,
+        })
     }
 }
 

@@ -4,6 +4,7 @@
 //! a worker computes, the kernel reads the next tensor's pages ahead (MADV_WILLNEED), and on a
 //! GPU a second worker's copies overlap the first one's SVD.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Condvar, Mutex};
@@ -11,7 +12,7 @@ use std::time::Instant;
 
 use super::fit::{after_out_of_memory, Placement};
 use super::job::{other_item, Finished, JobError, LoraJob};
-use super::journal::Journal;
+use super::journal::{FactorPlaces, Journal};
 use super::ExtractSettings;
 use crate::adapter::AdapterWriter;
 use crate::backend::{Backend, DeviceWorkers};
@@ -281,11 +282,18 @@ fn write_all(
     for mut done in arrivals {
         let clock = Instant::now();
         let item = &sh.plan.items[done.index];
+        // The journal holds the factors' bytes: the adapter is written from there at commit,
+        // not from a second copy.
         let kept = match journal.as_mut() {
-            Some(j) => j.record(&done),
-            None => Ok(()),
+            Some(j) if !sh.spectrum_only => j
+                .record(&done)
+                .and_then(|at| stage_journaled(writer.as_mut(), &mut done, &j.data_path(), at)),
+            Some(j) => j
+                .record(&done)
+                .and_then(|_| stage(writer.as_mut(), &mut done, true)),
+            None => stage(writer.as_mut(), &mut done, sh.spectrum_only),
         };
-        if let Err(e) = kept.and_then(|()| stage(writer.as_mut(), &mut done, sh.spectrum_only)) {
+        if let Err(e) = kept {
             // Workers stop taking tensors; the channel closes as they finish.
             cancel.store(true, Ordering::Relaxed);
             return Err(e);
@@ -300,6 +308,29 @@ fn write_all(
         finished[index] = Some(done);
     }
     Ok((writer, finished, seconds))
+}
+
+/// [`stage`] for a tensor the journal holds: its factors are referenced where they lie in the
+/// journal's data file (`at`), and only what else it writes is copied.
+pub(super) fn stage_journaled(
+    writer: Option<&mut AdapterWriter>,
+    done: &mut Finished,
+    data: &Path,
+    at: Option<FactorPlaces>,
+) -> Result<()> {
+    let Some(writer) = writer else {
+        return Ok(());
+    };
+    let order = 2 * done.index as u64;
+    if let (Some(f), Some(at)) = (done.factors.as_ref(), at) {
+        let a = (data, at.a.0, f.a_bytes.len());
+        let b = (data, at.b.0, f.b_bytes.len());
+        let (a_key, b_key) = (f.a_key.clone(), f.b_key.clone());
+        writer.add_factor_in(order, a_key, f.dtype, f.a_shape.clone(), a, 0, f.expert);
+        writer.add_factor_in(order + 1, b_key, f.dtype, f.b_shape.clone(), b, 1, f.expert);
+        done.factors = None;
+    }
+    stage(Some(writer), done, false)
 }
 
 /// Hands a finished tensor's factors (A, then B, at its place in the plan) and any tensor it

@@ -137,6 +137,16 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
+/// A tensor read back from a journal, and where its factors lie in the journal's data file.
+pub type Journaled = (Finished, Option<FactorPlaces>);
+
+/// Where a journaled tensor's factors lie in the data file: byte ranges of A and B.
+#[derive(Clone, Copy, Debug)]
+pub struct FactorPlaces {
+    pub a: (u64, u64),
+    pub b: (u64, u64),
+}
+
 /// One finished tensor, as a line of `tensors.jsonl`.
 #[derive(Serialize, Deserialize)]
 struct Record {
@@ -227,7 +237,7 @@ impl Journal {
 
     /// The journal of an interrupted run with the same fingerprint, and the tensors it holds
     /// (a torn last record is dropped).
-    pub fn resume(out: &Path, fingerprint: &Fingerprint) -> Result<(Journal, Vec<Finished>)> {
+    pub fn resume(out: &Path, fingerprint: &Fingerprint) -> Result<(Journal, Vec<Journaled>)> {
         let dir = Self::dir(out);
         let path = dir.join(FINGERPRINT);
         let text = std::fs::read_to_string(&path).map_err(|e| {
@@ -262,8 +272,13 @@ impl Journal {
     }
 
     /// The finished tensors of the journal in `out` (a shard's part), read only.
-    pub fn read(out: &Path) -> Result<Vec<Finished>> {
+    pub fn read(out: &Path) -> Result<Vec<Journaled>> {
         Ok(read_records(&Self::dir(out))?.0)
+    }
+
+    /// The data file of the journal in `out` (what [`FactorPlaces`] point into).
+    pub fn data_path_in(out: &Path) -> PathBuf {
+        Self::dir(out).join(DATA)
     }
 
     fn open(dir: PathBuf, data_len: u64) -> Result<Journal> {
@@ -286,8 +301,14 @@ impl Journal {
         })
     }
 
+    /// The file the records' bytes are in.
+    pub fn data_path(&self) -> PathBuf {
+        self.dir.join(DATA)
+    }
+
     /// Appends a finished tensor: its bytes, then the line that names them, each synced.
-    pub fn record(&mut self, done: &Finished) -> Result<()> {
+    /// Returns where its factors' bytes (A, B) now lie in [`data_path`](Self::data_path).
+    pub fn record(&mut self, done: &Finished) -> Result<Option<FactorPlaces>> {
         let mut parts: Vec<&[u8]> = Vec::with_capacity(3);
         let mut put = |bytes: &[u8]| -> Result<(u64, u64)> {
             self.data
@@ -328,6 +349,7 @@ impl Journal {
         if let Some((_, _, _, bytes)) = &done.extra {
             parts.push(bytes);
         }
+        let places = factors.as_ref().map(|f| FactorPlaces { a: f.a, b: f.b });
         let rec = Record {
             index: done.index,
             row: done.row.clone(),
@@ -351,7 +373,7 @@ impl Journal {
             // SAFETY: raise only delivers a signal to this process; its handler is installed.
             unsafe { libc::raise(libc::SIGINT) };
         }
-        Ok(())
+        Ok(places)
     }
 
     /// The adapter is committed: the journal has served.
@@ -367,7 +389,7 @@ impl Journal {
 
 /// The whole records of a journal folder, and where they end (in the records file, in the
 /// data file); a torn last record is left out.
-fn read_records(dir: &Path) -> Result<(Vec<Finished>, u64, u64)> {
+fn read_records(dir: &Path) -> Result<(Vec<Journaled>, u64, u64)> {
     let mut data = File::open(dir.join(DATA))
         .map_err(|e| Error::io(dir.join(DATA), "cannot open the journal", e))?;
     let data_len = data
@@ -413,7 +435,7 @@ impl Record {
 
     /// The finished tensor, or None when the record does not hold together (a range that is
     /// reversed or does not match its shape and dtype, a checksum that differs).
-    fn load(self, data: &mut File, dir: &Path) -> Result<Option<Finished>> {
+    fn load(self, data: &mut File, dir: &Path) -> Result<Option<Journaled>> {
         let path = dir.join(DATA);
         let expect = |shape: &[usize], dtype: &str, (from, to): (u64, u64)| {
             let elem = DType::parse(dtype).map_or(0, |d| d.size() as u64);
@@ -429,6 +451,10 @@ impl Record {
         if !whole {
             return Ok(None);
         }
+        let places = self
+            .factors
+            .as_ref()
+            .map(|f| FactorPlaces { a: f.a, b: f.b });
         let mut read = |(from, to): (u64, u64)| -> Result<Vec<u8>> {
             let mut bytes = vec![0u8; (to - from) as usize];
             data.seek(SeekFrom::Start(from))
@@ -470,7 +496,7 @@ impl Record {
                 return Ok(None);
             }
         }
-        Ok(Some(Finished {
+        let done = Finished {
             index: self.index,
             stages: self.row.stages,
             row: self.row,
@@ -479,7 +505,8 @@ impl Record {
             spectrum: None,
             extra,
             flops: self.flops,
-        }))
+        };
+        Ok(Some((done, places)))
     }
 }
 

@@ -631,12 +631,13 @@ fn run<B: Backend>(
 /// journaled) now.
 fn resume_into(
     plan: &Plan,
-    resumed: Vec<job::Finished>,
+    resumed: Vec<journal::Journaled>,
     journal: &mut journal::Journal,
     mut writer: Option<&mut AdapterWriter>,
 ) -> Result<Vec<Option<job::Finished>>> {
     let mut by_index: Vec<Option<job::Finished>> = (0..plan.items.len()).map(|_| None).collect();
-    for done in resumed {
+    let mut places = vec![None; plan.items.len()];
+    for (done, at) in resumed {
         let index = done.index;
         if index >= plan.items.len() || plan.items[index].name != done.row.name {
             return Err(Error::Settings(format!(
@@ -644,19 +645,24 @@ fn resume_into(
                 done.row.name
             )));
         }
+        places[index] = at;
         by_index[index] = Some(done);
     }
     for (source, copy) in plan.tied_copies() {
         if by_index[copy].is_none() {
             if let Some(src) = &by_index[source] {
                 let derived = job::tied_copy(src, copy, &plan.items[copy]);
-                journal.record(&derived)?;
+                places[copy] = journal.record(&derived)?;
                 by_index[copy] = Some(derived);
             }
         }
     }
-    for done in by_index.iter_mut().flatten() {
-        engine::stage(writer.as_deref_mut(), done, false)?;
+    // The factors stay in the journal; the adapter is written from there at commit.
+    let data = journal.data_path();
+    for (done, at) in by_index.iter_mut().zip(places) {
+        if let Some(done) = done {
+            engine::stage_journaled(writer.as_deref_mut(), done, &data, at)?;
+        }
     }
     Ok(by_index)
 }

@@ -240,8 +240,11 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
     }
     // Every part's tensors, by plan index.
     let mut finished: Vec<Option<job::Finished>> = (0..plan.items.len()).map(|_| None).collect();
+    // Where each tensor's factors lie: in its part's journal, which the adapter is written from.
+    let mut places = vec![None; plan.items.len()];
     for (d, _) in &markers {
-        for done in Journal::read(d)? {
+        let data = Journal::data_path_in(d);
+        for (done, at) in Journal::read(d)? {
             let i = done.index;
             if i >= plan.items.len() || plan.items[i].name != done.row.name {
                 return Err(Error::checkpoint(
@@ -249,6 +252,7 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
                     format!("tensor #{i} `{}` is not the plan's", done.row.name),
                 ));
             }
+            places[i] = at.map(|at| (data.clone(), at));
             finished[i] = Some(done);
         }
     }
@@ -263,8 +267,15 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
     s.base = named_base;
     s.ft = named_ft;
     let mut writer = AdapterWriter::create(out, options.overwrite)?;
-    for done in finished.iter_mut().flatten() {
-        engine::stage(Some(&mut writer), done, false)?;
+    for (done, at) in finished.iter_mut().zip(&places) {
+        if let Some(done) = done {
+            match at {
+                Some((data, at)) => {
+                    engine::stage_journaled(Some(&mut writer), done, data, Some(*at))?
+                }
+                None => engine::stage(Some(&mut writer), done, false)?,
+            }
+        }
     }
     let stages = finished
         .iter()

@@ -99,10 +99,10 @@ pub fn bench_sink(out: &Path, rank: usize, layers: usize) -> Result<SinkBench> {
         };
         bytes += (a_len + b_len) as u64;
         let clock = Instant::now();
-        journal.record(&done)?;
+        let at = journal.record(&done)?;
         journal_seconds += clock.elapsed().as_secs_f64();
         let clock = Instant::now();
-        super::engine::stage(Some(&mut writer), &mut done, false)?;
+        super::engine::stage_journaled(Some(&mut writer), &mut done, &journal.data_path(), at)?;
         stage_seconds += clock.elapsed().as_secs_f64();
     }
     let clock = Instant::now();
