@@ -246,3 +246,74 @@ fn a_failed_write_leaves_nothing_half_written_and_resumes() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(common::adapter_bytes(&out) == common::adapter_bytes(&whole));
 }
+
+/// Tied embeddings: the lm_head's LoRA is derived from the embedding's and journaled right
+/// after it. A crash between the two leaves the embedding without its copy; the resume derives
+/// it, and the adapter is still the uninterrupted run's.
+#[test]
+fn a_crash_between_a_tied_embedding_and_its_lm_head_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let seed = common::fresh_seed("resume-tied").to_string();
+    let o = common::phlora(&[
+        "synth",
+        "--out",
+        root.to_str().unwrap(),
+        "--hidden",
+        "128",
+        "--intermediate",
+        "256",
+        "--layers",
+        "2",
+        "--vocab",
+        "2048",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--tie-embeddings",
+        "--seed",
+        &seed,
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let whole = root.join("whole");
+    assert!(extract(root, &whole, &[], &[]).status.success());
+    // A run that crashed with everything journaled, cut back to end right after the
+    // embedding's record: what a crash between the embedding and its lm_head leaves.
+    let out = root.join("out");
+    let records = out.join(".phlora-journal/tensors.jsonl");
+    let total = 21; // 2 layers × 9, the embedding, the final norm, lm_head
+    let o = extract(
+        root,
+        &out,
+        &[],
+        &[("PHLORA_TEST_CRASH_AFTER", &total.to_string())],
+    );
+    assert!(
+        !o.status.success(),
+        "the run should have stopped after its last record"
+    );
+    let text = std::fs::read_to_string(&records).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), total);
+    let embedding = lines
+        .iter()
+        .position(|l| l.contains("\"name\":\"model.embed_tokens.weight\""))
+        .expect("the embedding is journaled");
+    assert!(
+        lines[embedding + 1].contains("\"name\":\"lm_head.weight\""),
+        "the tied lm_head is journaled right after its embedding"
+    );
+    let cut: String = lines[..=embedding]
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&records, cut).unwrap();
+    let o = extract(root, &out, &["--resume"], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        common::adapter_bytes(&out) == common::adapter_bytes(&whole),
+        "the resumed adapter differs"
+    );
+}

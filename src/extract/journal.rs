@@ -235,9 +235,14 @@ impl Journal {
         Self::open(dir, 0)
     }
 
-    /// The journal of an interrupted run with the same fingerprint, and the tensors it holds
-    /// (a torn last record is dropped).
-    pub fn resume(out: &Path, fingerprint: &Fingerprint) -> Result<(Journal, Vec<Journaled>)> {
+    /// The journal of an interrupted run with the same fingerprint; `each` is handed the
+    /// tensors it holds one at a time, so that their factors need not all be in memory at once
+    /// (a torn or corrupt record and those after it are dropped).
+    pub fn resume(
+        out: &Path,
+        fingerprint: &Fingerprint,
+        each: impl FnMut(Journaled) -> Result<()>,
+    ) -> Result<Journal> {
         let dir = Self::dir(out);
         let path = dir.join(FINGERPRINT);
         let text = std::fs::read_to_string(&path).map_err(|e| {
@@ -258,7 +263,7 @@ impl Journal {
                 ),
             ));
         }
-        let (finished, good_bytes, good_data) = read_records(&dir)?;
+        let (good_bytes, good_data) = read_records(&dir, each)?;
         // Drop whatever follows the last whole record, then append after it.
         let records = OpenOptions::new()
             .write(true)
@@ -267,13 +272,13 @@ impl Journal {
         records
             .set_len(good_bytes)
             .map_err(|e| Error::io(dir.join(RECORDS), "cannot truncate", e))?;
-        let j = Self::open(dir, good_data)?;
-        Ok((j, finished))
+        Self::open(dir, good_data)
     }
 
-    /// The finished tensors of the journal in `out` (a shard's part), read only.
-    pub fn read(out: &Path) -> Result<Vec<Journaled>> {
-        Ok(read_records(&Self::dir(out))?.0)
+    /// The finished tensors of the journal in `out` (a shard's part), read only and handed to
+    /// `each` one at a time.
+    pub fn read(out: &Path, each: impl FnMut(Journaled) -> Result<()>) -> Result<()> {
+        read_records(&Self::dir(out), each).map(|_| ())
     }
 
     /// The data file of the journal in `out` (what [`FactorPlaces`] point into).
@@ -387,9 +392,9 @@ impl Journal {
     }
 }
 
-/// The whole records of a journal folder, and where they end (in the records file, in the
-/// data file); a torn last record is left out.
-fn read_records(dir: &Path) -> Result<(Vec<Journaled>, u64, u64)> {
+/// Hands the whole records of a journal folder to `each`, in order, and says where they end
+/// (in the records file, in the data file); a torn last record is left out.
+fn read_records(dir: &Path, mut each: impl FnMut(Journaled) -> Result<()>) -> Result<(u64, u64)> {
     let mut data = File::open(dir.join(DATA))
         .map_err(|e| Error::io(dir.join(DATA), "cannot open the journal", e))?;
     let data_len = data
@@ -398,7 +403,6 @@ fn read_records(dir: &Path) -> Result<(Vec<Journaled>, u64, u64)> {
         .len();
     let lines = File::open(dir.join(RECORDS))
         .map_err(|e| Error::io(dir.join(RECORDS), "cannot open the journal", e))?;
-    let mut finished = Vec::new();
     let (mut good_bytes, mut good_data) = (0u64, 0u64);
     for line in BufReader::new(lines).split(b'\n') {
         let Ok(line) = line else { break };
@@ -411,7 +415,7 @@ fn read_records(dir: &Path) -> Result<(Vec<Journaled>, u64, u64)> {
         }
         let index = rec.index;
         match rec.load(&mut data, dir)? {
-            Some(done) => finished.push(done),
+            Some(done) => each(done)?,
             None => {
                 tracing::warn!(
                     "{}: the record of tensor #{index} is corrupt (its byte ranges, sizes or checksum do not hold); it and the records after it are computed again",
@@ -423,7 +427,7 @@ fn read_records(dir: &Path) -> Result<(Vec<Journaled>, u64, u64)> {
         good_bytes += line.len() as u64 + 1;
         good_data = good_data.max(end);
     }
-    Ok((finished, good_bytes, good_data))
+    Ok((good_bytes, good_data))
 }
 
 impl Record {

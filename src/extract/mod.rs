@@ -497,8 +497,11 @@ fn run<B: Backend>(
     };
     // The journal: a fresh one, or the interrupted run's with what it finished.
     let fingerprint = journal::Fingerprint::of(s, base, ft)?;
-    let (mut journal, resumed) = if s.resume {
-        journal::Journal::resume(&s.out, &fingerprint)?
+    let mut resumed = Resumed::new(plan, &s.out);
+    let mut journal = if s.resume {
+        journal::Journal::resume(&s.out, &fingerprint, |j| {
+            resumed.take(plan, j, writer.as_mut())
+        })?
     } else {
         let old = journal::Journal::dir(&s.out);
         if old.exists() && !s.overwrite {
@@ -507,10 +510,10 @@ fn run<B: Backend>(
                 "holds the journal of an interrupted run: pass --resume to continue it, or --force to start over",
             ));
         }
-        (journal::Journal::start(&s.out, &fingerprint)?, Vec::new())
+        journal::Journal::start(&s.out, &fingerprint)?
     };
     *journal_held = true;
-    let resumed = resume_into(plan, resumed, &mut journal, writer.as_mut())?;
+    let resumed = resumed.finish(&mut journal, writer.as_mut())?;
     // Done already, or another shard's.
     let owner = s
         .shard
@@ -626,18 +629,31 @@ fn run<B: Backend>(
     Ok(Ran::Adapter(Box::new(report)))
 }
 
-/// The interrupted run's finished tensors by plan index, staged into the writer; a tied
-/// lm_head whose embedding finished but which was not journaled itself is derived (and
-/// journaled) now.
-fn resume_into(
-    plan: &Plan,
-    resumed: Vec<journal::Journaled>,
-    journal: &mut journal::Journal,
-    mut writer: Option<&mut AdapterWriter>,
-) -> Result<Vec<Option<job::Finished>>> {
-    let mut by_index: Vec<Option<job::Finished>> = (0..plan.items.len()).map(|_| None).collect();
-    let mut places = vec![None; plan.items.len()];
-    for (done, at) in resumed {
+/// The interrupted run's finished tensors by plan index, each staged into the writer as the
+/// journal is read (its factors stay in the journal, not in memory). A tied lm_head whose
+/// embedding finished but which was not journaled itself is derived (and journaled) at the end.
+struct Resumed {
+    by_index: Vec<Option<job::Finished>>,
+    /// Tied lm_heads derived from their embeddings as those were read, by plan index.
+    derived: Vec<(usize, job::Finished)>,
+    data: std::path::PathBuf,
+}
+
+impl Resumed {
+    fn new(plan: &Plan, out: &std::path::Path) -> Resumed {
+        Resumed {
+            by_index: (0..plan.items.len()).map(|_| None).collect(),
+            derived: Vec::new(),
+            data: journal::Journal::data_path_in(out),
+        }
+    }
+
+    fn take(
+        &mut self,
+        plan: &Plan,
+        (mut done, at): journal::Journaled,
+        writer: Option<&mut AdapterWriter>,
+    ) -> Result<()> {
         let index = done.index;
         if index >= plan.items.len() || plan.items[index].name != done.row.name {
             return Err(Error::Settings(format!(
@@ -645,26 +661,31 @@ fn resume_into(
                 done.row.name
             )));
         }
-        places[index] = at;
-        by_index[index] = Some(done);
-    }
-    for (source, copy) in plan.tied_copies() {
-        if by_index[copy].is_none() {
-            if let Some(src) = &by_index[source] {
-                let derived = job::tied_copy(src, copy, &plan.items[copy]);
-                places[copy] = journal.record(&derived)?;
-                by_index[copy] = Some(derived);
+        for (source, copy) in plan.tied_copies() {
+            if source == index {
+                self.derived
+                    .push((copy, job::tied_copy(&done, copy, &plan.items[copy])));
             }
         }
+        engine::stage_journaled(writer, &mut done, &self.data, at)?;
+        self.by_index[index] = Some(done);
+        Ok(())
     }
-    // The factors stay in the journal; the adapter is written from there at commit.
-    let data = journal.data_path();
-    for (done, at) in by_index.iter_mut().zip(places) {
-        if let Some(done) = done {
-            engine::stage_journaled(writer.as_deref_mut(), done, &data, at)?;
+
+    fn finish(
+        mut self,
+        journal: &mut journal::Journal,
+        mut writer: Option<&mut AdapterWriter>,
+    ) -> Result<Vec<Option<job::Finished>>> {
+        for (copy, mut derived) in std::mem::take(&mut self.derived) {
+            if self.by_index[copy].is_none() {
+                let at = journal.record(&derived)?;
+                engine::stage_journaled(writer.as_deref_mut(), &mut derived, &self.data, at)?;
+                self.by_index[copy] = Some(derived);
+            }
         }
+        Ok(self.by_index)
     }
-    Ok(by_index)
 }
 
 fn summarize(

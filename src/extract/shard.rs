@@ -238,13 +238,13 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
             }
         )));
     }
-    // Every part's tensors, by plan index.
+    // Every part's tensors, by plan index, staged as each journal is read: the factors stay
+    // in the parts' journals (the adapter is written from there), not in memory.
+    let mut writer = AdapterWriter::create(out, options.overwrite)?;
     let mut finished: Vec<Option<job::Finished>> = (0..plan.items.len()).map(|_| None).collect();
-    // Where each tensor's factors lie: in its part's journal, which the adapter is written from.
-    let mut places = vec![None; plan.items.len()];
     for (d, _) in &markers {
         let data = Journal::data_path_in(d);
-        for (done, at) in Journal::read(d)? {
+        Journal::read(d, |(mut done, at)| {
             let i = done.index;
             if i >= plan.items.len() || plan.items[i].name != done.row.name {
                 return Err(Error::checkpoint(
@@ -252,9 +252,10 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
                     format!("tensor #{i} `{}` is not the plan's", done.row.name),
                 ));
             }
-            places[i] = at.map(|at| (data.clone(), at));
+            engine::stage_journaled(Some(&mut writer), &mut done, &data, at)?;
             finished[i] = Some(done);
-        }
+            Ok(())
+        })?;
     }
     let owner = assignment(&plan, count);
     if let Some(i) = (0..plan.items.len()).find(|&i| owner[i].is_some() && finished[i].is_none()) {
@@ -266,17 +267,6 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
     }
     s.base = named_base;
     s.ft = named_ft;
-    let mut writer = AdapterWriter::create(out, options.overwrite)?;
-    for (done, at) in finished.iter_mut().zip(&places) {
-        if let Some(done) = done {
-            match at {
-                Some((data, at)) => {
-                    engine::stage_journaled(Some(&mut writer), done, data, Some(*at))?
-                }
-                None => engine::stage(Some(&mut writer), done, false)?,
-            }
-        }
-    }
     let stages = finished
         .iter()
         .flatten()
