@@ -11,23 +11,7 @@ use std::path::{Path, PathBuf};
 use common::{merge_ok, phlora, read_json, synth_pair, verify_pair};
 
 fn extract(root: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let (b, f) = (root.join("base"), root.join("ft"));
-    let mut args = vec![
-        "extract",
-        "--base",
-        b.to_str().unwrap(),
-        "--ft",
-        f.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--rank",
-        "8",
-        "--quiet",
-    ];
-    args.extend_from_slice(extra);
-    phlora(&args)
+    common::extract_pair(root, out, &[&["--rank", "8"][..], extra].concat(), &[])
 }
 
 fn ok(o: std::process::Output) -> std::process::Output {
@@ -337,24 +321,12 @@ fn combine_and_resume_choose_the_layout_anew() {
 
     // A run interrupted with one layout resumes with the other.
     let out = root.join("resumed");
-    let o = common::phlora_cmd()
-        .env("PHLORA_TEST_CRASH_AFTER", "3")
-        .args([
-            "extract",
-            "--base",
-            root.join("base").to_str().unwrap(),
-            "--ft",
-            root.join("ft").to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--rank",
-            "8",
-            "--quiet",
-        ])
-        .output()
-        .unwrap();
+    let o = common::extract_pair(
+        root,
+        &out,
+        &["--rank", "8"],
+        &[("PHLORA_TEST_CRASH_AFTER", "3")],
+    );
     assert!(!o.status.success());
     ok(extract(
         root,

@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{adapter_bytes, phlora_cmd, synth_pair};
+use common::{adapter_bytes, synth_pair};
 
 /// A tmpfs mounted at a fresh folder, unmounted on drop.
 struct Tmpfs(PathBuf);
@@ -50,16 +50,7 @@ impl Drop for Tmpfs {
 }
 
 fn extract(root: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut cmd = phlora_cmd();
-    cmd.args(["extract", "--base"])
-        .arg(root.join("base"))
-        .arg("--ft")
-        .arg(root.join("ft"))
-        .arg("--out")
-        .arg(out)
-        .args(["--device", "cpu", "--rank", "16", "--quiet"])
-        .args(extra);
-    cmd.output().unwrap()
+    common::extract_pair(root, out, &[&["--rank", "16"][..], extra].concat(), &[])
 }
 
 #[test]

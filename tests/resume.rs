@@ -9,23 +9,8 @@ use std::path::Path;
 
 /// `phlora extract` on the pair in `root` into `out`, with extra arguments and environment.
 fn extract(root: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut cmd = common::phlora_cmd();
-    cmd.args(["extract", "--base", root.join("base").to_str().unwrap()])
-        .args(["--ft", root.join("ft").to_str().unwrap()])
-        .args([
-            "--out",
-            out.to_str().unwrap(),
-            "--rank",
-            "8",
-            "--device",
-            "cpu",
-        ])
-        .args(["--in-flight", "2", "--quiet"])
-        .args(extra);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
+    let args = [&["--rank", "8", "--in-flight", "2"][..], extra].concat();
+    common::extract_pair(root, out, &args, env)
 }
 
 fn journaled(out: &Path) -> usize {

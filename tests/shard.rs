@@ -19,21 +19,7 @@ fn run(args: &[&str]) -> std::process::Output {
 }
 
 fn extract(root: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let (b, f) = (root.join("base"), root.join("ft"));
-    let mut args = vec![
-        "extract",
-        "--base",
-        b.to_str().unwrap(),
-        "--ft",
-        f.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--quiet",
-    ];
-    args.extend_from_slice(extra);
-    phlora(&args)
+    common::extract_pair(root, out, extra, &[])
 }
 
 #[test]

@@ -158,17 +158,7 @@ pub fn run(a: &BenchArgs, ui: Ui) -> Result<ExitCode> {
             ));
         }
     }
-    if a.json {
-        if !ui.quiet {
-            eprint!("{text}");
-        }
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("plain data serialises")
-        );
-    } else {
-        print!("{text}");
-    }
+    super::emit(&text, a.json, &report, ui);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -198,16 +188,6 @@ fn sink(a: &BenchArgs, dir: &std::path::Path, ui: Ui) -> Result<ExitCode> {
         ));
         rows.push(r);
     }
-    if a.json {
-        if !ui.quiet {
-            eprint!("{text}");
-        }
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).expect("plain data serialises")
-        );
-    } else {
-        print!("{text}");
-    }
+    super::emit(&text, a.json, &rows, ui);
     Ok(ExitCode::SUCCESS)
 }

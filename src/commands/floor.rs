@@ -28,16 +28,6 @@ pub fn run(a: &FloorArgs, ui: Ui) -> Result<ExitCode> {
         r.read_seconds,
         r.h2d_seconds
     );
-    if a.json {
-        if !ui.quiet {
-            eprint!("{text}");
-        }
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&r).expect("plain data serialises")
-        );
-    } else {
-        print!("{text}");
-    }
+    super::emit(&text, a.json, &r, ui);
     Ok(ExitCode::SUCCESS)
 }

@@ -38,3 +38,19 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
 pub struct Ui {
     pub quiet: bool,
 }
+
+/// A command's result: the table on stdout, or with `--json` the JSON on stdout and the table
+/// on stderr (unless quiet).
+fn emit(text: &str, json: bool, report: &impl serde::Serialize, ui: Ui) {
+    if json {
+        if !ui.quiet {
+            eprint!("{text}");
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).expect("plain data serialises")
+        );
+    } else {
+        print!("{text}");
+    }
+}

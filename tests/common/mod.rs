@@ -215,6 +215,28 @@ pub fn phlora_cmd() -> std::process::Command {
     std::process::Command::new(bin)
 }
 
+/// `phlora extract` of the pair ROOT/base, ROOT/ft into OUT on the CPU, quietly, with more
+/// arguments and environment variables.
+pub fn extract_pair(
+    root: &Path,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut cmd = phlora_cmd();
+    cmd.arg("extract")
+        .arg("--base")
+        .arg(root.join("base"))
+        .arg("--ft")
+        .arg(root.join("ft"))
+        .arg("--out")
+        .arg(out)
+        .args(["--device", "cpu", "--quiet"])
+        .args(extra)
+        .envs(env.iter().copied());
+    cmd.output().unwrap()
+}
+
 /// A small Llama-shaped synth pair in ROOT/base and ROOT/ft (fresh seed for `tag`).
 pub fn synth_pair(root: &Path, tag: &str, hidden: usize, layers: usize) {
     let (seed, hidden, inter, layers) = (
