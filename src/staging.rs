@@ -4,6 +4,7 @@
 //! (and it is still empty).
 
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -90,6 +91,14 @@ impl StagedOutput {
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(())
     }
+}
+
+/// Writes `bytes` to `path` and syncs them to disk (before a rename publishes the file).
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::io(path, "cannot create", e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io(path, "cannot write", e))
 }
 
 /// Staging folders of processes that are gone (killed before they could clean up).

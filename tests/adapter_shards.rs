@@ -250,7 +250,7 @@ fn a_folder_with_both_layouts_or_a_missing_shard_is_refused_by_name() {
     ok(extract(root, &single, &[]));
 
     let both = root.join("both");
-    copy_dir(&sharded, &both);
+    common::copy_files(&sharded, &both, false);
     std::fs::copy(
         single.join("adapter_model.safetensors"),
         both.join("adapter_model.safetensors"),
@@ -260,7 +260,7 @@ fn a_folder_with_both_layouts_or_a_missing_shard_is_refused_by_name() {
     assert!(err.contains("both") && err.contains("index.json"), "{err}");
 
     let missing = root.join("missing");
-    copy_dir(&sharded, &missing);
+    common::copy_files(&sharded, &missing, false);
     let gone = "adapter_model-00002-of-".to_string();
     let victim = weights_files(&missing)
         .into_iter()
@@ -335,13 +335,4 @@ fn combine_and_resume_choose_the_layout_anew() {
     ));
     let (got, _) = sharded_tensors(&out);
     assert!(got == want, "the resumed shards differ");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        if e.path().is_file() {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
 }

@@ -217,26 +217,12 @@ fn check_family(fam: &Family, tag: &str) -> serde_json::Value {
         }
     }
     let v = verify_pair(&b, &f, &out).unwrap();
-    assert!(
-        v.tensors
-            .iter()
-            .filter(|t| t.kind.starts_with("lora"))
-            .all(|t| t.rel_error_delta < 1e-2),
-        "{tag}: {:?}",
-        v.tensors
-    );
+    assert_lora_within(&v, 1e-2, tag);
     let merged = dir.path().join("merged");
     merge_ok(&b, &out, &merged);
     // The merged model is base + B·A: against it, the adapter's update is exact (f32).
     let v = verify_pair(&b, &merged, &out).unwrap();
-    assert!(
-        v.tensors
-            .iter()
-            .filter(|t| t.kind.starts_with("lora"))
-            .all(|t| t.rel_error_delta < 1e-5),
-        "{tag}: {:?}",
-        v.tensors
-    );
+    assert_lora_within(&v, 1e-5, tag);
     cfg
 }
 
@@ -375,14 +361,7 @@ fn mixtral_per_expert_linears() {
         "the ranks chosen should differ: {cfg}"
     );
     let v = verify_pair(&b, &f, &out).unwrap();
-    assert!(
-        v.tensors
-            .iter()
-            .filter(|t| t.kind.starts_with("lora"))
-            .all(|t| t.rel_error_delta < 1e-2),
-        "{:?}",
-        v.tensors
-    );
+    assert_lora_within(&v, 1e-2, "");
 }
 
 #[test]
@@ -938,14 +917,7 @@ fn per_expert_weights_fused_for_transformers_v5() {
     let merged = dir.path().join("merged");
     merge_ok(&b, &out, &merged);
     let v = verify_pair(&b, &merged, &out).unwrap();
-    assert!(
-        v.tensors
-            .iter()
-            .filter(|t| t.kind.starts_with("lora"))
-            .all(|t| t.rel_error_delta < 1e-5),
-        "{:?}",
-        v.tensors
-    );
+    assert_lora_within(&v, 1e-5, "");
 }
 
 /// --fuse-experts refuses what it cannot do, naming the reason: vLLM targets, Mixtral's

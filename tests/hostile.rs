@@ -197,21 +197,9 @@ fn degenerate_shapes_extract_correctly() {
         ("model.layers.0.input_layernorm.weight", vec![0]),
         ("model.scale", vec![]),
     ];
-    let mut base = Vec::new();
-    let mut ft = Vec::new();
-    for (k, (name, shape)) in shapes.iter().enumerate() {
-        let n = shape.iter().product();
-        let b = normal(n, seed + k as u64);
-        let f: Vec<f32> = b.iter().map(|x| x + 0.5).collect();
-        base.push(tensor(name, DType::F32, shape, b));
-        ft.push(tensor(name, DType::F32, shape, f));
-    }
-    let (b, f) = (
-        dir.path().join("b.safetensors"),
-        dir.path().join("f.safetensors"),
-    );
-    write_single(&b, &base);
-    write_single(&f, &ft);
+    let (b, f) = write_single_pair(dir.path(), &shapes, seed, |_, b| {
+        b.iter().map(|x| x + 0.5).collect()
+    });
     let out = dir.path().join("adapter");
     let st = cpu_settings(&b, &f, &out, 1);
     let report = catch_unwind(AssertUnwindSafe(|| extract(&st)))
@@ -361,25 +349,12 @@ fn mutated_adapters_never_panic() {
         ("model.layers.0.self_attn.q_proj.weight", vec![4, 4]),
         ("model.layers.0.input_layernorm.weight", vec![4]),
     ];
-    let mut base = Vec::new();
-    let mut ft = Vec::new();
-    for (k, (name, shape)) in names.iter().enumerate() {
-        let n = shape.iter().product();
-        let b = normal(n, seed + k as u64);
-        let f: Vec<f32> = b
-            .iter()
-            .zip(normal(n, seed + 10 + k as u64))
+    let (b, f) = write_single_pair(dir.path(), &names, seed, |k, b| {
+        b.iter()
+            .zip(normal(b.len(), seed + 10 + k as u64))
             .map(|(x, y)| x + 0.1 * y)
-            .collect();
-        base.push(tensor(name, DType::F32, shape, b));
-        ft.push(tensor(name, DType::F32, shape, f));
-    }
-    let (b, f) = (
-        dir.path().join("b.safetensors"),
-        dir.path().join("f.safetensors"),
-    );
-    write_single(&b, &base);
-    write_single(&f, &ft);
+            .collect()
+    });
     let mut rng = phlora::rng::Rng::new(seed);
     let mut below = |n: usize| (rng.next_u64() % n.max(1) as u64) as usize;
     // The single file, and shards with their index (--max-shard-size).
@@ -446,4 +421,24 @@ fn mutated_adapters_never_panic() {
             "{layout}: read {read}, refused {refused}"
         );
     }
+}
+
+/// `b.safetensors` and `f.safetensors` in `dir`, F32: tensor k has seeded normal base values
+/// (seed + k) and the fine-tune's `change(k, base)`.
+fn write_single_pair(
+    dir: &Path,
+    shapes: &[(&str, Vec<usize>)],
+    seed: u64,
+    change: impl Fn(usize, &[f32]) -> Vec<f32>,
+) -> (PathBuf, PathBuf) {
+    let (mut base, mut ft) = (Vec::new(), Vec::new());
+    for (k, (name, shape)) in shapes.iter().enumerate() {
+        let b = normal(shape.iter().product(), seed + k as u64);
+        ft.push(tensor(name, DType::F32, shape, change(k, &b)));
+        base.push(tensor(name, DType::F32, shape, b));
+    }
+    let (b, f) = (dir.join("b.safetensors"), dir.join("f.safetensors"));
+    write_single(&b, &base);
+    write_single(&f, &ft);
+    (b, f)
 }

@@ -158,20 +158,6 @@ fn relative_paths_combine_from_elsewhere() {
     assert!(adapter_bytes(&combined) == adapter_bytes(&root.join("whole")));
 }
 
-/// Copies a model folder; `keep_mtime` as `cp -p` does.
-fn copy_model(from: &Path, to: &Path, keep_mtime: bool) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let dst = to.join(e.file_name());
-        std::fs::copy(e.path(), &dst).unwrap();
-        if keep_mtime {
-            let mtime = e.metadata().unwrap().modified().unwrap();
-            let f = std::fs::File::options().write(true).open(&dst).unwrap();
-            f.set_modified(mtime).unwrap();
-        }
-    }
-}
-
 /// Parts computed on two machines that hold the models at different paths (copies that keep
 /// their mtimes) combine on a third, told where the models are with --base/--ft; a copy with
 /// new mtimes, or models that are not where the parts read them, are refused with the way out.
@@ -183,7 +169,7 @@ fn parts_from_different_mount_points_combine_with_base_and_ft() {
     synth_pair(&a, "shard-mounts", 128, 2);
     let b = root.join("node-b");
     for m in ["base", "ft"] {
-        copy_model(&a.join(m), &b.join(m), true);
+        common::copy_files(&a.join(m), &b.join(m), true);
     }
     let whole = root.join("whole");
     let o = extract(&a, &whole, &["--rank", "4"]);
@@ -217,7 +203,7 @@ fn parts_from_different_mount_points_combine_with_base_and_ft() {
     // A copy that did not keep the mtimes is not taken for the same files.
     let d = root.join("node-d");
     for m in ["base", "ft"] {
-        copy_model(&c.join(m), &d.join(m), false);
+        common::copy_files(&c.join(m), &d.join(m), false);
     }
     let (db, df) = (d.join("base"), d.join("ft"));
     let o = combine(

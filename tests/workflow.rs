@@ -426,14 +426,7 @@ fn merge_equals_base_plus_ba_to_the_dtype_rounding_in_the_base_layout() {
         // And the merged model is what verify expects of this adapter, to the dtype's rounding.
         let v = verify(&settings(&b, &out, &a)).unwrap();
         let limit = if dtype == DType::BF16 { 0.1 } else { 1e-5 };
-        assert!(
-            v.tensors
-                .iter()
-                .filter(|t| t.kind.starts_with("lora"))
-                .all(|t| t.rel_error_delta < limit),
-            "{:?}",
-            v.tensors
-        );
+        assert_lora_within(&v, limit, "");
         // Nothing outside the adapter differs between the base and the merged model.
         assert!(v.tensors.iter().all(|t| t.kind != "not-carried"));
     }
@@ -1095,14 +1088,7 @@ fn gpt2_conv1d_weights_get_fan_in_fan_out_factors() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v = verify(&settings(&b, &merged, &out)).unwrap();
-    assert!(
-        v.tensors
-            .iter()
-            .filter(|t| t.kind.starts_with("lora"))
-            .all(|t| t.rel_error_delta < 1e-5),
-        "{:?}",
-        v.tensors
-    );
+    assert_lora_within(&v, 1e-5, "");
 }
 
 /// Mixtral names: per-expert w1/w2/w3 and the router are ordinary targets; under --energy the

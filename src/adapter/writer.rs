@@ -19,7 +19,7 @@ use super::{
 };
 use crate::checkpoint::writer::{header_bytes, HeaderEntry};
 use crate::error::{Error, Result};
-use crate::staging::StagedOutput;
+use crate::staging::{write_synced, StagedOutput};
 
 pub struct AdapterWriter {
     // Fields drop in this order: the data file closes before `staged` removes its folder.
@@ -581,11 +581,4 @@ impl Sources {
             others: others.iter().map(|p| open(p)).collect::<Result<_>>()?,
         })
     }
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).map_err(|e| Error::io(path, "cannot create", e))?;
-    f.write_all(bytes)
-        .map_err(|e| Error::io(path, "cannot write", e))?;
-    f.sync_all().map_err(|e| Error::io(path, "cannot sync", e))
 }

@@ -270,6 +270,7 @@ fn write_all(
     let total = sh.plan.items.len();
     // Unchanged and resumed tensors count as done from the start.
     let mut count = total - queued;
+    let journal_data = journal.as_ref().map(|j| j.data_path());
     let copies: std::collections::HashMap<usize, usize> =
         sh.plan.tied_copies().into_iter().collect();
     // Each tensor a worker finished, then the tied lm_head derived from it, if any.
@@ -284,14 +285,14 @@ fn write_all(
         let item = &sh.plan.items[done.index];
         // The journal holds the factors' bytes: the adapter is written from there at commit,
         // not from a second copy.
-        let kept = match journal.as_mut() {
-            Some(j) if !sh.spectrum_only => j
+        let kept = match (journal.as_mut(), &journal_data) {
+            (Some(j), Some(data)) if !sh.spectrum_only => j
                 .record(&done)
-                .and_then(|at| stage_journaled(writer.as_mut(), &mut done, &j.data_path(), at)),
-            Some(j) => j
+                .and_then(|at| stage_journaled(writer.as_mut(), &mut done, data, at)),
+            (Some(j), _) => j
                 .record(&done)
                 .and_then(|_| stage(writer.as_mut(), &mut done, true)),
-            None => stage(writer.as_mut(), &mut done, sh.spectrum_only),
+            (None, _) => stage(writer.as_mut(), &mut done, sh.spectrum_only),
         };
         if let Err(e) = kept {
             // Workers stop taking tensors; the channel closes as they finish.

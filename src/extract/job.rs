@@ -118,10 +118,13 @@ pub(super) struct Finished {
     /// The leading singular values (spectrum-only runs).
     pub spectrum: Option<Vec<f32>>,
     /// A tensor written as it is: (key, dtype, shape, bytes) — a `lora_B.bias`.
-    pub extra: Option<(String, &'static str, Vec<usize>, Vec<u8>)>,
+    pub extra: Option<ExtraTensor>,
     pub stages: StageSeconds,
     pub flops: f64,
 }
+
+/// A tensor written as it is: key, dtype, shape, bytes.
+pub(super) type ExtraTensor = (String, &'static str, Vec<usize>, Vec<u8>);
 
 /// Encoded A and B, named as PEFT reads them.
 pub(super) struct FactorTensors {

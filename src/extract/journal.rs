@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::job::{FactorTensors, Finished};
+use super::job::{ExtraTensor, FactorTensors, Finished};
 use super::ExtractSettings;
 use crate::adapter::writer::ExpertPlace;
 use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
 use crate::report::TensorReport;
+use crate::staging::write_synced;
 
 pub const JOURNAL_DIR: &str = ".phlora-journal";
 const FINGERPRINT: &str = "inputs.json";
@@ -38,7 +39,7 @@ pub struct FileStamp {
     pub path: String,
     pub size: u64,
     pub mtime_ns: u128,
-    /// FNV-1a of the length prefix and the JSON header.
+    /// FNV-1a of a shard's length prefix and JSON header, or of a JSON file whole.
     pub header_hash: String,
 }
 
@@ -47,7 +48,8 @@ impl Fingerprint {
         let mut files = Vec::new();
         for ck in [base, ft] {
             for i in 0..ck.num_shards() {
-                files.push(stamp(ck.shard_path(i), ck.shard_bytes(i))?);
+                let bytes = ck.shard_bytes(i);
+                files.push(stamp(ck.shard_path(i), header_of(bytes))?);
             }
             for extra in ["config.json", crate::checkpoint::INDEX_FILE] {
                 let p = ck
@@ -109,25 +111,31 @@ impl Fingerprint {
     }
 }
 
-fn stamp(path: &Path, bytes: &[u8]) -> Result<FileStamp> {
+/// A safetensors file's length prefix and JSON header (what its fingerprint hashes: reading
+/// the tensors' bytes to hash them would cost a pass over the model).
+fn header_of(bytes: &[u8]) -> &[u8] {
+    let header_len = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .unwrap_or(0);
+    &bytes[..bytes.len().min(8usize.saturating_add(header_len))]
+}
+
+/// `path`'s size and mtime, and a hash of `hashed` (the header of a shard, a JSON file whole).
+fn stamp(path: &Path, hashed: &[u8]) -> Result<FileStamp> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "cannot stat", e))?;
     let mtime_ns = meta
         .modified()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
-    let header_len = bytes
-        .get(..8)
-        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
-        .unwrap_or(0);
-    let header = &bytes[..bytes.len().min(8usize.saturating_add(header_len))];
     // The absolute path: a part run from one folder is combined from another.
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     Ok(FileStamp {
         path: path.display().to_string(),
         size: meta.len(),
         mtime_ns,
-        header_hash: format!("{:016x}", fnv1a(header)),
+        header_hash: format!("{:016x}", fnv1a(hashed)),
     })
 }
 
@@ -182,6 +190,18 @@ fn checksum(parts: &[&[u8]]) -> u64 {
     (h ^ len).wrapping_mul(K) ^ (h >> 29)
 }
 
+/// A record's checksum, over its bytes in the order they are journaled: A, B, the extra tensor.
+fn record_sum(factors: Option<&FactorTensors>, extra: Option<&ExtraTensor>) -> String {
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(3);
+    if let Some(f) = factors {
+        parts.extend([f.a_bytes.as_slice(), f.b_bytes.as_slice()]);
+    }
+    if let Some((_, _, _, bytes)) = extra {
+        parts.push(bytes);
+    }
+    format!("{:016x}", checksum(&parts))
+}
+
 #[derive(Serialize, Deserialize)]
 struct FactorRecord {
     a_key: String,
@@ -210,6 +230,9 @@ pub struct Journal {
     data_len: u64,
     /// Records written by this process.
     written: usize,
+    /// Test hooks, read once: abort, or raise SIGINT, after this many records.
+    crash_after: Option<usize>,
+    interrupt_after: Option<usize>,
 }
 
 /// Fault injection for the resume tests, once this process has journaled N tensors:
@@ -303,6 +326,8 @@ impl Journal {
             data_len,
             dir,
             written: 0,
+            crash_after: fault_after("PHLORA_TEST_CRASH_AFTER"),
+            interrupt_after: fault_after("PHLORA_TEST_INTERRUPT_AFTER"),
         })
     }
 
@@ -314,7 +339,6 @@ impl Journal {
     /// Appends a finished tensor: its bytes, then the line that names them, each synced.
     /// Returns where its factors' bytes (A, B) now lie in [`data_path`](Self::data_path).
     pub fn record(&mut self, done: &Finished) -> Result<Option<FactorPlaces>> {
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(3);
         let mut put = |bytes: &[u8]| -> Result<(u64, u64)> {
             self.data
                 .write_all(bytes)
@@ -348,12 +372,6 @@ impl Journal {
         self.data
             .sync_data()
             .map_err(|e| Error::io(self.dir.join(DATA), "cannot sync the journal", e))?;
-        if let Some(f) = &done.factors {
-            parts.extend([f.a_bytes.as_slice(), f.b_bytes.as_slice()]);
-        }
-        if let Some((_, _, _, bytes)) = &done.extra {
-            parts.push(bytes);
-        }
         let places = factors.as_ref().map(|f| FactorPlaces { a: f.a, b: f.b });
         let rec = Record {
             index: done.index,
@@ -362,7 +380,7 @@ impl Journal {
             factors,
             extra,
             flops: done.flops,
-            sum: Some(format!("{:016x}", checksum(&parts))),
+            sum: Some(record_sum(done.factors.as_ref(), done.extra.as_ref())),
         };
         let mut line = serde_json::to_vec(&rec).expect("a record serializes");
         line.push(b'\n');
@@ -371,10 +389,10 @@ impl Journal {
             .and_then(|()| self.records.sync_data())
             .map_err(|e| Error::io(self.dir.join(RECORDS), "cannot write the journal", e))?;
         self.written += 1;
-        if fault_after("PHLORA_TEST_CRASH_AFTER").is_some_and(|n| self.written >= n) {
+        if self.crash_after.is_some_and(|n| self.written >= n) {
             std::process::abort();
         }
-        if fault_after("PHLORA_TEST_INTERRUPT_AFTER") == Some(self.written) {
+        if self.interrupt_after == Some(self.written) {
             // SAFETY: raise only delivers a signal to this process; its handler is installed.
             unsafe { libc::raise(libc::SIGINT) };
         }
@@ -488,17 +506,11 @@ impl Record {
             Some(x) => Some((x.key, dtype(&x.dtype)?, x.shape, read(x.at)?)),
             None => None,
         };
-        if let Some(sum) = &self.sum {
-            let mut parts: Vec<&[u8]> = Vec::with_capacity(3);
-            if let Some(f) = &factors {
-                parts.extend([f.a_bytes.as_slice(), f.b_bytes.as_slice()]);
-            }
-            if let Some((_, _, _, bytes)) = &extra {
-                parts.push(bytes);
-            }
-            if *sum != format!("{:016x}", checksum(&parts)) {
-                return Ok(None);
-            }
+        if self
+            .sum
+            .is_some_and(|sum| sum != record_sum(factors.as_ref(), extra.as_ref()))
+        {
+            return Ok(None);
         }
         let done = Finished {
             index: self.index,
@@ -512,11 +524,4 @@ impl Record {
         };
         Ok(Some((done, places)))
     }
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).map_err(|e| Error::io(path, "cannot create", e))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| Error::io(path, "cannot write", e))
 }

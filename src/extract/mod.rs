@@ -634,6 +634,8 @@ fn run<B: Backend>(
 /// embedding finished but which was not journaled itself is derived (and journaled) at the end.
 struct Resumed {
     by_index: Vec<Option<job::Finished>>,
+    /// The plan's (embedding, tied lm_head) pairs.
+    tied: Vec<(usize, usize)>,
     /// Tied lm_heads derived from their embeddings as those were read, by plan index.
     derived: Vec<(usize, job::Finished)>,
     data: std::path::PathBuf,
@@ -643,6 +645,7 @@ impl Resumed {
     fn new(plan: &Plan, out: &std::path::Path) -> Resumed {
         Resumed {
             by_index: (0..plan.items.len()).map(|_| None).collect(),
+            tied: plan.tied_copies(),
             derived: Vec::new(),
             data: journal::Journal::data_path_in(out),
         }
@@ -661,7 +664,7 @@ impl Resumed {
                 done.row.name
             )));
         }
-        for (source, copy) in plan.tied_copies() {
+        for &(source, copy) in &self.tied {
             if source == index {
                 self.derived
                     .push((copy, job::tied_copy(&done, copy, &plan.items[copy])));

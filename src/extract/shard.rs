@@ -109,7 +109,7 @@ pub(super) fn finish_part(
     let path = s.out.join(PART_FILE);
     let tmp = s.out.join(format!(".{PART_FILE}.tmp"));
     let text = serde_json::to_string_pretty(&marker).expect("a part marker serializes");
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, "cannot write", e))?;
+    crate::staging::write_synced(&tmp, text.as_bytes())?;
     std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "cannot move into place", e))?;
     Ok(PartReport {
         out: s.out.display().to_string(),

@@ -75,6 +75,7 @@ pub fn bench_sink(out: &Path, rank: usize, layers: usize) -> Result<SinkBench> {
     };
     let mut writer = AdapterWriter::create(out, true)?;
     let mut journal = Journal::start(out, &fingerprint)?;
+    let data = journal.data_path();
     let (mut journal_seconds, mut stage_seconds, mut bytes) = (0.0, 0.0, 0u64);
     for (index, (module, rows, cols)) in shapes.iter().enumerate() {
         let (a_len, b_len) = (rank * cols * 2, rows * rank * 2);
@@ -102,7 +103,7 @@ pub fn bench_sink(out: &Path, rank: usize, layers: usize) -> Result<SinkBench> {
         let at = journal.record(&done)?;
         journal_seconds += clock.elapsed().as_secs_f64();
         let clock = Instant::now();
-        super::engine::stage_journaled(Some(&mut writer), &mut done, &journal.data_path(), at)?;
+        super::engine::stage_journaled(Some(&mut writer), &mut done, &data, at)?;
         stage_seconds += clock.elapsed().as_secs_f64();
     }
     let clock = Instant::now();

@@ -215,6 +215,23 @@ pub fn phlora_cmd() -> std::process::Command {
     std::process::Command::new(bin)
 }
 
+/// Copies the files of a folder (not its subfolders) into `to`; `keep_mtime` as `cp -p` does.
+pub fn copy_files(from: &Path, to: &Path, keep_mtime: bool) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        if !e.path().is_file() {
+            continue;
+        }
+        let dst = to.join(e.file_name());
+        std::fs::copy(e.path(), &dst).unwrap();
+        if keep_mtime {
+            let mtime = e.metadata().unwrap().modified().unwrap();
+            let f = std::fs::File::options().write(true).open(&dst).unwrap();
+            f.set_modified(mtime).unwrap();
+        }
+    }
+}
+
 /// `phlora extract` of the pair ROOT/base, ROOT/ft into OUT on the CPU, quietly, with more
 /// arguments and environment variables.
 pub fn extract_pair(
@@ -304,6 +321,19 @@ pub fn merge_ok(base: &Path, adapter: &Path, out: &Path) {
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Every LoRA module in a verify report (`lora`, `lora-embedding`) reproduces its ΔW to `tol`
+/// relative error; the report is printed, after `what`, when one does not.
+pub fn assert_lora_within(v: &phlora::verify::VerifyReport, tol: f64, what: &str) {
+    assert!(
+        v.tensors
+            .iter()
+            .filter(|t| t.kind.starts_with("lora"))
+            .all(|t| t.rel_error_delta < tol),
+        "{what}: {:?}",
+        v.tensors
+    );
 }
 
 /// verify with no thresholds: every tensor's figures, for the test to judge.
