@@ -364,12 +364,15 @@ fn mixtral_per_expert_linears() {
     assert_lora_within(&v, 1e-2, "");
 }
 
-#[test]
-fn qwen2_moe_with_a_shared_expert() {
-    let (h, i, e) = (16, 12, 3);
-    let mut t = Vec::new();
-    llama_attention(&mut t, 0, h);
-    let mlp = "model.layers.0.mlp";
+/// A Qwen2-MoE-style MLP stored per expert: the router `gate` [E, H], then each expert's
+/// gate_proj, up_proj [I, H] and down_proj [H, I].
+fn per_expert_mlp(
+    t: &mut Vec<(String, Vec<usize>, Kind)>,
+    mlp: &str,
+    e: usize,
+    h: usize,
+    i: usize,
+) {
     t.push((format!("{mlp}.gate.weight"), vec![e, h], Kind::Linear));
     for x in 0..e {
         for (p, s) in [
@@ -384,6 +387,15 @@ fn qwen2_moe_with_a_shared_expert() {
             ));
         }
     }
+}
+
+#[test]
+fn qwen2_moe_with_a_shared_expert() {
+    let (h, i, e) = (16, 12, 3);
+    let mut t = Vec::new();
+    llama_attention(&mut t, 0, h);
+    let mlp = "model.layers.0.mlp";
+    per_expert_mlp(&mut t, mlp, e, h, i);
     for (p, s) in [
         ("gate_proj", [2 * i, h]),
         ("up_proj", [2 * i, h]),
@@ -799,20 +811,7 @@ fn per_expert_weights_fused_for_transformers_v5() {
     let mlp = "model.layers.0.mlp";
     let mut t = Vec::new();
     llama_attention(&mut t, 0, h);
-    t.push((format!("{mlp}.gate.weight"), vec![e, h], Kind::Linear));
-    for x in 0..e {
-        for (p, s) in [
-            ("gate_proj", [i, h]),
-            ("up_proj", [i, h]),
-            ("down_proj", [h, i]),
-        ] {
-            t.push((
-                format!("{mlp}.experts.{x}.{p}.weight"),
-                s.to_vec(),
-                Kind::Linear,
-            ));
-        }
-    }
+    per_expert_mlp(&mut t, mlp, e, h, i);
     for (p, s) in [("gate_proj", [i, h]), ("down_proj", [h, i])] {
         t.push((
             format!("{mlp}.shared_expert.{p}.weight"),
