@@ -132,11 +132,10 @@ impl ExtractArgs {
             })?),
         };
         let device = device_flag(&self.device)?;
-        if self.out == self.base || self.out == self.ft {
-            return Err(Error::Settings(
-                "--out must not be the base or fine-tune folder".into(),
-            ));
-        }
+        crate::outdir::ensure_not_input(
+            &self.out,
+            &[(&self.base, "base"), (&self.ft, "fine-tune")],
+        )?;
         if self.in_flight == Some(0) {
             return Err(Error::Settings("--in-flight must be at least 1".into()));
         }

@@ -45,6 +45,18 @@ pub enum Error {
     #[error("interrupted: {0}")]
     Interrupted(String),
 
+    /// Another run holds the output folder (its lock, `.phlora-lock`).
+    #[error("{out}: in use by another phlora run ({holder}): two runs on one folder would mix their files; wait for it to finish, or write elsewhere{hint}")]
+    Busy {
+        out: PathBuf,
+        holder: String,
+        hint: String,
+    },
+
+    /// stdout was closed by its reader (`| head`): the command ends quietly.
+    #[error("stdout closed")]
+    ClosedPipe,
+
     /// A disk or device error stopped the run; what was finished is journaled, and `hint`
     /// says how to go on. (Not a chained source, so that `{:#}` prints the cause once.)
     #[error("{error}\n{hint}")]

@@ -20,6 +20,7 @@ pub mod floor;
 pub mod interrupt;
 pub mod linalg;
 pub mod merge;
+pub mod outdir;
 pub mod plan;
 pub mod plot;
 pub mod report;

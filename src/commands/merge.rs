@@ -2,15 +2,10 @@ use std::process::ExitCode;
 
 use super::Ui;
 use crate::cli::MergeArgs;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::merge::{merge, MergeSettings};
 
 pub fn run(a: &MergeArgs, ui: Ui) -> Result<ExitCode> {
-    if a.out == a.base || a.out == a.adapter {
-        return Err(Error::Settings(
-            "--out must not be the base or the adapter folder".into(),
-        ));
-    }
     let report = merge(&MergeSettings {
         base: a.base.clone(),
         adapter: a.adapter.clone(),

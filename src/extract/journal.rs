@@ -233,13 +233,22 @@ pub struct Journal {
     /// Test hooks, read once: abort, or raise SIGINT, after this many records.
     crash_after: Option<usize>,
     interrupt_after: Option<usize>,
+    hold_after: Option<(usize, PathBuf)>,
 }
 
 /// Fault injection for the resume tests, once this process has journaled N tensors:
 /// `PHLORA_TEST_CRASH_AFTER=N` aborts it (as kill -9 would: no unwinding, no cleanup);
-/// `PHLORA_TEST_INTERRUPT_AFTER=N` sends it SIGINT (as Ctrl-C would).
+/// `PHLORA_TEST_INTERRUPT_AFTER=N` sends it SIGINT (as Ctrl-C would);
+/// `PHLORA_TEST_HOLD_AFTER=N:PATH` waits until PATH exists (at most a minute), so that a test
+/// can act while this run is midway (a second run on the same OUT).
 fn fault_after(var: &str) -> Option<usize> {
     std::env::var(var).ok().and_then(|v| v.parse().ok())
+}
+
+fn hold_after() -> Option<(usize, PathBuf)> {
+    let v = std::env::var("PHLORA_TEST_HOLD_AFTER").ok()?;
+    let (n, path) = v.split_once(':')?;
+    Some((n.parse().ok()?, PathBuf::from(path)))
 }
 
 impl Journal {
@@ -328,6 +337,7 @@ impl Journal {
             written: 0,
             crash_after: fault_after("PHLORA_TEST_CRASH_AFTER"),
             interrupt_after: fault_after("PHLORA_TEST_INTERRUPT_AFTER"),
+            hold_after: hold_after(),
         })
     }
 
@@ -395,6 +405,12 @@ impl Journal {
         if self.interrupt_after == Some(self.written) {
             // SAFETY: raise only delivers a signal to this process; its handler is installed.
             unsafe { libc::raise(libc::SIGINT) };
+        }
+        if let Some((_, go)) = self.hold_after.as_ref().filter(|h| h.0 == self.written) {
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while !go.exists() && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
         Ok(places)
     }

@@ -241,8 +241,11 @@ enum Ran {
 }
 
 fn extract_any(s: &ExtractSettings) -> Result<Ran> {
+    crate::outdir::ensure_not_input(&s.out, &[(&s.base, "base"), (&s.ft, "fine-tune")])?;
+    // Held to the end: a second run on OUT (a requeued task, a --resume while this one
+    // runs) is refused before it touches anything. An OUT it created goes again if empty.
+    let _lock = crate::outdir::OutLock::acquire(&s.out, "extract")?;
     let (base, ft, plan) = open_pair(s)?;
-    let out_existed = s.out.exists();
     // Set once this run holds a journal (a refused --resume leaves the old one alone).
     let mut journal_held = false;
     let result = match backend::resolve_workers(&s.worker_request())? {
@@ -263,9 +266,6 @@ fn extract_any(s: &ExtractSettings) -> Result<Ran> {
         }
         Err(e) if journal_held && !matches!(e, Error::Interrupted(_)) => {
             journal::Journal::discard(&s.out);
-            if !out_existed {
-                let _ = std::fs::remove_dir(&s.out); // only if empty
-            }
             Err(e)
         }
         other => other,

@@ -154,6 +154,14 @@ pub struct CombineOptions {
 /// Joins the parts in `dirs` (shards 1..N of one run) into the adapter at `out`.
 pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result<RunReport> {
     let started = Instant::now();
+    let parts: Vec<(&Path, &str)> = dirs.iter().map(|d| (d.as_path(), "part")).collect();
+    crate::outdir::ensure_not_input(out, &parts)?;
+    // Every part, then OUT: a shard run still writing a part (a requeued task) would change
+    // the factors the adapter is written from.
+    let _part_locks = dirs
+        .iter()
+        .map(|d| crate::outdir::OutLock::acquire(d, "combine"))
+        .collect::<Result<Vec<_>>>()?;
     let mut markers = Vec::new();
     for d in dirs {
         let path = d.join(PART_FILE);
@@ -223,6 +231,8 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
             ));
         }
     }
+    crate::outdir::ensure_not_input(out, &[(&s.base, "base"), (&s.ft, "fine-tune")])?;
+    let _lock = crate::outdir::OutLock::acquire(out, "combine")?;
     let (base, ft, plan) = super::open_pair(&s)?;
     let mut now = Fingerprint::of(&s, &base, &ft)?;
     now.shard = first.fingerprint.shard;

@@ -81,6 +81,8 @@ fn is_other_weights(name: &str) -> bool {
 
 pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
     let started = Instant::now();
+    crate::outdir::ensure_not_input(&s.out, &[(&s.base, "base"), (&s.adapter, "adapter")])?;
+    let _lock = crate::outdir::OutLock::acquire(&s.out, "merge")?;
     let base = Checkpoint::open(&s.base)?;
     let mut adapter = Adapter::open(&s.adapter)?;
     adapter.set_experts_layout(crate::plan::experts_in_out(base.config()));

@@ -1,0 +1,205 @@
+//! What phlora promises under concurrency, signals, closed pipes and hostile files
+//! (docs/guarantees.md), each case met as a user meets it: through the binary. Every test here
+//! failed before the fix it names.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Waits (at most a minute) until `done` holds.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let until = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn journaled(out: &Path) -> usize {
+    std::fs::read_to_string(out.join(".phlora-journal/tensors.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+/// A small synth pair in ROOT, and the adapter an undisturbed run writes of it (ROOT/whole).
+fn pair_and_reference(root: &Path, tag: &str) -> Vec<u8> {
+    common::synth_pair(root, tag, 64, 2);
+    let whole = root.join("whole");
+    let o = common::extract_pair(root, &whole, &["--rank", "8"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    common::adapter_bytes(&whole)
+}
+
+fn extract_cmd(root: &Path, out: &Path, extra: &[&str]) -> std::process::Command {
+    let mut cmd = common::phlora_cmd();
+    cmd.arg("extract")
+        .arg("--base")
+        .arg(root.join("base"))
+        .arg("--ft")
+        .arg(root.join("ft"))
+        .arg("--out")
+        .arg(out)
+        .args(["--device", "cpu", "--rank", "8"])
+        .args(extra);
+    cmd
+}
+
+/// Issue 15 case 1: a second run on an OUT another run holds — `--resume`, `--force` or plain
+/// — exits with an error naming the holder, touches nothing, and the first run's adapter is
+/// the undisturbed one (before: 48 of 69 tensors had wrong factors, with exit 0).
+#[test]
+fn a_second_run_on_a_busy_out_is_refused_and_the_first_is_unharmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let reference = pair_and_reference(root, "lock-busy");
+    let (out, go) = (root.join("out"), root.join("go"));
+    let mut first = extract_cmd(root, &out, &["--quiet"])
+        .env("PHLORA_TEST_HOLD_AFTER", format!("1:{}", go.display()))
+        .spawn()
+        .unwrap();
+    wait_until("the first run's first record", || journaled(&out) >= 1);
+    for extra in [&["--resume"][..], &["--force"], &[]] {
+        let o = common::extract_pair(root, &out, &[&["--rank", "8"][..], extra].concat(), &[]);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{extra:?} ran: {err}");
+        assert!(
+            err.contains("in use by another phlora run")
+                && err.contains(&format!("pid {}", first.id())),
+            "{extra:?}: {err}"
+        );
+    }
+    std::fs::write(&go, b"").unwrap();
+    assert!(first.wait().unwrap().success());
+    assert!(
+        common::adapter_bytes(&out) == reference,
+        "the first run's adapter was disturbed"
+    );
+    assert!(!out.join(".phlora-lock").exists(), "the lock is released");
+}
+
+/// Issue 15 (deliver): a lock left by a run killed with kill -9 (abort: no cleanup) is taken
+/// over by the next run, which says so, and the resumed adapter is the undisturbed one.
+#[test]
+fn a_stale_lock_from_a_killed_run_is_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let reference = pair_and_reference(root, "lock-stale");
+    let out = root.join("out");
+    let o = common::extract_pair(
+        root,
+        &out,
+        &["--rank", "8"],
+        &[("PHLORA_TEST_CRASH_AFTER", "2")],
+    );
+    assert!(!o.status.success());
+    let lock = std::fs::read_to_string(out.join(".phlora-lock")).unwrap();
+    assert!(
+        lock.contains("\"pid\""),
+        "the killed run's lock is left: {lock}"
+    );
+    let o = extract_cmd(root, &out, &["--resume"]).output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("taking over the lock left by") && err.contains("which is gone"),
+        "{err}"
+    );
+    assert!(common::adapter_bytes(&out) == reference);
+}
+
+/// Issue 15 case 7: `--out` naming an input folder by another spelling (absolute, a symlink,
+/// `base/x/..`, the folder of a single-file base) is refused before anything is written; the
+/// guard compared path text before, and `merge --force` replaced the base.
+#[test]
+fn an_output_that_is_an_input_by_another_spelling_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    common::synth_pair(root, "same-folder", 64, 1);
+    let adapter = root.join("adapter");
+    let o = common::extract_pair(root, &adapter, &["--rank", "4"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let base = root.join("base");
+    std::os::unix::fs::symlink(&base, root.join("link")).unwrap();
+    let listing = |p: &Path| {
+        let mut v: Vec<(PathBuf, u64)> = std::fs::read_dir(p)
+            .unwrap()
+            .flatten()
+            .map(|e| (e.path(), e.metadata().unwrap().len()))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(&base);
+    let spellings = [
+        std::fs::canonicalize(&base).unwrap(),
+        root.join("link"),
+        base.join("x/.."),
+        base.join("./"),
+    ];
+    for out in &spellings {
+        let o = common::phlora(&[
+            "merge",
+            "--base",
+            base.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--force",
+        ]);
+        let err = stderr(&o);
+        assert!(
+            !o.status.success() && err.contains("is the base folder"),
+            "merge {out:?}: {err}"
+        );
+        let o = common::extract_pair(root, out, &["--rank", "4", "--force"], &[]);
+        let err = stderr(&o);
+        assert!(
+            !o.status.success() && err.contains("is the base folder"),
+            "extract {out:?}: {err}"
+        );
+    }
+    let o = common::phlora(&[
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        adapter.join("x/..").to_str().unwrap(),
+    ]);
+    assert!(
+        stderr(&o).contains("is the adapter folder"),
+        "{}",
+        stderr(&o)
+    );
+    // A single-file base: its folder is the input folder.
+    let single = root.join("single");
+    std::fs::create_dir(&single).unwrap();
+    let shard = std::fs::read_dir(&base)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .unwrap()
+        .path();
+    std::fs::copy(&shard, single.join("model.safetensors")).unwrap();
+    let o = common::phlora(&[
+        "merge",
+        "--base",
+        single.join("model.safetensors").to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        single.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(stderr(&o).contains("is the base folder"), "{}", stderr(&o));
+    assert_eq!(listing(&base), before, "the base folder was written");
+    assert!(!base.join("x").exists());
+}
