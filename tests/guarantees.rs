@@ -203,3 +203,86 @@ fn an_output_that_is_an_input_by_another_spelling_is_refused() {
     assert_eq!(listing(&base), before, "the base folder was written");
     assert!(!base.join("x").exists());
 }
+
+/// Appends a copy of line `n` (from 0) of a journal's records to their end.
+fn duplicate_record(out: &Path, n: usize) {
+    let path = out.join(".phlora-journal/tensors.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let line = text.lines().nth(n).unwrap().to_string();
+    std::fs::write(&path, format!("{text}{line}\n")).unwrap();
+}
+
+/// Issue 15 case 2: a duplicated journal line made `--resume` write an adapter whose
+/// safetensors offsets overlap, with exit 0. The records are now checked as a set (each tensor
+/// once, byte ranges tiling the data file): the duplicate and what follows are computed again.
+#[test]
+fn a_duplicated_journal_record_is_computed_again_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let reference = pair_and_reference(root, "dup-resume");
+    let out = root.join("out");
+    let o = common::extract_pair(
+        root,
+        &out,
+        &["--rank", "8"],
+        &[("PHLORA_TEST_CRASH_AFTER", "4")],
+    );
+    assert!(!o.status.success());
+    duplicate_record(&out, 1);
+    let o = extract_cmd(root, &out, &["--resume"]).output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("a second time"), "{err}");
+    assert!(common::adapter_bytes(&out) == reference);
+}
+
+/// Issue 15 case 2, for `combine`: a part with a duplicated record is refused (a finished
+/// part has no torn tail to recompute), and OUT holds no adapter.
+#[test]
+fn a_part_with_a_duplicated_record_is_refused_by_combine() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    common::synth_pair(root, "dup-combine", 64, 2);
+    let parts: Vec<PathBuf> = (1..=2).map(|i| root.join(format!("part{i}"))).collect();
+    for (i, part) in parts.iter().enumerate() {
+        let shard = format!("{}/2", i + 1);
+        let o = common::extract_pair(root, part, &["--rank", "8", "--shard", &shard], &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    duplicate_record(&parts[1], 0);
+    let combined = root.join("combined");
+    let o = common::phlora(&[
+        "combine",
+        "--out",
+        combined.to_str().unwrap(),
+        parts[0].to_str().unwrap(),
+        parts[1].to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("a second time") && err.contains("part is damaged"),
+        "{err}"
+    );
+    assert!(!combined.join("adapter_config.json").exists());
+    assert!(!combined.join("adapter_model.safetensors").exists());
+    // Another part's journal, whole and sound, in this part (a part copied over another):
+    // its tensors are not this shard's, and would be staged twice.
+    for f in ["tensors.jsonl", "tensors.bin"] {
+        let j = |p: &Path| p.join(".phlora-journal").join(f);
+        std::fs::copy(j(&parts[0]), j(&parts[1])).unwrap();
+    }
+    let o = common::phlora(&[
+        "combine",
+        "--out",
+        combined.to_str().unwrap(),
+        parts[0].to_str().unwrap(),
+        parts[1].to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.contains("not this part's"),
+        "{err}"
+    );
+    assert!(!combined.join("adapter_config.json").exists());
+}

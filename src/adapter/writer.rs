@@ -270,6 +270,16 @@ impl AdapterWriter {
             .iter()
             .map(|o| self.final_entry(o, pad_to))
             .collect();
+        // Two tensors of one name would give the file overlapping entries: whatever path
+        // staged them, that is a bug, and no such file is written.
+        let mut names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::Settings(format!(
+                "internal error: tensor `{}` was staged twice; no adapter is written",
+                w[0]
+            )));
+        }
         let shards = split_into_shards(&entries, max_shard_bytes);
         let mut src = Sources::open(&self.data_path, &self.sources)?;
         let mut weights: Vec<PathBuf> = Vec::with_capacity(shards.len() + 1);
@@ -580,5 +590,24 @@ impl Sources {
             staging: open(staging)?,
             others: others.iter().map(|p| open(p)).collect::<Result<_>>()?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tensor_staged_twice_writes_no_adapter() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let mut w = AdapterWriter::create(&out, false).unwrap();
+        for order in [0, 1] {
+            w.add(order, "t".into(), "F32", vec![1], &[0, 0, 128, 63])
+                .unwrap();
+        }
+        let e = w.commit("{}", "{}", &|_| None, None).unwrap_err();
+        assert!(e.to_string().contains("staged twice"), "{e}");
+        assert!(!out.join(MODEL_FILE).exists() && !out.join(CONFIG_FILE).exists());
     }
 }

@@ -295,7 +295,7 @@ impl Journal {
                 ),
             ));
         }
-        let (good_bytes, good_data) = read_records(&dir, each)?;
+        let (good_bytes, good_data) = read_records(&dir, OnBad::Recompute, each)?;
         // Drop whatever follows the last whole record, then append after it.
         let records = OpenOptions::new()
             .write(true)
@@ -307,10 +307,10 @@ impl Journal {
         Self::open(dir, good_data)
     }
 
-    /// The finished tensors of the journal in `out` (a shard's part), read only and handed to
-    /// `each` one at a time.
+    /// The finished tensors of the journal in `out` (a shard's finished part), read only and
+    /// handed to `each` one at a time; a part with any record that does not hold is refused.
     pub fn read(out: &Path, each: impl FnMut(Journaled) -> Result<()>) -> Result<()> {
-        read_records(&Self::dir(out), each).map(|_| ())
+        read_records(&Self::dir(out), OnBad::Refuse, each).map(|_| ())
     }
 
     /// The data file of the journal in `out` (what [`FactorPlaces`] point into).
@@ -426,49 +426,121 @@ impl Journal {
     }
 }
 
-/// Hands the whole records of a journal folder to `each`, in order, and says where they end
-/// (in the records file, in the data file); a torn last record is left out.
-fn read_records(dir: &Path, mut each: impl FnMut(Journaled) -> Result<()>) -> Result<(u64, u64)> {
+/// What a record that does not hold means: the interrupted run's torn or damaged tail, to be
+/// computed again (resume); or a damaged part, refused (combine: a finished part has no tail).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OnBad {
+    Recompute,
+    Refuse,
+}
+
+/// Hands the records of a journal folder to `each`, in order, and says where the good ones end
+/// (in the records file, in the data file). The records must hold as a set, not only one by
+/// one: each tensor once, and their byte ranges tiling the data file from its start in the
+/// order they were appended — so a duplicated or replayed line can never place two tensors'
+/// bytes over each other in an adapter.
+fn read_records(
+    dir: &Path,
+    on_bad: OnBad,
+    mut each: impl FnMut(Journaled) -> Result<()>,
+) -> Result<(u64, u64)> {
+    let records = dir.join(RECORDS);
     let mut data = File::open(dir.join(DATA))
         .map_err(|e| Error::io(dir.join(DATA), "cannot open the journal", e))?;
     let data_len = data
         .metadata()
         .map_err(|e| Error::io(dir.join(DATA), "cannot stat", e))?
         .len();
-    let lines = File::open(dir.join(RECORDS))
-        .map_err(|e| Error::io(dir.join(RECORDS), "cannot open the journal", e))?;
+    let lines =
+        File::open(&records).map_err(|e| Error::io(&records, "cannot open the journal", e))?;
     let (mut good_bytes, mut good_data) = (0u64, 0u64);
-    for line in BufReader::new(lines).split(b'\n') {
+    let mut seen = std::collections::HashSet::new();
+    for (n, line) in BufReader::new(lines).split(b'\n').enumerate() {
         let Ok(line) = line else { break };
-        let Ok(rec) = serde_json::from_slice::<Record>(&line) else {
-            break; // a torn last record
+        let problem = match serde_json::from_slice::<Record>(&line) {
+            Err(_) => Some("is torn or not a record".to_string()),
+            Ok(rec) => match rec.check_set(good_data, data_len, &seen) {
+                Some(p) => Some(p),
+                None => {
+                    let (index, end) = (rec.index, rec.data_end(good_data));
+                    match rec.load(&mut data, dir)? {
+                        Some(done) => {
+                            seen.insert(index);
+                            each(done)?;
+                            good_bytes += line.len() as u64 + 1;
+                            good_data = end;
+                            continue;
+                        }
+                        None => Some(format!("(tensor #{index}) has byte ranges, sizes or a checksum that do not hold")),
+                    }
+                }
+            },
         };
-        let end = rec.data_end();
-        if end > data_len {
-            break;
-        }
-        let index = rec.index;
-        match rec.load(&mut data, dir)? {
-            Some(done) => each(done)?,
-            None => {
+        let problem = problem.unwrap_or_default();
+        match on_bad {
+            OnBad::Recompute => {
                 tracing::warn!(
-                    "{}: the record of tensor #{index} is corrupt (its byte ranges, sizes or checksum do not hold); it and the records after it are computed again",
-                    dir.join(RECORDS).display()
+                    "{}: record {} {problem}; it and the records after it are computed again",
+                    records.display(),
+                    n + 1
                 );
                 break;
             }
+            OnBad::Refuse => {
+                return Err(Error::checkpoint(
+                    &records,
+                    format!("record {} {problem}: this part is damaged; run its shard again (extract --shard … --force)", n + 1),
+                ));
+            }
         }
-        good_bytes += line.len() as u64 + 1;
-        good_data = good_data.max(end);
     }
     Ok((good_bytes, good_data))
 }
 
 impl Record {
-    fn data_end(&self) -> u64 {
-        let f = self.factors.as_ref().map_or(0, |f| f.a.1.max(f.b.1));
-        let e = self.extra.as_ref().map_or(0, |x| x.at.1);
-        f.max(e)
+    /// The record's byte ranges in the order they were appended: A, B, the extra tensor.
+    fn ranges(&self) -> Vec<(u64, u64)> {
+        let mut r: Vec<(u64, u64)> = self.factors.iter().flat_map(|f| [f.a, f.b]).collect();
+        r.extend(self.extra.iter().map(|x| x.at));
+        r
+    }
+
+    /// Where the data file's good bytes end after this record, which follows bytes up to `from`.
+    fn data_end(&self, from: u64) -> u64 {
+        self.ranges().last().map_or(from, |r| r.1)
+    }
+
+    /// What is wrong with this record as the next of the set: a tensor already recorded, or
+    /// byte ranges that do not continue the data file where the last record ended (or run past
+    /// its end: torn).
+    fn check_set(
+        &self,
+        from: u64,
+        data_len: u64,
+        seen: &std::collections::HashSet<usize>,
+    ) -> Option<String> {
+        if seen.contains(&self.index) {
+            return Some(format!(
+                "records tensor #{} `{}` a second time",
+                self.index, self.row.name
+            ));
+        }
+        let mut at = from;
+        for (start, end) in self.ranges() {
+            if start != at || end < start {
+                return Some(format!(
+                    "(tensor #{} `{}`) has bytes {start}..{end} where the journal's next bytes start at {at}",
+                    self.index, self.row.name
+                ));
+            }
+            at = end;
+        }
+        (at > data_len).then(|| {
+            format!(
+                "(tensor #{}) runs past the end of the data file (torn)",
+                self.index
+            )
+        })
     }
 
     /// The finished tensor, or None when the record does not hold together (a range that is

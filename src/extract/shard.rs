@@ -252,14 +252,23 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
     // in the parts' journals (the adapter is written from there), not in memory.
     let mut writer = AdapterWriter::create(out, options.overwrite)?;
     let mut finished: Vec<Option<job::Finished>> = (0..plan.items.len()).map(|_| None).collect();
-    for (d, _) in &markers {
+    let owner = assignment(&plan, count);
+    for (d, m) in &markers {
         let data = Journal::data_path_in(d);
+        let journal = d.join(super::journal::JOURNAL_DIR);
         Journal::read(d, |(mut done, at)| {
             let i = done.index;
+            let refuse = |why: String| Err(Error::checkpoint(&journal, why));
             if i >= plan.items.len() || plan.items[i].name != done.row.name {
-                return Err(Error::checkpoint(
-                    d.join(super::journal::JOURNAL_DIR),
-                    format!("tensor #{i} `{}` is not the plan's", done.row.name),
+                return refuse(format!("tensor #{i} `{}` is not the plan's", done.row.name));
+            }
+            // Each tensor comes from the one part that computes it, once.
+            if owner[i] != Some(m.shard.index - 1) || finished[i].is_some() {
+                return refuse(format!(
+                    "holds `{}`, which is shard {}/{count}'s and not this part's (shard {}/{count}): a part copied over another?",
+                    done.row.name,
+                    owner[i].map_or(0, |k| k + 1),
+                    m.shard.index
                 ));
             }
             engine::stage_journaled(Some(&mut writer), &mut done, &data, at)?;
@@ -267,7 +276,6 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
             Ok(())
         })?;
     }
-    let owner = assignment(&plan, count);
     if let Some(i) = (0..plan.items.len()).find(|&i| owner[i].is_some() && finished[i].is_none()) {
         return Err(Error::Settings(format!(
             "combine: `{}` is missing from shard {}/{count}'s part",
