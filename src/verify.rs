@@ -84,7 +84,10 @@ struct Sums {
     ff: f64,
     mm: f64,
     mf: f64,
+    /// Values where the base or the fine-tune is NaN or Inf.
     nonfinite: usize,
+    /// Values where the pair is finite but the adapter's update is not (it overflows).
+    nonfinite_update: usize,
 }
 
 impl Sums {
@@ -98,6 +101,7 @@ impl Sums {
             mm: self.mm + o.mm,
             mf: self.mf + o.mf,
             nonfinite: self.nonfinite + o.nonfinite,
+            nonfinite_update: self.nonfinite_update + o.nonfinite_update,
         }
     }
 }
@@ -204,8 +208,12 @@ fn compare(base: BaseSide<'_>, ft: &Checkpoint, ftt: &TensorEntry, update: &RowU
                 let hv = h.as_ref().map_or(0.0, |h| f64::from(h[i]));
                 let m = f64::from(wb[i]) + hv;
                 let f = f64::from(wf[i]);
-                if !(d.is_finite() && m.is_finite()) {
+                if !d.is_finite() {
                     s.nonfinite += 1;
+                    continue;
+                }
+                if !m.is_finite() {
+                    s.nonfinite_update += 1;
                     continue;
                 }
                 s.dd += d * d;
@@ -372,12 +380,32 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
                 ft.path_of(ftt),
                 &ftt_name,
                 format!(
-                    "{} NaN or Inf values in the weights or the update",
+                    "{} NaN or Inf values in the base's or the fine-tune's weights",
                     sums.nonfinite
                 ),
             ));
         }
         let lora = lora.or(part.map(|p| p.0));
+        if sums.nonfinite_update > 0 {
+            // The adapter's own tensors are finite (checked when it was opened): its update
+            // overflows.
+            let culprit = lora
+                .map(|m| &m.b)
+                .or(bias_of.and_then(|m| m.bias.as_ref()))
+                .or(whole);
+            let (path, key) = culprit.map_or_else(
+                || (adapter.dir.clone(), ftt_name.clone()),
+                |t| (adapter.file.path_of(t).to_path_buf(), t.name.clone()),
+            );
+            return Err(Error::tensor(
+                path,
+                key,
+                format!(
+                    "its update makes {} values of `{ftt_name}` NaN or Inf (too large: lora_alpha, or factors whose product overflows)",
+                    sums.nonfinite_update
+                ),
+            ));
+        }
         let kind = match (lora, whole) {
             _ if bias_of.is_some() => "lora-bias",
             (Some(m), _) if m.embedding => "lora-embedding",

@@ -286,3 +286,112 @@ fn a_part_with_a_duplicated_record_is_refused_by_combine() {
     );
     assert!(!combined.join("adapter_config.json").exists());
 }
+
+/// Sets elements of tensor `key` in a safetensors file to `value` (in the tensor's dtype).
+fn poke(file: &Path, key: &str, elements: std::ops::Range<usize>, value: f32) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let (header_len, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let info = meta.info(key).unwrap_or_else(|| panic!("no {key}"));
+    let dtype = phlora::checkpoint::DType::from_safetensors(info.dtype).unwrap();
+    let mut v = Vec::new();
+    phlora::checkpoint::dtype::encode_into(dtype, &[value], &mut v);
+    for e in elements {
+        let at = 8 + header_len + info.data_offsets.0 + e * v.len();
+        bytes[at..at + v.len()].copy_from_slice(&v);
+    }
+    std::fs::write(file, bytes).unwrap();
+}
+
+fn merge_into(base: &Path, adapter: &Path, out: &Path) -> Output {
+    common::phlora(&[
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
+fn verify_cmd(root: &Path, adapter: &Path) -> Output {
+    common::phlora(&[
+        "verify",
+        "--base",
+        root.join("base").to_str().unwrap(),
+        "--ft",
+        root.join("ft").to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+    ])
+}
+
+/// Issue 15 case 3: merge wrote NaN/Inf into the merged checkpoint with exit 0 (one NaN in a
+/// lora_B, `lora_alpha: 1e308`, factors whose product overflows), and verify blamed the
+/// fine-tune's file. Now both refuse, naming the adapter's tensor or config, and merge leaves
+/// no checkpoint.
+#[test]
+fn non_finite_updates_are_refused_naming_the_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    common::synth_pair(root, "nan", 64, 1);
+    let clean = root.join("clean");
+    let o = common::extract_pair(root, &clean, &["--rank", "4"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+    let a_key = key.replace("lora_B", "lora_A");
+    let base = root.join("base");
+    let cases: [(&str, &dyn Fn(&Path), &str); 3] = [
+        (
+            "nan",
+            &|ad| poke(&ad.join("adapter_model.safetensors"), key, 5..6, f32::NAN),
+            key,
+        ),
+        (
+            "alpha",
+            &|ad| {
+                let p = ad.join("adapter_config.json");
+                let text = std::fs::read_to_string(&p).unwrap();
+                let mut c: serde_json::Value = serde_json::from_str(&text).unwrap();
+                c["lora_alpha"] = serde_json::json!(1e308);
+                std::fs::write(&p, c.to_string()).unwrap();
+            },
+            "adapter_config.json",
+        ),
+        (
+            "overflow",
+            &|ad| {
+                let f = ad.join("adapter_model.safetensors");
+                poke(&f, key, 0..4, 1e30);
+                poke(&f, &a_key, 0..64, 1e30);
+            },
+            key,
+        ),
+    ];
+    for (name, damage, blamed) in cases {
+        let adapter = root.join(name);
+        common::copy_files(&clean, &adapter, false);
+        damage(&adapter);
+        let out = root.join(format!("merged-{name}"));
+        let o = merge_into(&base, &adapter, &out);
+        let err = stderr(&o);
+        assert!(
+            !o.status.success() && err.contains(blamed),
+            "merge {name}: {err}"
+        );
+        assert!(
+            !out.join("config.json").exists() && !out.join("model.safetensors.index.json").exists(),
+            "{name}: a merged checkpoint was published"
+        );
+        let o = verify_cmd(root, &adapter);
+        let err = stderr(&o);
+        assert!(
+            !o.status.success() && err.contains(blamed),
+            "verify {name}: {err}"
+        );
+        assert!(
+            !err.contains("/ft/"),
+            "verify {name} blames the fine-tune: {err}"
+        );
+    }
+}

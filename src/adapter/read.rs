@@ -303,6 +303,11 @@ impl Adapter {
             } else {
                 alpha / rank as f64
             };
+            if !(scaling as f32).is_finite() {
+                return Err(bad(format!(
+                    "lora_alpha {alpha} gives `{module}` a scaling of {scaling:e}, beyond what f32 holds: its update would be Inf"
+                )));
+            }
             // PEFT applies fan_in_fan_out to Conv1D layers only (it turns it off, with a
             // warning, for an nn.Linear such as GPT-2's lm_head).
             let conv1d = crate::plan::is_conv1d_module(&module);
@@ -351,6 +356,10 @@ impl Adapter {
                 "has a lora_B.bias but no LoRA factors",
             ));
         }
+        let added = open_added(dir)?;
+        for ck in std::iter::once(&file).chain(added.as_ref()) {
+            refuse_non_finite(ck)?;
+        }
         Ok(Adapter {
             dir: dir.to_path_buf(),
             file,
@@ -359,7 +368,7 @@ impl Adapter {
             r,
             lora_alpha,
             use_rslora: raw.use_rslora,
-            added: open_added(dir)?,
+            added,
         })
     }
 
@@ -463,6 +472,26 @@ impl Adapter {
             slice.to_vec()
         }
     }
+}
+
+/// An adapter tensor with a NaN or Inf would put it into every weight it updates: refused
+/// when the adapter is opened, by its key (one pass over the adapter's bytes, not decoded).
+fn refuse_non_finite(ck: &Checkpoint) -> Result<()> {
+    for t in ck.tensors() {
+        let Some(dtype) = t.float_dtype() else {
+            continue;
+        };
+        if let Some(i) = crate::checkpoint::dtype::first_non_finite(dtype, ck.bytes(t)) {
+            return Err(Error::tensor(
+                ck.path_of(t),
+                &t.name,
+                format!(
+                    "holds NaN or Inf (element {i}): this adapter would write it into the model"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `added_tokens.safetensors` beside the adapter, if there is one.

@@ -101,6 +101,22 @@ pub fn encode_into(dtype: DType, values: &[f32], out: &mut Vec<u8>) {
     }
 }
 
+/// The first element of `bytes` (little-endian `dtype`) that is NaN or ±Inf: an all-ones
+/// exponent, read from the bits without decoding.
+pub fn first_non_finite(dtype: DType, bytes: &[u8]) -> Option<usize> {
+    match dtype {
+        DType::F32 => bytes.chunks_exact(4).position(|c| {
+            u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000
+        }),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
+    }
+}
+
 /// Rounds a value through `dtype` and back, as a reader of the written file will see it.
 pub fn round_trip(dtype: DType, v: f32) -> f32 {
     match dtype {
@@ -136,6 +152,34 @@ mod tests {
                 assert!((v - o).abs() <= tol, "{dtype}: {v} -> {o}");
             }
         }
+    }
+
+    #[test]
+    fn non_finite_values_are_found_in_every_dtype() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let max = round_trip(
+                dtype,
+                if dtype == DType::F16 {
+                    65504.0
+                } else {
+                    f32::MAX
+                },
+            );
+            for (bad, at) in [(f32::NAN, 2), (f32::INFINITY, 0), (f32::NEG_INFINITY, 3)] {
+                let mut v = vec![1.0, -max, max, 0.0];
+                v[at] = bad;
+                let mut bytes = Vec::new();
+                encode_into(dtype, &v, &mut bytes);
+                assert_eq!(first_non_finite(dtype, &bytes), Some(at), "{dtype} {bad}");
+            }
+            let mut bytes = Vec::new();
+            encode_into(dtype, &[1.0, -max, max, 0.0], &mut bytes);
+            assert_eq!(first_non_finite(dtype, &bytes), None, "{dtype}");
+        }
+        // Beyond f16's range rounds to Inf: found after encoding.
+        let mut bytes = Vec::new();
+        encode_into(DType::F16, &[70000.0], &mut bytes);
+        assert_eq!(first_non_finite(DType::F16, &bytes), Some(0));
     }
 
     #[test]

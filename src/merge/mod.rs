@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::adapter::read::{update_rows, Adapter, LoraModule};
-use crate::checkpoint::dtype::{decode_into, encode_into};
+use crate::checkpoint::dtype::{decode_into, encode_into, first_non_finite};
 use crate::checkpoint::{stacked_rows, Checkpoint, TensorEntry, INDEX_FILE};
 use crate::error::{Error, Result};
 use crate::staging::StagedOutput;
@@ -438,14 +438,16 @@ fn write_shard(
     }
     for t in changed {
         write(&src[at..t.start])?;
-        match changes[t.name.as_str()] {
-            Change::Lora(m) => merged_tensor(base, adapter, t, m, &mut write)?,
+        let change = &changes[t.name.as_str()];
+        let mut put = checked(base, t, culprit(adapter, change), &mut write);
+        match *change {
+            Change::Lora(m) => merged_tensor(base, adapter, t, m, &mut put)?,
             Change::Grown(m, added) => {
                 let file = adapter.added.as_ref().expect("grown by the added rows");
                 let rows = t.shape[0] + added.shape[0];
                 let source =
                     |r0: usize, r1: usize| stacked_rows(base, t, Some((file, added)), r0, r1);
-                merged_rows(t, rows, &source, m.map(|m| (adapter, m)), &mut write)?;
+                merged_rows(t, rows, &source, m.map(|m| (adapter, m)), &mut put)?;
             }
             Change::ExpertPart(m, e, offset) => {
                 let td = t.float_dtype().expect("checked");
@@ -457,7 +459,7 @@ fn write_shard(
                 }
                 let mut bytes = Vec::with_capacity(t.nbytes());
                 encode_into(td, &w, &mut bytes);
-                write(&bytes)?;
+                put(&bytes)?;
             }
             Change::Bias(m) => {
                 let lb = m.bias.as_ref().expect("only modules with a bias");
@@ -473,7 +475,7 @@ fn write_shard(
                 }
                 let mut bytes = Vec::with_capacity(t.nbytes());
                 encode_into(td, &w, &mut bytes);
-                write(&bytes)?;
+                put(&bytes)?;
             }
             Change::Whole(w) => {
                 let (wd, td) = (
@@ -481,13 +483,13 @@ fn write_shard(
                     t.float_dtype().expect("checked"),
                 );
                 if wd == td {
-                    write(adapter.file.bytes(w))?;
+                    put(adapter.file.bytes(w))?;
                 } else {
                     let mut v = vec![0f32; w.numel()];
                     decode_into(wd, adapter.file.bytes(w), &mut v);
                     let mut bytes = Vec::with_capacity(t.nbytes());
                     encode_into(td, &v, &mut bytes);
-                    write(&bytes)?;
+                    put(&bytes)?;
                 }
             }
         }
@@ -496,16 +498,17 @@ fn write_shard(
     }
     write(&src[at..])?;
     if let Some(u) = head {
+        let mut put = checked(base, u.emb, tensor_of(adapter, &u.lora.b), &mut write);
         let rows = u.emb.shape[0] + u.added.map_or(0, |a| a.shape[0]);
         match (u.added, adapter.added.as_ref()) {
             (Some(added), Some(file)) => {
                 let source =
                     |r0: usize, r1: usize| stacked_rows(base, u.emb, Some((file, added)), r0, r1);
-                merged_rows(u.emb, rows, &source, Some((adapter, u.lora)), &mut write)?;
+                merged_rows(u.emb, rows, &source, Some((adapter, u.lora)), &mut put)?;
             }
             _ => {
                 let source = |r0: usize, r1: usize| base.rows_f32(u.emb, r0, r1);
-                merged_rows(u.emb, rows, &source, Some((adapter, u.lora)), &mut write)?;
+                merged_rows(u.emb, rows, &source, Some((adapter, u.lora)), &mut put)?;
             }
         }
     }
@@ -516,6 +519,71 @@ fn write_shard(
         .map_err(|e| Error::io(dst, "cannot sync", e))?;
     let growth = written as i64 - src.len() as i64 - header_growth;
     Ok((written, growth.max(0) as u64))
+}
+
+/// The adapter tensor a change comes from (file, key): what a bad merged value is blamed on.
+fn culprit(adapter: &Adapter, change: &Change) -> (PathBuf, String) {
+    match change {
+        Change::Lora(m) | Change::ExpertPart(m, ..) | Change::Grown(Some(m), _) => {
+            tensor_of(adapter, &m.b)
+        }
+        Change::Bias(m) => tensor_of(adapter, m.bias.as_ref().expect("a bias change has one")),
+        Change::Whole(w) => tensor_of(adapter, w),
+        Change::Grown(None, rows) => (
+            adapter
+                .added
+                .as_ref()
+                .map_or_else(PathBuf::new, |f| f.path_of(rows).to_path_buf()),
+            rows.name.clone(),
+        ),
+    }
+}
+
+fn tensor_of(adapter: &Adapter, t: &TensorEntry) -> (PathBuf, String) {
+    (adapter.file.path_of(t).to_path_buf(), t.name.clone())
+}
+
+/// `write` for a changed tensor `t`, refusing bytes that hold a NaN or Inf in its dtype (a
+/// merged checkpoint with one would look complete): blamed on the base when its own value
+/// there is one already, else on the adapter tensor `culprit` whose update made it (too
+/// large for the dtype: a huge lora_alpha, factors whose product overflows).
+fn checked<'a>(
+    base: &'a Checkpoint,
+    t: &'a TensorEntry,
+    (path, key): (PathBuf, String),
+    write: &'a mut dyn FnMut(&[u8]) -> Result<()>,
+) -> impl FnMut(&[u8]) -> Result<()> + 'a {
+    let dtype = t.float_dtype().expect("merged tensors are float");
+    let cols = t.numel() / t.shape.first().copied().unwrap_or(1).max(1);
+    let own = base.bytes(t);
+    let mut at = 0usize;
+    move |bytes: &[u8]| {
+        if let Some(i) = first_non_finite(dtype, bytes) {
+            let e = at + i;
+            let row = e / cols.max(1);
+            let of_base = own
+                .get(e * dtype.size()..(e + 1) * dtype.size())
+                .is_some_and(|b| first_non_finite(dtype, b).is_some());
+            return Err(if of_base {
+                Error::tensor(
+                    base.path_of(t),
+                    &t.name,
+                    format!("holds NaN or Inf at row {row} already; no merged checkpoint is written with it"),
+                )
+            } else {
+                Error::tensor(
+                    &path,
+                    &key,
+                    format!(
+                        "its update makes `{}` NaN or Inf in {dtype} at row {row} (too large for the dtype: lora_alpha, or factors whose product overflows); no merged checkpoint is written",
+                        t.name
+                    ),
+                )
+            });
+        }
+        at += bytes.len() / dtype.size();
+        write(bytes)
+    }
 }
 
 /// W_base + scaling·B·A in the base's dtype, in blocks of rows computed in parallel (rows
