@@ -45,7 +45,7 @@ fn extract_cmd(root: &Path, out: &Path, extra: &[&str]) -> std::process::Command
         .arg(root.join("ft"))
         .arg("--out")
         .arg(out)
-        .args(["--device", "cpu", "--rank", "8"])
+        .args(["--device", "cpu"])
         .args(extra);
     cmd
 }
@@ -59,7 +59,7 @@ fn a_second_run_on_a_busy_out_is_refused_and_the_first_is_unharmed() {
     let root = dir.path();
     let reference = pair_and_reference(root, "lock-busy");
     let (out, go) = (root.join("out"), root.join("go"));
-    let mut first = extract_cmd(root, &out, &["--quiet"])
+    let mut first = extract_cmd(root, &out, &["--rank", "8", "--quiet"])
         .env("PHLORA_TEST_HOLD_AFTER", format!("1:{}", go.display()))
         .spawn()
         .unwrap();
@@ -103,7 +103,9 @@ fn a_stale_lock_from_a_killed_run_is_taken_over() {
         lock.contains("\"pid\""),
         "the killed run's lock is left: {lock}"
     );
-    let o = extract_cmd(root, &out, &["--resume"]).output().unwrap();
+    let o = extract_cmd(root, &out, &["--rank", "8", "--resume"])
+        .output()
+        .unwrap();
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(
@@ -229,7 +231,9 @@ fn a_duplicated_journal_record_is_computed_again_on_resume() {
     );
     assert!(!o.status.success());
     duplicate_record(&out, 1);
-    let o = extract_cmd(root, &out, &["--resume"]).output().unwrap();
+    let o = extract_cmd(root, &out, &["--rank", "8", "--resume"])
+        .output()
+        .unwrap();
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("a second time"), "{err}");
@@ -394,4 +398,40 @@ fn non_finite_updates_are_refused_naming_the_adapter() {
             "verify {name} blames the fine-tune: {err}"
         );
     }
+}
+
+/// Issue 15 case 4: `--budget 1` and `--include '*norm*'` wrote `target_modules: []`, which
+/// PEFT refuses, with exit 0. Both are errors that say why, and leave no adapter or folder;
+/// a budget that starves some targets says they got rank 0 (it called them tensors a LoRA
+/// cannot carry).
+#[test]
+fn an_adapter_with_no_lora_target_is_an_error_that_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    common::synth_pair(root, "no-target", 64, 2);
+    for (args, why) in [
+        (&["--budget", "1"][..], "the cheapest LoRA target"),
+        (
+            &["--include", "*norm*"][..],
+            "no layer weight a LoRA can carry",
+        ),
+    ] {
+        let out = root.join("out");
+        let o = common::extract_pair(root, &out, args, &[]);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains(why) && err.contains("PEFT refuses"),
+            "{args:?}: {err}"
+        );
+        assert!(!out.exists(), "{args:?} left {out:?}");
+    }
+    let out = root.join("starved");
+    let o = extract_cmd(root, &out, &["--budget", "300"])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("got rank 0 under --budget"), "{err}");
+    assert!(!err.contains("a LoRA cannot carry"), "{err}");
 }

@@ -107,6 +107,9 @@ pub(super) fn assemble(
             s.ft.display()
         )));
     }
+    if written_modules.is_empty() {
+        return Err(no_lora_target(s, plan, &rows));
+    }
 
     let mut summary = summarize(&rows, plan, started, total_bytes, svd_flops, stages);
     summary.workers = outcome.workers;
@@ -130,11 +133,23 @@ pub(super) fn assemble(
             100.0 * share
         );
     }
-    if summary.not_carried > 0 {
+    // Not carried: what a LoRA cannot carry, and LoRA targets a budget gave rank 0.
+    let (starved, starved_share) = rows
+        .iter()
+        .zip(&plan.items)
+        .filter(|(r, i)| r.action == "not-carried" && i.action.is_lora())
+        .fold((0, 0.0), |(n, sh), (r, _)| (n + 1, sh + r.share));
+    if summary.not_carried > starved {
         tracing::warn!(
             "{} changed tensor(s) a LoRA cannot carry hold {:.3}% of ‖ΔW‖² and are not in the adapter; see report.json",
-            summary.not_carried,
-            100.0 * summary.share_not_carried
+            summary.not_carried - starved,
+            100.0 * (summary.share_not_carried - starved_share).max(0.0)
+        );
+    }
+    if starved > 0 {
+        tracing::warn!(
+            "{starved} changed LoRA target(s) got rank 0 under --budget and are not in the adapter; they hold {:.3}% of ‖ΔW‖² (see report.json)",
+            100.0 * starved_share
         );
     }
     // MoE routers go to PEFT as target parameters (`mlp.gate.weight`): transformers v5 makes
@@ -317,4 +332,28 @@ pub(super) fn assemble(
         s.max_shard_size,
     )?;
     Ok(report)
+}
+
+/// Why an adapter would have no LoRA target (PEFT refuses one: NoMatchingPeftModuleError), for
+/// the error that stops it.
+fn no_lora_target(s: &ExtractSettings, plan: &Plan, rows: &[TensorReport]) -> Error {
+    let targets = || plan.items.iter().filter(|i| i.action.is_lora());
+    let why = if targets().next().is_none() {
+        "the selected tensors hold no layer weight a LoRA can carry (only norms, biases, …): widen --include or --exclude".to_string()
+    } else if let RankPolicy::Budget { params, .. } = s.rank {
+        let changed = rows
+            .iter()
+            .zip(&plan.items)
+            .any(|(r, i)| i.action.is_lora() && r.action == "not-carried");
+        if changed {
+            format!("--budget {params} gave every LoRA target rank 0: raise it")
+        } else {
+            "every selected layer weight is unchanged".into()
+        }
+    } else {
+        "every selected layer weight is unchanged".into()
+    };
+    Error::Settings(format!(
+        "no tensor gets LoRA factors, and PEFT refuses an adapter without a LoRA target (NoMatchingPeftModuleError): {why}; no adapter is written"
+    ))
 }

@@ -486,6 +486,9 @@ fn run<B: Backend>(
             "--rank {r_adapter} exceeds the rank of every target matrix (at most {useful} here)"
         )));
     }
+    if let RankPolicy::Budget { params, .. } = s.rank {
+        check_budget(plan, params)?;
+    }
     let (budgets, smallest) = budgets(groups, s);
     let placements_for =
         |policy: &RankPolicy| placements(first, s, smallest, plan, policy, r_adapter);
@@ -627,6 +630,23 @@ fn run<B: Backend>(
     let report = assemble::assemble(s, base, ft, plan, outcome, &context)?;
     journal.remove();
     Ok(Ran::Adapter(Box::new(report)))
+}
+
+/// A budget below what the cheapest LoRA target's rank 1 costs can give nothing any rank:
+/// refused before the spectra are computed.
+fn check_budget(plan: &Plan, params: u64) -> Result<()> {
+    let cheapest = plan
+        .items
+        .iter()
+        .filter(|i| i.action.is_lora())
+        .map(|i| (i.matrix().0 + i.matrix().1, &i.name))
+        .min();
+    match cheapest {
+        Some((cost, name)) if (cost as u64) > params => Err(Error::Settings(format!(
+            "--budget {params}: the cheapest LoRA target, `{name}`, needs {cost} parameters at rank 1, so every module would get rank 0 (PEFT refuses an adapter without a LoRA target); raise the budget"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The interrupted run's finished tensors by plan index, each staged into the writer as the

@@ -34,6 +34,11 @@ pub enum Action {
 }
 
 impl Action {
+    /// A layer weight the adapter carries as LoRA factors.
+    pub fn is_lora(&self) -> bool {
+        matches!(self, Action::LoraLinear | Action::LoraEmbedding)
+    }
+
     pub fn label(&self) -> &'static str {
         match self {
             Action::LoraLinear => "lora",
