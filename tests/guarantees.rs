@@ -435,3 +435,155 @@ fn an_adapter_with_no_lora_target_is_an_error_that_says_why() {
     assert!(err.contains("got rank 0 under --budget"), "{err}");
     assert!(!err.contains("a LoRA cannot carry"), "{err}");
 }
+
+/// Runs a command, failing the test if it has not ended within 30 s (it is killed then).
+fn output_within_30s(mut cmd: std::process::Command) -> Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > until {
+            child.kill().unwrap();
+            panic!("{cmd:?} still runs after 30 s (blocked?)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "{path:?}");
+}
+
+/// Issue 15 case 11: a FIFO named `model.safetensors`, `config.json` or the index blocked
+/// extract and inspect forever in open(2) (deaf to the first SIGTERM). Non-regular files are
+/// refused by name, without blocking.
+#[test]
+fn a_fifo_in_place_of_an_input_file_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    common::synth_pair(root, "fifo", 64, 1);
+    let ft = root.join("ft");
+    let shard = std::fs::read_dir(&ft)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("model-"))
+        .unwrap();
+    for name in [
+        "config.json",
+        "model.safetensors.index.json",
+        shard.as_str(),
+    ] {
+        let hostile = root.join(format!("ft-{name}"));
+        common::copy_files(&ft, &hostile, true);
+        std::fs::remove_file(hostile.join(name)).unwrap();
+        mkfifo(&hostile.join(name));
+        let mut cmd = common::phlora_cmd();
+        cmd.args(["inspect"]).arg(&hostile);
+        let o = output_within_30s(cmd);
+        let err = stderr(&o);
+        assert!(
+            !o.status.success() && err.contains("not a regular file") && err.contains(name),
+            "inspect {name}: {err}"
+        );
+        let mut cmd = extract_cmd(root, &root.join("out"), &["--rank", "4"]);
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+        cmd = common::phlora_cmd();
+        for a in args {
+            cmd.arg(if a == ft.as_os_str() {
+                hostile.clone().into_os_string()
+            } else {
+                a
+            });
+        }
+        let o = output_within_30s(cmd);
+        let err = stderr(&o);
+        assert!(
+            !o.status.success() && err.contains("not a regular file") && err.contains(name),
+            "extract {name}: {err}"
+        );
+        assert!(!root.join("out").exists());
+    }
+    // An adapter's config or weights as a FIFO, for verify and merge.
+    let adapter = root.join("adapter");
+    let o = common::extract_pair(root, &adapter, &["--rank", "4"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for name in ["adapter_config.json", "adapter_model.safetensors"] {
+        let hostile = root.join(format!("adapter-{name}"));
+        common::copy_files(&adapter, &hostile, true);
+        std::fs::remove_file(hostile.join(name)).unwrap();
+        mkfifo(&hostile.join(name));
+        for command in ["verify", "merge"] {
+            let mut cmd = common::phlora_cmd();
+            cmd.args([command, "--base"])
+                .arg(root.join("base"))
+                .arg("--adapter")
+                .arg(&hostile);
+            if command == "verify" {
+                cmd.arg("--ft").arg(&ft);
+            } else {
+                cmd.arg("--out").arg(root.join("merged"));
+            }
+            let o = output_within_30s(cmd);
+            let err = stderr(&o);
+            assert!(
+                !o.status.success() && err.contains("not a regular file") && err.contains(name),
+                "{command} {name}: {err}"
+            );
+        }
+    }
+}
+
+/// Issue 15 case 5: a folder with `model.safetensors` and an index naming other shards is
+/// refused (phlora read the index; transformers loads model.safetensors): the adapter would
+/// have been computed against other weights than the model loads.
+#[test]
+fn a_folder_with_both_a_single_file_and_an_index_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    common::synth_pair(root, "ambiguous", 64, 1);
+    let ft = root.join("ft");
+    let shard = std::fs::read_dir(&ft)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("model-"))
+        .unwrap()
+        .path();
+    std::fs::copy(&shard, ft.join("model.safetensors")).unwrap();
+    let o = common::extract_pair(root, &root.join("out"), &["--rank", "4"], &[]);
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.contains("ambiguous"), "{err}");
+    let o = common::phlora(&["inspect", ft.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("ambiguous"));
+}
+
+/// A base whose files are symlinks (a Hugging Face cache snapshot): merge copied none of its
+/// side files (config.json, tokenizer), as DirEntry's file type does not follow the link.
+#[test]
+fn merge_copies_a_symlinked_base_folder_s_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    common::synth_pair(root, "symlinked", 64, 1);
+    let adapter = root.join("adapter");
+    let o = common::extract_pair(root, &adapter, &["--rank", "4"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (blobs, snapshot) = (root.join("base"), root.join("snapshot"));
+    std::fs::create_dir(&snapshot).unwrap();
+    for e in std::fs::read_dir(&blobs).unwrap().flatten() {
+        std::os::unix::fs::symlink(e.path(), snapshot.join(e.file_name())).unwrap();
+    }
+    let out = root.join("merged");
+    let o = merge_into(&snapshot, &adapter, &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(out.join("config.json")).unwrap(),
+        std::fs::read(blobs.join("config.json")).unwrap()
+    );
+}

@@ -10,6 +10,7 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 use super::{ADDED_TOKENS_FILE, CONFIG_FILE, INDEX_FILE, KEY_PREFIX, MODEL_FILE};
+use crate::checkpoint::input::{self, Kind};
 use crate::checkpoint::{Checkpoint, TensorEntry};
 use crate::error::{Error, Result};
 
@@ -144,12 +145,13 @@ impl<T: Copy> Patterns<T> {
 /// refused: loaders disagree on which one wins.
 fn open_weights(dir: &Path) -> Result<Checkpoint> {
     let (single, index) = (dir.join(MODEL_FILE), dir.join(INDEX_FILE));
-    match (single.exists(), index.is_file()) {
-        (true, true) => Err(Error::checkpoint(
+    match (input::kind(&single), input::kind(&index)) {
+        (_, Kind::Other | Kind::Folder) => Err(input::not_regular(&index)),
+        (Kind::Missing, Kind::File) => Checkpoint::open_indexed(dir, &index, None),
+        (_, Kind::File) => Err(Error::checkpoint(
             dir,
             format!("holds both {MODEL_FILE} and {INDEX_FILE}; which one is the adapter? Remove the other"),
         )),
-        (false, true) => Checkpoint::open_indexed(dir, &index, None),
         _ => Checkpoint::open(&single),
     }
 }
@@ -157,8 +159,7 @@ fn open_weights(dir: &Path) -> Result<Checkpoint> {
 impl Adapter {
     pub fn open(dir: &Path) -> Result<Adapter> {
         let config_path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|e| Error::io(&config_path, "cannot read the adapter config", e))?;
+        let text = input::read_string(&config_path)?;
         let raw: RawConfig = serde_json::from_str(&text).map_err(|e| {
             Error::checkpoint(&config_path, format!("not a valid adapter config: {e}"))
         })?;
@@ -497,7 +498,7 @@ fn refuse_non_finite(ck: &Checkpoint) -> Result<()> {
 /// `added_tokens.safetensors` beside the adapter, if there is one.
 fn open_added(dir: &Path) -> Result<Option<Checkpoint>> {
     let path = dir.join(ADDED_TOKENS_FILE);
-    if !path.is_file() {
+    if input::kind(&path) == Kind::Missing {
         return Ok(None);
     }
     let ck = Checkpoint::open(&path)?;

@@ -4,10 +4,10 @@
 
 pub mod dtype;
 pub mod fp8;
+pub mod input;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 pub use dtype::DType;
+use input::Kind;
 
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -68,21 +69,40 @@ struct IndexFile {
 impl Checkpoint {
     /// Opens a model folder or a single `.safetensors` file and validates every header.
     pub fn open(path: &Path) -> Result<Checkpoint> {
-        let meta =
-            std::fs::metadata(path).map_err(|e| Error::io(path, "cannot open checkpoint", e))?;
-        if meta.is_file() {
-            let dir = path.parent().unwrap_or(Path::new("."));
-            let config = read_config(&dir.join("config.json"))?;
-            return Self::from_files(path, vec![path.to_path_buf()], None, config);
+        match input::kind(path) {
+            Kind::Missing => {
+                let e = std::fs::metadata(path).expect_err("missing");
+                return Err(Error::io(path, "cannot open checkpoint", e));
+            }
+            Kind::Other => return Err(input::not_regular(path)),
+            Kind::File => {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let config = read_config(&dir.join("config.json"))?;
+                return Self::from_files(path, vec![path.to_path_buf()], None, config);
+            }
+            Kind::Folder => {}
         }
         let config = read_config(&path.join("config.json"))?;
-        let index_path = path.join(INDEX_FILE);
-        if index_path.is_file() {
-            return Self::open_indexed(path, &index_path, config);
-        }
-        let single = path.join(SINGLE_FILE);
-        if single.is_file() {
-            return Self::from_files(path, vec![single], None, config);
+        let (index_path, single) = (path.join(INDEX_FILE), path.join(SINGLE_FILE));
+        match (input::kind(&index_path), input::kind(&single)) {
+            (Kind::Other | Kind::Folder, _) => return Err(input::not_regular(&index_path)),
+            (_, Kind::Other | Kind::Folder) => return Err(input::not_regular(&single)),
+            (Kind::File, Kind::File) => {
+                // Loaders disagree here: transformers loads model.safetensors and never reads
+                // the index, vLLM loads the shards the index names. Unless the index names
+                // that one file, which is the model is a guess phlora does not make.
+                let weight_map = parse_index(&index_path, &input::read_string(&index_path)?)?;
+                if weight_map.values().any(|f| f != SINGLE_FILE) {
+                    return Err(Error::checkpoint(
+                        path,
+                        format!("holds both {SINGLE_FILE} and {INDEX_FILE} naming other shards: transformers loads {SINGLE_FILE} (it ignores the index), vLLM the index's shards, so which weights are the model is ambiguous; remove the stale one"),
+                    ));
+                }
+                return Self::open_indexed(path, &index_path, config);
+            }
+            (Kind::File, _) => return Self::open_indexed(path, &index_path, config),
+            (_, Kind::File) => return Self::from_files(path, vec![single], None, config),
+            _ => {}
         }
         let listing: Vec<PathBuf> = std::fs::read_dir(path)
             .map_err(|e| Error::io(path, "cannot list folder", e))?
@@ -127,9 +147,7 @@ impl Checkpoint {
         index_path: &Path,
         config: Option<serde_json::Value>,
     ) -> Result<Checkpoint> {
-        let text = std::fs::read_to_string(index_path)
-            .map_err(|e| Error::io(index_path, "cannot read index", e))?;
-        let weight_map = parse_index(index_path, &text)?;
+        let weight_map = parse_index(index_path, &input::read_string(index_path)?)?;
         let mut files: Vec<String> = weight_map.values().cloned().collect();
         files.sort();
         files.dedup();
@@ -148,7 +166,7 @@ impl Checkpoint {
                         tensor.unwrap_or("?"),
                         p.display(),
                         if p.exists() {
-                            "is not a file"
+                            "is not a regular file"
                         } else {
                             "does not exist"
                         }
@@ -332,10 +350,10 @@ fn page_size() -> usize {
 }
 
 fn read_config(path: &Path) -> Result<Option<serde_json::Value>> {
-    if !path.is_file() {
+    if input::kind(path) == Kind::Missing {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "cannot read", e))?;
+    let text = input::read_string(path)?;
     match serde_json::from_str(&text) {
         Ok(v) => Ok(Some(v)),
         Err(e) => {
@@ -387,7 +405,7 @@ pub fn parse_index(index_path: &Path, text: &str) -> Result<BTreeMap<String, Str
 }
 
 fn open_shard(path: &Path, shard: usize) -> Result<(Shard, Vec<TensorEntry>)> {
-    let file = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
+    let file = input::open(path)?;
     let len = file
         .metadata()
         .map_err(|e| Error::io(path, "cannot stat", e))?

@@ -80,7 +80,7 @@ pub(super) fn stage(
     let folder = ft.shard_path(0).parent().unwrap_or(Path::new("."));
     for name in TOKENIZER_FILES {
         let src = folder.join(name);
-        if src.is_file() {
+        if crate::checkpoint::input::kind(&src) == crate::checkpoint::input::Kind::File {
             writer.add_file(name, |dst| {
                 std::fs::copy(&src, dst)
                     .map(drop)

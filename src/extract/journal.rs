@@ -57,7 +57,8 @@ impl Fingerprint {
                     .parent()
                     .unwrap_or(Path::new("."))
                     .join(extra);
-                if let Ok(bytes) = std::fs::read(&p) {
+                if crate::checkpoint::input::kind(&p) != crate::checkpoint::input::Kind::Missing {
+                    let bytes = crate::checkpoint::input::read(&p)?;
                     files.push(stamp(&p, &bytes)?);
                 }
             }

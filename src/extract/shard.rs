@@ -156,6 +156,16 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
     let started = Instant::now();
     let parts: Vec<(&Path, &str)> = dirs.iter().map(|d| (d.as_path(), "part")).collect();
     crate::outdir::ensure_not_input(out, &parts)?;
+    for (i, d) in dirs.iter().enumerate() {
+        if let Some(e) = dirs[..i].iter().find(|e| crate::outdir::same_folder(d, e)) {
+            return Err(Error::Settings(format!(
+                "combine: part {} is given twice ({} and {})",
+                d.display(),
+                e.display(),
+                d.display()
+            )));
+        }
+    }
     // Every part, then OUT: a shard run still writing a part (a requeued task) would change
     // the factors the adapter is written from.
     let _part_locks = dirs
@@ -165,13 +175,13 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
     let mut markers = Vec::new();
     for d in dirs {
         let path = d.join(PART_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            Error::io(
+        if crate::checkpoint::input::kind(&path) == crate::checkpoint::input::Kind::Missing {
+            return Err(Error::checkpoint(
                 &path,
                 "not a finished part (run `extract --shard I/N` into it)",
-                e,
-            )
-        })?;
+            ));
+        }
+        let text = crate::checkpoint::input::read_string(&path)?;
         let m: PartMarker = serde_json::from_str(&text)
             .map_err(|e| Error::checkpoint(&path, format!("not a valid part: {e}")))?;
         markers.push((d, m));

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::adapter::read::{update_rows, Adapter, LoraModule};
 use crate::checkpoint::dtype::{decode_into, encode_into, first_non_finite};
+use crate::checkpoint::input::{self, Kind};
 use crate::checkpoint::{stacked_rows, Checkpoint, TensorEntry, INDEX_FILE};
 use crate::error::{Error, Result};
 use crate::staging::StagedOutput;
@@ -77,6 +78,26 @@ fn is_other_weights(name: &str) -> bool {
     .any(|ext| name.ends_with(ext))
         || name == INDEX_FILE
         || name.starts_with(".phlora-")
+}
+
+/// A side file to copy: a regular file (through symlinks). A FIFO or device is not copied
+/// (it would block or never end), and said so; a subfolder is not part of the checkpoint.
+fn copyable(path: &Path) -> bool {
+    match input::kind(path) {
+        Kind::File => true,
+        Kind::Folder => false,
+        Kind::Missing => {
+            tracing::warn!("{}: a dangling symlink; not copied", path.display());
+            false
+        }
+        Kind::Other => {
+            tracing::warn!(
+                "{}: not a regular file (a FIFO, socket or device); not copied",
+                path.display()
+            );
+            false
+        }
+    }
 }
 
 pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
@@ -345,14 +366,13 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
         for e in entries {
             let e = e.map_err(|e| Error::io(&s.base, "cannot list", e))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            let is_file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
-            if !is_file || is_other_weights(&name) {
+            // Symlinks are followed (a Hugging Face cache snapshot is all symlinks).
+            if is_other_weights(&name) || !copyable(&e.path()) {
                 continue;
             }
             let dst = staging.dir().join(&name);
             if name == "config.json" && (vocab_size.is_some() || untied.is_some()) {
-                let text = std::fs::read_to_string(e.path())
-                    .map_err(|err| Error::io(e.path(), "cannot read", err))?;
+                let text = input::read_string(&e.path())?;
                 let text = vocab::updated_config(&text, vocab_size, untied.is_some())
                     .map_err(|err| Error::checkpoint(e.path(), format!("not valid JSON: {err}")))?;
                 std::fs::write(&dst, text).map_err(|err| Error::io(&dst, "cannot write", err))?;
@@ -371,8 +391,7 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
         if index.is_file() {
             let dst = staging.dir().join(INDEX_FILE);
             if head_shard.is_some() || grown_bytes > 0 {
-                let text = std::fs::read_to_string(&index)
-                    .map_err(|e| Error::io(&index, "cannot read", e))?;
+                let text = input::read_string(&index)?;
                 let text = vocab::updated_index(&text, head_shard.as_deref(), grown_bytes)
                     .map_err(|e| Error::checkpoint(&index, format!("not valid JSON: {e}")))?;
                 std::fs::write(&dst, text).map_err(|e| Error::io(&dst, "cannot write", e))?;
@@ -386,7 +405,7 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
         if adapter.added.is_some() {
             for name in crate::adapter::TOKENIZER_FILES {
                 let src = s.adapter.join(name);
-                if src.is_file() {
+                if copyable(&src) {
                     let dst = staging.dir().join(name);
                     std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, "cannot copy", e))?;
                     if !report.copied_files.iter().any(|f| f == name) {
