@@ -587,3 +587,93 @@ fn merge_copies_a_symlinked_base_folder_s_files() {
         std::fs::read(blobs.join("config.json")).unwrap()
     );
 }
+
+/// Every tensor of a model folder's safetensors files.
+fn read_model(dir: &Path) -> std::collections::HashMap<String, common::Loaded> {
+    let mut all = std::collections::HashMap::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_name().to_string_lossy().ends_with(".safetensors") {
+            all.extend(common::read_safetensors(&e.path()));
+        }
+    }
+    all
+}
+
+fn edit_config(adapter: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let p = adapter.join("adapter_config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut c);
+    std::fs::write(&p, c.to_string()).unwrap();
+}
+
+/// Issue 15 case 6: verify and merge applied every module's factors, ignoring
+/// `layers_to_transform` (merge then differed from PEFT's merge_and_unload by 9% on untouched
+/// layers); an invalid regex in `target_modules` was accepted. Now the config says which
+/// modules are wrapped, by PEFT 0.21's rules, and a bad regex is refused naming the file.
+#[test]
+fn verify_and_merge_apply_only_the_modules_the_config_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    common::synth_pair(root, "layers", 64, 2);
+    let adapter = root.join("adapter");
+    let o = common::extract_pair(
+        root,
+        &adapter,
+        &["--rank", "4", "--no-embeddings", "--no-norms"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    edit_config(&adapter, |c| {
+        c["layers_to_transform"] = serde_json::json!([0])
+    });
+    let out = root.join("merged");
+    let o = merge_into(&root.join("base"), &adapter, &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (base, merged) = (read_model(&root.join("base")), read_model(&out));
+    for proj in ["self_attn.q_proj", "mlp.down_proj"] {
+        let key = |l: usize| format!("model.layers.{l}.{proj}.weight");
+        assert_eq!(
+            merged[&key(1)].values,
+            base[&key(1)].values,
+            "layer 1 {proj} was changed"
+        );
+        assert_ne!(
+            merged[&key(0)].values,
+            base[&key(0)].values,
+            "layer 0 {proj} was not merged"
+        );
+    }
+    let v = common::verify_pair(&root.join("base"), &root.join("ft"), &adapter).unwrap();
+    let kind = |name: &str| v.tensors.iter().find(|t| t.name == name).map(|t| t.kind);
+    assert_eq!(
+        kind("model.layers.1.self_attn.q_proj.weight"),
+        Some("not-carried")
+    );
+    assert_eq!(kind("model.layers.0.self_attn.q_proj.weight"), Some("lora"));
+
+    for (field, value) in [("target_modules", "("), ("rank_pattern", "{\"(\": 2}")] {
+        let bad = root.join(format!("bad-{field}"));
+        common::copy_files(&adapter, &bad, false);
+        edit_config(&bad, |c| {
+            c["layers_to_transform"] = serde_json::Value::Null;
+            c[field] = serde_json::from_str(value).unwrap_or_else(|_| serde_json::json!(value));
+        });
+        for o in [
+            verify_cmd(root, &bad),
+            merge_into(&root.join("base"), &bad, &root.join("m2")),
+        ] {
+            let err = stderr(&o);
+            assert!(!o.status.success(), "{field}: {err}");
+            assert!(
+                err.contains("adapter_config.json") && err.contains(field),
+                "{field}: {err}"
+            );
+            assert_eq!(
+                err.trim_end().lines().count(),
+                1,
+                "{field}: one line: {err}"
+            );
+        }
+    }
+}

@@ -153,7 +153,7 @@ fn hostile_folders_and_indexes() {
             r#"{"weight_map": {"a": "../escape.safetensors"}}"#,
             "outside the model folder",
         ),
-        (r#"{"weight_map": {"a": "."}}"#, "is not a file"),
+        (r#"{"weight_map": {"a": "."}}"#, "is not a regular file"),
         (
             r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "c": "model-00002-of-00002.safetensors"}}"#,
             "does not",

@@ -1,6 +1,7 @@
 //! PEFT LoRA adapters: key names, `adapter_config.json`, and an atomic, streaming writer.
 
 pub mod read;
+mod targets;
 pub mod writer;
 
 use std::collections::BTreeMap;

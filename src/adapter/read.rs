@@ -84,6 +84,8 @@ struct RawConfig {
     bias: Option<String>,
     #[serde(default)]
     target_parameters: Option<Vec<String>>,
+    #[serde(flatten)]
+    targets: super::targets::RawTargets,
 }
 
 /// A JSON object in file order: PEFT tries rank_pattern keys in insertion order.
@@ -122,12 +124,8 @@ impl<T: Copy> Patterns<T> {
     fn new(raw: Option<Ordered<T>>, config: &Path, field: &str) -> Result<Patterns<T>> {
         let mut rules = Vec::new();
         for (key, value) in raw.map(|o| o.0).unwrap_or_default() {
-            let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| {
-                Error::checkpoint(
-                    config,
-                    format!("{field} key `{key}` is not a valid regex: {e}"),
-                )
-            })?;
+            let re =
+                super::targets::compile(&format!(r"^(?:.*\.)?(?:{key})$"), &key, config, field)?;
             rules.push((re, value));
         }
         Ok(Patterns { rules })
@@ -232,8 +230,18 @@ impl Adapter {
             }
         }
         let targeted = raw.target_parameters.unwrap_or_default();
+        let targets =
+            super::targets::Targets::new(raw.targets, !targeted.is_empty(), &config_path)?;
         let mut modules = Vec::new();
+        let mut untargeted = Vec::new();
         for (module, (a, b, embedding)) in pairs {
+            if targeted_parameter(&module, &targeted).is_none()
+                && !targets.wraps(&module, embedding)
+            {
+                biases.remove(&module);
+                untargeted.push(module);
+                continue;
+            }
             let path = file.path_of(a.as_ref().or(b.as_ref()).expect("one of them is set"));
             let (Some(a), Some(b)) = (a, b) else {
                 return Err(Error::tensor(
@@ -356,6 +364,13 @@ impl Adapter {
                 &module,
                 "has a lora_B.bias but no LoRA factors",
             ));
+        }
+        if let Some(first) = untargeted.first() {
+            tracing::warn!(
+                "{}: {} module(s) with factors in the adapter are not targeted by its config (target_modules, exclude_modules, layers_to_transform), e.g. `{first}`: PEFT ignores them when it loads the adapter, and so do verify and merge",
+                config_path.display(),
+                untargeted.len()
+            );
         }
         let added = open_added(dir)?;
         for ck in std::iter::once(&file).chain(added.as_ref()) {
