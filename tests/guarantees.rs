@@ -652,6 +652,19 @@ fn verify_and_merge_apply_only_the_modules_the_config_targets() {
     );
     assert_eq!(kind("model.layers.0.self_attn.q_proj.weight"), Some("lora"));
 
+    // A config that targets none of the file's modules: PEFT would load it as a no-op.
+    let none = root.join("targets-none");
+    common::copy_files(&adapter, &none, false);
+    edit_config(&none, |c| {
+        c["target_modules"] = serde_json::json!(["nothing_here"])
+    });
+    let o = verify_cmd(root, &none);
+    assert!(
+        !o.status.success() && stderr(&o).contains("targets none"),
+        "{}",
+        stderr(&o)
+    );
+
     for (field, value) in [("target_modules", "("), ("rank_pattern", "{\"(\": 2}")] {
         let bad = root.join(format!("bad-{field}"));
         common::copy_files(&adapter, &bad, false);

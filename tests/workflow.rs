@@ -477,7 +477,11 @@ fn merge_refuses_bad_input_and_leaves_nothing_behind() {
     let cfg = a.join("adapter_config.json");
     let other = dir.path().join("other-adapter");
     std::fs::create_dir_all(&other).unwrap();
-    std::fs::copy(&cfg, other.join("adapter_config.json")).unwrap();
+    // Its config targets its module (verify and merge apply only what the config targets).
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    config["target_modules"] = serde_json::json!(["up_proj"]);
+    std::fs::write(other.join("adapter_config.json"), config.to_string()).unwrap();
     write_single(
         &other.join("adapter_model.safetensors"),
         &[

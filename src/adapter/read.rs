@@ -365,6 +365,13 @@ impl Adapter {
                 "has a lora_B.bias but no LoRA factors",
             ));
         }
+        if modules.is_empty() && whole.is_empty() && !untargeted.is_empty() {
+            return Err(bad(format!(
+                "targets none of the {} module(s) with factors in the adapter (e.g. `{}`): PEFT would load it and change nothing",
+                untargeted.len(),
+                untargeted[0]
+            )));
+        }
         if let Some(first) = untargeted.first() {
             tracing::warn!(
                 "{}: {} module(s) with factors in the adapter are not targeted by its config (target_modules, exclude_modules, layers_to_transform), e.g. `{first}`: PEFT ignores them when it loads the adapter, and so do verify and merge",
