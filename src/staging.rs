@@ -19,11 +19,12 @@ pub struct StagedOutput {
 
 impl StagedOutput {
     /// Prepares OUT and `OUT/.phlora-<tag>-<pid>`. Unless `overwrite`, refuses when OUT already
-    /// holds one of `existing` ("pass --force to replace `what`").
+    /// holds a file the commit would replace or remove (`replaces(name)`): "pass --force to
+    /// replace `what`".
     pub fn create(
         out: &Path,
         tag: &str,
-        existing: &[&str],
+        replaces: &dyn Fn(&str) -> bool,
         what: &str,
         overwrite: bool,
     ) -> Result<StagedOutput> {
@@ -34,13 +35,26 @@ impl StagedOutput {
             ));
         }
         if !overwrite {
-            for f in existing {
-                if out.join(f).exists() {
-                    return Err(Error::checkpoint(
-                        out,
-                        format!("already holds {f}; pass --force to replace {what}"),
-                    ));
-                }
+            let mut held: Vec<String> = std::fs::read_dir(out)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| replaces(n))
+                .collect();
+            held.sort();
+            if let Some(f) = held.first() {
+                return Err(Error::checkpoint(
+                    out,
+                    format!(
+                        "already holds {f}{}; pass --force to replace {what}",
+                        if held.len() > 1 {
+                            format!(" and {} more such file(s)", held.len() - 1)
+                        } else {
+                            String::new()
+                        }
+                    ),
+                ));
             }
         }
         let created_out = !out.exists();

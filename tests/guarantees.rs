@@ -690,3 +690,61 @@ fn verify_and_merge_apply_only_the_modules_the_config_targets() {
         }
     }
 }
+
+/// Issue 15 case 8: without --force, extract overwrote a stray report.json in OUT and deleted
+/// stray `adapter_model-0000N-of-…` files. Any file the commit would replace or remove now
+/// needs --force; and merge --force removes weights of another layout (a stale
+/// model.safetensors beside new shards would make the folder ambiguous).
+#[test]
+fn files_in_out_are_replaced_only_with_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    common::synth_pair(root, "stray", 64, 1);
+    for stray in ["report.json", "adapter_model-00001-of-00002.safetensors"] {
+        let out = root.join(format!("out-{stray}"));
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join(stray), b"mine").unwrap();
+        let o = common::extract_pair(root, &out, &["--rank", "4"], &[]);
+        let err = stderr(&o);
+        assert!(
+            !o.status.success() && err.contains(stray) && err.contains("--force"),
+            "{stray}: {err}"
+        );
+        assert_eq!(
+            std::fs::read(out.join(stray)).unwrap(),
+            b"mine",
+            "{stray} was touched"
+        );
+        let o = common::extract_pair(root, &out, &["--rank", "4", "--force"], &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let adapter = root.join("out-report.json");
+    let merged = root.join("merged");
+    std::fs::create_dir_all(&merged).unwrap();
+    std::fs::write(merged.join("model.safetensors"), b"stale").unwrap();
+    let o = merge_into(&root.join("base"), &adapter, &merged);
+    assert!(
+        !o.status.success() && stderr(&o).contains("model.safetensors"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read(merged.join("model.safetensors")).unwrap(),
+        b"stale"
+    );
+    let mut cmd = common::phlora_cmd();
+    cmd.args(["merge", "--force", "--base"])
+        .arg(root.join("base"))
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--out")
+        .arg(&merged);
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        !merged.join("model.safetensors").exists(),
+        "the stale single file is left beside the shards"
+    );
+    let o = common::phlora(&["inspect", merged.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

@@ -86,15 +86,16 @@ enum Output {
 }
 
 impl AdapterWriter {
-    /// Prepares OUT. Refuses to replace an existing adapter unless `overwrite`.
-    pub fn create(out: &Path, overwrite: bool) -> Result<AdapterWriter> {
-        let staged = StagedOutput::create(
-            out,
-            "staging",
-            &[CONFIG_FILE, MODEL_FILE, INDEX_FILE],
-            "the adapter",
-            overwrite,
-        )?;
+    /// Prepares OUT. Unless `overwrite`, refuses an OUT holding any file the commit would
+    /// replace or remove: an adapter's (config, weights of any layout, report, added rows), or
+    /// one of `side_files` (staged beside them: a tokenizer).
+    pub fn create(out: &Path, overwrite: bool, side_files: &[&str]) -> Result<AdapterWriter> {
+        let replaces = |name: &str| {
+            is_weights_file(name)
+                || [CONFIG_FILE, REPORT_FILE, ADDED_TOKENS_FILE].contains(&name)
+                || side_files.contains(&name)
+        };
+        let staged = StagedOutput::create(out, "staging", &replaces, "the adapter", overwrite)?;
         let staging = staged.dir().to_path_buf();
         let data_path = staging.join("tensors.partial");
         let data =
@@ -601,7 +602,7 @@ mod tests {
     fn a_tensor_staged_twice_writes_no_adapter() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
-        let mut w = AdapterWriter::create(&out, false).unwrap();
+        let mut w = AdapterWriter::create(&out, false, &[]).unwrap();
         for order in [0, 1] {
             w.add(order, "t".into(), "F32", vec![1], &[0, 0, 128, 63])
                 .unwrap();

@@ -495,7 +495,11 @@ fn run<B: Backend>(
     let placements = placements_for(&s.rank)?;
     // A shard run writes no adapter, only its part (the journal).
     let mut writer = match s.shard {
-        None => Some(AdapterWriter::create(&s.out, s.overwrite || s.resume)?),
+        None => Some(AdapterWriter::create(
+            &s.out,
+            s.overwrite || s.resume,
+            side_files(s),
+        )?),
         Some(_) => None,
     };
     // The journal: a fresh one, or the interrupted run's with what it finished.
@@ -630,6 +634,16 @@ fn run<B: Backend>(
     let report = assemble::assemble(s, base, ft, plan, outcome, &context)?;
     journal.remove();
     Ok(Ran::Adapter(Box::new(report)))
+}
+
+/// Files an adapter of these settings stages beside its weights (the fine-tune's tokenizer,
+/// with added tokens).
+fn side_files(s: &ExtractSettings) -> &'static [&'static str] {
+    if s.plan.added_tokens {
+        crate::adapter::TOKENIZER_FILES
+    } else {
+        &[]
+    }
 }
 
 /// A budget below what the cheapest LoRA target's rank 1 costs can give nothing any rank:

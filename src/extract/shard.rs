@@ -260,7 +260,7 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
     }
     // Every part's tensors, by plan index, staged as each journal is read: the factors stay
     // in the parts' journals (the adapter is written from there), not in memory.
-    let mut writer = AdapterWriter::create(out, options.overwrite)?;
+    let mut writer = AdapterWriter::create(out, options.overwrite, super::side_files(&s))?;
     let mut finished: Vec<Option<job::Finished>> = (0..plan.items.len()).map(|_| None).collect();
     let owner = assignment(&plan, count);
     for (d, m) in &markers {

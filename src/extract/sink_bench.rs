@@ -73,7 +73,7 @@ pub fn bench_sink(out: &Path, rank: usize, layers: usize) -> Result<SinkBench> {
         settings: format!("sink bench r{rank} x{layers}"),
         shard: None,
     };
-    let mut writer = AdapterWriter::create(out, true)?;
+    let mut writer = AdapterWriter::create(out, true, &[])?;
     let mut journal = Journal::start(out, &fingerprint)?;
     let data = journal.data_path();
     let (mut journal_seconds, mut stage_seconds, mut bytes) = (0.0, 0.0, 0u64);

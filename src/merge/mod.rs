@@ -62,6 +62,11 @@ enum Change<'a> {
     Grown(Option<&'a LoraModule>, &'a TensorEntry),
 }
 
+/// A checkpoint's weights: safetensors files and their index.
+fn is_weights(name: &str) -> bool {
+    name.ends_with(".safetensors") || name == INDEX_FILE
+}
+
 /// Weights in other formats would be stale next to the merged shards: not copied.
 fn is_other_weights(name: &str) -> bool {
     [
@@ -267,16 +272,34 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
             changes.insert(t.name.as_str(), Change::Grown(None, a));
         }
     }
-    let staging = StagedOutput::create(
-        &s.out,
-        "merge",
-        &[INDEX_FILE, crate::checkpoint::SINGLE_FILE, "config.json"],
-        "it",
-        s.overwrite,
-    )?;
     let folder = std::fs::metadata(&s.base)
         .map(|m| m.is_dir())
         .unwrap_or(false);
+    // What the commit would replace in OUT: weights, the index and config, and the side files
+    // copied from the base folder (and the fine-tune's tokenizer, with added tokens).
+    let side: std::collections::HashSet<String> = folder
+        .then(|| std::fs::read_dir(&s.base).ok())
+        .flatten()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .chain(
+            adapter
+                .added
+                .is_some()
+                .then_some(crate::adapter::TOKENIZER_FILES)
+                .unwrap_or_default()
+                .iter()
+                .map(|n| n.to_string()),
+        )
+        .collect();
+    let replaces = |name: &str| {
+        is_weights(name)
+            || name == "config.json"
+            || (side.contains(name) && !name.starts_with(".phlora-"))
+    };
+    let staging = StagedOutput::create(&s.out, "merge", &replaces, "it", s.overwrite)?;
     let mut report = MergeReport {
         out: s.out.display().to_string(),
         shards: base.num_shards(),
@@ -420,7 +443,19 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
     // The index and config come last, and their older copies go first: they must not pair
     // with the new shards, even briefly.
     moves.extend(last.iter().cloned());
-    staging.commit(&moves, &last)?;
+    // Weights files of another layout (a single file where shards come, other shard names)
+    // go too, the index first: beside the new ones, loaders would disagree on the model.
+    let mut unlink_first = last.clone();
+    let mut stale: Vec<PathBuf> = std::fs::read_dir(&s.out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| PathBuf::from(e.file_name()))
+        .filter(|n| n.to_str().is_some_and(is_weights) && !moves.contains(n))
+        .collect();
+    stale.sort();
+    unlink_first.extend(stale);
+    staging.commit(&moves, &unlink_first)?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
