@@ -10,13 +10,18 @@ fn main() -> ExitCode {
     init_tracing(cli.verbose, cli.quiet);
     match run(&cli) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            match e.downcast_ref::<phlora::error::Error>() {
-                Some(phlora::error::Error::Interrupted(_)) => ExitCode::from(130),
-                _ => ExitCode::FAILURE,
+        Err(e) => match e.downcast_ref::<phlora::error::Error>() {
+            // The reader of stdout went away (`| head`): nothing is wrong, and no one listens.
+            Some(phlora::error::Error::ClosedPipe) => ExitCode::SUCCESS,
+            Some(phlora::error::Error::Interrupted(_)) => {
+                phlora::say!("error: {e:#}");
+                ExitCode::from(130)
             }
-        }
+            _ => {
+                phlora::say!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -37,6 +42,9 @@ fn init_tracing(verbose: u8, quiet: bool) {
         .with_writer(std::io::stderr)
         .without_time()
         .with_target(false)
+        // A message that cannot be written (stderr closed or full) is dropped: by default
+        // tracing reports it with eprintln!, which panics on the same stderr.
+        .log_internal_errors(false)
         .init();
 }
 

@@ -748,3 +748,91 @@ fn files_in_out_are_replaced_only_with_force() {
     let o = common::phlora(&["inspect", merged.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// The write end of a pipe whose read end is already closed: every write fails with EPIPE.
+fn closed_pipe() -> std::process::Stdio {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe fills two descriptors, which are owned from here on.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fds[0] is a descriptor pipe just opened; closing it is all this does.
+    unsafe { libc::close(fds[0]) };
+    // SAFETY: fds[1] is open and owned by nothing else.
+    std::process::Stdio::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[1]) })
+}
+
+fn dev_full() -> std::process::Stdio {
+    std::fs::File::options()
+        .write(true)
+        .open("/dev/full")
+        .unwrap()
+        .into()
+}
+
+/// Issue 15 case 9: `extract … 2>&1 | head -1`, `2>/dev/full` and a `--json` command writing
+/// to a closed pipe panicked (rc 101, "failed printing to stderr"). A closed pipe ends quietly
+/// (exit 0) and the work is done; a full disk on stdout is an error.
+#[test]
+fn closed_pipes_and_full_disks_on_stdout_and_stderr_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    common::synth_pair(root, "pipes", 64, 1);
+    let run = |out: &str, stdout: std::process::Stdio, stderr: std::process::Stdio| {
+        let out = root.join(out);
+        let status = extract_cmd(root, &out, &["--rank", "4", "--json", "-v"])
+            .stdout(stdout)
+            .stderr(stderr)
+            .status()
+            .unwrap();
+        (status, out)
+    };
+    for (name, stdout, stderr) in [
+        ("stderr-closed", std::process::Stdio::null(), closed_pipe()),
+        ("stderr-full", std::process::Stdio::null(), dev_full()),
+        ("stdout-closed", closed_pipe(), std::process::Stdio::null()),
+        ("both-closed", closed_pipe(), closed_pipe()),
+    ] {
+        let (status, out) = run(name, stdout, stderr);
+        assert_eq!(status.code(), Some(0), "{name}: {status:?}");
+        assert!(
+            out.join("adapter_config.json").is_file(),
+            "{name}: no adapter"
+        );
+    }
+    let o = extract_cmd(root, &root.join("stdout-full"), &["--rank", "4", "--json"])
+        .stdout(dev_full())
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("stdout") && err.contains("No space left"),
+        "{err}"
+    );
+    // The other commands that print results.
+    let ft = root.join("ft");
+    for args in [
+        vec!["inspect", ft.to_str().unwrap(), "--json"],
+        vec!["inspect", ft.to_str().unwrap()],
+        vec!["--help"],
+    ] {
+        let status = common::phlora_cmd()
+            .args(&args)
+            .stdout(closed_pipe())
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "{args:?}");
+    }
+    let o = common::phlora_cmd()
+        .args(["verify", "--base"])
+        .arg(root.join("base"))
+        .arg("--ft")
+        .arg(&ft)
+        .arg("--adapter")
+        .arg(root.join("stderr-closed"))
+        .arg("--json")
+        .stdout(closed_pipe())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}

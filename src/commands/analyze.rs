@@ -44,14 +44,14 @@ pub fn run(a: &AnalyzeArgs, ui: Ui) -> Result<ExitCode> {
     };
     let report = analyze(&settings, &a.out)?;
     if !ui.quiet {
-        eprint!("{}", report.table());
-        eprintln!("written: {}", report.files.join(", "));
+        crate::say_raw!("{}", report.table());
+        crate::say!("written: {}", report.files.join(", "));
     }
     if a.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&report).expect("plain data serialises")
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

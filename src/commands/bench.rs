@@ -158,7 +158,7 @@ pub fn run(a: &BenchArgs, ui: Ui) -> Result<ExitCode> {
             ));
         }
     }
-    super::emit(&text, a.json, &report, ui);
+    super::emit(&text, a.json, &report, ui)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -188,6 +188,6 @@ fn sink(a: &BenchArgs, dir: &std::path::Path, ui: Ui) -> Result<ExitCode> {
         ));
         rows.push(r);
     }
-    super::emit(&text, a.json, &rows, ui);
+    super::emit(&text, a.json, &rows, ui)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -12,6 +12,6 @@ pub fn run(a: &CombineArgs, ui: Ui) -> Result<ExitCode> {
         ft: a.ft.clone(),
     };
     let report = crate::extract::shard::combine(&a.parts, &a.out, &options)?;
-    super::extract::show(&report, ui, a.json);
+    super::extract::show(&report, ui, a.json)?;
     Ok(ExitCode::SUCCESS)
 }

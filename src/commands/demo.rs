@@ -29,7 +29,7 @@ pub fn run(args: &DemoArgs, ui: Ui) -> Result<ExitCode> {
 fn demo(dir: &std::path::Path, rank: usize, ui: Ui) -> Result<ExitCode> {
     let synth = SynthSettings::tiny(dir.to_path_buf());
     if !ui.quiet {
-        eprintln!(
+        crate::say!(
             "1/3 synthesising a Llama-shaped pair (hidden {}, intermediate {}, {} layers, vocab {}) in {}",
             synth.hidden,
             synth.intermediate,
@@ -41,7 +41,7 @@ fn demo(dir: &std::path::Path, rank: usize, ui: Ui) -> Result<ExitCode> {
     let pair = crate::synth::synth(&synth)?;
     let out: PathBuf = dir.join("adapter");
     if !ui.quiet {
-        eprintln!(
+        crate::say!(
             "2/3 extracting a rank-{rank} adapter into {}",
             out.display()
         );
@@ -50,7 +50,7 @@ fn demo(dir: &std::path::Path, rank: usize, ui: Ui) -> Result<ExitCode> {
     s.overwrite = true;
     s.progress = !ui.quiet;
     let report = crate::extract::extract(&s)?;
-    super::extract::show(&report, ui, false);
+    super::extract::show(&report, ui, false)?;
     // An independent check of the files: merge in row blocks and compare with the fine-tune.
     let check = crate::verify::verify(&crate::verify::VerifySettings {
         base: pair.base,
@@ -61,13 +61,13 @@ fn demo(dir: &std::path::Path, rank: usize, ui: Ui) -> Result<ExitCode> {
         min_weight_cos: None,
     })?;
     if !ui.quiet {
-        eprintln!(
+        crate::say!(
             "3/3 verify (W_base + B·A against W_ft, recomputed from the files): total relative error {:.5} (extract's certificate: {:.5}), worst cos(ΔW) {:.4}",
             check.total_relative_error, report.summary.total_relative_error, check.worst_cos_delta
         );
     }
     if !ui.quiet && dir.starts_with(std::env::temp_dir()) {
-        eprintln!("(the demo folder is temporary; pass --dir DIR to keep it)");
+        crate::say!("(the demo folder is temporary; pass --dir DIR to keep it)");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,32 +11,32 @@ pub fn run(args: &ExtractArgs, ui: Ui) -> Result<ExitCode> {
     if let Some(shard) = settings.shard {
         let part = crate::extract::extract_part(&settings)?;
         if !ui.quiet {
-            eprintln!(
+            crate::say!(
                 "shard {}/{}: {} tensors in {:.1} s, kept as a part in {}; join all {} parts with `phlora combine PART... --out ADAPTER`",
                 shard.index, shard.count, part.tensors, part.seconds, part.out, shard.count
             );
         }
         if args.json {
-            println!(
+            crate::outln!(
                 "{}",
                 serde_json::to_string_pretty(&part).expect("plain data serializes")
-            );
+            )?;
         }
         return Ok(ExitCode::SUCCESS);
     }
     let report = crate::extract::extract(&settings)?;
-    show(&report, ui, args.json);
+    show(&report, ui, args.json)?;
     if args.profile {
-        eprint!("{}", report.profile());
+        crate::say_raw!("{}", report.profile());
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// The table on stderr (unless quiet) and the JSON summary on stdout (if asked).
-pub(super) fn show(report: &RunReport, ui: Ui, json: bool) {
+pub(super) fn show(report: &RunReport, ui: Ui, json: bool) -> Result<()> {
     if !ui.quiet {
-        eprint!("{}", report.table());
-        eprintln!("adapter written to {}", report.out);
+        crate::say_raw!("{}", report.table());
+        crate::say!("adapter written to {}", report.out);
     }
     if json {
         let summary = serde_json::json!({
@@ -49,9 +49,10 @@ pub(super) fn show(report: &RunReport, ui: Ui, json: bool) {
             "out_dtype": report.out_dtype,
             "summary": report.summary,
         });
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&summary).expect("json serializes")
-        );
+        )?;
     }
+    Ok(())
 }

@@ -28,6 +28,6 @@ pub fn run(a: &FloorArgs, ui: Ui) -> Result<ExitCode> {
         r.read_seconds,
         r.h2d_seconds
     );
-    super::emit(&text, a.json, &r, ui);
+    super::emit(&text, a.json, &r, ui)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -42,17 +42,19 @@ pub fn run(args: &InspectArgs, _ui: Ui) -> Result<ExitCode> {
             .iter()
             .map(|(n, d, s, a)| serde_json::json!({"name": n, "dtype": d, "shape": s, "action": a}))
             .collect();
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&v).expect("json serializes")
-        );
+        )?;
         return Ok(ExitCode::SUCCESS);
     }
     let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(6).max(6);
-    println!(
+    crate::outln!(
         "{:<width$}  {:<6}  {:>14}  what extract would do",
-        "tensor", "dtype", "shape"
-    );
+        "tensor",
+        "dtype",
+        "shape"
+    )?;
     for (name, dtype, shape, action) in &rows {
         let shape = shape
             .iter()
@@ -67,16 +69,16 @@ pub fn run(args: &InspectArgs, _ui: Ui) -> Result<ExitCode> {
             Action::NotCarried(r) => format!("not carried: {r}"),
             Action::Unchanged => "unchanged".to_string(),
         };
-        println!("{name:<width$}  {dtype:<6}  {shape:>14}  {what}");
+        crate::outln!("{name:<width$}  {dtype:<6}  {shape:>14}  {what}")?;
     }
     let count = |f: fn(&Action) -> bool| rows.iter().filter(|r| f(&r.3)).count();
-    println!(
+    crate::outln!(
         "{} tensors in {} shard(s): {} LoRA targets, {} norms, {} not carried",
         rows.len(),
         ck.num_shards(),
         count(|a| matches!(a, Action::LoraLinear | Action::LoraEmbedding)),
         count(|a| *a == Action::SaveWhole),
         count(|a| matches!(a, Action::NotCarried(_)))
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -13,7 +13,7 @@ pub fn run(a: &MergeArgs, ui: Ui) -> Result<ExitCode> {
         overwrite: a.force,
     })?;
     if !ui.quiet {
-        eprintln!(
+        crate::say!(
             "merged {} LoRA modules and replaced {} whole tensors into {} shard(s), {:.1} MB, in {:.2} s; copied {}; written to {}",
             report.merged,
             report.replaced,
@@ -25,10 +25,10 @@ pub fn run(a: &MergeArgs, ui: Ui) -> Result<ExitCode> {
         );
     }
     if a.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&report).expect("plain data serialises")
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -41,16 +41,17 @@ pub struct Ui {
 
 /// A command's result: the table on stdout, or with `--json` the JSON on stdout and the table
 /// on stderr (unless quiet).
-fn emit(text: &str, json: bool, report: &impl serde::Serialize, ui: Ui) {
+fn emit(text: &str, json: bool, report: &impl serde::Serialize, ui: Ui) -> Result<()> {
     if json {
         if !ui.quiet {
-            eprint!("{text}");
+            crate::say_raw!("{text}");
         }
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(report).expect("plain data serialises")
-        );
+        )?;
     } else {
-        print!("{text}");
+        crate::out!("{text}")?;
     }
+    Ok(())
 }

@@ -10,7 +10,7 @@ pub fn run(args: &SynthArgs, ui: Ui) -> Result<ExitCode> {
     let t0 = Instant::now();
     let out = crate::synth::synth(&settings)?;
     if !ui.quiet {
-        eprintln!(
+        crate::say!(
             "wrote {} and {}: {} tensors in {} shard(s), {:.1} MB per model, in {:.1} s",
             out.base.display(),
             out.ft.display(),

@@ -32,13 +32,13 @@ pub fn run(a: &VerifyArgs, ui: Ui) -> Result<ExitCode> {
         min_weight_cos: a.min_weight_cos,
     })?;
     if !ui.quiet {
-        eprint!("{}", report.table());
+        crate::say_raw!("{}", report.table());
     }
     if a.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&report).expect("plain data serialises")
-        );
+        )?;
     }
     Ok(if report.passed {
         ExitCode::SUCCESS
