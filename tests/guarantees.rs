@@ -836,3 +836,26 @@ fn closed_pipes_and_full_disks_on_stdout_and_stderr_never_panic() {
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
+
+/// Issue 15 case 10: a non-UTF-8 `--out` with `--shard` panicked in the part marker (and
+/// again on `--resume`); it is refused before any work, leaving nothing. Without --shard such
+/// a path works.
+#[test]
+fn a_non_utf8_part_folder_is_refused_before_any_work() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    common::synth_pair(root, "non-utf8", 64, 1);
+    let out = root.join(std::ffi::OsStr::from_bytes(b"part-\xff"));
+    for extra in [&[][..], &["--resume"]] {
+        let args = [&["--rank", "4", "--shard", "1/2"][..], extra].concat();
+        let o = common::extract_pair(root, &out, &args, &[]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains("not UTF-8"), "{err}");
+        assert!(!out.exists());
+    }
+    let o = common::extract_pair(root, &out, &["--rank", "4"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.join("adapter_config.json").is_file());
+}

@@ -241,6 +241,9 @@ enum Ran {
 }
 
 fn extract_any(s: &ExtractSettings) -> Result<Ran> {
+    if s.shard.is_some() {
+        shard::check_part_paths(s)?;
+    }
     crate::outdir::ensure_not_input(&s.out, &[(&s.base, "base"), (&s.ft, "fine-tune")])?;
     // Held to the end: a second run on OUT (a requeued task, a --resume while this one
     // runs) is refused before it touches anything. An OUT it created goes again if empty.

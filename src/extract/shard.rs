@@ -108,7 +108,8 @@ pub(super) fn finish_part(
     };
     let path = s.out.join(PART_FILE);
     let tmp = s.out.join(format!(".{PART_FILE}.tmp"));
-    let text = serde_json::to_string_pretty(&marker).expect("a part marker serializes");
+    let text = serde_json::to_string_pretty(&marker)
+        .map_err(|e| Error::checkpoint(&path, format!("cannot record the part: {e}")))?;
     crate::staging::write_synced(&tmp, text.as_bytes())?;
     std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "cannot move into place", e))?;
     Ok(PartReport {
@@ -117,6 +118,19 @@ pub(super) fn finish_part(
         tensors,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Refuses a shard run whose paths the part's JSON marker cannot record (before any work).
+pub(super) fn check_part_paths(s: &ExtractSettings) -> Result<()> {
+    for (path, flag) in [(&s.out, "--out"), (&s.base, "--base"), (&s.ft, "--ft")] {
+        if path.to_str().is_none() {
+            return Err(Error::Settings(format!(
+                "--shard: {flag} {} is not UTF-8, and a part records its paths in JSON for combine; use a UTF-8 path (a symlink to this one will do)",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a shard run whose OUT already holds an adapter or a part, unless forced.
