@@ -86,7 +86,7 @@ fi
 echo "== end to end"
 e2e() { # tag layers
     local tag=$1 layers=$2 pair=$WORK/pair-$1
-    "$BIN/phlora" -q synth --out "$pair" --layers "$layers" || { row "e2e $tag" FAIL "synth"; return; }
+    "$BIN/phlora" -q synth --out "$pair" --layers "$layers" --force || { row "e2e $tag" FAIL "synth"; return; }
     for dev in cpu cuda; do
         timeout 300 "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/$tag-$dev" \
             --device $dev --json >"$LOG/e2e-$tag-$dev.json" 2>"$LOG/e2e-$tag-$dev.err" ||

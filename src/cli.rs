@@ -430,6 +430,9 @@ pub struct SynthArgs {
     /// Tie lm_head to the embeddings (no lm_head tensor).
     #[arg(long)]
     pub tie_embeddings: bool,
+    /// Replace a pair already in OUT (its model files in OUT/base and OUT/ft).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

@@ -223,6 +223,7 @@ impl SynthArgs {
             noise: self.noise,
             shard_bytes: self.shard_mib << 20,
             tie_embeddings: self.tie_embeddings,
+            overwrite: self.force,
         };
         s.validate()?;
         Ok(s)

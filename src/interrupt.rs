@@ -12,6 +12,17 @@ pub fn requested() -> bool {
     REQUESTED.load(Ordering::Relaxed)
 }
 
+/// An error once an interrupt arrived: for loops that write an output, which stop between two
+/// tensors and leave nothing half-written (`what` says what was not written).
+pub fn check(what: &str) -> crate::error::Result<()> {
+    if requested() {
+        return Err(crate::error::Error::Interrupted(format!(
+            "{what} was not written"
+        )));
+    }
+    Ok(())
+}
+
 extern "C" fn on_signal(_: libc::c_int) {
     if REQUESTED.swap(true, Ordering::Relaxed) {
         // SAFETY: _exit is async-signal-safe; the second interrupt means "now".

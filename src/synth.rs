@@ -39,6 +39,8 @@ pub struct SynthSettings {
     pub shard_bytes: u64,
     /// Omit lm_head (tied embeddings).
     pub tie_embeddings: bool,
+    /// Replace a pair already in OUT.
+    pub overwrite: bool,
 }
 
 impl SynthSettings {
@@ -60,6 +62,7 @@ impl SynthSettings {
             noise: 0.2,
             shard_bytes: 1 << 30,
             tie_embeddings: false,
+            overwrite: false,
         }
     }
 
@@ -97,6 +100,36 @@ impl SynthSettings {
         }
         if self.delta_rank == 0 {
             return bad("delta-rank must be at least 1".into());
+        }
+        self.check_memory()
+    }
+
+    /// Each tensor is synthesised whole in f32 (the base, ΔWᵀ and its planted factors at
+    /// once): a shape whose bytes overflow, or that this machine's memory cannot hold, is
+    /// refused by name instead of panicking in the allocator.
+    fn check_memory(&self) -> Result<()> {
+        let physical = physical_memory();
+        for (name, shape) in self.tensors() {
+            // Base and ΔWᵀ in f32, both encoded, and the planted factors.
+            let rank = self
+                .delta_rank
+                .min(shape.iter().copied().min().unwrap_or(1));
+            let needed = shape
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+                .and_then(|n| n.checked_mul(12))
+                .and_then(|n| {
+                    n.checked_add(
+                        (rank as u64).checked_mul(4 * shape.iter().sum::<usize>() as u64)?,
+                    )
+                });
+            if needed.map_or(true, |b| b > physical) {
+                return Err(Error::Settings(format!(
+                    "tensor `{name}` {shape:?} needs {} of memory to synthesise; this machine has {:.1} GB",
+                    needed.map_or("more than 2⁶⁴ bytes".into(), |b| format!("{:.1} GB", b as f64 / 1e9)),
+                    physical as f64 / 1e9
+                )));
+            }
         }
         Ok(())
     }
@@ -154,9 +187,61 @@ pub struct SynthOutput {
     pub bytes_per_model: u64,
 }
 
+/// This machine's memory in bytes (u64::MAX when unknown).
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages > 0 && page > 0 {
+        (pages as u64).saturating_mul(page as u64)
+    } else {
+        u64::MAX
+    }
+}
+
+/// What synth writes into a model folder: the files of an older pair there, replaced.
+fn is_synth_file(name: &str) -> bool {
+    name == "config.json"
+        || name == INDEX_FILE
+        || (name.starts_with("model-") && name.ends_with(".safetensors"))
+}
+
+/// Refuses to replace a pair unless `overwrite`; then removes the older pair's files (shards
+/// of another count would be left beside the new ones).
+fn clear_pair(dirs: [&Path; 2], overwrite: bool) -> Result<()> {
+    for dir in dirs {
+        let old: Vec<PathBuf> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_str().is_some_and(is_synth_file))
+            .map(|e| e.path())
+            .collect();
+        if old.is_empty() {
+            continue;
+        }
+        if !overwrite {
+            return Err(Error::checkpoint(
+                dir,
+                "already holds a model (config.json, shards); pass --force to replace the pair",
+            ));
+        }
+        for p in old {
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, "cannot replace", e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes `out/base` and `out/ft`.
 pub fn synth(s: &SynthSettings) -> Result<SynthOutput> {
     s.validate()?;
+    let _lock = crate::outdir::OutLock::acquire(&s.out, "synth")?;
+    clear_pair([&s.out.join("base"), &s.out.join("ft")], s.overwrite)?;
     let tensors = s.tensors();
     let shards = shard_plan(&tensors, s.dtype, s.shard_bytes);
     let (base_dir, ft_dir) = (s.out.join("base"), s.out.join("ft"));

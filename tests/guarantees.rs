@@ -859,3 +859,93 @@ fn a_non_utf8_part_folder_is_refused_before_any_work() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(out.join("adapter_config.json").is_file());
 }
+
+/// Issue 15 case 12: merge ignored SIGINT/SIGTERM (it died and left a 50 MB
+/// `.phlora-merge-PID`). It stops between two tensors, exits 130 and leaves nothing: no
+/// staging folder, no checkpoint, no OUT it created.
+#[test]
+fn merge_stops_cleanly_on_sigterm_and_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    common::synth_pair(root, "merge-signal", 64, 2);
+    let adapter = root.join("adapter");
+    let o = common::extract_pair(root, &adapter, &["--rank", "4"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let out = root.join(format!("merged-{signal}"));
+        let mut child = common::phlora_cmd()
+            .args(["merge", "--base"])
+            .arg(root.join("base"))
+            .arg("--adapter")
+            .arg(&adapter)
+            .arg("--out")
+            .arg(&out)
+            .env("PHLORA_TEST_MERGE_STALL_MS", "100")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let staging = out.join(format!(".phlora-merge-{}", child.id()));
+        wait_until("the merge's staging folder", || staging.exists());
+        // SAFETY: kill only sends a signal to the child this test started.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let o = child.wait_with_output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(130), "signal {signal}: {err}");
+        assert!(err.contains("interrupted"), "{err}");
+        assert!(!out.exists(), "signal {signal}: {out:?} is left");
+    }
+}
+
+/// Issue 15 case 12: `synth --hidden 4000000000` panicked on allocation, and synth replaced an
+/// existing pair silently.
+#[test]
+fn synth_refuses_impossible_sizes_and_an_existing_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let o = common::phlora(&[
+        "synth",
+        "--out",
+        root.join("huge").to_str().unwrap(),
+        "--hidden",
+        "4000000000",
+        "--heads",
+        "1",
+        "--kv-heads",
+        "1",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("needs") && err.contains("memory"), "{err}");
+    assert!(!root.join("huge").exists());
+    let small = [
+        "--hidden",
+        "64",
+        "--intermediate",
+        "128",
+        "--layers",
+        "1",
+        "--vocab",
+        "256",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--quiet",
+    ];
+    let pair = root.join("pair");
+    let args = |extra: &[&'static str]| {
+        let mut a = vec!["synth", "--out", pair.to_str().unwrap()];
+        a.extend(small);
+        a.extend(extra);
+        a
+    };
+    assert!(common::phlora(&args(&[])).status.success());
+    let config = std::fs::read(pair.join("ft/config.json")).unwrap();
+    let o = common::phlora(&args(&["--seed", "9"]));
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(pair.join("ft/config.json")).unwrap(), config);
+    assert!(common::phlora(&args(&["--seed", "9", "--force"]))
+        .status
+        .success());
+}

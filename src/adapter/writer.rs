@@ -349,6 +349,7 @@ impl AdapterWriter {
         f.write_all(&header_bytes(entries, &meta))
             .map_err(|e| Error::io(path, "cannot write", e))?;
         for (output, out) in outputs.iter().zip(entries) {
+            crate::interrupt::check("the adapter")?;
             let bytes = match output {
                 Output::Single(i) => {
                     let staged = &self.entries[*i];

@@ -11,6 +11,7 @@ pub fn run(a: &CombineArgs, ui: Ui) -> Result<ExitCode> {
         base: a.base.clone(),
         ft: a.ft.clone(),
     };
+    crate::interrupt::install();
     let report = crate::extract::shard::combine(&a.parts, &a.out, &options)?;
     super::extract::show(&report, ui, a.json)?;
     Ok(ExitCode::SUCCESS)

@@ -27,7 +27,11 @@ pub fn run(args: &DemoArgs, ui: Ui) -> Result<ExitCode> {
 }
 
 fn demo(dir: &std::path::Path, rank: usize, ui: Ui) -> Result<ExitCode> {
-    let synth = SynthSettings::tiny(dir.to_path_buf());
+    // The demo's folder is its own: a second demo replaces the first's pair.
+    let synth = SynthSettings {
+        overwrite: true,
+        ..SynthSettings::tiny(dir.to_path_buf())
+    };
     if !ui.quiet {
         crate::say!(
             "1/3 synthesising a Llama-shaped pair (hidden {}, intermediate {}, {} layers, vocab {}) in {}",

@@ -6,6 +6,7 @@ use crate::error::Result;
 use crate::merge::{merge, MergeSettings};
 
 pub fn run(a: &MergeArgs, ui: Ui) -> Result<ExitCode> {
+    crate::interrupt::install();
     let report = merge(&MergeSettings {
         base: a.base.clone(),
         adapter: a.adapter.clone(),

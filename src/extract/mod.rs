@@ -634,7 +634,15 @@ fn run<B: Backend>(
         out_dtype,
         device: device_names(groups),
     };
-    let report = assemble::assemble(s, base, ft, plan, outcome, &context)?;
+    let report = assemble::assemble(s, base, ft, plan, outcome, &context).map_err(|e| match e {
+        // Stopped while the adapter was written: every tensor is journaled.
+        Error::Interrupted(what) => Error::Interrupted(format!(
+            "{what}; all {} tensors are finished and kept in {}: run the same command with --resume to write it",
+            plan.items.len(),
+            journal::Journal::dir(&s.out).display()
+        )),
+        e => e,
+    })?;
     journal.remove();
     Ok(Ran::Adapter(Box::new(report)))
 }

@@ -460,6 +460,16 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
     Ok(report)
 }
 
+/// Fault injection for the signal tests: `PHLORA_TEST_MERGE_STALL_MS=N` sleeps N ms before
+/// each merged tensor, so that a signal reliably lands midway.
+fn test_stall() -> Option<std::time::Duration> {
+    let ms = std::env::var("PHLORA_TEST_MERGE_STALL_MS")
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_millis(ms))
+}
+
 /// Shard `i` with its changed tensors (sorted by offset) rewritten; every other byte, header
 /// included, copied — or, when its layout changes, `header` (new bytes, where the old data
 /// starts) and then an untied lm_head appended. Returns (bytes written, data bytes added).
@@ -490,7 +500,12 @@ fn write_shard(
         header_growth = h.len() as i64 - *data_start as i64;
         at = *data_start;
     }
+    let stall = test_stall();
     for t in changed {
+        crate::interrupt::check("the merged checkpoint")?;
+        if let Some(pause) = stall {
+            std::thread::sleep(pause);
+        }
         write(&src[at..t.start])?;
         let change = &changes[t.name.as_str()];
         let mut put = checked(base, t, culprit(adapter, change), &mut write);
