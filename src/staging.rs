@@ -42,14 +42,17 @@ impl StagedOutput {
                 .filter_map(|e| e.file_name().into_string().ok())
                 .filter(|n| replaces(n))
                 .collect();
-            held.sort();
-            if let Some(f) = held.first() {
+            // The shortest names first: a config or an index says more than its 37th shard.
+            held.sort_by(|a, b| (a.len(), a).cmp(&(b.len(), b)));
+            if !held.is_empty() {
+                let more = held.len().saturating_sub(3);
                 return Err(Error::checkpoint(
                     out,
                     format!(
-                        "already holds {f}{}; pass --force to replace {what}",
-                        if held.len() > 1 {
-                            format!(" and {} more such file(s)", held.len() - 1)
+                        "already holds {}{}; pass --force to replace {what}",
+                        held[..held.len().min(3)].join(", "),
+                        if more > 0 {
+                            format!(" and {more} more such file(s)")
                         } else {
                             String::new()
                         }

@@ -345,7 +345,8 @@ fn non_finite_updates_are_refused_naming_the_adapter() {
     let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
     let a_key = key.replace("lora_B", "lora_A");
     let base = root.join("base");
-    let cases: [(&str, &dyn Fn(&Path), &str); 3] = [
+    type Damage<'a> = &'a dyn Fn(&Path);
+    let cases: [(&str, Damage, &str); 3] = [
         (
             "nan",
             &|ad| poke(&ad.join("adapter_model.safetensors"), key, 5..6, f32::NAN),
@@ -873,7 +874,7 @@ fn merge_stops_cleanly_on_sigterm_and_sigint() {
     assert!(o.status.success(), "{}", stderr(&o));
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let out = root.join(format!("merged-{signal}"));
-        let mut child = common::phlora_cmd()
+        let child = common::phlora_cmd()
             .args(["merge", "--base"])
             .arg(root.join("base"))
             .arg("--adapter")

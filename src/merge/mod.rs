@@ -285,13 +285,13 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
         .chain(
-            adapter
-                .added
-                .is_some()
-                .then_some(crate::adapter::TOKENIZER_FILES)
-                .unwrap_or_default()
-                .iter()
-                .map(|n| n.to_string()),
+            if adapter.added.is_some() {
+                crate::adapter::TOKENIZER_FILES
+            } else {
+                &[]
+            }
+            .iter()
+            .map(|n| n.to_string()),
         )
         .collect();
     let replaces = |name: &str| {
