@@ -7,7 +7,8 @@
 #
 # Each task computes its share (balanced by bytes read) into OUT/part-I; a task that was
 # preempted or killed picks up where it stopped when resubmitted (--resume). The combined
-# adapter is byte for byte what one process would have written.
+# adapter is byte for byte what one process would have written. A task started while another
+# still runs on its part (a requeue racing the old task) is refused: each part is locked.
 #SBATCH --job-name=phlora-extract
 #SBATCH --gpus=1
 #SBATCH --cpus-per-task=8

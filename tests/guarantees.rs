@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use common::extract_cmd;
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -36,18 +38,16 @@ fn pair_and_reference(root: &Path, tag: &str) -> Vec<u8> {
     common::adapter_bytes(&whole)
 }
 
-fn extract_cmd(root: &Path, out: &Path, extra: &[&str]) -> std::process::Command {
-    let mut cmd = common::phlora_cmd();
-    cmd.arg("extract")
-        .arg("--base")
-        .arg(root.join("base"))
-        .arg("--ft")
-        .arg(root.join("ft"))
-        .arg("--out")
-        .arg(out)
-        .args(["--device", "cpu"])
-        .args(extra);
-    cmd
+/// A synth model folder's first shard.
+fn first_shard(dir: &Path) -> PathBuf {
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    shards.sort();
+    shards.remove(0)
 }
 
 /// Issue 15 case 1: a second run on an OUT another run holds — `--resume`, `--force` or plain
@@ -184,12 +184,7 @@ fn an_output_that_is_an_input_by_another_spelling_is_refused() {
     // A single-file base: its folder is the input folder.
     let single = root.join("single");
     std::fs::create_dir(&single).unwrap();
-    let shard = std::fs::read_dir(&base)
-        .unwrap()
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
-        .unwrap()
-        .path();
+    let shard = first_shard(&base);
     std::fs::copy(&shard, single.join("model.safetensors")).unwrap();
     let o = common::phlora(&[
         "merge",
@@ -471,17 +466,9 @@ fn a_fifo_in_place_of_an_input_file_is_refused_without_blocking() {
     let root = dir.path();
     common::synth_pair(root, "fifo", 64, 1);
     let ft = root.join("ft");
-    let shard = std::fs::read_dir(&ft)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| n.starts_with("model-"))
-        .unwrap();
-    for name in [
-        "config.json",
-        "model.safetensors.index.json",
-        shard.as_str(),
-    ] {
+    let shard = first_shard(&ft);
+    let shard = shard.file_name().unwrap().to_str().unwrap();
+    for name in ["config.json", "model.safetensors.index.json", shard] {
         let hostile = root.join(format!("ft-{name}"));
         common::copy_files(&ft, &hostile, true);
         std::fs::remove_file(hostile.join(name)).unwrap();
@@ -551,12 +538,7 @@ fn a_folder_with_both_a_single_file_and_an_index_is_refused() {
     let root = dir.path();
     common::synth_pair(root, "ambiguous", 64, 1);
     let ft = root.join("ft");
-    let shard = std::fs::read_dir(&ft)
-        .unwrap()
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with("model-"))
-        .unwrap()
-        .path();
+    let shard = first_shard(&ft);
     std::fs::copy(&shard, ft.join("model.safetensors")).unwrap();
     let o = common::extract_pair(root, &root.join("out"), &["--rank", "4"], &[]);
     let err = stderr(&o);

@@ -232,14 +232,8 @@ pub fn copy_files(from: &Path, to: &Path, keep_mtime: bool) {
     }
 }
 
-/// `phlora extract` of the pair ROOT/base, ROOT/ft into OUT on the CPU, quietly, with more
-/// arguments and environment variables.
-pub fn extract_pair(
-    root: &Path,
-    out: &Path,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> std::process::Output {
+/// `phlora extract` of the pair ROOT/base, ROOT/ft into OUT on the CPU, with more arguments.
+pub fn extract_cmd(root: &Path, out: &Path, extra: &[&str]) -> std::process::Command {
     let mut cmd = phlora_cmd();
     cmd.arg("extract")
         .arg("--base")
@@ -248,10 +242,22 @@ pub fn extract_pair(
         .arg(root.join("ft"))
         .arg("--out")
         .arg(out)
-        .args(["--device", "cpu", "--quiet"])
-        .args(extra)
-        .envs(env.iter().copied());
-    cmd.output().unwrap()
+        .args(["--device", "cpu"])
+        .args(extra);
+    cmd
+}
+
+/// [`extract_cmd`], quietly, with environment variables; run to its end.
+pub fn extract_pair(
+    root: &Path,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    extract_cmd(root, out, &[&["--quiet"][..], extra].concat())
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
 }
 
 /// A small Llama-shaped synth pair in ROOT/base and ROOT/ft (fresh seed for `tag`).
