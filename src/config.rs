@@ -132,10 +132,6 @@ impl ExtractArgs {
             })?),
         };
         let device = device_flag(&self.device)?;
-        crate::outdir::ensure_not_input(
-            &self.out,
-            &[(&self.base, "base"), (&self.ft, "fine-tune")],
-        )?;
         if self.in_flight == Some(0) {
             return Err(Error::Settings("--in-flight must be at least 1".into()));
         }

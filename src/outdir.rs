@@ -95,6 +95,29 @@ impl OutLock {
         })
     }
 
+    /// Takes a folder this run reads and another run might write (a shard's part), so that
+    /// none does while it is read. A folder on a read-only filesystem needs no lock: nothing
+    /// can write it.
+    pub fn acquire_to_read(dir: &Path, command: &str) -> Result<Option<OutLock>> {
+        if !dir.is_dir() {
+            return Ok(None); // reading it says what is wrong
+        }
+        match Self::acquire(dir, command) {
+            Err(Error::Io { cause, .. }) if cause.raw_os_error() == Some(libc::EROFS) => Ok(None),
+            // Another user's folder that we may only read: its owner's runs cannot be kept out.
+            Err(Error::Io { path, cause, .. })
+                if cause.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                tracing::warn!(
+                    "{}: cannot lock it (permission denied), so a run that writes it while it is read is not excluded",
+                    path.display()
+                );
+                Ok(None)
+            }
+            other => other.map(Some),
+        }
+    }
+
     fn take(path: &Path, command: &str) -> Result<File> {
         let busy = |holder: Option<Holder>, hint: &str| Error::Busy {
             out: path.parent().unwrap_or(Path::new(".")).to_path_buf(),

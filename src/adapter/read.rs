@@ -235,9 +235,9 @@ impl Adapter {
         let mut modules = Vec::new();
         let mut untargeted = Vec::new();
         for (module, (a, b, embedding)) in pairs {
-            if targeted_parameter(&module, &targeted).is_none()
-                && !targets.wraps(&module, embedding)
-            {
+            // A targeted parameter follows its own rule; a module, the config's.
+            let as_parameter = targeted_parameter(&module, &targeted);
+            if as_parameter.is_none() && !targets.wraps(&module, embedding) {
                 biases.remove(&module);
                 untargeted.push(module);
                 continue;
@@ -250,7 +250,6 @@ impl Adapter {
                     "has only one of its two LoRA factors",
                 ));
             };
-            let as_parameter = targeted_parameter(&module, &targeted);
             let param = as_parameter
                 .clone()
                 .unwrap_or_else(|| format!("{module}.weight"));

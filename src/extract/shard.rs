@@ -184,7 +184,7 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
     // the factors the adapter is written from.
     let _part_locks = dirs
         .iter()
-        .map(|d| crate::outdir::OutLock::acquire(d, "combine"))
+        .map(|d| crate::outdir::OutLock::acquire_to_read(d, "combine"))
         .collect::<Result<Vec<_>>>()?;
     let mut markers = Vec::new();
     for d in dirs {
