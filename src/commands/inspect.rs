@@ -76,7 +76,7 @@ pub fn run(args: &InspectArgs, _ui: Ui) -> Result<ExitCode> {
         "{} tensors in {} shard(s): {} LoRA targets, {} norms, {} not carried",
         rows.len(),
         ck.num_shards(),
-        count(|a| matches!(a, Action::LoraLinear | Action::LoraEmbedding)),
+        count(Action::is_lora),
         count(|a| *a == Action::SaveWhole),
         count(|a| matches!(a, Action::NotCarried(_)))
     )?;

@@ -366,7 +366,7 @@ fn spectra_on<B: Backend>(
         .items
         .iter()
         .zip(outcome.finished)
-        .filter(|(item, _)| matches!(item.action, Action::LoraLinear | Action::LoraEmbedding))
+        .filter(|(item, _)| item.action.is_lora())
         .map(|(item, done)| TensorSpectrum {
             name: item.name.clone(),
             module: item.module.clone(),
@@ -481,7 +481,7 @@ fn run<B: Backend>(
     let useful = plan
         .items
         .iter()
-        .filter(|i| matches!(i.action, Action::LoraLinear | Action::LoraEmbedding))
+        .filter(|i| i.action.is_lora())
         .map(|i| i.matrix().0.min(i.matrix().1))
         .max();
     if let (Some(useful), RankPolicy::Fixed(_)) = (useful.filter(|&u| r_adapter > u), &s.rank) {
@@ -799,7 +799,7 @@ fn summarize(
 fn dominant_lora_dtype(plan: &Plan) -> DType {
     let mut count: HashMap<DType, usize> = HashMap::new();
     for i in &plan.items {
-        if matches!(i.action, Action::LoraLinear | Action::LoraEmbedding) {
+        if i.action.is_lora() {
             // FP8 weights come dequantised; their factors are written in BF16.
             let d = if i.has_fp8() {
                 DType::BF16
