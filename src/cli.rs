@@ -127,7 +127,9 @@ pub struct MergeArgs {
     /// Output folder for the merged checkpoint.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Replace a checkpoint already in the output folder.
+    /// Replace a checkpoint already in the output folder (any weights, index, config.json or
+    /// side file there; weights of another layout are removed). OUT is locked while merge
+    /// runs, and must not be the base's or the adapter's folder.
     #[arg(long)]
     pub force: bool,
     /// Print a JSON summary on stdout.
@@ -155,7 +157,10 @@ pub struct CombineArgs {
     /// setting].
     #[arg(long, value_name = "SIZE")]
     pub max_shard_size: Option<String>,
-    /// Replace an adapter already in the output folder.
+    /// Replace an adapter already in the output folder: without it, any file the run would
+    /// replace or remove there (adapter_config.json, weights of either layout, report.json,
+    /// added_tokens.safetensors) is refused. One run at a time per OUT: a second run on a
+    /// folder another run holds (OUT/.phlora-lock) is refused, --force or not.
     #[arg(long)]
     pub force: bool,
     /// Print a JSON summary on stdout.
@@ -385,7 +390,10 @@ pub struct ExtractArgs {
     /// `_name_or_path`, else the --base path].
     #[arg(long, value_name = "NAME")]
     pub base_name: Option<String>,
-    /// Replace an adapter already in the output folder.
+    /// Replace an adapter already in the output folder: without it, any file the run would
+    /// replace or remove there (adapter_config.json, weights of either layout, report.json,
+    /// added_tokens.safetensors, a copied tokenizer) is refused. One run at a time per OUT: a
+    /// second run on a folder another run holds (OUT/.phlora-lock) is refused, --force or not.
     #[arg(long)]
     pub force: bool,
     /// Print a JSON summary on stdout.
