@@ -145,16 +145,7 @@ fn an_output_that_is_an_input_by_another_spelling_is_refused() {
         base.join("./"),
     ];
     for out in &spellings {
-        let o = common::phlora(&[
-            "merge",
-            "--base",
-            base.to_str().unwrap(),
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--force",
-        ]);
+        let o = common::merge(&base, &adapter, out, &["--force"]);
         let err = stderr(&o);
         assert!(
             !o.status.success() && err.contains("is the base folder"),
@@ -167,15 +158,7 @@ fn an_output_that_is_an_input_by_another_spelling_is_refused() {
             "extract {out:?}: {err}"
         );
     }
-    let o = common::phlora(&[
-        "merge",
-        "--base",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        adapter.join("x/..").to_str().unwrap(),
-    ]);
+    let o = common::merge(&base, &adapter, &adapter.join("x/.."), &[]);
     assert!(
         stderr(&o).contains("is the adapter folder"),
         "{}",
@@ -186,16 +169,12 @@ fn an_output_that_is_an_input_by_another_spelling_is_refused() {
     std::fs::create_dir(&single).unwrap();
     let shard = first_shard(&base);
     std::fs::copy(&shard, single.join("model.safetensors")).unwrap();
-    let o = common::phlora(&[
-        "merge",
-        "--base",
-        single.join("model.safetensors").to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        single.to_str().unwrap(),
-        "--force",
-    ]);
+    let o = common::merge(
+        &single.join("model.safetensors"),
+        &adapter,
+        &single,
+        &["--force"],
+    );
     assert!(stderr(&o).contains("is the base folder"), "{}", stderr(&o));
     assert_eq!(listing(&base), before, "the base folder was written");
     assert!(!base.join("x").exists());
@@ -302,15 +281,7 @@ fn poke(file: &Path, key: &str, elements: std::ops::Range<usize>, value: f32) {
 }
 
 fn merge_into(base: &Path, adapter: &Path, out: &Path) -> Output {
-    common::phlora(&[
-        "merge",
-        "--base",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ])
+    common::merge(base, adapter, out, &[])
 }
 
 fn verify_cmd(root: &Path, adapter: &Path) -> Output {
@@ -715,14 +686,7 @@ fn files_in_out_are_replaced_only_with_force() {
         std::fs::read(merged.join("model.safetensors")).unwrap(),
         b"stale"
     );
-    let mut cmd = common::phlora_cmd();
-    cmd.args(["merge", "--force", "--base"])
-        .arg(root.join("base"))
-        .arg("--adapter")
-        .arg(&adapter)
-        .arg("--out")
-        .arg(&merged);
-    let o = cmd.output().unwrap();
+    let o = common::merge(&root.join("base"), &adapter, &merged, &["--force"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         !merged.join("model.safetensors").exists(),

@@ -315,17 +315,24 @@ pub fn adapter_bytes(out: &Path) -> Vec<u8> {
     b
 }
 
-/// `phlora merge --base BASE --adapter ADAPTER --out OUT`, which must succeed.
+/// `phlora merge --base BASE --adapter ADAPTER --out OUT` with more arguments, run to its end.
+pub fn merge(base: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    phlora_cmd()
+        .arg("merge")
+        .arg("--base")
+        .arg(base)
+        .arg("--adapter")
+        .arg(adapter)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// [`merge`], which must succeed.
 pub fn merge_ok(base: &Path, adapter: &Path, out: &Path) {
-    let o = phlora(&[
-        "merge",
-        "--base",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = merge(base, adapter, out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
