@@ -35,14 +35,12 @@ impl Holder {
             host: hostname(),
             pid: std::process::id(),
             command: command.to_string(),
-            started_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            started_unix: now_unix(),
         }
     }
 
     fn describe(&self) -> String {
-        let now = Holder::me("").started_unix;
+        let now = now_unix();
         format!(
             "`phlora {}`, pid {} on host {}, started {} s ago",
             self.command,
@@ -208,6 +206,12 @@ fn same_file(file: &File, path: &Path) -> bool {
         (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
         _ => false,
     }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn hostname() -> String {

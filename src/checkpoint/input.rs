@@ -22,11 +22,17 @@ pub enum Kind {
 }
 
 pub fn kind(path: &Path) -> Kind {
-    match std::fs::metadata(path) {
-        Err(_) => Kind::Missing,
-        Ok(m) if m.is_file() => Kind::File,
-        Ok(m) if m.is_dir() => Kind::Folder,
-        Ok(_) => Kind::Other,
+    std::fs::metadata(path).map_or(Kind::Missing, |m| kind_of(&m))
+}
+
+/// What metadata says a path is.
+pub fn kind_of(m: &std::fs::Metadata) -> Kind {
+    if m.is_file() {
+        Kind::File
+    } else if m.is_dir() {
+        Kind::Folder
+    } else {
+        Kind::Other
     }
 }
 

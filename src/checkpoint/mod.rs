@@ -69,11 +69,10 @@ struct IndexFile {
 impl Checkpoint {
     /// Opens a model folder or a single `.safetensors` file and validates every header.
     pub fn open(path: &Path) -> Result<Checkpoint> {
-        match input::kind(path) {
-            Kind::Missing => {
-                let e = std::fs::metadata(path).expect_err("missing");
-                return Err(Error::io(path, "cannot open checkpoint", e));
-            }
+        let meta =
+            std::fs::metadata(path).map_err(|e| Error::io(path, "cannot open checkpoint", e))?;
+        match input::kind_of(&meta) {
+            Kind::Missing => unreachable!("metadata was read"),
             Kind::Other => return Err(input::not_regular(path)),
             Kind::File => {
                 let dir = path.parent().unwrap_or(Path::new("."));

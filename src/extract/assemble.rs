@@ -337,21 +337,18 @@ pub(super) fn assemble(
 /// Why an adapter would have no LoRA target (PEFT refuses one: NoMatchingPeftModuleError), for
 /// the error that stops it.
 fn no_lora_target(s: &ExtractSettings, plan: &Plan, rows: &[TensorReport]) -> Error {
-    let targets = || plan.items.iter().filter(|i| i.action.is_lora());
-    let why = if targets().next().is_none() {
-        "the selected tensors hold no layer weight a LoRA can carry (only norms, biases, …): widen --include or --exclude".to_string()
-    } else if let RankPolicy::Budget { params, .. } = s.rank {
-        let changed = rows
-            .iter()
-            .zip(&plan.items)
-            .any(|(r, i)| i.action.is_lora() && r.action == "not-carried");
-        if changed {
-            format!("--budget {params} gave every LoRA target rank 0: raise it")
-        } else {
-            "every selected layer weight is unchanged".into()
+    let starved = rows
+        .iter()
+        .zip(&plan.items)
+        .any(|(r, i)| i.action.is_lora() && r.action == "not-carried");
+    let why = match (&s.rank, starved) {
+        _ if !plan.items.iter().any(|i| i.action.is_lora()) => {
+            "the selected tensors hold no layer weight a LoRA can carry (only norms, biases, …): widen --include or --exclude".to_string()
         }
-    } else {
-        "every selected layer weight is unchanged".into()
+        (RankPolicy::Budget { params, .. }, true) => {
+            format!("--budget {params} gave every LoRA target rank 0: raise it")
+        }
+        _ => "every selected layer weight is unchanged".into(),
     };
     Error::Settings(format!(
         "no tensor gets LoRA factors, and PEFT refuses an adapter without a LoRA target (NoMatchingPeftModuleError): {why}; no adapter is written"

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::job::{ExtraTensor, FactorTensors, Finished};
 use super::ExtractSettings;
 use crate::adapter::writer::ExpertPlace;
-use crate::checkpoint::{Checkpoint, DType};
+use crate::checkpoint::{input, Checkpoint, DType};
 use crate::error::{Error, Result};
 use crate::report::TensorReport;
 use crate::staging::write_synced;
@@ -57,8 +57,8 @@ impl Fingerprint {
                     .parent()
                     .unwrap_or(Path::new("."))
                     .join(extra);
-                if crate::checkpoint::input::kind(&p) != crate::checkpoint::input::Kind::Missing {
-                    let bytes = crate::checkpoint::input::read(&p)?;
+                if input::kind(&p) != input::Kind::Missing {
+                    let bytes = input::read(&p)?;
                     files.push(stamp(&p, &bytes)?);
                 }
             }
@@ -459,9 +459,9 @@ fn read_records(
     for (n, line) in BufReader::new(lines).split(b'\n').enumerate() {
         let Ok(line) = line else { break };
         let problem = match serde_json::from_slice::<Record>(&line) {
-            Err(_) => Some("is torn or not a record".to_string()),
+            Err(_) => "is torn or not a record".to_string(),
             Ok(rec) => match rec.check_set(good_data, data_len, &seen) {
-                Some(p) => Some(p),
+                Some(p) => p,
                 None => {
                     let (index, end) = (rec.index, rec.data_end(good_data));
                     match rec.load(&mut data, dir)? {
@@ -472,12 +472,11 @@ fn read_records(
                             good_data = end;
                             continue;
                         }
-                        None => Some(format!("(tensor #{index}) has byte ranges, sizes or a checksum that do not hold")),
+                        None => format!("(tensor #{index}) has byte ranges, sizes or a checksum that do not hold"),
                     }
                 }
             },
         };
-        let problem = problem.unwrap_or_default();
         match on_bad {
             OnBad::Recompute => {
                 tracing::warn!(
