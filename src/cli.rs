@@ -226,6 +226,30 @@ pub enum SvdArg {
     Exact,
 }
 
+/// How `--budget` shares its parameters among the modules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RankRuleArg {
+    /// Each module's σ² weighed by 1/‖ΔW‖², so every module's relative error counts the same
+    /// (small-norm modules such as v_proj and the embeddings are not starved).
+    Relative,
+    /// Maximise the total preserved Σσ² (least total ‖ΔW − B·A‖): ranks go where ΔW is
+    /// largest in norm, which on real fine-tunes is not where it matters most.
+    Frobenius,
+    /// The largest single rank the budget pays for, every module the same.
+    Uniform,
+}
+
+impl From<RankRuleArg> for crate::linalg::rank::RankRule {
+    fn from(r: RankRuleArg) -> Self {
+        use crate::linalg::rank::RankRule;
+        match r {
+            RankRuleArg::Relative => RankRule::Relative,
+            RankRuleArg::Frobenius => RankRule::Frobenius,
+            RankRuleArg::Uniform => RankRule::Uniform,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TargetArg {
     Peft,
@@ -262,10 +286,19 @@ pub struct ExtractArgs {
     #[arg(long, value_name = "T", conflicts_with = "budget")]
     pub energy: Option<f64>,
     /// A global parameter budget Σ r·(in + out) over all LoRA targets, e.g. 20M: the spectra
-    /// come first (a pass over the inputs), then ranks go where σ² per parameter is largest,
-    /// then the extraction at those ranks (a second pass).
+    /// come first (a pass over the inputs), then --rank-rule shares the budget among the
+    /// modules, then the extraction at those ranks (a second pass). `phlora analyze --budget`
+    /// shows the allocation before anything is extracted.
     #[arg(long, value_name = "PARAMS")]
     pub budget: Option<String>,
+    /// How --budget shares its parameters (see BENCHMARKS.md for how each fares on real
+    /// fine-tunes).
+    #[arg(long, value_enum, default_value_t = RankRuleArg::Relative, requires = "budget")]
+    pub rank_rule: RankRuleArg,
+    /// Under --budget, no module below this rank (capped by its size) [default: half the
+    /// uniform rank the budget is worth]. 0 lets a rule give a module nothing.
+    #[arg(long, value_name = "N", requires = "budget")]
+    pub min_rank: Option<usize>,
     /// Cap on any tensor's rank under --energy or --budget.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_rank: usize,
@@ -341,6 +374,14 @@ pub struct ExtractArgs {
     /// Do not decompose embeddings (they are reported as not carried).
     #[arg(long)]
     pub no_embeddings: bool,
+    /// Decompose lm_head's whole ΔW. By default its logit shift (the part along the
+    /// vocabulary's all-ones direction, which moves every logit of a token alike and so no
+    /// probability) is left out, giving its rank to what changes the output; merged weights
+    /// then differ from the fine-tune's by that shift. Never removed for a tied lm_head,
+    /// added tokens or soft-capped logits (Gemma 2); report.json says where it was and how
+    /// much of ‖ΔW‖² it held.
+    #[arg(long)]
+    pub keep_logit_shift: bool,
     /// Carry the changed biases of LoRA-targeted layers exactly, as PEFT's `lora_B.bias`
     /// (`lora_bias: true`; PEFT ≥ 0.14 loads it, vLLM does not). PEFT refuses it next to an
     /// embedding LoRA (add --no-embeddings) or fused 3-D experts.

@@ -58,11 +58,19 @@ impl ExtractArgs {
                     ))
                 })?,
                 max_rank: self.max_rank,
+                rule: self.rank_rule.into(),
+                min_rank: self.min_rank,
             },
             (None, None, None) => RankPolicy::Fixed(64),
         };
         if self.max_rank == 0 {
             return Err(Error::Settings("--max-rank must be at least 1".into()));
+        }
+        if let Some(floor) = self.min_rank.filter(|&f| f > self.max_rank) {
+            return Err(Error::Settings(format!(
+                "--min-rank {floor} is above --max-rank {}",
+                self.max_rank
+            )));
         }
         let target = match (self.portable, self.target) {
             (true, _) | (_, TargetArg::Portable) => Target::Portable,
@@ -169,6 +177,7 @@ impl ExtractArgs {
                 lora_bias: self.lora_bias,
                 added_tokens: self.added_tokens,
                 fuse_experts: self.fuse_experts,
+                remove_logit_shift: !self.keep_logit_shift,
             },
             base_name: self.base_name.clone(),
             target,

@@ -20,6 +20,11 @@ pub struct TensorReport {
     /// The rank decomposed (≤ the adapter's r; the factors are zero-padded to r).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rank: Option<usize>,
+    /// An output head decomposed without its logit shift: the share of its ‖ΔW‖² that the
+    /// shift held (removed; it changes no probability). Its energy and residual are then of
+    /// P·ΔW, ΔW without the shift.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logit_shift: Option<f64>,
     /// Preserved energy E_r = Σ_{i≤r} σᵢ² / ‖ΔW‖²_F.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub energy: Option<f64>,
@@ -47,6 +52,11 @@ pub struct TensorReport {
 }
 
 impl TensorReport {
+    /// ‖ΔW‖² the adapter is to carry: without the logit shift where that was removed.
+    pub fn carried_sumsq(&self) -> f64 {
+        self.delta_norm * self.delta_norm * (1.0 - self.logit_shift.unwrap_or(0.0))
+    }
+
     pub fn new(name: &str, action: &'static str, shape: &[usize]) -> Self {
         TensorReport {
             name: name.to_string(),
@@ -54,6 +64,7 @@ impl TensorReport {
             reason: None,
             shape: shape.to_vec(),
             delta_norm: 0.0,
+            logit_shift: None,
             rank: None,
             energy: None,
             residual: None,
@@ -188,6 +199,9 @@ pub struct RunReport {
     pub power_iters: usize,
     pub seed: u64,
     pub out_dtype: String,
+    /// What --budget resolved to: the rule, the floor, what it spent, the ranks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::extract::budget::BudgetAllocation>,
     pub summary: Summary,
     pub tensors: Vec<TensorReport>,
 }

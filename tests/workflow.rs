@@ -690,8 +690,8 @@ fn the_energy_policy_meets_its_target_on_every_tensor() {
 }
 
 #[test]
-fn a_parameter_budget_is_kept_and_beats_every_uniform_rank_that_fits_it() {
-    use phlora::linalg::rank::RankPolicy;
+fn a_frobenius_budget_is_kept_and_beats_every_uniform_rank_that_fits_it_in_energy() {
+    use phlora::linalg::rank::{RankPolicy, RankRule};
     let dir = tempfile::tempdir().unwrap();
     let (b, f) = spectrum_pair(dir.path(), fresh_seed("budget"));
     let exact = exact_spectra(&b, &f);
@@ -704,6 +704,8 @@ fn a_parameter_budget_is_kept_and_beats_every_uniform_rank_that_fits_it() {
             RankPolicy::Budget {
                 params,
                 max_rank: 120,
+                rule: RankRule::Frobenius,
+                min_rank: Some(0),
             },
             false,
         );
@@ -1493,6 +1495,8 @@ fn lora_bias_needs_its_layers_factors() {
             RankPolicy::Budget {
                 params: 48,
                 max_rank: 4,
+                rule: phlora::linalg::rank::RankRule::Relative,
+                min_rank: None,
             },
         ),
     ] {

@@ -16,6 +16,8 @@ pub(super) struct Context {
     pub out_dtype: DType,
     /// The devices, for the report.
     pub device: String,
+    /// What --budget resolved to.
+    pub allocation: Option<super::budget::BudgetAllocation>,
 }
 
 pub(super) fn assemble(
@@ -313,6 +315,7 @@ pub(super) fn assemble(
         power_iters: s.svd.power_iters,
         seed: s.svd.seed,
         out_dtype: out_dtype.to_string(),
+        budget: cx.allocation.clone(),
         summary,
         tensors: rows,
     };

@@ -14,6 +14,7 @@ use crate::checkpoint::dtype::decode_into;
 use crate::checkpoint::{Checkpoint, DType, TensorEntry};
 use crate::error::{Error, Result};
 use crate::factor::Layout;
+use crate::linalg::center::{self, RowCentering};
 use crate::linalg::rank::RankPolicy;
 use crate::linalg::{self, blocked, rsvd, Method, SvdSettings};
 use crate::plan::{Action, Form, PlanItem};
@@ -26,27 +27,58 @@ enum Source<'a, B: Backend> {
 }
 
 impl<B: Backend> Source<'_, B> {
+    /// The top-`rank` SVD of ΔW, or of P·ΔW when `p` removes the logit shift.
     fn decompose(
         &self,
         be: &B,
+        p: Option<&RowCentering<B::Mat>>,
         rank: usize,
         svd: &SvdSettings,
         seed: u64,
     ) -> backend::BackendResult<linalg::OnDevice<B::Mat>> {
-        match self {
-            Source::Whole(delta) => linalg::decompose_on_device(be, delta, rank, svd, seed),
-            Source::Blocked(src) => {
+        match (self, p) {
+            (Source::Whole(delta), None) => linalg::decompose_on_device(be, delta, rank, svd, seed),
+            (Source::Whole(delta), Some(p)) => {
+                center::decompose_whole(be, delta, p, rank, svd, seed)
+            }
+            (Source::Blocked(src), p) => {
                 let (rows, cols) = src.item.matrix();
                 let k = svd.sketch_width(rank, rows, cols);
-                blocked::blocked_randomized_svd(be, src, rank, k, svd.power_iters, seed)
+                match p {
+                    None => {
+                        blocked::blocked_randomized_svd(be, src, rank, k, svd.power_iters, seed)
+                    }
+                    Some(p) => {
+                        center::decompose_blocked(be, src, p, rank, k, svd.power_iters, seed)
+                    }
+                }
             }
         }
     }
 
-    fn residual_sumsq(&self, be: &B, left: &B::Mat, right: &B::Mat) -> backend::BackendResult<f64> {
+    /// P·ΔW's column sums, for removing the logit shift.
+    fn centering(&self, be: &B) -> backend::BackendResult<RowCentering<B::Mat>> {
         match self {
-            Source::Whole(delta) => be.residual_sumsq(delta, left, right),
-            Source::Blocked(src) => blocked::blocked_residual_sumsq(be, src, left, right),
+            Source::Whole(delta) => RowCentering::of_whole(be, delta),
+            Source::Blocked(src) => RowCentering::of_blocks(be, src),
+        }
+    }
+
+    /// ‖ΔW − B·A‖² (or ‖P·ΔW − B·A‖²).
+    fn residual_sumsq(
+        &self,
+        be: &B,
+        p: Option<&RowCentering<B::Mat>>,
+        left: &B::Mat,
+        right: &B::Mat,
+    ) -> backend::BackendResult<f64> {
+        let raw = match self {
+            Source::Whole(delta) => be.residual_sumsq(delta, left, right)?,
+            Source::Blocked(src) => blocked::blocked_residual_sumsq(be, src, left, right)?,
+        };
+        match p {
+            None => Ok(raw),
+            Some(p) => p.residual_sumsq(be, raw, left, right),
         }
     }
 }
@@ -225,11 +257,32 @@ impl<B: Backend> LoraJob<'_, B> {
         self.base.release(&item.base);
         ft.release(&item.ft);
         row.delta_norm = stats.sumsq.sqrt();
+        // An output head decomposed without its logit shift: P·ΔW is what the adapter
+        // carries, and what its energy and residual are measured against.
+        let centering = match item.remove_logit_shift && stats.sumsq > 0.0 {
+            true => Some(source.centering(be).map_err(backend_err)?),
+            false => None,
+        };
+        let removed = centering
+            .as_ref()
+            .map_or(0.0, |p| p.removed_sumsq.min(stats.sumsq));
+        let sumsq = stats.sumsq - removed;
+        if centering.is_some() {
+            row.logit_shift = Some(removed / stats.sumsq);
+        }
         stages.read += stats.read_seconds;
         stages.h2d += stats.h2d_seconds;
         stages.delta += (lap(clock) - stats.read_seconds - stats.h2d_seconds).max(0.0);
         if stats.sumsq == 0.0 {
             row.action = "unchanged".into();
+            done.row = row;
+            done.stages = stages;
+            return Ok(done);
+        }
+        // f32 sums of a pure shift leave ~1e-7 of it behind.
+        if sumsq <= 1e-6 * stats.sumsq {
+            row.action = "unchanged".into();
+            row.reason = Some("only a logit shift, which changes no probability".into());
             done.row = row;
             done.stages = stages;
             return Ok(done);
@@ -250,16 +303,16 @@ impl<B: Backend> LoraJob<'_, B> {
             RankPolicy::Energy { .. } => ENERGY_FIRST_RANK.min(cap),
             _ => cap,
         };
+        let p = centering.as_ref();
         let mut t = source
-            .decompose(be, r, &self.s.svd, seed)
+            .decompose(be, p, r, &self.s.svd, seed)
             .map_err(linalg_err)?;
         done.flops += rsvd::nominal_flops(rows, cols, t.sketch, self.s.svd.power_iters);
         if let RankPolicy::Energy { target, .. } = *self.policy {
             // σ from the sketch never exceed the true ones, so a rank that reaches the target
             // on them reaches it on ΔW.
             loop {
-                if let Some(need) = crate::linalg::rank::rank_for_energy(&t.s, stats.sumsq, target)
-                {
+                if let Some(need) = crate::linalg::rank::rank_for_energy(&t.s, sumsq, target) {
                     r = need.max(1);
                     t = t.truncate(be, r).map_err(backend_err)?;
                     break;
@@ -272,7 +325,7 @@ impl<B: Backend> LoraJob<'_, B> {
                 }
                 r = (2 * r).min(cap);
                 t = source
-                    .decompose(be, r, &self.s.svd, seed)
+                    .decompose(be, p, r, &self.s.svd, seed)
                     .map_err(linalg_err)?;
                 done.flops += rsvd::nominal_flops(rows, cols, t.sketch, self.s.svd.power_iters);
             }
@@ -315,7 +368,7 @@ impl<B: Backend> LoraJob<'_, B> {
 
         let clock = Instant::now();
         let res = source
-            .residual_sumsq(be, &f.left, &f.right)
+            .residual_sumsq(be, p, &f.left, &f.right)
             .map_err(backend_err)?;
         stages.residual += lap(clock);
 
@@ -366,8 +419,8 @@ impl<B: Backend> LoraJob<'_, B> {
         };
         let kept: f64 = t.s.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
         row.rank = Some(r);
-        row.energy = Some((kept / stats.sumsq).min(1.0));
-        row.residual = Some((res / stats.sumsq).sqrt());
+        row.energy = Some((kept / sumsq).min(1.0));
+        row.residual = Some((res / sumsq).sqrt());
         row.method = Some(t.method);
         row.sketch = (t.method == Method::Randomized).then_some(t.sketch);
         done.row = row;

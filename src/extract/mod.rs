@@ -8,6 +8,7 @@ use std::time::Instant;
 
 mod added;
 mod assemble;
+pub mod budget;
 mod engine;
 mod fit;
 mod fused;
@@ -23,7 +24,7 @@ use crate::adapter::{self, AdapterConfig, AdapterWriter};
 use crate::backend::{self, Backend, CudaOptions, Device, DeviceWorkers, WorkerRequest, Workers};
 use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
-use crate::linalg::rank::{allocate, RankPolicy, Spectrum, PORTABLE_RANKS};
+use crate::linalg::rank::{RankPolicy, PORTABLE_RANKS};
 use crate::linalg::{Method, SvdSettings};
 use crate::plan::{Action, Form, Plan, PlanItem, PlanOptions};
 use crate::report::{RunReport, StageSeconds, Summary, TensorReport};
@@ -318,6 +319,10 @@ pub struct TensorSpectrum {
     pub name: String,
     pub module: String,
     pub shape: Vec<usize>,
+    /// Parameters per rank of its LoRA: in + out.
+    pub cost: u64,
+    /// A tied lm_head: the embedding whose factors it carries (and so whose rank it has).
+    pub tied_to: Option<String>,
     pub delta_norm: f64,
     /// Descending, at most the policy's rank for this tensor (empty: ΔW = 0).
     pub s: Vec<f32>,
@@ -362,20 +367,38 @@ fn spectra_on<B: Backend>(
     };
     let outcome = engine::run_all(groups, &budgets, &shared, None, None)?;
     bar.finish_and_clear();
-    let rows = plan
-        .items
-        .iter()
-        .zip(outcome.finished)
-        .filter(|(item, _)| item.action.is_lora())
-        .map(|(item, done)| TensorSpectrum {
-            name: item.name.clone(),
-            module: item.module.clone(),
-            shape: item.shape.clone(),
-            delta_norm: done.as_ref().map_or(0.0, |d| d.row.delta_norm),
-            s: done.and_then(|d| d.spectrum).unwrap_or_default(),
-        })
-        .collect();
+    let rows = spectrum_rows(plan, &outcome.finished);
     Ok((rows, device_names(groups)))
+}
+
+/// Each LoRA target's spectrum from a spectrum-only pass, in plan order.
+fn spectrum_rows(plan: &Plan, finished: &[Option<job::Finished>]) -> Vec<TensorSpectrum> {
+    let tied: HashMap<usize, usize> = plan
+        .tied_copies()
+        .into_iter()
+        .map(|(e, c)| (c, e))
+        .collect();
+    plan.items
+        .iter()
+        .enumerate()
+        .zip(finished)
+        .filter(|((_, item), _)| item.action.is_lora())
+        .map(|((i, item), done)| {
+            let (rows, cols) = item.matrix();
+            TensorSpectrum {
+                name: item.name.clone(),
+                module: item.module.clone(),
+                shape: item.shape.clone(),
+                cost: (rows + cols) as u64,
+                tied_to: tied.get(&i).map(|&e| plan.items[e].name.clone()),
+                delta_norm: done.as_ref().map_or(0.0, |d| d.row.carried_sumsq().sqrt()),
+                s: done
+                    .as_ref()
+                    .and_then(|d| d.spectrum.clone())
+                    .unwrap_or_default(),
+            }
+        })
+        .collect()
 }
 
 /// The adapter's `r` and, for a portable adapter, the rank every factor is padded to.
@@ -560,9 +583,15 @@ fn run<B: Backend>(
         skip,
     };
     let mut first_pass = None;
+    let mut allocation = None;
     let allocated;
     let policy = match &s.rank {
-        RankPolicy::Budget { params, max_rank } => {
+        RankPolicy::Budget {
+            params,
+            max_rank,
+            rule,
+            min_rank,
+        } => {
             // Spectra first (no factors), then the ranks, then the extraction at those ranks.
             let pass = engine::run_all(
                 groups,
@@ -572,24 +601,13 @@ fn run<B: Backend>(
                 None,
             )?;
             writer = pass.writer;
-            let spectra: Vec<Spectrum> = plan
-                .items
-                .iter()
-                .zip(&pass.finished)
-                .filter_map(|(item, done)| {
-                    let sp = done.as_ref()?.spectrum.clone()?;
-                    Some(Spectrum {
-                        name: item.name.clone(),
-                        cost: (item.matrix().0 + item.matrix().1) as u64,
-                        s: sp,
-                    })
-                })
-                .collect();
-            let ranks = allocate(&spectra, *params);
+            let rows = spectrum_rows(plan, &pass.finished);
+            let chosen = budget::allocate_budget(&rows, *params, *rule, *min_rank)?;
             allocated = RankPolicy::PerTensor {
-                ranks: spectra.iter().map(|t| t.name.clone()).zip(ranks).collect(),
+                ranks: chosen.rank_map(),
                 max_rank: *max_rank,
             };
+            allocation = Some(chosen);
             first_pass = Some(pass.stages);
             bar.reset();
             &allocated
@@ -633,6 +651,7 @@ fn run<B: Backend>(
         r_adapter,
         out_dtype,
         device: device_names(groups),
+        allocation,
     };
     let report = assemble::assemble(s, base, ft, plan, outcome, &context).map_err(|e| match e {
         // Stopped while the adapter was written: every tensor is journaled.
@@ -756,7 +775,7 @@ fn summarize(
         let sq = if item.is_tied_copy() {
             0.0
         } else {
-            r.delta_norm * r.delta_norm
+            r.carried_sumsq()
         };
         match &*r.action {
             "lora" | "lora-embedding" | "lora-bias" => {

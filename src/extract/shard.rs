@@ -330,6 +330,8 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
             .out_dtype
             .unwrap_or_else(|| super::dominant_lora_dtype(&plan)),
         device: format!("{count} parts"),
+        // Shards refuse --budget (check_policy).
+        allocation: None,
     };
     assemble::assemble(&s, &base, &ft, &plan, outcome, &context)
 }

@@ -28,12 +28,16 @@ pub fn ranges(rows: usize, step: usize) -> impl Iterator<Item = (usize, usize)> 
 }
 
 /// The randomized SVD's products with ΔW, summed over row blocks.
-struct Blocked<'a, B: Backend> {
+pub(crate) struct Blocked<'a, B: Backend> {
     be: &'a B,
     src: &'a dyn RowBlocks<B>,
 }
 
-impl<B: Backend> Blocked<'_, B> {
+impl<'a, B: Backend> Blocked<'a, B> {
+    pub(crate) fn new(be: &'a B, src: &'a dyn RowBlocks<B>) -> Self {
+        Blocked { be, src }
+    }
+
     /// Σ_b f(block b, rows b of Q) over the blocks; Q is cut once per pass.
     fn sum_over_blocks(
         &self,

@@ -2,6 +2,7 @@
 //! the randomized SVD ([`rsvd`]), the exact thin SVD ([`exact`]), and rank policies ([`rank`]).
 
 pub mod blocked;
+pub mod center;
 pub mod exact;
 pub mod rank;
 pub mod rsvd;

@@ -14,9 +14,15 @@ pub enum RankPolicy {
     /// Per tensor, the smallest rank whose preserved energy E_r reaches `target`, at most
     /// `max_rank` (decided after the decomposition; the sketch grows when needed).
     Energy { target: f64, max_rank: usize },
-    /// A global parameter budget Σ r·(in + out) ≤ `params`, allocated across tensors to
-    /// maximise the total preserved energy (spectra first, then the ranks; see [`allocate`]).
-    Budget { params: u64, max_rank: usize },
+    /// A global parameter budget Σ r·(in + out) ≤ `params`, shared among the tensors by
+    /// `rule`, none below `min_rank` (None: [`default_floor`]); spectra first, then the ranks
+    /// ([`allocate`]).
+    Budget {
+        params: u64,
+        max_rank: usize,
+        rule: RankRule,
+        min_rank: Option<usize>,
+    },
     /// Ranks decided beforehand per tensor name (what a budget resolves to).
     PerTensor {
         ranks: HashMap<String, usize>,
@@ -72,37 +78,110 @@ pub fn rank_for_energy(s: &[f32], total: f64, target: f64) -> Option<usize> {
     None
 }
 
+/// How a parameter budget is shared among the LoRA targets (`--rank-rule`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RankRule {
+    /// Each module's σ² weighed by 1/‖ΔW‖²: every module's *relative* error counts the same,
+    /// so a module whose change is small in norm but not in effect (a `v_proj`, the
+    /// embeddings) is not starved by one whose change is large.
+    Relative,
+    /// Σσ² over all modules, the total Frobenius error: goes where ΔW is largest.
+    Frobenius,
+    /// The largest uniform rank the budget pays for.
+    Uniform,
+}
+
+impl RankRule {
+    pub const ALL: [RankRule; 3] = [RankRule::Relative, RankRule::Frobenius, RankRule::Uniform];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RankRule::Relative => "relative",
+            RankRule::Frobenius => "frobenius",
+            RankRule::Uniform => "uniform",
+        }
+    }
+}
+
 /// One tensor's part in a budget allocation.
 #[derive(Clone, Debug)]
 pub struct Spectrum {
     pub name: String,
     /// Parameters per rank: in + out.
     pub cost: u64,
+    /// ‖ΔW‖²_F (what the relative rule divides by; ≥ Σ s²).
+    pub sumsq: f64,
     /// The leading singular values, descending (as many as the tensor may take).
     pub s: Vec<f32>,
 }
 
-/// Ranks that maximise Σ preserved σ² under Σ rᵢ·costᵢ ≤ `budget`: each tensor's directions
-/// taken greedily by σ² per parameter (each tensor's σ descend, so its gains are concave),
-/// skipping what no longer fits; compared with the best uniform rank within the same budget,
-/// and the better of the two returned (greedy alone can lose up to one direction's worth).
-pub fn allocate(spectra: &[Spectrum], budget: u64) -> Vec<usize> {
-    let gain = |t: &Spectrum, r: usize| -> f64 {
-        t.s[..r].iter().map(|&x| f64::from(x) * f64::from(x)).sum()
+/// The largest uniform rank r with Σ min(r, len)·cost ≤ budget, over tensors of these costs
+/// and rank caps (what a budget "is worth" in uniform rank).
+pub fn uniform_rank(tensors: &[(u64, usize)], budget: u64) -> usize {
+    let longest = tensors.iter().map(|t| t.1).max().unwrap_or(0);
+    let cost = |r: usize| -> u64 { tensors.iter().map(|&(c, len)| r.min(len) as u64 * c).sum() };
+    (0..=longest)
+        .rev()
+        .find(|&r| cost(r) <= budget)
+        .unwrap_or(0)
+}
+
+/// The floor a budget puts under every tensor's rank unless `--min-rank` says otherwise: half
+/// the uniform rank the budget is worth (without one, the relative rule starves the
+/// embeddings and lm_head, whose single directions are costly).
+pub fn default_floor(tensors: &[(u64, usize)], budget: u64) -> usize {
+    uniform_rank(tensors, budget) / 2
+}
+
+/// Σ min(floor, len)·cost: what a floor alone spends.
+pub fn floor_cost(tensors: &[(u64, usize)], floor: usize) -> u64 {
+    tensors
+        .iter()
+        .map(|&(c, len)| floor.min(len) as u64 * c)
+        .sum()
+}
+
+/// Ranks under Σ rᵢ·costᵢ ≤ `budget` by `rule`, every tensor at least min(`floor`, its
+/// length) (the caller checks that the floor fits: [`floor_cost`]). Relative and Frobenius
+/// maximise Σ wᵢ·Σ_{j≤rᵢ} σᵢⱼ² (wᵢ = 1/‖ΔWᵢ‖² or 1): directions are taken greedily by weighted
+/// σ² per parameter (each tensor's σ descend, so its gains are concave), skipping what no
+/// longer fits; the best uniform rank within the budget is tried too and the better of the
+/// two kept (greedy alone can lose up to one direction's worth). Deterministic: ties go to
+/// the earlier tensor, then the earlier direction.
+pub fn allocate(spectra: &[Spectrum], budget: u64, rule: RankRule, floor: usize) -> Vec<usize> {
+    let shape: Vec<(u64, usize)> = spectra.iter().map(|t| (t.cost, t.s.len())).collect();
+    let best = uniform_rank(&shape, budget);
+    let uniform: Vec<usize> = spectra.iter().map(|t| best.min(t.s.len())).collect();
+    let weight = |t: &Spectrum| -> f64 {
+        match rule {
+            RankRule::Relative if t.sumsq > 0.0 => 1.0 / t.sumsq,
+            RankRule::Relative => 0.0,
+            _ => 1.0,
+        }
     };
-    // Greedy over (ratio, tensor, index) in descending ratio; ties by tensor then index.
+    if rule == RankRule::Uniform {
+        return uniform;
+    }
+    let mut greedy: Vec<usize> = spectra.iter().map(|t| floor.min(t.s.len())).collect();
+    let mut spent: u64 = spectra
+        .iter()
+        .zip(&greedy)
+        .map(|(t, &r)| r as u64 * t.cost)
+        .sum();
+    // (weighted σ² per parameter, tensor, index), best first.
     let mut items: Vec<(f64, usize, usize)> = spectra
         .iter()
         .enumerate()
         .flat_map(|(t, sp)| {
+            let w = weight(sp) / sp.cost.max(1) as f64;
             sp.s.iter()
                 .enumerate()
-                .map(move |(i, &x)| (f64::from(x) * f64::from(x) / sp.cost.max(1) as f64, t, i))
+                .skip(greedy[t])
+                .map(move |(i, &x)| (w * f64::from(x) * f64::from(x), t, i))
         })
         .collect();
     items.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    let mut greedy = vec![0usize; spectra.len()];
-    let mut spent = 0u64;
     for (_, t, i) in items {
         // A direction is usable only after the ones above it in the same tensor.
         if greedy[t] == i && spent + spectra[t].cost <= budget {
@@ -110,24 +189,18 @@ pub fn allocate(spectra: &[Spectrum], budget: u64) -> Vec<usize> {
             spent += spectra[t].cost;
         }
     }
-    let longest = spectra.iter().map(|t| t.s.len()).max().unwrap_or(0);
-    let uniform_cost = |r: usize| -> u64 {
+    let objective = |ranks: &[usize]| -> f64 {
         spectra
             .iter()
-            .map(|t| r.min(t.s.len()) as u64 * t.cost)
+            .zip(ranks)
+            .map(|(t, &r)| weight(t) * t.s[..r].iter().map(|&x| f64::from(x).powi(2)).sum::<f64>())
             .sum()
     };
-    let best_uniform = (0..=longest)
-        .rev()
-        .find(|&r| uniform_cost(r) <= budget)
-        .unwrap_or(0);
-    let uniform: Vec<usize> = spectra
+    let floored = uniform
         .iter()
-        .map(|t| best_uniform.min(t.s.len()))
-        .collect();
-    let total =
-        |ranks: &[usize]| -> f64 { spectra.iter().zip(ranks).map(|(t, &r)| gain(t, r)).sum() };
-    if total(&uniform) > total(&greedy) {
+        .zip(spectra)
+        .all(|(&r, t)| r >= floor.min(t.s.len()));
+    if floored && objective(&uniform) > objective(&greedy) {
         uniform
     } else {
         greedy
@@ -172,12 +245,16 @@ mod tests {
                 let decay = 0.3 + 1.5 * next();
                 let scale = 0.1 + 3.0 * next();
                 let len = 4 + (next() * 40.0) as usize;
+                let s: Vec<f32> = (0..len)
+                    .map(|i| (scale * (1.0 + i as f64).powf(-decay)) as f32)
+                    .collect();
+                // The tail beyond the sketch holds some energy too.
+                let sumsq = s.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() * (1.0 + next());
                 Spectrum {
                     name: format!("t{t}"),
                     cost: 50 + (next() * 400.0) as u64,
-                    s: (0..len)
-                        .map(|i| (scale * (1.0 + i as f64).powf(-decay)) as f32)
-                        .collect(),
+                    sumsq,
+                    s,
                 }
             })
             .collect()
@@ -188,7 +265,7 @@ mod tests {
         for seed in [1u64, 7, 42, 1234, 98765] {
             let sp = spectra(seed);
             for budget in [0u64, 100, 1_000, 5_000, 20_000, 1_000_000] {
-                let ranks = allocate(&sp, budget);
+                let ranks = allocate(&sp, budget, RankRule::Frobenius, 0);
                 let cost: u64 = sp.iter().zip(&ranks).map(|(t, &r)| r as u64 * t.cost).sum();
                 assert!(cost <= budget, "seed {seed} budget {budget}: spent {cost}");
                 assert!(sp.iter().zip(&ranks).all(|(t, &r)| r <= t.s.len()));

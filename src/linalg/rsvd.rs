@@ -27,7 +27,13 @@ pub trait DeltaProducts<B: Backend> {
 }
 
 /// ΔW held whole on the backend.
-struct Whole<'a, B: Backend>(&'a B, &'a B::Mat);
+pub(crate) struct Whole<'a, B: Backend>(&'a B, &'a B::Mat);
+
+impl<'a, B: Backend> Whole<'a, B> {
+    pub(crate) fn new(be: &'a B, delta: &'a B::Mat) -> Self {
+        Whole(be, delta)
+    }
+}
 
 impl<B: Backend> DeltaProducts<B> for Whole<'_, B> {
     fn shape(&self) -> (usize, usize) {

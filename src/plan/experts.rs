@@ -126,6 +126,7 @@ pub(super) fn expert_items(f: &TensorEntry, b: &TensorEntry, stored_in_out: bool
                 base_scale: None,
                 ft_scale: None,
                 added: None,
+                remove_logit_shift: false,
                 module: module_of(&f.name).to_string(),
                 shape: vec![d1, d2],
                 base: slice(b, e, &name),

@@ -70,6 +70,9 @@ pub struct PlanItem {
     pub ft_scale: Option<BlockScale>,
     /// The fine-tune's vocabulary grew (`--added-tokens`): `ft` views the rows both share.
     pub added: Option<AddedRows>,
+    /// An output head whose ΔW is decomposed without its logit shift (the component along
+    /// the vocabulary's all-ones direction, which softmax ignores): see [`vocab::logit_shift_removable`].
+    pub remove_logit_shift: bool,
 }
 
 /// How a tensor is read as the matrix ΔW that is decomposed, and how its factors are written.
@@ -190,14 +193,19 @@ pub struct PlanOptions {
     pub added_tokens: bool,
     /// Per-expert MoE weights written as transformers v5's fused parameters.
     pub fuse_experts: bool,
+    /// Decompose lm_head's ΔW without the shift it adds to every logit alike (exact where
+    /// softmax sees the raw logits; see [`vocab::logit_shift_removable`]).
+    pub remove_logit_shift: bool,
 }
 
 impl PlanOptions {
-    /// Every tensor, embeddings decomposed and norms saved whole: the defaults.
+    /// Every tensor, embeddings decomposed, norms saved whole, lm_head's logit shift
+    /// removed: the defaults.
     pub fn all() -> PlanOptions {
         PlanOptions {
             embeddings: true,
             norms: true,
+            remove_logit_shift: true,
             ..PlanOptions::default()
         }
     }
@@ -317,6 +325,7 @@ impl Plan {
                 base_scale,
                 ft_scale,
                 added,
+                remove_logit_shift: false,
                 note: None,
                 module: module_of(&f.name).to_string(),
                 name: f.name.clone(),
@@ -348,6 +357,7 @@ impl Plan {
                     base_scale: None,
                     ft_scale: None,
                     added,
+                    remove_logit_shift: false,
                     module: module_of(&b.name).to_string(),
                     name: b.name.clone(),
                     shape: b.shape.clone(),
@@ -394,6 +404,9 @@ impl Plan {
                     i.action = Action::LoraBias;
                 }
             }
+        }
+        if opts.remove_logit_shift {
+            vocab::mark_logit_shift(&mut items, base, ft);
         }
         for (name, note) in notes {
             tracing::info!("{name}: {note}");

@@ -155,5 +155,49 @@ pub(super) fn tied_output_item(
             emb.name
         )),
         form: Form::Matrix,
+        remove_logit_shift: false,
     })
+}
+
+/// Config keys of transformations between lm_head and the softmax that a shift of every
+/// logit by the same amount does not commute with (Gemma 2's tanh soft-capping).
+const LOGIT_SOFTCAPS: [&str; 2] = ["final_logit_softcapping", "logit_softcapping"];
+
+/// Whether lm_head's logit shift can be removed without changing any probability: a causal
+/// LM's own output head (not one tied to the embedding, whose factors are the embedding's),
+/// on the vocabulary both models share, with softmax applied to the raw logits (a constant
+/// scale such as Cohere's `logit_scale` keeps a shift a shift; soft-capping does not).
+pub(super) fn logit_shift_removable(item: &PlanItem, config: Option<&serde_json::Value>) -> bool {
+    let capped = config.is_some_and(|c| {
+        LOGIT_SOFTCAPS
+            .iter()
+            .any(|k| c.get(k).is_some_and(|v| !v.is_null()))
+            || c.get("text_config").is_some_and(|t| {
+                LOGIT_SOFTCAPS
+                    .iter()
+                    .any(|k| t.get(k).is_some_and(|v| !v.is_null()))
+            })
+    });
+    item.action == Action::LoraLinear
+        && last_segment(&item.module) == "lm_head"
+        && item.form == Form::Matrix
+        && item.added.is_none()
+        && !item.is_tied_copy()
+        && !capped
+}
+
+/// Marks the output heads whose logit shift is removed (`PlanOptions::remove_logit_shift`),
+/// saying why where one is kept.
+pub(super) fn mark_logit_shift(items: &mut [PlanItem], base: &Checkpoint, ft: &Checkpoint) {
+    let config = ft.config().or(base.config());
+    for item in items.iter_mut() {
+        if logit_shift_removable(item, config) {
+            item.remove_logit_shift = true;
+        } else if item.action == Action::LoraLinear && last_segment(&item.module) == "lm_head" {
+            tracing::debug!(
+                "{}: logit shift kept (tied, added rows or soft-capped logits)",
+                item.name
+            );
+        }
+    }
 }

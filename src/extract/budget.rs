@@ -1,0 +1,101 @@
+//! A budget's ranks (`--budget`, `analyze --budget`): from the spectra of the first pass to a
+//! rank per tensor, by one of the rules of [`RankRule`].
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use super::TensorSpectrum;
+use crate::error::{Error, Result};
+use crate::linalg::rank::{allocate, default_floor, floor_cost, uniform_rank, RankRule, Spectrum};
+
+/// What a budget resolved to, as report.json and analysis.json record it.
+#[derive(Clone, Debug, Serialize)]
+pub struct BudgetAllocation {
+    pub rule: RankRule,
+    /// The budget Σ r·(in + out), and what the ranks spend of it.
+    pub params: u64,
+    pub spent: u64,
+    /// The floor under every module's rank (capped by its size).
+    pub min_rank: usize,
+    /// The largest uniform rank the same budget pays for (the comparison it is made against).
+    pub uniform_rank: usize,
+    /// Per tensor, in plan order.
+    pub ranks: Vec<(String, usize)>,
+}
+
+impl BudgetAllocation {
+    pub fn rank_map(&self) -> HashMap<String, usize> {
+        self.ranks.iter().cloned().collect()
+    }
+}
+
+/// The spectra a budget shares: one per changed LoRA target, a tied lm_head folded into its
+/// embedding (both carry the same factors, so one rank of the pair costs both).
+fn budget_spectra(rows: &[TensorSpectrum]) -> Vec<Spectrum> {
+    let mut spectra: Vec<Spectrum> = rows
+        .iter()
+        .filter(|t| t.tied_to.is_none() && !t.s.is_empty())
+        .map(|t| Spectrum {
+            name: t.name.clone(),
+            cost: t.cost,
+            sumsq: t.delta_norm * t.delta_norm,
+            s: t.s.clone(),
+        })
+        .collect();
+    for copy in rows.iter().filter(|t| t.tied_to.is_some()) {
+        if let Some(sp) = spectra
+            .iter_mut()
+            .find(|sp| Some(&sp.name) == copy.tied_to.as_ref())
+        {
+            sp.cost += copy.cost;
+        }
+    }
+    spectra
+}
+
+/// Ranks for `params` by `rule`, none below `min_rank` (None: half the uniform rank the
+/// budget is worth). A floor that alone spends more than the budget is refused.
+pub fn allocate_budget(
+    rows: &[TensorSpectrum],
+    params: u64,
+    rule: RankRule,
+    min_rank: Option<usize>,
+) -> Result<BudgetAllocation> {
+    let spectra = budget_spectra(rows);
+    let shape: Vec<(u64, usize)> = spectra.iter().map(|t| (t.cost, t.s.len())).collect();
+    let floor = min_rank.unwrap_or_else(|| default_floor(&shape, params));
+    let floor_spends = floor_cost(&shape, floor);
+    if floor_spends > params {
+        return Err(Error::Settings(format!(
+            "--min-rank {floor}: the floor alone costs {floor_spends} parameters over the {} changed LoRA targets, more than --budget {params}; lower it or raise the budget",
+            spectra.len()
+        )));
+    }
+    let ranks = allocate(&spectra, params, rule, floor);
+    let by_name: HashMap<&str, usize> = spectra
+        .iter()
+        .zip(&ranks)
+        .map(|(t, &r)| (t.name.as_str(), r))
+        .collect();
+    let spent = spectra
+        .iter()
+        .zip(&ranks)
+        .map(|(t, &r)| r as u64 * t.cost)
+        .sum();
+    let ranks = rows
+        .iter()
+        .map(|t| {
+            let owner = t.tied_to.as_deref().unwrap_or(&t.name);
+            (t.name.clone(), by_name.get(owner).copied().unwrap_or(0))
+        })
+        .collect();
+    Ok(BudgetAllocation {
+        rule,
+        params,
+        spent,
+        min_rank: floor,
+        uniform_rank: uniform_rank(&shape, params),
+        ranks,
+    })
+}
