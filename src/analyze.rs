@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::extract::budget::{allocate_budget, BudgetAllocation};
 use crate::extract::{ExtractSettings, TensorSpectrum};
-use crate::linalg::rank::rank_for_energy;
+use crate::linalg::rank::{rank_for_energy, RankRule};
 
 #[derive(Clone, Debug)]
 pub struct AnalyzeSettings {
@@ -22,6 +23,9 @@ pub struct AnalyzeSettings {
     pub heatmap_energy: f64,
     /// Singular values kept per tensor in the report.
     pub head: usize,
+    /// `--budget`: what each rule would allocate, with this floor (None: the default).
+    pub budget: Option<u64>,
+    pub min_rank: Option<usize>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -57,6 +61,9 @@ pub struct AnalysisReport {
     pub heatmap_energy: f64,
     pub seconds: f64,
     pub tensors: Vec<TensorProfile>,
+    /// `--budget`: each rule's allocation.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub budget: Vec<BudgetAllocation>,
     /// Files written.
     pub files: Vec<String>,
 }
@@ -141,8 +148,15 @@ pub fn analyze(s: &AnalyzeSettings, dir: &Path) -> Result<AnalysisReport> {
         heatmap_energy: s.heatmap_energy,
         seconds: started.elapsed().as_secs_f64(),
         tensors,
+        budget: Vec::new(),
         files: Vec::new(),
     };
+    if let Some(params) = s.budget {
+        report.budget = RankRule::ALL
+            .iter()
+            .map(|&rule| allocate_budget(&spectra, params, rule, s.min_rank))
+            .collect::<Result<_>>()?;
+    }
     // Each figure drawn once, rendered twice.
     let (curves, heatmap) = (
         crate::plot::energy_curves(&report),
@@ -155,6 +169,12 @@ pub fn analyze(s: &AnalyzeSettings, dir: &Path) -> Result<AnalysisReport> {
         (dir.join("rank_heatmap.svg"), heatmap.svg().into_bytes()),
         (dir.join("rank_heatmap.png"), heatmap.png()),
     ];
+    for a in &report.budget {
+        let fig = crate::plot::allocation_heatmap(&report, a);
+        let name = format!("allocation_{}", a.rule.as_str());
+        files.push((dir.join(format!("{name}.svg")), fig.svg().into_bytes()));
+        files.push((dir.join(format!("{name}.png")), fig.png()));
+    }
     report.files = files
         .iter()
         .map(|(p, _)| p.display().to_string())
@@ -256,6 +276,9 @@ impl AnalysisReport {
             }
             s.push('\n');
         }
+        if !self.budget.is_empty() {
+            s.push_str(&self.budget_table());
+        }
         let _ = writeln!(
             s,
             "{} tensors in {:.2} s on {}",
@@ -263,6 +286,44 @@ impl AnalysisReport {
             self.seconds,
             self.device
         );
+        s
+    }
+
+    /// `--budget`: each module's rank under each rule, and what each spends.
+    fn budget_table(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let first = &self.budget[0];
+        let _ = writeln!(
+            s,
+            "\n--budget {}: ranks per rule (floor {}, the uniform rank it is worth: {})",
+            first.params, first.min_rank, first.uniform_rank
+        );
+        let width = self
+            .tensors
+            .iter()
+            .map(|t| t.name.len())
+            .max()
+            .unwrap_or(6)
+            .clamp(6, 60);
+        let _ = write!(s, "{:<width$}", "tensor");
+        for a in &self.budget {
+            let _ = write!(s, " {:>10}", a.rule.as_str());
+        }
+        s.push('\n');
+        let maps: Vec<_> = self.budget.iter().map(|a| a.rank_map()).collect();
+        for t in &self.tensors {
+            let _ = write!(s, "{:<width$}", t.name);
+            for m in &maps {
+                let _ = write!(s, " {:>10}", m.get(&t.name).copied().unwrap_or(0));
+            }
+            s.push('\n');
+        }
+        let _ = write!(s, "{:<width$}", "parameters");
+        for a in &self.budget {
+            let _ = write!(s, " {:>10}", a.spent);
+        }
+        s.push('\n');
         s
     }
 }

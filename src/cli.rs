@@ -66,7 +66,8 @@ pub struct AnalyzeArgs {
     /// The fine-tuned model.
     #[arg(long, value_name = "PATH")]
     pub ft: PathBuf,
-    /// Folder for analysis.json, analysis.csv, energy_curves.svg/.png, rank_heatmap.svg/.png.
+    /// Folder for analysis.json, analysis.csv, energy_curves.svg/.png, rank_heatmap.svg/.png
+    /// (and allocation_<rule>.svg/.png with --budget).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Ranks at which to report E_r.
@@ -95,6 +96,15 @@ pub struct AnalyzeArgs {
     /// Singular values listed per tensor in analysis.json.
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub head: usize,
+    /// What each --rank-rule of `extract --budget PARAMS` would allocate, per module: a table,
+    /// `budget` in analysis.json and allocation_<rule>.svg/.png (each module's rank is capped
+    /// by --max-rank, as extract's by its own --max-rank).
+    #[arg(long, value_name = "PARAMS")]
+    pub budget: Option<String>,
+    /// The floor under --budget's ranks, as for extract [default: half the uniform rank the
+    /// budget is worth].
+    #[arg(long, value_name = "N", requires = "budget")]
+    pub min_rank: Option<usize>,
     /// Compute device (as for extract).
     #[arg(long, default_value = "auto")]
     pub device: String,

@@ -26,7 +26,7 @@ pub(crate) fn size_flag(flag: &str, v: &Option<String>) -> Result<Option<u64>> {
 }
 
 /// A count with an optional decimal suffix: 1500, 20K, 20M, 1.5G.
-fn parse_count(s: &str) -> Option<u64> {
+pub fn parse_count(s: &str) -> Option<u64> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last()? {
         (i, 'k' | 'K') => (&s[..i], 1e3),

@@ -288,8 +288,45 @@ pub fn energy_curves(r: &AnalysisReport) -> Figure {
 
 /// Layers × module types, the colour the rank needed for the heatmap's energy.
 pub fn rank_heatmap(r: &AnalysisReport) -> Figure {
-    let types = module_types(&r.tensors);
-    let mut layers: Vec<Option<usize>> = r.tensors.iter().map(|t| t.layer).collect();
+    let key = format!("{}", r.heatmap_energy);
+    heatmap(
+        &r.tensors,
+        format!("rank needed for E_r >= {key}"),
+        r.cap,
+        |tp| tp.rank_for.get(&key).copied().flatten(),
+    )
+}
+
+/// Layers × module types, the colour the rank a budget rule allocates (`analyze --budget`).
+pub fn allocation_heatmap(
+    r: &AnalysisReport,
+    a: &crate::extract::budget::BudgetAllocation,
+) -> Figure {
+    let ranks = a.rank_map();
+    heatmap(
+        &r.tensors,
+        format!(
+            "--budget {} --rank-rule {} (floor {}; uniform would be {})",
+            a.params,
+            a.rule.as_str(),
+            a.min_rank,
+            a.uniform_rank
+        ),
+        r.cap,
+        |tp| ranks.get(&tp.name).copied(),
+    )
+}
+
+/// Layers × module types, each cell coloured by a rank on a log scale up to `cap` (grey and
+/// ">cap" where `rank_of` has none).
+fn heatmap(
+    tensors: &[TensorProfile],
+    title: String,
+    cap: usize,
+    rank_of: impl Fn(&TensorProfile) -> Option<usize>,
+) -> Figure {
+    let types = module_types(tensors);
+    let mut layers: Vec<Option<usize>> = tensors.iter().map(|t| t.layer).collect();
     layers.sort();
     layers.dedup();
     // Cells wide enough for a 10-character label under the 5×7 font.
@@ -298,16 +335,9 @@ pub fn rank_heatmap(r: &AnalysisReport) -> Figure {
     let w = (l + cw * types.len() as f64 + 120.0) as usize;
     let h = (t + ch * layers.len() as f64 + 40.0).max(260.0) as usize;
     let mut f = Figure::new(w, h);
-    let key = format!("{}", r.heatmap_energy);
-    f.text(
-        l,
-        24.0,
-        14.0,
-        format!("rank needed for E_r >= {key}"),
-        BLACK,
-        0,
-    );
-    let cap = r.cap.max(2) as f64;
+    f.text(l, 24.0, 14.0, title, BLACK, 0);
+    let top = cap;
+    let cap = cap.max(2) as f64;
     let colour = |rank: Option<usize>| match rank {
         Some(k) => viridis(((k.max(1) as f64).ln() / cap.ln()).clamp(0.0, 1.0)),
         None => Rgb(60, 60, 60),
@@ -328,14 +358,13 @@ pub fn rank_heatmap(r: &AnalysisReport) -> Figure {
         );
         for (j, ty) in types.iter().enumerate() {
             let x = l + cw * j as f64;
-            if let Some(tp) = r
-                .tensors
+            if let Some(tp) = tensors
                 .iter()
                 .find(|tp| tp.layer == *layer && &tp.module_type == ty)
             {
-                let rank = tp.rank_for.get(&key).copied().flatten();
+                let rank = rank_of(tp);
                 f.rect(x + 1.0, y + 1.0, cw - 2.0, ch - 2.0, colour(rank));
-                let label = rank.map_or(format!(">{}", r.cap), |k| k.to_string());
+                let label = rank.map_or(format!(">{top}"), |k| k.to_string());
                 let ink = if rank.is_some_and(|k| (k.max(1) as f64).ln() / cap.ln() > 0.6) {
                     BLACK
                 } else {
@@ -351,7 +380,7 @@ pub fn rank_heatmap(r: &AnalysisReport) -> Figure {
         let v = 1.0 - k as f64 / 100.0;
         f.rect(sx, t + 1.6 * k as f64, 16.0, 1.7, viridis(v));
     }
-    f.text(sx + 22.0, t + 8.0, 11.0, format!("{}", r.cap), BLACK, 0);
+    f.text(sx + 22.0, t + 8.0, 11.0, format!("{top}"), BLACK, 0);
     f.text(
         sx + 22.0,
         t + 80.0,
@@ -362,7 +391,7 @@ pub fn rank_heatmap(r: &AnalysisReport) -> Figure {
     );
     f.text(sx + 22.0, t + 160.0, 11.0, "1", BLACK, 0);
     f.rect(sx, t + 175.0, 16.0, 10.0, Rgb(60, 60, 60));
-    f.text(sx + 22.0, t + 184.0, 11.0, format!("> {}", r.cap), BLACK, 0);
+    f.text(sx + 22.0, t + 184.0, 11.0, format!("> {top}"), BLACK, 0);
     f
 }
 

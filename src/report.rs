@@ -178,12 +178,43 @@ pub struct Summary {
     pub total_relative_error: f64,
     /// Worst per-tensor residual among LoRA targets.
     pub max_residual: f64,
+    /// Set when the LoRA targets keep too little of their ‖ΔW‖² (a high-rank fine-tune, or
+    /// too small a rank): the same as the warning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub low_energy: Option<LowEnergy>,
     pub input_bytes: u64,
     pub seconds: f64,
     /// Nominal randomized-SVD flops 2·m·n·k·(2q+2) / randomized-SVD seconds.
     pub svd_gflops: f64,
     pub stages: StageSeconds,
     pub workers: Vec<WorkerTime>,
+}
+
+/// An adapter that keeps little of what it should carry.
+#[derive(Clone, Debug, Serialize)]
+pub struct LowEnergy {
+    /// Share of the LoRA targets' ‖ΔW‖² kept, 1 − Σ residual²·‖ΔW‖² / Σ ‖ΔW‖².
+    pub kept: f64,
+    /// Modules that keep less than half of their own.
+    pub modules_below_half: usize,
+    /// The modules that keep least, with what each keeps (E_r from the certificate).
+    pub worst: Vec<(String, f64)>,
+}
+
+impl LowEnergy {
+    pub fn message(&self) -> String {
+        let worst = self
+            .worst
+            .iter()
+            .map(|(n, e)| format!("{n} {e:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "the adapter keeps {:.0}% of its LoRA targets' ‖ΔW‖² ({} module(s) below half; least: {worst}): this fine-tune is higher-rank than the adapter, so expect it to behave unlike the fine-tune. `phlora analyze` shows the rank each module needs; try a higher --rank or --budget, or check the result with scripts/eval_adapter.py",
+            100.0 * self.kept,
+            self.modules_below_half
+        )
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -603,3 +603,128 @@ fn blocked_body<B: Backend>(be: &B) {
         }
     }
 }
+
+#[test]
+fn the_logit_shift_is_removed_exactly_whole_and_in_row_blocks() {
+    on_every_device!(centering_body);
+}
+
+/// P·ΔW (P = I − 11ᵀ/m) decomposed without forming it: its spectrum, factors and residual
+/// certificate against the f64 reference of the explicitly centred matrix, for ΔW held whole
+/// (exact and randomized) and in row blocks; shapes 1×n, tall, wide, rank-deficient and zero.
+fn centering_body<B: Backend>(be: &B) {
+    use phlora::linalg::blocked::RowBlocks;
+    use phlora::linalg::center::{decompose_blocked, decompose_whole, RowCentering};
+    struct Rows<'a, B: Backend>(&'a B, &'a Mat<f32>, usize);
+    impl<B: Backend> RowBlocks<B> for Rows<'_, B> {
+        fn shape(&self) -> (usize, usize) {
+            (self.1.nrows(), self.1.ncols())
+        }
+        fn block_rows(&self) -> usize {
+            self.2
+        }
+        fn block(&self, r0: usize, r1: usize) -> phlora::backend::BackendResult<B::Mat> {
+            self.0.upload(self.1.as_ref().subrows(r0, r1 - r0))
+        }
+    }
+    let seed = fresh_seed("centering");
+    for (m, n, planted, shift) in [
+        (1usize, 40usize, 1usize, 1.0f64),
+        (120, 30, 4, 3.0),
+        (40, 90, 4, 3.0),
+        (96, 64, 0, 2.0), // a pure shift: nothing left
+        (64, 48, 3, 0.0), // no shift at all
+        (30, 20, 0, 0.0), // zero
+    ] {
+        // ΔW = 1·cᵀ·shift + a planted rank-`planted` part.
+        let c = normal(n, seed + 1);
+        let low = if planted > 0 {
+            spectrum_matrix(m, n, &power_law(planted, 1.0), 0.0, seed + 2)
+        } else {
+            Mat::<f64>::zeros(m, n)
+        };
+        let a = Mat::<f64>::from_fn(m, n, |i, j| shift * f64::from(c[j]) + low[(i, j)]);
+        let mean = |j: usize| (0..m).map(|i| a[(i, j)]).sum::<f64>() / m as f64;
+        let centred = Mat::<f64>::from_fn(m, n, |i, j| a[(i, j)] - mean(j));
+        let exact = singular_values(&centred);
+        let total: f64 = (0..m)
+            .flat_map(|i| (0..n).map(move |j| (i, j)))
+            .map(|(i, j)| a[(i, j)].powi(2))
+            .sum();
+        let kept: f64 = exact.iter().map(|s| s * s).sum();
+        let a32 = to_f32(&a);
+        let d = be.upload(a32.as_ref()).unwrap();
+        let rank = planted.max(1).min(m).min(n);
+        let blocks = Rows(be, &a32, 7);
+        for (how, method) in [
+            ("whole exact", Method::Exact),
+            ("whole randomized", Method::Randomized),
+            ("blocked", Method::Randomized),
+        ] {
+            let what = format!("{m}×{n} planted {planted} shift {shift}, {how}");
+            let p = if how == "blocked" {
+                RowCentering::of_blocks(be, &blocks).unwrap()
+            } else {
+                RowCentering::of_whole(be, &d).unwrap()
+            };
+            assert!(
+                (p.removed_sumsq - (total - kept)).abs() <= 1e-5 * total.max(1e-30),
+                "{what}: removed {} vs {}",
+                p.removed_sumsq,
+                total - kept
+            );
+            let st = settings(method, seed);
+            let t = if how == "blocked" {
+                let k = st.sketch_width(rank, m, n);
+                decompose_blocked(be, &blocks, &p, rank, k, st.power_iters, seed)
+            } else {
+                decompose_whole(be, &d, &p, rank, &st, seed)
+            }
+            .unwrap();
+            let t = t.download(be).unwrap();
+            for (i, &s) in t.s.iter().enumerate() {
+                let want = exact.get(i).copied().unwrap_or(0.0);
+                // f32 rounding of the shift itself leaves ~1e-7·‖ΔW‖ behind.
+                let tol = 1e-4 * exact.first().copied().unwrap_or(0.0) + 1e-6 * total.sqrt();
+                assert!(
+                    (f64::from(s) - want).abs() <= tol,
+                    "{what}: σ{i} {s} vs {want}"
+                );
+            }
+            // The residual certificate against the centred matrix, and the factors in P's range.
+            let f = split(&t, Layout::Linear, rank, DType::F32);
+            let (l, r) = (
+                be.upload(f.left.as_ref()).unwrap(),
+                be.upload(f.right.as_ref()).unwrap(),
+            );
+            let raw = be.residual_sumsq(&d, &l, &r).unwrap();
+            let got = p.residual_sumsq(be, raw, &l, &r).unwrap();
+            let mut want = 0.0;
+            for i in 0..m {
+                for j in 0..n {
+                    let ba: f64 = (0..rank)
+                        .map(|k| f64::from(f.left[(i, k)]) * f64::from(f.right[(k, j)]))
+                        .sum();
+                    want += (centred[(i, j)] - ba).powi(2);
+                }
+            }
+            assert!(
+                (got - want).abs() <= 1e-5 * total.max(1e-30),
+                "{what}: residual {got} vs {want}"
+            );
+            for j in 0..n {
+                let col: f64 = (0..m)
+                    .map(|i| {
+                        (0..rank)
+                            .map(|k| f64::from(f.left[(i, k)]) * f64::from(f.right[(k, j)]))
+                            .sum::<f64>()
+                    })
+                    .sum();
+                assert!(
+                    col.abs() <= 1e-4 * total.sqrt().max(1e-30),
+                    "{what}: B·A moves every logit of column {j} by {col}"
+                );
+            }
+        }
+    }
+}

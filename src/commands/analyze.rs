@@ -35,7 +35,17 @@ pub fn run(a: &AnalyzeArgs, ui: Ui) -> Result<ExitCode> {
     if !energies.contains(&a.heatmap_energy) {
         energies.push(a.heatmap_energy);
     }
+    let budget = match &a.budget {
+        None => None,
+        Some(b) => Some(crate::config::parse_count(b).ok_or_else(|| {
+            Error::Settings(format!(
+                "--budget `{b}`: expected a parameter count such as 20M or 1.5G"
+            ))
+        })?),
+    };
     let settings = AnalyzeSettings {
+        budget,
+        min_rank: a.min_rank,
         extract,
         ranks: a.ranks.clone(),
         energies,

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::engine::Outcome;
 use super::*;
+use crate::report::LowEnergy;
 
 /// What the run that computed the tensors knows besides them.
 pub(super) struct Context {
@@ -152,6 +153,16 @@ pub(super) fn assemble(
         tracing::warn!(
             "{starved} changed LoRA target(s) got rank 0 under --budget and are not in the adapter; they hold {:.3}% of ‖ΔW‖² (see report.json)",
             100.0 * starved_share
+        );
+    }
+    summary.low_energy = low_energy(&rows, plan);
+    if let Some(low) = &summary.low_energy {
+        tracing::warn!("{}", low.message());
+    }
+    if let Some((share, n)) = logit_shift_removed(&rows) {
+        tracing::info!(
+            "{n} output head(s) decomposed without their logit shift, which changes no probability: it held {:.1}% of their ‖ΔW‖² (report.json: logit_shift; --keep-logit-shift to keep it)",
+            100.0 * share
         );
     }
     // MoE routers go to PEFT as target parameters (`mlp.gate.weight`): transformers v5 makes
@@ -335,6 +346,59 @@ pub(super) fn assemble(
         s.max_shard_size,
     )?;
     Ok(report)
+}
+
+/// Below these, an adapter keeps too little to be trusted: the LoRA targets' share of
+/// ‖ΔW‖² kept (1 − residual²), and one module's.
+const LOW_KEPT_TOTAL: f64 = 0.8;
+const LOW_KEPT_MODULE: f64 = 0.5;
+
+/// When the adapter keeps less than [`LOW_KEPT_TOTAL`] of its LoRA targets' ‖ΔW‖², or some
+/// module less than [`LOW_KEPT_MODULE`] of its own: the worst modules (a target a budget gave
+/// rank 0 keeps nothing). None when it keeps enough.
+fn low_energy(rows: &[TensorReport], plan: &Plan) -> Option<LowEnergy> {
+    let targets: Vec<(&TensorReport, f64)> = rows
+        .iter()
+        .zip(&plan.items)
+        .filter(|(r, i)| {
+            i.action.is_lora()
+                && !i.is_tied_copy()
+                && (r.residual.is_some() || r.action == "not-carried")
+        })
+        .map(|(r, _)| (r, r.residual.map_or(0.0, |e| (1.0 - e * e).max(0.0))))
+        .collect();
+    let total: f64 = targets.iter().map(|(r, _)| r.carried_sumsq()).sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let kept = targets
+        .iter()
+        .map(|(r, k)| k * r.carried_sumsq())
+        .sum::<f64>()
+        / total;
+    let mut worst: Vec<(String, f64)> = targets.iter().map(|(r, k)| (r.name.clone(), *k)).collect();
+    worst.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    let below = worst.iter().filter(|w| w.1 < LOW_KEPT_MODULE).count();
+    if kept >= LOW_KEPT_TOTAL && below == 0 {
+        return None;
+    }
+    worst.truncate(3);
+    Some(LowEnergy {
+        kept,
+        modules_below_half: below,
+        worst,
+    })
+}
+
+/// The share of ‖ΔW‖² the removed logit shifts held, over the heads it was removed from.
+fn logit_shift_removed(rows: &[TensorReport]) -> Option<(f64, usize)> {
+    let heads: Vec<&TensorReport> = rows.iter().filter(|r| r.logit_shift.is_some()).collect();
+    let all: f64 = heads.iter().map(|r| r.delta_norm * r.delta_norm).sum();
+    let removed: f64 = heads
+        .iter()
+        .map(|r| r.delta_norm * r.delta_norm * r.logit_shift.unwrap_or(0.0))
+        .sum();
+    (all > 0.0).then(|| (removed / all, heads.len()))
 }
 
 /// Why an adapter would have no LoRA target (PEFT refuses one: NoMatchingPeftModuleError), for

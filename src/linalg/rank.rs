@@ -299,4 +299,95 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn every_rule_keeps_the_budget_and_the_floor_and_repeats_itself() {
+        for seed in [3u64, 11, 99, 2024, 77777] {
+            let sp = spectra(seed);
+            let shape: Vec<(u64, usize)> = sp.iter().map(|t| (t.cost, t.s.len())).collect();
+            for budget in [600u64, 2_000, 8_000, 30_000, 1_000_000] {
+                let floors = [0, default_floor(&shape, budget), 2];
+                for rule in RankRule::ALL {
+                    for floor in floors {
+                        if floor_cost(&shape, floor) > budget {
+                            continue;
+                        }
+                        let what = format!("seed {seed} budget {budget} {rule:?} floor {floor}");
+                        let ranks = allocate(&sp, budget, rule, floor);
+                        let cost: u64 =
+                            sp.iter().zip(&ranks).map(|(t, &r)| r as u64 * t.cost).sum();
+                        assert!(cost <= budget, "{what}: spent {cost}");
+                        for (t, &r) in sp.iter().zip(&ranks) {
+                            assert!(r <= t.s.len(), "{what}: {} rank {r}", t.name);
+                            assert!(r >= floor.min(t.s.len()), "{what}: {} rank {r}", t.name);
+                        }
+                        assert_eq!(ranks, allocate(&sp, budget, rule, floor), "{what}");
+                        // The uniform rule is the largest uniform rank that fits.
+                        if rule == RankRule::Uniform {
+                            let u = uniform_rank(&shape, budget);
+                            assert!(sp.iter().zip(&ranks).all(|(t, &r)| r == u.min(t.s.len())));
+                            assert!(
+                                u == shape.iter().map(|t| t.1).max().unwrap() || {
+                                    let next: u64 =
+                                        shape.iter().map(|&(c, l)| (u + 1).min(l) as u64 * c).sum();
+                                    next > budget
+                                },
+                                "{what}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_relative_rule_beats_every_uniform_rank_on_the_sum_of_relative_energies() {
+        for seed in [5u64, 8, 13, 21] {
+            let sp = spectra(seed);
+            let shape: Vec<(u64, usize)> = sp.iter().map(|t| (t.cost, t.s.len())).collect();
+            let relative = |ranks: &[usize]| -> f64 {
+                sp.iter()
+                    .zip(ranks)
+                    .map(|(t, &r)| {
+                        t.s[..r].iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / t.sumsq
+                    })
+                    .sum()
+            };
+            for budget in [1_000u64, 5_000, 20_000] {
+                let ranks = allocate(&sp, budget, RankRule::Relative, 0);
+                for u in 0..=uniform_rank(&shape, budget) {
+                    let uniform: Vec<usize> = sp.iter().map(|t| u.min(t.s.len())).collect();
+                    assert!(
+                        relative(&ranks) >= relative(&uniform) - 1e-12,
+                        "seed {seed} budget {budget} u {u}"
+                    );
+                }
+                // A module scaled up by 1000 keeps its relative rank, where Frobenius chases it.
+                let mut loud = sp.clone();
+                loud[0].s.iter_mut().for_each(|x| *x *= 1000.0);
+                loud[0].sumsq *= 1e6;
+                assert_eq!(
+                    allocate(&loud, budget, RankRule::Relative, 0),
+                    ranks,
+                    "seed {seed} budget {budget}"
+                );
+                let greedy = allocate(&loud, budget, RankRule::Frobenius, 0);
+                assert!(greedy[0] >= ranks[0], "seed {seed} budget {budget}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_floor_is_half_the_uniform_rank_and_always_fits() {
+        let shape = [(100u64, 64usize), (300, 64), (50, 4)];
+        for budget in [0u64, 450, 4_500, 45_000, 10_000_000] {
+            let u = uniform_rank(&shape, budget);
+            assert_eq!(default_floor(&shape, budget), u / 2);
+            assert!(floor_cost(&shape, u) <= budget);
+            assert!(floor_cost(&shape, default_floor(&shape, budget)) <= budget);
+        }
+        assert_eq!(uniform_rank(&shape, 450), 1);
+        assert_eq!(uniform_rank(&shape, 10_000_000), 64);
+    }
 }
