@@ -22,13 +22,14 @@ import shlex
 import subprocess
 import sys
 
+EXTRA = []
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
 def extract(phlora, base, ft, out, args):
     cmd = [phlora, "extract", "--base", base, "--ft", ft, "--out", out, "--device", "cpu",
-           "--force", "--quiet"] + args
+           "--force", "--quiet"] + EXTRA + args
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)}: exit {run.returncode}\n{run.stderr}")
@@ -68,9 +69,11 @@ def main():
     ap.add_argument("--ranks", default="8,16,32")
     ap.add_argument("--rules", default="relative,frobenius,frobenius-floor0,uniform")
     ap.add_argument("--variant", action="append", default=[], help="NAME=EXTRA ARGS")
+    ap.add_argument("--extra", default="", help="added to every extract command, e.g. --remove-logit-shift")
     ap.add_argument("--energies", default="", help="also --energy T for these T, against uniform at the same count")
     ap.add_argument("--phlora", default=os.path.join(ROOT, "target", "release", "phlora"))
     args = ap.parse_args()
+    EXTRA.extend(shlex.split(args.extra))
     os.makedirs(args.work, exist_ok=True)
     base = os.path.join(args.models, "base")
     rules = {
@@ -78,6 +81,7 @@ def main():
         "frobenius": ["--rank-rule", "frobenius"],
         "frobenius-floor0": ["--rank-rule", "frobenius", "--min-rank", "0"],
         "relative-floor0": ["--rank-rule", "relative", "--min-rank", "0"],
+        "base": ["--rank-rule", "base"],
         "uniform": ["--rank-rule", "uniform"],
     }
     chosen = [(r, rules[r]) for r in args.rules.split(",") if r]

@@ -245,6 +245,8 @@ pub enum RankRuleArg {
     /// Maximise the total preserved Σσ² (least total ‖ΔW − B·A‖): ranks go where ΔW is
     /// largest in norm, which on real fine-tunes is not where it matters most.
     Frobenius,
+    /// Each module's σ² weighed by 1/‖W_base‖²: its error relative to the weight it changes.
+    Base,
     /// The largest single rank the budget pays for, every module the same.
     Uniform,
 }
@@ -255,6 +257,7 @@ impl From<RankRuleArg> for crate::linalg::rank::RankRule {
         match r {
             RankRuleArg::Relative => RankRule::Relative,
             RankRuleArg::Frobenius => RankRule::Frobenius,
+            RankRuleArg::Base => RankRule::Base,
             RankRuleArg::Uniform => RankRule::Uniform,
         }
     }
@@ -292,7 +295,11 @@ pub struct ExtractArgs {
     pub rank: Option<usize>,
     /// Per tensor, the smallest rank whose preserved energy E_r = Σσᵢ²/‖ΔW‖² reaches T (0 < T
     /// ≤ 1), at most --max-rank; the sketch grows until it does. Ranks differ per module:
-    /// rank_pattern/alpha_pattern in the config (PEFT), or --portable.
+    /// rank_pattern/alpha_pattern in the config (PEFT), or --portable. Good for a bound on
+    /// every tensor's error certificate, and for sizing an adapter to a fine-tune's rank;
+    /// against one uniform rank of the same size it was mixed on the fine-tunes measured
+    /// (better on a high-rank one and at T = 0.9, worse at T ≤ 0.7 on a domain shift:
+    /// BENCHMARKS.md).
     #[arg(long, value_name = "T", conflicts_with = "budget")]
     pub energy: Option<f64>,
     /// A global parameter budget Σ r·(in + out) over all LoRA targets, e.g. 20M: the spectra
@@ -301,9 +308,11 @@ pub struct ExtractArgs {
     /// shows the allocation before anything is extracted.
     #[arg(long, value_name = "PARAMS")]
     pub budget: Option<String>,
-    /// How --budget shares its parameters (see BENCHMARKS.md for how each fares on real
-    /// fine-tunes).
-    #[arg(long, value_enum, default_value_t = RankRuleArg::Relative, requires = "budget")]
+    /// How --budget shares its parameters. The default is uniform because no data-free rule
+    /// beat it on every kind of fine-tune measured (docs/rank-rules.md, BENCHMARKS.md):
+    /// `base` did best on a sequence task, `frobenius` on a broad domain shift; run
+    /// scripts/eval_adapter.py on yours to choose.
+    #[arg(long, value_enum, default_value_t = RankRuleArg::Uniform, requires = "budget")]
     pub rank_rule: RankRuleArg,
     /// Under --budget, no module below this rank (capped by its size) [default: half the
     /// uniform rank the budget is worth]. 0 lets a rule give a module nothing.
@@ -384,14 +393,15 @@ pub struct ExtractArgs {
     /// Do not decompose embeddings (they are reported as not carried).
     #[arg(long)]
     pub no_embeddings: bool,
-    /// Decompose lm_head's whole ΔW. By default its logit shift (the part along the
-    /// vocabulary's all-ones direction, which moves every logit of a token alike and so no
-    /// probability) is left out, giving its rank to what changes the output; merged weights
-    /// then differ from the fine-tune's by that shift. Never removed for a tied lm_head,
-    /// added tokens or soft-capped logits (Gemma 2); report.json says where it was and how
-    /// much of ‖ΔW‖² it held.
+    /// Leave lm_head's logit shift out of its LoRA: the part of ΔW along the vocabulary's
+    /// all-ones direction, which moves every logit of a token alike and so no probability
+    /// (often most of lm_head's ‖ΔW‖²), giving its rank and its share of a --budget to what
+    /// changes the output. Merged weights then differ from the fine-tune's by that shift, and
+    /// `verify` (which compares with the whole ΔW) counts it as error. Never applied to a
+    /// tied lm_head, added tokens or soft-capped logits (Gemma 2); report.json says where it
+    /// was (logit_shift: its share of ‖ΔW‖²).
     #[arg(long)]
-    pub keep_logit_shift: bool,
+    pub remove_logit_shift: bool,
     /// Carry the changed biases of LoRA-targeted layers exactly, as PEFT's `lora_B.bias`
     /// (`lora_bias: true`; PEFT ≥ 0.14 loads it, vLLM does not). PEFT refuses it next to an
     /// embedding LoRA (add --no-embeddings) or fused 3-D experts.

@@ -177,7 +177,7 @@ impl ExtractArgs {
                 lora_bias: self.lora_bias,
                 added_tokens: self.added_tokens,
                 fuse_experts: self.fuse_experts,
-                remove_logit_shift: !self.keep_logit_shift,
+                remove_logit_shift: self.remove_logit_shift,
             },
             base_name: self.base_name.clone(),
             target,

@@ -40,6 +40,7 @@ fn budget_spectra(rows: &[TensorSpectrum]) -> Vec<Spectrum> {
             name: t.name.clone(),
             cost: t.cost,
             sumsq: t.delta_norm * t.delta_norm,
+            base_sumsq: t.base_sumsq,
             s: t.s.clone(),
         })
         .collect();

@@ -149,6 +149,8 @@ pub(super) struct Finished {
     pub module: Option<String>,
     /// The leading singular values (spectrum-only runs).
     pub spectrum: Option<Vec<f32>>,
+    /// ‖W_base‖² (spectrum-only runs).
+    pub base_sumsq: Option<f64>,
     /// A tensor written as it is: (key, dtype, shape, bytes) — a `lora_B.bias`.
     pub extra: Option<ExtraTensor>,
     pub stages: StageSeconds,
@@ -214,6 +216,7 @@ impl<B: Backend> LoraJob<'_, B> {
             factors: None,
             module: None,
             spectrum: None,
+            base_sumsq: None,
             extra: None,
             stages: StageSeconds::default(),
             flops: 0.0,
@@ -253,6 +256,10 @@ impl<B: Backend> LoraJob<'_, B> {
                 (Source::Blocked(self.blocks(step)), stats)
             }
         };
+        // A budget's rules may weigh modules by ‖W_base‖²: read while the pages are in memory.
+        if self.spectrum_only {
+            done.base_sumsq = Some(host_sumsq(self.base, item));
+        }
         // The decomposition holds all that is needed now: drop what is left of the pages.
         self.base.release(&item.base);
         ft.release(&item.ft);
@@ -496,6 +503,7 @@ pub(super) fn tied_copy(source: &Finished, index: usize, item: &PlanItem) -> Fin
         module: factors.as_ref().map(|_| item.module.clone()),
         factors,
         spectrum: source.spectrum.clone(),
+        base_sumsq: source.base_sumsq,
         extra: None,
         stages: StageSeconds::default(),
         flops: 0.0,
@@ -552,6 +560,29 @@ pub(super) fn host_delta(
     let stats = parts.iter().fold(DeltaStats::default(), |a, b| a.merge(*b));
     check_finite(base, ft, item, &stats)?;
     Ok(stats)
+}
+
+/// ‖W_base‖² of a tensor, in chunks of rows on the host (f64 sums).
+fn host_sumsq(base: &Checkpoint, item: &PlanItem) -> f64 {
+    const CHUNK: usize = 1 << 16;
+    let (rows, cols) = item.matrix();
+    let step = (CHUNK / cols.max(1)).max(1);
+    (0..rows.div_ceil(step))
+        .into_par_iter()
+        .map(|c| {
+            let (r0, r1) = (c * step, ((c + 1) * step).min(rows));
+            let mut x = vec![0f32; (r1 - r0) * cols];
+            decode_into(
+                item.base_dtype(),
+                &item.side_rows(base, false, r0, r1),
+                &mut x,
+            );
+            x.iter()
+                .filter(|v| v.is_finite())
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>()
+        })
+        .sum()
 }
 
 /// NaN or Inf in ΔW is an error that names the checkpoint holding it.
@@ -636,6 +667,7 @@ pub(super) fn other_item(
         factors: None,
         module: None,
         spectrum: None,
+        base_sumsq: None,
         extra,
         stages,
         flops: 0.0,

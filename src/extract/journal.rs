@@ -607,6 +607,7 @@ impl Record {
             factors,
             module: self.module,
             spectrum: None,
+            base_sumsq: None,
             extra,
             flops: self.flops,
         };

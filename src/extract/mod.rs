@@ -324,6 +324,8 @@ pub struct TensorSpectrum {
     /// A tied lm_head: the embedding whose factors it carries (and so whose rank it has).
     pub tied_to: Option<String>,
     pub delta_norm: f64,
+    /// ‖W_base‖².
+    pub base_sumsq: f64,
     /// Descending, at most the policy's rank for this tensor (empty: ΔW = 0).
     pub s: Vec<f32>,
 }
@@ -392,6 +394,7 @@ fn spectrum_rows(plan: &Plan, finished: &[Option<job::Finished>]) -> Vec<TensorS
                 cost: (rows + cols) as u64,
                 tied_to: tied.get(&i).map(|&e| plan.items[e].name.clone()),
                 delta_norm: done.as_ref().map_or(0.0, |d| d.row.carried_sumsq().sqrt()),
+                base_sumsq: done.as_ref().and_then(|d| d.base_sumsq).unwrap_or(0.0),
                 s: done
                     .as_ref()
                     .and_then(|d| d.spectrum.clone())

@@ -94,6 +94,7 @@ pub fn bench_sink(out: &Path, rank: usize, layers: usize) -> Result<SinkBench> {
             }),
             module: Some(module.clone()),
             spectrum: None,
+            base_sumsq: None,
             extra: None,
             stages: StageSeconds::default(),
             flops: 0.0,

@@ -88,17 +88,25 @@ pub enum RankRule {
     Relative,
     /// Σσ² over all modules, the total Frobenius error: goes where ΔW is largest.
     Frobenius,
+    /// Each module's σ² weighed by 1/‖W_base‖²: the error relative to the weight it changes.
+    Base,
     /// The largest uniform rank the budget pays for.
     Uniform,
 }
 
 impl RankRule {
-    pub const ALL: [RankRule; 3] = [RankRule::Relative, RankRule::Frobenius, RankRule::Uniform];
+    pub const ALL: [RankRule; 4] = [
+        RankRule::Relative,
+        RankRule::Frobenius,
+        RankRule::Base,
+        RankRule::Uniform,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             RankRule::Relative => "relative",
             RankRule::Frobenius => "frobenius",
+            RankRule::Base => "base",
             RankRule::Uniform => "uniform",
         }
     }
@@ -112,6 +120,8 @@ pub struct Spectrum {
     pub cost: u64,
     /// ‖ΔW‖²_F (what the relative rule divides by; ≥ Σ s²).
     pub sumsq: f64,
+    /// ‖W_base‖²_F (what the base rule divides by).
+    pub base_sumsq: f64,
     /// The leading singular values, descending (as many as the tensor may take).
     pub s: Vec<f32>,
 }
@@ -157,6 +167,8 @@ pub fn allocate(spectra: &[Spectrum], budget: u64, rule: RankRule, floor: usize)
         match rule {
             RankRule::Relative if t.sumsq > 0.0 => 1.0 / t.sumsq,
             RankRule::Relative => 0.0,
+            RankRule::Base if t.base_sumsq > 0.0 => 1.0 / t.base_sumsq,
+            RankRule::Base => 0.0,
             _ => 1.0,
         }
     };
@@ -254,6 +266,7 @@ mod tests {
                     name: format!("t{t}"),
                     cost: 50 + (next() * 400.0) as u64,
                     sumsq,
+                    base_sumsq: 100.0 * sumsq * (0.5 + next()),
                     s,
                 }
             })

@@ -199,13 +199,11 @@ pub struct PlanOptions {
 }
 
 impl PlanOptions {
-    /// Every tensor, embeddings decomposed, norms saved whole, lm_head's logit shift
-    /// removed: the defaults.
+    /// Every tensor, embeddings decomposed and norms saved whole: the defaults.
     pub fn all() -> PlanOptions {
         PlanOptions {
             embeddings: true,
             norms: true,
-            remove_logit_shift: true,
             ..PlanOptions::default()
         }
     }
