@@ -38,8 +38,13 @@ pub struct TensorCheck {
     pub rank: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scaling: Option<f64>,
-    /// ‖W_ft − W_base‖.
+    /// ‖W_ft − W_base‖ (for an lm_head extracted with --remove-logit-shift, of ΔW without
+    /// the shift: every ΔW figure of that tensor is compared modulo the shift).
     pub delta_norm: f64,
+    /// The share of this lm_head's ‖ΔW‖² that was a logit shift, left out of the comparison
+    /// because extract left it out (report.json says so) and it changes no probability.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logit_shift: Option<f64>,
     /// cos(ΔŴ, ΔW): how well the adapter's update points the fine-tune's way.
     pub cos_delta: f64,
     /// ‖ΔW − ΔŴ‖ / ‖ΔW‖.
@@ -230,6 +235,64 @@ fn compare(base: BaseSide<'_>, ft: &Checkpoint, ftt: &TensorEntry, update: &RowU
     parts.into_iter().fold(Sums::default(), Sums::add)
 }
 
+/// Per column j: Σ_i ΔW_ij and Σ_i ΔŴ_ij (one more pass; for the logit shift).
+fn column_sums(
+    base: BaseSide<'_>,
+    ft: &Checkpoint,
+    ftt: &TensorEntry,
+    update: &RowUpdate<'_>,
+) -> (Vec<f64>, Vec<f64>) {
+    let rows = ftt.shape.first().copied().unwrap_or(1).max(1);
+    let cols = ftt.numel() / rows;
+    let step = ((1 << 20) / cols.max(1)).clamp(1, rows);
+    let mut cd = vec![0f64; cols];
+    let mut ch = vec![0f64; cols];
+    for r0 in (0..rows).step_by(step) {
+        let r1 = (r0 + step).min(rows);
+        let (wb, wf) = (base.rows(r0, r1), ft.rows_f32(ftt, r0, r1));
+        let h = update(r0, r1, &wb);
+        for i in 0..wb.len() {
+            cd[i % cols] += f64::from(wf[i]) - f64::from(wb[i]);
+            ch[i % cols] += h.as_ref().map_or(0.0, |h| f64::from(h[i]));
+        }
+    }
+    (cd, ch)
+}
+
+/// The sums of P·ΔW against P·ΔŴ, P = I − 11ᵀ/m over the rows, from those of ΔW and ΔŴ
+/// and their column sums; returns them with the share of ‖ΔW‖² P takes out.
+fn without_shift(s: Sums, rows: usize, cd: &[f64], ch: &[f64]) -> (Sums, f64) {
+    let m = rows.max(1) as f64;
+    let dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(a, b)| a * b).sum::<f64>() / m;
+    let diff: Vec<f64> = cd.iter().zip(ch).map(|(a, b)| a - b).collect();
+    let out = Sums {
+        dd: (s.dd - dot(cd, cd)).max(0.0),
+        hh: (s.hh - dot(ch, ch)).max(0.0),
+        dh: s.dh - dot(cd, ch),
+        ee: (s.ee - dot(&diff, &diff)).max(0.0),
+        ..s
+    };
+    (out, ratio(s.dd - out.dd, s.dd))
+}
+
+/// The tensors whose logit shift extract left out, from the report.json beside the adapter
+/// (none when there is no such report: another tool's adapter).
+fn shift_removed(adapter_dir: &std::path::Path) -> std::collections::HashSet<String> {
+    let Ok(text) = crate::checkpoint::input::read_string(&adapter_dir.join("report.json")) else {
+        return Default::default();
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Default::default();
+    };
+    v["tensors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t.get("logit_shift").is_some_and(|x| x.is_number()))
+        .filter_map(|t| t["name"].as_str().map(str::to_string))
+        .collect()
+}
+
 pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
     let base = Checkpoint::open(&s.base)?;
     let ft = Checkpoint::open(&s.ft)?;
@@ -324,8 +387,12 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
             pairs.push((bt.name.clone(), bt, ftt));
         }
     }
+    let shifted = shift_removed(&adapter.dir);
     for (name, bt, ftt) in pairs {
         let ftt_name = name;
+        let mut logit_shift = None;
+        // The merged weight is compared as it is, shift and all.
+        let mut weight_ee = None;
         let side = base_side(&base, bt, &ft, ftt, &ftt_name, adapter.added.as_ref())?;
         if bt.float_dtype().is_none() || ftt.float_dtype().is_none() {
             continue; // not a weight phlora reads (the adapter cannot touch it either)
@@ -353,7 +420,16 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
             carried.insert(ftt_name.clone());
             let (a, b) = adapter.factors(m);
             let update = |r0: usize, r1: usize, _: &[f32]| Some(update_rows(m, &a, &b, r0, r1));
-            compare(side, &ft, ftt, &update)
+            let sums = compare(side, &ft, ftt, &update);
+            if shifted.contains(&ftt_name) {
+                let (cd, ch) = column_sums(side, &ft, ftt, &update);
+                let (centred, share) = without_shift(sums, ftt.shape[0], &cd, &ch);
+                logit_shift = Some(share);
+                weight_ee = Some(sums.ee);
+                centred
+            } else {
+                sums
+            }
         } else if let Some(m) = bias_of {
             carried.insert(ftt_name.clone());
             let bt_lora = m.bias.as_ref().expect("filtered");
@@ -421,10 +497,11 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
             rank: lora.map(|m| m.rank),
             scaling: lora.map(|m| m.scaling),
             delta_norm: sums.dd.sqrt(),
+            logit_shift,
             cos_delta: ratio(sums.dh, (sums.dd * sums.hh).sqrt()),
             rel_error_delta: ratio(sums.ee, sums.dd).sqrt(),
             cos_weight: ratio(sums.mf, (sums.mm * sums.ff).sqrt()),
-            rel_error_weight: ratio(sums.ee, sums.ff).sqrt(),
+            rel_error_weight: ratio(weight_ee.unwrap_or(sums.ee), sums.ff).sqrt(),
             passed: true,
         };
         if sums.dd == 0.0 && sums.hh == 0.0 {
@@ -516,6 +593,14 @@ impl VerifyReport {
             self.worst_rel_error_delta,
             if self.passed { "passed" } else { "FAILED" }
         );
+        for t in self.tensors.iter().filter(|t| t.logit_shift.is_some()) {
+            let _ = writeln!(
+                s,
+                "{}: ΔW compared without its logit shift ({:.1}% of its ‖ΔW‖²), as extract --remove-logit-shift left it out; the merged weight is compared as it is",
+                t.name,
+                100.0 * t.logit_shift.unwrap_or(0.0)
+            );
+        }
         s
     }
 }

@@ -327,6 +327,21 @@ fn lm_heads_logit_shift_is_left_out_and_changes_no_probability() {
             (scale * ba - delta[k]).abs() > 1e-3
         });
         assert!(weights_differ, "{tag}: the shift was carried after all");
+        // verify reads report.json and compares modulo the shift: its figures are extract's.
+        let v = phlora::verify::verify(&phlora::verify::VerifySettings {
+            base: dir.path().join("base"),
+            ft: dir.path().join("ft"),
+            adapter: out.clone(),
+            min_cos: None,
+            max_error: None,
+            min_weight_cos: None,
+        })
+        .unwrap();
+        let vh = v.tensors.iter().find(|t| t.name == "lm_head.weight").unwrap();
+        assert!((vh.logit_shift.unwrap() - got).abs() < 1e-6, "{tag}: {vh:?}");
+        assert!((vh.rel_error_delta - head["residual"].as_f64().unwrap()).abs() < 1e-5, "{tag}: {vh:?}");
+        let total = rep["summary"]["total_relative_error"].as_f64().unwrap();
+        assert!((v.total_relative_error - total).abs() < 1e-6, "{tag}: {} vs {total}", v.total_relative_error);
     }
     // Kept by default, and kept where softmax does not see the raw logits.
     let kept = dir.path().join("kept");
