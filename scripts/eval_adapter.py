@@ -32,9 +32,18 @@ import sys
 import torch
 
 
+def fail(message):
+    print(f"eval_adapter.py: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def read_eval(path, limit):
     rows = []
-    with open(path) as f:
+    try:
+        f = open(path)
+    except OSError as e:
+        fail(f"{path}: {e.strerror}")
+    with f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -42,22 +51,22 @@ def read_eval(path, limit):
                 ex = json.loads(line)
                 ids = [int(x) for x in ex["input_ids"]]
             except (ValueError, KeyError, TypeError) as e:
-                raise SystemExit(f"{path}:{n}: expected a JSON object with input_ids ({e})")
+                fail(f"{path}:{n}: expected a JSON object with input_ids ({e})")
             if "answer_mask" in ex:
                 mask = [int(bool(x)) for x in ex["answer_mask"]]
                 if len(mask) != len(ids):
-                    raise SystemExit(f"{path}:{n}: answer_mask has {len(mask)} entries for {len(ids)} ids")
+                    fail(f"{path}:{n}: answer_mask has {len(mask)} entries for {len(ids)} ids")
             else:
                 start = int(ex.get("answer_start", 1))
                 mask = [0] * min(start, len(ids)) + [1] * max(0, len(ids) - start)
             mask[0] = 0  # nothing predicts the first token
             if len(ids) < 2 or not any(mask):
-                raise SystemExit(f"{path}:{n}: no answer token to score")
+                fail(f"{path}:{n}: no answer token to score")
             rows.append((ids, mask))
             if limit and len(rows) == limit:
                 break
     if not rows:
-        raise SystemExit(f"{path}: no examples")
+        fail(f"{path}: no examples")
     return rows
 
 
@@ -127,7 +136,7 @@ def main():
     base = load(args.base)
     vocab = base.get_input_embeddings().weight.shape[0]
     if max(max(r[0]) for r in rows) >= vocab:
-        raise SystemExit(f"{args.eval}: token ids beyond the base's vocabulary ({vocab})")
+        fail(f"{args.eval}: token ids beyond the base's vocabulary ({vocab})")
     result["base"] = compare(ref, answer_logprobs(base, rows, args.batch, args.device)[0], targets, owner, len(rows))
     if args.adapter:
         from peft import PeftModel

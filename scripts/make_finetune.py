@@ -15,8 +15,8 @@ Kinds (each a full fine-tune of every weight, embeddings and lm_head included):
   domain   a broad domain shift: a second synthetic language (new emission and transition
            statistics everywhere). Answer tokens: every next token after the first 4.
   random   random labels (the high-rank stress case): 4096 random keys, each mapped to one of
-           64 labels at random, memorised (2.5× the steps). Eval: 512 of the memorised keys (random labels have
-           nothing to generalise). Answer token: the label.
+           64 labels at random, memorised (2.5× the steps). Eval: 2048 of the memorised keys (random labels
+           have nothing to generalise). Answer token: the label.
 
 Deterministic from --seed (same machine, same torch). Not part of CI:
 
@@ -227,7 +227,7 @@ def main():
             def batches(_):
                 pick = torch.randint(len(rows), (args.batch * 2,), generator=g)
                 return all_ids[pick], all_mask[pick]
-            ev = (rows[:512], masks[:512])
+            ev = (rows[:2048], masks[:2048])
             lr = 2e-3
             steps = steps * 5 // 2  # memorising takes longer than learning a rule
         else:

@@ -82,6 +82,7 @@ def main():
         "frobenius-floor0": ["--rank-rule", "frobenius", "--min-rank", "0"],
         "relative-floor0": ["--rank-rule", "relative", "--min-rank", "0"],
         "base": ["--rank-rule", "base"],
+        "balanced": ["--rank-rule", "balanced"],
         "uniform": ["--rank-rule", "uniform"],
     }
     chosen = [(r, rules[r]) for r in args.rules.split(",") if r]

@@ -101,8 +101,8 @@ pub struct AnalyzeArgs {
     /// by --max-rank, as extract's by its own --max-rank).
     #[arg(long, value_name = "PARAMS")]
     pub budget: Option<String>,
-    /// The floor under --budget's ranks, as for extract [default: half the uniform rank the
-    /// budget is worth].
+    /// The floor under --budget's ranks, as for extract [default: three quarters of the
+    /// uniform rank the budget is worth].
     #[arg(long, value_name = "N", requires = "budget")]
     pub min_rank: Option<usize>,
     /// Compute device (as for extract).
@@ -239,6 +239,9 @@ pub enum SvdArg {
 /// How `--budget` shares its parameters among the modules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum RankRuleArg {
+    /// Each module's σ² weighed by 1/‖ΔW‖: between frobenius (which follows ‖ΔW‖² and starves
+    /// small-norm modules) and relative (which ignores ‖ΔW‖ and starves the embeddings).
+    Balanced,
     /// Each module's σ² weighed by 1/‖ΔW‖², so every module's relative error counts the same
     /// (small-norm modules such as v_proj and the embeddings are not starved).
     Relative,
@@ -255,6 +258,7 @@ impl From<RankRuleArg> for crate::linalg::rank::RankRule {
     fn from(r: RankRuleArg) -> Self {
         use crate::linalg::rank::RankRule;
         match r {
+            RankRuleArg::Balanced => RankRule::Balanced,
             RankRuleArg::Relative => RankRule::Relative,
             RankRuleArg::Frobenius => RankRule::Frobenius,
             RankRuleArg::Base => RankRule::Base,
@@ -308,14 +312,14 @@ pub struct ExtractArgs {
     /// shows the allocation before anything is extracted.
     #[arg(long, value_name = "PARAMS")]
     pub budget: Option<String>,
-    /// How --budget shares its parameters. The default is uniform because no data-free rule
-    /// beat it on every kind of fine-tune measured (docs/rank-rules.md, BENCHMARKS.md):
-    /// `base` did best on a sequence task, `frobenius` on a broad domain shift; run
-    /// scripts/eval_adapter.py on yours to choose.
-    #[arg(long, value_enum, default_value_t = RankRuleArg::Uniform, requires = "budget")]
+    /// How --budget shares its parameters. The default, balanced, beat one uniform rank of
+    /// the same size on a sequence task and a domain shift at the budgets of r = 8 and 16, and
+    /// lost on a random-label fine-tune that no such adapter carries (docs/rank-rules.md,
+    /// BENCHMARKS.md); check yours with scripts/eval_adapter.py.
+    #[arg(long, value_enum, default_value_t = RankRuleArg::Balanced, requires = "budget")]
     pub rank_rule: RankRuleArg,
-    /// Under --budget, no module below this rank (capped by its size) [default: half the
-    /// uniform rank the budget is worth]. 0 lets a rule give a module nothing.
+    /// Under --budget, no module below this rank (capped by its size) [default: three quarters
+    /// of the uniform rank the budget is worth]. 0 lets a rule give a module nothing.
     #[arg(long, value_name = "N", requires = "budget")]
     pub min_rank: Option<usize>,
     /// Cap on any tensor's rank under --energy or --budget.

@@ -22,7 +22,8 @@ pub struct TensorReport {
     pub rank: Option<usize>,
     /// An output head decomposed without its logit shift: the share of its ‖ΔW‖² that the
     /// shift held (removed; it changes no probability). Its energy and residual are then of
-    /// P·ΔW, ΔW without the shift.
+    /// P·ΔW, ΔW without the shift (the residual² is ‖ΔW − B·A‖² less the shift's part, so
+    /// exact to about 1e-7·‖ΔW‖²/‖P·ΔW‖²).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logit_shift: Option<f64>,
     /// Preserved energy E_r = Σ_{i≤r} σᵢ² / ‖ΔW‖²_F.

@@ -60,7 +60,7 @@ fn every_rule_keeps_its_budget_and_floor_repeats_itself_and_loads_through_rank_p
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let planned = read_json(&analysis.join("analysis.json"));
-    for rule in ["relative", "frobenius", "base", "uniform"] {
+    for rule in ["balanced", "relative", "frobenius", "base", "uniform"] {
         assert!(
             analysis.join(format!("allocation_{rule}.png")).exists(),
             "{rule}"
@@ -78,11 +78,11 @@ fn every_rule_keeps_its_budget_and_floor_repeats_itself_and_loads_through_rank_p
         assert_eq!(b["rule"], rule);
         let spent: u64 = b["spent"].as_u64().unwrap();
         assert!(spent <= params, "{rule}: spent {spent} of {params}");
-        // The floor (half the uniform rank, 8 / 2) holds for every LoRA target.
+        // The floor (¾ of the uniform rank, 8·3/4) holds for every LoRA target.
         assert_eq!(b["uniform_rank"], 8, "{rule}");
-        assert_eq!(b["min_rank"], 4, "{rule}");
+        assert_eq!(b["min_rank"], 6, "{rule}");
         let got = ranks(&rep);
-        assert!(got.iter().all(|(_, r)| *r >= 4), "{rule}: {got:?}");
+        assert!(got.iter().all(|(_, r)| *r >= 6), "{rule}: {got:?}");
         // What analyze said it would allocate is what extract allocated.
         let said = planned["budget"]
             .as_array()
@@ -288,7 +288,7 @@ fn lm_heads_logit_shift_is_left_out_and_changes_no_probability() {
             shift / total
         );
         // Rank 2 carries all of P·ΔW: the certificate says so, and so do the probabilities.
-        assert!(head["residual"].as_f64().unwrap() < 1e-3, "{tag}: {head}");
+        assert!(head["residual"].as_f64().unwrap().powi(2) < 1e-5, "{tag}: {head}");
         let t = read_safetensors(&out.join("adapter_model.safetensors"));
         let (a, b) = (
             &t["base_model.model.lm_head.lora_A.weight"],
@@ -337,11 +337,28 @@ fn lm_heads_logit_shift_is_left_out_and_changes_no_probability() {
             min_weight_cos: None,
         })
         .unwrap();
-        let vh = v.tensors.iter().find(|t| t.name == "lm_head.weight").unwrap();
-        assert!((vh.logit_shift.unwrap() - got).abs() < 1e-6, "{tag}: {vh:?}");
-        assert!((vh.rel_error_delta - head["residual"].as_f64().unwrap()).abs() < 1e-5, "{tag}: {vh:?}");
+        let vh = v
+            .tensors
+            .iter()
+            .find(|t| t.name == "lm_head.weight")
+            .unwrap();
+        assert!(
+            (vh.logit_shift.unwrap() - got).abs() < 1e-6,
+            "{tag}: {vh:?}"
+        );
+        // extract's certificate subtracts the shift's part from ‖ΔW − B·A‖² formed in f32:
+        // exact to ~1e-7·‖ΔW‖² in the square, which verify (in f64 throughout) is not.
+        let res = head["residual"].as_f64().unwrap();
+        assert!(
+            (vh.rel_error_delta.powi(2) - res * res).abs() < 1e-5,
+            "{tag}: {vh:?} against {res}"
+        );
         let total = rep["summary"]["total_relative_error"].as_f64().unwrap();
-        assert!((v.total_relative_error - total).abs() < 1e-6, "{tag}: {} vs {total}", v.total_relative_error);
+        assert!(
+            (v.total_relative_error.powi(2) - total * total).abs() < 1e-5,
+            "{tag}: {} vs {total}",
+            v.total_relative_error
+        );
     }
     // Kept by default, and kept where softmax does not see the raw logits.
     let kept = dir.path().join("kept");

@@ -55,8 +55,7 @@ fn budget_spectra(rows: &[TensorSpectrum]) -> Vec<Spectrum> {
     spectra
 }
 
-/// Ranks for `params` by `rule`, none below `min_rank` (None: half the uniform rank the
-/// budget is worth). A floor that alone spends more than the budget is refused.
+/// Ranks for `params` by `rule`, none below `min_rank` (None: [`default_floor`]). A floor that alone spends more than the budget is refused.
 pub fn allocate_budget(
     rows: &[TensorSpectrum],
     params: u64,
