@@ -299,13 +299,7 @@ impl AnalysisReport {
             "\n--budget {}: ranks per rule (floor {}, the uniform rank it is worth: {})",
             first.params, first.min_rank, first.uniform_rank
         );
-        let width = self
-            .tensors
-            .iter()
-            .map(|t| t.name.len())
-            .max()
-            .unwrap_or(6)
-            .clamp(6, 60);
+        let width = crate::report::name_width(self.tensors.iter().map(|t| t.name.as_str()));
         let _ = write!(s, "{:<width$}", "tensor");
         for a in &self.budget {
             let _ = write!(s, " {:>10}", a.rule.as_str());

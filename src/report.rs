@@ -242,13 +242,7 @@ impl RunReport {
     /// A table for people: the changed tensors, then the summary.
     pub fn table(&self) -> String {
         let mut s = String::new();
-        let width = self
-            .tensors
-            .iter()
-            .map(|t| t.name.len())
-            .max()
-            .unwrap_or(6)
-            .clamp(6, 60);
+        let width = crate::report::name_width(self.tensors.iter().map(|t| t.name.as_str()));
         let _ = writeln!(
             s,
             "{:<width$}  {:<14}  {:>13}  {:>4}  {:>10}  {:>7}  {:>8}  {:>7}",
@@ -382,6 +376,11 @@ impl RunReport {
         }
         s
     }
+}
+
+/// The width of a table's name column: the longest name, within 6..=60 characters.
+pub fn name_width<'a>(names: impl Iterator<Item = &'a str>) -> usize {
+    names.map(str::len).max().unwrap_or(6).clamp(6, 60)
 }
 
 fn shorten(name: &str, width: usize) -> String {

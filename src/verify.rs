@@ -554,13 +554,7 @@ impl VerifyReport {
     pub fn table(&self) -> String {
         use std::fmt::Write as _;
         let mut s = String::new();
-        let width = self
-            .tensors
-            .iter()
-            .map(|t| t.name.len())
-            .max()
-            .unwrap_or(6)
-            .clamp(6, 60);
+        let width = crate::report::name_width(self.tensors.iter().map(|t| t.name.as_str()));
         let _ = writeln!(
             s,
             "{:<width$}  {:<14}  {:>4}  {:>8}  {:>9}  {:>9}  {:>10}  {:>9}  ok",

@@ -614,7 +614,8 @@ fn the_logit_shift_is_removed_exactly_whole_and_in_row_blocks() {
 /// (exact and randomized) and in row blocks; shapes 1×n, tall, wide, rank-deficient and zero.
 fn centering_body<B: Backend>(be: &B) {
     use phlora::linalg::blocked::RowBlocks;
-    use phlora::linalg::center::{decompose_blocked, decompose_whole, RowCentering};
+    use phlora::linalg::center::{decompose_blocked, RowCentering};
+    use phlora::linalg::decompose_whole_on_device;
     struct Rows<'a, B: Backend>(&'a B, &'a Mat<f32>, usize);
     impl<B: Backend> RowBlocks<B> for Rows<'_, B> {
         fn shape(&self) -> (usize, usize) {
@@ -678,7 +679,7 @@ fn centering_body<B: Backend>(be: &B) {
                 let k = st.sketch_width(rank, m, n);
                 decompose_blocked(be, &blocks, &p, rank, k, st.power_iters, seed)
             } else {
-                decompose_whole(be, &d, &p, rank, &st, seed)
+                decompose_whole_on_device(be, &d, Some(&p), rank, &st, seed)
             }
             .unwrap();
             let t = t.download(be).unwrap();

@@ -12,6 +12,15 @@ fn report(out: &Path) -> serde_json::Value {
     read_json(&out.join("report.json"))
 }
 
+/// The run succeeded; else its stderr, with what it was.
+fn assert_ok(o: &std::process::Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 fn ranks(rep: &serde_json::Value) -> Vec<(String, u64)> {
     rep["tensors"]
         .as_array()
@@ -27,7 +36,7 @@ fn every_rule_keeps_its_budget_and_floor_repeats_itself_and_loads_through_rank_p
     synth_pair(dir.path(), "rules", 64, 2);
     let uniform = dir.path().join("uniform");
     let o = extract_pair(dir.path(), &uniform, &["--rank", "8"], &[]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ok(&o, "--rank 8");
     let params: u64 = report(&uniform)["tensors"]
         .as_array()
         .unwrap()
@@ -58,7 +67,7 @@ fn every_rule_keeps_its_budget_and_floor_repeats_itself_and_loads_through_rank_p
         .arg(&analysis)
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ok(&o, "analyze --budget");
     let planned = read_json(&analysis.join("analysis.json"));
     for rule in ["balanced", "relative", "frobenius", "base", "uniform"] {
         assert!(
@@ -68,11 +77,7 @@ fn every_rule_keeps_its_budget_and_floor_repeats_itself_and_loads_through_rank_p
         let out = dir.path().join(format!("rule-{rule}"));
         let args = ["--budget", &budget, "--rank-rule", rule];
         let o = extract_pair(dir.path(), &out, &args, &[]);
-        assert!(
-            o.status.success(),
-            "{rule}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert_ok(&o, rule);
         let rep = report(&out);
         let b = &rep["budget"];
         assert_eq!(b["rule"], rule);
@@ -137,11 +142,7 @@ fn every_rule_keeps_its_budget_and_floor_repeats_itself_and_loads_through_rank_p
             &[&args[..], &["--portable"]].concat(),
             &[],
         );
-        assert!(
-            o.status.success(),
-            "{rule}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert_ok(&o, rule);
         let cfg = read_json(&portable.join("adapter_config.json"));
         let r = cfg["r"].as_u64().unwrap();
         assert!(
@@ -266,11 +267,7 @@ fn lm_heads_logit_shift_is_left_out_and_changes_no_probability() {
         ]
         .concat();
         let o = extract_pair(dir.path(), &out, &args, &[]);
-        assert!(
-            o.status.success(),
-            "{tag}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert_ok(&o, tag);
         let rep = report(&out);
         let head = rep["tensors"]
             .as_array()
@@ -288,7 +285,10 @@ fn lm_heads_logit_shift_is_left_out_and_changes_no_probability() {
             shift / total
         );
         // Rank 2 carries all of P·ΔW: the certificate says so, and so do the probabilities.
-        assert!(head["residual"].as_f64().unwrap().powi(2) < 1e-5, "{tag}: {head}");
+        assert!(
+            head["residual"].as_f64().unwrap().powi(2) < 1e-5,
+            "{tag}: {head}"
+        );
         let t = read_safetensors(&out.join("adapter_model.safetensors"));
         let (a, b) = (
             &t["base_model.model.lm_head.lora_A.weight"],
@@ -400,7 +400,7 @@ fn an_adapter_that_keeps_little_says_so_and_one_that_keeps_enough_does_not() {
     let o = extract_cmd(dir.path(), &out, &["--rank", "1"])
         .output()
         .unwrap();
-    assert!(o.status.success());
+    assert_ok(&o, "rank 1");
     let err = String::from_utf8_lossy(&o.stderr);
     let low = &report(&out)["summary"]["low_energy"];
     let kept = low["kept"].as_f64().unwrap();
@@ -416,7 +416,7 @@ fn an_adapter_that_keeps_little_says_so_and_one_that_keeps_enough_does_not() {
     let o = extract_cmd(dir.path(), &out, &["--rank", "64"])
         .output()
         .unwrap();
-    assert!(o.status.success());
+    assert_ok(&o, "rank 64");
     assert!(report(&out)["summary"].get("low_energy").is_none());
     assert!(
         !String::from_utf8_lossy(&o.stderr).contains("keeps"),

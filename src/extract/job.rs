@@ -37,9 +37,8 @@ impl<B: Backend> Source<'_, B> {
         seed: u64,
     ) -> backend::BackendResult<linalg::OnDevice<B::Mat>> {
         match (self, p) {
-            (Source::Whole(delta), None) => linalg::decompose_on_device(be, delta, rank, svd, seed),
-            (Source::Whole(delta), Some(p)) => {
-                center::decompose_whole(be, delta, p, rank, svd, seed)
+            (Source::Whole(delta), p) => {
+                linalg::decompose_whole_on_device(be, delta, p, rank, svd, seed)
             }
             (Source::Blocked(src), p) => {
                 let (rows, cols) = src.item.matrix();

@@ -10,7 +10,7 @@
 
 use super::blocked::{ranges, RowBlocks};
 use super::rsvd::{self, DeltaProducts};
-use super::{exact, OnDevice, SvdSettings};
+use super::OnDevice;
 use crate::backend::{Backend, BackendResult, Op};
 
 /// P = I − 11ᵀ/m for one m×n ΔW, with ΔW's column sums.
@@ -110,10 +110,20 @@ impl<M> RowCentering<M> {
 }
 
 /// The products of P·ΔW, from those of ΔW.
-struct Centered<'a, B: Backend> {
+pub(crate) struct Centered<'a, B: Backend> {
     be: &'a B,
     inner: &'a dyn DeltaProducts<B>,
     p: &'a RowCentering<B::Mat>,
+}
+
+impl<'a, B: Backend> Centered<'a, B> {
+    pub(crate) fn new(
+        be: &'a B,
+        inner: &'a dyn DeltaProducts<B>,
+        p: &'a RowCentering<B::Mat>,
+    ) -> Self {
+        Centered { be, inner, p }
+    }
 }
 
 impl<B: Backend> DeltaProducts<B> for Centered<'_, B> {
@@ -131,37 +141,8 @@ impl<B: Backend> DeltaProducts<B> for Centered<'_, B> {
     }
 }
 
-/// The top-`rank` SVD of P·ΔW for a ΔW held whole: exact for small matrices (as
-/// [`super::decompose_on_device`] decides), else randomized.
-pub fn decompose_whole<B: Backend>(
-    be: &B,
-    delta: &B::Mat,
-    p: &RowCentering<B::Mat>,
-    rank: usize,
-    settings: &SvdSettings,
-    seed: u64,
-) -> BackendResult<OnDevice<B::Mat>> {
-    let (m, n) = be.shape(delta);
-    if settings.runs_exact(rank, m, n) {
-        return exact::exact_svd(be, &p.apply_whole(be, delta)?, rank);
-    }
-    let k = settings.sketch_width(rank, m, n);
-    let whole = rsvd::Whole::new(be, delta);
-    rsvd::sketch_svd(
-        be,
-        &Centered {
-            be,
-            inner: &whole,
-            p,
-        },
-        rank,
-        k,
-        settings.power_iters,
-        seed,
-    )
-}
-
-/// The same for a ΔW in row blocks (always randomized, as [`super::blocked`]).
+/// The top-`rank` SVD of P·ΔW for a ΔW in row blocks (always randomized, as
+/// [`super::blocked`]; held whole: [`super::decompose_whole_on_device`]).
 pub fn decompose_blocked<B: Backend>(
     be: &B,
     src: &dyn RowBlocks<B>,

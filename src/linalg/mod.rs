@@ -134,10 +134,33 @@ pub fn decompose_on_device<B: Backend>(
     settings: &SvdSettings,
     seed: u64,
 ) -> BackendResult<OnDevice<B::Mat>> {
+    decompose_whole_on_device(be, delta, None, rank, settings, seed)
+}
+
+/// The top-`rank` SVD of a ΔW held whole, or of P·ΔW without its logit shift when `p` is
+/// given ([`center`]): exact for small matrices, else randomized.
+pub fn decompose_whole_on_device<B: Backend>(
+    be: &B,
+    delta: &B::Mat,
+    p: Option<&center::RowCentering<B::Mat>>,
+    rank: usize,
+    settings: &SvdSettings,
+    seed: u64,
+) -> BackendResult<OnDevice<B::Mat>> {
     let (m, n) = be.shape(delta);
     if settings.runs_exact(rank, m, n) {
-        return exact::exact_svd(be, delta, rank);
+        return match p {
+            None => exact::exact_svd(be, delta, rank),
+            Some(p) => exact::exact_svd(be, &p.apply_whole(be, delta)?, rank),
+        };
     }
     let k = settings.sketch_width(rank, m, n);
-    rsvd::randomized_svd(be, delta, rank, k, settings.power_iters, seed)
+    let whole = rsvd::Whole::new(be, delta);
+    match p {
+        None => rsvd::sketch_svd(be, &whole, rank, k, settings.power_iters, seed),
+        Some(p) => {
+            let centred = center::Centered::new(be, &whole, p);
+            rsvd::sketch_svd(be, &centred, rank, k, settings.power_iters, seed)
+        }
+    }
 }
