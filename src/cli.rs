@@ -101,8 +101,8 @@ pub struct AnalyzeArgs {
     /// by --max-rank, as extract's by its own --max-rank).
     #[arg(long, value_name = "PARAMS")]
     pub budget: Option<String>,
-    /// The floor under --budget's ranks, as for extract [default: three quarters of the
-    /// uniform rank the budget is worth].
+    /// The floor under --budget's ranks, as for extract [default: ⅞ of the uniform rank the
+    /// budget is worth].
     #[arg(long, value_name = "N", requires = "budget")]
     pub min_rank: Option<usize>,
     /// Compute device (as for extract).
@@ -239,8 +239,9 @@ pub enum SvdArg {
 /// How `--budget` shares its parameters among the modules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum RankRuleArg {
-    /// Each module's σ² weighed by 1/‖ΔW‖: between frobenius (which follows ‖ΔW‖² and starves
-    /// small-norm modules) and relative (which ignores ‖ΔW‖ and starves the embeddings).
+    /// Each module's σ² weighed by 1/(‖ΔW‖·‖W_base‖^0.3): between frobenius (which follows
+    /// ‖ΔW‖² and starves small-norm modules) and relative (which ignores ‖ΔW‖ and starves
+    /// the embeddings).
     Balanced,
     /// Each module's σ² weighed by 1/‖ΔW‖², so every module's relative error counts the same
     /// (small-norm modules such as v_proj and the embeddings are not starved).
@@ -318,8 +319,8 @@ pub struct ExtractArgs {
     /// BENCHMARKS.md); check yours with scripts/eval_adapter.py.
     #[arg(long, value_enum, default_value_t = RankRuleArg::Balanced, requires = "budget")]
     pub rank_rule: RankRuleArg,
-    /// Under --budget, no module below this rank (capped by its size) [default: three quarters
-    /// of the uniform rank the budget is worth]. 0 lets a rule give a module nothing.
+    /// Under --budget, no module below this rank (capped by its size) [default: ⅞ of the
+    /// uniform rank the budget is worth]. 0 lets a rule give a module nothing.
     #[arg(long, value_name = "N", requires = "budget")]
     pub min_rank: Option<usize>,
     /// Cap on any tensor's rank under --energy or --budget.
