@@ -8,10 +8,10 @@ under a floor of a fraction of the uniform rank (phlora's greedy, re-implemented
 W_base + U_r·S_r·V_rᵀ (norms from the fine-tune, as modules_to_save does) and scores it with
 eval_adapter.py's metrics. No adapter files, no PEFT: fast enough to try many rules; confirm a
 choice through phlora and PEFT with rank_rules.py. (a, b) = (0, 0) is `frobenius`, (1, 0)
-`relative`, (0, 1) `base`, (0.5, 0.15) `balanced`.
+`relative`, (0, 1) `base`, (0.35, 0.15) `balanced`.
 
     PYTHONPATH=DIR python3 scripts/rank_search.py --models /tmp/ft \
-        --rules 'balanced=0.5,0.15' --rules 'relative=1,0' --floors 0.5,0.875 --ranks 8,16
+        --rules 'balanced=0.35,0.15' --rules 'relative=1,0' --floors 0.5,0.875 --ranks 8,16
 
 One JSON line per (fine-tune, r, rule, floor) on stdout.
 """
@@ -63,7 +63,7 @@ def main():
     from transformers import AutoModelForCausalLM
 
     rules = [("uniform", None)]
-    for spec in args.rules or ["balanced=0.5,0.15"]:
+    for spec in args.rules or ["balanced=0.35,0.15"]:
         name, _, ab = spec.partition("=")
         a, b = (float(x) for x in ab.split(","))
         rules.append((name, (a, b)))

@@ -239,9 +239,9 @@ pub enum SvdArg {
 /// How `--budget` shares its parameters among the modules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum RankRuleArg {
-    /// Each module's σ² weighed by 1/(‖ΔW‖·‖W_base‖^0.3): between frobenius (which follows
-    /// ‖ΔW‖² and starves small-norm modules) and relative (which ignores ‖ΔW‖ and starves
-    /// the embeddings).
+    /// Each module's σ² weighed by 1/(‖ΔW‖^0.7·‖W_base‖^0.3): between frobenius (which
+    /// follows ‖ΔW‖² and starves small-norm modules) and relative (which ignores ‖ΔW‖ and
+    /// starves the embeddings).
     Balanced,
     /// Each module's σ² weighed by 1/‖ΔW‖², so every module's relative error counts the same
     /// (small-norm modules such as v_proj are not starved; without the floor the embeddings,

@@ -82,10 +82,10 @@ pub fn rank_for_energy(s: &[f32], total: f64, target: f64) -> Option<usize> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RankRule {
-    /// Each module's σ² weighed by 1/(‖ΔW‖·‖W_base‖^0.3): halfway (geometrically) between
-    /// Frobenius, which follows ‖ΔW‖², and relative, which ignores it, with a little of the
-    /// base rule. The exponents were chosen on three fine-tunes of one seed and checked on
-    /// another seed's (BENCHMARKS.md, "Rank rules").
+    /// Each module's σ² weighed by 1/(‖ΔW‖^0.7·‖W_base‖^0.3): measured against a norm
+    /// between the change's and the weight's, where Frobenius follows ‖ΔW‖² and relative
+    /// ignores it. The exponents were chosen on the fine-tunes of two seeds and checked on a
+    /// third's (BENCHMARKS.md, "Rank rules").
     Balanced,
     /// Each module's σ² weighed by 1/‖ΔW‖²: every module's *relative* error counts the same,
     /// so a module whose change is small in norm but not in effect (a `v_proj`, the
@@ -175,9 +175,9 @@ pub fn allocate(spectra: &[Spectrum], budget: u64, rule: RankRule, floor: usize)
     let weight = |t: &Spectrum| -> f64 {
         match rule {
             RankRule::Balanced if t.sumsq > 0.0 && t.base_sumsq > 0.0 => {
-                1.0 / (t.sumsq.sqrt() * t.base_sumsq.powf(0.15))
+                1.0 / (t.sumsq.powf(0.35) * t.base_sumsq.powf(0.15))
             }
-            RankRule::Balanced if t.sumsq > 0.0 => 1.0 / t.sumsq.sqrt(),
+            RankRule::Balanced if t.sumsq > 0.0 => 1.0 / t.sumsq.powf(0.35),
             RankRule::Balanced => 0.0,
             RankRule::Relative if t.sumsq > 0.0 => 1.0 / t.sumsq,
             RankRule::Relative => 0.0,
