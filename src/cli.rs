@@ -304,8 +304,8 @@ pub struct ExtractArgs {
     /// rank_pattern/alpha_pattern in the config (PEFT), or --portable. Good for a bound on
     /// every tensor's error certificate, and for sizing an adapter to a fine-tune's rank;
     /// against one uniform rank of the same size it was mixed on the fine-tunes measured
-    /// (better on a high-rank one and at T = 0.9, worse at T ≤ 0.7 on a domain shift:
-    /// BENCHMARKS.md).
+    /// (better on a high-rank one at T ≤ 0.7, worse on a sequence task and a domain shift:
+    /// BENCHMARKS.md); for the best adapter of a size, use --budget.
     #[arg(long, value_name = "T", conflicts_with = "budget")]
     pub energy: Option<f64>,
     /// A global parameter budget Σ r·(in + out) over all LoRA targets, e.g. 20M: the spectra
@@ -314,11 +314,12 @@ pub struct ExtractArgs {
     /// shows the allocation before anything is extracted.
     #[arg(long, value_name = "PARAMS")]
     pub budget: Option<String>,
-    /// How --budget shares its parameters. The default, balanced, beat or tied one uniform
-    /// rank of the same size on answer agreement and KL on every fine-tune measured (a
-    /// sequence task, a domain shift, random labels; two seeds) at the budgets of r = 8, 16 and
-    /// 32 but one: a domain shift at r = 8 (−0.018 agreement, +7% KL), where frobenius wins
-    /// (docs/rank-rules.md, BENCHMARKS.md). Check yours with scripts/eval_adapter.py.
+    /// How --budget shares its parameters. The default, balanced, beat one uniform rank of
+    /// the same size on answer agreement and KL at the budgets of r = 8 and 16 on a sequence
+    /// task and a domain shift, and at r = 16 on random labels (three seeds each); it lost at
+    /// r = 8 on random labels, where no adapter that small carries the fine-tune, and near
+    /// saturation on the sequence task (docs/rank-rules.md, BENCHMARKS.md). Check yours with
+    /// scripts/eval_adapter.py.
     #[arg(long, value_enum, default_value_t = RankRuleArg::Balanced, requires = "budget")]
     pub rank_rule: RankRuleArg,
     /// Under --budget, no module below this rank (capped by its size) [default: ⅞ of the
