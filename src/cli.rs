@@ -105,6 +105,9 @@ pub struct AnalyzeArgs {
     /// budget is worth].
     #[arg(long, value_name = "N", requires = "budget")]
     pub min_rank: Option<usize>,
+    /// Spectra of lm_head without its logit shift, as `extract --remove-logit-shift` takes them.
+    #[arg(long)]
+    pub remove_logit_shift: bool,
     /// Compute device (as for extract).
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -404,10 +407,10 @@ pub struct ExtractArgs {
     /// Leave lm_head's logit shift out of its LoRA: the part of ΔW along the vocabulary's
     /// all-ones direction, which moves every logit of a token alike and so no probability
     /// (often most of lm_head's ‖ΔW‖²), giving its rank and its share of a --budget to what
-    /// changes the output. Merged weights then differ from the fine-tune's by that shift, and
-    /// `verify` (which compares with the whole ΔW) counts it as error. Never applied to a
-    /// tied lm_head, added tokens or soft-capped logits (Gemma 2); report.json says where it
-    /// was (logit_shift: its share of ‖ΔW‖²).
+    /// changes the output. Merged weights then differ from the fine-tune's by that shift
+    /// (`verify` reads report.json and compares that ΔW modulo the shift, the merged weight as
+    /// it is). Never applied to a tied lm_head, added tokens or soft-capped logits (Gemma 2);
+    /// report.json says where it was (logit_shift: its share of ‖ΔW‖²).
     #[arg(long)]
     pub remove_logit_shift: bool,
     /// Carry the changed biases of LoRA-targeted layers exactly, as PEFT's `lora_B.bias`

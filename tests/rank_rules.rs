@@ -192,6 +192,11 @@ fn every_rule_keeps_its_budget_and_floor_repeats_itself_and_loads_through_rank_p
 /// A Llama-shaped pair whose lm_head ΔW is a logit shift 1·cᵀ plus a rank-2 change, and one
 /// other changed layer; `softcap` adds Gemma 2's final_logit_softcapping to the config.
 fn shifted_pair(root: &Path, seed: u64, softcap: bool) -> (Vec<f32>, Vec<f32>) {
+    shifted_pair_with(root, seed, softcap, 0.1)
+}
+
+/// [`shifted_pair`] with the rank-2 part of lm_head's ΔW scaled by `planted` (0: a pure shift).
+fn shifted_pair_with(root: &Path, seed: u64, softcap: bool, planted: f32) -> (Vec<f32>, Vec<f32>) {
     let (v, h) = (512usize, 256usize);
     let c = normal(h, seed);
     let u = normal(v * 2, seed + 1);
@@ -200,7 +205,7 @@ fn shifted_pair(root: &Path, seed: u64, softcap: bool) -> (Vec<f32>, Vec<f32>) {
     let ft_head: Vec<f32> = (0..v * h)
         .map(|k| {
             let (i, j) = (k / h, k % h);
-            base_head[k] + 0.5 * c[j] + 0.1 * (u[2 * i] * w[j] + u[2 * i + 1] * w[h + j])
+            base_head[k] + 0.5 * c[j] + planted * (u[2 * i] * w[j] + u[2 * i + 1] * w[h + j])
         })
         .collect();
     let q = normal(h * h, seed + 4);
@@ -360,6 +365,40 @@ fn lm_heads_logit_shift_is_left_out_and_changes_no_probability() {
             v.total_relative_error
         );
     }
+    // A head changed by nothing but a shift: no LoRA, and verify does not call it uncarried.
+    let pure = tempfile::tempdir().unwrap();
+    shifted_pair_with(pure.path(), fresh_seed("pure-shift"), false, 0.0);
+    let out = pure.path().join("out");
+    let o = extract_pair(
+        pure.path(),
+        &out,
+        &["--rank", "2", "--remove-logit-shift"],
+        &[],
+    );
+    assert_ok(&o, "pure shift");
+    let rep = report(&out);
+    let head = rep["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "lm_head.weight")
+        .unwrap();
+    assert_eq!(head["action"], "unchanged", "{head}");
+    let v = phlora::verify::verify(&phlora::verify::VerifySettings {
+        base: pure.path().join("base"),
+        ft: pure.path().join("ft"),
+        adapter: out.clone(),
+        min_cos: None,
+        max_error: None,
+        min_weight_cos: None,
+    })
+    .unwrap();
+    assert!(
+        v.tensors.iter().all(|t| t.name != "lm_head.weight"),
+        "{:?}",
+        v.tensors.iter().find(|t| t.name == "lm_head.weight")
+    );
+    assert_eq!(v.not_carried, 0);
     // Kept by default, and kept where softmax does not see the raw logits.
     let kept = dir.path().join("kept");
     assert!(extract_pair(dir.path(), &kept, &["--rank", "2"], &[])

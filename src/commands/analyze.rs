@@ -31,6 +31,12 @@ pub fn run(a: &AnalyzeArgs, ui: Ui) -> Result<ExitCode> {
     extract.plan.include = a.include.iter().map(|g| Glob::new(g)).collect();
     extract.plan.exclude = a.exclude.iter().map(|g| Glob::new(g)).collect();
     extract.progress = !ui.quiet;
+    extract.plan.remove_logit_shift = a.remove_logit_shift;
+    if let Some(floor) = a.min_rank.filter(|&f| f > cap) {
+        return Err(Error::Settings(format!(
+            "--min-rank {floor} is above the ranks computed (--max-rank {cap})"
+        )));
+    }
     let mut energies = a.energies.clone();
     if !energies.contains(&a.heatmap_energy) {
         energies.push(a.heatmap_energy);

@@ -161,7 +161,7 @@ pub(super) fn assemble(
     }
     if let Some((share, n)) = logit_shift_removed(&rows) {
         tracing::info!(
-            "{n} output head(s) decomposed without their logit shift, which changes no probability: it held {:.1}% of their ‖ΔW‖² (report.json: logit_shift; verify compares with the whole ΔW and counts it as error)",
+            "{n} output head(s) decomposed without their logit shift, which changes no probability: it held {:.1}% of their ‖ΔW‖² (report.json: logit_shift; verify compares that ΔW modulo the shift)",
             100.0 * share
         );
     }

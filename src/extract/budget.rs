@@ -13,7 +13,8 @@ use crate::linalg::rank::{allocate, default_floor, floor_cost, uniform_rank, Ran
 #[derive(Clone, Debug, Serialize)]
 pub struct BudgetAllocation {
     pub rule: RankRule,
-    /// The budget Σ r·(in + out), and what the ranks spend of it.
+    /// The budget Σ r·(in + out), and what the ranks spend of it (before any padding to a
+    /// common rank: --portable, fused experts).
     pub params: u64,
     pub spent: u64,
     /// The floor under every module's rank (capped by its size).
