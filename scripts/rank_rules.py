@@ -67,7 +67,7 @@ def main():
     ap.add_argument("--work", required=True, help="folder for the adapters and results")
     ap.add_argument("--kinds", default="sort,domain,random")
     ap.add_argument("--ranks", default="8,16,32")
-    ap.add_argument("--rules", default="relative,frobenius,frobenius-floor0,uniform")
+    ap.add_argument("--rules", default="balanced,relative,frobenius,base,uniform")
     ap.add_argument("--variant", action="append", default=[], help="NAME=EXTRA ARGS")
     ap.add_argument("--extra", default="", help="added to every extract command, e.g. --remove-logit-shift")
     ap.add_argument("--energies", default="", help="also --energy T for these T, against uniform at the same count")
