@@ -1,22 +1,37 @@
 #!/usr/bin/env bash
-# Builds what scripts/gpu-check.sh runs on a GPU host that has no Rust toolchain: the release
-# binary and the test binaries, stripped, in gpu-bin/ (ignored by git; carry it to the host).
+# Builds, here, what scripts/gpu-check.sh runs on a GPU host that has no Rust toolchain: the
+# release `phlora` and only the test binaries that hold GPU test bodies (the library's unit
+# tests, tests/linalg.rs, tests/extract.rs), stripped, in gpu-bin/ (ignored by git; name it in
+# the device tool's `carry`). Prints each file's size and the total, and fails above 40 MiB
+# (the host takes 64 MiB of working tree plus carried outputs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+LIMIT_MIB=40
+GPU_TESTS="lib linalg extract"
 cargo build --release --locked
+rm -rf gpu-bin
 mkdir -p gpu-bin
-rm -f gpu-bin/*
 cp target/release/phlora gpu-bin/phlora
 cargo test --release --locked --no-run --message-format=json 2>/dev/null |
-    python3 -c '
-import json, sys, shutil
+    GPU_TESTS="$GPU_TESTS" python3 -c '
+import json, os, shutil, sys
+wanted = set(os.environ["GPU_TESTS"].split())
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        name = m["target"]["name"]
-        name = "lib" if m["target"]["kind"] == ["lib"] else name
+    if m.get("reason") != "compiler-artifact" or not m.get("executable") or not m["profile"]["test"]:
+        continue
+    name = "lib" if m["target"]["kind"] == ["lib"] else m["target"]["name"]
+    if name in wanted:
         shutil.copy(m["executable"], f"gpu-bin/test-{name}")
-        print("gpu-bin/test-" + name)
 '
+for t in $GPU_TESTS; do
+    [ -x "gpu-bin/test-$t" ] || { echo "gpu-build: no test binary for $t" >&2; exit 1; }
+done
 strip gpu-bin/*
-du -sh gpu-bin
+ls -l gpu-bin | awk 'NR > 1 { printf "%8.1f MiB  %s\n", $5 / 1048576, $NF }'
+total=$(du -cb gpu-bin/* | awk 'END { print $1 }')
+awk -v t="$total" -v l="$LIMIT_MIB" 'BEGIN { printf "%8.1f MiB  total (limit %d MiB)\n", t / 1048576, l }'
+if [ "$total" -gt $((LIMIT_MIB * 1048576)) ]; then
+    echo "gpu-build: gpu-bin/ is over ${LIMIT_MIB} MiB" >&2
+    exit 1
+fi
