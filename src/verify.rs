@@ -194,20 +194,36 @@ impl BaseSide<'_> {
     }
 }
 
+/// Per column j: (Σ_i ΔW_ij, Σ_i ΔŴ_ij).
+type ColumnSums = (Vec<f64>, Vec<f64>);
+
 /// The sums of one weight: `update(r0, r1, base_rows)` gives rows r0..r1 of ΔŴ row-major
-/// (None: zero), with those rows of the base at hand.
-fn compare(base: BaseSide<'_>, ft: &Checkpoint, ftt: &TensorEntry, update: &RowUpdate<'_>) -> Sums {
+/// (None: zero), with those rows of the base at hand. With `columns`, also Σ_i ΔW_ij and
+/// Σ_i ΔŴ_ij per column j (for comparing modulo a logit shift).
+fn compare(
+    base: BaseSide<'_>,
+    ft: &Checkpoint,
+    ftt: &TensorEntry,
+    update: &RowUpdate<'_>,
+    columns: bool,
+) -> (Sums, Option<ColumnSums>) {
     let rows = ftt.shape.first().copied().unwrap_or(1).max(1);
     let cols = ftt.numel() / rows;
     let step = ((1 << 20) / cols.max(1)).clamp(1, rows);
-    let parts: Vec<Sums> = (0..rows.div_ceil(step))
+    type Acc = (Sums, Option<ColumnSums>);
+    let empty = || -> Acc {
+        (
+            Sums::default(),
+            columns.then(|| (vec![0.0; cols], vec![0.0; cols])),
+        )
+    };
+    (0..rows.div_ceil(step))
         .into_par_iter()
-        .map(|c| {
+        .fold(empty, |(mut s, mut cs), c| {
             let (r0, r1) = (c * step, ((c + 1) * step).min(rows));
             let wb = base.rows(r0, r1);
             let wf = ft.rows_f32(ftt, r0, r1);
             let h = update(r0, r1, &wb);
-            let mut s = Sums::default();
             for i in 0..wb.len() {
                 let d = f64::from(wf[i]) - f64::from(wb[i]);
                 let hv = h.as_ref().map_or(0.0, |h| f64::from(h[i]));
@@ -228,35 +244,24 @@ fn compare(base: BaseSide<'_>, ft: &Checkpoint, ftt: &TensorEntry, update: &RowU
                 s.ff += f * f;
                 s.mm += m * m;
                 s.mf += m * f;
+                if let Some((cd, ch)) = cs.as_mut() {
+                    cd[i % cols] += d;
+                    ch[i % cols] += hv;
+                }
             }
-            s
+            (s, cs)
         })
-        .collect();
-    parts.into_iter().fold(Sums::default(), Sums::add)
-}
-
-/// Per column j: Σ_i ΔW_ij and Σ_i ΔŴ_ij (one more pass; for the logit shift).
-fn column_sums(
-    base: BaseSide<'_>,
-    ft: &Checkpoint,
-    ftt: &TensorEntry,
-    update: &RowUpdate<'_>,
-) -> (Vec<f64>, Vec<f64>) {
-    let rows = ftt.shape.first().copied().unwrap_or(1).max(1);
-    let cols = ftt.numel() / rows;
-    let step = ((1 << 20) / cols.max(1)).clamp(1, rows);
-    let mut cd = vec![0f64; cols];
-    let mut ch = vec![0f64; cols];
-    for r0 in (0..rows).step_by(step) {
-        let r1 = (r0 + step).min(rows);
-        let (wb, wf) = (base.rows(r0, r1), ft.rows_f32(ftt, r0, r1));
-        let h = update(r0, r1, &wb);
-        for i in 0..wb.len() {
-            cd[i % cols] += f64::from(wf[i]) - f64::from(wb[i]);
-            ch[i % cols] += h.as_ref().map_or(0.0, |h| f64::from(h[i]));
-        }
-    }
-    (cd, ch)
+        .reduce(empty, |(s, a), (t, b)| {
+            let add = |mut x: Vec<f64>, y: Vec<f64>| {
+                x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+                x
+            };
+            (
+                s.add(t),
+                a.zip(b)
+                    .map(|((a1, a2), (b1, b2))| (add(a1, b1), add(a2, b2))),
+            )
+        })
 }
 
 /// The sums of P·ΔW against P·ΔŴ, P = I − 11ᵀ/m over the rows, from those of ΔW and ΔŴ
@@ -390,9 +395,6 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
     let shifted = shift_removed(&adapter.dir);
     for (name, bt, ftt) in pairs {
         let ftt_name = name;
-        let mut logit_shift = None;
-        // The merged weight is compared as it is, shift and all.
-        let mut weight_ee = None;
         let side = base_side(&base, bt, &ft, ftt, &ftt_name, adapter.added.as_ref())?;
         if bt.float_dtype().is_none() || ftt.float_dtype().is_none() {
             continue; // not a weight phlora reads (the adapter cannot touch it either)
@@ -409,56 +411,44 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
             .and_then(|m| by_param.get(format!("{m}.weight").as_str()).copied())
             .filter(|m| m.bias.is_some());
         let whole = adapter.whole.get(&ftt_name);
-        let sums = if let Some((m, expert, offset)) = part {
+        // The update the adapter makes to this weight (None: it makes none).
+        let update: Box<RowUpdate<'_>> = if let Some((m, expert, offset)) = part {
             carried.insert(ftt_name.clone());
             let rows = adapter.expert_rows(m, expert, offset, offset + ftt.shape[0]);
             let cols = ftt.shape[1];
-            let update =
-                |r0: usize, r1: usize, _: &[f32]| Some(rows[r0 * cols..r1 * cols].to_vec());
-            compare(side, &ft, ftt, &update)
+            Box::new(move |r0, r1, _| Some(rows[r0 * cols..r1 * cols].to_vec()))
         } else if let Some(m) = lora {
             carried.insert(ftt_name.clone());
             let (a, b) = adapter.factors(m);
-            let update = |r0: usize, r1: usize, _: &[f32]| Some(update_rows(m, &a, &b, r0, r1));
-            let sums = compare(side, &ft, ftt, &update);
-            if shifted.contains(&ftt_name) {
-                let (cd, ch) = column_sums(side, &ft, ftt, &update);
-                let (centred, share) = without_shift(sums, ftt.shape[0], &cd, &ch);
-                logit_shift = Some(share);
-                weight_ee = Some(sums.ee);
-                centred
-            } else {
-                sums
-            }
+            Box::new(move |r0, r1, _| Some(update_rows(m, &a, &b, r0, r1)))
         } else if let Some(m) = bias_of {
             carried.insert(ftt_name.clone());
             let bt_lora = m.bias.as_ref().expect("filtered");
-            let update = |r0: usize, r1: usize, _: &[f32]| -> Option<Vec<f32>> {
-                let v = adapter.file.rows_f32(bt_lora, r0, r1);
+            let file = &adapter.file;
+            Box::new(move |r0, r1, _| {
+                let v = file.rows_f32(bt_lora, r0, r1);
                 Some(v.iter().map(|x| x * m.scaling as f32).collect())
-            };
-            compare(side, &ft, ftt, &update)
+            })
         } else if let Some(w) = whole {
             carried.insert(ftt_name.clone());
-            let update = |r0: usize, r1: usize, wb: &[f32]| -> Option<Vec<f32>> {
+            let file = &adapter.file;
+            Box::new(move |r0, r1, wb| {
                 // The saved tensor replaces the base: ΔŴ = W_saved − W_base.
-                let saved = adapter.file.rows_f32(w, r0, r1);
+                let saved = file.rows_f32(w, r0, r1);
                 Some(saved.iter().zip(wb).map(|(x, y)| x - y).collect())
-            };
-            compare(side, &ft, ftt, &update)
+            })
         } else {
-            let none = |_: usize, _: usize, _: &[f32]| None;
-            let sums = compare(side, &ft, ftt, &none);
-            if shifted.contains(&ftt_name) {
-                // A head whose ΔW was only a shift: extract wrote nothing, rightly.
-                let (cd, ch) = column_sums(side, &ft, ftt, &none);
-                let (centred, share) = without_shift(sums, ftt.shape[0], &cd, &ch);
-                logit_shift = Some(share);
-                weight_ee = Some(sums.ee);
-                centred
-            } else {
-                sums
+            Box::new(|_, _, _| None)
+        };
+        // An lm_head extract decomposed without its logit shift is compared modulo the shift
+        // (its column sums come from the same pass); its merged weight as it is.
+        let (raw, columns) = compare(side, &ft, ftt, &*update, shifted.contains(&ftt_name));
+        let (sums, logit_shift, weight_ee) = match columns {
+            Some((cd, ch)) => {
+                let (centred, share) = without_shift(raw, ftt.shape[0], &cd, &ch);
+                (centred, Some(share), Some(raw.ee))
             }
+            None => (raw, None, None),
         };
         base.release(bt);
         ft.release(ftt);

@@ -664,7 +664,11 @@ fn centering_body<B: Backend>(be: &B) {
         ] {
             let what = format!("{m}×{n} planted {planted} shift {shift}, {how}");
             let p = if how == "blocked" {
-                RowCentering::of_blocks(be, &blocks).unwrap()
+                // extract's first pass sums the columns on the host, in f64.
+                let sums: Vec<f64> = (0..n)
+                    .map(|j| (0..m).map(|i| f64::from(a32[(i, j)])).sum())
+                    .collect();
+                RowCentering::of_column_sums(be, m, &sums).unwrap()
             } else {
                 RowCentering::of_whole(be, &d).unwrap()
             };

@@ -21,6 +21,16 @@ fn assert_ok(o: &std::process::Output, what: &str) {
     );
 }
 
+/// The report's row for one tensor.
+fn tensor_row<'a>(rep: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    rep["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| panic!("no row for {name}"))
+}
+
 fn ranks(rep: &serde_json::Value) -> Vec<(String, u64)> {
     rep["tensors"]
         .as_array()
@@ -274,12 +284,7 @@ fn lm_heads_logit_shift_is_left_out_and_changes_no_probability() {
         let o = extract_pair(dir.path(), &out, &args, &[]);
         assert_ok(&o, tag);
         let rep = report(&out);
-        let head = rep["tensors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["name"] == "lm_head.weight")
-            .unwrap();
+        let head = tensor_row(&rep, "lm_head.weight");
         if tag == "blocked" {
             assert!(head["row_blocks"].as_u64().is_some(), "{head}");
         }
@@ -377,12 +382,7 @@ fn lm_heads_logit_shift_is_left_out_and_changes_no_probability() {
     );
     assert_ok(&o, "pure shift");
     let rep = report(&out);
-    let head = rep["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "lm_head.weight")
-        .unwrap();
+    let head = tensor_row(&rep, "lm_head.weight");
     assert_eq!(head["action"], "unchanged", "{head}");
     let v = phlora::verify::verify(&phlora::verify::VerifySettings {
         base: pure.path().join("base"),
@@ -417,12 +417,7 @@ fn lm_heads_logit_shift_is_left_out_and_changes_no_probability() {
     .success());
     for out in [&kept, &capped] {
         let rep = report(out);
-        let head = rep["tensors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["name"] == "lm_head.weight")
-            .unwrap();
+        let head = tensor_row(&rep, "lm_head.weight");
         assert!(head.get("logit_shift").is_none(), "{head}");
         assert!(
             head["residual"].as_f64().unwrap() > 0.1,

@@ -20,10 +20,11 @@ use crate::linalg::{self, blocked, rsvd, Method, SvdSettings};
 use crate::plan::{Action, Form, PlanItem};
 use crate::report::{StageSeconds, TensorReport};
 
-/// Where a tensor's ΔW comes from during the SVD and the residual.
+/// Where a tensor's ΔW comes from during the SVD and the residual. Blocked ΔW carries its
+/// column sums from the first pass when its logit shift is removed.
 enum Source<'a, B: Backend> {
     Whole(B::Mat),
-    Blocked(CheckpointBlocks<'a, B>),
+    Blocked(CheckpointBlocks<'a, B>, Option<Vec<f64>>),
 }
 
 impl<B: Backend> Source<'_, B> {
@@ -40,7 +41,7 @@ impl<B: Backend> Source<'_, B> {
             (Source::Whole(delta), p) => {
                 linalg::decompose_whole_on_device(be, delta, p, rank, svd, seed)
             }
-            (Source::Blocked(src), p) => {
+            (Source::Blocked(src, _), p) => {
                 let (rows, cols) = src.item.matrix();
                 let k = svd.sketch_width(rank, rows, cols);
                 match p {
@@ -55,11 +56,15 @@ impl<B: Backend> Source<'_, B> {
         }
     }
 
-    /// P·ΔW's column sums, for removing the logit shift.
-    fn centering(&self, be: &B) -> backend::BackendResult<RowCentering<B::Mat>> {
+    /// P for removing the logit shift, from ΔW's column sums (a GEMM on ΔW held whole; the
+    /// first pass's sums for row blocks, which carry them only when asked).
+    fn centering(&self, be: &B) -> backend::BackendResult<Option<RowCentering<B::Mat>>> {
         match self {
-            Source::Whole(delta) => RowCentering::of_whole(be, delta),
-            Source::Blocked(src) => RowCentering::of_blocks(be, src),
+            Source::Whole(delta) => RowCentering::of_whole(be, delta).map(Some),
+            Source::Blocked(src, Some(sums)) => {
+                RowCentering::of_column_sums(be, src.item.matrix().0, sums).map(Some)
+            }
+            Source::Blocked(_, None) => Ok(None),
         }
     }
 
@@ -73,7 +78,7 @@ impl<B: Backend> Source<'_, B> {
     ) -> backend::BackendResult<f64> {
         let raw = match self {
             Source::Whole(delta) => be.residual_sumsq(delta, left, right)?,
-            Source::Blocked(src) => blocked::blocked_residual_sumsq(be, src, left, right)?,
+            Source::Blocked(src, _) => blocked::blocked_residual_sumsq(be, src, left, right)?,
         };
         match p {
             None => Ok(raw),
@@ -109,6 +114,17 @@ impl<B: Backend> blocked::RowBlocks<B> for CheckpointBlocks<'_, B> {
 impl<B: Backend> CheckpointBlocks<'_, B> {
     /// Rows r0..r1 of ΔW and their statistics, releasing the input pages as they are read.
     fn form(&self, r0: usize, r1: usize) -> backend::BackendResult<(B::Mat, DeltaStats)> {
+        self.form_measured(r0, r1, false).map(|(d, s, _)| (d, s))
+    }
+
+    /// [`form`](Self::form), with ‖W_base‖² of those rows when `base_norm` (read from the
+    /// maps before the backend releases them: no second read from disk).
+    fn form_measured(
+        &self,
+        r0: usize,
+        r1: usize,
+        base_norm: bool,
+    ) -> backend::BackendResult<(B::Mat, DeltaStats, Option<f64>)> {
         let item = self.item;
         let cols = item.matrix().1;
         let (bs, fs) = (item.stored_size(false), item.stored_size(true));
@@ -133,7 +149,9 @@ impl<B: Backend> CheckpointBlocks<'_, B> {
             cols,
             rows_read: Some(&rows_read),
         };
-        self.be.delta(&input)
+        let base_sumsq = base_norm.then(|| sumsq_of(item.base_dtype(), &base_rows));
+        let (delta, stats) = self.be.delta(&input)?;
+        Ok((delta, stats, base_sumsq))
     }
 }
 
@@ -240,25 +258,33 @@ impl<B: Backend> LoraJob<'_, B> {
         };
         let cap = self.policy.rank_for(&item.name, rows, cols);
         let clock = Instant::now();
+        // A budget's rules may weigh modules by ‖W_base‖²: measured in its first pass.
         let (source, stats) = match self.fit {
             Fit::Whole => {
-                let (delta, stats) = self.blocks(rows).form(0, rows).map_err(backend_err)?;
+                let (delta, stats, base_sumsq) = self
+                    .blocks(rows)
+                    .form_measured(0, rows, self.spectrum_only)
+                    .map_err(backend_err)?;
                 check_finite(self.base, ft, item, &stats)?;
+                done.base_sumsq = base_sumsq;
                 (Source::Whole(delta), stats)
             }
             Fit::Blocked(step) => {
-                // ΔW is never formed whole: a first pass for ‖ΔW‖ and the finite check (so an
-                // unchanged matrix, e.g. a frozen embedding, costs one read, not 2q + 4), then
-                // each product of the SVD and the residual re-form the blocks.
-                let stats = host_delta(self.base, ft, item)?;
+                // ΔW is never formed whole: a first pass for ‖ΔW‖, ‖W_base‖², the finite
+                // check (so an unchanged matrix, e.g. a frozen embedding, costs one read, not
+                // 2q + 4) and the column sums a logit shift needs; then each product of the SVD
+                // and the residual re-form the blocks.
+                let first = host_delta(self.base, ft, item, item.remove_logit_shift)?;
                 row.row_blocks = Some(step);
-                (Source::Blocked(self.blocks(step)), stats)
+                if self.spectrum_only {
+                    done.base_sumsq = Some(first.base_sumsq);
+                }
+                (
+                    Source::Blocked(self.blocks(step), first.col_sums),
+                    first.stats,
+                )
             }
         };
-        // A budget's rules may weigh modules by ‖W_base‖²: read while the pages are in memory.
-        if self.spectrum_only {
-            done.base_sumsq = Some(host_sumsq(self.base, item));
-        }
         // The decomposition holds all that is needed now: drop what is left of the pages.
         self.base.release(&item.base);
         ft.release(&item.ft);
@@ -266,7 +292,7 @@ impl<B: Backend> LoraJob<'_, B> {
         // An output head decomposed without its logit shift: P·ΔW is what the adapter
         // carries, and what its energy and residual are measured against.
         let centering = match item.remove_logit_shift && stats.sumsq > 0.0 {
-            true => Some(source.centering(be).map_err(backend_err)?),
+            true => source.centering(be).map_err(backend_err)?,
             false => None,
         };
         let removed = centering
@@ -521,20 +547,37 @@ fn transpose(bytes: &[u8], rows: usize, cols: usize, elem: usize) -> Vec<u8> {
     out
 }
 
-/// ‖ΔW‖² of a tensor that is not decomposed, computed in chunks of rows on the host.
+/// What the host's pass over a pair gives: ΔW's statistics, ‖W_base‖², and ΔW's column sums
+/// when asked for (f64 sums throughout).
+pub(super) struct HostDelta {
+    pub stats: DeltaStats,
+    pub base_sumsq: f64,
+    pub col_sums: Option<Vec<f64>>,
+}
+
+/// One pass over a tensor's pair in chunks of rows on the host, releasing the pages as it
+/// goes: ‖ΔW‖² (for a tensor that is not decomposed, or the first pass of a blocked one),
+/// ‖W_base‖², and with `columns` the column sums of ΔW.
 pub(super) fn host_delta(
     base: &Checkpoint,
     ft: &Checkpoint,
     item: &PlanItem,
-) -> Result<DeltaStats> {
+    columns: bool,
+) -> Result<HostDelta> {
     const CHUNK: usize = 1 << 16;
     let (bd, fd) = (item.base_dtype(), item.ft_dtype());
     let (bs, fs) = (item.stored_size(false), item.stored_size(true));
     let (rows, cols) = item.matrix();
     let step = (CHUNK / cols.max(1)).max(1);
-    let parts: Vec<DeltaStats> = (0..rows.div_ceil(step))
+    let empty = || HostDelta {
+        stats: DeltaStats::default(),
+        base_sumsq: 0.0,
+        col_sums: columns.then(|| vec![0f64; cols]),
+    };
+    // Folded per rayon split, not collected per chunk: a 128K-row lm_head has 16K chunks.
+    let whole = (0..rows.div_ceil(step))
         .into_par_iter()
-        .map(|c| {
+        .fold(empty, |mut acc, c| {
             let (r0, r1) = (c * step, ((c + 1) * step).min(rows));
             let n = (r1 - r0) * cols;
             let mut x = vec![0f32; n];
@@ -544,43 +587,41 @@ pub(super) fn host_delta(
             // Only the sums are kept: the pages can go (a memory bound counts them).
             base.release_range(&item.base, r0 * cols * bs, r1 * cols * bs);
             ft.release_range(&item.ft, r0 * cols * fs, r1 * cols * fs);
-            let mut s = DeltaStats::default();
-            for (a, b) in x.iter().zip(&y) {
+            for (i, (a, b)) in x.iter().zip(&y).enumerate() {
                 let d = b - a;
+                if a.is_finite() {
+                    acc.base_sumsq += f64::from(*a) * f64::from(*a);
+                }
                 if d.is_finite() {
-                    s.sumsq += f64::from(d) * f64::from(d);
+                    acc.stats.sumsq += f64::from(d) * f64::from(d);
+                    if let Some(cs) = acc.col_sums.as_mut() {
+                        cs[i % cols] += f64::from(d);
+                    }
                 } else {
-                    s.nonfinite += 1;
+                    acc.stats.nonfinite += 1;
                 }
             }
-            s
+            acc
         })
-        .collect();
-    let stats = parts.iter().fold(DeltaStats::default(), |a, b| a.merge(*b));
-    check_finite(base, ft, item, &stats)?;
-    Ok(stats)
+        .reduce(empty, |a, b| HostDelta {
+            stats: a.stats.merge(b.stats),
+            base_sumsq: a.base_sumsq + b.base_sumsq,
+            col_sums: a.col_sums.zip(b.col_sums).map(|(mut x, y)| {
+                x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+                x
+            }),
+        });
+    check_finite(base, ft, item, &whole.stats)?;
+    Ok(whole)
 }
 
-/// ‖W_base‖² of a tensor, in chunks of rows on the host (f64 sums).
-fn host_sumsq(base: &Checkpoint, item: &PlanItem) -> f64 {
-    const CHUNK: usize = 1 << 16;
-    let (rows, cols) = item.matrix();
-    let step = (CHUNK / cols.max(1)).max(1);
-    (0..rows.div_ceil(step))
-        .into_par_iter()
-        .map(|c| {
-            let (r0, r1) = (c * step, ((c + 1) * step).min(rows));
-            let mut x = vec![0f32; (r1 - r0) * cols];
-            decode_into(
-                item.base_dtype(),
-                &item.side_rows(base, false, r0, r1),
-                &mut x,
-            );
-            x.iter()
-                .filter(|v| v.is_finite())
-                .map(|&v| f64::from(v) * f64::from(v))
-                .sum::<f64>()
-        })
+/// Σ x² over the finite values of encoded rows (f64).
+fn sumsq_of(dtype: DType, bytes: &[u8]) -> f64 {
+    let mut x = vec![0f32; bytes.len() / dtype.size().max(1)];
+    decode_into(dtype, bytes, &mut x);
+    x.iter()
+        .filter(|v| v.is_finite())
+        .map(|&v| f64::from(v) * f64::from(v))
         .sum()
 }
 
@@ -632,7 +673,7 @@ pub(super) fn other_item(
 ) -> Result<Finished> {
     let clock = Instant::now();
     let mut row = TensorReport::new(&item.name, item.action.label(), &item.shape);
-    let stats = host_delta(base, ft, item)?;
+    let stats = host_delta(base, ft, item, false)?.stats;
     row.delta_norm = stats.sumsq.sqrt();
     if stats.sumsq == 0.0 {
         row.action = "unchanged".into();

@@ -8,7 +8,7 @@
 //! matrix, Y − 1·(1ᵀY)/m, two thin GEMMs. The same randomized SVD runs on top
 //! ([`rsvd::sketch_svd`]), on ΔW held whole or in row blocks.
 
-use super::blocked::{ranges, RowBlocks};
+use super::blocked::RowBlocks;
 use super::rsvd::{self, DeltaProducts};
 use super::OnDevice;
 use crate::backend::{Backend, BackendResult, Op};
@@ -62,22 +62,21 @@ impl<M> RowCentering<M> {
         Self::from_sums(be, m, ones, c)
     }
 
-    /// For a ΔW formed in row blocks (one more pass over them).
-    pub fn of_blocks<B: Backend<Mat = M>>(be: &B, src: &dyn RowBlocks<B>) -> BackendResult<Self> {
-        let (m, _) = src.shape();
-        let ones = filled(be, m, 1.0)?;
-        let mut acc: Option<M> = None;
-        for ((r0, r1), ob) in
-            ranges(m, src.block_rows()).zip(be.split_rows(&ones, src.block_rows())?)
-        {
-            let part = be.gemm(&src.block(r0, r1)?, Op::T, &ob, Op::N)?;
-            acc = Some(match acc {
-                None => part,
-                Some(a) => be.add(&a, &part)?,
-            });
-        }
-        let c = acc.expect("a matrix has at least one row");
-        Self::from_sums(be, m, ones, c)
+    /// From ΔW's column sums, computed where its rows were read (the first pass over a ΔW
+    /// formed in row blocks), for a ΔW of `rows` rows.
+    pub fn of_column_sums<B: Backend<Mat = M>>(
+        be: &B,
+        rows: usize,
+        sums: &[f64],
+    ) -> BackendResult<Self> {
+        let c = faer::Mat::<f32>::from_fn(sums.len(), 1, |j, _| sums[j] as f32);
+        Ok(RowCentering {
+            rows,
+            ones: filled(be, rows, 1.0)?,
+            minus_mean: filled(be, rows, -1.0 / rows.max(1) as f32)?,
+            col_sums: be.upload(c.as_ref())?,
+            removed_sumsq: sums.iter().map(|x| x * x).sum::<f64>() / rows.max(1) as f64,
+        })
     }
 
     /// P·Y = Y − 1·(1ᵀY)/m for an m×k Y.
