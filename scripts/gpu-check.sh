@@ -1,174 +1,383 @@
 #!/usr/bin/env bash
-# The GPU checks, on a host with an NVIDIA GPU and no Rust toolchain. Build first where cargo
-# is (scripts/gpu-build.sh writes gpu-bin/), carry gpu-bin/ over, then run from the repo root:
+# The prepared device check: what a short GPU lending runs, in one command, on a host with the
+# NVIDIA driver, CUDA libraries, bash, coreutils, grep, sed and awk (no Rust, no Python).
 #
-#     scripts/gpu-check.sh     # logs in a temp folder; packed into $LOG/gpu-check-logs.tar.gz if OUT is set
+#     scripts/gpu-build.sh                      # here, where cargo is: writes gpu-bin/
+#     scripts/gpu-check.sh RESULTS              # there (carry gpu-bin): on the GPU
+#     DEVICE=cpu scripts/gpu-check.sh RESULTS   # anywhere: the same plumbing at small sizes (CI)
 #
-# 1. the test binaries with PHLORA_TEST_DEVICE=cuda (every test body on CPU and GPU);
-# 2. phlora bench on the GPU: default shapes and ranks, the ΔW kernel's bandwidth, and the
-#    variants (tf32/f32 × CholeskyQR2/Householder × eigh/host eigh/gesvd) on 28672×8192 r=64;
-# 3. end to end: a synth pair extracted on CPU and GPU, reconstructions compared, and each
-#    adapter loaded and merged by PEFT (scripts/compare_adapters.py).
-# 4. Llama-3-70B layer shapes against the input floor, and under a small --max-vram
-#    (scripts/bench-70b.sh; LAYERS70 layers, default 4; SKIP_70B=1 skips it).
-# A short table comes last. Exit status 1 if any check failed. QUICK=1 skips the 1B pair,
-# SKIP_BENCH=1 the benchmarks.
+# Stages, each under its own time limit (seconds on a GPU / on the CPU); a stage that fails or
+# runs out of time says so, and the next one still runs:
+#   probe   20 / 30   the device opens (kernels compile under NVRTC, handles open)
+#   tests  150 / 60   the test binaries with GPU bodies, PHLORA_TEST_DEVICE=$DEVICE
+#   bench   60 / 20   phlora bench at 28672×8192 r 64 (Llama-3-70B's MLP), ΔW kernel vs a copy
+#   e2e    110 / 40   a small synth pair on the CPU and on DEVICE, compared (`phlora compare`);
+#                     determinism with cmp: a rerun, --in-flight 1 vs 2, killed + --resume,
+#                     two shards + combine; a bound that streams matrices in row blocks
+#   70b    rest       Llama-3-70B shapes (as many layers as the time left allows) against
+#                     `phlora floor`, and under --max-vram 4G with peak memory sampled by
+#                     nvidia-smi (on the CPU: 1/8 of the widths, --max-ram, peak RSS);
+#                     LAYERS70=N sets the layers (and LIMIT the time) for a longer run
+# In all ≤ 8 minutes on an H200 (LIMIT, default 470 s) and ≤ 3 on two CPU cores.
+#
+# RESULTS gets result.json (every stage and check, with figures), table.txt (printed last),
+# the raw JSON of each phlora run, and logs. Exit 1 if a check failed or a stage ran out of
+# time; a missed speed target is shown as "miss" and does not fail the run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BIN=${BIN:-gpu-bin}
-LOG=$(mktemp -d)
-WORK=$(mktemp -d)
-ROWS=()
-FAILED=0
-row() { ROWS+=("$(printf '%-30s %-5s %s' "$1" "$2" "$3")"); [ "$2" = ok ] || FAILED=1; }
 
-echo "== machine"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
-ldconfig -p | grep -E 'lib(cuda|nvrtc|cublas|cusolver)\.so' | sed 's/^/  /'
-
-echo "== tests on the GPU"
-export PHLORA_TEST_DEVICE=cuda PHLORA_BIN=$BIN/phlora
-for t in lib linalg extract; do
-    timeout 300 "$BIN/test-$t" --test-threads=4 >"$LOG/test-$t.log" 2>&1
-    rc=$?
-    grep -E "^test .*(FAILED|ok)$|panicked|test result" "$LOG/test-$t.log" | grep -v " ok$" | head -20
-    counts=$(awk '/^test result:/ { print $4 " passed, " $6 " failed" }' "$LOG/test-$t.log")
-    [ $rc -eq 0 ] && row "tests $t (cuda)" ok "$counts" || row "tests $t (cuda)" FAIL "rc=$rc ${counts:-no result}"
+[ $# -eq 1 ] || { echo "usage: $0 RESULTS_FOLDER   (env: DEVICE=cuda|cpu, BIN, LIMIT)" >&2; exit 2; }
+R=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "gpu-check: cannot create $1" >&2; exit 2; }
+export R
+export DEVICE=${DEVICE:-cuda}
+case $DEVICE in cuda | cpu) ;; *) echo "gpu-check: DEVICE must be cuda or cpu" >&2; exit 2 ;; esac
+export BIN=${BIN:-gpu-bin}
+export P=$BIN/phlora
+for f in "$P" "$BIN/test-lib" "$BIN/test-linalg" "$BIN/test-extract"; do
+    [ -x "$f" ] || { echo "gpu-check: $f is missing: run scripts/gpu-build.sh first" >&2; exit 2; }
 done
-# The variant and TF32 figures the tests print.
-"$BIN/test-linalg" --test-threads=1 --nocapture tf32_error every_gpu_variant 2>&1 | grep -E "residual" | tail -40 >"$LOG/variants-tests.txt"
+export WORK=${WORK:-$(mktemp -d)}
+if [ "$DEVICE" = cuda ]; then LIMIT=${LIMIT:-470}; else LIMIT=${LIMIT:-175}; fi
+START=$(date +%s)
+: >"$R/checks.tsv"
+: >"$R/figures.tsv"
 
-echo "== bench"
-if [ -n "${SKIP_BENCH:-}" ]; then
-    echo "skipped (SKIP_BENCH)"
-elif timeout 300 "$BIN/phlora" bench --device cuda --json >"$LOG/bench.json" 2>"$LOG/bench.txt"; then
-    cat "$LOG/bench.txt"
-    line=$(python3 - "$LOG/bench.json" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))
-x = [t for t in r["rows"] if (t["rows"], t["cols"], t["rank"]) == (28672, 8192, 64)][0]
-d = r["delta_kernel"]
-print(f"28672x8192 r64 {x['seconds']*1e3:.2f} ms (+{x['download_seconds']*1e3:.2f} dl), "
-      f"res/opt {x['residual']/x['optimum']:.4f}; dW kernel {d['kernel_bytes_per_s']/1e12:.2f} TB/s "
-      f"= {100*d['kernel_bytes_per_s']/d['copy_bytes_per_s']:.0f}% of copy")
-PY
-)
-    row "bench (default)" ok "$line"
-    info=$(python3 - "$LOG/bench.json" <<'PY'
-import json, sys
-c = json.load(open(sys.argv[1]))["cuda"]
-print(f"{c['name']} cc{c['compute_capability']} driver {c['driver_version']} "
-      f"nvrtc {c['nvrtc_version']} cublas {c['cublas_version']} cusolver {c['cusolver_version']}")
-PY
-)
-    row "device and libraries" ok "$info"
-else
-    cat "$LOG/bench.txt"; row "bench (default)" FAIL "see bench.txt"
-fi
-if [ -n "${SKIP_BENCH:-}" ]; then
-    :
-elif timeout 200 "$BIN/phlora" bench --device cuda --shapes 28672x8192 --ranks 64 --variants --no-delta \
-    --json >"$LOG/variants.json" 2>"$LOG/variants.txt"; then
-    cat "$LOG/variants.txt"
-    best=$(python3 - "$LOG/variants.json" <<'PY'
-import json, sys
-v = json.load(open(sys.argv[1]))["variants"]
-ok = [t for t in v if t["residual"] <= 1.01 * t["optimum"]]
-b = min(ok, key=lambda t: t["seconds"])
-print(f"fastest within +1%: {b['device'].split(', ')[-1].rstrip(')')} {b['seconds']*1e3:.2f} ms")
-PY
-)
-    row "bench --variants" ok "$best"
-else
-    cat "$LOG/variants.txt"; row "bench --variants" FAIL "see variants.txt"
-fi
+# --- helpers (exported: each stage runs in its own bash under `timeout`) ---------------------
 
-echo "== end to end"
-e2e() { # tag layers
-    local tag=$1 layers=$2 pair=$WORK/pair-$1
-    "$BIN/phlora" -q synth --out "$pair" --layers "$layers" --force || { row "e2e $tag" FAIL "synth"; return; }
-    for dev in cpu cuda; do
-        timeout 300 "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/$tag-$dev" \
-            --device $dev --json >"$LOG/e2e-$tag-$dev.json" 2>"$LOG/e2e-$tag-$dev.err" ||
-            { row "e2e $tag $dev" FAIL "$(tail -1 "$LOG/e2e-$tag-$dev.err")"; return; }
-    done
-    "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/$tag-cuda-f32" \
-        --device cuda --gemm f32 --json >"$LOG/e2e-$tag-cuda-f32.json" 2>&1
-    local peft=() others=("$WORK/$tag-cuda" "$WORK/$tag-cuda-f32")
-    if [ "$tag" = small ]; then
-        peft=(--base "$pair/base" --ft "$pair/ft")
-        # A device budget that fits the MLP matrices whole but not the 32000×2048 embedding and
-        # lm_head: those two go through the blocked randomized SVD on the GPU.
-        "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/$tag-cuda-blocked" \
-            --device cuda --max-vram 700M --json >"$LOG/e2e-$tag-cuda-blocked.json" 2>&1 &&
-            others+=("$WORK/$tag-cuda-blocked")
-        blocked=$(python3 -c 'import json,sys; print(sum(1 for t in json.load(open(sys.argv[1]))["tensors"] if t.get("row_blocks")))' \
-            "$WORK/$tag-cuda-blocked/report.json" 2>/dev/null)
-        [ "${blocked:-0}" -ge 2 ] && row "e2e $tag --max-vram 700M" ok "$blocked matrices streamed in row blocks" ||
-            row "e2e $tag --max-vram 700M" FAIL "streamed: ${blocked:-none} (see e2e-$tag-cuda-blocked.json)"
+# check STAGE NAME STATUS DETAIL: one line of the table (STATUS ok, FAIL, miss or n/a).
+check() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$R/checks.tsv"; }
+# figure STAGE KEY NUMBER: a measured figure for result.json.
+figure() { [ -n "$3" ] && printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$R/figures.tsv"; return 0; }
+# jnum FILE KEY: the first number under "KEY" in a phlora JSON file (keys are chosen unique).
+jnum() { grep -o "\"$2\": *-\?[0-9][0-9.eE+-]*" "$1" 2>/dev/null | head -1 | sed 's/.*: *//'; }
+# jstr FILE KEY: the first string under "KEY".
+jstr() { grep -o "\"$2\": *\"[^\"]*\"" "$1" 2>/dev/null | head -1 | sed 's/.*: *"//; s/"$//'; }
+# calc EXPR: floating-point arithmetic (awk); cmp_le A B: A ≤ B.
+calc() { awk "BEGIN { printf \"%.6g\", $1 }"; }
+le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a + 0 <= b + 0) }'; }
+# ph ARGS: phlora on the chosen device, errors kept in the stage log.
+ph() { "$P" -q "$@"; }
+export -f check figure jnum jstr calc le ph
+
+# --- stages ------------------------------------------------------------------------------
+
+stage_probe() {
+    if [ "$DEVICE" = cuda ]; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader \
+            >"$R/nvidia-smi.txt" 2>&1
+        figure probe memory_used_mib_before "$(nvidia-smi --query-gpu=memory.used \
+            --format=csv,noheader,nounits -i 0 2>/dev/null | head -1)"
     fi
-    # One worker per GPU against the default two: the same bytes.
-    "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/$tag-cuda-1" \
-        --device cuda --in-flight 1 --json >"$LOG/e2e-$tag-cuda-1.json" 2>&1
-    if cmp -s "$WORK/$tag-cuda/adapter_model.safetensors" "$WORK/$tag-cuda-1/adapter_model.safetensors"; then
-        row "e2e $tag in-flight 1 vs 2" ok "identical adapters"
+    if ph bench --device "$DEVICE" --shapes 256x128 --ranks 8 --reps 1 --no-delta --json \
+        >"$R/probe.json" 2>"$R/probe.log"; then
+        check probe device ok "$(jstr "$R/probe.json" device)"
     else
-        row "e2e $tag in-flight 1 vs 2" FAIL "adapters differ"; others+=("$WORK/$tag-cuda-1")
+        check probe device FAIL "$(tail -1 "$R/probe.log")"
     fi
-    if [ "$tag" = small ]; then
-        # Determinism on the GPU (README): a second run, a run killed after 5 tensors and
-        # resumed, and two shards combined all give the first run's bytes.
-        local d=ok why="" same=()
-        "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/$tag-cuda-again" \
-            --device cuda >/dev/null 2>&1 && same+=("$WORK/$tag-cuda-again")
-        PHLORA_TEST_CRASH_AFTER=5 "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" \
-            --out "$WORK/$tag-cuda-resumed" --device cuda >/dev/null 2>&1
-        "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/$tag-cuda-resumed" \
-            --device cuda --resume >/dev/null 2>&1 && same+=("$WORK/$tag-cuda-resumed")
-        for i in 1 2; do
-            "$BIN/phlora" -q extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/$tag-part$i" \
-                --device cuda --shard $i/2 >/dev/null 2>&1
-        done
-        "$BIN/phlora" -q combine "$WORK/$tag-part1" "$WORK/$tag-part2" --out "$WORK/$tag-cuda-combined" \
-            >/dev/null 2>&1 && same+=("$WORK/$tag-cuda-combined")
-        [ ${#same[@]} -eq 3 ] || { d=FAIL; why="only ${#same[@]} of 3 runs finished; "; }
-        for o in "${same[@]}"; do
-            cmp -s "$WORK/$tag-cuda/adapter_model.safetensors" "$o/adapter_model.safetensors" ||
-                { d=FAIL; why+="$(basename "$o") differs; "; }
-        done
-        row "e2e $tag GPU determinism" $d "${why:-again, resumed, 2 shards combined: identical to the first run}"
-    fi
-    if timeout 300 python3 scripts/compare_adapters.py "$WORK/$tag-cpu" "${others[@]}" \
-        "${peft[@]}" >"$LOG/compare-$tag.txt" 2>&1; then st=ok; else st=FAIL; fi
-    cat "$LOG/compare-$tag.txt" | grep -v Warning
-    local t
-    t=$(python3 - "$LOG/e2e-$tag-cpu.json" "$LOG/e2e-$tag-cuda.json" <<'PY'
-import json, sys
-c, g = (json.load(open(p))["summary"] for p in sys.argv[1:3])
-print(f"cpu {c['seconds']:.2f} s, gpu {g['seconds']:.2f} s (delta {g['stages']['delta']:.2f}, "
-      f"svd {g['stages']['svd_randomized']:.2f}, residual {g['stages']['residual']:.2f}), "
-      f"total err cpu {c['total_relative_error']:.5f} gpu {g['total_relative_error']:.5f}")
-PY
-)
-    row "e2e $tag ($layers layers)" $st "$t"
 }
-e2e small 2
-[ -n "${QUICK:-}" ] || e2e 1b 16   # QUICK=1: the 2-layer pair only
 
-echo "== Llama-3-70B shapes against the input floor (scripts/bench-70b.sh)"
-if [ -n "${SKIP_70B:-}" ]; then
-    echo "skipped (SKIP_70B)"
-else
-    BIN=$BIN DEVICE=cuda LAYERS=${LAYERS70:-4} WORK=$WORK timeout 900 scripts/bench-70b.sh >"$LOG/bench-70b.txt" 2>&1
-    rc=$?
-    cat "$LOG/bench-70b.txt"
-    line=$(grep -E "^target:|^80 layers" "$LOG/bench-70b.txt" | tr '\n' ' ')
-    [ $rc -eq 0 ] && row "70B shapes (${LAYERS70:-4} layers)" ok "$line" || row "70B shapes" FAIL "rc=$rc $line"
-fi
+stage_tests() {
+    local t counts rc
+    for t in lib linalg extract; do
+        if [ "$DEVICE" = cuda ]; then
+            PHLORA_TEST_DEVICE=cuda PHLORA_BIN=$P "$BIN/test-$t" --test-threads=4 >"$R/test-$t.log" 2>&1
+        else
+            env -u PHLORA_TEST_DEVICE PHLORA_BIN=$P "$BIN/test-$t" --test-threads=2 >"$R/test-$t.log" 2>&1
+        fi
+        rc=$?
+        counts=$(awk '/^test result:/ { printf "%s passed, %s failed, %s ignored", $4, $6, $8 }' "$R/test-$t.log")
+        if [ $rc -eq 0 ] && [ -n "$counts" ]; then
+            check tests "test-$t" ok "$counts"
+        else
+            check tests "test-$t" FAIL "rc=$rc ${counts:-no result}: $(grep -m3 -E 'FAILED|panicked' "$R/test-$t.log" | tr '\n' ' ')"
+        fi
+        figure tests "test_${t}_failed" "$(awk '/^test result:/ { print $6 }' "$R/test-$t.log")"
+    done
+}
 
+stage_bench() {
+    local shape=28672x8192 rank=64
+    [ "$DEVICE" = cpu ] && shape=2048x1024 rank=16
+    if ! ph bench --device "$DEVICE" --shapes $shape --ranks $rank --json >"$R/bench.json" 2>"$R/bench.log"; then
+        check bench "rsvd $shape r$rank" FAIL "$(tail -1 "$R/bench.log")"
+        return
+    fi
+    local s res opt ratio ms
+    s=$(jnum "$R/bench.json" seconds)
+    res=$(jnum "$R/bench.json" residual)
+    opt=$(jnum "$R/bench.json" optimum)
+    ratio=$(calc "$res / $opt")
+    ms=$(calc "$s * 1000")
+    figure bench rsvd_ms "$ms"
+    figure bench rsvd_residual_over_optimum "$ratio"
+    figure bench rsvd_gflops "$(jnum "$R/bench.json" gflops)"
+    if le "$ratio" 1.01; then
+        check bench "rsvd $shape r$rank" ok "$ms ms, residual $ratio × the optimum (≤ 1.01)"
+    else
+        check bench "rsvd $shape r$rank" FAIL "residual $ratio × the optimum (over 1.01)"
+    fi
+    if [ "$DEVICE" = cuda ]; then
+        le "$ms" 4 && check bench "rsvd time <= 4 ms" ok "$ms ms" || check bench "rsvd time <= 4 ms" miss "$ms ms"
+        local k c frac
+        k=$(jnum "$R/bench.json" kernel_bytes_per_s)
+        c=$(jnum "$R/bench.json" copy_bytes_per_s)
+        if [ -n "$k" ] && [ -n "$c" ]; then
+            frac=$(calc "$k / $c")
+            figure bench delta_kernel_tb_per_s "$(calc "$k / 1e12")"
+            figure bench device_copy_tb_per_s "$(calc "$c / 1e12")"
+            figure bench delta_kernel_fraction_of_copy "$frac"
+            le 0.85 "$frac" && st=ok || st=miss
+            check bench "dW kernel >= 85% of a copy" $st "$(calc "$k / 1e12") TB/s = $(calc "100 * $frac")% of $(calc "$c / 1e12") TB/s"
+        else
+            check bench "dW kernel >= 85% of a copy" FAIL "no delta_kernel figures in bench.json"
+        fi
+    else
+        check bench "dW kernel vs copy" n/a "GPU only"
+    fi
+}
+
+# e2e_run TAG ARGS: extract the small pair into $WORK/TAG (JSON in $R/e2e-TAG.json).
+e2e_run() {
+    local tag=$1; shift
+    ph extract --base "$WORK/pair/base" --ft "$WORK/pair/ft" --out "$WORK/$tag" --json "$@" \
+        >"$R/e2e-$tag.json" 2>"$R/e2e-$tag.log"
+}
+export -f e2e_run
+
+stage_e2e() {
+    local synth=(--layers 2)
+    [ "$DEVICE" = cpu ] && synth=(--layers 2 --hidden 256 --intermediate 512 --heads 4 --kv-heads 2 --vocab 4096)
+    ph synth --out "$WORK/pair" "${synth[@]}" --force 2>"$R/e2e-synth.log" ||
+        { check e2e synth FAIL "$(tail -1 "$R/e2e-synth.log")"; return; }
+    e2e_run cpu --device cpu || { check e2e "extract on cpu" FAIL "$(tail -1 "$R/e2e-cpu.log")"; return; }
+    e2e_run dev --device "$DEVICE" || { check e2e "extract on $DEVICE" FAIL "$(tail -1 "$R/e2e-dev.log")"; return; }
+    figure e2e cpu_seconds "$(jnum "$R/e2e-cpu.json" seconds)"
+    figure e2e device_seconds "$(jnum "$R/e2e-dev.json" seconds)"
+    figure e2e total_relative_error "$(jnum "$R/e2e-dev.json" total_relative_error)"
+    # CPU against the device, within the tolerances README promises across devices.
+    local others=("$WORK/dev")
+    if [ "$DEVICE" = cuda ]; then
+        e2e_run dev-f32 --device cuda --gemm f32 && others+=("$WORK/dev-f32") ||
+            check e2e "extract --gemm f32" FAIL "$(tail -1 "$R/e2e-dev-f32.log")"
+    fi
+    # A bound that fits the layer matrices whole but not the embedding and lm_head, which then
+    # stream through the blocked randomized SVD.
+    local bound=(--max-vram 700M)
+    [ "$DEVICE" = cpu ] && bound=(--max-ram 75M)
+    if e2e_run dev-blocked --device "$DEVICE" "${bound[@]}"; then
+        local blocked
+        blocked=$(grep -c '"row_blocks"' "$WORK/dev-blocked/report.json")
+        [ "$blocked" -ge 2 ] && check e2e "${bound[*]} streams row blocks" ok "$blocked matrices in row blocks" ||
+            check e2e "${bound[*]} streams row blocks" FAIL "only $blocked matrices in row blocks"
+        others+=("$WORK/dev-blocked")
+    else
+        check e2e "extract ${bound[*]}" FAIL "$(tail -1 "$R/e2e-dev-blocked.log")"
+    fi
+    if "$P" compare "$WORK/cpu" "${others[@]}" --json >"$R/compare.json" 2>"$R/compare.log"; then
+        check e2e "cpu vs $DEVICE (compare)" ok "$(grep -c agree "$R/compare.log") adapters agree; worst ΔB·A $(jnum "$R/compare.json" worst_product)"
+    else
+        check e2e "cpu vs $DEVICE (compare)" FAIL "$(grep -E 'DIFFER|error' "$R/compare.log" | head -2 | tr '\n' ' ')"
+    fi
+    figure e2e worst_product_difference "$(grep -o '"worst_product": *[0-9.eE+-]*' "$R/compare.json" | sed 's/.*: *//' | sort -g | tail -1)"
+    # Determinism on DEVICE: each of these gives the first run's bytes.
+    local same=() why=""
+    e2e_run again --device "$DEVICE" && same+=(again)
+    e2e_run in-flight-1 --device "$DEVICE" --in-flight 1 && same+=(in-flight-1)
+    PHLORA_TEST_CRASH_AFTER=5 e2e_run resumed --device "$DEVICE"
+    e2e_run resumed --device "$DEVICE" --resume && same+=(resumed)
+    e2e_run part1 --device "$DEVICE" --shard 1/2 && e2e_run part2 --device "$DEVICE" --shard 2/2 &&
+        "$P" -q combine "$WORK/part1" "$WORK/part2" --out "$WORK/combined" >/dev/null 2>"$R/e2e-combine.log" &&
+        same+=(combined)
+    [ ${#same[@]} -eq 4 ] || why="only ${#same[@]} of 4 runs finished (${same[*]}); "
+    local o
+    for o in "${same[@]}"; do
+        cmp -s "$WORK/dev/adapter_model.safetensors" "$WORK/$o/adapter_model.safetensors" || why+="$o differs; "
+    done
+    [ -z "$why" ] && check e2e "determinism on $DEVICE (cmp)" ok "${same[*]}: identical to the first run" ||
+        check e2e "determinism on $DEVICE (cmp)" FAIL "$why"
+}
+
+# measure NAME ARGS: runs phlora with JSON to $R/NAME.json; on a GPU samples device memory
+# every 50 ms (nvidia-smi) and records the peak above what was in use before, in MiB.
+measure() {
+    local name=$1; shift
+    local before="" sampler=""
+    if [ "$DEVICE" = cuda ]; then
+        before=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 | head -1)
+        (while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0; sleep 0.05; done) \
+            >"$R/$name.vram" 2>/dev/null &
+        sampler=$!
+    fi
+    "$P" -q "$@" --json >"$R/$name.json" 2>"$R/$name.log"
+    local rc=$?
+    if [ -n "$sampler" ]; then
+        kill "$sampler" 2>/dev/null
+        wait "$sampler" 2>/dev/null
+        echo $(($(sort -n "$R/$name.vram" | tail -1) - before)) >"$R/$name.peak"
+    fi
+    return $rc
+}
+export -f measure
+
+stage_70b() {
+    local shapes layers small bound
+    if [ "$DEVICE" = cuda ]; then
+        shapes=(--hidden 8192 --intermediate 28672 --heads 64 --kv-heads 8 --vocab 128256)
+        # ~25 s per layer in all (synth, page cache, floor, two extractions); keep 40 s spare.
+        layers=$(((STAGE_LIMIT - 40) / 25))
+        [ $layers -gt 8 ] && layers=8
+        layers=${LAYERS70:-$layers}
+        small=4G bound=--max-vram
+    else
+        shapes=(--hidden 1024 --intermediate 3584 --heads 8 --kv-heads 1 --vocab 16032)
+        layers=$(((STAGE_LIMIT - 10) / 10))
+        [ $layers -gt 2 ] && layers=2
+        small=100M bound=--max-ram
+    fi
+    [ $layers -ge 1 ] || { check 70b "70B shapes" FAIL "no time left for one layer (${STAGE_LIMIT} s)"; return; }
+    local pair=$WORK/pair-70b
+    ph synth --out "$pair" "${shapes[@]}" --layers $layers --delta-rank 64 --force 2>"$R/70b-synth.log" ||
+        { check 70b synth FAIL "$(tail -1 "$R/70b-synth.log")"; return; }
+    cat "$pair"/base/*.safetensors "$pair"/ft/*.safetensors >/dev/null # into the page cache
+    measure floor floor --base "$pair/base" --ft "$pair/ft" --device "$DEVICE" ||
+        { check 70b floor FAIL "$(tail -1 "$R/floor.log")"; return; }
+    local fl gb
+    fl=$(jnum "$R/floor.json" seconds)
+    gb=$(calc "$(jnum "$R/floor.json" bytes) / 1e9")
+    figure 70b layers "$layers"
+    figure 70b input_gb "$gb"
+    figure 70b floor_seconds "$fl"
+    if measure extract extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/a70" --rank 64 \
+        --device "$DEVICE" --force; then
+        local ex ratio
+        ex=$(jnum "$R/extract.json" seconds)
+        ratio=$(calc "$ex / $fl")
+        figure 70b extract_seconds "$ex"
+        figure 70b extract_over_floor "$ratio"
+        figure 70b max_residual "$(jnum "$R/extract.json" max_residual)"
+        if [ "$DEVICE" = cpu ]; then
+            st=n/a # compute-bound on a few cores: the target is for a GPU
+        else
+            le "$ratio" 1.3 && st=ok || st=miss
+        fi
+        check 70b "extract <= 1.3x floor" $st "$layers layers, $gb GB: extract $(calc "$ex") s, floor $(calc "$fl") s = $ratio x"
+    else
+        check 70b "extract r64" FAIL "$(tail -1 "$R/extract.log")"
+    fi
+    if measure bounded extract --base "$pair/base" --ft "$pair/ft" --out "$WORK/a70-bounded" --rank 64 \
+        --device "$DEVICE" "$bound" "$small" --force; then
+        local peak limit blocked
+        blocked=$(grep -c '"row_blocks"' "$WORK/a70-bounded/report.json")
+        if [ "$DEVICE" = cuda ]; then
+            peak=$(cat "$R/bounded.peak")
+            limit=4096
+        else
+            peak=$(calc "$(jnum "$R/bounded.json" peak_rss_bytes) / 1048576")
+            limit=100
+        fi
+        figure 70b bounded_peak_mib "$peak"
+        figure 70b bounded_seconds "$(jnum "$R/bounded.json" seconds)"
+        le "$peak" "$limit" && st=ok || st=FAIL
+        check 70b "$bound $small holds" $st "peak $peak MiB (limit $limit), $blocked matrices in row blocks"
+    else
+        check 70b "extract $bound $small" FAIL "$(tail -1 "$R/bounded.log")"
+    fi
+}
+
+export -f stage_probe stage_tests stage_bench stage_e2e stage_70b
+
+# --- the run -----------------------------------------------------------------------------
+
+# run_stage NAME GPU_LIMIT CPU_LIMIT (0: whatever is left of LIMIT).
+STAGES=()
+run_stage() {
+    local name=$1 limit=$2
+    [ "$DEVICE" = cpu ] && limit=$3
+    local left=$((LIMIT - ($(date +%s) - START)))
+    if [ "$limit" -eq 0 ] || [ "$limit" -gt "$left" ]; then limit=$left; fi
+    echo "== $name (limit ${limit} s)"
+    local t0 rc status
+    t0=$(date +%s)
+    if [ "$limit" -le 0 ]; then
+        rc=124
+    else
+        STAGE_LIMIT=$limit timeout -k 5 "$limit" bash -c "stage_$name" >"$R/stage-$name.log" 2>&1
+        rc=$?
+    fi
+    local secs=$(($(date +%s) - t0))
+    if [ "$limit" -le 0 ]; then
+        status=timeout
+        check "$name" "stage" FAIL "not run: the check's LIMIT of $LIMIT s was spent"
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        status=timeout
+        check "$name" "stage" FAIL "ran out of its ${limit} s (what it finished is above)"
+    elif [ $rc -ne 0 ]; then
+        status=failed
+        check "$name" "stage" FAIL "the stage script exited $rc (stage-$name.log)"
+    elif grep -q "^$name	[^	]*	FAIL" "$R/checks.tsv"; then
+        status=failed
+    else
+        status=ok
+    fi
+    STAGES+=("$name	$status	$secs	$limit")
+    grep "^$name	" "$R/checks.tsv" | cut -f2- | sed 's/\t/  /g; s/^/   /'
+}
+export STAGE_LIMIT=0
+
+run_stage probe 20 30
+run_stage tests 150 60
+run_stage bench 60 20
+run_stage e2e 110 40
+run_stage 70b 0 0
+
+# --- result.json and the table -----------------------------------------------------------
+
+esc() { sed 's/\\/\\\\/g; s/"/\\"/g; s/\t/ /g' | tr -d '\000-\037'; }
+commit=$(cat "$BIN/COMMIT" 2>/dev/null || echo unknown)
+failed=0
+{
+    printf '{\n  "commit": "%s",\n  "device": "%s",\n  "date": "%s",\n' \
+        "$(echo "$commit" | esc)" "$DEVICE" "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    printf '  "limit_s": %s,\n  "seconds": %s,\n  "stages": [\n' "$LIMIT" "$(($(date +%s) - START))"
+    n=0
+    for s in "${STAGES[@]}"; do
+        IFS=$'\t' read -r name status secs limit <<<"$s"
+        [ "$status" = ok ] || failed=1
+        [ $n -gt 0 ] && printf ',\n'
+        n=$((n + 1))
+        printf '    {"name": "%s", "status": "%s", "seconds": %s, "limit_s": %s,\n     "checks": [' \
+            "$name" "$status" "$secs" "$limit"
+        m=0
+        while IFS=$'\t' read -r st cname cst detail; do
+            [ "$st" = "$name" ] || continue
+            [ $m -gt 0 ] && printf ', '
+            m=$((m + 1))
+            printf '\n       {"name": "%s", "status": "%s", "detail": "%s"}' \
+                "$(echo "$cname" | esc)" "$cst" "$(echo "$detail" | esc)"
+        done <"$R/checks.tsv"
+        printf '],\n     "figures": {'
+        m=0
+        while IFS=$'\t' read -r st key value; do
+            [ "$st" = "$name" ] || continue
+            # Only plain numbers go into the JSON as numbers.
+            [[ $value =~ ^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$ ]] || continue
+            [ $m -gt 0 ] && printf ', '
+            m=$((m + 1))
+            printf '"%s": %s' "$key" "$value"
+        done <"$R/figures.tsv"
+        printf '}}'
+    done
+    printf '\n  ],\n  "passed": %s\n}\n' "$([ $failed -eq 0 ] && echo true || echo false)"
+} >"$R/result.json"
+{
+    echo "gpu-check on $DEVICE, commit $commit, $(($(date +%s) - START)) s of $LIMIT"
+    printf '%-6s %-34s %-6s %s\n' stage check status detail
+    while IFS=$'\t' read -r st cname cst detail; do
+        printf '%-6s %-34s %-6s %s\n' "$st" "$cname" "$cst" "$detail"
+    done <"$R/checks.tsv"
+    echo "result: $([ $failed -eq 0 ] && echo passed || echo FAILED) (result.json in $R)"
+} >"$R/table.txt"
 echo
-echo "== summary (logs in $LOG)"
-printf '%-30s %-5s %s\n' check ok? detail
-for r in "${ROWS[@]}"; do echo "$r"; done
-[ -n "${OUT:-}" ] && tar czf "$OUT/gpu-check-logs.tar.gz" -C "$LOG" .
-exit $FAILED
+cat "$R/table.txt"
+[ -n "${KEEP:-}" ] || rm -rf "$WORK"
+exit $failed

@@ -46,6 +46,10 @@ pub enum Command {
     /// per tensor, cos and relative error of B·A·scaling against ΔW and of the merged weight
     /// against the fine-tune; exit 3 when a threshold is not met.
     Verify(VerifyArgs),
+    /// Two or more adapters of the same pair (CPU and GPU, two GPUs, two versions) against the
+    /// first: per module ‖ΔB·A‖/‖B·A‖, and from their report.json the residuals and ‖ΔW‖;
+    /// exit 3 when one is outside the tolerances README promises across devices.
+    Compare(CompareArgs),
     /// Merge an adapter into its base: the full checkpoint in the base's own layout (same
     /// shards, index, dtypes; config and tokenizer files copied; untouched tensors byte for
     /// byte), written atomically.
@@ -205,6 +209,31 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "COS")]
     pub min_weight_cos: Option<f64>,
     /// Print the whole report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// The reference adapter folder (e.g. the CPU's).
+    #[arg(value_name = "REFERENCE")]
+    pub reference: PathBuf,
+    /// The adapters compared with it.
+    #[arg(value_name = "OTHER", required = true)]
+    pub others: Vec<PathBuf>,
+    /// Largest ‖s·B·A − s'·B'·A'‖/‖s·B·A‖ per module.
+    #[arg(long, value_name = "REL", default_value_t = 1e-2)]
+    pub max_product_diff: f64,
+    /// Largest |Δresidual|/max(residual, 1e-3) per tensor (residuals are exact certificates).
+    #[arg(long, value_name = "REL", default_value_t = 1e-5)]
+    pub max_residual_diff: f64,
+    /// Largest |Δ‖ΔW‖|/‖ΔW‖ per tensor.
+    #[arg(long, value_name = "REL", default_value_t = 1e-6)]
+    pub max_norm_diff: f64,
+    /// List every module, not only those outside the tolerances.
+    #[arg(long)]
+    pub all: bool,
+    /// Print the reports as a JSON array on stdout.
     #[arg(long)]
     pub json: bool,
 }

@@ -1,7 +1,7 @@
 //! The input floor: the time to read both checkpoints once into device memory, with the
 //! loader extract uses (memory maps → pinned buffers → host-to-device copies on each
 //! worker's stream; on the CPU, page faults), on the same workers. An extraction cannot beat
-//! it; `scripts/bench-70b.sh` reports extract's time over it, measured in the same run.
+//! it; `scripts/gpu-check.sh` (stage 70b) reports extract's time over it, measured in the same run.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;

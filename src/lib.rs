@@ -12,6 +12,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod commands;
+pub mod compare;
 pub mod config;
 pub mod console;
 pub mod error;

@@ -185,6 +185,8 @@ pub struct Summary {
     pub low_energy: Option<LowEnergy>,
     pub input_bytes: u64,
     pub seconds: f64,
+    /// The process's peak resident memory (host), up to the summary.
+    pub peak_rss_bytes: u64,
     /// Nominal randomized-SVD flops 2·m·n·k·(2q+2) / randomized-SVD seconds.
     pub svd_gflops: f64,
     pub stages: StageSeconds,

@@ -3,6 +3,7 @@
 mod analyze;
 mod bench;
 mod combine;
+mod compare;
 mod demo;
 mod extract;
 mod floor;
@@ -29,6 +30,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Verify(a) => verify::run(a, ui),
         Command::Merge(a) => merge::run(a, ui),
         Command::Combine(a) => combine::run(a, ui),
+        Command::Compare(a) => compare::run(a, ui),
         Command::Analyze(a) => analyze::run(a, ui),
     }
 }

@@ -808,6 +808,7 @@ fn summarize(
         m.total_relative_error = ((lost + not_carried) / total).sqrt();
     }
     m.seconds = started.elapsed().as_secs_f64();
+    m.peak_rss_bytes = peak_rss_bytes();
     m.svd_gflops = if stages.svd_randomized > 0.0 {
         flops / stages.svd_randomized / 1e9
     } else {
@@ -885,6 +886,18 @@ pub(super) fn release_free_heap() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// The process's peak resident memory so far (getrusage), for the report: what a memory
+/// bound on a job (Slurm's --mem, a container limit) sees.
+fn peak_rss_bytes() -> u64 {
+    // SAFETY: getrusage only fills the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0;
+    }
+    // Kilobytes on Linux.
+    (usage.ru_maxrss.max(0) as u64) * 1024
 }
 
 #[cfg(test)]
