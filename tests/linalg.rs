@@ -733,3 +733,81 @@ fn centering_body<B: Backend>(be: &B) {
         }
     }
 }
+
+#[test]
+fn row_blocks_stack_and_sums_are_exact_on_plain_and_transposed_storage() {
+    on_every_device!(rows_body);
+}
+
+/// split_rows, stack_rows and add, which the blocked randomized SVD calls for every block of
+/// every pass: exact copies and f32 sums, whether a matrix is stored as it is (uploaded) or as
+/// its transpose (ΔW from `delta`), including 1×n, n×1 and a step past the last row.
+fn rows_body<B: Backend>(be: &B) {
+    use phlora::backend::DeltaInput;
+    let seed = fresh_seed("rows");
+    for &(rows, cols) in &[(1usize, 7usize), (9, 1), (37, 11), (64, 5)] {
+        let n = rows * cols;
+        let (x, y) = (normal(n, seed), normal(n, seed + 1));
+        let host = Mat::<f32>::from_fn(rows, cols, |i, j| x[i * cols + j]);
+        let plain = be.upload(host.as_ref()).unwrap();
+        // ΔW = y − 0 arrives in the backend's own (transposed) storage.
+        let (mut yb, zeros) = (Vec::new(), vec![0f32; n]);
+        encode_into(DType::F32, &y, &mut yb);
+        let mut zb = Vec::new();
+        encode_into(DType::F32, &zeros, &mut zb);
+        let input = DeltaInput {
+            base: &zb,
+            base_dtype: DType::F32,
+            ft: &yb,
+            ft_dtype: DType::F32,
+            rows,
+            cols,
+            rows_read: None,
+        };
+        let (stored, _) = be.delta(&input).unwrap();
+        let host_y = Mat::<f32>::from_fn(rows, cols, |i, j| y[i * cols + j]);
+        for (m, want) in [(&plain, &host), (&stored, &host_y)] {
+            for step in [1, 2, 7, rows + 3] {
+                let parts = be.split_rows(m, step).unwrap();
+                assert_eq!(
+                    parts.len(),
+                    rows.div_ceil(step),
+                    "{rows}×{cols} step {step}"
+                );
+                let mut r0 = 0;
+                for p in &parts {
+                    let got = be.download(p).unwrap();
+                    assert_eq!(got.ncols(), cols);
+                    for i in 0..got.nrows() {
+                        for j in 0..cols {
+                            assert_eq!(got[(i, j)], want[(r0 + i, j)], "{rows}×{cols} step {step}");
+                        }
+                    }
+                    r0 += got.nrows();
+                }
+                assert_eq!(r0, rows);
+                let back = be.download(&be.stack_rows(&parts).unwrap()).unwrap();
+                assert!(
+                    back == *want,
+                    "{rows}×{cols} step {step}: stacked ≠ the matrix"
+                );
+            }
+        }
+        // Plain + transposed storage, and the other way round.
+        let sum = |a: &Mat<f32>, b: &Mat<f32>| {
+            Mat::<f32>::from_fn(rows, cols, |i, j| a[(i, j)] + b[(i, j)])
+        };
+        let want = sum(&host, &host_y);
+        assert!(be.download(&be.add(&plain, &stored).unwrap()).unwrap() == want);
+        assert!(be.download(&be.add(&stored, &plain).unwrap()).unwrap() == want);
+        let twice = sum(&host_y, &host_y);
+        assert!(be.download(&be.add(&stored, &stored).unwrap()).unwrap() == twice);
+        let wrong = be.upload(Mat::<f32>::zeros(cols, rows).as_ref()).unwrap();
+        if rows != cols {
+            assert!(be.add(&plain, &wrong).is_err());
+        }
+    }
+    let a = be.upload(Mat::<f32>::zeros(3, 2).as_ref()).unwrap();
+    let b = be.upload(Mat::<f32>::zeros(3, 4).as_ref()).unwrap();
+    assert!(be.stack_rows(&[a, b]).is_err(), "widths differ");
+}

@@ -165,6 +165,46 @@ pub fn transpose_f64(
     .blas("cublasDgeam")
 }
 
+/// C (m×n, leading dimension ldc) = alpha·op(A) + beta·op(B) in f32 (cublasSgeam): row
+/// blocks, stacking and sums of matrices without leaving the device. With beta = 0, B is not
+/// read; pass C as B (op N, ld ldc), the in-place form cuBLAS allows.
+#[allow(clippy::too_many_arguments)]
+pub fn geam(
+    handle: cublasHandle_t,
+    (m, n): (usize, usize),
+    alpha: f32,
+    a: Operand,
+    beta: f32,
+    b: Operand,
+    c: u64,
+    ldc: usize,
+) -> Result<(), CudaError> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller's pointers address matrices of these shapes and leading dimensions on
+    // the handle's device; alpha and beta are host scalars.
+    unsafe {
+        sys::cublasSgeam(
+            handle,
+            op(a.op),
+            op(b.op),
+            dim(m, "geam m")?,
+            dim(n, "geam n")?,
+            &alpha,
+            a.ptr as *const f32,
+            dim(a.ld.max(1), "lda")?,
+            &beta,
+            b.ptr as *const f32,
+            dim(b.ld.max(1), "ldb")?,
+            c as *mut f32,
+            dim(ldc.max(1), "ldc")?,
+        )
+        .result()
+    }
+    .blas("cublasSgeam")
+}
+
 /// The cuBLAS library version, e.g. 130001.
 pub fn version(handle: cublasHandle_t) -> Option<i32> {
     let mut v = 0;

@@ -66,6 +66,20 @@ impl CudaMat {
     fn ptr(&self, stream: &CudaStream) -> u64 {
         self.buf.device_ptr(stream).0
     }
+
+    /// The operand for rows r0.. of self (as it is, not transposed): the storage offset by r0
+    /// rows, or by r0 columns of the stored transpose.
+    fn rows_from(&self, r0: usize, stream: &CudaStream) -> Operand {
+        let o = self.operand(Op::N, stream);
+        let offset = match o.op {
+            Op::N => r0,
+            Op::T => r0 * o.ld,
+        };
+        Operand {
+            ptr: o.ptr + (offset * 4) as u64,
+            ..o
+        }
+    }
 }
 
 /// One GPU, its stream, library handles and kernels.
@@ -463,6 +477,29 @@ impl Cuda {
         })
     }
 
+    /// Rows r0..r0+rows of `a` into a fresh plain matrix, on the device.
+    fn row_block(&self, a: &CudaMat, r0: usize, rows: usize) -> Result<CudaMat, CudaError> {
+        let out = self.alloc(rows * a.cols)?;
+        let op = out.device_ptr(&self.stream).0;
+        let into = Operand {
+            ptr: op,
+            ld: rows,
+            op: Op::N,
+        };
+        let from = a.rows_from(r0, &self.stream);
+        blas::geam(
+            *self.blas.handle(),
+            (rows, a.cols),
+            1.0,
+            from,
+            0.0,
+            into,
+            op,
+            rows,
+        )?;
+        Ok(self.mat(out, rows, a.cols))
+    }
+
     /// Synchronises the stream (for timings).
     pub fn sync(&self) -> Result<(), CudaError> {
         Ok(self.stream.synchronize()?)
@@ -578,6 +615,67 @@ impl Backend for Cuda {
 
     fn gemm(&self, a: &CudaMat, op_a: Op, b: &CudaMat, op_b: Op) -> BackendResult<CudaMat> {
         self.gemm_with(false, a, op_a, b, op_b)
+    }
+
+    // The blocked randomized SVD cuts, stacks and adds n×k sketches for every block of every
+    // pass: on the device (cublasSgeam), not through pageable host memory.
+    fn split_rows(&self, a: &CudaMat, step: usize) -> BackendResult<Vec<CudaMat>> {
+        let step = step.max(1);
+        (0..a.rows)
+            .step_by(step)
+            .map(|r0| Ok(self.row_block(a, r0, step.min(a.rows - r0))?))
+            .collect()
+    }
+
+    fn stack_rows(&self, parts: &[CudaMat]) -> BackendResult<CudaMat> {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        if parts.iter().any(|p| p.cols != cols) {
+            return Err(BackendError::new("stack_rows: widths differ"));
+        }
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        let out = self.alloc(rows * cols)?;
+        let base = out.device_ptr(&self.stream).0;
+        let mut r0 = 0;
+        for p in parts {
+            let at = base + (r0 * 4) as u64;
+            let into = Operand {
+                ptr: at,
+                ld: rows,
+                op: Op::N,
+            };
+            let from = p.operand(Op::N, &self.stream);
+            blas::geam(
+                *self.blas.handle(),
+                (p.rows, cols),
+                1.0,
+                from,
+                0.0,
+                into,
+                at,
+                rows,
+            )?;
+            r0 += p.rows;
+        }
+        Ok(self.mat(out, rows, cols))
+    }
+
+    fn add(&self, a: &CudaMat, b: &CudaMat) -> BackendResult<CudaMat> {
+        if (a.rows, a.cols) != (b.rows, b.cols) {
+            return Err(BackendError::new("add: shapes differ"));
+        }
+        let out = self.alloc(a.rows * a.cols)?;
+        let c = out.device_ptr(&self.stream).0;
+        blas::geam(
+            *self.blas.handle(),
+            (a.rows, a.cols),
+            1.0,
+            a.operand(Op::N, &self.stream),
+            1.0,
+            b.operand(Op::N, &self.stream),
+            c,
+            a.rows,
+        )?;
+        Ok(self.mat(out, a.rows, a.cols))
     }
 
     fn gemm_delta(&self, a: &CudaMat, op_a: Op, b: &CudaMat, op_b: Op) -> BackendResult<CudaMat> {
