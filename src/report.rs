@@ -187,6 +187,10 @@ pub struct Summary {
     pub seconds: f64,
     /// The process's peak resident memory (host), up to the summary.
     pub peak_rss_bytes: u64,
+    /// On a GPU: the most device memory phlora's allocations held at once (the memory pool's
+    /// high-water mark; the CUDA context and library handles come on top).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_pool_peak_bytes: Option<u64>,
     /// Nominal randomized-SVD flops 2·m·n·k·(2q+2) / randomized-SVD seconds.
     pub svd_gflops: f64,
     pub stages: StageSeconds,

@@ -219,6 +219,18 @@ pub trait Backend: Sync {
         None
     }
 
+    /// Hands memory the device's allocator keeps cached back to the device (before an
+    /// out-of-memory retry); a no-op where nothing is cached.
+    fn return_cached_memory(&self) -> BackendResult<()> {
+        Ok(())
+    }
+
+    /// The most device memory this process's allocator has held at once (None: no device
+    /// memory, or not known).
+    fn device_memory_peak(&self) -> Option<u64> {
+        None
+    }
+
     /// Waits for all queued work (for timings); a no-op where work is synchronous.
     fn synchronize(&self) -> BackendResult<()> {
         Ok(())

@@ -19,6 +19,8 @@ pub(super) struct Context {
     pub device: String,
     /// What --budget resolved to.
     pub allocation: Option<super::budget::BudgetAllocation>,
+    /// The device allocator's high-water mark (the largest over the devices).
+    pub device_memory_peak: Option<u64>,
 }
 
 pub(super) fn assemble(
@@ -116,6 +118,7 @@ pub(super) fn assemble(
 
     let mut summary = summarize(&rows, plan, started, total_bytes, svd_flops, stages);
     summary.workers = outcome.workers;
+    summary.device_pool_peak_bytes = cx.device_memory_peak;
     if summary.delta_sumsq > 0.0 {
         for row in &mut rows {
             row.share = row.delta_norm * row.delta_norm / summary.delta_sumsq;

@@ -10,7 +10,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
-use super::fit::{after_out_of_memory, Placement};
+use super::fit::{after_out_of_memory, Fit, Placement, Retry};
 use super::job::{other_item, Finished, JobError, LoraJob};
 use super::journal::{FactorPlaces, Journal};
 use super::ExtractSettings;
@@ -375,6 +375,56 @@ struct WorkerLoop<'a, B: Backend> {
 }
 
 impl<B: Backend> WorkerLoop<'_, B> {
+    /// The fit to retry a tensor in after the device ran out of memory on it, or the error
+    /// that says why there is none.
+    fn after_out_of_memory(
+        &self,
+        item: &crate::plan::PlanItem,
+        fit: Fit,
+        placement: &Placement,
+        why: &str,
+    ) -> Result<Fit> {
+        let sh = self.sh;
+        let (rows, cols) = item.matrix();
+        let exact =
+            sh.s.svd
+                .runs_exact(sh.policy.rank_for(&item.name, rows, cols), rows, cols);
+        let retry = (!exact).then(|| after_out_of_memory(fit, rows, &placement.need));
+        let because = match retry {
+            Some(Retry::Smaller(smaller)) => {
+                let step = match smaller {
+                    Fit::Blocked(r) => r,
+                    Fit::Whole => rows,
+                };
+                tracing::warn!(
+                    "{}: out of memory on {} ({why}); retrying alone on the device in blocks of {step} rows",
+                    self.label,
+                    item.name
+                );
+                return Ok(smaller);
+            }
+            None => " and the exact SVD cannot run in row blocks".to_string(),
+            Some(Retry::BlockNotDominant { block, sketches }) => format!(
+                " in blocks of {} rows, where ΔW's block ({}) no longer holds most of the memory (the sketches and factors hold {}): smaller blocks would not help; lower the rank or --oversample,",
+                match fit {
+                    Fit::Blocked(r) => r.min(rows),
+                    Fit::Whole => rows,
+                },
+                crate::size::format_size(block),
+                crate::size::format_size(sketches)
+            ),
+            Some(Retry::AtOneRow) => " even in blocks of one row".to_string(),
+        };
+        Err(Error::tensor(
+            sh.ft.path_of(&item.ft),
+            &item.name,
+            format!(
+                "{} ran out of memory ({why}){because}; free memory on the device or lower --max-vram",
+                self.label
+            ),
+        ))
+    }
+
     /// One tensor, start to finish, under a reservation on the device's budget. After an
     /// out-of-memory from the device it waits to be alone on the device and retries in
     /// blocks of half as many rows, down to one row per block.
@@ -405,36 +455,17 @@ impl<B: Backend> WorkerLoop<'_, B> {
                         Ok(done) => break done,
                         Err(JobError::Failed(e)) => return Err(e),
                         Err(JobError::OutOfMemory(why)) => {
-                            let (rows, cols) = item.matrix();
-                            let exact = sh.s.svd.runs_exact(
-                                sh.policy.rank_for(&item.name, rows, cols),
-                                rows,
-                                cols,
-                            );
-                            let smaller =
-                                (!exact).then(|| after_out_of_memory(fit, rows)).flatten();
-                            let Some(smaller) = smaller else {
-                                return Err(Error::tensor(
-                                    sh.ft.path_of(&item.ft),
-                                    &item.name,
-                                    format!(
-                                        "{} ran out of memory ({why}){}; free memory on the device or lower --max-vram",
-                                        self.label,
-                                        if exact { " and the exact SVD cannot run in row blocks" } else { " even in blocks of one row" }
-                                    ),
-                                ));
-                            };
-                            let rows = match smaller {
-                                super::fit::Fit::Blocked(r) => r,
-                                super::fit::Fit::Whole => rows,
-                            };
-                            tracing::warn!(
-                                "{}: out of memory on {} ({why}); retrying alone on the device in blocks of {rows} rows",
-                                self.label,
-                                item.name
-                            );
+                            let smaller = self.after_out_of_memory(item, fit, &placement, &why)?;
                             drop(held);
                             held = self.ledger.reserve_all();
+                            // Alone on the device now: what the allocator keeps cached is free
+                            // for the retry.
+                            if let Err(e) = self.be.return_cached_memory() {
+                                tracing::warn!(
+                                    "{}: cannot trim the device's memory pool: {e}",
+                                    self.label
+                                );
+                            }
                             fit = smaller;
                         }
                     }

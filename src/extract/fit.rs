@@ -11,19 +11,59 @@ use crate::plan::PlanItem;
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Placement {
     pub fit: Fit,
+    /// What it needs, for the out-of-memory retry.
+    pub need: MemoryNeed,
     /// Counted against the budget of the device it runs on (each worker's baseline included,
     /// so tensors in flight on one device never add up to more than the budget).
     pub bytes: u64,
 }
 
-/// What to try after the device ran out of memory on a tensor in this fit: half the rows
-/// per block (a whole ΔW becomes blocks of half its rows), until one row per block.
-pub(super) fn after_out_of_memory(fit: Fit, rows: usize) -> Option<Fit> {
-    match fit {
-        Fit::Whole if rows > 1 => Some(Fit::Blocked(rows.div_ceil(2))),
-        Fit::Blocked(step) if step > 1 => Some(Fit::Blocked(step / 2)),
-        _ => None,
+impl Placement {
+    /// A tensor that is not decomposed (saved whole, unchanged, not carried).
+    pub(super) fn none() -> Placement {
+        Placement {
+            fit: Fit::Whole,
+            need: MemoryNeed {
+                fixed: 0,
+                sketches: 0,
+                per_row_delta: 0,
+                whole: 0,
+                per_row: 0,
+            },
+            bytes: 0,
+        }
     }
+}
+
+/// What to try after the device ran out of memory on a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Retry {
+    /// Half the rows per block (a whole ΔW becomes blocks of half its rows).
+    Smaller(Fit),
+    /// ΔW's block is no longer the largest thing the tensor holds (its sketches and factors
+    /// are larger): smaller blocks would re-read the tensor for little memory.
+    BlockNotDominant { block: u64, sketches: u64 },
+    /// One row per block already.
+    AtOneRow,
+}
+
+/// Halve the block while it is what holds most of the tensor's memory, never below one row.
+pub(super) fn after_out_of_memory(fit: Fit, rows: usize, need: &MemoryNeed) -> Retry {
+    let (current, smaller) = match fit {
+        Fit::Whole => (rows, rows.div_ceil(2)),
+        Fit::Blocked(step) => (step.min(rows), step / 2),
+    };
+    if current <= 1 || smaller == 0 {
+        return Retry::AtOneRow;
+    }
+    let block = current as u64 * need.per_row_delta;
+    if block <= need.sketches {
+        return Retry::BlockNotDominant {
+            block,
+            sketches: need.sketches,
+        };
+    }
+    Retry::Smaller(Fit::Blocked(smaller))
 }
 
 /// Whether this tensor's ΔW fits the memory that holds it (host: `--max-ram`; device:
@@ -38,21 +78,23 @@ pub(super) fn fit_of<B: Backend>(
 ) -> Result<Placement> {
     let on_host = be.delta_in_host_memory();
     let flag = if on_host { "--max-ram" } else { "--max-vram" };
-    let Some(max) = budget else {
-        return Ok(Placement {
-            fit: Fit::Whole,
-            bytes: 0,
-        });
-    };
     let (m, n) = item.matrix();
     let k = s.svd.sketch_width(rank, m, n) as u64;
     let input_bytes = (item.base_dtype().size() + item.ft_dtype().size()) as u64;
+    let exact = s.svd.runs_exact(rank, m, n);
     let (m, n) = (m as u64, n as u64);
     let need = memory_need(m, n, k, r_adapter as u64, input_bytes, on_host);
-    let exact = s.svd.runs_exact(rank, m as usize, n as usize);
+    let Some(max) = budget else {
+        return Ok(Placement {
+            fit: Fit::Whole,
+            need,
+            bytes: 0,
+        });
+    };
     let fit = fit_in(max, &need, flag, &item.name, (m, n), exact)?;
     Ok(Placement {
         fit,
+        need,
         bytes: need.bytes(fit),
     })
 }
@@ -89,7 +131,7 @@ pub(super) fn fit_in(
 }
 
 /// How a tensor's ΔW is held during its decomposition.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Fit {
     Whole,
     /// Streamed in blocks of this many rows.
@@ -97,10 +139,15 @@ pub(super) enum Fit {
 }
 
 /// Bytes a tensor's decomposition holds (host memory on the CPU, device memory on a GPU).
+#[derive(Clone, Copy, Debug)]
 pub(super) struct MemoryNeed {
     /// Whatever the layout: sketches (Y, Q, Z, B and their temporaries), factors, and the
     /// process's own baseline.
     fixed: u64,
+    /// Of `fixed`, the sketches and factors alone (what a smaller block cannot shrink).
+    sketches: u64,
+    /// ΔW's own bytes per row (f32).
+    per_row_delta: u64,
     /// ΔW in f32, whole.
     whole: u64,
     /// One row of a block: its f32 ΔW and the input pages it is formed from.
@@ -135,18 +182,25 @@ pub(super) fn memory_need(
     input_bytes: u64,
     on_host: bool,
 ) -> MemoryNeed {
+    let per_row_delta = 4 * n;
     if on_host {
+        let sketches = 4 * k * 3 * (m + n) + 8 * r_out * (m + n);
         MemoryNeed {
-            fixed: BASELINE_RAM + 4 * k * 3 * (m + n) + 8 * r_out * (m + n),
+            fixed: BASELINE_RAM + sketches,
+            sketches,
+            per_row_delta,
             whole: 4 * m * n,
             per_row: n * (4 + input_bytes),
         }
     } else {
         // Sketches twice over: f64 copies for the fallback QR and the small eigenproblem.
+        let sketches = 4 * k * 6 * (m + n) + 8 * r_out * (m + n);
         MemoryNeed {
-            fixed: BASELINE_VRAM + 4 * k * 6 * (m + n) + 8 * r_out * (m + n),
+            fixed: BASELINE_VRAM + sketches,
+            sketches,
+            per_row_delta,
             whole: 4 * m * n,
-            per_row: 4 * n,
+            per_row: per_row_delta,
         }
     }
 }
@@ -158,29 +212,52 @@ mod tests {
     fn need(fixed: u64, whole: u64, per_row: u64) -> MemoryNeed {
         MemoryNeed {
             fixed,
+            sketches: fixed / 2,
+            per_row_delta: per_row,
             whole,
             per_row,
         }
     }
 
     #[test]
-    fn out_of_memory_halves_the_rows_per_block_down_to_one() {
-        assert!(matches!(
-            after_out_of_memory(Fit::Whole, 1000),
-            Some(Fit::Blocked(500))
-        ));
-        assert!(matches!(
-            after_out_of_memory(Fit::Whole, 3),
-            Some(Fit::Blocked(2))
-        ));
-        assert!(matches!(
-            after_out_of_memory(Fit::Blocked(3), 1000),
-            Some(Fit::Blocked(1))
-        ));
-        assert!(after_out_of_memory(Fit::Blocked(1), 1000).is_none());
-        assert!(after_out_of_memory(Fit::Whole, 1).is_none());
-        let n = need(100, 1000, 10);
-        assert_eq!(n.bytes(Fit::Whole), 1100);
+    fn out_of_memory_halves_the_block_while_it_dominates_and_never_below_one_row() {
+        // 1000 rows of 10 bytes; sketches 50 bytes: blocks of 5 rows or fewer do not dominate.
+        let n = need(100, 10_000, 10);
+        let retry = |fit| after_out_of_memory(fit, 1000, &n);
+        assert_eq!(retry(Fit::Whole), Retry::Smaller(Fit::Blocked(500)));
+        assert_eq!(retry(Fit::Blocked(500)), Retry::Smaller(Fit::Blocked(250)));
+        assert_eq!(retry(Fit::Blocked(6)), Retry::Smaller(Fit::Blocked(3)));
+        assert_eq!(
+            retry(Fit::Blocked(5)),
+            Retry::BlockNotDominant {
+                block: 50,
+                sketches: 50
+            }
+        );
+        // A block wider than the matrix counts as the matrix.
+        assert_eq!(
+            retry(Fit::Blocked(5000)),
+            Retry::Smaller(Fit::Blocked(2500))
+        );
+        // 8 tries to the stop at 3 rows, where halving down to one row would take 9 (and on
+        // a real tensor, each try re-reads it).
+        let (mut fit, mut tries) = (Fit::Whole, 0);
+        while let Retry::Smaller(f) = after_out_of_memory(fit, 1000, &n) {
+            fit = f;
+            tries += 1;
+        }
+        assert_eq!(tries, 8);
+        let tiny = need(0, 30, 10);
+        assert_eq!(
+            after_out_of_memory(Fit::Whole, 3, &tiny),
+            Retry::Smaller(Fit::Blocked(2))
+        );
+        assert_eq!(
+            after_out_of_memory(Fit::Blocked(1), 3, &tiny),
+            Retry::AtOneRow
+        );
+        assert_eq!(after_out_of_memory(Fit::Whole, 1, &tiny), Retry::AtOneRow);
+        assert_eq!(n.bytes(Fit::Whole), 10_100);
         assert_eq!(n.bytes(Fit::Blocked(7)), 170);
     }
 

@@ -305,10 +305,7 @@ fn placements<B: Backend>(
                 let rank = policy.rank_for(&item.name, rows, cols);
                 fit::fit_of(first, s, smallest, item, rank.max(1), r_adapter)
             }
-            _ => Ok(fit::Placement {
-                fit: fit::Fit::Whole,
-                bytes: 0,
-            }),
+            _ => Ok(fit::Placement::none()),
         })
         .collect()
 }
@@ -655,6 +652,10 @@ fn run<B: Backend>(
         out_dtype,
         device: device_names(groups),
         allocation,
+        device_memory_peak: groups
+            .iter()
+            .filter_map(|g| g.workers.first()?.device_memory_peak())
+            .max(),
     };
     let report = assemble::assemble(s, base, ft, plan, outcome, &context).map_err(|e| match e {
         // Stopped while the adapter was written: every tensor is journaled.

@@ -13,7 +13,10 @@ struct SmallDevice {
     cpu: Cpu,
     /// ΔW blocks above this many elements fail with an out-of-memory error.
     max_elems: usize,
-    refusals: AtomicUsize,
+    /// Shared, so a test can read it after the run has consumed the device.
+    refusals: std::sync::Arc<AtomicUsize>,
+    /// Calls of return_cached_memory (the pool trim before each retry).
+    trims: std::sync::Arc<AtomicUsize>,
 }
 
 impl Backend for SmallDevice {
@@ -42,6 +45,10 @@ impl Backend for SmallDevice {
             )));
         }
         self.cpu.delta(input)
+    }
+    fn return_cached_memory(&self) -> BackendResult<()> {
+        self.trims.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
     fn first_cols(&self, a: &CpuMat, r: usize) -> BackendResult<CpuMat> {
         self.cpu.first_cols(a, r)
@@ -105,7 +112,8 @@ fn out_of_device_memory_is_retried_in_row_blocks_with_the_same_result() {
     let roomy = SmallDevice {
         cpu: Cpu::new(),
         max_elems: usize::MAX,
-        refusals: AtomicUsize::new(0),
+        refusals: Default::default(),
+        trims: Default::default(),
     };
     let free = run_on(roomy, &s, &base, &ft).unwrap();
     // The 512×256 embedding and lm_head (131072 elements) and the 688×256 MLP matrices
@@ -114,9 +122,15 @@ fn out_of_device_memory_is_retried_in_row_blocks_with_the_same_result() {
     let small = SmallDevice {
         cpu: Cpu::new(),
         max_elems: 100_000,
-        refusals: AtomicUsize::new(0),
+        refusals: Default::default(),
+        trims: Default::default(),
     };
+    let (refusals, trims) = (small.refusals.clone(), small.trims.clone());
     let report = run_on(small, &s, &base, &ft).unwrap();
+    // Each refusal was retried once, after the pool was trimmed.
+    let refused = refusals.load(Ordering::Relaxed);
+    assert!(refused >= 3, "{refused}");
+    assert_eq!(trims.load(Ordering::Relaxed), refused);
     let blocked: Vec<(&str, usize)> = report
         .tensors
         .iter()
@@ -148,19 +162,32 @@ fn out_of_device_memory_is_retried_in_row_blocks_with_the_same_result() {
 }
 
 #[test]
-fn out_of_device_memory_even_for_one_row_is_a_clear_error_and_no_adapter() {
+fn out_of_device_memory_stops_once_the_block_no_longer_dominates_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let (base, ft, s) = pair(dir.path());
+    // Nothing fits: every ΔW is refused, however small the block.
     let tiny = SmallDevice {
         cpu: Cpu::new(),
         max_elems: 10,
-        refusals: AtomicUsize::new(0),
+        refusals: Default::default(),
+        trims: Default::default(),
     };
+    let (refusals, trims) = (tiny.refusals.clone(), tiny.trims.clone());
     let err = run_on(tiny, &s, &base, &ft).unwrap_err().to_string();
     assert!(
-        err.contains("ran out of memory") && err.contains("even in blocks of one row"),
+        err.contains("ran out of memory") && err.contains("no longer holds most of the memory"),
         "{err}"
     );
-    assert!(err.contains("simulated"), "{err}");
+    assert!(
+        err.contains("simulated") && err.contains("lower the rank"),
+        "{err}"
+    );
     assert!(!s.out.join("adapter_config.json").exists());
+    // The first tensor to fail is refused whole, then once in half-size blocks (which no
+    // longer dominate its sketches): 2 tries, not the ~9 halvings down to one row; a second
+    // worker's tensor in flight may add its own two.
+    let tries = refusals.load(Ordering::Relaxed);
+    assert!((2..=4).contains(&tries), "{tries} refusals");
+    // Every refusal but the last was retried, after a trim.
+    assert_eq!(trims.load(Ordering::Relaxed), tries - 1);
 }

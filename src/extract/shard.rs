@@ -332,6 +332,8 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
         device: format!("{count} parts"),
         // Shards refuse --budget (check_policy).
         allocation: None,
+        // Each part's run measured its own.
+        device_memory_peak: None,
     };
     assemble::assemble(&s, &base, &ft, &plan, outcome, &context)
 }

@@ -36,10 +36,14 @@ pub enum CudaError {
     TooLarge(String),
     #[error("the CUDA libraries failed while being probed: {0}")]
     Panicked(String),
+    /// Page-locked host memory for the input staging: a host limit, not the device's memory.
+    #[error("could not allocate {} of page-locked host memory for the input staging ({source}): the host's locked-memory limit (`ulimit -l`, a container's memlock limit) or free RAM is too low", crate::size::format_size(*bytes as u64))]
+    PinnedHost { bytes: usize, source: DriverError },
 }
 
 impl CudaError {
-    /// An allocation failed on the device (the driver's, cuBLAS's or cuSOLVER's own).
+    /// An allocation failed on the device (the driver's, cuBLAS's or cuSOLVER's own). A failed
+    /// page-locked host allocation is not one: smaller row blocks would not help it.
     pub fn is_out_of_memory(&self) -> bool {
         use cudarc::cublas::sys::cublasStatus_t;
         use cudarc::cusolver::sys::cusolverStatus_t;
@@ -102,4 +106,23 @@ impl<T> SolverCall<T> for Result<T, CusolverError> {
 /// A dimension as cuBLAS/cuSOLVER's `int`.
 pub(crate) fn dim(n: usize, what: &str) -> Result<i32, CudaError> {
     i32::try_from(n).map_err(|_| CudaError::TooLarge(format!("{what} = {n}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cudarc::driver::sys::cudaError_enum;
+
+    #[test]
+    fn only_device_allocations_count_as_out_of_device_memory() {
+        let oom = || DriverError(cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY);
+        assert!(CudaError::Driver(oom()).is_out_of_memory());
+        let pinned = CudaError::PinnedHost {
+            bytes: 64 << 20,
+            source: oom(),
+        };
+        // (Formatting a DriverError asks libcuda for its text, so the message is not checked
+        // here: only the classification the retry goes by.)
+        assert!(!pinned.is_out_of_memory());
+    }
 }

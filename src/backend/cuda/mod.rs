@@ -11,6 +11,7 @@ pub mod error;
 mod factor;
 pub mod kernels;
 mod options;
+mod pool;
 mod solver;
 mod staging;
 
@@ -237,6 +238,7 @@ impl Cuda {
             return Err(CudaError::NoDevice { ordinal, count });
         }
         let ctx = CudaContext::new(ordinal)?;
+        pool::keep_freed_memory(&ctx)?;
         // Each worker's stream does its work in order and no buffer is shared between
         // streams, so cudarc's cross-stream event tracking would only add overhead.
         // SAFETY: buffers are used only on the stream of the worker that made them.
@@ -506,6 +508,33 @@ impl Cuda {
     }
 }
 
+impl Drop for Cuda {
+    fn drop(&mut self) {
+        // With several GPUs the dropping thread may have another device's context bound, and
+        // cuBLAS, cuSOLVER and cudarc's frees act in the current one: bind this worker's first,
+        // let its queued work finish, then free its staging (its own Drop waits on the copies)
+        // before the handles and the stream go with the fields.
+        if let Err(e) = self.stream.context().bind_to_thread() {
+            tracing::warn!(
+                "{}: cannot bind its context to free it: {e}",
+                self.device_label
+            );
+        }
+        if let Err(e) = self.stream.synchronize() {
+            tracing::warn!(
+                "{}: waiting for its work before freeing it: {e}",
+                self.device_label
+            );
+        }
+        let staging = self
+            .staging
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(staging);
+    }
+}
+
 fn logical(a: &CudaMat, op: Op) -> (usize, usize) {
     match op {
         Op::N => (a.rows, a.cols),
@@ -575,6 +604,17 @@ impl Backend for Cuda {
         // 90% of what is free now: other processes and fragmentation keep the rest.
         let (free, _) = self.stream.context().mem_get_info().ok()?;
         Some(free as u64 / 10 * 9)
+    }
+
+    fn return_cached_memory(&self) -> BackendResult<()> {
+        self.sync()?;
+        Ok(pool::trim(self.stream.context())?)
+    }
+
+    fn device_memory_peak(&self) -> Option<u64> {
+        pool::reserved_high_water(self.stream.context())
+            .ok()
+            .flatten()
     }
 
     fn gaussian(&self, rows: usize, cols: usize, seed: u64) -> BackendResult<CudaMat> {

@@ -30,18 +30,33 @@ impl Staging {
     fn new(cuda: &Cuda) -> Result<Staging, CudaError> {
         let ctx = cuda.stream.context();
         let blocking = Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC);
-        // SAFETY: the buffers are written before any copy reads them (only the prefix each
-        // chunk fills is sent).
-        let host = unsafe {
-            [
-                ctx.alloc_pinned::<u8>(CHUNK_BYTES)?,
-                ctx.alloc_pinned::<u8>(CHUNK_BYTES)?,
-            ]
+        // Page-locked host memory is the host's, not the device's: its failure is its own
+        // error (ulimit -l, a container's locked-memory limit), never an out-of-memory retry.
+        let pinned = || {
+            // SAFETY: the buffers are written before any copy reads them (only the prefix
+            // each chunk fills is sent).
+            unsafe { ctx.alloc_pinned::<u8>(CHUNK_BYTES) }.map_err(|source| CudaError::PinnedHost {
+                bytes: CHUNK_BYTES,
+                source,
+            })
         };
         Ok(Staging {
-            host,
+            host: [pinned()?, pinned()?],
             copied: [ctx.new_event(blocking)?, ctx.new_event(blocking)?],
         })
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // The copies read the pinned buffers asynchronously and record `copied`, not the
+        // buffers' own events (which cudarc waits on when freeing them): wait here, or the
+        // DMA engine could read freed memory.
+        for event in &self.copied {
+            if let Err(e) = event.synchronize() {
+                tracing::warn!("waiting for a staging copy before freeing its buffer: {e}");
+            }
+        }
     }
 }
 
@@ -67,16 +82,153 @@ fn parallel_copy(dst: &mut [u8], src: &[u8]) {
         .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
+/// The steps of double-buffered staging, so that their order and the clean-up after an error
+/// are written once ([`stage_chunks`]) and tested on the CPU.
+pub(super) trait ChunkSteps {
+    type Error;
+    /// Waits until buffer `slot`'s previous copy to the device has completed.
+    fn wait(&mut self, slot: usize) -> Result<(), Self::Error>;
+    /// Fills buffer `slot` with rows r0..r1 of both inputs.
+    fn fill(&mut self, slot: usize, r0: usize, r1: usize) -> Result<(), Self::Error>;
+    /// Queues buffer `slot`'s copies to the device and records its event.
+    fn send(&mut self, slot: usize, r0: usize, r1: usize) -> Result<(), Self::Error>;
+    /// Queues the work on chunk `c` (rows r0..r1), which reads the device copy.
+    fn work(&mut self, c: usize, r0: usize, r1: usize) -> Result<(), Self::Error>;
+    /// Waits for everything queued on the stream.
+    fn drain(&mut self) -> Result<(), Self::Error>;
+}
+
+/// Chunks of `chunk` rows through two alternating buffers. Whatever happens, the stream is
+/// drained before this returns: after an error, copies already queued may still be reading a
+/// pinned buffer that the caller is about to refill or free.
+pub(super) fn stage_chunks<S: ChunkSteps>(
+    steps: &mut S,
+    rows: usize,
+    chunk: usize,
+) -> Result<(), S::Error> {
+    let mut each = || {
+        for (c, r0) in (0..rows).step_by(chunk.max(1)).enumerate() {
+            let (r1, slot) = ((r0 + chunk).min(rows), c % 2);
+            steps.wait(slot)?;
+            steps.fill(slot, r0, r1)?;
+            steps.send(slot, r0, r1)?;
+            steps.work(c, r0, r1)?;
+        }
+        Ok(())
+    };
+    match each() {
+        Ok(()) => steps.drain(),
+        Err(e) => {
+            // The first error is the one to report; a drain failing too adds nothing.
+            let _ = steps.drain();
+            Err(e)
+        }
+    }
+}
+
 /// What runs on the stream after each chunk's copies: (chunk, first row, elements, base on
 /// the device, fine-tune on the device).
 type ChunkWork<'a> =
     dyn FnMut(usize, usize, usize, &CudaSlice<u8>, &CudaSlice<u8>) -> Result<(), CudaError> + 'a;
 
+/// One worker's staging of one tensor: the pinned buffers, the device copies, and the timings.
+struct Streamed<'a, 'w> {
+    cuda: &'a Cuda,
+    input: &'a DeltaInput<'a>,
+    staging: &'a mut Staging,
+    base_dev: CudaSlice<u8>,
+    ft_dev: CudaSlice<u8>,
+    each: &'a mut ChunkWork<'w>,
+    read_seconds: f64,
+    h2d_seconds: f64,
+}
+
+impl Streamed<'_, '_> {
+    fn byte_ranges(
+        &self,
+        r0: usize,
+        r1: usize,
+    ) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let cols = self.input.cols;
+        let (bs, fs) = (self.input.base_dtype.size(), self.input.ft_dtype.size());
+        (
+            r0 * cols * bs..r1 * cols * bs,
+            r0 * cols * fs..r1 * cols * fs,
+        )
+    }
+}
+
+impl ChunkSteps for Streamed<'_, '_> {
+    type Error = CudaError;
+
+    fn wait(&mut self, slot: usize) -> Result<(), CudaError> {
+        let clock = Instant::now();
+        self.staging.copied[slot].synchronize()?;
+        self.h2d_seconds += clock.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn fill(&mut self, slot: usize, r0: usize, r1: usize) -> Result<(), CudaError> {
+        let clock = Instant::now();
+        let (b, f) = self.byte_ranges(r0, r1);
+        let host = self.staging.host[slot].as_mut_slice()?;
+        let (hb, hf) = host.split_at_mut(b.len());
+        parallel_copy(hb, &self.input.base[b.clone()]);
+        parallel_copy(&mut hf[..f.len()], &self.input.ft[f]);
+        self.read_seconds += clock.elapsed().as_secs_f64();
+        // The bytes are in the pinned buffer: the rows' pages may go.
+        if let Some(done) = self.input.rows_read {
+            done(r0, r1);
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, slot: usize, r0: usize, r1: usize) -> Result<(), CudaError> {
+        let (b, f) = self.byte_ranges(r0, r1);
+        let stream = &self.cuda.stream;
+        let host = &self.staging.host[slot].as_mut_slice()?[..];
+        // SAFETY: the device buffers hold a whole chunk of each input; the pinned source is not
+        // written again until `copied[slot]` (recorded right after) has completed, and not
+        // freed before (Staging's Drop, stage_chunks' drain).
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                self.base_dev.device_ptr_mut(stream).0,
+                &host[..b.len()],
+                stream.cu_stream(),
+            )?;
+            cudarc::driver::result::memcpy_htod_async(
+                self.ft_dev.device_ptr_mut(stream).0,
+                &host[b.len()..b.len() + f.len()],
+                stream.cu_stream(),
+            )?;
+        }
+        self.staging.copied[slot].record(stream)?;
+        Ok(())
+    }
+
+    fn work(&mut self, c: usize, r0: usize, r1: usize) -> Result<(), CudaError> {
+        (self.each)(
+            c,
+            r0,
+            (r1 - r0) * self.input.cols,
+            &self.base_dev,
+            &self.ft_dev,
+        )
+    }
+
+    fn drain(&mut self) -> Result<(), CudaError> {
+        let clock = Instant::now();
+        self.cuda.stream.synchronize()?;
+        self.h2d_seconds += clock.elapsed().as_secs_f64();
+        Ok(())
+    }
+}
+
 impl Cuda {
     /// Streams both inputs to the device chunk by chunk, through the pinned buffers, and
     /// calls `each(chunk, first_row, elements, base_dev, ft_dev)` after each chunk's copies
     /// are queued (work it queues on the stream sees the chunk). Returns (read, h2d) seconds;
-    /// the copies are complete when it returns.
+    /// the copies are complete when it returns, with or without an error.
     fn stream_inputs(
         &self,
         input: &DeltaInput<'_>,
@@ -88,55 +240,24 @@ impl Cuda {
             .ok_or_else(|| CudaError::TooLarge(format!("a row of {cols} columns")))?
             .min(rows.max(1));
         // SAFETY: device staging, fully written by each chunk's copy before anything reads it.
-        let mut base_dev = unsafe { self.stream.alloc::<u8>((chunk * cols * bs).max(1)) }?;
-        let mut ft_dev = unsafe { self.stream.alloc::<u8>((chunk * cols * fs).max(1)) }?;
+        let base_dev = unsafe { self.stream.alloc::<u8>((chunk * cols * bs).max(1)) }?;
+        let ft_dev = unsafe { self.stream.alloc::<u8>((chunk * cols * fs).max(1)) }?;
         let mut slot = self.staging.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(Staging::new(self)?);
         }
-        let staging = slot.as_mut().expect("allocated above");
-        let (mut read_seconds, mut h2d_seconds) = (0.0, 0.0);
-        for (c, r0) in (0..rows).step_by(chunk).enumerate() {
-            let r1 = (r0 + chunk).min(rows);
-            let b_src = &input.base[r0 * cols * bs..r1 * cols * bs];
-            let f_src = &input.ft[r0 * cols * fs..r1 * cols * fs];
-            let s = c % 2;
-            // This buffer's previous copy (two chunks ago) must be done before it is refilled.
-            let clock = Instant::now();
-            staging.copied[s].synchronize()?;
-            h2d_seconds += clock.elapsed().as_secs_f64();
-            let clock = Instant::now();
-            let host = staging.host[s].as_mut_slice()?;
-            let (hb, hf) = host.split_at_mut(b_src.len());
-            parallel_copy(hb, b_src);
-            parallel_copy(&mut hf[..f_src.len()], f_src);
-            read_seconds += clock.elapsed().as_secs_f64();
-            // The bytes are in the pinned buffer: the rows' pages may go.
-            if let Some(done) = input.rows_read {
-                done(r0, r1);
-            }
-            let host = &staging.host[s].as_mut_slice()?[..];
-            // SAFETY: the device buffers hold a whole chunk of each input; the pinned source
-            // is not written again until `copied[s]` (recorded right after) has completed.
-            unsafe {
-                cudarc::driver::result::memcpy_htod_async(
-                    base_dev.device_ptr_mut(&self.stream).0,
-                    &host[..b_src.len()],
-                    self.stream.cu_stream(),
-                )?;
-                cudarc::driver::result::memcpy_htod_async(
-                    ft_dev.device_ptr_mut(&self.stream).0,
-                    &host[b_src.len()..b_src.len() + f_src.len()],
-                    self.stream.cu_stream(),
-                )?;
-            }
-            staging.copied[s].record(&self.stream)?;
-            each(c, r0, (r1 - r0) * cols, &base_dev, &ft_dev)?;
-        }
-        let clock = Instant::now();
-        self.stream.synchronize()?;
-        h2d_seconds += clock.elapsed().as_secs_f64();
-        Ok((read_seconds, h2d_seconds))
+        let mut steps = Streamed {
+            cuda: self,
+            input,
+            staging: slot.as_mut().expect("allocated above"),
+            base_dev,
+            ft_dev,
+            each,
+            read_seconds: 0.0,
+            h2d_seconds: 0.0,
+        };
+        stage_chunks(&mut steps, rows, chunk)?;
+        Ok((steps.read_seconds, steps.h2d_seconds))
     }
 
     /// ΔW in f32 on the device, its ‖ΔW‖² and non-finite count, from inputs streamed in.
@@ -213,5 +334,96 @@ impl Cuda {
             h2d_seconds,
             ..DeltaStats::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records the steps; fails at the step named `fail_at` for chunk `fail_chunk`.
+    #[derive(Default)]
+    struct Script {
+        log: Vec<String>,
+        fail_at: &'static str,
+        fail_chunk: usize,
+        chunk: usize,
+    }
+
+    impl Script {
+        fn step(&mut self, what: &'static str, at: usize) -> Result<(), String> {
+            self.log.push(format!("{what} {at}"));
+            if what == self.fail_at && self.chunk == self.fail_chunk {
+                return Err(format!("{what} failed"));
+            }
+            Ok(())
+        }
+    }
+
+    impl ChunkSteps for Script {
+        type Error = String;
+        fn wait(&mut self, slot: usize) -> Result<(), String> {
+            self.step("wait", slot)
+        }
+        fn fill(&mut self, slot: usize, _: usize, _: usize) -> Result<(), String> {
+            self.step("fill", slot)
+        }
+        fn send(&mut self, slot: usize, _: usize, _: usize) -> Result<(), String> {
+            self.step("send", slot)
+        }
+        fn work(&mut self, c: usize, _: usize, _: usize) -> Result<(), String> {
+            let r = self.step("work", c);
+            self.chunk += 1;
+            r
+        }
+        fn drain(&mut self) -> Result<(), String> {
+            self.log.push("drain".into());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn buffers_alternate_and_each_is_waited_on_before_it_is_refilled() {
+        let mut s = Script::default();
+        stage_chunks(&mut s, 10, 4).unwrap();
+        let want = [
+            "wait 0", "fill 0", "send 0", "work 0", "wait 1", "fill 1", "send 1", "work 1",
+            "wait 0", "fill 0", "send 0", "work 2", "drain",
+        ];
+        assert_eq!(s.log, want);
+        let mut one = Script::default();
+        stage_chunks(&mut one, 3, 8).unwrap();
+        assert_eq!(one.log, ["wait 0", "fill 0", "send 0", "work 0", "drain"]);
+    }
+
+    #[test]
+    fn every_error_after_a_copy_is_queued_drains_the_stream_first() {
+        // A failure at any step of any chunk: the error comes back, after one drain, and
+        // nothing runs after it.
+        for fail_at in ["wait", "fill", "send", "work"] {
+            for fail_chunk in 0..3 {
+                let mut s = Script {
+                    fail_at,
+                    fail_chunk,
+                    ..Script::default()
+                };
+                let err = stage_chunks(&mut s, 12, 4).unwrap_err();
+                assert_eq!(err, format!("{fail_at} failed"));
+                assert_eq!(
+                    s.log.last().map(String::as_str),
+                    Some("drain"),
+                    "{fail_at} {fail_chunk}: {:?}",
+                    s.log
+                );
+                assert_eq!(s.log.iter().filter(|l| *l == "drain").count(), 1);
+                let failed = s.log.iter().rposition(|l| l.starts_with(fail_at)).unwrap();
+                assert_eq!(
+                    failed,
+                    s.log.len() - 2,
+                    "{fail_at} {fail_chunk}: {:?}",
+                    s.log
+                );
+            }
+        }
     }
 }
