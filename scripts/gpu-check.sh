@@ -162,7 +162,7 @@ stage_e2e() {
     fi
     # A bound that fits the layer matrices whole but not the embedding and lm_head, which then
     # stream through the blocked randomized SVD.
-    local bound=(--max-vram 700M)
+    local bound=(--max-vram 1400M)
     [ "$DEVICE" = cpu ] && bound=(--max-ram 75M)
     if e2e_run dev-blocked --device "$DEVICE" "${bound[@]}"; then
         local blocked

@@ -219,6 +219,13 @@ pub trait Backend: Sync {
         None
     }
 
+    /// Device memory the process takes besides the tensors in flight, with `workers` workers
+    /// on the device (context, library handles, each worker's own buffers); taken off the
+    /// device's bound before tensors share it. 0 where ΔW is in host memory.
+    fn memory_overhead(&self, _workers: usize) -> u64 {
+        0
+    }
+
     /// Hands memory the device's allocator keeps cached back to the device (before an
     /// out-of-memory retry); a no-op where nothing is cached.
     fn return_cached_memory(&self) -> BackendResult<()> {

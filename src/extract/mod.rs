@@ -18,7 +18,7 @@ pub mod shard;
 mod sink_bench;
 pub use sink_bench::{bench_sink, SinkBench};
 
-pub use fit::{BASELINE_RAM, BASELINE_VRAM};
+pub use fit::BASELINE_RAM;
 
 use crate::adapter::{self, AdapterConfig, AdapterWriter};
 use crate::backend::{self, Backend, CudaOptions, Device, DeviceWorkers, WorkerRequest, Workers};
@@ -276,15 +276,41 @@ fn extract_any(s: &ExtractSettings) -> Result<Ran> {
     }
 }
 
-/// Each device's budget, and the smallest: fits are decided for it, so that any device can
-/// take any tensor and the output does not depend on which one did.
-fn budgets<B: Backend>(
-    groups: &[DeviceWorkers<B>],
-    s: &ExtractSettings,
-) -> (Vec<Option<u64>>, Option<u64>) {
-    let budgets: Vec<Option<u64>> = groups.iter().map(|g| budget_of(&g.workers[0], s)).collect();
-    let smallest = budgets.iter().copied().flatten().min();
-    (budgets, smallest)
+/// What each device's tensors in flight may share, the smallest of those (fits are decided for
+/// it, so that any device can take any tensor and the output does not depend on which one did),
+/// and what the process takes on a device besides them (the same on every device).
+struct Budgets {
+    per_device: Vec<Option<u64>>,
+    smallest: Option<u64>,
+    overhead: u64,
+}
+
+fn budgets<B: Backend>(groups: &[DeviceWorkers<B>], s: &ExtractSettings) -> Result<Budgets> {
+    let mut per_device = Vec::with_capacity(groups.len());
+    let mut overhead = 0;
+    for g in groups {
+        let be = &g.workers[0];
+        overhead = be.memory_overhead(g.workers.len());
+        let share = match budget_of(be, s) {
+            Some(bound) if bound <= overhead => {
+                return Err(Error::Settings(format!(
+                    "{} on {} leaves nothing for the tensors: the CUDA context and {} worker(s)' own buffers take about {} there; raise it, or lower --in-flight",
+                    s.max_vram.map_or("the free device memory".to_string(), |b| format!("--max-vram {}", crate::size::format_size(b))),
+                    be.name(),
+                    g.workers.len(),
+                    crate::size::format_size(overhead)
+                )));
+            }
+            bound => bound.map(|b| b - overhead),
+        };
+        per_device.push(share);
+    }
+    let smallest = per_device.iter().copied().flatten().min();
+    Ok(Budgets {
+        per_device,
+        smallest,
+        overhead,
+    })
 }
 
 /// How each LoRA target's ΔW fits at the ranks of `policy`, decided (and a bound no tensor
@@ -292,7 +318,7 @@ fn budgets<B: Backend>(
 fn placements<B: Backend>(
     first: &B,
     s: &ExtractSettings,
-    smallest: Option<u64>,
+    budgets: &Budgets,
     plan: &Plan,
     policy: &RankPolicy,
     r_adapter: usize,
@@ -303,7 +329,15 @@ fn placements<B: Backend>(
             Action::LoraLinear | Action::LoraEmbedding => {
                 let (rows, cols) = item.matrix();
                 let rank = policy.rank_for(&item.name, rows, cols);
-                fit::fit_of(first, s, smallest, item, rank.max(1), r_adapter)
+                fit::fit_of(
+                    first,
+                    s,
+                    budgets.smallest,
+                    budgets.overhead,
+                    item,
+                    rank.max(1),
+                    r_adapter,
+                )
             }
             _ => Ok(fit::Placement::none()),
         })
@@ -347,8 +381,8 @@ fn spectra_on<B: Backend>(
 ) -> Result<(Vec<TensorSpectrum>, String)> {
     let first = first_worker(groups)?;
     let r_adapter = s.rank.adapter_rank();
-    let (budgets, smallest) = budgets(groups, s);
-    let placements = placements(first, s, smallest, plan, &s.rank, r_adapter)?;
+    let budgets = budgets(groups, s)?;
+    let placements = placements(first, s, &budgets, plan, &s.rank, r_adapter)?;
     let total_bytes = plan.input_bytes();
     let bar = progress_bar(s.progress, total_bytes, plan.items.len());
     let shared = engine::Shared {
@@ -364,7 +398,7 @@ fn spectra_on<B: Backend>(
         spectrum_only: true,
         skip: &vec![false; plan.items.len()],
     };
-    let outcome = engine::run_all(groups, &budgets, &shared, None, None)?;
+    let outcome = engine::run_all(groups, &budgets.per_device, &shared, None, None)?;
     bar.finish_and_clear();
     let rows = spectrum_rows(plan, &outcome.finished);
     Ok((rows, device_names(groups)))
@@ -515,9 +549,9 @@ fn run<B: Backend>(
     if let RankPolicy::Budget { params, .. } = s.rank {
         check_budget(plan, params)?;
     }
-    let (budgets, smallest) = budgets(groups, s);
+    let budgets = budgets(groups, s)?;
     let placements_for =
-        |policy: &RankPolicy| placements(first, s, smallest, plan, policy, r_adapter);
+        |policy: &RankPolicy| placements(first, s, &budgets, plan, policy, r_adapter);
     let placements = placements_for(&s.rank)?;
     // A shard run writes no adapter, only its part (the journal).
     let mut writer = match s.shard {
@@ -595,7 +629,7 @@ fn run<B: Backend>(
             // Spectra first (no factors), then the ranks, then the extraction at those ranks.
             let pass = engine::run_all(
                 groups,
-                &budgets,
+                &budgets.per_device,
                 &shared(&placements, &s.rank, true, &no_skip),
                 writer,
                 None,
@@ -617,7 +651,7 @@ fn run<B: Backend>(
     let placements = placements_for(policy)?;
     let mut outcome = engine::run_all(
         groups,
-        &budgets,
+        &budgets.per_device,
         &shared(&placements, policy, false, &skip),
         writer,
         Some(&mut journal),

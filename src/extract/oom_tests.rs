@@ -17,6 +17,20 @@ struct SmallDevice {
     refusals: std::sync::Arc<AtomicUsize>,
     /// Calls of return_cached_memory (the pool trim before each retry).
     trims: std::sync::Arc<AtomicUsize>,
+    /// What memory_overhead reports for one worker (context and its buffers, on a GPU).
+    overhead: u64,
+}
+
+impl SmallDevice {
+    fn new(max_elems: usize) -> SmallDevice {
+        SmallDevice {
+            cpu: Cpu::new(),
+            max_elems,
+            refusals: Default::default(),
+            trims: Default::default(),
+            overhead: 0,
+        }
+    }
 }
 
 impl Backend for SmallDevice {
@@ -45,6 +59,9 @@ impl Backend for SmallDevice {
             )));
         }
         self.cpu.delta(input)
+    }
+    fn memory_overhead(&self, workers: usize) -> u64 {
+        self.overhead * workers as u64
     }
     fn return_cached_memory(&self) -> BackendResult<()> {
         self.trims.fetch_add(1, Ordering::Relaxed);
@@ -109,22 +126,12 @@ fn run_on(
 fn out_of_device_memory_is_retried_in_row_blocks_with_the_same_result() {
     let dir = tempfile::tempdir().unwrap();
     let (base, ft, mut s) = pair(dir.path());
-    let roomy = SmallDevice {
-        cpu: Cpu::new(),
-        max_elems: usize::MAX,
-        refusals: Default::default(),
-        trims: Default::default(),
-    };
+    let roomy = SmallDevice::new(usize::MAX);
     let free = run_on(roomy, &s, &base, &ft).unwrap();
     // The 512×256 embedding and lm_head (131072 elements) and the 688×256 MLP matrices
     // (176128) do not fit; the 256×256 attention matrices do.
     s.out = dir.path().join("out-small");
-    let small = SmallDevice {
-        cpu: Cpu::new(),
-        max_elems: 100_000,
-        refusals: Default::default(),
-        trims: Default::default(),
-    };
+    let small = SmallDevice::new(100_000);
     let (refusals, trims) = (small.refusals.clone(), small.trims.clone());
     let report = run_on(small, &s, &base, &ft).unwrap();
     // Each refusal was retried once, after the pool was trimmed.
@@ -166,12 +173,7 @@ fn out_of_device_memory_stops_once_the_block_no_longer_dominates_with_a_clear_er
     let dir = tempfile::tempdir().unwrap();
     let (base, ft, s) = pair(dir.path());
     // Nothing fits: every ΔW is refused, however small the block.
-    let tiny = SmallDevice {
-        cpu: Cpu::new(),
-        max_elems: 10,
-        refusals: Default::default(),
-        trims: Default::default(),
-    };
+    let tiny = SmallDevice::new(10);
     let (refusals, trims) = (tiny.refusals.clone(), tiny.trims.clone());
     let err = run_on(tiny, &s, &base, &ft).unwrap_err().to_string();
     assert!(
@@ -190,4 +192,45 @@ fn out_of_device_memory_stops_once_the_block_no_longer_dominates_with_a_clear_er
     assert!((2..=4).contains(&tries), "{tries} refusals");
     // Every refusal but the last was retried, after a trim.
     assert_eq!(trims.load(Ordering::Relaxed), tries - 1);
+}
+
+#[test]
+fn the_device_overhead_comes_off_max_vram_before_the_tensors_share_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft, mut s) = pair(dir.path());
+    let blocked = |r: &RunReport| -> Vec<(String, usize)> {
+        r.tensors
+            .iter()
+            .filter_map(|t| t.row_blocks.map(|b| (t.name.clone(), b)))
+            .collect()
+    };
+    // 700 kB for the tensors: the embedding, lm_head and MLP matrices stream in row blocks.
+    let share = 700_000;
+    s.max_vram = Some(share);
+    let plain = run_on(SmallDevice::new(usize::MAX), &s, &base, &ft).unwrap();
+    assert!(!blocked(&plain).is_empty());
+    // The same share, on a device whose context and worker take 50 MB first.
+    let overhead = 50_000_000;
+    let heavy = || SmallDevice {
+        overhead,
+        ..SmallDevice::new(usize::MAX)
+    };
+    s.out = dir.path().join("out-heavy");
+    s.max_vram = Some(overhead + share);
+    let with_overhead = run_on(heavy(), &s, &base, &ft).unwrap();
+    assert_eq!(blocked(&with_overhead), blocked(&plain));
+    // A bound the overhead alone fills is refused before any work, and a bound that leaves
+    // too little for a tensor is reported as the user's bound, overhead included.
+    s.out = dir.path().join("out-none");
+    s.max_vram = Some(overhead);
+    let err = run_on(heavy(), &s, &base, &ft).unwrap_err().to_string();
+    assert!(err.contains("leaves nothing for the tensors"), "{err}");
+    s.max_vram = Some(overhead + 1000);
+    let err = run_on(heavy(), &s, &base, &ft).unwrap_err().to_string();
+    let said = format!(
+        "--max-vram {} is too small",
+        crate::size::format_size(overhead + 1000)
+    );
+    assert!(err.contains(&said), "{err}");
+    assert!(!s.out.join("adapter_config.json").exists());
 }

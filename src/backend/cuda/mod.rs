@@ -31,6 +31,21 @@ pub use error::CudaError;
 use kernels::Kernels;
 pub use options::{CudaOptions, Orth, SmallSvd};
 
+/// f32 elements of the residual's scratch: ΔW's columns are copied into it in blocks.
+const RESIDUAL_SCRATCH_ELEMS: usize = 32 << 20;
+
+/// Device memory per device outside the tensors' ledger: the CUDA context and the modules
+/// loaded into it (phlora's kernels, cuBLAS's and cuSOLVER's). An allowance until measured:
+/// `scripts/gpu-check.sh` samples nvidia-smi's peak under `--max-vram` beside the memory pool's
+/// high-water mark (report.json's `device_pool_peak_bytes`); the difference is this.
+pub const CONTEXT_VRAM: u64 = 640 << 20;
+
+/// Device memory per worker outside the tensors' ledger, whatever the tensor: its input
+/// staging on the device (at most one chunk of each input), the residual's scratch, cuBLAS's
+/// workspace (32 MiB, NVIDIA's figure for Hopper) and cuSOLVER's (k×k problems; an allowance).
+pub const WORKER_VRAM: u64 =
+    staging::CHUNK_BYTES as u64 + 4 * RESIDUAL_SCRATCH_ELEMS as u64 + (32 << 20) + (64 << 20);
+
 /// A dense f32 matrix on the GPU: `store` is rows×cols column-major when `transposed` is
 /// false, and the storage of the transpose (cols×rows) when it is true.
 pub struct CudaMat {
@@ -606,6 +621,10 @@ impl Backend for Cuda {
         Some(free as u64 / 10 * 9)
     }
 
+    fn memory_overhead(&self, workers: usize) -> u64 {
+        CONTEXT_VRAM + workers as u64 * WORKER_VRAM
+    }
+
     fn return_cached_memory(&self) -> BackendResult<()> {
         self.sync()?;
         Ok(pool::trim(self.stream.context())?)
@@ -879,7 +898,7 @@ impl Backend for Cuda {
             (b.operand(Op::N, &self.stream), a, Op::N)
         };
         let r = b.cols;
-        let block = ((32usize << 20) / sr.max(1)).clamp(1, sc.max(1));
+        let block = (RESIDUAL_SCRATCH_ELEMS / sr.max(1)).clamp(1, sc.max(1));
         let mut scratch = self.alloc(sr * block)?;
         let sp = scratch.device_ptr_mut(&self.stream).0;
         let blocks = self.kernels.grid(sr * block).grid_dim.0 as usize;
