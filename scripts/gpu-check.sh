@@ -279,6 +279,17 @@ stage_70b() {
         figure 70b bounded_seconds "$(jnum "$R/bounded.json" seconds)"
         le "$peak" "$limit" && st=ok || st=FAIL
         check 70b "$bound $small holds" $st "peak $peak MiB (limit $limit), $blocked matrices in row blocks"
+        if [ "$DEVICE" = cuda ]; then
+            # What the model allows for the context (CONTEXT_VRAM, 640 MiB) against what it took:
+            # the peak less the memory pool's high-water mark (phlora's own allocations).
+            local pool ctx
+            pool=$(calc "$(jnum "$R/bounded.json" device_pool_peak_bytes) / 1048576")
+            ctx=$(calc "$peak - $pool")
+            figure 70b pool_peak_mib "$pool"
+            figure 70b outside_pool_mib "$ctx"
+            le "$ctx" 640 && st=ok || st=miss
+            check 70b "context etc. <= 640 MiB model" $st "peak $peak MiB = pool $pool MiB + $ctx MiB outside it (context, modules, library workspaces)"
+        fi
     else
         check 70b "extract $bound $small" FAIL "$(tail -1 "$R/bounded.log")"
     fi

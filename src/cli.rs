@@ -417,10 +417,11 @@ pub struct ExtractArgs {
     /// (2q + 4 reads of its inputs); tensors in flight share the bound [default: no bound].
     #[arg(long, value_name = "SIZE")]
     pub max_ram: Option<String>,
-    /// GPU: bound on device memory per GPU, e.g. 20G; tensors in flight share it, and a matrix
-    /// that would not fit whole is streamed in row blocks like with --max-ram. If the driver
-    /// still runs out of memory, the tensor is retried alone in smaller blocks
-    /// [default: 90% of each GPU's free memory].
+    /// GPU: bound on device memory per GPU for the whole process, e.g. 20G. The CUDA context
+    /// and each worker's own buffers come off it (~0.6 GiB + 0.3 GiB per worker); tensors in
+    /// flight share the rest, and a matrix that would not fit whole is streamed in row blocks
+    /// like with --max-ram. If the driver still runs out of memory, the tensor is retried alone
+    /// in smaller blocks [default: 90% of each GPU's free memory].
     #[arg(long, value_name = "SIZE")]
     pub max_vram: Option<String>,
     /// Only tensors whose full name matches one of these globs (`*` any run, `?` one char),

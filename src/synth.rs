@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use faer::{Accum, Mat, Par};
+use rayon::prelude::*;
 
 use crate::checkpoint::dtype::encode_into;
 use crate::checkpoint::writer::{HeaderEntry, StreamWriter};
@@ -343,7 +344,10 @@ pub fn pair_tensor(s: &SynthSettings, name: &str, shape: &[usize]) -> (Vec<u8>, 
             scale(&mut base, base_std as f32);
             let delta = planted_delta_t(s, rows, cols, seed);
             let mut ft = delta;
-            ft += &base;
+            // By columns on all cores: a 70B layer is 0.86 G elements per checkpoint.
+            ft.par_col_iter_mut()
+                .zip(base.par_col_iter())
+                .for_each(|(f, b)| f.iter_mut().zip(b.iter()).for_each(|(f, b)| *f += *b));
             (encode_cols(s.dtype, &base), encode_cols(s.dtype, &ft))
         }
         _ => unreachable!("synth writes only 1-D and 2-D tensors"),
@@ -379,9 +383,8 @@ fn planted_delta_t(s: &SynthSettings, rows: usize, cols: usize, seed: u64) -> Ma
 }
 
 fn scale(m: &mut Mat<f32>, c: f32) {
-    for col in m.col_iter_mut() {
-        col.iter_mut().for_each(|x| *x *= c);
-    }
+    m.par_col_iter_mut()
+        .for_each(|col| col.iter_mut().for_each(|x| *x *= c));
 }
 
 fn encode(dtype: DType, v: &[f32]) -> Vec<u8> {
@@ -390,17 +393,24 @@ fn encode(dtype: DType, v: &[f32]) -> Vec<u8> {
     out
 }
 
-/// Encodes a column-major matrix column by column (= the row-major tensor it stores).
+/// Encodes a column-major matrix column by column (= the row-major tensor it stores), the
+/// columns on all cores.
 fn encode_cols(dtype: DType, m: &Mat<f32>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(m.nrows() * m.ncols() * dtype.size());
-    for j in 0..m.ncols() {
-        let col = m
-            .col(j)
-            .try_as_col_major()
-            .expect("owned columns are contiguous")
-            .as_slice();
-        encode_into(dtype, col, &mut out);
+    let width = m.nrows() * dtype.size();
+    let mut out = vec![0u8; m.ncols() * width];
+    if width == 0 {
+        return out;
     }
+    out.par_chunks_mut(width)
+        .zip(m.par_col_iter())
+        .for_each(|(dst, col)| {
+            let col = col
+                .try_as_col_major()
+                .expect("owned columns are contiguous");
+            let mut bytes = Vec::with_capacity(width);
+            encode_into(dtype, col.as_slice(), &mut bytes);
+            dst.copy_from_slice(&bytes);
+        });
     out
 }
 
