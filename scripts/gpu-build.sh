@@ -13,7 +13,12 @@ rm -rf gpu-bin
 mkdir -p gpu-bin
 cp target/release/phlora gpu-bin/phlora
 # The commit the check reports (the GPU host gets the working tree without .git).
-echo "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo -dirty)" >gpu-bin/COMMIT
+if commit=$(git rev-parse --short HEAD 2>/dev/null); then
+    git diff --quiet HEAD 2>/dev/null || commit+=-dirty
+else
+    commit=unknown
+fi
+echo "$commit" >gpu-bin/COMMIT
 cargo test --release --locked --no-run --message-format=json 2>/dev/null |
     GPU_TESTS="$GPU_TESTS" python3 -c '
 import json, os, shutil, sys
@@ -30,7 +35,7 @@ for t in $GPU_TESTS; do
     [ -x "gpu-bin/test-$t" ] || { echo "gpu-build: no test binary for $t" >&2; exit 1; }
 done
 strip gpu-bin/phlora gpu-bin/test-*
-ls -l gpu-bin/phlora gpu-bin/test-* | awk 'NR > 1 { printf "%8.1f MiB  %s\n", $5 / 1048576, $NF }'
+ls -l gpu-bin/phlora gpu-bin/test-* | awk '{ printf "%8.1f MiB  %s\n", $5 / 1048576, $NF }'
 total=$(du -cb gpu-bin/phlora gpu-bin/test-* | awk 'END { print $1 }')
 awk -v t="$total" -v l="$LIMIT_MIB" 'BEGIN { printf "%8.1f MiB  total (limit %d MiB)\n", t / 1048576, l }'
 if [ "$total" -gt $((LIMIT_MIB * 1048576)) ]; then

@@ -227,7 +227,7 @@ impl CompareReport {
         let t = &self.tolerances;
         let _ = writeln!(
             s,
-            "{} vs {}: {} modules; worst ΔB·A {:.2e} (≤ {:.0e}), worst Δresidual {:.2e} (≤ {:.0e}), worst Δ‖ΔW‖ {:.2e} (≤ {:.0e}) over {} tensors of the reports: {}",
+            "{} vs {}: {} modules; worst ΔB·A {:.2e} (≤ {:.0e}), worst Δresidual {:.2e} (≤ {:.0e}), worst Δ‖ΔW‖ {:.2e} (≤ {:.0e}) over {} of them in both reports: {}",
             self.other.display(),
             self.reference.display(),
             self.modules.len(),
@@ -240,6 +240,13 @@ impl CompareReport {
             self.report_tensors,
             if self.passed { "agree" } else { "DIFFER" }
         );
+        if self.report_tensors < self.modules.len() {
+            let _ = writeln!(
+                s,
+                "{} module(s) have no row of their name in both report.json files (a report missing, or fused experts reported per expert): only their products were compared",
+                self.modules.len() - self.report_tensors
+            );
+        }
         s
     }
 }

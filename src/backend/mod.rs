@@ -226,6 +226,12 @@ pub trait Backend: Sync {
         0
     }
 
+    /// Lets the device's allocator keep up to `bytes` of freed memory for reuse (set to what
+    /// the tensors share, so a multi-GB ΔW is not unmapped and mapped again for each tensor).
+    fn keep_cached_memory(&self, _bytes: u64) -> BackendResult<()> {
+        Ok(())
+    }
+
     /// Hands memory the device's allocator keeps cached back to the device (before an
     /// out-of-memory retry); a no-op where nothing is cached.
     fn return_cached_memory(&self) -> BackendResult<()> {

@@ -383,43 +383,52 @@ impl<B: Backend> WorkerLoop<'_, B> {
         fit: Fit,
         placement: &Placement,
         why: &str,
+        first: bool,
     ) -> Result<Fit> {
         let sh = self.sh;
         let (rows, cols) = item.matrix();
         let exact =
             sh.s.svd
                 .runs_exact(sh.policy.rank_for(&item.name, rows, cols), rows, cols);
-        let retry = (!exact).then(|| after_out_of_memory(fit, rows, &placement.need));
+        let retry = (!exact).then(|| after_out_of_memory(fit, rows, &placement.need, first));
+        let held_as = match fit {
+            Fit::Blocked(r) if r < rows => format!("in blocks of {r} rows"),
+            _ => "whole".to_string(),
+        };
         let because = match retry {
-            Some(Retry::Smaller(smaller)) => {
-                let step = match smaller {
-                    Fit::Blocked(r) => r,
-                    Fit::Whole => rows,
+            Some(Retry::Again(next)) => {
+                let as_next = match next {
+                    Fit::Blocked(r) if r < rows => format!("in blocks of {r} rows"),
+                    _ => "whole".to_string(),
                 };
                 tracing::warn!(
-                    "{}: out of memory on {} ({why}); retrying alone on the device in blocks of {step} rows",
+                    "{}: out of memory on {} ({why}); retrying it alone on the device, {as_next}",
                     self.label,
                     item.name
                 );
-                return Ok(smaller);
+                return Ok(next);
             }
-            None => " and the exact SVD cannot run in row blocks".to_string(),
+            None if first => {
+                tracing::warn!(
+                    "{}: out of memory on {} ({why}); retrying it alone on the device",
+                    self.label,
+                    item.name
+                );
+                return Ok(fit);
+            }
+            None => " even alone on the device, and the exact SVD cannot run in row blocks;".to_string(),
             Some(Retry::BlockNotDominant { block, sketches }) => format!(
-                " in blocks of {} rows, where ΔW's block ({}) no longer holds most of the memory (the sketches and factors hold {}): smaller blocks would not help; lower the rank or --oversample,",
-                match fit {
-                    Fit::Blocked(r) => r.min(rows),
-                    Fit::Whole => rows,
-                },
+                " alone on the device {held_as}, where ΔW's block ({}) no longer holds most of the memory (the sketches and factors hold {}): smaller blocks would not help; lower the rank or --oversample,",
                 crate::size::format_size(block),
                 crate::size::format_size(sketches)
             ),
-            Some(Retry::AtOneRow) => " even in blocks of one row".to_string(),
+            Some(Retry::AtOneRow) => " even alone on the device in blocks of one row;".to_string(),
         };
         Err(Error::tensor(
             sh.ft.path_of(&item.ft),
             &item.name,
             format!(
-                "{} ran out of memory ({why}){because}; free memory on the device or lower --max-vram",
+                "{} ran out of memory ({why}){because} free memory on the device or lower --max-vram",
                 self.label
             ),
         ))
@@ -437,6 +446,7 @@ impl<B: Backend> WorkerLoop<'_, B> {
                 let placement = sh.placements[index];
                 let mut fit = placement.fit;
                 let mut held = self.ledger.reserve(placement.bytes);
+                let mut retries = 0;
                 loop {
                     let job = LoraJob {
                         be: self.be,
@@ -455,7 +465,14 @@ impl<B: Backend> WorkerLoop<'_, B> {
                         Ok(done) => break done,
                         Err(JobError::Failed(e)) => return Err(e),
                         Err(JobError::OutOfMemory(why)) => {
-                            let smaller = self.after_out_of_memory(item, fit, &placement, &why)?;
+                            let next = self.after_out_of_memory(
+                                item,
+                                fit,
+                                &placement,
+                                &why,
+                                retries == 0,
+                            )?;
+                            retries += 1;
                             drop(held);
                             held = self.ledger.reserve_all();
                             // Alone on the device now: what the allocator keeps cached is free
@@ -466,7 +483,7 @@ impl<B: Backend> WorkerLoop<'_, B> {
                                     self.label
                                 );
                             }
-                            fit = smaller;
+                            fit = next;
                         }
                     }
                 }

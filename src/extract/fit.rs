@@ -13,8 +13,8 @@ pub(super) struct Placement {
     pub fit: Fit,
     /// What it needs, for the out-of-memory retry.
     pub need: MemoryNeed,
-    /// Counted against the budget of the device it runs on (each worker's baseline included,
-    /// so tensors in flight on one device never add up to more than the budget).
+    /// Counted against the budget of the device it runs on (what tensors in flight share, the
+    /// process's own overhead already taken off), so they never add up to more than it.
     pub bytes: u64,
 }
 
@@ -38,32 +38,39 @@ impl Placement {
 /// What to try after the device ran out of memory on a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Retry {
-    /// Half the rows per block (a whole ΔW becomes blocks of half its rows).
-    Smaller(Fit),
+    /// Run it again, alone on the device, in this fit: half the rows per block while ΔW's
+    /// block dominates, else (the first time only) the same fit, since what ran out may have
+    /// been the memory of tensors in flight beside it or the allocator's cache.
+    Again(Fit),
     /// ΔW's block is no longer the largest thing the tensor holds (its sketches and factors
-    /// are larger): smaller blocks would re-read the tensor for little memory.
+    /// are larger) and it already ran alone: smaller blocks would re-read the tensor for
+    /// little memory.
     BlockNotDominant { block: u64, sketches: u64 },
-    /// One row per block already.
+    /// One row per block already, and it already ran alone.
     AtOneRow,
 }
 
-/// Halve the block while it is what holds most of the tensor's memory, never below one row.
-pub(super) fn after_out_of_memory(fit: Fit, rows: usize, need: &MemoryNeed) -> Retry {
-    let (current, smaller) = match fit {
-        Fit::Whole => (rows, rows.div_ceil(2)),
-        Fit::Blocked(step) => (step.min(rows), step / 2),
+/// Halve the block while it is what holds most of the tensor's memory, never below one row;
+/// `first`: no retry has run yet (the tensor has not yet run alone on the device).
+pub(super) fn after_out_of_memory(fit: Fit, rows: usize, need: &MemoryNeed, first: bool) -> Retry {
+    let current = match fit {
+        Fit::Whole => rows,
+        Fit::Blocked(step) => step.min(rows),
     };
-    if current <= 1 || smaller == 0 {
+    let block = current as u64 * need.per_row_delta;
+    if current > 1 && block > need.sketches {
+        return Retry::Again(Fit::Blocked(current.div_ceil(2)));
+    }
+    if first {
+        return Retry::Again(fit);
+    }
+    if current <= 1 {
         return Retry::AtOneRow;
     }
-    let block = current as u64 * need.per_row_delta;
-    if block <= need.sketches {
-        return Retry::BlockNotDominant {
-            block,
-            sketches: need.sketches,
-        };
+    Retry::BlockNotDominant {
+        block,
+        sketches: need.sketches,
     }
-    Retry::Smaller(Fit::Blocked(smaller))
 }
 
 /// Whether this tensor's ΔW fits the memory that holds it (host: `--max-ram`; device:
@@ -81,7 +88,11 @@ pub(super) fn fit_of<B: Backend>(
     r_adapter: usize,
 ) -> Result<Placement> {
     let on_host = be.delta_in_host_memory();
-    let flag = if on_host { "--max-ram" } else { "--max-vram" };
+    let flag = match (on_host, s.max_vram) {
+        (true, _) => "--max-ram",
+        (false, Some(_)) => "--max-vram",
+        (false, None) => "the device's free memory (90% of it, the default of --max-vram)",
+    };
     let (m, n) = item.matrix();
     let k = s.svd.sketch_width(rank, m, n) as u64;
     let input_bytes = (item.base_dtype().size() + item.ft_dtype().size()) as u64;
@@ -225,10 +236,10 @@ mod tests {
     fn out_of_memory_halves_the_block_while_it_dominates_and_never_below_one_row() {
         // 1000 rows of 10 bytes; sketches 50 bytes: blocks of 5 rows or fewer do not dominate.
         let n = need(100, 10_000, 10);
-        let retry = |fit| after_out_of_memory(fit, 1000, &n);
-        assert_eq!(retry(Fit::Whole), Retry::Smaller(Fit::Blocked(500)));
-        assert_eq!(retry(Fit::Blocked(500)), Retry::Smaller(Fit::Blocked(250)));
-        assert_eq!(retry(Fit::Blocked(6)), Retry::Smaller(Fit::Blocked(3)));
+        let retry = |fit| after_out_of_memory(fit, 1000, &n, false);
+        assert_eq!(retry(Fit::Whole), Retry::Again(Fit::Blocked(500)));
+        assert_eq!(retry(Fit::Blocked(500)), Retry::Again(Fit::Blocked(250)));
+        assert_eq!(retry(Fit::Blocked(7)), Retry::Again(Fit::Blocked(4)));
         assert_eq!(
             retry(Fit::Blocked(5)),
             Retry::BlockNotDominant {
@@ -237,30 +248,56 @@ mod tests {
             }
         );
         // A block wider than the matrix counts as the matrix.
-        assert_eq!(
-            retry(Fit::Blocked(5000)),
-            Retry::Smaller(Fit::Blocked(2500))
-        );
-        // 8 tries to the stop at 3 rows, where halving down to one row would take 9 (and on
+        assert_eq!(retry(Fit::Blocked(5000)), Retry::Again(Fit::Blocked(500)));
+        // 8 tries to the stop at 4 rows, where halving down to one row would take 10 (and on
         // a real tensor, each try re-reads it).
         let (mut fit, mut tries) = (Fit::Whole, 0);
-        while let Retry::Smaller(f) = after_out_of_memory(fit, 1000, &n) {
+        while let Retry::Again(f) = after_out_of_memory(fit, 1000, &n, tries == 0) {
             fit = f;
             tries += 1;
         }
-        assert_eq!(tries, 8);
+        assert_eq!((tries, fit), (8, Fit::Blocked(4)));
         let tiny = need(0, 30, 10);
         assert_eq!(
-            after_out_of_memory(Fit::Whole, 3, &tiny),
-            Retry::Smaller(Fit::Blocked(2))
+            after_out_of_memory(Fit::Whole, 3, &tiny, false),
+            Retry::Again(Fit::Blocked(2))
         );
         assert_eq!(
-            after_out_of_memory(Fit::Blocked(1), 3, &tiny),
+            after_out_of_memory(Fit::Blocked(1), 3, &tiny, false),
             Retry::AtOneRow
         );
-        assert_eq!(after_out_of_memory(Fit::Whole, 1, &tiny), Retry::AtOneRow);
+        assert_eq!(
+            after_out_of_memory(Fit::Whole, 1, &tiny, false),
+            Retry::AtOneRow
+        );
         assert_eq!(n.bytes(Fit::Whole), 10_100);
         assert_eq!(n.bytes(Fit::Blocked(7)), 170);
+    }
+
+    #[test]
+    fn the_first_out_of_memory_always_retries_alone() {
+        // ΔW (4 rows × 10 bytes) smaller than its sketches (50): not halved, but run once more
+        // alone on the device, whole; then a clear stop.
+        let n = need(100, 40, 10);
+        assert_eq!(
+            after_out_of_memory(Fit::Whole, 4, &n, true),
+            Retry::Again(Fit::Whole)
+        );
+        assert_eq!(
+            after_out_of_memory(Fit::Whole, 4, &n, false),
+            Retry::BlockNotDominant {
+                block: 40,
+                sketches: 50
+            }
+        );
+        assert_eq!(
+            after_out_of_memory(Fit::Blocked(1), 4, &n, true),
+            Retry::Again(Fit::Blocked(1))
+        );
+        assert_eq!(
+            after_out_of_memory(Fit::Whole, 1, &n, false),
+            Retry::AtOneRow
+        );
     }
 
     #[test]

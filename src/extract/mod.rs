@@ -278,7 +278,8 @@ fn extract_any(s: &ExtractSettings) -> Result<Ran> {
 
 /// What each device's tensors in flight may share, the smallest of those (fits are decided for
 /// it, so that any device can take any tensor and the output does not depend on which one did),
-/// and what the process takes on a device besides them (the same on every device).
+/// and what the process takes on a device besides them (the same on every device). `budgets`
+/// also lets each device's allocator keep that share of freed memory for reuse.
 struct Budgets {
     per_device: Vec<Option<u64>>,
     smallest: Option<u64>,
@@ -291,6 +292,10 @@ fn budgets<B: Backend>(groups: &[DeviceWorkers<B>], s: &ExtractSettings) -> Resu
     for g in groups {
         let be = &g.workers[0];
         overhead = be.memory_overhead(g.workers.len());
+        if s.max_vram.is_none() {
+            // The default bound is read from the free memory once the context exists.
+            overhead -= be.memory_overhead(0);
+        }
         let share = match budget_of(be, s) {
             Some(bound) if bound <= overhead => {
                 return Err(Error::Settings(format!(
@@ -306,6 +311,15 @@ fn budgets<B: Backend>(groups: &[DeviceWorkers<B>], s: &ExtractSettings) -> Resu
         per_device.push(share);
     }
     let smallest = per_device.iter().copied().flatten().min();
+    for (g, share) in groups.iter().zip(&per_device) {
+        // Speed only: a failure is said and the run goes on.
+        if let Some(Err(e)) = share.map(|b| g.workers[0].keep_cached_memory(b)) {
+            tracing::warn!(
+                "{}: cannot set the memory pool's release threshold: {e}",
+                g.workers[0].name()
+            );
+        }
+    }
     Ok(Budgets {
         per_device,
         smallest,

@@ -19,6 +19,9 @@ struct SmallDevice {
     trims: std::sync::Arc<AtomicUsize>,
     /// What memory_overhead reports for one worker (context and its buffers, on a GPU).
     overhead: u64,
+    /// A ΔW of this shape is refused once (memory that tensors beside it held), then fits.
+    refuse_once: Option<(usize, usize)>,
+    refused_once: std::sync::atomic::AtomicBool,
 }
 
 impl SmallDevice {
@@ -29,6 +32,8 @@ impl SmallDevice {
             refusals: Default::default(),
             trims: Default::default(),
             overhead: 0,
+            refuse_once: None,
+            refused_once: Default::default(),
         }
     }
 }
@@ -51,6 +56,12 @@ impl Backend for SmallDevice {
         self.cpu.download(a)
     }
     fn delta(&self, input: &DeltaInput<'_>) -> BackendResult<(CpuMat, DeltaStats)> {
+        if self.refuse_once == Some((input.rows, input.cols))
+            && !self.refused_once.swap(true, Ordering::Relaxed)
+        {
+            self.refusals.fetch_add(1, Ordering::Relaxed);
+            return Err(BackendError::out_of_memory("simulated: held by others"));
+        }
         if input.rows * input.cols > self.max_elems {
             self.refusals.fetch_add(1, Ordering::Relaxed);
             return Err(BackendError::out_of_memory(format!(
@@ -233,4 +244,24 @@ fn the_device_overhead_comes_off_max_vram_before_the_tensors_share_it() {
     );
     assert!(err.contains(&said), "{err}");
     assert!(!s.out.join("adapter_config.json").exists());
+}
+
+#[test]
+fn a_first_out_of_memory_is_retried_alone_even_when_the_block_does_not_dominate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft, mut s) = pair(dir.path());
+    // At rank 32 a 256×256 attention matrix's sketches (~0.9 MB) outweigh its ΔW (256 kB):
+    // halving would not help, but the memory may have been others'. One refusal, one trim, one
+    // retry alone, whole; the adapter is written.
+    s.rank = RankPolicy::Fixed(32);
+    let dev = SmallDevice {
+        refuse_once: Some((256, 256)),
+        ..SmallDevice::new(usize::MAX)
+    };
+    let (refusals, trims) = (dev.refusals.clone(), dev.trims.clone());
+    let report = run_on(dev, &s, &base, &ft).unwrap();
+    assert_eq!(refusals.load(Ordering::Relaxed), 1);
+    assert_eq!(trims.load(Ordering::Relaxed), 1);
+    assert!(report.tensors.iter().all(|t| t.row_blocks.is_none()));
+    assert!(s.out.join("adapter_config.json").is_file());
 }

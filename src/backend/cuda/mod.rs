@@ -37,7 +37,8 @@ const RESIDUAL_SCRATCH_ELEMS: usize = 32 << 20;
 /// Device memory per device outside the tensors' ledger: the CUDA context and the modules
 /// loaded into it (phlora's kernels, cuBLAS's and cuSOLVER's). An allowance until measured:
 /// `scripts/gpu-check.sh` samples nvidia-smi's peak under `--max-vram` beside the memory pool's
-/// high-water mark (report.json's `device_pool_peak_bytes`); the difference is this.
+/// high-water mark (report.json's `device_pool_peak_bytes`); the difference is this plus each
+/// worker's cuBLAS workspace (cuBLAS allocates it outside the pool).
 pub const CONTEXT_VRAM: u64 = 640 << 20;
 
 /// Device memory per worker outside the tensors' ledger, whatever the tensor: its input
@@ -253,7 +254,6 @@ impl Cuda {
             return Err(CudaError::NoDevice { ordinal, count });
         }
         let ctx = CudaContext::new(ordinal)?;
-        pool::keep_freed_memory(&ctx)?;
         // Each worker's stream does its work in order and no buffer is shared between
         // streams, so cudarc's cross-stream event tracking would only add overhead.
         // SAFETY: buffers are used only on the stream of the worker that made them.
@@ -625,8 +625,16 @@ impl Backend for Cuda {
         CONTEXT_VRAM + workers as u64 * WORKER_VRAM
     }
 
+    fn keep_cached_memory(&self, bytes: u64) -> BackendResult<()> {
+        Ok(pool::keep_freed_memory(self.stream.context(), bytes)?)
+    }
+
     fn return_cached_memory(&self) -> BackendResult<()> {
-        self.sync()?;
+        // Every worker's queued frees on this device first (they return memory to the pool).
+        self.stream
+            .context()
+            .synchronize()
+            .map_err(CudaError::from)?;
         Ok(pool::trim(self.stream.context())?)
     }
 

@@ -1,7 +1,9 @@
 //! The device's default memory pool, from which cudarc's stream-ordered allocations
 //! (cuMemAllocAsync) come. By default the pool hands freed memory back to the device at every
-//! synchronisation, so a multi-GB ΔW would be unmapped and mapped again for each tensor; it is
-//! kept instead (the scheduler bounds what is live), and trimmed before an out-of-memory retry.
+//! synchronisation, so a multi-GB ΔW would be unmapped and mapped again for each tensor; up to
+//! the tensors' share of the device bound is kept instead (the scheduler bounds what is live,
+//! so what the pool holds stays near the bound), and it is trimmed before an out-of-memory
+//! retry.
 
 use cudarc::driver::sys::{self, CUdevice_attribute, CUmemPool_attribute, CUmemoryPool};
 use cudarc::driver::CudaContext;
@@ -22,12 +24,13 @@ fn default_pool(ctx: &CudaContext) -> Result<Option<CUmemoryPool>, CudaError> {
     Ok(Some(pool))
 }
 
-/// Keeps freed memory in the pool across synchronisations (release threshold: unlimited).
-pub(super) fn keep_freed_memory(ctx: &CudaContext) -> Result<(), CudaError> {
+/// Keeps up to `bytes` of freed memory in the pool across synchronisations (its release
+/// threshold).
+pub(super) fn keep_freed_memory(ctx: &CudaContext, bytes: u64) -> Result<(), CudaError> {
     let Some(pool) = default_pool(ctx)? else {
         return Ok(());
     };
-    let mut threshold = u64::MAX;
+    let mut threshold = bytes;
     // SAFETY: the attribute takes a u64 by pointer.
     unsafe {
         sys::cuMemPoolSetAttribute(
