@@ -1581,3 +1581,115 @@ fn bench_sink_measures_the_writer_and_cleans_up() {
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+/// Rewrites an adapter's weights file after `edit` changed its tensors.
+fn rewrite_adapter(dir: &Path, edit: impl FnOnce(&mut std::collections::HashMap<String, Loaded>)) {
+    let model = dir.join("adapter_model.safetensors");
+    let mut tensors = read_safetensors(&model);
+    edit(&mut tensors);
+    let mut keys: Vec<&String> = tensors.keys().collect();
+    keys.sort();
+    let rewritten: Vec<T> = keys
+        .into_iter()
+        .map(|k| {
+            let t = &tensors[k];
+            tensor(
+                k,
+                DType::parse(&t.dtype).unwrap(),
+                &t.shape,
+                t.values.clone(),
+            )
+        })
+        .collect();
+    write_single(&model, &rewritten);
+}
+
+#[test]
+fn compare_sees_through_signs_and_catches_a_changed_product_or_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f, a, _) = extracted(dir.path(), DType::F32, fresh_seed("compare"), 3);
+    let run = |args: &[&str]| {
+        let o = phlora(&[&["compare"], args].concat());
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(!text.contains("panicked"), "{text}");
+        (o.status.code(), text)
+    };
+    let copy = |tag: &str| {
+        let to = dir.path().join(tag);
+        copy_files(&a, &to, false);
+        to
+    };
+    let up = "base_model.model.model.layers.0.mlp.up_proj";
+    // The same adapter with one direction's sign flipped in both factors: B·A is unchanged.
+    let flipped = copy("flipped");
+    rewrite_adapter(&flipped, |t| {
+        let a_t = t.get_mut(&format!("{up}.lora_A.weight")).unwrap();
+        let cols = a_t.shape[1];
+        a_t.values[..cols].iter_mut().for_each(|x| *x = -*x);
+        let b_t = t.get_mut(&format!("{up}.lora_B.weight")).unwrap();
+        let r = b_t.shape[1];
+        b_t.values.iter_mut().step_by(r).for_each(|x| *x = -*x);
+    });
+    let (code, text) = run(&[s(&a), s(&flipped), "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("agree"), "{text}");
+    // One module's B scaled by 1.05: 5% apart, outside the 1e-2 default, inside 0.1.
+    let scaled = copy("scaled");
+    rewrite_adapter(&scaled, |t| {
+        for x in &mut t.get_mut(&format!("{up}.lora_B.weight")).unwrap().values {
+            *x *= 1.05;
+        }
+    });
+    let (code, text) = run(&[s(&a), s(&flipped), s(&scaled)]);
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains("model.layers.0.mlp.up_proj") && text.contains("DIFFER"),
+        "{text}"
+    );
+    assert!(text.contains("5.00e-2"), "{text}");
+    let (code, text) = run(&[s(&a), s(&scaled), "--max-product-diff", "0.1"]);
+    assert_eq!(code, Some(0), "{text}");
+    // A residual certificate that moved: the factors agree, the reports do not.
+    let certified = copy("certified");
+    let report = certified.join("report.json");
+    let mut r = read_json(&report);
+    for t in r["tensors"].as_array_mut().unwrap() {
+        if t["name"] == "model.layers.1.self_attn.q_proj.weight" {
+            let x = t["residual"].as_f64().unwrap();
+            t["residual"] = serde_json::json!(x * 1.001 + 1e-3);
+        }
+    }
+    std::fs::write(&report, r.to_string()).unwrap();
+    let (code, text) = run(&[s(&a), s(&certified), "--json"]);
+    assert_eq!(code, Some(3), "{text}");
+    assert!(text.contains("model.layers.1.self_attn.q_proj"), "{text}");
+    // Adapters of different modules are not two extractions of one pair: an error, exit 1.
+    let subset = dir.path().join("subset");
+    let o = phlora(&[
+        "-q",
+        "extract",
+        "--base",
+        s(&b),
+        "--ft",
+        s(&f),
+        "--out",
+        s(&subset),
+        "--rank",
+        "3",
+        "--device",
+        "cpu",
+        "--include",
+        "*.self_attn.*",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (code, text) = run(&[s(&a), s(&subset)]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("not adapters of the same modules"), "{text}");
+    let (code, text) = run(&[s(&a), s(&dir.path().join("missing"))]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("missing"), "{text}");
+}
