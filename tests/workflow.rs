@@ -181,24 +181,13 @@ fn verify_catches_a_corrupted_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let (b, f, a, _) = extracted(dir.path(), DType::F32, fresh_seed("verify-corrupt"), 3);
     let model = a.join("adapter_model.safetensors");
-    let mut tensors = read_safetensors(&model);
     // B of one module negated: the update points the other way.
     let key = "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight";
-    for x in &mut tensors.get_mut(key).unwrap().values {
-        *x = -*x;
-    }
-    let rewritten: Vec<T> = tensors
-        .iter()
-        .map(|(k, t)| {
-            tensor(
-                k,
-                DType::parse(&t.dtype).unwrap(),
-                &t.shape,
-                t.values.clone(),
-            )
-        })
-        .collect();
-    write_single(&model, &rewritten);
+    rewrite_adapter(&a, |tensors| {
+        for x in &mut tensors.get_mut(key).unwrap().values {
+            *x = -*x;
+        }
+    });
     let mut st = settings(&b, &f, &a);
     st.min_cos = Some(0.9);
     let v = verify(&st).unwrap();
