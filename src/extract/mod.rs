@@ -297,7 +297,7 @@ fn budgets<B: Backend>(groups: &[DeviceWorkers<B>], s: &ExtractSettings) -> Resu
             overhead -= be.memory_overhead(0);
         }
         let share = match budget_of(be, s) {
-            Some(bound) if bound <= overhead => {
+            Some(bound) if overhead > 0 && bound <= overhead => {
                 return Err(Error::Settings(format!(
                     "{} on {} leaves nothing for the tensors: the CUDA context and {} worker(s)' own buffers take about {} there; raise it, or lower --in-flight",
                     s.max_vram.map_or("the free device memory".to_string(), |b| format!("--max-vram {}", crate::size::format_size(b))),
