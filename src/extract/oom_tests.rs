@@ -22,6 +22,8 @@ struct SmallDevice {
     /// A ΔW of this shape is refused once (memory that tensors beside it held), then fits.
     refuse_once: Option<(usize, usize)>,
     refused_once: std::sync::atomic::AtomicBool,
+    /// The last keep_cached_memory (the pool's release threshold).
+    kept: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl SmallDevice {
@@ -34,6 +36,7 @@ impl SmallDevice {
             overhead: 0,
             refuse_once: None,
             refused_once: Default::default(),
+            kept: Default::default(),
         }
     }
 }
@@ -73,6 +76,10 @@ impl Backend for SmallDevice {
     }
     fn memory_overhead(&self, workers: usize) -> u64 {
         self.overhead * workers as u64
+    }
+    fn keep_cached_memory(&self, bytes: u64) -> BackendResult<()> {
+        self.kept.store(bytes, Ordering::Relaxed);
+        Ok(())
     }
     fn return_cached_memory(&self) -> BackendResult<()> {
         self.trims.fetch_add(1, Ordering::Relaxed);
@@ -228,8 +235,12 @@ fn the_device_overhead_comes_off_max_vram_before_the_tensors_share_it() {
     };
     s.out = dir.path().join("out-heavy");
     s.max_vram = Some(overhead + share);
-    let with_overhead = run_on(heavy(), &s, &base, &ft).unwrap();
+    let dev = heavy();
+    let kept = dev.kept.clone();
+    let with_overhead = run_on(dev, &s, &base, &ft).unwrap();
     assert_eq!(blocked(&with_overhead), blocked(&plain));
+    // The allocator may keep what the tensors share, no more.
+    assert_eq!(kept.load(Ordering::Relaxed), share);
     // A bound the overhead alone fills is refused before any work, and a bound that leaves
     // too little for a tensor is reported as the user's bound, overhead included.
     s.out = dir.path().join("out-none");
