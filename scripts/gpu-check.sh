@@ -9,7 +9,8 @@
 # Stages, each under its own time limit (seconds on a GPU / on the CPU); a stage that fails or
 # runs out of time says so, and the next one still runs:
 #   probe   20 / 30   the device opens (kernels compile under NVRTC, handles open)
-#   tests  150 / 60   the test binaries with GPU bodies, PHLORA_TEST_DEVICE=$DEVICE
+#   tests  150 / 60   the test binaries with GPU bodies, PHLORA_TEST_DEVICE=$DEVICE (on a GPU with
+#                     --include-ignored: the GPU-only tests are ignored elsewhere)
 #   bench   60 / 20   phlora bench at Llama-3-70B's four shapes, r 64 (targets on 28672×8192),
 #                     and the ΔW kernel against a device copy
 #   e2e    110 / 40   a small synth pair on the CPU and on DEVICE, compared (`phlora compare`);
@@ -101,7 +102,8 @@ stage_tests() {
         [ $left -lt $each ] && each=$left
         [ $each -ge 1 ] || { check tests "test-$t" FAIL "not run: no time left in the stage"; continue; }
         if [ "$DEVICE" = cuda ]; then
-            PHLORA_TEST_DEVICE=cuda PHLORA_BIN=$P timeout -k 5 $each "$BIN/test-$t" --test-threads=4 >"$R/test-$t.log" 2>&1
+            PHLORA_TEST_DEVICE=cuda PHLORA_BIN=$P timeout -k 5 $each "$BIN/test-$t" --test-threads=4 --include-ignored \
+                >"$R/test-$t.log" 2>&1
         else
             env -u PHLORA_TEST_DEVICE PHLORA_BIN=$P timeout -k 5 $each "$BIN/test-$t" --test-threads=2 >"$R/test-$t.log" 2>&1
         fi

@@ -330,11 +330,9 @@ fn short_wide_body<B: Backend>(be: &B) {
 }
 
 #[test]
+#[ignore = "needs a GPU: PHLORA_TEST_DEVICE=cuda cargo test -- --include-ignored"]
 fn the_gpu_repeats_itself_and_agrees_with_the_cpu() {
-    let Some(gpu) = test_cuda(false) else {
-        eprintln!("CPU only: set PHLORA_TEST_DEVICE=cuda to run this on a GPU");
-        return;
-    };
+    let gpu = require_cuda(false);
     let seed = fresh_seed("gpu-vs-cpu");
     let sigma = power_law(150, 0.7);
     let a = spectrum_matrix(400, 150, &sigma, 1e-3, seed);
@@ -351,11 +349,9 @@ fn the_gpu_repeats_itself_and_agrees_with_the_cpu() {
 }
 
 #[test]
+#[ignore = "needs a GPU: PHLORA_TEST_DEVICE=cuda cargo test -- --include-ignored"]
 fn every_gpu_variant_reaches_the_optimum() {
-    let Some(_) = test_cuda(false) else {
-        eprintln!("CPU only: set PHLORA_TEST_DEVICE=cuda to run this on a GPU");
-        return;
-    };
+    let _ = require_cuda(false);
     for tf32 in [false, true] {
         for orth in [Orth::CholeskyQr2, Orth::Householder] {
             for small in [SmallSvd::DeviceEigh, SmallSvd::HostEigh, SmallSvd::Gesvd] {
@@ -388,11 +384,9 @@ fn every_gpu_variant_reaches_the_optimum() {
 }
 
 #[test]
+#[ignore = "needs a GPU: PHLORA_TEST_DEVICE=cuda cargo test -- --include-ignored"]
 fn tf32_error_stays_below_bf16_rounding_on_a_planted_low_rank_delta() {
-    let Some(gpu) = test_cuda(true) else {
-        eprintln!("CPU only: set PHLORA_TEST_DEVICE=cuda to run this on a GPU");
-        return;
-    };
+    let gpu = require_cuda(true);
     let seed = fresh_seed("tf32-planted");
     let sigma: Vec<f64> = (0..8).map(|i| 10.0 / (1.0 + i as f64)).collect();
     let a = spectrum_matrix(700, 300, &sigma, 0.0, seed);
@@ -408,11 +402,9 @@ fn delta_is_exact_for_every_dtype_pair_and_odd_size() {
 }
 
 #[test]
+#[ignore = "needs a GPU: PHLORA_TEST_DEVICE=cuda cargo test -- --include-ignored"]
 fn every_gpu_delta_mode_is_right() {
-    let Some(mut gpu) = test_cuda(false) else {
-        eprintln!("CPU only: set PHLORA_TEST_DEVICE=cuda to run this on a GPU");
-        return;
-    };
+    let mut gpu = require_cuda(false);
     for mode in 0..4 {
         gpu.set_delta_mode(mode);
         // f32 partial sums are not exact: Σd² to f32 rounding of each 8-term group.

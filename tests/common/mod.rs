@@ -67,14 +67,22 @@ pub fn normal(n: usize, seed: u64) -> Vec<f32> {
     v
 }
 
-/// A fresh seed per call site and run (tests must not depend on one lucky seed).
+/// A fresh seed per call site and run (tests must not depend on one lucky seed), derived from
+/// a run seed that `PHLORA_TEST_SEED` replays: every seed is printed with the run seed, so a
+/// failure's output says how to repeat it exactly.
 pub fn fresh_seed(tag: &str) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    let seed = phlora::rng::seed_for(nanos, tag);
-    eprintln!("{tag}: seed {seed}");
+    let run = match std::env::var("PHLORA_TEST_SEED") {
+        Ok(v) => v
+            .trim()
+            .parse::<u64>()
+            .unwrap_or_else(|_| panic!("PHLORA_TEST_SEED={v}: expected an unsigned integer")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    };
+    let seed = phlora::rng::seed_for(run, tag);
+    eprintln!("{tag}: seed {seed} (replay with PHLORA_TEST_SEED={run})");
     seed
 }
 
@@ -187,6 +195,15 @@ pub fn test_cuda(tf32: bool) -> Option<phlora::backend::Cuda> {
         Ok("cpu") | Ok("") | Err(_) => None,
         Ok(other) => panic!("PHLORA_TEST_DEVICE={other}: expected cuda or cpu"),
     }
+}
+
+/// CUDA device 0 for a GPU-only test. Those are `#[ignore]`d, so a CPU machine shows them as
+/// ignored, never as passed; one asked to run without
+/// PHLORA_TEST_DEVICE=cuda it fails, saying how to run it, instead of passing.
+pub fn require_cuda(tf32: bool) -> phlora::backend::Cuda {
+    test_cuda(tf32).unwrap_or_else(|| {
+        panic!("this test needs a GPU: run it with PHLORA_TEST_DEVICE=cuda (and --include-ignored)")
+    })
 }
 
 /// Runs a generic test body on the CPU, and on CUDA device 0 (plain f32 GEMMs, so tolerances
@@ -339,6 +356,12 @@ pub fn merge_ok(base: &Path, adapter: &Path, out: &Path) {
 /// Every LoRA module in a verify report (`lora`, `lora-embedding`) reproduces its ΔW to `tol`
 /// relative error; the report is printed, after `what`, when one does not.
 pub fn assert_lora_within(v: &phlora::verify::VerifyReport, tol: f64, what: &str) {
+    // Not vacuous: there must be LoRA rows to hold to the bound.
+    assert!(
+        v.tensors.iter().any(|t| t.kind.starts_with("lora")),
+        "{what}: no LoRA module in the report: {:?}",
+        v.tensors
+    );
     assert!(
         v.tensors
             .iter()
