@@ -57,10 +57,24 @@ pub enum Error {
     #[error("stdout closed")]
     ClosedPipe,
 
+    /// A bug: a thread panicked. Not resumable (the same run would meet it again), and not
+    /// the disk's or the device's fault.
+    #[error("internal error, a bug in phlora (please report it with the command line): {0}")]
+    Internal(String),
+
     /// A disk or device error stopped the run; what was finished is journaled, and `hint`
     /// says how to go on. (Not a chained source, so that `{:#}` prints the cause once.)
     #[error("{error}\n{hint}")]
     Resumable { error: Box<Error>, hint: String },
+}
+
+/// The text a panic carried (its `&str` or `String` payload).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 impl Error {

@@ -71,7 +71,8 @@ fn a_killed_run_resumes_to_the_same_adapter() {
 
 /// A journal whose bytes rotted or whose record lies (a reversed byte range): the record fails
 /// its checks, it and the later ones are computed again, and the adapter is still the
-/// uninterrupted run's. Without the checksum the flipped byte would reach the adapter.
+/// uninterrupted run's. Without the checksum the flipped byte would reach the adapter; a record
+/// that has none (an older journal) is computed again too.
 #[test]
 fn a_corrupt_journal_record_is_computed_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -82,6 +83,7 @@ fn a_corrupt_journal_record_is_computed_again() {
     for (case, corrupt) in [
         ("a flipped factor byte", 0usize),
         ("a reversed byte range", 1),
+        ("a flipped byte in a record without its checksum", 2),
     ] {
         let out = root.join(format!("out{corrupt}"));
         let o = extract(root, &out, &[], &[("PHLORA_TEST_CRASH_AFTER", "6")]);
@@ -104,12 +106,22 @@ fn a_corrupt_journal_record_is_computed_again() {
             lines[victim]["factors"]["a"][0].as_u64().unwrap(),
             lines[victim]["factors"]["a"][1].as_u64().unwrap(),
         );
-        if corrupt == 0 {
+        if corrupt == 0 || corrupt == 2 {
             let data = journal.join("tensors.bin");
             let mut bytes = std::fs::read(&data).unwrap();
             bytes[((from + to) / 2) as usize] ^= 0x40;
             std::fs::write(&data, bytes).unwrap();
-        } else {
+        }
+        if corrupt == 2 {
+            // As an older journal has it: no checksum to catch the flip, so not trusted.
+            lines[victim]
+                .as_object_mut()
+                .unwrap()
+                .remove("sum")
+                .unwrap();
+            let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+            std::fs::write(journal.join("tensors.jsonl"), text).unwrap();
+        } else if corrupt == 1 {
             lines[victim]["factors"]["a"] = serde_json::json!([to, from]);
             let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
             std::fs::write(journal.join("tensors.jsonl"), text).unwrap();

@@ -223,7 +223,12 @@ pub(super) fn run_all<B: Backend>(
     let mut stages = StageSeconds::default();
     let mut workers = Vec::new();
     for t in times {
-        let (mut time, mut st) = t.map_err(|_| Error::Device("a worker thread panicked".into()))?;
+        let (mut time, mut st) = t.map_err(|p| {
+            Error::Internal(format!(
+                "a worker thread panicked: {}",
+                crate::error::panic_message(&*p)
+            ))
+        })?;
         // Whatever a worker did not spend on its tensors it spent waiting.
         st.idle = (wall - st.busy()).max(0.0);
         time.busy_seconds = st.busy();
@@ -231,7 +236,12 @@ pub(super) fn run_all<B: Backend>(
         stages.add(&st);
         workers.push(time);
     }
-    let written = writer_result.map_err(|_| Error::Device("the writer thread panicked".into()))?;
+    let written = writer_result.map_err(|p| {
+        Error::Internal(format!(
+            "the writer thread panicked: {}",
+            crate::error::panic_message(&*p)
+        ))
+    })?;
     let mut errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
     // The first failure in plan order, whatever the timing.
     errors.sort_by_key(|e| e.0);

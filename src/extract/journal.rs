@@ -165,8 +165,8 @@ struct Record {
     factors: Option<FactorRecord>,
     extra: Option<ExtraRecord>,
     flops: f64,
-    /// [`checksum`] of the record's bytes in order (A, B, extra); absent in journals written
-    /// before it was added.
+    /// [`checksum`] of the record's bytes in order (A, B, extra). Parsed when absent (journals
+    /// written before it was added) so that such a record is computed again, not misread.
     #[serde(default)]
     sum: Option<String>,
 }
@@ -472,7 +472,7 @@ fn read_records(
                             good_data = end;
                             continue;
                         }
-                        None => format!("(tensor #{index}) has byte ranges, sizes or a checksum that do not hold"),
+                        None => format!("(tensor #{index}) has byte ranges or sizes that do not hold, or a checksum that is missing or differs"),
                     }
                 }
             },
@@ -544,7 +544,7 @@ impl Record {
     }
 
     /// The finished tensor, or None when the record does not hold together (a range that is
-    /// reversed or does not match its shape and dtype, a checksum that differs).
+    /// reversed or does not match its shape and dtype, a checksum that is missing or differs).
     fn load(self, data: &mut File, dir: &Path) -> Result<Option<Journaled>> {
         let path = dir.join(DATA);
         let expect = |shape: &[usize], dtype: &str, (from, to): (u64, u64)| {
@@ -594,10 +594,8 @@ impl Record {
             Some(x) => Some((x.key, dtype(&x.dtype)?, x.shape, read(x.at)?)),
             None => None,
         };
-        if self
-            .sum
-            .is_some_and(|sum| sum != record_sum(factors.as_ref(), extra.as_ref()))
-        {
+        // A record without its checksum is not trusted either: its bytes cannot be checked.
+        if self.sum.as_deref() != Some(record_sum(factors.as_ref(), extra.as_ref()).as_str()) {
             return Ok(None);
         }
         let done = Finished {

@@ -24,6 +24,8 @@ struct SmallDevice {
     refused_once: std::sync::atomic::AtomicBool,
     /// The last keep_cached_memory (the pool's release threshold).
     kept: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// A ΔW of this shape panics (a bug in a backend).
+    panic_on: Option<(usize, usize)>,
 }
 
 impl SmallDevice {
@@ -37,6 +39,7 @@ impl SmallDevice {
             refuse_once: None,
             refused_once: Default::default(),
             kept: Default::default(),
+            panic_on: None,
         }
     }
 }
@@ -59,6 +62,9 @@ impl Backend for SmallDevice {
         self.cpu.download(a)
     }
     fn delta(&self, input: &DeltaInput<'_>) -> BackendResult<(CpuMat, DeltaStats)> {
+        if self.panic_on == Some((input.rows, input.cols)) {
+            panic!("simulated bug on a {}×{} ΔW", input.rows, input.cols);
+        }
         if self.refuse_once == Some((input.rows, input.cols))
             && !self.refused_once.swap(true, Ordering::Relaxed)
         {
@@ -275,4 +281,26 @@ fn a_first_out_of_memory_is_retried_alone_even_when_the_block_does_not_dominate(
     assert_eq!(trims.load(Ordering::Relaxed), 1);
     assert!(report.tensors.iter().all(|t| t.row_blocks.is_none()));
     assert!(s.out.join("adapter_config.json").is_file());
+}
+
+#[test]
+fn a_worker_panic_is_an_internal_error_with_its_message_not_a_resumable_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft, s) = pair(dir.path());
+    let dev = SmallDevice {
+        panic_on: Some((256, 256)),
+        ..SmallDevice::new(usize::MAX)
+    };
+    let err = run_on(dev, &s, &base, &ft).unwrap_err();
+    assert!(matches!(err, Error::Internal(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("a bug in phlora") && text.contains("simulated bug on a 256×256 ΔW"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("--resume") && !text.contains("disk"),
+        "{text}"
+    );
+    assert!(!s.out.join("adapter_config.json").exists());
 }

@@ -173,13 +173,6 @@ const CUSOLVER_SYMBOLS: &[&str] = &[
     "cusolverGetVersion",
 ];
 
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown panic".into())
-}
-
 /// The first of `names` that `lib` does not export, if any.
 fn missing_symbol(lib: &libloading::Library, names: &[&'static str]) -> Option<&'static str> {
     // SAFETY: only looks the names up; nothing is called.
@@ -228,7 +221,7 @@ impl Cuda {
     pub fn new(ordinal: usize, options: CudaOptions) -> Result<Cuda, CudaError> {
         libraries_present()?;
         let attempt = std::panic::catch_unwind(|| Self::open(ordinal, options));
-        attempt.unwrap_or_else(|p| Err(CudaError::Panicked(panic_text(&p))))
+        attempt.unwrap_or_else(|p| Err(CudaError::Panicked(crate::error::panic_message(&*p))))
     }
 
     /// Visible CUDA devices (0 when the driver is missing or broken).
@@ -245,7 +238,7 @@ impl Cuda {
     pub fn another_worker(&self) -> Result<Cuda, CudaError> {
         let ctx = self.stream.context().clone();
         let attempt = std::panic::catch_unwind(|| Self::open_on(ctx, self.ordinal, self.options));
-        attempt.unwrap_or_else(|p| Err(CudaError::Panicked(panic_text(&p))))
+        attempt.unwrap_or_else(|p| Err(CudaError::Panicked(crate::error::panic_message(&*p))))
     }
 
     fn open(ordinal: usize, options: CudaOptions) -> Result<Cuda, CudaError> {
