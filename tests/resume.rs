@@ -173,10 +173,26 @@ fn a_resume_against_changed_inputs_or_settings_is_refused() {
     // Other settings.
     let o = extract(root, &out, &["--resume", "--seed", "9"], &[]);
     let err = String::from_utf8_lossy(&o.stderr);
+    // Named field by field: the seed is in the SVD's settings.
     assert!(
-        !o.status.success() && err.contains("settings differ"),
+        !o.status.success() && err.contains("settings differ (svd)"),
         "{err}"
     );
+    // A journal of an older format (settings as a Debug string, no format number) is refused
+    // by name, not misread.
+    let fp = out.join(".phlora-journal").join("inputs.json");
+    let mut old = common::read_json(&fp);
+    let kept = old.clone();
+    old.as_object_mut().unwrap().remove("format");
+    old["settings"] = serde_json::json!("Fixed(16) | SvdSettings { … }");
+    std::fs::write(&fp, old.to_string()).unwrap();
+    let o = extract(root, &out, &["--resume"], &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("journal is of format 0") && err.contains("--force"),
+        "{err}"
+    );
+    std::fs::write(&fp, kept.to_string()).unwrap();
     // A changed fine-tune (rewritten: new mtime).
     let ft = std::fs::read_dir(root.join("ft"))
         .unwrap()

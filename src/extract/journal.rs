@@ -24,11 +24,21 @@ const FINGERPRINT: &str = "inputs.json";
 const RECORDS: &str = "tensors.jsonl";
 const DATA: &str = "tensors.bin";
 
+/// The journal format this version writes and reads. A journal of another format is refused
+/// by name (before, the settings were a `Debug` string: renaming a field silently invalidated
+/// every journal).
+pub const JOURNAL_FORMAT: u32 = 1;
+
 /// What a journal was written for: the input files as they were, and the settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Fingerprint {
+    /// [`JOURNAL_FORMAT`] when written (absent, 0, in journals before it).
+    #[serde(default)]
+    pub format: u32,
     pub files: Vec<FileStamp>,
-    pub settings: String,
+    /// [`FingerprintSettings`] as JSON (compared as data, and named field by field when they
+    /// differ).
+    pub settings: serde_json::Value,
     /// A shard run's share (combine joins parts that differ only in this).
     #[serde(default)]
     pub shard: Option<super::shard::Shard>,
@@ -63,23 +73,10 @@ impl Fingerprint {
                 }
             }
         }
-        // Everything that changes the adapter's bytes (not: progress, in-flight, overwrite).
-        let settings = format!(
-            "{:?} | {:?} | {:?} | {:?} | {:?} | {:?} | {:?} | {:?} | {:?} | {:?}",
-            s.rank,
-            s.svd,
-            s.out_dtype,
-            s.device,
-            s.cuda,
-            s.max_ram,
-            s.max_vram,
-            s.plan,
-            s.base_name,
-            s.target
-        );
         Ok(Fingerprint {
+            format: JOURNAL_FORMAT,
             files,
-            settings,
+            settings: FingerprintSettings::of(s).to_json(),
             shard: s.shard,
         })
     }
@@ -98,7 +95,18 @@ impl Fingerprint {
     /// What differs from `other`, for the refusal.
     fn difference(&self, other: &Fingerprint) -> String {
         if self.settings != other.settings {
-            return "the settings differ".into();
+            let (a, b) = (self.settings.as_object(), other.settings.as_object());
+            let differ: Vec<&str> = a
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| b.and_then(|b| b.get(*k)) != Some(*v))
+                .map(|(k, _)| k.as_str())
+                .collect();
+            return if differ.is_empty() {
+                "the settings differ".into()
+            } else {
+                format!("the settings differ ({})", differ.join(", "))
+            };
         }
         if self.shard != other.shard {
             return "the shard differs".into();
@@ -109,6 +117,45 @@ impl Fingerprint {
             }
         }
         "the input files differ".into()
+    }
+}
+
+/// Everything in a run's settings that changes the adapter's bytes (not: progress, in-flight,
+/// overwrite), as data.
+#[derive(Serialize)]
+struct FingerprintSettings<'a> {
+    rank: &'a crate::linalg::rank::RankPolicy,
+    svd: &'a crate::linalg::SvdSettings,
+    out_dtype: Option<crate::checkpoint::DType>,
+    device: crate::backend::Device,
+    cuda: crate::backend::CudaOptions,
+    max_ram: Option<u64>,
+    max_vram: Option<u64>,
+    plan: &'a crate::plan::PlanOptions,
+    base_name: Option<&'a str>,
+    target: super::Target,
+}
+
+impl<'a> FingerprintSettings<'a> {
+    fn of(s: &'a ExtractSettings) -> Self {
+        FingerprintSettings {
+            rank: &s.rank,
+            svd: &s.svd,
+            out_dtype: s.out_dtype,
+            device: s.device,
+            cuda: s.cuda,
+            max_ram: s.max_ram,
+            max_vram: s.max_vram,
+            plan: &s.plan,
+            base_name: s.base_name.as_deref(),
+            target: s.target,
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        // Maps come out with sorted keys (serde_json's default map), so a per-tensor rank map
+        // compares the same whatever its hash order.
+        serde_json::to_value(self).expect("plain data serialises")
     }
 }
 
@@ -287,6 +334,15 @@ impl Journal {
         })?;
         let old: Fingerprint = serde_json::from_str(&text)
             .map_err(|e| Error::checkpoint(&path, format!("not a valid journal: {e}")))?;
+        if old.format != JOURNAL_FORMAT {
+            return Err(Error::checkpoint(
+                &path,
+                format!(
+                    "--resume refused: the journal is of format {} (this phlora reads format {JOURNAL_FORMAT}), written by another version; start over with --force",
+                    old.format
+                ),
+            ));
+        }
         if &old != fingerprint {
             return Err(Error::checkpoint(
                 &path,

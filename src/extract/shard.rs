@@ -198,6 +198,16 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
         let text = crate::checkpoint::input::read_string(&path)?;
         let m: PartMarker = serde_json::from_str(&text)
             .map_err(|e| Error::checkpoint(&path, format!("not a valid part: {e}")))?;
+        let format = m.fingerprint.format;
+        if format != super::journal::JOURNAL_FORMAT {
+            return Err(Error::checkpoint(
+                &path,
+                format!(
+                    "a part of journal format {format}, written by another phlora (this one reads format {}): run that shard again",
+                    super::journal::JOURNAL_FORMAT
+                ),
+            ));
+        }
         markers.push((d, m));
     }
     let first = &markers

@@ -69,8 +69,9 @@ pub fn bench_sink(out: &Path, rank: usize, layers: usize) -> Result<SinkBench> {
         .collect();
 
     let fingerprint = Fingerprint {
+        format: super::journal::JOURNAL_FORMAT,
         files: Vec::new(),
-        settings: format!("sink bench r{rank} x{layers}"),
+        settings: serde_json::json!({ "sink_bench": { "rank": rank, "layers": layers } }),
         shard: None,
     };
     let mut writer = AdapterWriter::create(out, true, &[])?;
