@@ -68,6 +68,21 @@ impl<B: Backend> Source<'_, B> {
         }
     }
 
+    /// The energy the logit shift takes out of ΔW: ‖ΔW‖² − ‖P·ΔW‖². Held whole, ‖P·ΔW‖² is
+    /// measured from ΔW (see RowCentering::leftover_sumsq); in blocks the column sums are f64
+    /// and exact enough as they are.
+    fn shift_sumsq(
+        &self,
+        be: &B,
+        p: &RowCentering<B::Mat>,
+        total: f64,
+    ) -> backend::BackendResult<f64> {
+        match self {
+            Source::Whole(delta) => Ok((total - p.leftover_sumsq(be, delta)?).max(0.0)),
+            Source::Blocked(..) => Ok(p.removed_sumsq),
+        }
+    }
+
     /// ‖ΔW − B·A‖² (or ‖P·ΔW − B·A‖²).
     fn residual_sumsq(
         &self,
@@ -295,9 +310,13 @@ impl<B: Backend> LoraJob<'_, B> {
             true => source.centering(be).map_err(backend_err)?,
             false => None,
         };
-        let removed = centering
-            .as_ref()
-            .map_or(0.0, |p| p.removed_sumsq.min(stats.sumsq));
+        let removed = match &centering {
+            None => 0.0,
+            Some(p) => source
+                .shift_sumsq(be, p, stats.sumsq)
+                .map_err(backend_err)?
+                .min(stats.sumsq),
+        };
         let sumsq = stats.sumsq - removed;
         if centering.is_some() {
             row.logit_shift = Some(removed / stats.sumsq);
@@ -311,7 +330,7 @@ impl<B: Backend> LoraJob<'_, B> {
             done.stages = stages;
             return Ok(done);
         }
-        // f32 sums of a pure shift leave ~1e-7 of it behind.
+        // What is left of a pure shift is rounding: ~1e-12 of ‖ΔW‖² (whole), ~1e-14 (blocks).
         if sumsq <= 1e-6 * stats.sumsq {
             row.action = "unchanged".into();
             row.reason = Some("only a logit shift, which changes no probability".into());

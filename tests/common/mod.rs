@@ -71,7 +71,9 @@ pub fn normal(n: usize, seed: u64) -> Vec<f32> {
 /// a run seed that `PHLORA_TEST_SEED` replays: every seed is printed with the run seed, so a
 /// failure's output says how to repeat it exactly.
 pub fn fresh_seed(tag: &str) -> u64 {
-    let run = match std::env::var("PHLORA_TEST_SEED") {
+    // One run seed per test process, so that one PHLORA_TEST_SEED replays every test in it.
+    static RUN: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let run = *RUN.get_or_init(|| match std::env::var("PHLORA_TEST_SEED") {
         Ok(v) => v
             .trim()
             .parse::<u64>()
@@ -80,7 +82,7 @@ pub fn fresh_seed(tag: &str) -> u64 {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos() as u64,
-    };
+    });
     let seed = phlora::rng::seed_for(run, tag);
     eprintln!("{tag}: seed {seed} (replay with PHLORA_TEST_SEED={run})");
     seed
