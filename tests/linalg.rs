@@ -476,6 +476,11 @@ fn factor_body<B: Backend>(be: &B) {
         let sigma = power_law(m.min(n), 0.8);
         let a = spectrum_matrix(m, n, &sigma, 1e-3, seed);
         let a32 = to_f32(&a);
+        // ‖ΔW‖² as extract has it: of the f32 values, summed in f64.
+        let total32: f64 = (0..m)
+            .flat_map(|i| (0..n).map(move |j| (i, j)))
+            .map(|(i, j)| f64::from(a32[(i, j)]).powi(2))
+            .sum();
         let d = be.upload(a32.as_ref()).unwrap();
         let r = 6.min(m).min(n);
         let t = decompose_on_device(be, &d, r, &settings(Method::Randomized, seed), seed).unwrap();
@@ -646,6 +651,11 @@ fn centering_body<B: Backend>(be: &B) {
             .sum();
         let kept: f64 = exact.iter().map(|s| s * s).sum();
         let a32 = to_f32(&a);
+        // ‖ΔW‖² as extract has it: of the f32 values, summed in f64.
+        let total32: f64 = (0..m)
+            .flat_map(|i| (0..n).map(move |j| (i, j)))
+            .map(|(i, j)| f64::from(a32[(i, j)]).powi(2))
+            .sum();
         let d = be.upload(a32.as_ref()).unwrap();
         let rank = planted.max(1).min(m).min(n);
         let blocks = Rows(be, &a32, 7);
@@ -662,7 +672,7 @@ fn centering_body<B: Backend>(be: &B) {
                     .collect();
                 RowCentering::of_column_sums(be, m, &sums).unwrap()
             } else {
-                RowCentering::of_whole(be, &d).unwrap()
+                RowCentering::of_whole(be, &d, total32).unwrap()
             };
             assert!(
                 (p.removed_sumsq - (total - kept)).abs() <= 1e-5 * total.max(1e-30),

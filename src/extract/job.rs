@@ -56,30 +56,19 @@ impl<B: Backend> Source<'_, B> {
         }
     }
 
-    /// P for removing the logit shift, from ΔW's column sums (a GEMM on ΔW held whole; the
-    /// first pass's sums for row blocks, which carry them only when asked).
-    fn centering(&self, be: &B) -> backend::BackendResult<Option<RowCentering<B::Mat>>> {
+    /// P for removing the logit shift, from ΔW's column sums (a GEMM on ΔW held whole, of
+    /// ‖ΔW‖² `sumsq`; the first pass's sums for row blocks, which carry them only when asked).
+    fn centering(
+        &self,
+        be: &B,
+        sumsq: f64,
+    ) -> backend::BackendResult<Option<RowCentering<B::Mat>>> {
         match self {
-            Source::Whole(delta) => RowCentering::of_whole(be, delta).map(Some),
+            Source::Whole(delta) => RowCentering::of_whole(be, delta, sumsq).map(Some),
             Source::Blocked(src, Some(sums)) => {
                 RowCentering::of_column_sums(be, src.item.matrix().0, sums).map(Some)
             }
             Source::Blocked(_, None) => Ok(None),
-        }
-    }
-
-    /// The energy the logit shift takes out of ΔW: ‖ΔW‖² − ‖P·ΔW‖². Held whole, ‖P·ΔW‖² is
-    /// measured from ΔW (see RowCentering::leftover_sumsq); in blocks the column sums are f64
-    /// and exact enough as they are.
-    fn shift_sumsq(
-        &self,
-        be: &B,
-        p: &RowCentering<B::Mat>,
-        total: f64,
-    ) -> backend::BackendResult<f64> {
-        match self {
-            Source::Whole(delta) => Ok((total - p.leftover_sumsq(be, delta)?).max(0.0)),
-            Source::Blocked(..) => Ok(p.removed_sumsq),
         }
     }
 
@@ -307,16 +296,12 @@ impl<B: Backend> LoraJob<'_, B> {
         // An output head decomposed without its logit shift: P·ΔW is what the adapter
         // carries, and what its energy and residual are measured against.
         let centering = match item.remove_logit_shift && stats.sumsq > 0.0 {
-            true => source.centering(be).map_err(backend_err)?,
+            true => source.centering(be, stats.sumsq).map_err(backend_err)?,
             false => None,
         };
-        let removed = match &centering {
-            None => 0.0,
-            Some(p) => source
-                .shift_sumsq(be, p, stats.sumsq)
-                .map_err(backend_err)?
-                .min(stats.sumsq),
-        };
+        let removed = centering
+            .as_ref()
+            .map_or(0.0, |p| p.removed_sumsq.min(stats.sumsq));
         let sumsq = stats.sumsq - removed;
         if centering.is_some() {
             row.logit_shift = Some(removed / stats.sumsq);

@@ -21,7 +21,7 @@ pub struct RowCentering<M> {
     minus_mean: M,
     /// c = ΔWᵀ·1 (n×1), in full f32 GEMMs.
     col_sums: M,
-    /// ‖ΔW‖² − ‖P·ΔW‖² = ‖c‖²/m: the energy taken out.
+    /// ‖ΔW‖² − ‖P·ΔW‖² (= ‖c‖²/m): the energy taken out.
     pub removed_sumsq: f64,
 }
 
@@ -38,13 +38,13 @@ fn sumsq<B: Backend>(be: &B, v: &B::Mat) -> BackendResult<f64> {
 }
 
 impl<M> RowCentering<M> {
-    fn from_sums<B: Backend<Mat = M>>(
+    fn new<B: Backend<Mat = M>>(
         be: &B,
         rows: usize,
         ones: M,
         col_sums: M,
+        removed_sumsq: f64,
     ) -> BackendResult<Self> {
-        let removed_sumsq = sumsq(be, &col_sums)? / rows.max(1) as f64;
         Ok(RowCentering {
             rows,
             ones,
@@ -54,47 +54,42 @@ impl<M> RowCentering<M> {
         })
     }
 
-    /// For a ΔW held whole.
-    pub fn of_whole<B: Backend<Mat = M>>(be: &B, delta: &M) -> BackendResult<Self> {
+    /// For a ΔW held whole, of ‖ΔW‖² `delta_sumsq`. The energy taken out is measured as
+    /// ‖ΔW‖² − ‖ΔW − 1·μᵀ‖² (μ = c/m; one pass of the residual primitive, f64 sums of f32
+    /// differences), not as ‖c‖²/m: with c from f32 GEMMs that leaves a few 1e-6·‖ΔW‖² of a
+    /// pure shift behind (measured 1.1e-6 at m = 512), where this is off by m·‖δμ‖², ~1e-12.
+    pub fn of_whole<B: Backend<Mat = M>>(
+        be: &B,
+        delta: &M,
+        delta_sumsq: f64,
+    ) -> BackendResult<Self> {
         let (m, _) = be.shape(delta);
         let ones = filled(be, m, 1.0)?;
         let c = be.gemm(delta, Op::T, &ones, Op::N)?;
-        Self::from_sums(be, m, ones, c)
+        let per_row =
+            be.upload(faer::Mat::<f32>::from_fn(1, 1, |_, _| 1.0 / m.max(1) as f32).as_ref())?;
+        let mean_t = be.gemm(&per_row, Op::N, &c, Op::T)?; // μᵀ, 1×n
+        let leftover = be.residual_sumsq(delta, &ones, &mean_t)?;
+        Self::new(be, m, ones, c, (delta_sumsq - leftover).max(0.0))
     }
 
     /// From ΔW's column sums, computed where its rows were read (the first pass over a ΔW
-    /// formed in row blocks), for a ΔW of `rows` rows.
+    /// formed in row blocks, in f64: ‖c‖²/m is exact enough), for a ΔW of `rows` rows.
     pub fn of_column_sums<B: Backend<Mat = M>>(
         be: &B,
         rows: usize,
         sums: &[f64],
     ) -> BackendResult<Self> {
         let c = faer::Mat::<f32>::from_fn(sums.len(), 1, |j, _| sums[j] as f32);
-        Ok(RowCentering {
-            rows,
-            ones: filled(be, rows, 1.0)?,
-            minus_mean: filled(be, rows, -1.0 / rows.max(1) as f32)?,
-            col_sums: be.upload(c.as_ref())?,
-            removed_sumsq: sums.iter().map(|x| x * x).sum::<f64>() / rows.max(1) as f64,
-        })
+        let removed = sums.iter().map(|x| x * x).sum::<f64>() / rows.max(1) as f64;
+        let (ones, c) = (filled(be, rows, 1.0)?, be.upload(c.as_ref())?);
+        Self::new(be, rows, ones, c, removed)
     }
 
     /// P·Y = Y − 1·(1ᵀY)/m for an m×k Y.
     fn project<B: Backend<Mat = M>>(&self, be: &B, y: &M) -> BackendResult<M> {
         let sums = be.gemm(&self.ones, Op::T, y, Op::N)?; // 1×k
         be.add(y, &be.gemm(&self.minus_mean, Op::N, &sums, Op::N)?)
-    }
-
-    /// ‖P·ΔW‖² for a ΔW held whole, from ΔW itself: ‖ΔW − 1·μᵀ‖² with μ = c/m, one pass of
-    /// the residual primitive (f64 sums of f32 differences). ‖ΔW‖² − ‖c‖²/m cancels: with c
-    /// from f32 GEMMs it leaves a few 1e-6·‖ΔW‖² of a pure shift behind (measured 1.1e-6 at
-    /// m = 512), where this is off by m·‖δμ‖², ~1e-12·‖ΔW‖².
-    pub fn leftover_sumsq<B: Backend<Mat = M>>(&self, be: &B, delta: &M) -> BackendResult<f64> {
-        let per_row = be.upload(
-            faer::Mat::<f32>::from_fn(1, 1, |_, _| 1.0 / self.rows.max(1) as f32).as_ref(),
-        )?;
-        let mean_t = be.gemm(&per_row, Op::N, &self.col_sums, Op::T)?; // μᵀ, 1×n
-        be.residual_sumsq(delta, &self.ones, &mean_t)
     }
 
     /// P·ΔW formed whole (for the exact SVD of a small matrix).
