@@ -400,39 +400,30 @@ impl<B: Backend> WorkerLoop<'_, B> {
         let exact =
             sh.s.svd
                 .runs_exact(sh.policy.rank_for(&item.name, rows, cols), rows, cols);
-        let retry = (!exact).then(|| after_out_of_memory(fit, rows, &placement.need, first));
-        let held_as = match fit {
+        let held = |f: Fit| match f {
             Fit::Blocked(r) if r < rows => format!("in blocks of {r} rows"),
             _ => "whole".to_string(),
         };
-        let because = match retry {
-            Some(Retry::Again(next)) => {
-                let as_next = match next {
-                    Fit::Blocked(r) if r < rows => format!("in blocks of {r} rows"),
-                    _ => "whole".to_string(),
-                };
+        let because = match after_out_of_memory(fit, rows, &placement.need, first, exact) {
+            Retry::Again(next) => {
                 tracing::warn!(
-                    "{}: out of memory on {} ({why}); retrying it alone on the device, {as_next}",
+                    "{}: out of memory on {} ({why}); retrying it alone on the device, {}",
                     self.label,
-                    item.name
+                    item.name,
+                    held(next)
                 );
                 return Ok(next);
             }
-            None if first => {
-                tracing::warn!(
-                    "{}: out of memory on {} ({why}); retrying it alone on the device",
-                    self.label,
-                    item.name
-                );
-                return Ok(fit);
+            Retry::ExactNeedsWhole => {
+                " even alone on the device, and the exact SVD cannot run in row blocks;".to_string()
             }
-            None => " even alone on the device, and the exact SVD cannot run in row blocks;".to_string(),
-            Some(Retry::BlockNotDominant { block, sketches }) => format!(
-                " alone on the device {held_as}, where ΔW's block ({}) no longer holds most of the memory (the sketches and factors hold {}): smaller blocks would not help; lower the rank or --oversample,",
+            Retry::BlockNotDominant { block, sketches } => format!(
+                " alone on the device {}, where ΔW's block ({}) no longer holds most of the memory (the sketches and factors hold {}): smaller blocks would not help; lower the rank or --oversample,",
+                held(fit),
                 crate::size::format_size(block),
                 crate::size::format_size(sketches)
             ),
-            Some(Retry::AtOneRow) => " even alone on the device in blocks of one row;".to_string(),
+            Retry::AtOneRow => " even alone on the device in blocks of one row;".to_string(),
         };
         Err(Error::tensor(
             sh.ft.path_of(&item.ft),

@@ -48,21 +48,33 @@ pub(super) enum Retry {
     BlockNotDominant { block: u64, sketches: u64 },
     /// One row per block already, and it already ran alone.
     AtOneRow,
+    /// The exact SVD, which needs ΔW whole, and it already ran alone.
+    ExactNeedsWhole,
 }
 
-/// Halve the block while it is what holds most of the tensor's memory, never below one row;
-/// `first`: no retry has run yet (the tensor has not yet run alone on the device).
-pub(super) fn after_out_of_memory(fit: Fit, rows: usize, need: &MemoryNeed, first: bool) -> Retry {
+/// Halve the block while it is what holds most of the tensor's memory, never below one row
+/// (never for the exact SVD); `first`: no retry has run yet (the tensor has not yet run alone
+/// on the device).
+pub(super) fn after_out_of_memory(
+    fit: Fit,
+    rows: usize,
+    need: &MemoryNeed,
+    first: bool,
+    exact: bool,
+) -> Retry {
     let current = match fit {
         Fit::Whole => rows,
         Fit::Blocked(step) => step.min(rows),
     };
     let block = current as u64 * need.per_row_delta;
-    if current > 1 && block > need.sketches {
+    if !exact && current > 1 && block > need.sketches {
         return Retry::Again(Fit::Blocked(current.div_ceil(2)));
     }
     if first {
         return Retry::Again(fit);
+    }
+    if exact {
+        return Retry::ExactNeedsWhole;
     }
     if current <= 1 {
         return Retry::AtOneRow;
@@ -236,7 +248,7 @@ mod tests {
     fn out_of_memory_halves_the_block_while_it_dominates_and_never_below_one_row() {
         // 1000 rows of 10 bytes; sketches 50 bytes: blocks of 5 rows or fewer do not dominate.
         let n = need(100, 10_000, 10);
-        let retry = |fit| after_out_of_memory(fit, 1000, &n, false);
+        let retry = |fit| after_out_of_memory(fit, 1000, &n, false, false);
         assert_eq!(retry(Fit::Whole), Retry::Again(Fit::Blocked(500)));
         assert_eq!(retry(Fit::Blocked(500)), Retry::Again(Fit::Blocked(250)));
         assert_eq!(retry(Fit::Blocked(7)), Retry::Again(Fit::Blocked(4)));
@@ -252,22 +264,22 @@ mod tests {
         // 8 tries to the stop at 4 rows, where halving down to one row would take 10 (and on
         // a real tensor, each try re-reads it).
         let (mut fit, mut tries) = (Fit::Whole, 0);
-        while let Retry::Again(f) = after_out_of_memory(fit, 1000, &n, tries == 0) {
+        while let Retry::Again(f) = after_out_of_memory(fit, 1000, &n, tries == 0, false) {
             fit = f;
             tries += 1;
         }
         assert_eq!((tries, fit), (8, Fit::Blocked(4)));
         let tiny = need(0, 30, 10);
         assert_eq!(
-            after_out_of_memory(Fit::Whole, 3, &tiny, false),
+            after_out_of_memory(Fit::Whole, 3, &tiny, false, false),
             Retry::Again(Fit::Blocked(2))
         );
         assert_eq!(
-            after_out_of_memory(Fit::Blocked(1), 3, &tiny, false),
+            after_out_of_memory(Fit::Blocked(1), 3, &tiny, false, false),
             Retry::AtOneRow
         );
         assert_eq!(
-            after_out_of_memory(Fit::Whole, 1, &tiny, false),
+            after_out_of_memory(Fit::Whole, 1, &tiny, false, false),
             Retry::AtOneRow
         );
         assert_eq!(n.bytes(Fit::Whole), 10_100);
@@ -280,23 +292,33 @@ mod tests {
         // alone on the device, whole; then a clear stop.
         let n = need(100, 40, 10);
         assert_eq!(
-            after_out_of_memory(Fit::Whole, 4, &n, true),
+            after_out_of_memory(Fit::Whole, 4, &n, true, false),
             Retry::Again(Fit::Whole)
         );
         assert_eq!(
-            after_out_of_memory(Fit::Whole, 4, &n, false),
+            after_out_of_memory(Fit::Whole, 4, &n, false, false),
             Retry::BlockNotDominant {
                 block: 40,
                 sketches: 50
             }
         );
         assert_eq!(
-            after_out_of_memory(Fit::Blocked(1), 4, &n, true),
+            after_out_of_memory(Fit::Blocked(1), 4, &n, true, false),
             Retry::Again(Fit::Blocked(1))
         );
         assert_eq!(
-            after_out_of_memory(Fit::Whole, 1, &n, false),
+            after_out_of_memory(Fit::Whole, 1, &n, false, false),
             Retry::AtOneRow
+        );
+        // The exact SVD is never cut into blocks, however large ΔW: once alone, then a stop.
+        let big = need(100, 10_000, 10);
+        assert_eq!(
+            after_out_of_memory(Fit::Whole, 1000, &big, true, true),
+            Retry::Again(Fit::Whole)
+        );
+        assert_eq!(
+            after_out_of_memory(Fit::Whole, 1000, &big, false, true),
+            Retry::ExactNeedsWhole
         );
     }
 
