@@ -476,11 +476,6 @@ fn factor_body<B: Backend>(be: &B) {
         let sigma = power_law(m.min(n), 0.8);
         let a = spectrum_matrix(m, n, &sigma, 1e-3, seed);
         let a32 = to_f32(&a);
-        // ‖ΔW‖² as extract has it: of the f32 values, summed in f64.
-        let total32: f64 = (0..m)
-            .flat_map(|i| (0..n).map(move |j| (i, j)))
-            .map(|(i, j)| f64::from(a32[(i, j)]).powi(2))
-            .sum();
         let d = be.upload(a32.as_ref()).unwrap();
         let r = 6.min(m).min(n);
         let t = decompose_on_device(be, &d, r, &settings(Method::Randomized, seed), seed).unwrap();
