@@ -338,15 +338,7 @@ fn lm_heads_logit_shift_is_left_out_and_changes_no_probability() {
         });
         assert!(weights_differ, "{tag}: the shift was carried after all");
         // verify reads report.json and compares modulo the shift: its figures are extract's.
-        let v = phlora::verify::verify(&phlora::verify::VerifySettings {
-            base: dir.path().join("base"),
-            ft: dir.path().join("ft"),
-            adapter: out.clone(),
-            min_cos: None,
-            max_error: None,
-            min_weight_cos: None,
-        })
-        .unwrap();
+        let v = verify_pair(&dir.path().join("base"), &dir.path().join("ft"), &out).unwrap();
         let vh = v
             .tensors
             .iter()
@@ -384,15 +376,7 @@ fn lm_heads_logit_shift_is_left_out_and_changes_no_probability() {
     let rep = report(&out);
     let head = tensor_row(&rep, "lm_head.weight");
     assert_eq!(head["action"], "unchanged", "{head}");
-    let v = phlora::verify::verify(&phlora::verify::VerifySettings {
-        base: pure.path().join("base"),
-        ft: pure.path().join("ft"),
-        adapter: out.clone(),
-        min_cos: None,
-        max_error: None,
-        min_weight_cos: None,
-    })
-    .unwrap();
+    let v = verify_pair(&pure.path().join("base"), &pure.path().join("ft"), &out).unwrap();
     assert!(
         v.tensors.iter().all(|t| t.name != "lm_head.weight"),
         "{:?}",
