@@ -111,19 +111,9 @@ fn product_difference(x: &[(Mat<f64>, Mat<f64>)], y: &[(Mat<f64>, Mat<f64>)]) ->
 
 /// (residual, ‖ΔW‖) per tensor name from the report.json beside an adapter (empty without one).
 fn report_figures(dir: &Path) -> Result<BTreeMap<String, (Option<f64>, f64)>> {
-    let path = dir.join("report.json");
-    if !path.exists() {
-        return Ok(BTreeMap::new());
-    }
-    let text = crate::checkpoint::input::read_string(&path)?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
-        path: path.clone(),
-        reason: format!("not a phlora report: {e}"),
-    })?;
-    Ok(v["tensors"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let rows = crate::report::tensor_rows_beside(dir)?.unwrap_or_default();
+    Ok(rows
+        .iter()
         .filter_map(|t| {
             let name = t["name"].as_str()?.to_string();
             Some((name, (t["residual"].as_f64(), t["delta_norm"].as_f64()?)))

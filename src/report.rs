@@ -385,6 +385,24 @@ impl RunReport {
 }
 
 /// The width of a table's name column: the longest name, within 6..=60 characters.
+/// The per-tensor rows of the report.json beside an adapter, as JSON (None: there is none,
+/// e.g. another tool's adapter); a report that is not JSON is an error naming it.
+pub fn tensor_rows_beside(
+    adapter_dir: &std::path::Path,
+) -> crate::error::Result<Option<Vec<serde_json::Value>>> {
+    let path = adapter_dir.join("report.json");
+    if crate::checkpoint::input::kind(&path) == crate::checkpoint::input::Kind::Missing {
+        return Ok(None);
+    }
+    let text = crate::checkpoint::input::read_string(&path)?;
+    let mut v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| crate::error::Error::checkpoint(&path, format!("not a phlora report: {e}")))?;
+    Ok(Some(match v["tensors"].take() {
+        serde_json::Value::Array(rows) => rows,
+        _ => Vec::new(),
+    }))
+}
+
 pub fn name_width<'a>(names: impl Iterator<Item = &'a str>) -> usize {
     names.map(str::len).max().unwrap_or(6).clamp(6, 60)
 }

@@ -283,15 +283,10 @@ fn without_shift(s: Sums, rows: usize, cd: &[f64], ch: &[f64]) -> (Sums, f64) {
 /// The tensors whose logit shift extract left out, from the report.json beside the adapter
 /// (none when there is no such report: another tool's adapter).
 fn shift_removed(adapter_dir: &std::path::Path) -> std::collections::HashSet<String> {
-    let Ok(text) = crate::checkpoint::input::read_string(&adapter_dir.join("report.json")) else {
-        return Default::default();
-    };
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-        return Default::default();
-    };
-    v["tensors"]
-        .as_array()
-        .into_iter()
+    let rows = crate::report::tensor_rows_beside(adapter_dir)
+        .ok()
+        .flatten();
+    rows.into_iter()
         .flatten()
         .filter(|t| t.get("logit_shift").is_some_and(|x| x.is_number()))
         .filter_map(|t| t["name"].as_str().map(str::to_string))
