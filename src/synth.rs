@@ -403,14 +403,18 @@ fn encode_cols(dtype: DType, m: &Mat<f32>) -> Vec<u8> {
     }
     out.par_chunks_mut(width)
         .zip(m.par_col_iter())
-        .for_each(|(dst, col)| {
-            let col = col
-                .try_as_col_major()
-                .expect("owned columns are contiguous");
-            let mut bytes = Vec::with_capacity(width);
-            encode_into(dtype, col.as_slice(), &mut bytes);
-            dst.copy_from_slice(&bytes);
-        });
+        // One scratch buffer per rayon job, not one allocation per column.
+        .for_each_init(
+            || Vec::with_capacity(width),
+            |bytes, (dst, col)| {
+                let col = col
+                    .try_as_col_major()
+                    .expect("owned columns are contiguous");
+                bytes.clear();
+                encode_into(dtype, col.as_slice(), bytes);
+                dst.copy_from_slice(bytes);
+            },
+        );
     out
 }
 
