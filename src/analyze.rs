@@ -4,14 +4,14 @@
 //! layer × module heatmap of the rank needed for one energy (`plot.rs`).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::extract::budget::{allocate_budget, BudgetAllocation};
+use crate::extract::budget::allocate_budget;
 use crate::extract::{ExtractSettings, TensorSpectrum};
 use crate::linalg::rank::{rank_for_energy, RankRule};
+use crate::report::BudgetAllocation;
 
 #[derive(Clone, Debug)]
 pub struct AnalyzeSettings {
@@ -126,9 +126,9 @@ fn profile(t: &TensorSpectrum, s: &AnalyzeSettings) -> TensorProfile {
     }
 }
 
-/// Computes the spectra and writes DIR/analysis.json, analysis.csv, energy_curves.svg/.png and
-/// rank_heatmap.svg/.png.
-pub fn analyze(s: &AnalyzeSettings, dir: &Path) -> Result<AnalysisReport> {
+/// Computes the spectra and each profile (and, with `--budget`, every rule's allocation); the
+/// command writes the files.
+pub fn analyze(s: &AnalyzeSettings) -> Result<AnalysisReport> {
     let started = std::time::Instant::now();
     let (spectra, device) = crate::extract::spectra(&s.extract)?;
     let tensors: Vec<TensorProfile> = spectra.iter().map(|t| profile(t, s)).collect();
@@ -137,8 +137,14 @@ pub fn analyze(s: &AnalyzeSettings, dir: &Path) -> Result<AnalysisReport> {
             "no LoRA target to analyze (check --include/--exclude)".into(),
         ));
     }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "cannot create output folder", e))?;
-    let mut report = AnalysisReport {
+    let budget = match s.budget {
+        Some(params) => RankRule::ALL
+            .iter()
+            .map(|&rule| allocate_budget(&spectra, params, rule, s.min_rank))
+            .collect::<Result<_>>()?,
+        None => Vec::new(),
+    };
+    Ok(AnalysisReport {
         base: s.extract.base.display().to_string(),
         ft: s.extract.ft.display().to_string(),
         device,
@@ -148,96 +154,57 @@ pub fn analyze(s: &AnalyzeSettings, dir: &Path) -> Result<AnalysisReport> {
         heatmap_energy: s.heatmap_energy,
         seconds: started.elapsed().as_secs_f64(),
         tensors,
-        budget: Vec::new(),
+        budget,
         files: Vec::new(),
-    };
-    if let Some(params) = s.budget {
-        report.budget = RankRule::ALL
-            .iter()
-            .map(|&rule| allocate_budget(&spectra, params, rule, s.min_rank))
-            .collect::<Result<_>>()?;
-    }
-    // Each figure drawn once, rendered twice.
-    let (curves, heatmap) = (
-        crate::plot::energy_curves(&report),
-        crate::plot::rank_heatmap(&report),
-    );
-    let mut files: Vec<(PathBuf, Vec<u8>)> = vec![
-        (dir.join("analysis.csv"), csv(&report).into_bytes()),
-        (dir.join("energy_curves.svg"), curves.svg().into_bytes()),
-        (dir.join("energy_curves.png"), curves.png()),
-        (dir.join("rank_heatmap.svg"), heatmap.svg().into_bytes()),
-        (dir.join("rank_heatmap.png"), heatmap.png()),
-    ];
-    for a in &report.budget {
-        let fig = crate::plot::allocation_heatmap(&report, a);
-        let name = format!("allocation_{}", a.rule.as_str());
-        files.push((dir.join(format!("{name}.svg")), fig.svg().into_bytes()));
-        files.push((dir.join(format!("{name}.png")), fig.png()));
-    }
-    report.files = files
-        .iter()
-        .map(|(p, _)| p.display().to_string())
-        .chain([dir.join("analysis.json").display().to_string()])
-        .collect();
-    files.push((
-        dir.join("analysis.json"),
-        serde_json::to_string_pretty(&report)
-            .expect("plain data serialises")
-            .into_bytes(),
-    ));
-    for (path, bytes) in files {
-        write_atomically(&path, &bytes)?;
-    }
-    Ok(report)
-}
-
-/// Written to a temporary name and renamed: a reader never sees half a file.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("partial-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, "cannot write", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "cannot move into place", e))
-}
-
-fn csv(r: &AnalysisReport) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::from("tensor,module_type,layer,rows,cols,delta_norm,computed");
-    for k in &r.ranks {
-        let _ = write!(s, ",E_r{k}");
-    }
-    for e in &r.energies {
-        let _ = write!(s, ",rank_for_{e}");
-    }
-    s.push('\n');
-    let opt = |v: Option<String>| v.unwrap_or_default();
-    for t in &r.tensors {
-        let _ = write!(
-            s,
-            "{},{},{},{},{},{:.6e},{}",
-            t.name,
-            t.module_type,
-            opt(t.layer.map(|l| l.to_string())),
-            t.shape[0],
-            t.shape[1],
-            t.delta_norm,
-            t.computed
-        );
-        for k in &r.ranks {
-            let _ = write!(s, ",{}", opt(t.energy_at[k].map(|e| format!("{e:.6}"))));
-        }
-        for e in &r.energies {
-            let _ = write!(
-                s,
-                ",{}",
-                opt(t.rank_for[&energy_key(*e)].map(|x| x.to_string()))
-            );
-        }
-        s.push('\n');
-    }
-    s
+    })
 }
 
 impl AnalysisReport {
+    /// analysis.csv: one row per tensor; an empty cell where a value is beyond the ranks
+    /// computed.
+    pub fn csv(&self) -> String {
+        let mut header = [
+            "tensor",
+            "module_type",
+            "layer",
+            "rows",
+            "cols",
+            "delta_norm",
+            "computed",
+        ]
+        .map(String::from)
+        .to_vec();
+        header.extend(self.ranks.iter().map(|k| format!("E_r{k}")));
+        header.extend(self.energies.iter().map(|e| format!("rank_for_{e}")));
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let opt = |v: Option<String>| v.unwrap_or_default();
+        let mut write = |row: Vec<String>| w.write_record(row).expect("writes to memory");
+        write(header);
+        for t in &self.tensors {
+            let mut row = vec![
+                t.name.clone(),
+                t.module_type.clone(),
+                opt(t.layer.map(|l| l.to_string())),
+                t.shape[0].to_string(),
+                t.shape[1].to_string(),
+                format!("{:.6e}", t.delta_norm),
+                t.computed.to_string(),
+            ];
+            row.extend(
+                self.ranks
+                    .iter()
+                    .map(|k| opt(t.energy_at[k].map(|e| format!("{e:.6}")))),
+            );
+            row.extend(
+                self.energies
+                    .iter()
+                    .map(|e| opt(t.rank_for[&energy_key(*e)].map(|x| x.to_string()))),
+            );
+            write(row);
+        }
+        String::from_utf8(w.into_inner().expect("writes to memory")).expect("UTF-8 in, UTF-8 out")
+    }
+
     /// A table for people: per module type, the median rank each energy needs.
     pub fn table(&self) -> String {
         use std::fmt::Write as _;

@@ -22,6 +22,7 @@ pub mod floor;
 pub mod interrupt;
 pub mod linalg;
 pub mod merge;
+pub mod names;
 pub mod outdir;
 pub mod plan;
 pub mod plot;

@@ -298,10 +298,7 @@ pub fn rank_heatmap(r: &AnalysisReport) -> Figure {
 }
 
 /// Layers × module types, the colour the rank a budget rule allocates (`analyze --budget`).
-pub fn allocation_heatmap(
-    r: &AnalysisReport,
-    a: &crate::extract::budget::BudgetAllocation,
-) -> Figure {
+pub fn allocation_heatmap(r: &AnalysisReport, a: &crate::report::BudgetAllocation) -> Figure {
     let ranks = a.rank_map();
     heatmap(
         &r.tensors,

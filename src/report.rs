@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::linalg::rank::RankRule;
 use crate::linalg::Method;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -239,7 +240,7 @@ pub struct RunReport {
     pub out_dtype: String,
     /// What --budget resolved to: the rule, the floor, what it spent, the ranks.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub budget: Option<crate::extract::budget::BudgetAllocation>,
+    pub budget: Option<BudgetAllocation>,
     pub summary: Summary,
     pub tensors: Vec<TensorReport>,
 }
@@ -420,5 +421,27 @@ fn shorten(name: &str, width: usize) -> String {
             .rev()
             .collect();
         format!("…{tail}")
+    }
+}
+
+/// What a budget resolved to, as report.json and analysis.json record it.
+#[derive(Clone, Debug, Serialize)]
+pub struct BudgetAllocation {
+    pub rule: RankRule,
+    /// The budget Σ r·(in + out), and what the ranks spend of it (before any padding to a
+    /// common rank: --portable, fused experts).
+    pub params: u64,
+    pub spent: u64,
+    /// The floor under every module's rank (capped by its size).
+    pub min_rank: usize,
+    /// The largest uniform rank the same budget pays for (the comparison it is made against).
+    pub uniform_rank: usize,
+    /// Per tensor, in plan order.
+    pub ranks: Vec<(String, usize)>,
+}
+
+impl BudgetAllocation {
+    pub fn rank_map(&self) -> std::collections::HashMap<String, usize> {
+        self.ranks.iter().cloned().collect()
     }
 }

@@ -10,26 +10,9 @@ use serde::Serialize;
 
 pub use writer::AdapterWriter;
 
-pub const MODEL_FILE: &str = "adapter_model.safetensors";
-/// A sharded adapter's index (`--max-shard-size`), in the Hugging Face layout: `weight_map`
-/// names each key's shard, `metadata.total_size` the tensor bytes.
-pub const INDEX_FILE: &str = "adapter_model.safetensors.index.json";
-pub const CONFIG_FILE: &str = "adapter_config.json";
-pub const REPORT_FILE: &str = "report.json";
-/// The fine-tune's new vocabulary rows (`--added-tokens`), under the tensors' checkpoint names.
-pub const ADDED_TOKENS_FILE: &str = "added_tokens.safetensors";
-/// What a tokenizer is made of, across the tokenizer classes transformers saves (copied beside
-/// an adapter with added tokens).
-pub const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-];
+pub use crate::names::{
+    ADDED_TOKENS_FILE, CONFIG_FILE, INDEX_FILE, MODEL_FILE, REPORT_FILE, TOKENIZER_FILES,
+};
 
 /// Shard `index` (from 1) of `count`: `adapter_model-00001-of-00003.safetensors`.
 pub fn shard_file(index: usize, count: usize) -> String {
@@ -157,7 +140,7 @@ pub fn target_modules(
 ) -> TargetModules {
     let mut names: Vec<String> = written
         .iter()
-        .map(|m| crate::plan::last_segment(m).to_string())
+        .map(|m| crate::names::last_segment(m).to_string())
         .collect();
     names.sort();
     names.dedup();

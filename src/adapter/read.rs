@@ -318,7 +318,7 @@ impl Adapter {
             }
             // PEFT applies fan_in_fan_out to Conv1D layers only (it turns it off, with a
             // warning, for an nn.Linear such as GPT-2's lm_head).
-            let conv1d = crate::plan::is_conv1d_module(&module);
+            let conv1d = crate::names::is_conv1d_module(&module);
             let layout = if embedding || (raw.fan_in_fan_out && conv1d && !fused) {
                 Layout::Transposed
             } else {
@@ -464,8 +464,8 @@ impl Adapter {
         rows: usize,
         cols: usize,
     ) -> Option<(&LoraModule, usize, usize)> {
-        let (experts, index, proj) = crate::plan::per_expert_weight(name)?;
-        let (target, part) = crate::plan::fused_target(proj)?;
+        let (experts, index, proj) = crate::names::per_expert_weight(name)?;
+        let (target, part) = crate::names::fused_target(proj)?;
         let parts = if target == "gate_up_proj" { 2 } else { 1 };
         let param = format!("{experts}.{target}");
         self.modules
@@ -557,12 +557,12 @@ fn targeted_parameter(path: &str, targeted: &[String]) -> Option<String> {
     let mut names: Vec<&str> = targeted
         .iter()
         .filter_map(|t| {
-            let name = crate::plan::last_segment(t);
+            let name = crate::names::last_segment(t);
             let full = format!("{module}.{name}");
             (full == *t || full.ends_with(&format!(".{t}"))).then_some(name)
         })
         .collect();
-    names.sort_by_key(|n| crate::plan::registration_rank(n));
+    names.sort_by_key(|n| crate::names::registration_rank(n));
     names.dedup();
     let at = names.len().checked_sub(depth + 1)?;
     Some(format!("{module}.{}", names[at]))

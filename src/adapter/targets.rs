@@ -195,7 +195,7 @@ impl Targets {
             None => !self.parameters_only,
             Some(Rule::Regex(re)) => re.is_match(key),
             // Every nn.Linear/Conv1D but the output layer.
-            Some(Rule::AllLinear) => !embedding && crate::plan::last_segment(key) != "lm_head",
+            Some(Rule::AllLinear) => !embedding && crate::names::last_segment(key) != "lm_head",
             Some(Rule::Names(names)) => match Rule::names_match(names, key) {
                 None => false,
                 Some(true) => true,

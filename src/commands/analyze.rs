@@ -1,11 +1,14 @@
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use super::Ui;
-use crate::analyze::{analyze, AnalyzeSettings};
+use crate::analyze::{analyze, AnalysisReport, AnalyzeSettings};
 use crate::cli::AnalyzeArgs;
 use crate::error::{Error, Result};
 use crate::extract::ExtractSettings;
 use crate::plan::Glob;
+use crate::plot;
+use crate::staging::write_atomically;
 
 pub fn run(a: &AnalyzeArgs, ui: Ui) -> Result<ExitCode> {
     if a.ranks.is_empty() || a.ranks.contains(&0) {
@@ -58,7 +61,8 @@ pub fn run(a: &AnalyzeArgs, ui: Ui) -> Result<ExitCode> {
         heatmap_energy: a.heatmap_energy,
         head: a.head,
     };
-    let report = analyze(&settings, &a.out)?;
+    let mut report = analyze(&settings)?;
+    write_outputs(&mut report, &a.out)?;
     if !ui.quiet {
         crate::say_raw!("{}", report.table());
         crate::say!("written: {}", report.files.join(", "));
@@ -70,4 +74,39 @@ pub fn run(a: &AnalyzeArgs, ui: Ui) -> Result<ExitCode> {
         )?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// DIR/analysis.json, analysis.csv, energy_curves and rank_heatmap (and with --budget one
+/// allocation heatmap per rule) as SVG and PNG; each figure drawn once and rendered twice.
+fn write_outputs(report: &mut AnalysisReport, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "cannot create output folder", e))?;
+    let mut figures = vec![
+        ("energy_curves".to_string(), plot::energy_curves(report)),
+        ("rank_heatmap".to_string(), plot::rank_heatmap(report)),
+    ];
+    for a in &report.budget {
+        figures.push((
+            format!("allocation_{}", a.rule.as_str()),
+            plot::allocation_heatmap(report, a),
+        ));
+    }
+    let mut files: Vec<(PathBuf, Vec<u8>)> =
+        vec![(dir.join("analysis.csv"), report.csv().into_bytes())];
+    for (name, fig) in &figures {
+        files.push((dir.join(format!("{name}.svg")), fig.svg().into_bytes()));
+        files.push((dir.join(format!("{name}.png")), fig.png()));
+    }
+    let json = dir.join("analysis.json");
+    report.files = files
+        .iter()
+        .map(|(p, _)| p)
+        .chain([&json])
+        .map(|p| p.display().to_string())
+        .collect();
+    let text = serde_json::to_string_pretty(&report).expect("plain data serialises");
+    files.push((json, text.into_bytes()));
+    for (path, bytes) in files {
+        write_atomically(&path, &bytes)?;
+    }
+    Ok(())
 }

@@ -18,7 +18,7 @@ pub(super) struct Context {
     /// The devices, for the report.
     pub device: String,
     /// What --budget resolved to.
-    pub allocation: Option<super::budget::BudgetAllocation>,
+    pub allocation: Option<crate::report::BudgetAllocation>,
     /// The device allocator's high-water mark (the largest over the devices).
     pub device_memory_peak: Option<u64>,
 }
@@ -127,7 +127,7 @@ pub(super) fn assemble(
     let dropped_norms: Vec<&TensorReport> = rows
         .iter()
         .zip(&plan.items)
-        .filter(|(r, i)| r.action == "not-carried" && crate::plan::is_norm_module(&i.module))
+        .filter(|(r, i)| r.action == "not-carried" && crate::names::is_norm_module(&i.module))
         .map(|(r, _)| r)
         .collect();
     if s.target != Target::Peft && !dropped_norms.is_empty() {
@@ -187,7 +187,7 @@ pub(super) fn assemble(
     let mlp_params: Vec<String> = if s.plan.fuse_experts {
         written_modules
             .iter()
-            .filter(|m| crate::plan::fused_target(crate::plan::last_segment(m)).is_some())
+            .filter(|m| crate::names::fused_target(crate::names::last_segment(m)).is_some())
             .cloned()
             .collect()
     } else {
@@ -198,8 +198,8 @@ pub(super) fn assemble(
         let mut paths: Vec<String> = ft
             .tensors()
             .iter()
-            .map(|t| crate::plan::module_of(&t.name))
-            .filter(|m| crate::plan::last_segment(m) == last)
+            .map(|t| crate::names::module_of(&t.name))
+            .filter(|m| crate::names::last_segment(m) == last)
             .map(str::to_string)
             .collect();
         paths.dedup();
@@ -226,13 +226,13 @@ pub(super) fn assemble(
     // one rank per module anyway.
     let experts_rank = module_ranks
         .iter()
-        .filter(|(m, _)| crate::plan::expert_group(m).is_some())
+        .filter(|(m, _)| crate::names::expert_group(m).is_some())
         .map(|(_, r)| *r)
         .max();
     let module_ranks: Vec<(String, usize)> = module_ranks
         .into_iter()
         .map(|(m, r)| {
-            let shared = crate::plan::expert_group(&m).and(experts_rank);
+            let shared = crate::names::expert_group(&m).and(experts_rank);
             (m, shared.unwrap_or(r))
         })
         .collect();
@@ -279,7 +279,7 @@ pub(super) fn assemble(
     // (Mixtral's block_sparse_moe becomes mlp), and a suffix matches either name.
     let mut router_names: Vec<String> = routers
         .iter()
-        .map(|m| format!("{}.weight", crate::plan::last_segment(m)))
+        .map(|m| format!("{}.weight", crate::names::last_segment(m)))
         .collect();
     router_names.sort();
     router_names.dedup();
@@ -310,7 +310,7 @@ pub(super) fn assemble(
             } else if mlp_params.contains(module) {
                 regex::escape(&format!("{module}.weight"))
             } else {
-                crate::plan::expert_group(module).unwrap_or_else(|| regex::escape(module))
+                crate::names::expert_group(module).unwrap_or_else(|| regex::escape(module))
             };
             config.rank_pattern.insert(key.clone(), *r);
             config.alpha_pattern.insert(key, *r as f64);

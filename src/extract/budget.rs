@@ -3,33 +3,10 @@
 
 use std::collections::HashMap;
 
-use serde::Serialize;
-
 use super::TensorSpectrum;
 use crate::error::{Error, Result};
 use crate::linalg::rank::{allocate, default_floor, floor_cost, uniform_rank, RankRule, Spectrum};
-
-/// What a budget resolved to, as report.json and analysis.json record it.
-#[derive(Clone, Debug, Serialize)]
-pub struct BudgetAllocation {
-    pub rule: RankRule,
-    /// The budget Σ r·(in + out), and what the ranks spend of it (before any padding to a
-    /// common rank: --portable, fused experts).
-    pub params: u64,
-    pub spent: u64,
-    /// The floor under every module's rank (capped by its size).
-    pub min_rank: usize,
-    /// The largest uniform rank the same budget pays for (the comparison it is made against).
-    pub uniform_rank: usize,
-    /// Per tensor, in plan order.
-    pub ranks: Vec<(String, usize)>,
-}
-
-impl BudgetAllocation {
-    pub fn rank_map(&self) -> HashMap<String, usize> {
-        self.ranks.iter().cloned().collect()
-    }
-}
+use crate::report::BudgetAllocation;
 
 /// The spectra a budget shares: one per changed LoRA target, a tied lm_head folded into its
 /// embedding (both carry the same factors, so one rank of the pair costs both).

@@ -67,12 +67,12 @@ pub(super) fn peft_keys(params: &[FusedParam]) -> Vec<[String; 2]> {
             let mut siblings: Vec<&str> = params
                 .iter()
                 .filter(|q| q.module == p.module)
-                .map(|q| crate::plan::last_segment(&q.param))
+                .map(|q| crate::names::last_segment(&q.param))
                 .collect();
-            siblings.sort_by_key(|s| crate::plan::registration_rank(s));
+            siblings.sort_by_key(|s| crate::names::registration_rank(s));
             let at = siblings
                 .iter()
-                .position(|s| *s == crate::plan::last_segment(&p.param))
+                .position(|s| *s == crate::names::last_segment(&p.param))
                 .expect("a parameter is its own sibling");
             let path = format!(
                 "{}{}",
@@ -88,9 +88,9 @@ pub(super) fn peft_keys(params: &[FusedParam]) -> Vec<[String; 2]> {
 /// the model class's registration order, which phlora can only assume for those.
 pub(super) fn warn_unknown_order(params: &[FusedParam]) {
     for p in params {
-        let name = crate::plan::last_segment(&p.param);
+        let name = crate::names::last_segment(&p.param);
         let shared = params.iter().filter(|q| q.module == p.module).count() > 1;
-        if shared && crate::plan::registration_rank(name).0 == 4 {
+        if shared && crate::names::registration_rank(name).0 == 4 {
             tracing::warn!(
                 "{}: several parameters of {} are targeted and `{name}` is not a name phlora knows the registration order of; PEFT nests their keys in that order, so check that the adapter loads",
                 p.param,
@@ -107,7 +107,7 @@ mod tests {
     fn p(param: &str, rank: usize) -> FusedParam {
         FusedParam {
             param: param.into(),
-            module: crate::plan::module_of(param).into(),
+            module: crate::names::module_of(param).into(),
             rank,
         }
     }

@@ -178,16 +178,16 @@ fn open_pair(s: &ExtractSettings) -> Result<(Checkpoint, Checkpoint, Plan)> {
 /// converts, a dense MLP or shared expert of the same names (the conversion drops their LoRA).
 fn warn_per_expert_for_peft(plan: &Plan, model_type: Option<&str>) {
     let expert = plan.items.iter().find(|i| {
-        crate::plan::per_expert_weight(&i.name)
-            .is_some_and(|(_, _, proj)| crate::plan::fused_target(proj).is_some())
+        crate::names::per_expert_weight(&i.name)
+            .is_some_and(|(_, _, proj)| crate::names::fused_target(proj).is_some())
     });
     let Some(expert) = expert else {
         return;
     };
     let namesake = plan.items.iter().find(|i| {
         i.action == Action::LoraLinear
-            && crate::plan::per_expert_weight(&i.name).is_none()
-            && crate::plan::fused_target(crate::plan::last_segment(&i.module)).is_some()
+            && crate::names::per_expert_weight(&i.name).is_none()
+            && crate::names::fused_target(crate::names::last_segment(&i.module)).is_some()
     });
     if model_type == Some("qwen2_moe") {
         tracing::warn!(

@@ -107,11 +107,9 @@ pub(super) fn finish_part(
         tensors,
     };
     let path = s.out.join(PART_FILE);
-    let tmp = s.out.join(format!(".{PART_FILE}.tmp"));
     let text = serde_json::to_string_pretty(&marker)
         .map_err(|e| Error::checkpoint(&path, format!("cannot record the part: {e}")))?;
-    crate::staging::write_synced(&tmp, text.as_bytes())?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "cannot move into place", e))?;
+    crate::staging::write_atomically(&path, text.as_bytes())?;
     Ok(PartReport {
         out: s.out.display().to_string(),
         shard,

@@ -4,9 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use super::{last_segment, module_of, Action, Form, PlanItem};
+use super::{Action, Form, PlanItem};
 use crate::checkpoint::{Checkpoint, TensorEntry};
 use crate::error::{Error, Result};
+use crate::names::{fused_target, last_segment, module_of, per_expert_weight};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExpertSlice {
@@ -32,38 +33,9 @@ pub struct ExpertPart {
     pub out_total: usize,
 }
 
-/// An MoE expert's module (`….experts.<N>.<rest>`): the regex every expert of the same module
-/// matches (`….experts\.\d+\.<rest>`, escaped for PEFT's rank_pattern).
-pub fn expert_group(module: &str) -> Option<String> {
-    let parts: Vec<&str> = module.split('.').collect();
-    let at = parts
-        .windows(2)
-        .position(|w| w[0] == "experts" && w[1].parse::<usize>().is_ok())?;
-    let prefix = parts[..=at].join(".");
-    let rest = parts[at + 2..].join(".");
-    let mut re = format!(r"{}\.\d+", regex::escape(&prefix));
-    if !rest.is_empty() {
-        re.push_str(&format!(r"\.{}", regex::escape(&rest)));
-    }
-    Some(re)
-}
-
 /// A fused 3-D expert parameter (transformers v5, gpt-oss): `….experts.<name>_proj` [E, d1, d2].
 pub(super) fn is_fused_experts(name: &str) -> bool {
     last_segment(module_of(name)) == "experts" && last_segment(name).ends_with("_proj")
-}
-
-/// The order transformers registers an experts module's parameters in (gate/up before down):
-/// PEFT wraps targeted parameters of one module in that order, the first innermost.
-pub fn registration_rank(param: &str) -> (u8, &str) {
-    let rank = match param {
-        "gate_up_proj" => 0,
-        "gate_proj" | "w1" => 1,
-        "up_proj" | "w3" => 2,
-        "down_proj" | "w2" => 3,
-        _ => 4,
-    };
-    (rank, param)
 }
 
 /// gpt-oss stores each expert of a fused parameter [in, out]; transformers v5 [out, in].
@@ -144,26 +116,6 @@ pub(super) fn expert_items(f: &TensorEntry, b: &TensorEntry, stored_in_out: bool
             }
         })
         .collect()
-}
-
-/// A per-expert weight `<experts>.<N>.<proj>.weight`: (experts module, N, proj).
-pub fn per_expert_weight(name: &str) -> Option<(&str, usize, &str)> {
-    let module = name.strip_suffix(".weight")?;
-    let (rest, proj) = module.rsplit_once('.')?;
-    let (experts, index) = rest.rsplit_once('.')?;
-    let index = index.parse().ok()?;
-    (last_segment(experts) == "experts").then_some((experts, index, proj))
-}
-
-/// The fused parameter transformers v5 builds from per-expert `proj` weights, and the part
-/// `proj` is of it (gate before up).
-pub fn fused_target(proj: &str) -> Option<(&'static str, usize)> {
-    match proj {
-        "gate_proj" => Some(("gate_up_proj", 0)),
-        "up_proj" => Some(("gate_up_proj", 1)),
-        "down_proj" => Some(("down_proj", 0)),
-        _ => None,
-    }
 }
 
 /// `--fuse-experts`: per-expert `….experts.N.{gate,up,down}_proj.weight` become experts of the

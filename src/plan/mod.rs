@@ -13,6 +13,7 @@ pub use vocab::*;
 use crate::checkpoint::fp8::{self, BlockScale};
 use crate::checkpoint::{Checkpoint, DType, TensorEntry};
 use crate::error::{Error, Result};
+use crate::names::{is_conv1d_module, is_norm_module, last_segment, module_of};
 
 /// What extract does with a tensor.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -314,7 +315,7 @@ impl Plan {
                         a.base_rows,
                         a.ft_rows(),
                         a.base_rows,
-                        crate::adapter::ADDED_TOKENS_FILE
+                        crate::names::ADDED_TOKENS_FILE
                     ),
                 ));
             }
@@ -456,15 +457,6 @@ impl Plan {
     }
 }
 
-/// The module path of a parameter name: everything before the last `.`.
-pub fn module_of(name: &str) -> &str {
-    name.rsplit_once('.').map_or("", |(m, _)| m)
-}
-
-pub fn last_segment(path: &str) -> &str {
-    path.rsplit_once('.').map_or(path, |(_, l)| l)
-}
-
 /// `<weight>_scale_inv` beside an F8_E4M3 `<weight>`: read with it, not on its own.
 fn is_scale_of_fp8(ck: &Checkpoint, t: &TensorEntry) -> bool {
     t.name
@@ -510,14 +502,6 @@ fn fp8_scale(ck: &Checkpoint, t: &TensorEntry) -> Result<Option<BlockScale>> {
     }))
 }
 
-/// GPT-2's Conv1D layers (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) store [in, out].
-pub fn is_conv1d_module(module: &str) -> bool {
-    matches!(
-        last_segment(module),
-        "c_attn" | "c_proj" | "c_fc" | "q_attn"
-    )
-}
-
 /// A GPT-2-family checkpoint (its config says so), whose linear layers are Conv1D.
 fn is_gpt2(config: Option<&serde_json::Value>) -> bool {
     config.is_some_and(|c| {
@@ -529,11 +513,6 @@ fn is_gpt2(config: Option<&serde_json::Value>) -> bool {
                         .any(|x| x.as_str().is_some_and(|s| s.starts_with("GPT2")))
                 })
     })
-}
-
-pub fn is_norm_module(module: &str) -> bool {
-    let m = last_segment(module).to_ascii_lowercase();
-    m.contains("norm") || m.starts_with("ln_") || m == "ln"
 }
 
 /// Classifies a float tensor by its name and shape.
@@ -611,26 +590,6 @@ impl Glob {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn experts_of_one_module_share_a_pattern() {
-        let g = expert_group("model.layers.0.block_sparse_moe.experts.3.w1").unwrap();
-        assert_eq!(g, r"model\.layers\.0\.block_sparse_moe\.experts\.\d+\.w1");
-        assert_eq!(
-            expert_group("model.layers.2.mlp.experts.17.down_proj").unwrap(),
-            r"model\.layers\.2\.mlp\.experts\.\d+\.down_proj"
-        );
-        assert_eq!(expert_group("model.layers.0.mlp.down_proj"), None);
-        assert_eq!(
-            expert_group("model.layers.0.mlp.experts.gate_up_proj"),
-            None
-        );
-        // Read the way PEFT reads rank_pattern keys.
-        let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{g})$")).unwrap();
-        assert!(re.is_match("model.layers.0.block_sparse_moe.experts.12.w1"));
-        assert!(!re.is_match("model.layers.0.block_sparse_moe.experts.1.w12"));
-        assert!(!re.is_match("model.layers.10.block_sparse_moe.experts.1.w1"));
-    }
 
     #[test]
     fn globs_match_whole_names() {

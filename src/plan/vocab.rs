@@ -1,9 +1,10 @@
 //! The vocabulary matrices: tied lm_heads (a checkpoint that stores none) and vocabularies that
 //! grew (added tokens).
 
-use super::{last_segment, module_of, Action, Form, PlanItem, PlanOptions};
+use super::{Action, Form, PlanItem, PlanOptions};
 use crate::checkpoint::{Checkpoint, TensorEntry};
 use crate::error::{Error, Result};
+use crate::names::{last_segment, module_of};
 
 /// An embedding or output matrix whose fine-tune has more rows than the base (added tokens).
 /// The LoRA covers the rows both share (its factors are zero-padded to the fine-tune's rows,
@@ -79,7 +80,7 @@ pub(super) fn pair_shapes(
         format!(
             ": the vocabulary grew by {} rows (added tokens?), and a LoRA cannot carry new rows; pass --added-tokens to carry the shared rows as LoRA and write the new rows to {} (README: added tokens)",
             f.shape[0] - b.shape[0],
-            crate::adapter::ADDED_TOKENS_FILE
+            crate::names::ADDED_TOKENS_FILE
         )
     };
     Err(Error::tensor(
