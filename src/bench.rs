@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use crate::backend::{Backend, BackendResult, Op};
 use crate::checkpoint::DType;
+use crate::factor::Factoring;
 use crate::factor::Layout;
 use crate::linalg::{decompose_on_device, rsvd::nominal_flops, Method, SvdSettings};
 
@@ -153,7 +154,7 @@ pub fn prepare<B: Backend>(
 }
 
 /// Measures one rank on a prepared ΔW.
-pub fn measure<B: Backend>(
+pub fn measure<B: Factoring>(
     be: &B,
     p: &Prepared<B::Mat>,
     rank: usize,
@@ -219,7 +220,7 @@ pub fn clamped_ranks(ranks: &[usize], m: usize, n: usize) -> Vec<usize> {
 }
 
 /// Every shape × rank of the settings.
-pub fn run<B: Backend>(be: &B, s: &BenchSettings) -> BackendResult<Vec<BenchRow>> {
+pub fn run<B: Factoring>(be: &B, s: &BenchSettings) -> BackendResult<Vec<BenchRow>> {
     let mut rows = Vec::new();
     for &(m, n) in &s.shapes {
         let p = prepare(be, m, n, s.seed)?;

@@ -4,9 +4,10 @@
 
 use faer::Mat;
 
+use crate::backend::{Backend, BackendError, BackendResult, Cpu, Cuda};
 use crate::checkpoint::dtype::{encode_into, round_trip};
 use crate::checkpoint::DType;
-use crate::linalg::Truncated;
+use crate::linalg::{OnDevice, Truncated};
 
 /// Whether the factors are stored as a linear layer's or an embedding's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +93,77 @@ pub fn split(t: &Truncated, layout: Layout, r_out: usize, dtype: DType) -> Facto
         b_bytes,
         left,
         right,
+    }
+}
+
+/// Factoring on a backend: the LoRA factors of a decomposition ([`split`]), encoded in
+/// `dtype` as they are written, with the same rounded values kept on the backend as left
+/// (rows×r_out) and right (r_out×cols) for the residual. The default goes through the host;
+/// a device backend casts and lays out on the device and copies back only the bytes.
+pub trait Factoring: Backend {
+    fn factor(
+        &self,
+        t: &OnDevice<Self::Mat>,
+        layout: Layout,
+        r_out: usize,
+        dtype: DType,
+    ) -> BackendResult<DeviceFactors<Self::Mat>> {
+        let f = split(&t.download(self)?, layout, r_out, dtype);
+        Ok(DeviceFactors {
+            a_shape: f.a_shape,
+            a_bytes: f.a_bytes,
+            b_shape: f.b_shape,
+            b_bytes: f.b_bytes,
+            left: self.upload(f.left.as_ref())?,
+            right: self.upload(f.right.as_ref())?,
+            d2h_seconds: 0.0,
+        })
+    }
+}
+
+impl Factoring for Cpu {}
+
+impl Factoring for Cuda {
+    fn factor(
+        &self,
+        t: &OnDevice<Self::Mat>,
+        layout: Layout,
+        r_out: usize,
+        dtype: DType,
+    ) -> BackendResult<DeviceFactors<Self::Mat>> {
+        let r = t.s.len();
+        if r > r_out {
+            return Err(BackendError::new(format!(
+                "factor: rank {r} does not fit the adapter rank {r_out}"
+            )));
+        }
+        // Plain U (rows×r) and V (cols×r); B = U·√S and A = √S·Vᵀ share the scale.
+        let u = self.first_cols(&t.u, r)?;
+        let v = self.first_cols(&t.v, r)?;
+        let root: Vec<f32> = t.s.iter().map(|s| s.max(0.0).sqrt()).collect();
+        // A = (X·√S)ᵀ [r_out, len X] and B = Y·√S [len Y, r_out]: X = V, Y = U for a linear
+        // layer (ΔW ≈ B·A), X = U, Y = V for an embedding (ΔE = (B·A)ᵀ).
+        let (x, y) = match layout {
+            Layout::Linear => (&v, &u),
+            Layout::Embedding => (&u, &v),
+        };
+        let a = self.encode_scaled(x, &root, r_out, false, dtype)?;
+        let b = self.encode_scaled(y, &root, r_out, true, dtype)?;
+        let (a_len, b_len) = (self.shape(x).0, self.shape(y).0);
+        // ΔW ≈ left·right with left = U√S and right = (V√S)ᵀ.
+        let (left, right) = match layout {
+            Layout::Linear => (b.rounded, a.rounded.transpose()),
+            Layout::Embedding => (a.rounded, b.rounded.transpose()),
+        };
+        Ok(DeviceFactors {
+            a_shape: [r_out, a_len],
+            a_bytes: a.bytes,
+            b_shape: [b_len, r_out],
+            b_bytes: b.bytes,
+            left,
+            right,
+            d2h_seconds: a.d2h_seconds + b.d2h_seconds,
+        })
     }
 }
 

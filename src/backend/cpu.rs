@@ -5,8 +5,7 @@ use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
 
 use super::{
-    cholesky_diag_ok, eigh_descending, require_tall, Backend, BackendError, BackendResult,
-    DeltaInput, DeltaStats, Op, SvdParts, FIRST_PASS_MIN_RATIO, SECOND_PASS_MIN_RATIO,
+    eigh_descending, Backend, BackendError, BackendResult, DeltaInput, DeltaStats, Op, SvdParts,
 };
 use crate::checkpoint::dtype::decode_into;
 
@@ -118,8 +117,9 @@ fn to_f32(a: MatRef<'_, f64>) -> Mat<f32> {
 }
 
 /// One CholeskyQR pass in place: G = YᵀY = LLᵀ, Y ← Y·L⁻ᵀ. Returns false (Y untouched or
-/// garbage, the caller falls back) when G is not safely positive definite.
-fn cholesky_qr_pass(y: &mut Mat<f32>, min_ratio: f64) -> bool {
+/// garbage, the caller falls back) when G is not positive definite or `accept` refuses L's
+/// diagonal.
+fn cholesky_qr_pass(y: &mut Mat<f32>, accept: &dyn Fn(&[f32]) -> bool) -> bool {
     use faer::linalg::solvers::Llt;
     use faer::Side;
     let k = y.ncols();
@@ -137,7 +137,7 @@ fn cholesky_qr_pass(y: &mut Mat<f32>, min_ratio: f64) -> bool {
     };
     let l = llt.L();
     let diag: Vec<f32> = (0..k).map(|i| l[(i, i)]).collect();
-    if !cholesky_diag_ok(&diag, min_ratio) {
+    if !accept(&diag) {
         return false;
     }
     // Y·L⁻ᵀ = (L⁻¹·Yᵀ)ᵀ: a lower-triangular solve on the transposed view.
@@ -156,6 +156,8 @@ fn householder_q(y: MatRef<'_, f32>) -> CpuMat {
         Qr::new(to_f64(y).as_ref()).compute_thin_Q().as_ref(),
     ))
 }
+
+impl super::DeviceMemory for Cpu {}
 
 impl Backend for Cpu {
     type Mat = CpuMat;
@@ -288,27 +290,22 @@ impl Backend for Cpu {
         Ok(CpuMat::new(c))
     }
 
-    fn orthonormalize(&self, y: CpuMat) -> BackendResult<CpuMat> {
-        let (m, n) = y.view().shape();
-        require_tall(m, n)?;
-        // CholeskyQR2 runs at GEMM speed (3× faster than Householder here); it squares the
-        // condition number, so it is guarded and falls back to Householder QR.
-        let mut q = y.view().to_owned();
-        if cholesky_qr_pass(&mut q, FIRST_PASS_MIN_RATIO)
-            && cholesky_qr_pass(&mut q, SECOND_PASS_MIN_RATIO)
-        {
-            return Ok(CpuMat::new(q));
-        }
-        Ok(householder_q(y.view()))
+    fn plain_copy(&self, a: &CpuMat) -> BackendResult<CpuMat> {
+        Ok(CpuMat::new(a.view().to_owned()))
     }
 
-    fn range_basis(&self, y: CpuMat) -> BackendResult<CpuMat> {
-        let (m, n) = y.view().shape();
-        require_tall(m, n)?;
-        let mut q = y.view().to_owned();
-        if cholesky_qr_pass(&mut q, FIRST_PASS_MIN_RATIO) {
-            return Ok(CpuMat::new(q));
+    fn cholesky_qr_pass(
+        &self,
+        y: &mut CpuMat,
+        accept: &dyn Fn(&[f32]) -> bool,
+    ) -> BackendResult<bool> {
+        if y.transposed {
+            *y = self.plain_copy(y)?;
         }
+        Ok(cholesky_qr_pass(&mut y.store, accept))
+    }
+
+    fn householder_q(&self, y: &CpuMat) -> BackendResult<CpuMat> {
         Ok(householder_q(y.view()))
     }
 
@@ -326,10 +323,9 @@ impl Backend for Cpu {
         })
     }
 
-    fn short_wide_svd(&self, b: &CpuMat) -> BackendResult<SvdParts<CpuMat>> {
-        let b = b.view();
-        let (k, n) = b.shape();
-        let b64 = to_f64(b);
+    fn gram_eigh(&self, b: &CpuMat) -> BackendResult<(Vec<f64>, Mat<f32>)> {
+        let b64 = to_f64(b.view());
+        let k = b64.nrows();
         let mut g = Mat::<f64>::zeros(k, k);
         faer::linalg::matmul::matmul(
             g.as_mut(),
@@ -340,10 +336,12 @@ impl Backend for Cpu {
             par(),
         );
         drop(b64);
-        let (s64, ub) = eigh_descending(g)?;
-        // V = Bᵀ·Ub·S⁻¹, with negligible directions zeroed instead of amplified noise.
-        let floor = s64.first().copied().unwrap_or(0.0) * 1e-6;
-        let mut v = Mat::<f32>::zeros(n, k);
+        eigh_descending(g)
+    }
+
+    fn right_vectors(&self, b: &CpuMat, ub: &Mat<f32>, s: &[f64]) -> BackendResult<CpuMat> {
+        let b = b.view();
+        let mut v = Mat::<f32>::zeros(b.ncols(), ub.ncols());
         faer::linalg::matmul::matmul(
             v.as_mut(),
             Accum::Replace,
@@ -352,19 +350,11 @@ impl Backend for Cpu {
             1.0,
             par(),
         );
-        for (j, &sj) in s64.iter().enumerate() {
-            let c = if sj > floor && sj > 0.0 {
-                (1.0 / sj) as f32
-            } else {
-                0.0
-            };
+        for (j, &sj) in s.iter().enumerate() {
+            let c = if sj > 0.0 { (1.0 / sj) as f32 } else { 0.0 };
             v.col_mut(j).iter_mut().for_each(|x| *x *= c);
         }
-        Ok(SvdParts {
-            u: CpuMat::new(ub),
-            s: s64.iter().map(|&x| x as f32).collect(),
-            v: CpuMat::new(v),
-        })
+        Ok(CpuMat::new(v))
     }
 
     fn residual_sumsq(&self, delta: &CpuMat, b: &CpuMat, a: &CpuMat) -> BackendResult<f64> {

@@ -111,8 +111,61 @@ pub struct SvdParts<M> {
     pub v: M,
 }
 
+/// Where a backend's data lives and what its device memory holds: what the scheduler and the
+/// input floor ask of a backend, kept apart from the arithmetic of [`Backend`]. The defaults
+/// describe a backend that computes in host memory.
+pub trait DeviceMemory {
+    /// Brings both inputs into this backend's memory and lets them go, timing the reads (and
+    /// copies): the input floor `phlora floor` measures. The default reads every byte once
+    /// (what any use of the inputs costs at least).
+    fn load(&self, input: &DeltaInput<'_>) -> BackendResult<DeltaStats> {
+        input.check_sizes()?;
+        let clock = std::time::Instant::now();
+        std::hint::black_box(cpu::read_all(input.base) ^ cpu::read_all(input.ft));
+        Ok(DeltaStats {
+            read_seconds: clock.elapsed().as_secs_f64(),
+            ..DeltaStats::default()
+        })
+    }
+
+    /// Whether ΔW and the sketches live in host memory (and so count against `--max-ram`).
+    fn delta_in_host_memory(&self) -> bool {
+        true
+    }
+
+    /// Device memory a run may use when the user gives no bound (None: no device memory).
+    fn memory_budget(&self) -> Option<u64> {
+        None
+    }
+
+    /// Device memory the process takes besides the tensors in flight, with `workers` workers
+    /// on the device (context, library handles, each worker's own buffers); taken off the
+    /// device's bound before tensors share it. 0 where ΔW is in host memory.
+    fn memory_overhead(&self, _workers: usize) -> u64 {
+        0
+    }
+
+    /// Lets the device's allocator keep up to `bytes` of freed memory for reuse (set to what
+    /// the tensors share, so a multi-GB ΔW is not unmapped and mapped again for each tensor).
+    fn keep_cached_memory(&self, _bytes: u64) -> BackendResult<()> {
+        Ok(())
+    }
+
+    /// Hands memory the device's allocator keeps cached back to the device (before an
+    /// out-of-memory retry); a no-op where nothing is cached.
+    fn return_cached_memory(&self) -> BackendResult<()> {
+        Ok(())
+    }
+
+    /// The most device memory this process's allocator has held at once (None: no device
+    /// memory, or not known).
+    fn device_memory_peak(&self) -> Option<u64> {
+        None
+    }
+}
+
 /// The primitives the decomposition needs. Matrices are dense f32 and live on the backend.
-pub trait Backend: Sync {
+pub trait Backend: DeviceMemory + Sync {
     type Mat: Send;
 
     fn name(&self) -> String;
@@ -129,19 +182,6 @@ pub trait Backend: Sync {
 
     /// ΔW = ft − base in f32, fused with the ‖ΔW‖² reduction and a non-finite count.
     fn delta(&self, input: &DeltaInput<'_>) -> BackendResult<(Self::Mat, DeltaStats)>;
-
-    /// Brings both inputs into this backend's memory and lets them go, timing the reads (and
-    /// copies): the input floor `phlora floor` measures. The default reads every byte once
-    /// (what any use of the inputs costs at least).
-    fn load(&self, input: &DeltaInput<'_>) -> BackendResult<DeltaStats> {
-        input.check_sizes()?;
-        let clock = std::time::Instant::now();
-        std::hint::black_box(cpu::read_all(input.base) ^ cpu::read_all(input.ft));
-        Ok(DeltaStats {
-            read_seconds: clock.elapsed().as_secs_f64(),
-            ..DeltaStats::default()
-        })
-    }
 
     /// op(A)·op(B), at full f32 accuracy.
     fn gemm(&self, a: &Self::Mat, op_a: Op, b: &Self::Mat, op_b: Op) -> BackendResult<Self::Mat>;
@@ -209,86 +249,48 @@ pub trait Backend: Sync {
         self.upload((&x + &y).as_ref())
     }
 
-    /// Whether ΔW and the sketches live in host memory (and so count against `--max-ram`).
-    fn delta_in_host_memory(&self) -> bool {
-        true
-    }
-
-    /// Device memory a run may use when the user gives no bound (None: no device memory).
-    fn memory_budget(&self) -> Option<u64> {
-        None
-    }
-
-    /// Device memory the process takes besides the tensors in flight, with `workers` workers
-    /// on the device (context, library handles, each worker's own buffers); taken off the
-    /// device's bound before tensors share it. 0 where ΔW is in host memory.
-    fn memory_overhead(&self, _workers: usize) -> u64 {
-        0
-    }
-
-    /// Lets the device's allocator keep up to `bytes` of freed memory for reuse (set to what
-    /// the tensors share, so a multi-GB ΔW is not unmapped and mapped again for each tensor).
-    fn keep_cached_memory(&self, _bytes: u64) -> BackendResult<()> {
-        Ok(())
-    }
-
-    /// Hands memory the device's allocator keeps cached back to the device (before an
-    /// out-of-memory retry); a no-op where nothing is cached.
-    fn return_cached_memory(&self) -> BackendResult<()> {
-        Ok(())
-    }
-
-    /// The most device memory this process's allocator has held at once (None: no device
-    /// memory, or not known).
-    fn device_memory_peak(&self) -> Option<u64> {
-        None
-    }
-
     /// Waits for all queued work (for timings); a no-op where work is synchronous.
     fn synchronize(&self) -> BackendResult<()> {
         Ok(())
     }
 
-    /// An orthonormal basis of the columns of a tall (m ≥ n) matrix, same shape.
-    fn orthonormalize(&self, y: Self::Mat) -> BackendResult<Self::Mat>;
-
-    /// A well-conditioned basis of the column space of a tall matrix (cond ≈ 1, orthonormal to
-    /// about 1e-2 rather than to f32 precision): what the power iterations need, at half the
-    /// cost of [`orthonormalize`](Backend::orthonormalize).
-    fn range_basis(&self, y: Self::Mat) -> BackendResult<Self::Mat> {
-        self.orthonormalize(y)
+    /// Whether [`linalg::orth`](crate::linalg::orth) may try CholeskyQR before Householder
+    /// (a backend can be set to Householder only, to compare them).
+    fn uses_cholesky_qr(&self) -> bool {
+        true
     }
+
+    /// An independent copy of a matrix, in plain (untransposed) storage.
+    fn plain_copy(&self, a: &Self::Mat) -> BackendResult<Self::Mat>;
+
+    /// One CholeskyQR pass on a tall Y in place: G = YᵀY = LLᵀ, then, if `accept` takes L's
+    /// diagonal, Y ← Y·L⁻ᵀ. Returns whether it ran (false: G not positive definite or
+    /// refused, Y unchanged or garbage; the caller starts again from its own copy).
+    fn cholesky_qr_pass(
+        &self,
+        y: &mut Self::Mat,
+        accept: &dyn Fn(&[f32]) -> bool,
+    ) -> BackendResult<bool>;
+
+    /// The thin Q of a Householder QR of a tall matrix.
+    fn householder_q(&self, y: &Self::Mat) -> BackendResult<Self::Mat>;
 
     /// The thin SVD of a whole matrix (the exact mode, and the reference in tests).
     fn thin_svd(&self, a: &Self::Mat) -> BackendResult<SvdParts<Self::Mat>>;
 
-    /// The SVD of a short, wide k×n matrix (the randomized SVD's B = QᵀΔW), through the
-    /// eigendecomposition of B·Bᵀ formed in f64: accurate for σᵢ/σ₁ ≫ 10⁻⁸, and several
-    /// times cheaper than a bidiagonal SVD of B. Directions with σᵢ ≤ 10⁻⁶·σ₁ carry no
-    /// information in f32 and come back with zero right vectors.
-    fn short_wide_svd(&self, b: &Self::Mat) -> BackendResult<SvdParts<Self::Mat>>;
+    /// The eigendecomposition of B·Bᵀ (k×k, formed in f64) of a short, wide k×n B, as B's
+    /// singular values (descending, √ of the eigenvalues clamped at 0) and the matching
+    /// left singular vectors Ub (k×k, on the host).
+    fn gram_eigh(&self, b: &Self::Mat) -> BackendResult<(Vec<f64>, Mat<f32>)>;
 
-    /// The LoRA factors of a decomposition ([`factor::split`](crate::factor::split)): encoded
-    /// in `dtype` as they are written, and the same rounded values kept on the backend as
-    /// left (rows×r_out) and right (r_out×cols) for the residual. The default goes through
-    /// the host.
-    fn factor(
-        &self,
-        t: &crate::linalg::OnDevice<Self::Mat>,
-        layout: crate::factor::Layout,
-        r_out: usize,
-        dtype: DType,
-    ) -> BackendResult<crate::factor::DeviceFactors<Self::Mat>> {
-        let f = crate::factor::split(&t.download(self)?, layout, r_out, dtype);
-        Ok(crate::factor::DeviceFactors {
-            a_shape: f.a_shape,
-            a_bytes: f.a_bytes,
-            b_shape: f.b_shape,
-            b_bytes: f.b_bytes,
-            left: self.upload(f.left.as_ref())?,
-            right: self.upload(f.right.as_ref())?,
-            d2h_seconds: 0.0,
-        })
+    /// V = Bᵀ·Ub·diag(1/s), n×k, with the columns where `s` is 0 zeroed.
+    fn right_vectors(&self, b: &Self::Mat, ub: &Mat<f32>, s: &[f64]) -> BackendResult<Self::Mat>;
+
+    /// B's SVD taken directly, for a backend set to bypass the eigendecomposition (CUDA's
+    /// gesvd, a benchmark alternative); None takes the eigh route of
+    /// [`linalg::orth::short_wide_svd`](crate::linalg::orth::short_wide_svd).
+    fn direct_short_wide_svd(&self, _b: &Self::Mat) -> Option<BackendResult<SvdParts<Self::Mat>>> {
+        None
     }
 
     /// ‖ΔW − B·A‖²_F in f64, computed directly (the report's error certificate).
@@ -457,29 +459,6 @@ pub fn resolve_workers(req: &WorkerRequest) -> crate::Result<Workers> {
             }
         }
     }
-}
-
-/// CholeskyQR's first pass needs cond(Y) well below 1/√ε(f32) ≈ 3·10³; the diagonal of the
-/// Cholesky factor (Y's R) bounds it from below, so refuse ratios under 10⁻³.
-pub(crate) const FIRST_PASS_MIN_RATIO: f64 = 1e-3;
-/// After a good first pass Q₁ᵀQ₁ ≈ I: the second pass's R must be close to identity.
-pub(crate) const SECOND_PASS_MIN_RATIO: f64 = 0.5;
-
-/// The Cholesky-QR guard: L's diagonal (Y's R) must be finite with min > `min_ratio`·max.
-pub(crate) fn cholesky_diag_ok(diag: &[f32], min_ratio: f64) -> bool {
-    let max = diag.iter().copied().fold(0f32, f32::max);
-    let min = diag.iter().copied().fold(f32::INFINITY, f32::min);
-    max.is_finite() && f64::from(min) > min_ratio * f64::from(max)
-}
-
-/// Orthonormalisation needs a tall (m ≥ n) matrix.
-pub(crate) fn require_tall(m: usize, n: usize) -> BackendResult<()> {
-    if m < n {
-        return Err(BackendError::new(format!(
-            "cannot orthonormalize a wide {m}×{n} matrix"
-        )));
-    }
-    Ok(())
 }
 
 /// The eigendecomposition of a symmetric k×k G = B·Bᵀ as singular values of B (descending,

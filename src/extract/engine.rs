@@ -18,6 +18,7 @@ use crate::adapter::AdapterWriter;
 use crate::backend::{Backend, DeviceWorkers};
 use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
+use crate::factor::Factoring;
 use crate::linalg::rank::RankPolicy;
 use crate::plan::{Action, Plan};
 use crate::report::{StageSeconds, WorkerTime};
@@ -137,7 +138,7 @@ fn queue(sh: &Shared<'_>, workers: usize) -> Vec<usize> {
 }
 
 /// Runs every tensor of the plan on the workers; `budgets[d]` bounds device d.
-pub(super) fn run_all<B: Backend>(
+pub(super) fn run_all<B: Factoring>(
     groups: &[DeviceWorkers<B>],
     budgets: &[Option<u64>],
     sh: &Shared<'_>,
@@ -375,7 +376,7 @@ pub(super) fn stage(
 }
 
 /// One worker's state.
-struct WorkerLoop<'a, B: Backend> {
+struct WorkerLoop<'a, B: Factoring> {
     be: &'a B,
     sh: &'a Shared<'a>,
     ledger: &'a Ledger,
@@ -384,7 +385,7 @@ struct WorkerLoop<'a, B: Backend> {
     stages: StageSeconds,
 }
 
-impl<B: Backend> WorkerLoop<'_, B> {
+impl<B: Factoring> WorkerLoop<'_, B> {
     /// The fit to retry a tensor in after the device ran out of memory on it, or the error
     /// that says why there is none.
     fn after_out_of_memory(

@@ -13,6 +13,7 @@ use crate::backend::{self, Backend, DeltaInput, DeltaStats};
 use crate::checkpoint::dtype::decode_into;
 use crate::checkpoint::{Checkpoint, DType, TensorEntry};
 use crate::error::{Error, Result};
+use crate::factor::Factoring;
 use crate::factor::Layout;
 use crate::linalg::center::{self, RowCentering};
 use crate::linalg::rank::RankPolicy;
@@ -207,7 +208,7 @@ impl From<Error> for JobError {
 }
 
 /// One LoRA target through delta → decompose → factor → residual.
-pub(super) struct LoraJob<'a, B: Backend> {
+pub(super) struct LoraJob<'a, B: Factoring> {
     pub be: &'a B,
     pub s: &'a ExtractSettings,
     pub base: &'a Checkpoint,
@@ -225,7 +226,7 @@ pub(super) struct LoraJob<'a, B: Backend> {
 /// the target is reached or the cap is.
 const ENERGY_FIRST_RANK: usize = 32;
 
-impl<B: Backend> LoraJob<'_, B> {
+impl<B: Factoring> LoraJob<'_, B> {
     pub fn run(&self) -> std::result::Result<Finished, JobError> {
         let (be, item, ft) = (self.be, self.item, self.ft);
         let mut row = TensorReport::new(&item.name, item.action.label(), &item.shape);

@@ -24,6 +24,7 @@ use crate::adapter::{self, AdapterConfig, AdapterWriter};
 use crate::backend::{self, Backend, CudaOptions, Device, DeviceWorkers, WorkerRequest, Workers};
 use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
+use crate::factor::Factoring;
 use crate::linalg::rank::{RankPolicy, PORTABLE_RANKS};
 use crate::linalg::{Method, SvdSettings};
 use crate::plan::{Action, Form, Plan, PlanItem, PlanOptions};
@@ -386,7 +387,7 @@ pub fn spectra(s: &ExtractSettings) -> Result<(Vec<TensorSpectrum>, String)> {
     }
 }
 
-fn spectra_on<B: Backend>(
+fn spectra_on<B: Factoring>(
     groups: &[DeviceWorkers<B>],
     s: &ExtractSettings,
     base: &Checkpoint,
@@ -530,7 +531,7 @@ fn warn_unused_bounds<B: Backend>(be: &B, s: &ExtractSettings) {
     }
 }
 
-fn run<B: Backend>(
+fn run<B: Factoring>(
     groups: &[DeviceWorkers<B>],
     s: &ExtractSettings,
     base: &Checkpoint,

@@ -44,13 +44,32 @@ impl SmallDevice {
     }
 }
 
+impl crate::backend::DeviceMemory for SmallDevice {
+    fn delta_in_host_memory(&self) -> bool {
+        false
+    }
+
+    fn memory_overhead(&self, workers: usize) -> u64 {
+        self.overhead * workers as u64
+    }
+
+    fn keep_cached_memory(&self, bytes: u64) -> BackendResult<()> {
+        self.kept.store(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn return_cached_memory(&self) -> BackendResult<()> {
+        self.trims.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl crate::factor::Factoring for SmallDevice {}
+
 impl Backend for SmallDevice {
     type Mat = CpuMat;
     fn name(&self) -> String {
         "small-device".into()
-    }
-    fn delta_in_host_memory(&self) -> bool {
-        false
     }
     fn shape(&self, a: &CpuMat) -> (usize, usize) {
         self.cpu.shape(a)
@@ -80,34 +99,33 @@ impl Backend for SmallDevice {
         }
         self.cpu.delta(input)
     }
-    fn memory_overhead(&self, workers: usize) -> u64 {
-        self.overhead * workers as u64
-    }
-    fn keep_cached_memory(&self, bytes: u64) -> BackendResult<()> {
-        self.kept.store(bytes, Ordering::Relaxed);
-        Ok(())
-    }
-    fn return_cached_memory(&self) -> BackendResult<()> {
-        self.trims.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
     fn first_cols(&self, a: &CpuMat, r: usize) -> BackendResult<CpuMat> {
         self.cpu.first_cols(a, r)
     }
     fn gemm(&self, a: &CpuMat, op_a: Op, b: &CpuMat, op_b: Op) -> BackendResult<CpuMat> {
         self.cpu.gemm(a, op_a, b, op_b)
     }
-    fn orthonormalize(&self, y: CpuMat) -> BackendResult<CpuMat> {
-        self.cpu.orthonormalize(y)
+    fn plain_copy(&self, a: &CpuMat) -> BackendResult<CpuMat> {
+        self.cpu.plain_copy(a)
     }
-    fn range_basis(&self, y: CpuMat) -> BackendResult<CpuMat> {
-        self.cpu.range_basis(y)
+    fn cholesky_qr_pass(
+        &self,
+        y: &mut CpuMat,
+        accept: &dyn Fn(&[f32]) -> bool,
+    ) -> BackendResult<bool> {
+        self.cpu.cholesky_qr_pass(y, accept)
+    }
+    fn householder_q(&self, y: &CpuMat) -> BackendResult<CpuMat> {
+        self.cpu.householder_q(y)
     }
     fn thin_svd(&self, a: &CpuMat) -> BackendResult<SvdParts<CpuMat>> {
         self.cpu.thin_svd(a)
     }
-    fn short_wide_svd(&self, b: &CpuMat) -> BackendResult<SvdParts<CpuMat>> {
-        self.cpu.short_wide_svd(b)
+    fn gram_eigh(&self, b: &CpuMat) -> BackendResult<(Vec<f64>, Mat<f32>)> {
+        self.cpu.gram_eigh(b)
+    }
+    fn right_vectors(&self, b: &CpuMat, ub: &Mat<f32>, s: &[f64]) -> BackendResult<CpuMat> {
+        self.cpu.right_vectors(b, ub, s)
     }
     fn residual_sumsq(&self, d: &CpuMat, b: &CpuMat, a: &CpuMat) -> BackendResult<f64> {
         self.cpu.residual_sumsq(d, b, a)

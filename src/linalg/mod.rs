@@ -4,6 +4,7 @@
 pub mod blocked;
 pub mod center;
 pub mod exact;
+pub mod orth;
 pub mod rank;
 pub mod rsvd;
 

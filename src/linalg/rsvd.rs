@@ -5,6 +5,7 @@
 //!
 //! Cost: about 2·m·n·k·(2q + 2) flops in six GEMMs with ΔW (q = 2), plus QRs of m×k and n×k.
 
+use super::orth::{orthonormalize, range_basis, short_wide_svd};
 use super::{Method, OnDevice};
 use crate::backend::{Backend, BackendResult, Op};
 
@@ -76,16 +77,16 @@ pub fn sketch_svd<B: Backend>(
     // Cholesky-QR pass is enough.
     let basis = |y: B::Mat, last: bool| {
         if last {
-            be.orthonormalize(y)
+            orthonormalize(be, y)
         } else {
-            be.range_basis(y)
+            range_basis(be, y)
         }
     };
     let omega = be.gaussian(n, k, seed)?;
     let mut q = basis(delta.times(&omega)?, power_iters == 0)?; // m×k
     drop(omega);
     for i in 0..power_iters {
-        let z = be.range_basis(delta.transposed_times(&q)?)?; // n×k
+        let z = range_basis(be, delta.transposed_times(&q)?)?; // n×k
         q = basis(delta.times(&z)?, i + 1 == power_iters)?; // m×k
     }
     let b = delta.projection(&q)?; // k×n
@@ -100,7 +101,7 @@ fn from_projection<B: Backend>(
     rank: usize,
     k: usize,
 ) -> BackendResult<OnDevice<B::Mat>> {
-    let small = be.short_wide_svd(b)?; // B = Ub·S·Vᵀ, Ub k×k, V n×k
+    let small = short_wide_svd(be, b)?; // B = Ub·S·Vᵀ, Ub k×k, V n×k
     let r = rank.min(small.s.len());
     // Only the kept directions: U_r = Q·Ub[:, :r].
     let ub_r = be.first_cols(&small.u, r)?;

@@ -28,6 +28,7 @@ use super::{
 pub use bench::DeltaBench;
 use blas::Operand;
 pub use error::CudaError;
+pub use factor::EncodedFactor;
 use kernels::Kernels;
 pub use options::{CudaOptions, Orth, SmallSvd};
 
@@ -410,9 +411,13 @@ impl Cuda {
     }
 
     /// One Cholesky-QR pass in place, all on the device: G = YᵀY = LLᵀ (cuSOLVER potrf),
-    /// Y ← Y·L⁻ᵀ (cuBLAS trsm). Returns false, Y untouched, when G is not safely positive
-    /// definite (the CPU's guard: diag(L) ratio under `min_ratio`).
-    fn cholesky_qr_pass(&self, y: &mut CudaMat, min_ratio: f64) -> Result<bool, BackendError> {
+    /// Y ← Y·L⁻ᵀ (cuBLAS trsm). Returns false, Y untouched, when G is not positive definite
+    /// or `accept` refuses diag(L). Y must be plain.
+    fn cholesky_qr_in_place(
+        &self,
+        y: &mut CudaMat,
+        accept: &dyn Fn(&[f32]) -> bool,
+    ) -> Result<bool, BackendError> {
         let (m, k) = (y.rows, y.cols);
         let mut g = self.gemm_with(false, y, Op::T, y, Op::N)?;
         let info = solver::potrf_f32(self.solver.cu(), &self.stream, k, &mut g.buf)?;
@@ -428,7 +433,7 @@ impl Cuda {
             diag.device_ptr(&self.stream).0,
         )?;
         let diag = self.stream.clone_dtoh(&diag).map_err(CudaError::from)?;
-        if !super::cholesky_diag_ok(&diag, min_ratio) {
+        if !accept(&diag) {
             return Ok(false);
         }
         let yp = y.buf.device_ptr_mut(&self.stream).0;
@@ -436,6 +441,7 @@ impl Cuda {
         Ok(true)
     }
 
+    /// The thin Householder Q in f64 (cuSOLVER geqrf + orgqr) of a plain tall Y.
     fn householder(&self, y: &CudaMat) -> Result<CudaMat, BackendError> {
         let (m, k) = (y.rows, y.cols);
         let mut a64 = self.widen(&y.buf)?;
@@ -461,29 +467,39 @@ impl Cuda {
         Ok(g)
     }
 
-    /// SVD parts from the eigendecomposition of B·Bᵀ: V = Bᵀ·Ub·S⁻¹ (the scaling folded into
-    /// the small k×k factor on the host), negligible directions zeroed.
-    fn parts_from_eigh(
-        &self,
-        b: &CudaMat,
-        s64: Vec<f64>,
-        ub: Mat<f32>,
-    ) -> Result<SvdParts<CudaMat>, BackendError> {
-        let floor = s64.first().copied().unwrap_or(0.0) * 1e-6;
-        let scaled = Mat::<f32>::from_fn(ub.nrows(), ub.ncols(), |i, j| {
-            let sj = s64[j];
-            if sj > floor && sj > 0.0 {
-                (f64::from(ub[(i, j)]) / sj) as f32
-            } else {
-                0.0
-            }
-        });
-        let scaled = self.upload(scaled.as_ref())?;
-        let v = self.gemm_with(false, b, Op::T, &scaled, Op::N)?;
+    /// A plain copy of a short, wide B (k×n) when it is stored transposed.
+    fn plain_short_wide(&self, b: &CudaMat) -> Result<Option<CudaMat>, BackendError> {
+        if !b.transposed {
+            return Ok(None);
+        }
+        Ok(Some(self.plain(CudaMat {
+            buf: b.buf.try_clone().map_err(CudaError::from)?,
+            ..*b
+        })?))
+    }
+
+    /// B's SVD through gesvd of Bᵀ (n×k, tall) = U'·S·V'ᵀ, so B = V'·S·U'ᵀ: Ub = V', V = U'.
+    fn gesvd_short_wide(&self, b: &CudaMat) -> BackendResult<SvdParts<CudaMat>> {
+        let (k, n) = (b.rows, b.cols);
+        let mut bt = self.alloc(k * n)?;
+        blas::transpose_f32(
+            *self.blas.handle(),
+            k,
+            n,
+            b.ptr(&self.stream),
+            bt.device_ptr(&self.stream).0,
+        )?;
+        let (u, s, vt) = solver::gesvd_f32(self.solver.cu(), &self.stream, n, k, &mut bt)?;
+        let s = self.stream.clone_dtoh(&s).map_err(CudaError::from)?;
         Ok(SvdParts {
-            u: self.upload(ub.as_ref())?,
-            s: s64.iter().map(|&x| x as f32).collect(),
-            v,
+            u: CudaMat {
+                buf: vt,
+                rows: k,
+                cols: k,
+                transposed: true,
+            },
+            s,
+            v: self.mat(u, n, k),
         })
     }
 
@@ -550,6 +566,45 @@ fn logical(a: &CudaMat, op: Op) -> (usize, usize) {
     }
 }
 
+impl crate::backend::DeviceMemory for Cuda {
+    fn load(&self, input: &DeltaInput<'_>) -> BackendResult<DeltaStats> {
+        self.load_streamed(input)
+    }
+
+    fn delta_in_host_memory(&self) -> bool {
+        false
+    }
+
+    fn memory_budget(&self) -> Option<u64> {
+        // 90% of what is free now: other processes and fragmentation keep the rest.
+        let (free, _) = self.stream.context().mem_get_info().ok()?;
+        Some(free as u64 / 10 * 9)
+    }
+
+    fn memory_overhead(&self, workers: usize) -> u64 {
+        CONTEXT_VRAM + workers as u64 * WORKER_VRAM
+    }
+
+    fn keep_cached_memory(&self, bytes: u64) -> BackendResult<()> {
+        Ok(pool::keep_freed_memory(self.stream.context(), bytes)?)
+    }
+
+    fn return_cached_memory(&self) -> BackendResult<()> {
+        // Every worker's queued frees on this device first (they return memory to the pool).
+        self.stream
+            .context()
+            .synchronize()
+            .map_err(CudaError::from)?;
+        Ok(pool::trim(self.stream.context())?)
+    }
+
+    fn device_memory_peak(&self) -> Option<u64> {
+        pool::reserved_high_water(self.stream.context())
+            .ok()
+            .flatten()
+    }
+}
+
 impl Backend for Cuda {
     type Mat = CudaMat;
 
@@ -604,39 +659,6 @@ impl Backend for Cuda {
         Ok(self.sync()?)
     }
 
-    fn delta_in_host_memory(&self) -> bool {
-        false
-    }
-
-    fn memory_budget(&self) -> Option<u64> {
-        // 90% of what is free now: other processes and fragmentation keep the rest.
-        let (free, _) = self.stream.context().mem_get_info().ok()?;
-        Some(free as u64 / 10 * 9)
-    }
-
-    fn memory_overhead(&self, workers: usize) -> u64 {
-        CONTEXT_VRAM + workers as u64 * WORKER_VRAM
-    }
-
-    fn keep_cached_memory(&self, bytes: u64) -> BackendResult<()> {
-        Ok(pool::keep_freed_memory(self.stream.context(), bytes)?)
-    }
-
-    fn return_cached_memory(&self) -> BackendResult<()> {
-        // Every worker's queued frees on this device first (they return memory to the pool).
-        self.stream
-            .context()
-            .synchronize()
-            .map_err(CudaError::from)?;
-        Ok(pool::trim(self.stream.context())?)
-    }
-
-    fn device_memory_peak(&self) -> Option<u64> {
-        pool::reserved_high_water(self.stream.context())
-            .ok()
-            .flatten()
-    }
-
     fn gaussian(&self, rows: usize, cols: usize, seed: u64) -> BackendResult<CudaMat> {
         let mut buf = self.alloc(rows * cols)?;
         // The kernel fills the whole buffer (max(1, n) elements); an extra one is never read.
@@ -646,10 +668,6 @@ impl Backend for Cuda {
 
     fn delta(&self, input: &DeltaInput<'_>) -> BackendResult<(CudaMat, DeltaStats)> {
         self.delta_streamed(input)
-    }
-
-    fn load(&self, input: &DeltaInput<'_>) -> BackendResult<DeltaStats> {
-        self.load_streamed(input)
     }
 
     fn first_cols(&self, a: &CudaMat, r: usize) -> BackendResult<CudaMat> {
@@ -742,37 +760,33 @@ impl Backend for Cuda {
         self.gemm_with(self.options.tf32, a, op_a, b, op_b)
     }
 
-    fn orthonormalize(&self, y: CudaMat) -> BackendResult<CudaMat> {
-        super::require_tall(y.rows, y.cols)?;
-        let y = self.plain(y)?;
-        if self.options.orth == Orth::CholeskyQr2 {
-            // The passes work in place; the fallback starts again from Y itself.
-            let mut q = CudaMat {
-                buf: y.buf.try_clone().map_err(CudaError::from)?,
-                ..y
-            };
-            if self.cholesky_qr_pass(&mut q, super::FIRST_PASS_MIN_RATIO)?
-                && self.cholesky_qr_pass(&mut q, super::SECOND_PASS_MIN_RATIO)?
-            {
-                return Ok(q);
-            }
-        }
-        self.householder(&y)
+    fn uses_cholesky_qr(&self) -> bool {
+        self.options.orth == Orth::CholeskyQr2
     }
 
-    fn range_basis(&self, y: CudaMat) -> BackendResult<CudaMat> {
-        if y.rows < y.cols || self.options.orth != Orth::CholeskyQr2 {
-            return self.orthonormalize(y);
+    fn plain_copy(&self, a: &CudaMat) -> BackendResult<CudaMat> {
+        Ok(self.plain(CudaMat {
+            buf: a.buf.try_clone().map_err(CudaError::from)?,
+            ..*a
+        })?)
+    }
+
+    fn cholesky_qr_pass(
+        &self,
+        y: &mut CudaMat,
+        accept: &dyn Fn(&[f32]) -> bool,
+    ) -> BackendResult<bool> {
+        if y.transposed {
+            *y = self.plain_copy(y)?;
         }
-        let mut q = self.plain(y)?;
-        let keep = CudaMat {
-            buf: q.buf.try_clone().map_err(CudaError::from)?,
-            ..q
-        };
-        if self.cholesky_qr_pass(&mut q, super::FIRST_PASS_MIN_RATIO)? {
-            return Ok(q);
+        self.cholesky_qr_in_place(y, accept)
+    }
+
+    fn householder_q(&self, y: &CudaMat) -> BackendResult<CudaMat> {
+        if y.transposed {
+            return self.householder(&self.plain_copy(y)?);
         }
-        self.householder(&keep)
+        self.householder(y)
     }
 
     fn thin_svd(&self, a: &CudaMat) -> BackendResult<SvdParts<CudaMat>> {
@@ -816,22 +830,17 @@ impl Backend for Cuda {
         })
     }
 
-    fn short_wide_svd(&self, b: &CudaMat) -> BackendResult<SvdParts<CudaMat>> {
-        let (k, n) = (b.rows, b.cols);
-        let b_plain;
-        let b = if b.transposed {
-            b_plain = self.plain(CudaMat {
-                buf: b.buf.try_clone().map_err(CudaError::from)?,
-                rows: k,
-                cols: n,
-                transposed: true,
-            })?;
-            &b_plain
-        } else {
-            b
-        };
+    fn gram_eigh(&self, b: &CudaMat) -> BackendResult<(Vec<f64>, Mat<f32>)> {
+        let plain = self.plain_short_wide(b)?;
+        let b = plain.as_ref().unwrap_or(b);
+        let k = b.rows;
         match self.options.small {
-            SmallSvd::DeviceEigh => {
+            SmallSvd::HostEigh => {
+                let g = self.gram_f64(b)?;
+                let g = self.stream.clone_dtoh(&g).map_err(CudaError::from)?;
+                eigh_descending(Mat::<f64>::from_fn(k, k, |i, j| g[j * k + i]))
+            }
+            SmallSvd::DeviceEigh | SmallSvd::Gesvd => {
                 let mut g = self.gram_f64(b)?;
                 let mut w = self.alloc_f64(k)?;
                 solver::syevd(self.solver.cu(), &self.stream, k, &mut g, &mut w)?;
@@ -840,49 +849,33 @@ impl Backend for Cuda {
                 // Ascending → descending.
                 let s64: Vec<f64> = (0..k).rev().map(|i| w[i].max(0.0).sqrt()).collect();
                 let ub = Mat::<f32>::from_fn(k, k, |i, j| vecs[(k - 1 - j) * k + i] as f32);
-                self.parts_from_eigh(b, s64, ub)
-            }
-            SmallSvd::HostEigh => {
-                let g = self.gram_f64(b)?;
-                let g = self.stream.clone_dtoh(&g).map_err(CudaError::from)?;
-                let g = Mat::<f64>::from_fn(k, k, |i, j| g[j * k + i]);
-                let (s64, ub) = eigh_descending(g)?;
-                self.parts_from_eigh(b, s64, ub)
-            }
-            SmallSvd::Gesvd => {
-                // Bᵀ (n×k, tall) = U'·S·V'ᵀ, so B = V'·S·U'ᵀ: Ub = V', V = U'.
-                let mut bt = self.alloc(k * n)?;
-                blas::transpose_f32(
-                    *self.blas.handle(),
-                    k,
-                    n,
-                    b.ptr(&self.stream),
-                    bt.device_ptr(&self.stream).0,
-                )?;
-                let (u, s, vt) = solver::gesvd_f32(self.solver.cu(), &self.stream, n, k, &mut bt)?;
-                let s = self.stream.clone_dtoh(&s).map_err(CudaError::from)?;
-                Ok(SvdParts {
-                    u: CudaMat {
-                        buf: vt,
-                        rows: k,
-                        cols: k,
-                        transposed: true,
-                    },
-                    s,
-                    v: self.mat(u, n, k),
-                })
+                Ok((s64, ub))
             }
         }
     }
 
-    fn factor(
-        &self,
-        t: &crate::linalg::OnDevice<CudaMat>,
-        layout: crate::factor::Layout,
-        r_out: usize,
-        dtype: crate::checkpoint::DType,
-    ) -> BackendResult<crate::factor::DeviceFactors<CudaMat>> {
-        self.factor_on_device(t, layout, r_out, dtype)
+    fn right_vectors(&self, b: &CudaMat, ub: &Mat<f32>, s: &[f64]) -> BackendResult<CudaMat> {
+        // The scaling folded into the small k×k factor on the host: V = Bᵀ·(Ub·S⁻¹).
+        let scaled = Mat::<f32>::from_fn(ub.nrows(), ub.ncols(), |i, j| {
+            if s[j] > 0.0 {
+                (f64::from(ub[(i, j)]) / s[j]) as f32
+            } else {
+                0.0
+            }
+        });
+        let scaled = self.upload(scaled.as_ref())?;
+        let plain = self.plain_short_wide(b)?;
+        self.gemm_with(false, plain.as_ref().unwrap_or(b), Op::T, &scaled, Op::N)
+    }
+
+    fn direct_short_wide_svd(&self, b: &CudaMat) -> Option<BackendResult<SvdParts<CudaMat>>> {
+        if self.options.small != SmallSvd::Gesvd {
+            return None;
+        }
+        Some(
+            self.plain_short_wide(b)
+                .and_then(|plain| self.gesvd_short_wide(plain.as_ref().unwrap_or(b))),
+        )
     }
 
     fn residual_sumsq(&self, delta: &CudaMat, b: &CudaMat, a: &CudaMat) -> BackendResult<f64> {
