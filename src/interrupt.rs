@@ -4,8 +4,11 @@
 //! keeps what was recorded).
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 
-static REQUESTED: AtomicBool = AtomicBool::new(false);
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+static REQUESTED: LazyLock<Arc<AtomicBool>> = LazyLock::new(Default::default);
 
 /// True once an interrupt arrived.
 pub fn requested() -> bool {
@@ -23,19 +26,16 @@ pub fn check(what: &str) -> crate::error::Result<()> {
     Ok(())
 }
 
-extern "C" fn on_signal(_: libc::c_int) {
-    if REQUESTED.swap(true, Ordering::Relaxed) {
-        // SAFETY: _exit is async-signal-safe; the second interrupt means "now".
-        unsafe { libc::_exit(130) };
-    }
-}
-
-/// Installs the handler (the CLI calls this once, before the run).
+/// Installs the handlers (the CLI calls this once, before the run): the first signal sets the
+/// flag; a second, finding it set, exits at once with 130. signal-hook runs both in that order
+/// and keeps them async-signal-safe.
 pub fn install() {
-    let handler: extern "C" fn(libc::c_int) = on_signal;
-    // SAFETY: the handler only touches an atomic and calls _exit, both async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+    for signal in [SIGINT, SIGTERM] {
+        let installed =
+            signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&REQUESTED))
+                .and_then(|_| signal_hook::flag::register(signal, Arc::clone(&REQUESTED)));
+        if let Err(e) = installed {
+            tracing::warn!("cannot install the handler for signal {signal}: {e} (an interrupt then stops the run at once, without the clean stop)");
+        }
     }
 }

@@ -1,6 +1,6 @@
-//! Two plots of an analysis, drawn once as a list of shapes and rendered both as SVG and as
-//! PNG (a small rasterizer with a 5×7 bitmap font, and a PNG encoder with stored deflate
-//! blocks: no image or font dependency).
+//! The plots of an analysis, drawn once as a list of shapes and written as SVG; the PNG is
+//! that SVG rendered by resvg with an embedded font (a DejaVu Sans subset, assets/), so the
+//! two agree and the text is the same on every machine.
 
 use crate::analyze::{AnalysisReport, TensorProfile};
 
@@ -95,7 +95,7 @@ impl Figure {
     pub fn svg(&self) -> String {
         use std::fmt::Write as _;
         let mut s = format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" viewBox=\"0 0 {} {}\" font-family=\"sans-serif\">\n",
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" viewBox=\"0 0 {} {}\" font-family=\"DejaVu Sans, sans-serif\">\n",
             self.w, self.h, self.w, self.h
         );
         for sh in &self.shapes {
@@ -135,88 +135,34 @@ impl Figure {
         s
     }
 
-    pub fn png(&self) -> Vec<u8> {
-        let mut px = vec![WHITE; self.w * self.h];
-        let mut put = |x: i64, y: i64, c: Rgb| {
-            if x >= 0 && y >= 0 && (x as usize) < self.w && (y as usize) < self.h {
-                px[y as usize * self.w + x as usize] = c;
-            }
+    /// The SVG rendered to a compressed PNG of the same size.
+    pub fn png(&self) -> crate::Result<Vec<u8>> {
+        let broken = |what: &str, e: &dyn std::fmt::Display| {
+            crate::Error::Internal(format!("plot: {what}: {e}"))
         };
-        for sh in &self.shapes {
-            match sh {
-                Shape::Rect { x, y, w, h, fill } => {
-                    for yy in (*y as i64)..((y + h).ceil() as i64) {
-                        for xx in (*x as i64)..((x + w).ceil() as i64) {
-                            put(xx, yy, *fill);
-                        }
-                    }
-                }
-                Shape::Line {
-                    points,
-                    color,
-                    width,
-                } => {
-                    let r = ((width / 2.0).round() as i64).max(0);
-                    for seg in points.windows(2) {
-                        let ((x0, y0), (x1, y1)) = (seg[0], seg[1]);
-                        let steps = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as usize).max(1);
-                        for i in 0..=steps {
-                            let t = i as f64 / steps as f64;
-                            let (x, y) = (
-                                (x0 + t * (x1 - x0)).round() as i64,
-                                (y0 + t * (y1 - y0)).round() as i64,
-                            );
-                            for dy in -r..=r {
-                                for dx in -r..=r {
-                                    put(x + dx, y + dy, *color);
-                                }
-                            }
-                        }
-                    }
-                }
-                Shape::Text {
-                    x,
-                    y,
-                    size,
-                    text,
-                    color,
-                    anchor,
-                } => {
-                    // 5×7 glyphs in 6-pixel cells, scaled to about the SVG size.
-                    let scale = ((size / 9.0).round() as i64).max(1);
-                    let width = text.chars().count() as i64 * 6 * scale;
-                    let x0 = *x as i64 - [0, width / 2, width][*anchor as usize];
-                    let y0 = *y as i64 - 7 * scale;
-                    for (k, ch) in text.chars().enumerate() {
-                        let g = glyph(ch);
-                        for (row, bits) in g.iter().enumerate() {
-                            for col in 0..5 {
-                                if bits & (0x10 >> col) != 0 {
-                                    for sy in 0..scale {
-                                        for sx in 0..scale {
-                                            put(
-                                                x0 + (k as i64 * 6 + col) * scale + sx,
-                                                y0 + row as i64 * scale + sy,
-                                                *color,
-                                            );
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        let mut raw = Vec::with_capacity(self.h * (1 + 3 * self.w));
-        for row in px.chunks(self.w) {
-            raw.push(0); // filter: none
-            for c in row {
-                raw.extend_from_slice(&[c.0, c.1, c.2]);
-            }
-        }
-        png_rgb(self.w as u32, self.h as u32, &raw)
+        let tree = resvg::usvg::Tree::from_str(&self.svg(), &render_options())
+            .map_err(|e| broken("the SVG does not parse", &e))?;
+        let mut pixmap = resvg::tiny_skia::Pixmap::new(self.w as u32, self.h as u32)
+            .ok_or_else(|| broken("no pixels", &format!("{}×{}", self.w, self.h)))?;
+        resvg::render(&tree, Default::default(), &mut pixmap.as_mut());
+        pixmap.encode_png().map_err(|e| broken("PNG encoding", &e))
     }
+}
+
+/// The font every label is set in.
+const FONT: &[u8] = include_bytes!("../assets/DejaVuSans-subset.ttf");
+const FONT_FAMILY: &str = "DejaVu Sans";
+
+/// resvg with the embedded font only (no system fonts: the same pixels everywhere).
+fn render_options() -> resvg::usvg::Options<'static> {
+    let mut options = resvg::usvg::Options {
+        font_family: FONT_FAMILY.into(),
+        ..Default::default()
+    };
+    let fonts = options.fontdb_mut();
+    fonts.load_font_data(FONT.to_vec());
+    fonts.set_sans_serif_family(FONT_FAMILY);
+    options
 }
 
 /// E_r against r (log scale), one line per tensor (thin) and per module type's mean (thick).
@@ -326,8 +272,10 @@ fn heatmap(
     let mut layers: Vec<Option<usize>> = tensors.iter().map(|t| t.layer).collect();
     layers.sort();
     layers.dedup();
-    // Cells wide enough for a 10-character label under the 5×7 font.
-    let (cw, ch) = (66.0, 24.0);
+    // Cells wide enough for the longest module label at 10 px (DejaVu Sans averages ~6 px a
+    // character there, 6.6 for the widest lower-case runs).
+    let longest = types.iter().map(|t| t.chars().count()).max().unwrap_or(0);
+    let (cw, ch) = ((6.6 * longest as f64 + 10.0).max(66.0), 24.0);
     let (l, t) = (90.0, 60.0);
     let w = (l + cw * types.len() as f64 + 120.0) as usize;
     let h = (t + ch * layers.len() as f64 + 40.0).max(260.0) as usize;
@@ -340,8 +288,14 @@ fn heatmap(
         None => Rgb(60, 60, 60),
     };
     for (j, ty) in types.iter().enumerate() {
-        let label: String = ty.chars().take(10).collect();
-        f.text(l + cw * (j as f64 + 0.5), t - 8.0, 10.0, label, BLACK, 1);
+        f.text(
+            l + cw * (j as f64 + 0.5),
+            t - 8.0,
+            10.0,
+            ty.clone(),
+            BLACK,
+            1,
+        );
     }
     for (i, layer) in layers.iter().enumerate() {
         let y = t + ch * i as f64;
@@ -427,149 +381,33 @@ fn viridis(v: f64) -> Rgb {
     )
 }
 
-/// 5×7 glyphs (rows top to bottom, bit 4 = leftmost column); lower case is drawn as upper
-/// case, and characters without a glyph as a box.
-fn glyph(c: char) -> [u8; 7] {
-    match c.to_ascii_uppercase() {
-        ' ' => [0, 0, 0, 0, 0, 0, 0],
-        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
-        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
-        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
-        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
-        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
-        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
-        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
-        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
-        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-        'A' => [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
-        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
-        'D' => [0x1C, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1C],
-        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
-        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
-        'G' => [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F],
-        'H' => [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
-        'K' => [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11],
-        'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
-        'M' => [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11],
-        'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
-        'O' => [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
-        'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
-        'R' => [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
-        'S' => [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E],
-        'T' => [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
-        'U' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'V' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
-        'W' => [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A],
-        'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
-        'Y' => [0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04],
-        'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
-        '.' => [0, 0, 0, 0, 0, 0x0C, 0x0C],
-        ',' => [0, 0, 0, 0, 0x0C, 0x04, 0x08],
-        ':' => [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0],
-        '-' => [0, 0, 0, 0x1F, 0, 0, 0],
-        '_' => [0, 0, 0, 0, 0, 0, 0x1F],
-        '=' => [0, 0, 0x1F, 0, 0x1F, 0, 0],
-        '>' => [0x08, 0x04, 0x02, 0x01, 0x02, 0x04, 0x08],
-        '<' => [0x02, 0x04, 0x08, 0x10, 0x08, 0x04, 0x02],
-        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
-        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
-        '/' => [0, 0x01, 0x02, 0x04, 0x08, 0x10, 0],
-        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
-        '@' => [0x0E, 0x11, 0x01, 0x0D, 0x15, 0x15, 0x0E],
-        _ => [0x1F, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1F],
-    }
-}
-
-/// An 8-bit RGB PNG of `raw` (filter byte + pixels per row), in stored (uncompressed)
-/// deflate blocks: larger files, no compressor needed.
-fn png_rgb(w: u32, h: u32, raw: &[u8]) -> Vec<u8> {
-    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let start = out.len();
-        out.extend_from_slice(kind);
-        out.extend_from_slice(data);
-        let crc = crc32(&out[start..]);
-        out.extend_from_slice(&crc.to_be_bytes());
-    }
-    let mut out = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&w.to_be_bytes());
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8 bits, RGB, deflate, no filter, no interlace
-    chunk(&mut out, b"IHDR", &ihdr);
-    let mut z = vec![0x78, 0x01];
-    let blocks: Vec<&[u8]> = raw.chunks(65535).collect();
-    for (i, b) in blocks.iter().enumerate() {
-        z.push(u8::from(i + 1 == blocks.len()));
-        z.extend_from_slice(&(b.len() as u16).to_le_bytes());
-        z.extend_from_slice(&(!(b.len() as u16)).to_le_bytes());
-        z.extend_from_slice(b);
-    }
-    z.extend_from_slice(&adler32(raw).to_be_bytes());
-    chunk(&mut out, b"IDAT", &z);
-    chunk(&mut out, b"IEND", &[]);
-    out
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = 0xFFFF_FFFFu32;
-    for &b in data {
-        c ^= u32::from(b);
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
-}
-
-fn adler32(data: &[u8]) -> u32 {
-    let (mut a, mut b) = (1u32, 0u32);
-    for chunk in data.chunks(5552) {
-        for &x in chunk {
-            a += u32::from(x);
-            b += a;
-        }
-        a %= 65521;
-        b %= 65521;
-    }
-    (b << 16) | a
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn checksums_match_known_values() {
-        assert_eq!(crc32(b"IEND"), 0xAE42_6082);
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-        assert_eq!(adler32(b"Wikipedia"), 0x11E6_0398);
-    }
-
-    #[test]
-    fn a_png_decodes_to_the_pixels_drawn() {
-        let mut f = Figure::new(70, 3);
-        f.rect(0.0, 0.0, 70.0, 1.0, Rgb(10, 20, 30));
-        let png = f.png();
-        assert_eq!(&png[..8], &[0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A]);
-        // Inflate the stored blocks by hand and look at the first row.
-        let idat = png.windows(4).position(|w| w == b"IDAT").unwrap();
-        let z = &png[idat + 4..];
-        assert_eq!(&z[..2], &[0x78, 0x01]);
-        let len = u16::from_le_bytes([z[3], z[4]]) as usize;
-        assert_eq!(len, 3 * (1 + 3 * 70));
-        let raw = &z[7..7 + len];
-        assert_eq!(raw[0], 0);
-        assert_eq!(&raw[1..4], &[10, 20, 30]);
-        assert_eq!(&raw[1 + 3 * 70 + 1..1 + 3 * 70 + 4], &[255, 255, 255]);
+    fn the_png_is_the_svg_rendered_with_real_text() {
+        let mut f = Figure::new(120, 40);
+        f.rect(0.0, 0.0, 120.0, 10.0, Rgb(10, 20, 30));
+        f.text(4.0, 32.0, 16.0, "embed_tokens", BLACK, 0);
+        let png = f.png().unwrap();
+        let img = resvg::tiny_skia::Pixmap::decode_png(&png).unwrap();
+        assert_eq!((img.width(), img.height()), (120, 40));
+        let at = |x: u32, y: u32| {
+            let p = img.pixel(x, y).unwrap();
+            (p.red(), p.green(), p.blue())
+        };
+        assert_eq!(at(60, 5), (10, 20, 30));
+        assert_eq!(at(118, 38), (255, 255, 255));
+        // The label is drawn: dark pixels under its baseline's line, across most of its width.
+        let inked: Vec<u32> = (0..120)
+            .filter(|&x| (20..34).any(|y| at(x, y).0 < 128))
+            .collect();
+        assert!(inked.len() > 40, "{} inked columns", inked.len());
+        assert!(
+            *inked.last().unwrap() > 80,
+            "the label ends at x = {:?}",
+            inked.last()
+        );
     }
 }

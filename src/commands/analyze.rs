@@ -94,7 +94,7 @@ fn write_outputs(report: &mut AnalysisReport, dir: &Path) -> Result<()> {
         vec![(dir.join("analysis.csv"), report.csv().into_bytes())];
     for (name, fig) in &figures {
         files.push((dir.join(format!("{name}.svg")), fig.svg().into_bytes()));
-        files.push((dir.join(format!("{name}.png")), fig.png()));
+        files.push((dir.join(format!("{name}.png")), fig.png()?));
     }
     let json = dir.join("analysis.json");
     report.files = files

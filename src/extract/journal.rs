@@ -27,7 +27,7 @@ const DATA: &str = "tensors.bin";
 /// The journal format this version writes and reads. A journal of another format is refused
 /// by name (before, the settings were a `Debug` string: renaming a field silently invalidated
 /// every journal).
-pub const JOURNAL_FORMAT: u32 = 1;
+pub const JOURNAL_FORMAT: u32 = 2;
 
 /// What a journal was written for: the input files as they were, and the settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -183,13 +183,7 @@ fn stamp(path: &Path, hashed: &[u8]) -> Result<FileStamp> {
         path: path.display().to_string(),
         size: meta.len(),
         mtime_ns,
-        header_hash: format!("{:016x}", fnv1a(hashed)),
-    })
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        header_hash: format!("{:016x}", checksum(&[hashed])),
     })
 }
 
@@ -218,24 +212,14 @@ struct Record {
     sum: Option<String>,
 }
 
-/// A fast 64-bit checksum (word-wise multiply-rotate, then the tail and the length): it
-/// catches torn or rotted journal bytes; it is not meant to resist deliberate collisions.
+/// XXH3-64 of the parts in order: it catches torn or rotted journal bytes (and tells file
+/// headers apart); it is not meant to resist deliberate collisions.
 fn checksum(parts: &[&[u8]]) -> u64 {
-    const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut h = 0u64;
-    let mut len = 0u64;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
     for part in parts {
-        let mut words = part.chunks_exact(8);
-        for w in &mut words {
-            let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-            h = (h.rotate_left(5) ^ w).wrapping_mul(K);
-        }
-        for &b in words.remainder() {
-            h = (h.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
-        }
-        len += part.len() as u64;
+        h.update(part);
     }
-    (h ^ len).wrapping_mul(K) ^ (h >> 29)
+    h.digest()
 }
 
 /// A record's checksum, over its bytes in the order they are journaled: A, B, the extra tensor.
