@@ -3,6 +3,16 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use phlora::backend::Device;
+use phlora::checkpoint::DType;
+use phlora::extract::shard::Shard;
+
+/// `--out-dtype`: the fine-tune's dtype, or one given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutDtype {
+    Auto,
+    Fixed(DType),
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -103,8 +113,8 @@ pub struct AnalyzeArgs {
     /// What each --rank-rule of `extract --budget PARAMS` would allocate, per module: a table,
     /// `budget` in analysis.json and allocation_<rule>.svg/.png (each module's rank is capped
     /// by --max-rank, as extract's by its own --max-rank).
-    #[arg(long, value_name = "PARAMS")]
-    pub budget: Option<String>,
+    #[arg(long, value_name = "PARAMS", value_parser = crate::config::count)]
+    pub budget: Option<u64>,
     /// The floor under --budget's ranks, as for extract [default: ⅞ of the uniform rank the
     /// budget is worth].
     #[arg(long, value_name = "N", requires = "budget")]
@@ -113,14 +123,14 @@ pub struct AnalyzeArgs {
     #[arg(long)]
     pub remove_logit_shift: bool,
     /// Compute device (as for extract).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[arg(long, default_value = "auto", value_parser = crate::config::device)]
+    pub device: Device,
     /// Bound on host memory (as for extract).
-    #[arg(long, value_name = "SIZE")]
-    pub max_ram: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = crate::config::bytes)]
+    pub max_ram: Option<u64>,
     /// Bound on device memory (as for extract).
-    #[arg(long, value_name = "SIZE")]
-    pub max_vram: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = crate::config::bytes)]
+    pub max_vram: Option<u64>,
     /// Only tensors matching these globs (as for extract).
     #[arg(long, value_name = "GLOB")]
     pub include: Vec<String>,
@@ -172,8 +182,8 @@ pub struct CombineArgs {
     pub ft: Option<PathBuf>,
     /// Split the adapter's weights as extract's --max-shard-size does [default: the parts'
     /// setting].
-    #[arg(long, value_name = "SIZE")]
-    pub max_shard_size: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = crate::config::bytes)]
+    pub max_shard_size: Option<u64>,
     /// Replace an adapter already in the output folder: without it, any file the run would
     /// replace or remove there (adapter_config.json, weights of either layout, report.json,
     /// added_tokens.safetensors) is refused. One run at a time per OUT: a second run on a
@@ -247,8 +257,8 @@ pub struct FloorArgs {
     #[arg(long, value_name = "PATH")]
     pub ft: PathBuf,
     /// Device: auto, cpu, cuda or cuda:N (as for extract).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[arg(long, default_value = "auto", value_parser = crate::config::device)]
+    pub device: Device,
     /// GPUs to read into (as for extract).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub devices: Option<Vec<usize>>,
@@ -288,9 +298,9 @@ pub enum RankRuleArg {
     Uniform,
 }
 
-impl From<RankRuleArg> for crate::linalg::rank::RankRule {
+impl From<RankRuleArg> for phlora::linalg::rank::RankRule {
     fn from(r: RankRuleArg) -> Self {
-        use crate::linalg::rank::RankRule;
+        use phlora::linalg::rank::RankRule;
         match r {
             RankRuleArg::Balanced => RankRule::Balanced,
             RankRuleArg::Relative => RankRule::Relative,
@@ -344,8 +354,8 @@ pub struct ExtractArgs {
     /// come first (a pass over the inputs), then --rank-rule shares the budget among the
     /// modules, then the extraction at those ranks (a second pass). `phlora analyze --budget`
     /// shows the allocation before anything is extracted.
-    #[arg(long, value_name = "PARAMS")]
-    pub budget: Option<String>,
+    #[arg(long, value_name = "PARAMS", value_parser = crate::config::count)]
+    pub budget: Option<u64>,
     /// How --budget shares its parameters. The default, balanced, beat one uniform rank of
     /// the same size on answer agreement and KL at the budgets of r = 8 and 16 on a sequence
     /// task and a domain shift, and at r = 16 on random labels (three seeds each); it lost at
@@ -385,12 +395,12 @@ pub struct ExtractArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Dtype of the factors: auto (the fine-tune's), bf16, f16 or f32. Compute is always f32.
-    #[arg(long, value_name = "DTYPE", default_value = "auto")]
-    pub out_dtype: String,
+    #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = crate::config::out_dtype)]
+    pub out_dtype: OutDtype,
     /// Compute device: auto (every usable GPU, else the CPU with a warning), cpu, cuda (every
     /// visible GPU) or cuda:N (that one); an error when a GPU asked for is not usable.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[arg(long, default_value = "auto", value_parser = crate::config::device)]
+    pub device: Device,
     /// GPUs to run on, e.g. 0,1,3: one queue, largest tensors first, each GPU with its own
     /// workers; the adapter is the same whichever GPU computed a tensor [default: all visible].
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
@@ -415,15 +425,15 @@ pub struct ExtractArgs {
     /// input pages included). A matrix whose f32 ΔW and sketches would not fit is streamed
     /// through the randomized SVD in row blocks re-formed from the checkpoints on every pass
     /// (2q + 4 reads of its inputs); tensors in flight share the bound [default: no bound].
-    #[arg(long, value_name = "SIZE")]
-    pub max_ram: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = crate::config::bytes)]
+    pub max_ram: Option<u64>,
     /// GPU: bound on device memory per GPU for the whole process, e.g. 20G. The CUDA context
     /// and each worker's own buffers come off it (~0.6 GiB + 0.3 GiB per worker); tensors in
     /// flight share the rest, and a matrix that would not fit whole is streamed in row blocks
     /// like with --max-ram. If the driver still runs out of memory, the tensor is retried alone
     /// in smaller blocks [default: 90% of each GPU's free memory].
-    #[arg(long, value_name = "SIZE")]
-    pub max_vram: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = crate::config::bytes)]
+    pub max_vram: Option<u64>,
     /// Only tensors whose full name matches one of these globs (`*` any run, `?` one char),
     /// e.g. --include '*.self_attn.*'. Repeatable.
     #[arg(long, value_name = "GLOB")]
@@ -476,14 +486,14 @@ pub struct ExtractArgs {
     /// from_pretrained and vLLM read only a single adapter_model.safetensors: shard only for
     /// storage or transfer limits, and `phlora merge`/`verify` read either layout
     /// [default: one file].
-    #[arg(long, value_name = "SIZE")]
-    pub max_shard_size: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = crate::config::bytes)]
+    pub max_shard_size: Option<u64>,
     /// Compute only share I of N (1 ≤ I ≤ N) of the tensors, balanced by bytes read, into OUT
     /// as a part; `phlora combine PART… --out ADAPTER` joins the N parts into the adapter a
     /// single run writes, byte for byte. One process per shard (Slurm array task, Kubernetes
     /// indexed job). Not with --budget.
-    #[arg(long, value_name = "I/N")]
-    pub shard: Option<String>,
+    #[arg(long, value_name = "I/N", value_parser = crate::config::shard)]
+    pub shard: Option<Shard>,
     /// Do not save changed norm weights through modules_to_save (vLLM refuses them; they
     /// are small but matter for quality).
     #[arg(long)]
@@ -523,8 +533,8 @@ pub struct SynthArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Dtype of both checkpoints: bf16, f16 or f32.
-    #[arg(long, default_value = "bf16")]
-    pub dtype: String,
+    #[arg(long, default_value = "bf16", value_parser = crate::config::dtype)]
+    pub dtype: DType,
     /// Rank of the planted part of each ΔW.
     #[arg(long, default_value_t = 256)]
     pub delta_rank: usize,
@@ -577,8 +587,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "RANKS", default_value = "16,64,256")]
     pub ranks: String,
     /// Compute device: auto, cpu or cuda[:N].
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[arg(long, default_value = "auto", value_parser = crate::config::device)]
+    pub device: Device,
     /// GPU only: precision of the products with ΔW (see `extract --help`).
     #[arg(long, value_enum, default_value_t = GemmArg::Tf32)]
     pub gemm: GemmArg,

@@ -1,42 +1,47 @@
 //! Arguments → validated settings, before any work starts.
 
-use crate::backend::{CudaOptions, Device};
-use crate::checkpoint::DType;
-use crate::cli::{ExtractArgs, GemmArg, SvdArg, SynthArgs, TargetArg};
-use crate::error::{Error, Result};
-use crate::extract::{ExtractSettings, Target};
-use crate::linalg::{rank::RankPolicy, Method, SvdSettings};
-use crate::plan::{Glob, PlanOptions};
-use crate::synth::SynthSettings;
+use crate::cli::{ExtractArgs, GemmArg, OutDtype, SvdArg, SynthArgs, TargetArg};
+use phlora::backend::{CudaOptions, Device};
+use phlora::checkpoint::DType;
+use phlora::error::{Error, Result};
+use phlora::extract::shard::Shard;
+use phlora::extract::{ExtractSettings, Target};
+use phlora::linalg::{rank::RankPolicy, Method, SvdSettings};
+use phlora::plan::{Glob, PlanOptions};
+use phlora::synth::SynthSettings;
 
-/// `--device`, parsed.
-pub(crate) fn device_flag(s: &str) -> Result<Device> {
-    Device::parse(s).ok_or_else(|| {
-        Error::Settings(format!(
-            "--device `{s}`: expected auto, cpu, cuda or cuda:N"
-        ))
-    })
+// clap value parsers: each flag's text into its type before any work, the message saying what
+// was expected (clap names the flag and the value).
+
+pub fn device(s: &str) -> std::result::Result<Device, String> {
+    Device::parse(s).ok_or_else(|| "expected auto, cpu, cuda or cuda:N".into())
 }
 
-/// A size flag (`--max-ram 2G`), parsed when given.
-pub(crate) fn size_flag(flag: &str, v: &Option<String>) -> Result<Option<u64>> {
-    v.as_deref()
-        .map(|s| crate::size::parse_size(s).map_err(|e| Error::Settings(format!("{flag} {e}"))))
-        .transpose()
+/// A byte size: 768M, 40G, 1.5G (binary units).
+pub fn bytes(s: &str) -> std::result::Result<u64, String> {
+    phlora::size::parse_size(s)
 }
 
-/// A count with an optional decimal suffix: 1500, 20K, 20M, 1.5G.
-pub fn parse_count(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last()? {
-        (i, 'k' | 'K') => (&s[..i], 1e3),
-        (i, 'm' | 'M') => (&s[..i], 1e6),
-        (i, 'g' | 'G' | 'b' | 'B') => (&s[..i], 1e9),
-        _ => (s, 1.0),
-    };
-    let v: f64 = num.trim().parse().ok()?;
-    let v = v * mult;
-    (1.0..1e18).contains(&v).then(|| v.round() as u64)
+/// A parameter count: 1500, 20K, 20M, 1.5G or 1.5B (decimal units; B is billions).
+pub fn count(s: &str) -> std::result::Result<u64, String> {
+    phlora::size::parse_count(s)
+}
+
+pub fn shard(s: &str) -> std::result::Result<Shard, String> {
+    Shard::parse(s)
+}
+
+pub fn dtype(s: &str) -> std::result::Result<DType, String> {
+    DType::parse(s).ok_or_else(|| "expected bf16, f16 or f32".into())
+}
+
+pub fn out_dtype(s: &str) -> std::result::Result<OutDtype, String> {
+    if s == "auto" {
+        return Ok(OutDtype::Auto);
+    }
+    DType::parse(s)
+        .map(OutDtype::Fixed)
+        .ok_or_else(|| "expected auto, bf16, f16 or f32".into())
 }
 
 impl ExtractArgs {
@@ -51,12 +56,8 @@ impl ExtractArgs {
                 target,
                 max_rank: self.max_rank,
             },
-            (None, None, Some(b)) => RankPolicy::Budget {
-                params: parse_count(b).ok_or_else(|| {
-                    Error::Settings(format!(
-                        "--budget `{b}`: expected a parameter count such as 20M or 1.5G"
-                    ))
-                })?,
+            (None, None, Some(params)) => RankPolicy::Budget {
+                params: *params,
                 max_rank: self.max_rank,
                 rule: self.rank_rule.into(),
                 min_rank: self.min_rank,
@@ -77,7 +78,7 @@ impl ExtractArgs {
             (_, TargetArg::Vllm) => Target::Vllm,
             (_, TargetArg::Peft) => Target::Peft,
         };
-        let allowed = crate::linalg::rank::PORTABLE_RANKS;
+        let allowed = phlora::linalg::rank::PORTABLE_RANKS;
         let largest = allowed[allowed.len() - 1];
         let flag = if matches!(rank, RankPolicy::Fixed(_)) {
             "--rank"
@@ -131,20 +132,15 @@ impl ExtractArgs {
                 "--oversample applies to --svd randomized only".into(),
             ));
         }
-        let out_dtype = match self.out_dtype.as_str() {
-            "auto" => None,
-            s => Some(DType::parse(s).ok_or_else(|| {
-                Error::Settings(format!(
-                    "--out-dtype `{s}`: expected auto, bf16, f16 or f32"
-                ))
-            })?),
+        let out_dtype = match self.out_dtype {
+            OutDtype::Auto => None,
+            OutDtype::Fixed(d) => Some(d),
         };
-        let device = device_flag(&self.device)?;
+        let device = self.device;
         if self.in_flight == Some(0) {
             return Err(Error::Settings("--in-flight must be at least 1".into()));
         }
-        let max_ram = size_flag("--max-ram", &self.max_ram)?;
-        let max_vram = size_flag("--max-vram", &self.max_vram)?;
+        let (max_ram, max_vram) = (self.max_ram, self.max_vram);
         Ok(ExtractSettings {
             base: self.base.clone(),
             ft: self.ft.clone(),
@@ -183,26 +179,16 @@ impl ExtractArgs {
             target,
             overwrite: self.force,
             resume: self.resume,
-            shard: self
-                .shard
-                .as_deref()
-                .map(crate::extract::shard::Shard::parse)
-                .transpose()
-                .map_err(Error::Settings)?,
+            shard: self.shard,
             progress,
-            max_shard_size: size_flag("--max-shard-size", &self.max_shard_size)?,
+            max_shard_size: self.max_shard_size,
         })
     }
 }
 
 impl SynthArgs {
     pub fn settings(&self) -> Result<SynthSettings> {
-        let dtype = DType::parse(&self.dtype).ok_or_else(|| {
-            Error::Settings(format!(
-                "--dtype `{}`: expected bf16, f16 or f32",
-                self.dtype
-            ))
-        })?;
+        let dtype = self.dtype;
         let finite_non_negative = |x: f64| x.is_finite() && x >= 0.0;
         if !finite_non_negative(self.decay) || !finite_non_negative(self.noise) {
             return Err(Error::Settings(

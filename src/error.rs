@@ -78,11 +78,7 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 impl Error {
-    pub(crate) fn io(
-        path: impl Into<PathBuf>,
-        action: &'static str,
-        source: std::io::Error,
-    ) -> Self {
+    pub fn io(path: impl Into<PathBuf>, action: &'static str, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             action,
@@ -90,14 +86,14 @@ impl Error {
         }
     }
 
-    pub(crate) fn checkpoint(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+    pub fn checkpoint(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
         Error::Checkpoint {
             path: path.into(),
             reason: reason.into(),
         }
     }
 
-    pub(crate) fn tensor(
+    pub fn tensor(
         path: impl Into<PathBuf>,
         tensor: impl Into<String>,
         reason: impl Into<String>,

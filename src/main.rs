@@ -2,31 +2,32 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::process::ExitCode;
 
 use clap::Parser;
+use phlora::error::Error;
 use tracing_subscriber::EnvFilter;
+
+// The command line lives in the binary: arguments (cli), their validation into the library's
+// settings (config), and one runner per command (commands). The library is the pipeline.
+mod cli;
+mod commands;
+mod config;
 
 fn main() -> ExitCode {
     bound_allocator();
-    let cli = phlora::cli::Cli::parse();
+    let cli = cli::Cli::parse();
     init_tracing(cli.verbose, cli.quiet);
-    match run(&cli) {
+    match commands::run(&cli) {
         Ok(code) => code,
-        Err(e) => match e.downcast_ref::<phlora::error::Error>() {
-            // The reader of stdout went away (`| head`): nothing is wrong, and no one listens.
-            Some(phlora::error::Error::ClosedPipe) => ExitCode::SUCCESS,
-            Some(phlora::error::Error::Interrupted(_)) => {
-                phlora::say!("error: {e:#}");
-                ExitCode::from(130)
-            }
-            _ => {
-                phlora::say!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        // The reader of stdout went away (`| head`): nothing is wrong, and no one listens.
+        Err(Error::ClosedPipe) => ExitCode::SUCCESS,
+        Err(e @ Error::Interrupted(_)) => {
+            phlora::say!("error: {e}");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            phlora::say!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
-}
-
-fn run(cli: &phlora::cli::Cli) -> anyhow::Result<ExitCode> {
-    Ok(phlora::commands::run(cli)?)
 }
 
 fn init_tracing(verbose: u8, quiet: bool) {

@@ -1,28 +1,32 @@
 //! Byte sizes as people write them on a command line: `768M`, `40G`, `1.5G`, `512K`, `1T`,
 //! or a plain number of bytes. Suffixes are binary (K = 1024), with or without `iB`/`B`.
 
-/// Parses a size; the error says what was expected.
+/// Parses a size (binary units: K = 1024, with or without `iB`/`B`); the error says what was
+/// expected.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let bad = || format!("`{s}`: expected a size such as 768M, 40G or 1.5G");
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let value: f64 = number.parse().map_err(|_| bad())?;
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => return Err(bad()),
-    };
-    let bytes = value * (1u64 << shift) as f64;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
-        return Err(bad());
+    const BINARY: parse_size::Config = parse_size::Config::new().with_binary();
+    match BINARY.parse_size(s.trim()) {
+        Ok(0) => Err("a size must be at least one byte".into()),
+        Ok(bytes) => Ok(bytes),
+        Err(e) => Err(format!("expected a size such as 768M, 40G or 1.5G ({e})")),
     }
-    Ok(bytes as u64)
+}
+
+/// Parses a count of parameters (decimal units: K = 10³, M = 10⁶, G or B = 10⁹).
+pub fn parse_count(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    // "B" for billions, as model sizes are written (parse-size would read bytes).
+    let t = match t.strip_suffix(['b', 'B']) {
+        Some(n) if n.ends_with(|c: char| c.is_ascii_digit() || c == '.') => format!("{n}G"),
+        _ => t.to_string(),
+    };
+    match parse_size::parse_size(&t) {
+        Ok(0) => Err("a count must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!(
+            "expected a parameter count such as 20M or 1.5G ({e})"
+        )),
+    }
 }
 
 /// A size for messages: `1.5 GiB`, `768 MiB`, `512 B`.
@@ -54,8 +58,22 @@ mod tests {
         assert_eq!(parse_size("2GiB"), Ok(2 << 30));
         assert_eq!(parse_size(" 1T "), Ok(1 << 40));
         assert_eq!(parse_size("4096"), Ok(4096));
-        for bad in ["", "G", "-1G", "0", "1.2.3G", "12X", "1e3M", "nanG"] {
+        assert_eq!(parse_size("1e3M"), Ok(1000 << 20));
+        for bad in ["", "G", "-1G", "0", "1.2.3G", "12X", "nanG", "99999999T"] {
             assert!(parse_size(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn counts_parse_with_decimal_suffixes_and_b_for_billions() {
+        assert_eq!(parse_count("1500"), Ok(1500));
+        assert_eq!(parse_count("20K"), Ok(20_000));
+        assert_eq!(parse_count("20M"), Ok(20_000_000));
+        assert_eq!(parse_count("1.5G"), Ok(1_500_000_000));
+        assert_eq!(parse_count("7B"), Ok(7_000_000_000));
+        assert_eq!(parse_count(" 2.5b "), Ok(2_500_000_000));
+        for bad in ["", "lots", "0", "-3M", "B", "1.5X"] {
+            assert!(parse_count(bad).is_err(), "{bad:?} was accepted");
         }
     }
 

@@ -922,8 +922,12 @@ fn a_max_ram_too_small_for_one_row_or_for_an_exact_svd_is_refused_before_writing
     assert_fails(&s, &["exact SVD needs it whole"]);
     let o = phlora_extract(&b, &f, &dir.path().join("cli"), &["--max-ram", "12X"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("--max-ram `12X`"), "{err}");
+    // A malformed value is a usage error, refused by the argument parser before any work.
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("'12X' for '--max-ram") && err.contains("expected a size"),
+        "{err}"
+    );
 }
 
 #[test]

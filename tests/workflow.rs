@@ -783,7 +783,7 @@ fn a_portable_adapter_has_one_allowed_rank_and_the_same_product() {
             "cannot be used with",
         ),
         (vec!["--energy", "1.5"], "expected 0 < T ≤ 1"),
-        (vec!["--budget", "lots"], "--budget `lots`"),
+        (vec!["--budget", "lots"], "'lots' for '--budget"),
         (
             vec!["--rank", "600", "--portable"],
             "--target portable: --rank 600",

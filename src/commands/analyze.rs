@@ -2,13 +2,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use super::Ui;
-use crate::analyze::{analyze, AnalysisReport, AnalyzeSettings};
 use crate::cli::AnalyzeArgs;
-use crate::error::{Error, Result};
-use crate::extract::ExtractSettings;
-use crate::plan::Glob;
-use crate::plot;
-use crate::staging::write_atomically;
+use phlora::analyze::{analyze, AnalysisReport, AnalyzeSettings};
+use phlora::error::{Error, Result};
+use phlora::extract::ExtractSettings;
+use phlora::plan::Glob;
+use phlora::plot;
+use phlora::staging::write_atomically;
 
 pub fn run(a: &AnalyzeArgs, ui: Ui) -> Result<ExitCode> {
     if a.ranks.is_empty() || a.ranks.contains(&0) {
@@ -26,11 +26,11 @@ pub fn run(a: &AnalyzeArgs, ui: Ui) -> Result<ExitCode> {
     if cap == 0 {
         return Err(Error::Settings("--max-rank must be at least 1".into()));
     }
-    let device = crate::config::device_flag(&a.device)?;
+    let device = a.device;
     let mut extract = ExtractSettings::new(a.base.clone(), a.ft.clone(), a.out.clone(), cap);
     extract.device = device;
-    extract.max_ram = crate::config::size_flag("--max-ram", &a.max_ram)?;
-    extract.max_vram = crate::config::size_flag("--max-vram", &a.max_vram)?;
+    extract.max_ram = a.max_ram;
+    extract.max_vram = a.max_vram;
     extract.plan.include = a.include.iter().map(|g| Glob::new(g)).collect();
     extract.plan.exclude = a.exclude.iter().map(|g| Glob::new(g)).collect();
     extract.progress = !ui.quiet;
@@ -44,14 +44,7 @@ pub fn run(a: &AnalyzeArgs, ui: Ui) -> Result<ExitCode> {
     if !energies.contains(&a.heatmap_energy) {
         energies.push(a.heatmap_energy);
     }
-    let budget = match &a.budget {
-        None => None,
-        Some(b) => Some(crate::config::parse_count(b).ok_or_else(|| {
-            Error::Settings(format!(
-                "--budget `{b}`: expected a parameter count such as 20M or 1.5G"
-            ))
-        })?),
-    };
+    let budget = a.budget;
     let settings = AnalyzeSettings {
         budget,
         min_rank: a.min_rank,
@@ -64,11 +57,11 @@ pub fn run(a: &AnalyzeArgs, ui: Ui) -> Result<ExitCode> {
     let mut report = analyze(&settings)?;
     write_outputs(&mut report, &a.out)?;
     if !ui.quiet {
-        crate::say_raw!("{}", report.table());
-        crate::say!("written: {}", report.files.join(", "));
+        phlora::say_raw!("{}", report.table());
+        phlora::say!("written: {}", report.files.join(", "));
     }
     if a.json {
-        crate::outln!(
+        phlora::outln!(
             "{}",
             serde_json::to_string_pretty(&report).expect("plain data serialises")
         )?;

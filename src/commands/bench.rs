@@ -1,12 +1,12 @@
 use std::process::ExitCode;
 
 use super::Ui;
-use crate::backend::cuda::{DeltaBench, Orth, SmallSvd};
-use crate::backend::{self, CudaOptions, Device, Resolved};
-use crate::bench::{self, BenchRow, BenchSettings};
-use crate::checkpoint::DType;
 use crate::cli::{BenchArgs, GemmArg};
-use crate::error::{Error, Result};
+use phlora::backend::cuda::{DeltaBench, Orth, SmallSvd};
+use phlora::backend::{self, CudaOptions, Device, Resolved};
+use phlora::bench::{self, BenchRow, BenchSettings};
+use phlora::checkpoint::DType;
+use phlora::error::{Error, Result};
 
 fn parse_list(what: &str, s: &str) -> Result<Vec<usize>> {
     s.split(',')
@@ -51,7 +51,7 @@ fn settings(a: &BenchArgs) -> Result<(BenchSettings, Device, CudaOptions)> {
             "--power-iters above 20 only costs time".into(),
         ));
     }
-    let device = crate::config::device_flag(&a.device)?;
+    let device = a.device;
     let cuda = CudaOptions {
         tf32: a.gemm == GemmArg::Tf32,
         ..CudaOptions::default()
@@ -171,7 +171,7 @@ fn sink(a: &BenchArgs, dir: &std::path::Path, ui: Ui) -> Result<ExitCode> {
     );
     for &rank in &ranks {
         let out = dir.join(format!("phlora-sink-bench-r{rank}-{}", std::process::id()));
-        let result = crate::extract::bench_sink(&out, rank, a.layers);
+        let result = phlora::extract::bench_sink(&out, rank, a.layers);
         let _ = std::fs::remove_dir_all(&out);
         let r = result?;
         let busy = r.journal_seconds + r.stage_seconds;

@@ -2,17 +2,17 @@ use std::process::ExitCode;
 
 use super::Ui;
 use crate::cli::CombineArgs;
-use crate::error::Result;
+use phlora::error::Result;
 
 pub fn run(a: &CombineArgs, ui: Ui) -> Result<ExitCode> {
-    let options = crate::extract::shard::CombineOptions {
+    let options = phlora::extract::shard::CombineOptions {
         overwrite: a.force,
-        max_shard_size: crate::config::size_flag("--max-shard-size", &a.max_shard_size)?,
+        max_shard_size: a.max_shard_size,
         base: a.base.clone(),
         ft: a.ft.clone(),
     };
-    crate::interrupt::install();
-    let report = crate::extract::shard::combine(&a.parts, &a.out, &options)?;
+    phlora::interrupt::install();
+    let report = phlora::extract::shard::combine(&a.parts, &a.out, &options)?;
     super::extract::show(&report, ui, a.json)?;
     Ok(ExitCode::SUCCESS)
 }

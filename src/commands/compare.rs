@@ -3,8 +3,8 @@ use std::process::ExitCode;
 use super::verify::FAILED_CHECK;
 use super::Ui;
 use crate::cli::CompareArgs;
-use crate::compare::{compare, Tolerances};
-use crate::error::{Error, Result};
+use phlora::compare::{compare, Tolerances};
+use phlora::error::{Error, Result};
 
 pub fn run(a: &CompareArgs, ui: Ui) -> Result<ExitCode> {
     let tol = Tolerances {
@@ -29,14 +29,14 @@ pub fn run(a: &CompareArgs, ui: Ui) -> Result<ExitCode> {
     if !ui.quiet || !a.json {
         for r in &reports {
             if a.json {
-                crate::say_raw!("{}", r.table(a.all));
+                phlora::say_raw!("{}", r.table(a.all));
             } else {
-                crate::out!("{}", r.table(a.all))?;
+                phlora::out!("{}", r.table(a.all))?;
             }
         }
     }
     if a.json {
-        crate::outln!(
+        phlora::outln!(
             "{}",
             serde_json::to_string_pretty(&reports).expect("plain data serialises")
         )?;

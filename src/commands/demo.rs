@@ -3,9 +3,9 @@ use std::process::ExitCode;
 
 use super::Ui;
 use crate::cli::DemoArgs;
-use crate::error::{Error, Result};
-use crate::extract::ExtractSettings;
-use crate::synth::SynthSettings;
+use phlora::error::{Error, Result};
+use phlora::extract::ExtractSettings;
+use phlora::synth::SynthSettings;
 
 /// synth (small) → extract → report → verify, in seconds.
 pub fn run(args: &DemoArgs, ui: Ui) -> Result<ExitCode> {
@@ -33,7 +33,7 @@ fn demo(dir: &std::path::Path, rank: usize, ui: Ui) -> Result<ExitCode> {
         ..SynthSettings::tiny(dir.to_path_buf())
     };
     if !ui.quiet {
-        crate::say!(
+        phlora::say!(
             "1/3 synthesising a Llama-shaped pair (hidden {}, intermediate {}, {} layers, vocab {}) in {}",
             synth.hidden,
             synth.intermediate,
@@ -42,10 +42,10 @@ fn demo(dir: &std::path::Path, rank: usize, ui: Ui) -> Result<ExitCode> {
             dir.display()
         );
     }
-    let pair = crate::synth::synth(&synth)?;
+    let pair = phlora::synth::synth(&synth)?;
     let out: PathBuf = dir.join("adapter");
     if !ui.quiet {
-        crate::say!(
+        phlora::say!(
             "2/3 extracting a rank-{rank} adapter into {}",
             out.display()
         );
@@ -53,10 +53,10 @@ fn demo(dir: &std::path::Path, rank: usize, ui: Ui) -> Result<ExitCode> {
     let mut s = ExtractSettings::new(pair.base.clone(), pair.ft.clone(), out.clone(), rank);
     s.overwrite = true;
     s.progress = !ui.quiet;
-    let report = crate::extract::extract(&s)?;
+    let report = phlora::extract::extract(&s)?;
     super::extract::show(&report, ui, false)?;
     // An independent check of the files: merge in row blocks and compare with the fine-tune.
-    let check = crate::verify::verify(&crate::verify::VerifySettings {
+    let check = phlora::verify::verify(&phlora::verify::VerifySettings {
         base: pair.base,
         ft: pair.ft,
         adapter: out,
@@ -65,13 +65,13 @@ fn demo(dir: &std::path::Path, rank: usize, ui: Ui) -> Result<ExitCode> {
         min_weight_cos: None,
     })?;
     if !ui.quiet {
-        crate::say!(
+        phlora::say!(
             "3/3 verify (W_base + B·A against W_ft, recomputed from the files): total relative error {:.5} (extract's certificate: {:.5}), worst cos(ΔW) {:.4}",
             check.total_relative_error, report.summary.total_relative_error, check.worst_cos_delta
         );
     }
     if !ui.quiet && dir.starts_with(std::env::temp_dir()) {
-        crate::say!("(the demo folder is temporary; pass --dir DIR to keep it)");
+        phlora::say!("(the demo folder is temporary; pass --dir DIR to keep it)");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -2,32 +2,32 @@ use std::process::ExitCode;
 
 use super::Ui;
 use crate::cli::ExtractArgs;
-use crate::error::Result;
-use crate::report::RunReport;
+use phlora::error::Result;
+use phlora::report::RunReport;
 
 pub fn run(args: &ExtractArgs, ui: Ui) -> Result<ExitCode> {
     let settings = args.settings(!ui.quiet)?;
-    crate::interrupt::install();
+    phlora::interrupt::install();
     if let Some(shard) = settings.shard {
-        let part = crate::extract::extract_part(&settings)?;
+        let part = phlora::extract::extract_part(&settings)?;
         if !ui.quiet {
-            crate::say!(
+            phlora::say!(
                 "shard {}/{}: {} tensors in {:.1} s, kept as a part in {}; join all {} parts with `phlora combine PART... --out ADAPTER`",
                 shard.index, shard.count, part.tensors, part.seconds, part.out, shard.count
             );
         }
         if args.json {
-            crate::outln!(
+            phlora::outln!(
                 "{}",
                 serde_json::to_string_pretty(&part).expect("plain data serializes")
             )?;
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let report = crate::extract::extract(&settings)?;
+    let report = phlora::extract::extract(&settings)?;
     show(&report, ui, args.json)?;
     if args.profile {
-        crate::say_raw!("{}", report.profile());
+        phlora::say_raw!("{}", report.profile());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -35,8 +35,8 @@ pub fn run(args: &ExtractArgs, ui: Ui) -> Result<ExitCode> {
 /// The table on stderr (unless quiet) and the JSON summary on stdout (if asked).
 pub(super) fn show(report: &RunReport, ui: Ui, json: bool) -> Result<()> {
     if !ui.quiet {
-        crate::say_raw!("{}", report.table());
-        crate::say!("adapter written to {}", report.out);
+        phlora::say_raw!("{}", report.table());
+        phlora::say!("adapter written to {}", report.out);
     }
     if json {
         let summary = serde_json::json!({
@@ -49,7 +49,7 @@ pub(super) fn show(report: &RunReport, ui: Ui, json: bool) -> Result<()> {
             "out_dtype": report.out_dtype,
             "summary": report.summary,
         });
-        crate::outln!(
+        phlora::outln!(
             "{}",
             serde_json::to_string_pretty(&summary).expect("json serializes")
         )?;

@@ -1,12 +1,12 @@
 use std::process::ExitCode;
 
 use super::Ui;
-use crate::backend::WorkerRequest;
 use crate::cli::FloorArgs;
-use crate::error::{Error, Result};
+use phlora::backend::WorkerRequest;
+use phlora::error::{Error, Result};
 
 pub fn run(a: &FloorArgs, ui: Ui) -> Result<ExitCode> {
-    let device = crate::config::device_flag(&a.device)?;
+    let device = a.device;
     if a.in_flight == Some(0) {
         return Err(Error::Settings("--in-flight must be at least 1".into()));
     }
@@ -16,7 +16,7 @@ pub fn run(a: &FloorArgs, ui: Ui) -> Result<ExitCode> {
         in_flight: a.in_flight,
         options: Default::default(),
     };
-    let r = crate::floor::measure(&a.base, &a.ft, &req)?;
+    let r = phlora::floor::measure(&a.base, &a.ft, &req)?;
     let text = format!(
         "input floor: {:.1} MB ({} tensors, both checkpoints) in {:.3} s = {:.2} GB/s on {} ({} worker(s)); read {:.3} s, host-to-device wait {:.3} s (summed over workers)\n",
         r.bytes as f64 / 1e6,

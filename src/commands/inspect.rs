@@ -1,10 +1,10 @@
 use std::process::ExitCode;
 
 use super::Ui;
-use crate::checkpoint::Checkpoint;
 use crate::cli::InspectArgs;
-use crate::error::Result;
-use crate::plan::{classify, Action, Plan, PlanOptions};
+use phlora::checkpoint::Checkpoint;
+use phlora::error::Result;
+use phlora::plan::{classify, Action, Plan, PlanOptions};
 
 pub fn run(args: &InspectArgs, _ui: Ui) -> Result<ExitCode> {
     let ck = Checkpoint::open(&args.path)?;
@@ -42,14 +42,14 @@ pub fn run(args: &InspectArgs, _ui: Ui) -> Result<ExitCode> {
             .iter()
             .map(|(n, d, s, a)| serde_json::json!({"name": n, "dtype": d, "shape": s, "action": a}))
             .collect();
-        crate::outln!(
+        phlora::outln!(
             "{}",
             serde_json::to_string_pretty(&v).expect("json serializes")
         )?;
         return Ok(ExitCode::SUCCESS);
     }
     let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(6).max(6);
-    crate::outln!(
+    phlora::outln!(
         "{:<width$}  {:<6}  {:>14}  what extract would do",
         "tensor",
         "dtype",
@@ -69,10 +69,10 @@ pub fn run(args: &InspectArgs, _ui: Ui) -> Result<ExitCode> {
             Action::NotCarried(r) => format!("not carried: {r}"),
             Action::Unchanged => "unchanged".to_string(),
         };
-        crate::outln!("{name:<width$}  {dtype:<6}  {shape:>14}  {what}")?;
+        phlora::outln!("{name:<width$}  {dtype:<6}  {shape:>14}  {what}")?;
     }
     let count = |f: fn(&Action) -> bool| rows.iter().filter(|r| f(&r.3)).count();
-    crate::outln!(
+    phlora::outln!(
         "{} tensors in {} shard(s): {} LoRA targets, {} norms, {} not carried",
         rows.len(),
         ck.num_shards(),

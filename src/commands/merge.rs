@@ -2,11 +2,11 @@ use std::process::ExitCode;
 
 use super::Ui;
 use crate::cli::MergeArgs;
-use crate::error::Result;
-use crate::merge::{merge, MergeSettings};
+use phlora::error::Result;
+use phlora::merge::{merge, MergeSettings};
 
 pub fn run(a: &MergeArgs, ui: Ui) -> Result<ExitCode> {
-    crate::interrupt::install();
+    phlora::interrupt::install();
     let report = merge(&MergeSettings {
         base: a.base.clone(),
         adapter: a.adapter.clone(),
@@ -14,7 +14,7 @@ pub fn run(a: &MergeArgs, ui: Ui) -> Result<ExitCode> {
         overwrite: a.force,
     })?;
     if !ui.quiet {
-        crate::say!(
+        phlora::say!(
             "merged {} LoRA modules and replaced {} whole tensors into {} shard(s), {:.1} MB, in {:.2} s; copied {}; written to {}",
             report.merged,
             report.replaced,
@@ -26,7 +26,7 @@ pub fn run(a: &MergeArgs, ui: Ui) -> Result<ExitCode> {
         );
     }
     if a.json {
-        crate::outln!(
+        phlora::outln!(
             "{}",
             serde_json::to_string_pretty(&report).expect("plain data serialises")
         )?;

@@ -15,7 +15,7 @@ mod verify;
 use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
-use crate::error::Result;
+use phlora::error::Result;
 
 /// Runs a parsed command line.
 pub fn run(cli: &Cli) -> Result<ExitCode> {
@@ -46,14 +46,14 @@ pub struct Ui {
 fn emit(text: &str, json: bool, report: &impl serde::Serialize, ui: Ui) -> Result<()> {
     if json {
         if !ui.quiet {
-            crate::say_raw!("{text}");
+            phlora::say_raw!("{text}");
         }
-        crate::outln!(
+        phlora::outln!(
             "{}",
             serde_json::to_string_pretty(report).expect("plain data serialises")
         )?;
     } else {
-        crate::out!("{text}")?;
+        phlora::out!("{text}")?;
     }
     Ok(())
 }

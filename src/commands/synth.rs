@@ -3,14 +3,14 @@ use std::time::Instant;
 
 use super::Ui;
 use crate::cli::SynthArgs;
-use crate::error::Result;
+use phlora::error::Result;
 
 pub fn run(args: &SynthArgs, ui: Ui) -> Result<ExitCode> {
     let settings = args.settings()?;
     let t0 = Instant::now();
-    let out = crate::synth::synth(&settings)?;
+    let out = phlora::synth::synth(&settings)?;
     if !ui.quiet {
-        crate::say!(
+        phlora::say!(
             "wrote {} and {}: {} tensors in {} shard(s), {:.1} MB per model, in {:.1} s",
             out.base.display(),
             out.ft.display(),

@@ -2,8 +2,8 @@ use std::process::ExitCode;
 
 use super::Ui;
 use crate::cli::VerifyArgs;
-use crate::error::{Error, Result};
-use crate::verify::{verify, VerifySettings};
+use phlora::error::{Error, Result};
+use phlora::verify::{verify, VerifySettings};
 
 /// Exit status when the adapter does not meet --min-cos / --max-error (1 is for errors).
 pub const FAILED_CHECK: u8 = 3;
@@ -32,10 +32,10 @@ pub fn run(a: &VerifyArgs, ui: Ui) -> Result<ExitCode> {
         min_weight_cos: a.min_weight_cos,
     })?;
     if !ui.quiet {
-        crate::say_raw!("{}", report.table());
+        phlora::say_raw!("{}", report.table());
     }
     if a.json {
-        crate::outln!(
+        phlora::outln!(
             "{}",
             serde_json::to_string_pretty(&report).expect("plain data serialises")
         )?;

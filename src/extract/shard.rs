@@ -28,7 +28,7 @@ pub struct Shard {
 impl Shard {
     /// "I/N" with 1 ≤ I ≤ N.
     pub fn parse(text: &str) -> std::result::Result<Shard, String> {
-        let bad = || format!("--shard `{text}`: expected I/N with 1 ≤ I ≤ N, e.g. 2/8");
+        let bad = || "expected I/N with 1 ≤ I ≤ N, e.g. 2/8".to_string();
         let (i, n) = text.split_once('/').ok_or_else(bad)?;
         let (index, count) = (
             i.trim().parse().map_err(|_| bad())?,
