@@ -7,12 +7,47 @@ use serde::{Deserialize, Serialize};
 use crate::linalg::rank::RankRule;
 use crate::linalg::Method;
 
+/// What became of a tensor, as report.json names it (`action`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TensorAction {
+    /// Carried as lora_A/lora_B.
+    Lora,
+    /// Carried as lora_embedding_A/B.
+    LoraEmbedding,
+    /// Saved whole (modules_to_save).
+    SaveWhole,
+    /// Carried exactly as lora_B.bias.
+    LoraBias,
+    /// Changed, but the adapter cannot carry it (its share of ‖ΔW‖² is reported).
+    NotCarried,
+    /// Identical in both checkpoints.
+    Unchanged,
+}
+
+impl TensorAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TensorAction::Lora => "lora",
+            TensorAction::LoraEmbedding => "lora-embedding",
+            TensorAction::SaveWhole => "save-whole",
+            TensorAction::LoraBias => "lora-bias",
+            TensorAction::NotCarried => "not-carried",
+            TensorAction::Unchanged => "unchanged",
+        }
+    }
+}
+
+impl std::fmt::Display for TensorAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TensorReport {
     pub name: String,
-    /// lora, lora-embedding, save-whole, not-carried, unchanged (owned only when read back
-    /// from a resume journal).
-    pub action: std::borrow::Cow<'static, str>,
+    pub action: TensorAction,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub shape: Vec<usize>,
@@ -59,10 +94,10 @@ impl TensorReport {
         self.delta_norm * self.delta_norm * (1.0 - self.logit_shift.unwrap_or(0.0))
     }
 
-    pub fn new(name: &str, action: &'static str, shape: &[usize]) -> Self {
+    pub fn new(name: &str, action: TensorAction, shape: &[usize]) -> Self {
         TensorReport {
             name: name.to_string(),
-            action: action.into(),
+            action,
             reason: None,
             shape: shape.to_vec(),
             delta_norm: 0.0,
@@ -256,7 +291,7 @@ impl RunReport {
             "tensor", "action", "shape", "rank", "‖ΔW‖", "E_r", "residual", "seconds"
         );
         for t in &self.tensors {
-            if t.action == "unchanged" {
+            if t.action == TensorAction::Unchanged {
                 continue;
             }
             let shape = t

@@ -28,11 +28,45 @@ pub struct VerifySettings {
     pub min_weight_cos: Option<f64>,
 }
 
+/// How the adapter carries a tensor that changed, as verify sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckKind {
+    #[default]
+    Lora,
+    LoraEmbedding,
+    LoraBias,
+    SavedWhole,
+    NotCarried,
+}
+
+impl CheckKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckKind::Lora => "lora",
+            CheckKind::LoraEmbedding => "lora-embedding",
+            CheckKind::LoraBias => "lora-bias",
+            CheckKind::SavedWhole => "saved-whole",
+            CheckKind::NotCarried => "not-carried",
+        }
+    }
+
+    /// A LoRA (lora_A/B or lora_embedding_A/B), whose product is checked against ΔW.
+    pub fn is_factored(self) -> bool {
+        matches!(self, CheckKind::Lora | CheckKind::LoraEmbedding)
+    }
+}
+
+impl std::fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct TensorCheck {
     pub name: String,
-    /// lora, lora-embedding, saved-whole, not-carried.
-    pub kind: &'static str,
+    pub kind: CheckKind,
     pub shape: Vec<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rank: Option<usize>,
@@ -479,13 +513,13 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
             ));
         }
         let kind = match (lora, whole) {
-            _ if bias_of.is_some() => "lora-bias",
-            (Some(m), _) if m.embedding => "lora-embedding",
-            (Some(_), _) => "lora",
-            (None, Some(_)) => "saved-whole",
+            _ if bias_of.is_some() => CheckKind::LoraBias,
+            (Some(m), _) if m.embedding => CheckKind::LoraEmbedding,
+            (Some(_), _) => CheckKind::Lora,
+            (None, Some(_)) => CheckKind::SavedWhole,
             // (A shift-only head leaves f32 rounding behind, as extract's own test allows.)
             (None, None) if sums.dd > 0.0 && !logit_shift.is_some_and(|x| 1.0 - x <= 1e-6) => {
-                "not-carried"
+                CheckKind::NotCarried
             }
             _ => continue, // unchanged and untouched
         };
@@ -506,7 +540,7 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
         if sums.dd == 0.0 && sums.hh == 0.0 {
             c.cos_delta = 1.0; // nothing to carry, nothing carried
         }
-        if matches!(kind, "lora" | "lora-embedding") {
+        if kind.is_factored() {
             c.passed = s.min_cos.map_or(true, |t| c.cos_delta >= t)
                 && s.max_error.map_or(true, |t| c.rel_error_delta <= t)
                 && s.min_weight_cos.map_or(true, |t| c.cos_weight >= t);
@@ -520,13 +554,15 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
     let lost = checks.iter().fold(0.0, |a, (_, ee)| a + ee);
     let not_carried = checks
         .iter()
-        .filter(|(c, _)| c.kind == "not-carried")
+        .filter(|(c, _)| c.kind == CheckKind::NotCarried)
         .fold(0.0, |a, (c, _)| a + c.delta_norm * c.delta_norm);
     let loras = || {
-        checks
-            .iter()
-            .map(|(c, _)| c)
-            .filter(|c| c.kind.starts_with("lora"))
+        checks.iter().map(|(c, _)| c).filter(|c| {
+            matches!(
+                c.kind,
+                CheckKind::Lora | CheckKind::LoraEmbedding | CheckKind::LoraBias
+            )
+        })
     };
     let tensors: Vec<TensorCheck> = checks.iter().map(|(c, _)| c.clone()).collect();
     Ok(VerifyReport {
@@ -537,8 +573,14 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
         lora_alpha: adapter.lora_alpha,
         use_rslora: adapter.use_rslora,
         modules: adapter.modules.len(),
-        saved_whole: tensors.iter().filter(|c| c.kind == "saved-whole").count(),
-        not_carried: tensors.iter().filter(|c| c.kind == "not-carried").count(),
+        saved_whole: tensors
+            .iter()
+            .filter(|c| c.kind == CheckKind::SavedWhole)
+            .count(),
+        not_carried: tensors
+            .iter()
+            .filter(|c| c.kind == CheckKind::NotCarried)
+            .count(),
         delta_sumsq: total,
         share_not_carried: ratio(not_carried, total),
         total_relative_error: ratio(lost, total).sqrt(),

@@ -10,6 +10,7 @@ use common::*;
 use phlora::checkpoint::DType;
 use phlora::extract::{extract, ExtractSettings};
 use phlora::linalg::Method;
+use phlora::report::TensorAction;
 
 const H: usize = 32;
 const I: usize = 48;
@@ -193,7 +194,7 @@ fn adapter_matches_the_peft_format() {
         .iter()
         .find(|t| t.name.ends_with("q_proj.bias"))
         .unwrap();
-    assert_eq!(bias.action, "not-carried");
+    assert_eq!(bias.action, TensorAction::NotCarried);
     // Each not-carried tensor says what share of Σ‖ΔW‖² it holds; shares add up.
     assert!(bias.share > 0.0);
     assert!((bias.share - m.share_not_carried).abs() < 1e-12);

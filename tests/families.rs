@@ -13,6 +13,7 @@ use common::*;
 use faer::Mat;
 use phlora::checkpoint::DType;
 use phlora::extract::{extract, ExtractSettings};
+use phlora::verify::CheckKind;
 
 const R: usize = 4;
 
@@ -910,7 +911,7 @@ fn per_expert_weights_fused_for_transformers_v5() {
     assert!(
         experts
             .iter()
-            .all(|t| t.kind == "lora" && t.rel_error_delta < 1e-2),
+            .all(|t| t.kind == CheckKind::Lora && t.rel_error_delta < 1e-2),
         "{experts:?}"
     );
     let merged = dir.path().join("merged");

@@ -9,6 +9,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::extract_cmd;
+use phlora::verify::CheckKind;
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -602,9 +603,12 @@ fn verify_and_merge_apply_only_the_modules_the_config_targets() {
     let kind = |name: &str| v.tensors.iter().find(|t| t.name == name).map(|t| t.kind);
     assert_eq!(
         kind("model.layers.1.self_attn.q_proj.weight"),
-        Some("not-carried")
+        Some(CheckKind::NotCarried)
     );
-    assert_eq!(kind("model.layers.0.self_attn.q_proj.weight"), Some("lora"));
+    assert_eq!(
+        kind("model.layers.0.self_attn.q_proj.weight"),
+        Some(CheckKind::Lora)
+    );
 
     // A config that targets none of the file's modules: PEFT would load it as a no-op.
     let none = root.join("targets-none");

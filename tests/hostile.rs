@@ -12,6 +12,8 @@ use common::*;
 use phlora::checkpoint::{Checkpoint, DType};
 use phlora::extract::extract;
 use phlora::plan::{Plan, PlanOptions};
+use phlora::report::TensorAction;
+use phlora::verify::CheckKind;
 
 /// A safetensors file from a raw header and data, with no validation at all.
 fn raw_file(path: &Path, header: &[u8], data: &[u8]) {
@@ -206,22 +208,25 @@ fn degenerate_shapes_extract_correctly() {
         .expect("no panic")
         .unwrap();
     for row in &report.tensors {
-        if row.action == "lora" {
+        if row.action == TensorAction::Lora {
             // A constant shift of a 1×n or n×1 matrix is rank 1: carried exactly.
             assert!(row.residual.unwrap() < 1e-5, "{row:?}");
         }
     }
     let by = |n: &str| report.tensors.iter().find(|t| t.name == n).unwrap();
-    assert_eq!(by("model.layers.0.self_attn.q_proj.weight").action, "lora");
+    assert_eq!(
+        by("model.layers.0.self_attn.q_proj.weight").action,
+        TensorAction::Lora
+    );
     assert_eq!(
         by("model.layers.0.self_attn.o_proj.weight").action,
-        "unchanged"
+        TensorAction::Unchanged
     );
     let v = verify_pair(&b, &f, &out).unwrap();
     assert!(
         v.tensors
             .iter()
-            .filter(|t| t.kind == "lora")
+            .filter(|t| t.kind == CheckKind::Lora)
             .all(|t| t.rel_error_delta < 1e-5),
         "{:?}",
         v.tensors

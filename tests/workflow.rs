@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use common::*;
 use phlora::checkpoint::DType;
 use phlora::extract::{extract, ExtractSettings};
+use phlora::report::TensorAction;
+use phlora::verify::CheckKind;
 use phlora::verify::{verify, VerifySettings};
 
 const H: usize = 24;
@@ -138,7 +140,7 @@ fn verify_agrees_with_the_certificate_extract_wrote() {
                 t.name
             );
         }
-        if t.kind == "saved-whole" {
+        if t.kind == CheckKind::SavedWhole {
             assert!(
                 t.rel_error_delta < 1e-6,
                 "{}: norms are saved exactly",
@@ -417,7 +419,7 @@ fn merge_equals_base_plus_ba_to_the_dtype_rounding_in_the_base_layout() {
         let limit = if dtype == DType::BF16 { 0.1 } else { 1e-5 };
         assert_lora_within(&v, limit, "");
         // Nothing outside the adapter differs between the base and the merged model.
-        assert!(v.tensors.iter().all(|t| t.kind != "not-carried"));
+        assert!(v.tensors.iter().all(|t| t.kind != CheckKind::NotCarried));
     }
 }
 
@@ -610,7 +612,11 @@ fn the_energy_policy_meets_its_target_on_every_tensor() {
             },
             false,
         );
-        for t in report.tensors.iter().filter(|t| t.action == "lora") {
+        for t in report
+            .tensors
+            .iter()
+            .filter(|t| t.action == TensorAction::Lora)
+        {
             let s = &exact[&t.name];
             let r = t.rank.unwrap();
             let minimal = (1..=s.len()).find(|&k| energy_at(s, k) >= target).unwrap();
@@ -1261,7 +1267,7 @@ fn tied_lm_heads_are_extracted_against_the_embedding_they_stand_for() {
             "both-tied" => assert!(head_row.is_none(), "{case}"),
             _ => {
                 let row = head_row.unwrap_or_else(|| panic!("{case}: no lm_head row"));
-                assert_eq!(row.action, "lora", "{case}");
+                assert_eq!(row.action, TensorAction::Lora, "{case}");
                 assert!(
                     row.reason.as_deref().unwrap_or("").contains("ties lm_head"),
                     "{case}: {row:?}"
@@ -1320,13 +1326,13 @@ fn lora_bias_carries_the_biases_of_targeted_layers_exactly() {
         .filter(|t| t.name.ends_with(".bias"))
         .collect();
     assert!(
-        !biases.is_empty() && biases.iter().all(|t| t.action == "lora-bias"),
+        !biases.is_empty() && biases.iter().all(|t| t.action == TensorAction::LoraBias),
         "{biases:?}"
     );
     let left: Vec<&str> = report
         .tensors
         .iter()
-        .filter(|t| t.action == "not-carried")
+        .filter(|t| t.action == TensorAction::NotCarried)
         .map(|t| t.name.as_str())
         .collect();
     assert_eq!(
@@ -1364,7 +1370,7 @@ fn lora_bias_carries_the_biases_of_targeted_layers_exactly() {
     }
     let v = verify(&settings(&b, &f, &out)).unwrap();
     assert_eq!(v.not_carried, 1, "the embedding");
-    for t in v.tensors.iter().filter(|t| t.kind == "lora-bias") {
+    for t in v.tensors.iter().filter(|t| t.kind == CheckKind::LoraBias) {
         assert!(t.rel_error_delta < 1e-6, "{t:?}");
     }
     assert!((v.total_relative_error - report.summary.total_relative_error).abs() < 1e-6);
@@ -1385,7 +1391,7 @@ fn lora_bias_carries_the_biases_of_targeted_layers_exactly() {
     assert!(v
         .tensors
         .iter()
-        .filter(|t| t.kind == "lora-bias")
+        .filter(|t| t.kind == CheckKind::LoraBias)
         .all(|t| t.rel_error_delta < 1e-6));
     // vLLM rejects lora_B.bias: refused up front.
     let o = phlora(&[
@@ -1498,11 +1504,11 @@ fn lora_bias_needs_its_layers_factors() {
         let row = |n: &str| report.tensors.iter().find(|t| t.name == n).unwrap();
         assert_eq!(
             row("model.layers.0.self_attn.q_proj.bias").action,
-            "lora-bias",
+            TensorAction::LoraBias,
             "{tag}"
         );
         let k = row("model.layers.0.self_attn.k_proj.bias");
-        assert_eq!(k.action, "not-carried", "{tag}: {k:?}");
+        assert_eq!(k.action, TensorAction::NotCarried, "{tag}: {k:?}");
         assert!(
             k.reason.as_deref().unwrap().contains("no LoRA factors"),
             "{tag}"

@@ -47,7 +47,7 @@ pub(super) fn assemble(
             }
             None => rows.push(TensorReport::new(
                 &item.name,
-                item.action.label(),
+                item.action.outcome(),
                 &item.shape,
             )),
         }
@@ -58,7 +58,9 @@ pub(super) fn assemble(
         .enumerate()
         .filter(|(_, i)| i.action == Action::SaveWhole)
         .collect();
-    let any_whole_changed = whole.iter().any(|&(n, _)| rows[n].action == "save-whole");
+    let any_whole_changed = whole
+        .iter()
+        .any(|&(n, _)| rows[n].action == TensorAction::SaveWhole);
     let stages = outcome.stages;
 
     // Norms are saved whole only if one changed; then every norm is written, so that PEFT's
@@ -80,7 +82,7 @@ pub(super) fn assemble(
         ));
         // rows[i] reports plan.items[i].
         for (row, item) in rows.iter_mut().zip(&plan.items) {
-            if item.action == Action::SaveWhole && row.action == "unchanged" {
+            if item.action == Action::SaveWhole && row.action == TensorAction::Unchanged {
                 row.reason = Some(
                     "unchanged, but written whole: PEFT wraps every norm named in modules_to_save"
                         .into(),
@@ -88,16 +90,19 @@ pub(super) fn assemble(
             }
         }
     } else {
-        for row in rows.iter_mut().filter(|r| r.action == "save-whole") {
-            row.action = "unchanged".into();
+        for row in rows
+            .iter_mut()
+            .filter(|r| r.action == TensorAction::SaveWhole)
+        {
+            row.action = TensorAction::Unchanged;
         }
     }
     // A lora_B.bias needs its layer's factors: a layer whose weight did not change (or got
     // rank 0 under a budget) has none, so its bias is not carried after all.
     for (row, item) in rows.iter_mut().zip(&plan.items) {
-        if row.action == "lora-bias" && !written_modules.contains(&item.module) {
+        if row.action == TensorAction::LoraBias && !written_modules.contains(&item.module) {
             writer.remove(&adapter::lora_b_bias_key(&item.module));
-            row.action = "not-carried".into();
+            row.action = TensorAction::NotCarried;
             row.residual = None;
             row.reason = Some(
                 "bias of a layer with no LoRA factors (its weight did not change, or got rank 0): lora_B.bias needs them"
@@ -127,7 +132,9 @@ pub(super) fn assemble(
     let dropped_norms: Vec<&TensorReport> = rows
         .iter()
         .zip(&plan.items)
-        .filter(|(r, i)| r.action == "not-carried" && crate::names::is_norm_module(&i.module))
+        .filter(|(r, i)| {
+            r.action == TensorAction::NotCarried && crate::names::is_norm_module(&i.module)
+        })
         .map(|(r, _)| r)
         .collect();
     if s.target != Target::Peft && !dropped_norms.is_empty() {
@@ -143,7 +150,7 @@ pub(super) fn assemble(
     let (starved, starved_share) = rows
         .iter()
         .zip(&plan.items)
-        .filter(|(r, i)| r.action == "not-carried" && i.action.is_lora())
+        .filter(|(r, i)| r.action == TensorAction::NotCarried && i.action.is_lora())
         .fold((0, 0.0), |(n, sh), (r, _)| (n + 1, sh + r.share));
     if summary.not_carried > starved {
         tracing::warn!(
@@ -212,7 +219,8 @@ pub(super) fn assemble(
         .iter()
         .zip(&plan.items)
         .filter(|(r, i)| {
-            matches!(&*r.action, "lora" | "lora-embedding") && !matches!(i.form, Form::Expert(_))
+            matches!(r.action, TensorAction::Lora | TensorAction::LoraEmbedding)
+                && !matches!(i.form, Form::Expert(_))
         })
         .filter_map(|(r, item)| Some((item.module.clone(), r.rank?)))
         .collect();
@@ -274,7 +282,7 @@ pub(super) fn assemble(
         targets,
         modules_to_save,
     );
-    config.lora_bias = rows.iter().any(|r| r.action == "lora-bias");
+    config.lora_bias = rows.iter().any(|r| r.action == TensorAction::LoraBias);
     // Routers by suffix (`gate.weight`): transformers v5 renames some MoE blocks in memory
     // (Mixtral's block_sparse_moe becomes mlp), and a suffix matches either name.
     let mut router_names: Vec<String> = routers
@@ -295,7 +303,7 @@ pub(super) fn assemble(
     config.fan_in_fan_out = rows
         .iter()
         .zip(&plan.items)
-        .any(|(r, i)| i.form == Form::Conv1D && r.action == "lora");
+        .any(|(r, i)| i.form == Form::Conv1D && r.action == TensorAction::Lora);
     // Under one rank every factor is padded to it, except a fused parameter whose experts
     // stack parts (gate_up_proj from per-expert gate and up: twice the rank).
     let patterned = |m: &String| !s.rank.uniform() || fused.iter().any(|p| &p.param == m);
@@ -366,7 +374,7 @@ fn low_energy(rows: &[TensorReport], plan: &Plan) -> Option<LowEnergy> {
         .filter(|(r, i)| {
             i.action.is_lora()
                 && !i.is_tied_copy()
-                && (r.residual.is_some() || r.action == "not-carried")
+                && (r.residual.is_some() || r.action == TensorAction::NotCarried)
         })
         .map(|(r, _)| (r, r.residual.map_or(0.0, |e| (1.0 - e * e).max(0.0))))
         .collect();
@@ -410,7 +418,7 @@ fn no_lora_target(s: &ExtractSettings, plan: &Plan, rows: &[TensorReport]) -> Er
     let starved = rows
         .iter()
         .zip(&plan.items)
-        .any(|(r, i)| i.action.is_lora() && r.action == "not-carried");
+        .any(|(r, i)| i.action.is_lora() && r.action == TensorAction::NotCarried);
     let why = match (&s.rank, starved) {
         _ if !plan.items.iter().any(|i| i.action.is_lora()) => {
             "the selected tensors hold no layer weight a LoRA can carry (only norms, biases, …): widen --include or --exclude".to_string()

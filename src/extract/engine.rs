@@ -369,8 +369,8 @@ pub(super) fn stage(
             f.expert,
         )?;
     }
-    if let Some((key, dtype, shape, bytes)) = done.extra.take().filter(|_| !spectrum_only) {
-        writer.add(order, key, dtype, shape, &bytes)?;
+    if let Some(x) = done.extra.take().filter(|_| !spectrum_only) {
+        writer.add(order, x.key, x.dtype, x.shape, &x.bytes)?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::adapter;
 use crate::plan::{Form, Plan};
+use crate::report::TensorAction;
 use crate::report::TensorReport;
 
 /// A fused parameter with factors.
@@ -38,7 +39,8 @@ pub(super) fn fused_params(
     let mut out: Vec<FusedParam> = Vec::new();
     let mut expert_rank: BTreeMap<(String, usize), usize> = BTreeMap::new();
     for (row, item) in rows.iter().zip(&plan.items) {
-        let (Form::Expert(e), "lora", Some(r)) = (&item.form, &*row.action, row.rank) else {
+        let (Form::Expert(e), TensorAction::Lora, Some(r)) = (&item.form, row.action, row.rank)
+        else {
             continue;
         };
         let sum = expert_rank.entry((e.param.clone(), e.index)).or_default();

@@ -19,6 +19,7 @@ use crate::linalg::center::{self, RowCentering};
 use crate::linalg::rank::RankPolicy;
 use crate::linalg::{self, blocked, rsvd, Method, SvdSettings};
 use crate::plan::{Action, Form, PlanItem};
+use crate::report::TensorAction;
 use crate::report::{StageSeconds, TensorReport};
 
 /// Where a tensor's ΔW comes from during the SVD and the residual. Blocked ΔW carries its
@@ -173,14 +174,19 @@ pub(super) struct Finished {
     pub spectrum: Option<Vec<f32>>,
     /// ‖W_base‖² (spectrum-only runs).
     pub base_sumsq: Option<f64>,
-    /// A tensor written as it is: (key, dtype, shape, bytes) — a `lora_B.bias`.
+    /// A tensor written as it is: a `lora_B.bias`.
     pub extra: Option<ExtraTensor>,
     pub stages: StageSeconds,
     pub flops: f64,
 }
 
-/// A tensor written as it is: key, dtype, shape, bytes.
-pub(super) type ExtraTensor = (String, &'static str, Vec<usize>, Vec<u8>);
+/// A tensor written as it is (a `lora_B.bias`), under its adapter key.
+pub(super) struct ExtraTensor {
+    pub key: String,
+    pub dtype: &'static str,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
 
 /// Encoded A and B, named as PEFT reads them.
 pub(super) struct FactorTensors {
@@ -229,12 +235,12 @@ const ENERGY_FIRST_RANK: usize = 32;
 impl<B: Factoring> LoraJob<'_, B> {
     pub fn run(&self) -> std::result::Result<Finished, JobError> {
         let (be, item, ft) = (self.be, self.item, self.ft);
-        let mut row = TensorReport::new(&item.name, item.action.label(), &item.shape);
+        let mut row = TensorReport::new(&item.name, item.action.outcome(), &item.shape);
         row.reason = item.note.clone();
         let mut stages = StageSeconds::default();
         let mut done = Finished {
             index: self.index,
-            row: TensorReport::new(&item.name, item.action.label(), &item.shape),
+            row: TensorReport::new(&item.name, item.action.outcome(), &item.shape),
             factors: None,
             module: None,
             spectrum: None,
@@ -311,14 +317,14 @@ impl<B: Factoring> LoraJob<'_, B> {
         stages.h2d += stats.h2d_seconds;
         stages.delta += (lap(clock) - stats.read_seconds - stats.h2d_seconds).max(0.0);
         if stats.sumsq == 0.0 {
-            row.action = "unchanged".into();
+            row.action = TensorAction::Unchanged;
             done.row = row;
             done.stages = stages;
             return Ok(done);
         }
         // What is left of a pure shift is rounding: ~1e-12 of ‖ΔW‖² (whole), ~1e-14 (blocks).
         if sumsq <= 1e-6 * stats.sumsq {
-            row.action = "unchanged".into();
+            row.action = TensorAction::Unchanged;
             row.reason = Some("only a logit shift, which changes no probability".into());
             done.row = row;
             done.stages = stages;
@@ -327,7 +333,7 @@ impl<B: Factoring> LoraJob<'_, B> {
 
         if cap == 0 {
             // A budget that gives this tensor nothing.
-            row.action = "not-carried".into();
+            row.action = TensorAction::NotCarried;
             row.reason = Some("rank 0 under --budget".into());
             done.row = row;
             done.stages = stages;
@@ -499,8 +505,8 @@ pub(super) fn tied_copy(source: &Finished, index: usize, item: &PlanItem) -> Fin
     row.shape = item.shape.clone();
     row.seconds = 0.0;
     row.stages = StageSeconds::default();
-    if row.action == "lora-embedding" {
-        row.action = "lora".into();
+    if row.action == TensorAction::LoraEmbedding {
+        row.action = TensorAction::Lora;
         row.reason = item.note.clone();
     }
     let factors = source.factors.as_ref().map(|f| {
@@ -677,11 +683,11 @@ pub(super) fn other_item(
     out_dtype: DType,
 ) -> Result<Finished> {
     let clock = Instant::now();
-    let mut row = TensorReport::new(&item.name, item.action.label(), &item.shape);
+    let mut row = TensorReport::new(&item.name, item.action.outcome(), &item.shape);
     let stats = host_delta(base, ft, item, false)?.stats;
     row.delta_norm = stats.sumsq.sqrt();
     if stats.sumsq == 0.0 {
-        row.action = "unchanged".into();
+        row.action = TensorAction::Unchanged;
     } else if let Action::NotCarried(reason) = &item.action {
         row.reason = Some(reason.clone());
     }
@@ -695,12 +701,12 @@ pub(super) fn other_item(
         let mut bytes = Vec::with_capacity(n * out_dtype.size());
         crate::checkpoint::dtype::encode_into(out_dtype, &d, &mut bytes);
         row.residual = Some(0.0);
-        (
-            adapter::lora_b_bias_key(&item.module),
-            out_dtype.as_str(),
-            item.shape.clone(),
+        ExtraTensor {
+            key: adapter::lora_b_bias_key(&item.module),
+            dtype: out_dtype.as_str(),
+            shape: item.shape.clone(),
             bytes,
-        )
+        }
     });
     let stages = StageSeconds {
         delta: lap(clock),

@@ -228,8 +228,8 @@ fn record_sum(factors: Option<&FactorTensors>, extra: Option<&ExtraTensor>) -> S
     if let Some(f) = factors {
         parts.extend([f.a_bytes.as_slice(), f.b_bytes.as_slice()]);
     }
-    if let Some((_, _, _, bytes)) = extra {
-        parts.push(bytes);
+    if let Some(x) = extra {
+        parts.push(&x.bytes);
     }
     format!("{:016x}", checksum(&parts))
 }
@@ -412,11 +412,11 @@ impl Journal {
             None => None,
         };
         let extra = match &done.extra {
-            Some((key, dtype, shape, bytes)) => Some(ExtraRecord {
-                at: put(bytes)?,
-                key: key.clone(),
-                dtype: dtype.to_string(),
-                shape: shape.clone(),
+            Some(x) => Some(ExtraRecord {
+                at: put(&x.bytes)?,
+                key: x.key.clone(),
+                dtype: x.dtype.to_string(),
+                shape: x.shape.clone(),
             }),
             None => None,
         };
@@ -631,7 +631,12 @@ impl Record {
             None => None,
         };
         let extra = match self.extra {
-            Some(x) => Some((x.key, dtype(&x.dtype)?, x.shape, read(x.at)?)),
+            Some(x) => Some(ExtraTensor {
+                dtype: dtype(&x.dtype)?,
+                bytes: read(x.at)?,
+                key: x.key,
+                shape: x.shape,
+            }),
             None => None,
         };
         // A record without its checksum is not trusted either: its bytes cannot be checked.

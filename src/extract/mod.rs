@@ -28,6 +28,7 @@ use crate::factor::Factoring;
 use crate::linalg::rank::{RankPolicy, PORTABLE_RANKS};
 use crate::linalg::{Method, SvdSettings};
 use crate::plan::{Action, Form, Plan, PlanItem, PlanOptions};
+use crate::report::TensorAction;
 use crate::report::{RunReport, StageSeconds, Summary, TensorReport};
 
 /// Which loaders an adapter must satisfy.
@@ -830,23 +831,23 @@ fn summarize(
         } else {
             r.carried_sumsq()
         };
-        match &*r.action {
-            "lora" | "lora-embedding" | "lora-bias" => {
+        match r.action {
+            TensorAction::Lora | TensorAction::LoraEmbedding | TensorAction::LoraBias => {
                 m.lora += 1;
                 lora += sq;
                 let res = r.residual.unwrap_or(0.0);
                 lost += res * res * sq;
                 m.max_residual = m.max_residual.max(res);
             }
-            "save-whole" => {
+            TensorAction::SaveWhole => {
                 m.saved_whole += 1;
                 whole += sq;
             }
-            "not-carried" => {
+            TensorAction::NotCarried => {
                 m.not_carried += 1;
                 not_carried += sq;
             }
-            _ => m.unchanged += 1,
+            TensorAction::Unchanged => m.unchanged += 1,
         }
     }
     let total = lora + whole + not_carried;

@@ -13,6 +13,7 @@ use super::job::{FactorTensors, Finished};
 use super::journal::{Fingerprint, Journal};
 use crate::adapter::AdapterWriter;
 use crate::error::Result;
+use crate::report::TensorAction;
 use crate::report::{StageSeconds, TensorReport};
 
 /// Llama-3-70B: hidden 8192, intermediate 28672, 8 KV heads of 128, vocabulary 128256.
@@ -82,7 +83,11 @@ pub fn bench_sink(out: &Path, rank: usize, layers: usize) -> Result<SinkBench> {
         let (a_len, b_len) = (rank * cols * 2, rows * rank * 2);
         let mut done = Finished {
             index,
-            row: TensorReport::new(&format!("{module}.weight"), "lora", &[*rows, *cols]),
+            row: TensorReport::new(
+                &format!("{module}.weight"),
+                TensorAction::Lora,
+                &[*rows, *cols],
+            ),
             factors: Some(FactorTensors {
                 a_key: crate::adapter::lora_a_key(module),
                 a_shape: vec![rank, *cols],

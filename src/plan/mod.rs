@@ -14,6 +14,7 @@ use crate::checkpoint::fp8::{self, BlockScale};
 use crate::checkpoint::{Checkpoint, DType, TensorEntry};
 use crate::error::{Error, Result};
 use crate::names::{is_conv1d_module, is_norm_module, last_segment, module_of};
+use crate::report::TensorAction;
 
 /// What extract does with a tensor.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -40,14 +41,16 @@ impl Action {
         matches!(self, Action::LoraLinear | Action::LoraEmbedding)
     }
 
-    pub fn label(&self) -> &'static str {
+    /// What the report says of it before any arithmetic (a changed LoRA target or a
+    /// whole-saved tensor may still turn out unchanged).
+    pub fn outcome(&self) -> TensorAction {
         match self {
-            Action::LoraLinear => "lora",
-            Action::LoraEmbedding => "lora-embedding",
-            Action::SaveWhole => "save-whole",
-            Action::LoraBias => "lora-bias",
-            Action::NotCarried(_) => "not-carried",
-            Action::Unchanged => "unchanged",
+            Action::LoraLinear => TensorAction::Lora,
+            Action::LoraEmbedding => TensorAction::LoraEmbedding,
+            Action::SaveWhole => TensorAction::SaveWhole,
+            Action::LoraBias => TensorAction::LoraBias,
+            Action::NotCarried(_) => TensorAction::NotCarried,
+            Action::Unchanged => TensorAction::Unchanged,
         }
     }
 }
