@@ -6,8 +6,17 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::engine::Outcome;
-use super::*;
+use super::pair::{base_model_name, task_type};
+use super::settings::{ExtractSettings, Target};
+use super::{added, fused, memory};
+use crate::adapter::{self, AdapterConfig};
+use crate::checkpoint::{Checkpoint, DType};
+use crate::error::{Error, Result};
+use crate::linalg::rank::{RankPolicy, PORTABLE_RANKS};
+use crate::linalg::Method;
+use crate::plan::{Action, Form, Plan, PlanItem};
 use crate::report::LowEnergy;
+use crate::report::{RunReport, StageSeconds, Summary, TensorAction, TensorReport};
 
 /// What the run that computed the tensors knows besides them.
 pub(super) struct Context {
@@ -431,4 +440,105 @@ fn no_lora_target(s: &ExtractSettings, plan: &Plan, rows: &[TensorReport]) -> Er
     Error::Settings(format!(
         "no tensor gets LoRA factors, and PEFT refuses an adapter without a LoRA target (NoMatchingPeftModuleError): {why}; no adapter is written"
     ))
+}
+
+fn summarize(
+    rows: &[TensorReport],
+    plan: &Plan,
+    started: Instant,
+    input_bytes: u64,
+    flops: f64,
+    stages: StageSeconds,
+) -> Summary {
+    let mut m = Summary {
+        tensors: rows.len(),
+        filtered_out: plan.filtered_out,
+        input_bytes,
+        ..Default::default()
+    };
+    let (mut lora, mut whole, mut lost, mut not_carried) = (0f64, 0f64, 0f64, 0f64);
+    for (r, item) in rows.iter().zip(&plan.items) {
+        // A tied lm_head is the embedding's matrix again: its ΔW is counted once.
+        let sq = if item.is_tied_copy() {
+            0.0
+        } else {
+            r.carried_sumsq()
+        };
+        match r.action {
+            TensorAction::Lora | TensorAction::LoraEmbedding | TensorAction::LoraBias => {
+                m.lora += 1;
+                lora += sq;
+                let res = r.residual.unwrap_or(0.0);
+                lost += res * res * sq;
+                m.max_residual = m.max_residual.max(res);
+            }
+            TensorAction::SaveWhole => {
+                m.saved_whole += 1;
+                whole += sq;
+            }
+            TensorAction::NotCarried => {
+                m.not_carried += 1;
+                not_carried += sq;
+            }
+            TensorAction::Unchanged => m.unchanged += 1,
+        }
+    }
+    let total = lora + whole + not_carried;
+    m.delta_sumsq = total;
+    if total > 0.0 {
+        m.share_lora_targets = lora / total;
+        m.share_saved_whole = whole / total;
+        m.share_not_carried = not_carried / total;
+        m.total_relative_error = ((lost + not_carried) / total).sqrt();
+    }
+    m.seconds = started.elapsed().as_secs_f64();
+    m.peak_rss_bytes = memory::peak_rss_bytes();
+    m.svd_gflops = if stages.svd_randomized > 0.0 {
+        flops / stages.svd_randomized / 1e9
+    } else {
+        0.0
+    };
+    m.stages = stages;
+    m
+}
+
+/// The adapter's `r` and, for a portable adapter, the rank every factor is padded to.
+fn adapter_ranks(
+    policy: &RankPolicy,
+    r_adapter: usize,
+    modules: &[(String, usize)],
+    pinned: Option<usize>,
+    portable: bool,
+) -> Result<(usize, Option<usize>)> {
+    let largest = modules.iter().map(|m| m.1).max().unwrap_or(0);
+    if portable {
+        let wanted = if policy.uniform() { r_adapter } else { largest };
+        let r = PORTABLE_RANKS
+            .iter()
+            .copied()
+            .find(|&r| r >= wanted)
+            .ok_or_else(|| {
+                Error::Settings(format!(
+                    "--portable: rank {wanted} is above the largest rank vLLM accepts ({})",
+                    PORTABLE_RANKS[PORTABLE_RANKS.len() - 1]
+                ))
+            })?;
+        return Ok((r, Some(r)));
+    }
+    if policy.uniform() {
+        return Ok((r_adapter, None));
+    }
+    if let Some(r) = pinned {
+        return Ok((r, None));
+    }
+    // The most common rank (the larger on a tie) needs no pattern entry.
+    let mut count: HashMap<usize, usize> = HashMap::new();
+    for (_, r) in modules {
+        *count.entry(*r).or_default() += 1;
+    }
+    let common = count
+        .into_iter()
+        .max_by_key(|&(r, n)| (n, r))
+        .map_or(largest.max(1), |(r, _)| r);
+    Ok((common, None))
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::TensorSpectrum;
+use super::spectra::TensorSpectrum;
 use crate::error::{Error, Result};
 use crate::linalg::rank::{allocate, default_floor, floor_cost, uniform_rank, RankRule, Spectrum};
 use crate::report::BudgetAllocation;

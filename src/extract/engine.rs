@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::fit::{after_out_of_memory, Fit, Placement, Retry};
 use super::job::{other_item, Finished, JobError, LoraJob};
 use super::journal::{FactorPlaces, Journal};
-use super::ExtractSettings;
+use super::settings::ExtractSettings;
 use crate::adapter::AdapterWriter;
 use crate::backend::{Backend, DeviceWorkers};
 use crate::checkpoint::{Checkpoint, DType};
@@ -494,7 +494,7 @@ impl<B: Factoring> WorkerLoop<'_, B> {
         };
         sh.base.release(&item.base);
         sh.ft.release(&item.ft);
-        super::release_free_heap();
+        super::memory::release_free_heap();
         done.row.seconds = clock.elapsed().as_secs_f64();
         done.row.worker = Some(self.label.clone());
         done.row.stages = done.stages;

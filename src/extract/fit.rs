@@ -2,7 +2,7 @@
 //! at all; what it reserves from the device's budget while it runs; what to try after the
 //! device runs out of memory anyway.
 
-use super::ExtractSettings;
+use super::settings::ExtractSettings;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::plan::PlanItem;

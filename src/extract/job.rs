@@ -6,7 +6,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use super::fit::Fit;
-use super::ExtractSettings;
+use super::settings::ExtractSettings;
 use crate::adapter;
 use crate::adapter::writer::{pad_axis, ExpertPlace};
 use crate::backend::{self, Backend, DeltaInput, DeltaStats};

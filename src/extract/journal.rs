@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::job::{ExtraTensor, FactorTensors, Finished};
-use super::ExtractSettings;
+use super::settings::ExtractSettings;
 use crate::adapter::writer::ExpertPlace;
 use crate::checkpoint::{input, Checkpoint, DType};
 use crate::error::{Error, Result};
@@ -41,7 +41,7 @@ pub struct Fingerprint {
     pub settings: serde_json::Value,
     /// A shard run's share (combine joins parts that differ only in this).
     #[serde(default)]
-    pub shard: Option<super::shard::Shard>,
+    pub shard: Option<super::settings::Shard>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -133,7 +133,7 @@ struct FingerprintSettings<'a> {
     max_vram: Option<u64>,
     plan: &'a crate::plan::PlanOptions,
     base_name: Option<&'a str>,
-    target: super::Target,
+    target: super::settings::Target,
 }
 
 impl<'a> FingerprintSettings<'a> {

@@ -7,7 +7,9 @@ use faer::{Mat, MatRef};
 
 use super::*;
 use crate::backend::cpu::CpuMat;
-use crate::backend::{BackendError, BackendResult, Cpu, DeltaInput, DeltaStats, Op, SvdParts};
+use crate::backend::{
+    Backend, BackendError, BackendResult, Cpu, DeltaInput, DeltaStats, Op, SvdParts,
+};
 
 struct SmallDevice {
     cpu: Cpu,

@@ -9,7 +9,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::journal::{Fingerprint, Journal};
-use super::{assemble, engine, job, ExtractSettings};
+use super::settings::ExtractSettings;
+pub use super::settings::Shard;
+use super::{assemble, engine, job};
 use crate::adapter::AdapterWriter;
 use crate::error::{Error, Result};
 use crate::linalg::rank::RankPolicy;
@@ -17,29 +19,6 @@ use crate::plan::{Action, Plan};
 use crate::report::{RunReport, StageSeconds};
 
 pub const PART_FILE: &str = "phlora-part.json";
-
-/// Shard `index` (1-based) of `count`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Shard {
-    pub index: usize,
-    pub count: usize,
-}
-
-impl Shard {
-    /// "I/N" with 1 ≤ I ≤ N.
-    pub fn parse(text: &str) -> std::result::Result<Shard, String> {
-        let bad = || "expected I/N with 1 ≤ I ≤ N, e.g. 2/8".to_string();
-        let (i, n) = text.split_once('/').ok_or_else(bad)?;
-        let (index, count) = (
-            i.trim().parse().map_err(|_| bad())?,
-            n.trim().parse().map_err(|_| bad())?,
-        );
-        if index == 0 || count == 0 || index > count {
-            return Err(bad());
-        }
-        Ok(Shard { index, count })
-    }
-}
 
 /// What a part says about itself.
 #[derive(Serialize, Deserialize)]
@@ -265,7 +244,7 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
     }
     crate::outdir::ensure_not_input(out, &[(&s.base, "base"), (&s.ft, "fine-tune")])?;
     let _lock = crate::outdir::OutLock::acquire(out, "combine")?;
-    let (base, ft, plan) = super::open_pair(&s)?;
+    let (base, ft, plan) = super::pair::open_pair(&s)?;
     let mut now = Fingerprint::of(&s, &base, &ft)?;
     now.shard = first.fingerprint.shard;
     if !now.same_files_anywhere(&first.fingerprint) {
@@ -282,7 +261,8 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
     }
     // Every part's tensors, by plan index, staged as each journal is read: the factors stay
     // in the parts' journals (the adapter is written from there), not in memory.
-    let mut writer = AdapterWriter::create(out, options.overwrite, super::side_files(&s))?;
+    let mut writer =
+        AdapterWriter::create(out, options.overwrite, super::settings::side_files(&s))?;
     let mut finished: Vec<Option<job::Finished>> = (0..plan.items.len()).map(|_| None).collect();
     let owner = assignment(&plan, count);
     for (d, m) in &markers {
@@ -336,7 +316,7 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
         r_adapter: s.rank.adapter_rank(),
         out_dtype: s
             .out_dtype
-            .unwrap_or_else(|| super::dominant_lora_dtype(&plan)),
+            .unwrap_or_else(|| super::pair::dominant_lora_dtype(&plan)),
         device: format!("{count} parts"),
         // Shards refuse --budget (check_policy).
         allocation: None,
