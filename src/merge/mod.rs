@@ -21,8 +21,10 @@ use crate::checkpoint::{stacked_rows, Checkpoint, TensorEntry, INDEX_FILE};
 use crate::error::{Error, Result};
 use crate::staging::StagedOutput;
 
+mod changes;
 mod vocab;
 
+use changes::{Change, Changes};
 use vocab::{UntiedHead, LM_HEAD};
 
 #[derive(Clone, Debug)]
@@ -47,19 +49,6 @@ pub struct MergeReport {
     /// Other files of the base folder copied over (config, tokenizer, ...).
     pub copied_files: Vec<String>,
     pub seconds: f64,
-}
-
-/// What happens to one tensor.
-enum Change<'a> {
-    Lora(&'a LoraModule),
-    Whole(&'a TensorEntry),
-    /// The layer's bias plus scaling·lora_B.bias.
-    Bias(&'a LoraModule),
-    /// A per-expert weight inside a fused module (`--fuse-experts`): its rows, from `offset`,
-    /// of expert `expert`'s update.
-    ExpertPart(&'a LoraModule, usize, usize),
-    /// A vocabulary matrix grown by the adapter's added rows (added tokens), with its update.
-    Grown(Option<&'a LoraModule>, &'a TensorEntry),
 }
 
 /// A checkpoint's weights: safetensors files and their index.
@@ -112,171 +101,47 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
     let base = Checkpoint::open(&s.base)?;
     let mut adapter = Adapter::open(&s.adapter)?;
     adapter.set_experts_layout(crate::plan::experts_in_out(base.config()));
-    let mut changes: HashMap<&str, Change> = HashMap::new();
-    // Fused modules whose experts the base stores one by one.
-    for t in base.tensors().iter().filter(|t| t.shape.len() == 2) {
-        if let Some((m, e, offset)) = adapter.expert_part(&t.name, t.shape[0], t.shape[1]) {
-            if base.get(&m.param).is_none() && t.float_dtype().is_some() {
-                changes.insert(t.name.as_str(), Change::ExpertPart(m, e, offset));
-            }
-        }
-    }
-    let by_parts: std::collections::HashSet<&str> = changes
-        .values()
-        .filter_map(|c| match c {
-            Change::ExpertPart(m, _, _) => Some(m.param.as_str()),
-            _ => None,
-        })
-        .collect();
-    let mut untied: Option<UntiedHead> = None;
-    for m in &adapter.modules {
-        let name = m.param.clone();
-        if by_parts.contains(name.as_str()) {
-            continue;
-        }
-        let shape = Adapter::weight_shape(m);
-        // A tied lm_head: the model reuses its embedding matrix there. When the lm_head LoRA is
-        // the embedding's transposed (both checkpoints tie it), the embedding's own LoRA
-        // carries the change into the one stored matrix; otherwise the fine-tune untied it,
-        // and the merged checkpoint stores an lm_head of its own.
-        if base.get(&name).is_none() {
-            if let Some(emb) = crate::plan::tied_counterpart(&base, &name, &shape) {
-                if vocab::is_embedding_transposed(&adapter, m, &emb.name) {
-                    tracing::info!(
-                        "{}: the base ties it to its embeddings; merged through the embedding's LoRA",
-                        m.module
-                    );
-                } else {
-                    let added = adapter
-                        .added
-                        .as_ref()
-                        .and_then(|a| a.get(LM_HEAD).or_else(|| a.get(&emb.name)));
-                    let rows = emb.shape[0] + added.map_or(0, |a| a.shape[0]);
-                    if shape != [rows, emb.shape[1]] || emb.float_dtype().is_none() {
-                        return Err(Error::tensor(
-                            adapter.file.path_of(&m.a),
-                            &m.module,
-                            format!("B·A is {shape:?}; the base's tied `{}` (with the added rows) is [{rows}, {}]", emb.name, emb.shape[1]),
-                        ));
-                    }
-                    tracing::info!(
-                        "{}: the base ties it to `{}` but the adapter updates it on its own: the merged checkpoint stores it (tie_word_embeddings false)",
-                        m.module,
-                        emb.name
-                    );
-                    untied = Some(UntiedHead {
-                        lora: m,
-                        emb,
-                        added,
-                    });
-                }
-                continue;
-            }
-        }
-        let t = base.get(&name).ok_or_else(|| {
-            Error::tensor(
-                adapter.file.path_of(&m.a),
-                &m.module,
-                format!("the base has no `{name}` to merge into"),
-            )
-        })?;
-        let grown = vocab::added_rows(&adapter, &name, t, shape[0]);
-        if (t.shape != shape && grown.is_none()) || t.float_dtype().is_none() {
-            return Err(Error::tensor(
-                adapter.file.path_of(&m.a),
-                &m.module,
-                format!(
-                    "B·A is {shape:?}; the base's `{name}` is {:?} {:?}{}",
-                    t.dtype,
-                    t.shape,
-                    if t.shape.first() < shape.first() {
-                        " (the adapter's vocabulary is larger: its added_tokens.safetensors is missing or does not fit)"
-                    } else {
-                        ""
-                    }
-                ),
-            ));
-        }
-        if let Some(added) = grown {
-            changes.insert(t.name.as_str(), Change::Grown(Some(m), added));
-            continue;
-        }
-        changes.insert(t.name.as_str(), Change::Lora(m));
-        if let Some(lb) = &m.bias {
-            let name = format!("{}.bias", m.module);
-            let t = base
-                .get(&name)
-                .filter(|t| t.shape == lb.shape && t.float_dtype().is_some());
-            let t = t.ok_or_else(|| {
-                Error::tensor(
-                    adapter.file.path_of(lb),
-                    &m.module,
-                    format!(
-                        "has a lora_B.bias but the base has no `{name}` of shape {:?}",
-                        lb.shape
-                    ),
-                )
-            })?;
-            changes.insert(t.name.as_str(), Change::Bias(m));
-        }
-    }
-    for (name, w) in &adapter.whole {
-        let t = base.get(name).ok_or_else(|| {
-            Error::tensor(
-                adapter.file.path_of(w),
-                name,
-                "saved whole, but the base has no such tensor",
-            )
-        })?;
-        if t.shape != w.shape || t.float_dtype().is_none() || w.float_dtype().is_none() {
-            return Err(Error::tensor(
-                adapter.file.path_of(w),
-                name,
-                format!(
-                    "saved whole as {:?} {:?}; the base's is {:?} {:?}",
-                    w.dtype, w.shape, t.dtype, t.shape
-                ),
-            ));
-        }
-        if changes.insert(t.name.as_str(), Change::Whole(w)).is_some() {
-            return Err(Error::tensor(
-                adapter.file.path_of(w),
-                name,
-                "has LoRA factors and a whole copy",
-            ));
-        }
-    }
-
-    // Added rows of vocabulary matrices without a LoRA (their shared rows did not change).
-    if let Some(file) = &adapter.added {
-        for a in file.tensors() {
-            let head_rows = untied
-                .as_ref()
-                .is_some_and(|u| u.added.is_some_and(|x| x.name == a.name));
-            if changes.contains_key(a.name.as_str()) || head_rows {
-                continue;
-            }
-            let t = base.get(&a.name).filter(|t| {
-                t.float_dtype().is_some() && t.shape.len() == 2 && t.shape[1] == a.shape[1]
-            });
-            let t = t.ok_or_else(|| {
-                Error::tensor(
-                    file.path_of(a),
-                    &a.name,
-                    format!(
-                        "added rows {:?}, but the base has no such float matrix of that width",
-                        a.shape
-                    ),
-                )
-            })?;
-            changes.insert(t.name.as_str(), Change::Grown(None, a));
-        }
-    }
+    let plan = changes::plan(&base, &adapter)?;
     let folder = std::fs::metadata(&s.base)
         .map(|m| m.is_dir())
         .unwrap_or(false);
-    // What the commit would replace in OUT: weights, the index and config, and the side files
-    // copied from the base folder (and the fine-tune's tokenizer, with added tokens).
+    let staging = staged_output(s, &adapter, folder)?;
+    let mut report = MergeReport {
+        out: s.out.display().to_string(),
+        shards: base.num_shards(),
+        merged: plan.merged(),
+        replaced: plan.replaced(),
+        bytes: 0,
+        copied_files: Vec::new(),
+        seconds: 0.0,
+    };
+    let shards = write_shards(&base, &adapter, &plan, &staging)?;
+    report.bytes = shards.bytes;
+    // Files by name, in the order they move into OUT; the index and config last.
+    let mut moves = shards.files.clone();
+    let mut last = Vec::new();
+    if folder {
+        copy_side_files(
+            s,
+            &adapter,
+            &plan,
+            &shards,
+            &staging,
+            &mut report,
+            &mut moves,
+            &mut last,
+        )?;
+    }
+    report.copied_files.sort();
+    commit(s, staging, moves, last)?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The staging folder inside OUT, and what its commit may replace there: weights, the index
+/// and config, and the side files copied from the base folder (and the fine-tune's tokenizer,
+/// with added tokens).
+fn staged_output(s: &MergeSettings, adapter: &Adapter, folder: bool) -> Result<StagedOutput> {
     let side: std::collections::HashSet<String> = folder
         .then(|| std::fs::read_dir(&s.base).ok())
         .flatten()
@@ -300,26 +165,30 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
             || (side.contains(name) && !name.starts_with(".phlora-"))
     };
     let staging = StagedOutput::create(&s.out, "merge", &replaces, "it", s.overwrite)?;
-    let mut report = MergeReport {
-        out: s.out.display().to_string(),
-        shards: base.num_shards(),
-        merged: changes
-            .values()
-            .filter(|c| {
-                matches!(
-                    c,
-                    Change::Lora(_) | Change::Bias(_) | Change::ExpertPart(..)
-                )
-            })
-            .count(),
-        replaced: changes
-            .values()
-            .filter(|c| matches!(c, Change::Whole(_)))
-            .count(),
-        bytes: 0,
-        copied_files: Vec::new(),
-        seconds: 0.0,
-    };
+    Ok(staging)
+}
+
+/// The shards as written into the staging folder.
+struct WrittenShards {
+    /// Their file names, in order.
+    files: Vec<PathBuf>,
+    bytes: u64,
+    /// The shard an untied lm_head was appended to.
+    head_shard: Option<String>,
+    /// Data bytes the shards grew by (added rows, an untied lm_head).
+    grown_bytes: u64,
+    /// The vocabulary size to write into config.json, when it grew.
+    vocab_size: Option<usize>,
+}
+
+/// Every shard of the base, its changed tensors merged, into the staging folder.
+fn write_shards(
+    base: &Checkpoint,
+    adapter: &Adapter,
+    plan: &Changes,
+    staging: &StagedOutput,
+) -> Result<WrittenShards> {
+    let (changes, untied) = (&plan.by_tensor, &plan.untied);
     let mut by_shard: Vec<Vec<&TensorEntry>> = vec![Vec::new(); base.num_shards()];
     for t in base.tensors() {
         if changes.contains_key(t.name.as_str()) {
@@ -337,10 +206,13 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
     let head_rows = untied
         .as_ref()
         .map(|u| u.emb.shape[0] + u.added.map_or(0, |a| a.shape[0]));
-    // Files by name, in the order they move into OUT.
-    let mut moves: Vec<PathBuf> = Vec::new();
-    let mut head_shard = None;
-    let mut grown_bytes = 0u64;
+    let mut written = WrittenShards {
+        files: Vec::new(),
+        bytes: 0,
+        head_shard: None,
+        grown_bytes: 0,
+        vocab_size: None,
+    };
     for (i, changed) in by_shard.iter_mut().enumerate() {
         changed.sort_by_key(|t| t.start);
         let name = PathBuf::from(base.shard_path(i).file_name().expect("a shard is a file"));
@@ -368,80 +240,101 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
             None
         };
         if head.is_some() {
-            head_shard = Some(name.to_string_lossy().into_owned());
+            written.head_shard = Some(name.to_string_lossy().into_owned());
         }
-        let (written, data_growth) =
-            write_shard(&base, &adapter, i, changed, &changes, header, head, &dst)?;
-        report.bytes += written;
-        grown_bytes += data_growth;
-        moves.push(name);
+        let (bytes, data_growth) =
+            write_shard(base, adapter, i, changed, changes, header, head, &dst)?;
+        written.bytes += bytes;
+        written.grown_bytes += data_growth;
+        written.files.push(name);
     }
-    let vocab_size = grown_rows
+    written.vocab_size = grown_rows
         .values()
         .copied()
         .max()
         .or(head_rows.filter(|_| untied.as_ref().is_some_and(|u| u.added.is_some())));
-    // The other files of the model folder (config, tokenizer, generation config, ...).
-    let mut last = Vec::new();
-    if folder {
-        let entries =
-            std::fs::read_dir(&s.base).map_err(|e| Error::io(&s.base, "cannot list", e))?;
-        for e in entries {
-            let e = e.map_err(|e| Error::io(&s.base, "cannot list", e))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            // Symlinks are followed (a Hugging Face cache snapshot is all symlinks).
-            if is_other_weights(&name) || !copyable(&e.path()) {
-                continue;
-            }
-            let dst = staging.dir().join(&name);
-            if name == "config.json" && (vocab_size.is_some() || untied.is_some()) {
-                let text = input::read_string(&e.path())?;
-                let text = vocab::updated_config(&text, vocab_size, untied.is_some())
-                    .map_err(|err| Error::checkpoint(e.path(), format!("not valid JSON: {err}")))?;
-                std::fs::write(&dst, text).map_err(|err| Error::io(&dst, "cannot write", err))?;
-            } else {
-                std::fs::copy(e.path(), &dst)
-                    .map_err(|err| Error::io(e.path(), "cannot copy", err))?;
-            }
-            report.copied_files.push(name.clone());
-            if name == "config.json" {
-                last.push(PathBuf::from(name))
-            } else {
-                moves.push(PathBuf::from(name))
-            }
+    Ok(written)
+}
+
+/// The other files of the model folder (config, tokenizer, generation config, ...), config.json
+/// and the index updated when the vocabulary grew or an lm_head was untied; with added tokens,
+/// the fine-tune's tokenizer in place of the base's. `last` gets the index and config.
+#[allow(clippy::too_many_arguments)]
+fn copy_side_files(
+    s: &MergeSettings,
+    adapter: &Adapter,
+    plan: &Changes,
+    shards: &WrittenShards,
+    staging: &StagedOutput,
+    report: &mut MergeReport,
+    moves: &mut Vec<PathBuf>,
+    last: &mut Vec<PathBuf>,
+) -> Result<()> {
+    let (untied, vocab_size) = (&plan.untied, shards.vocab_size);
+    let (head_shard, grown_bytes) = (&shards.head_shard, shards.grown_bytes);
+    let entries = std::fs::read_dir(&s.base).map_err(|e| Error::io(&s.base, "cannot list", e))?;
+    for e in entries {
+        let e = e.map_err(|e| Error::io(&s.base, "cannot list", e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        // Symlinks are followed (a Hugging Face cache snapshot is all symlinks).
+        if is_other_weights(&name) || !copyable(&e.path()) {
+            continue;
         }
-        let index = s.base.join(INDEX_FILE);
-        if index.is_file() {
-            let dst = staging.dir().join(INDEX_FILE);
-            if head_shard.is_some() || grown_bytes > 0 {
-                let text = input::read_string(&index)?;
-                let text = vocab::updated_index(&text, head_shard.as_deref(), grown_bytes)
-                    .map_err(|e| Error::checkpoint(&index, format!("not valid JSON: {e}")))?;
-                std::fs::write(&dst, text).map_err(|e| Error::io(&dst, "cannot write", e))?;
-            } else {
-                // Unchanged layout: the index as it is, byte for byte.
-                std::fs::copy(&index, &dst).map_err(|e| Error::io(&index, "cannot copy", e))?;
-            }
-            last.push(PathBuf::from(INDEX_FILE));
+        let dst = staging.dir().join(&name);
+        if name == "config.json" && (vocab_size.is_some() || untied.is_some()) {
+            let text = input::read_string(&e.path())?;
+            let text = vocab::updated_config(&text, vocab_size, untied.is_some())
+                .map_err(|err| Error::checkpoint(e.path(), format!("not valid JSON: {err}")))?;
+            std::fs::write(&dst, text).map_err(|err| Error::io(&dst, "cannot write", err))?;
+        } else {
+            std::fs::copy(e.path(), &dst).map_err(|err| Error::io(e.path(), "cannot copy", err))?;
         }
-        // The fine-tune's tokenizer, which knows the added tokens, replaces the base's.
-        if adapter.added.is_some() {
-            for name in crate::adapter::TOKENIZER_FILES {
-                let src = s.adapter.join(name);
-                if copyable(&src) {
-                    let dst = staging.dir().join(name);
-                    std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, "cannot copy", e))?;
-                    if !report.copied_files.iter().any(|f| f == name) {
-                        report.copied_files.push(name.to_string());
-                        moves.push(PathBuf::from(name));
-                    }
+        report.copied_files.push(name.clone());
+        if name == "config.json" {
+            last.push(PathBuf::from(name))
+        } else {
+            moves.push(PathBuf::from(name))
+        }
+    }
+    let index = s.base.join(INDEX_FILE);
+    if index.is_file() {
+        let dst = staging.dir().join(INDEX_FILE);
+        if head_shard.is_some() || grown_bytes > 0 {
+            let text = input::read_string(&index)?;
+            let text = vocab::updated_index(&text, head_shard.as_deref(), grown_bytes)
+                .map_err(|e| Error::checkpoint(&index, format!("not valid JSON: {e}")))?;
+            std::fs::write(&dst, text).map_err(|e| Error::io(&dst, "cannot write", e))?;
+        } else {
+            // Unchanged layout: the index as it is, byte for byte.
+            std::fs::copy(&index, &dst).map_err(|e| Error::io(&index, "cannot copy", e))?;
+        }
+        last.push(PathBuf::from(INDEX_FILE));
+    }
+    // The fine-tune's tokenizer, which knows the added tokens, replaces the base's.
+    if adapter.added.is_some() {
+        for name in crate::adapter::TOKENIZER_FILES {
+            let src = s.adapter.join(name);
+            if copyable(&src) {
+                let dst = staging.dir().join(name);
+                std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, "cannot copy", e))?;
+                if !report.copied_files.iter().any(|f| f == name) {
+                    report.copied_files.push(name.to_string());
+                    moves.push(PathBuf::from(name));
                 }
             }
         }
     }
-    report.copied_files.sort();
-    // The index and config come last, and their older copies go first: they must not pair
-    // with the new shards, even briefly.
+    Ok(())
+}
+
+/// Moves the staged files in: the index and config last, their older copies (and weights files
+/// of another layout) unlinked first, so that none pairs with the new shards, even briefly.
+fn commit(
+    s: &MergeSettings,
+    staging: StagedOutput,
+    mut moves: Vec<PathBuf>,
+    last: Vec<PathBuf>,
+) -> Result<()> {
     moves.extend(last.iter().cloned());
     // Weights files of another layout (a single file where shards come, other shard names)
     // go too, the index first: beside the new ones, loaders would disagree on the model.
@@ -456,8 +349,7 @@ pub fn merge(s: &MergeSettings) -> Result<MergeReport> {
     stale.sort();
     unlink_first.extend(stale);
     staging.commit(&moves, &unlink_first)?;
-    report.seconds = started.elapsed().as_secs_f64();
-    Ok(report)
+    Ok(())
 }
 
 /// Fault injection for the signal tests: `PHLORA_TEST_MERGE_STALL_MS=N` sleeps N ms before
@@ -509,59 +401,7 @@ fn write_shard(
         write(&src[at..t.start])?;
         let change = &changes[t.name.as_str()];
         let mut put = checked(base, t, culprit(adapter, change), &mut write);
-        match *change {
-            Change::Lora(m) => merged_tensor(base, adapter, t, m, &mut put)?,
-            Change::Grown(m, added) => {
-                let file = adapter.added.as_ref().expect("grown by the added rows");
-                let rows = t.shape[0] + added.shape[0];
-                let source =
-                    |r0: usize, r1: usize| stacked_rows(base, t, Some((file, added)), r0, r1);
-                merged_rows(t, rows, &source, m.map(|m| (adapter, m)), &mut put)?;
-            }
-            Change::ExpertPart(m, e, offset) => {
-                let td = t.float_dtype().expect("checked");
-                let update = adapter.expert_rows(m, e, offset, offset + t.shape[0]);
-                let mut w = vec![0f32; t.numel()];
-                decode_into(td, base.bytes(t), &mut w);
-                for (x, u) in w.iter_mut().zip(&update) {
-                    *x += u;
-                }
-                let mut bytes = Vec::with_capacity(t.nbytes());
-                encode_into(td, &w, &mut bytes);
-                put(&bytes)?;
-            }
-            Change::Bias(m) => {
-                let lb = m.bias.as_ref().expect("only modules with a bias");
-                let (ld, td) = (
-                    lb.float_dtype().expect("checked"),
-                    t.float_dtype().expect("checked"),
-                );
-                let (mut w, mut d) = (vec![0f32; t.numel()], vec![0f32; t.numel()]);
-                decode_into(td, base.bytes(t), &mut w);
-                decode_into(ld, adapter.file.bytes(lb), &mut d);
-                for (x, y) in w.iter_mut().zip(&d) {
-                    *x += m.scaling as f32 * y;
-                }
-                let mut bytes = Vec::with_capacity(t.nbytes());
-                encode_into(td, &w, &mut bytes);
-                put(&bytes)?;
-            }
-            Change::Whole(w) => {
-                let (wd, td) = (
-                    w.float_dtype().expect("checked"),
-                    t.float_dtype().expect("checked"),
-                );
-                if wd == td {
-                    put(adapter.file.bytes(w))?;
-                } else {
-                    let mut v = vec![0f32; w.numel()];
-                    decode_into(wd, adapter.file.bytes(w), &mut v);
-                    let mut bytes = Vec::with_capacity(t.nbytes());
-                    encode_into(td, &v, &mut bytes);
-                    put(&bytes)?;
-                }
-            }
-        }
+        merged_change(base, adapter, t, change, &mut put)?;
         base.release(t);
         at = t.end;
     }
@@ -588,6 +428,69 @@ fn write_shard(
         .map_err(|e| Error::io(dst, "cannot sync", e))?;
     let growth = written as i64 - src.len() as i64 - header_growth;
     Ok((written, growth.max(0) as u64))
+}
+
+/// The new bytes of one changed tensor `t`, written through `put`.
+fn merged_change(
+    base: &Checkpoint,
+    adapter: &Adapter,
+    t: &TensorEntry,
+    change: &Change,
+    put: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    match *change {
+        Change::Lora(m) => merged_tensor(base, adapter, t, m, put)?,
+        Change::Grown(m, added) => {
+            let file = adapter.added.as_ref().expect("grown by the added rows");
+            let rows = t.shape[0] + added.shape[0];
+            let source = |r0: usize, r1: usize| stacked_rows(base, t, Some((file, added)), r0, r1);
+            merged_rows(t, rows, &source, m.map(|m| (adapter, m)), put)?;
+        }
+        Change::ExpertPart(m, e, offset) => {
+            let td = t.float_dtype().expect("checked");
+            let update = adapter.expert_rows(m, e, offset, offset + t.shape[0]);
+            let mut w = vec![0f32; t.numel()];
+            decode_into(td, base.bytes(t), &mut w);
+            for (x, u) in w.iter_mut().zip(&update) {
+                *x += u;
+            }
+            let mut bytes = Vec::with_capacity(t.nbytes());
+            encode_into(td, &w, &mut bytes);
+            put(&bytes)?;
+        }
+        Change::Bias(m) => {
+            let lb = m.bias.as_ref().expect("only modules with a bias");
+            let (ld, td) = (
+                lb.float_dtype().expect("checked"),
+                t.float_dtype().expect("checked"),
+            );
+            let (mut w, mut d) = (vec![0f32; t.numel()], vec![0f32; t.numel()]);
+            decode_into(td, base.bytes(t), &mut w);
+            decode_into(ld, adapter.file.bytes(lb), &mut d);
+            for (x, y) in w.iter_mut().zip(&d) {
+                *x += m.scaling as f32 * y;
+            }
+            let mut bytes = Vec::with_capacity(t.nbytes());
+            encode_into(td, &w, &mut bytes);
+            put(&bytes)?;
+        }
+        Change::Whole(w) => {
+            let (wd, td) = (
+                w.float_dtype().expect("checked"),
+                t.float_dtype().expect("checked"),
+            );
+            if wd == td {
+                put(adapter.file.bytes(w))?;
+            } else {
+                let mut v = vec![0f32; w.numel()];
+                decode_into(wd, adapter.file.bytes(w), &mut v);
+                let mut bytes = Vec::with_capacity(t.nbytes());
+                encode_into(td, &v, &mut bytes);
+                put(&bytes)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The adapter tensor a change comes from (file, key): what a bad merged value is blamed on.
