@@ -9,7 +9,7 @@ use super::engine::Outcome;
 use super::pair::{base_model_name, task_type};
 use super::settings::{ExtractSettings, Target};
 use super::{added, fused, memory};
-use crate::adapter::{self, AdapterConfig};
+use crate::adapter::{self, AdapterConfig, AdapterWriter};
 use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
 use crate::linalg::rank::{RankPolicy, PORTABLE_RANKS};
@@ -40,14 +40,110 @@ pub(super) fn assemble(
     outcome: Outcome,
     cx: &Context,
 ) -> Result<RunReport> {
-    let (started, total_bytes, r_adapter, out_dtype) =
-        (cx.started, cx.input_bytes, cx.r_adapter, cx.out_dtype);
     let mut writer = outcome.writer.expect("extract runs with a writer");
+    // rows[i] reports plan.items[i].
+    let (mut rows, svd_flops, written_modules) = report_rows(plan, outcome.finished);
+    let modules_to_save = save_norms(&mut writer, plan, ft, &mut rows)?;
+    drop_orphan_biases(&mut writer, plan, &mut rows, &written_modules);
+    if writer.num_tensors() == 0 {
+        return Err(Error::Settings(format!(
+            "nothing to write: no selected tensor differs between {} and {}",
+            s.base.display(),
+            s.ft.display()
+        )));
+    }
+    if written_modules.is_empty() {
+        return Err(no_lora_target(s, plan, &rows));
+    }
+    let mut summary = summarize(
+        &rows,
+        plan,
+        cx.started,
+        cx.input_bytes,
+        svd_flops,
+        outcome.stages,
+    );
+    summary.workers = outcome.workers;
+    summary.device_pool_peak_bytes = cx.device_memory_peak;
+    if summary.delta_sumsq > 0.0 {
+        for row in &mut rows {
+            row.share = row.delta_norm * row.delta_norm / summary.delta_sumsq;
+        }
+    }
+    warn_left_out(s, plan, &rows, &summary);
+    summary.low_energy = low_energy(&rows, plan);
+    if let Some(low) = &summary.low_energy {
+        tracing::warn!("{}", low.message());
+    }
+    if let Some((share, n)) = logit_shift_removed(&rows) {
+        tracing::info!(
+            "{n} output head(s) decomposed without their logit shift, which changes no probability: it held {:.1}% of their ‖ΔW‖² (report.json: logit_shift; verify compares that ΔW modulo the shift)",
+            100.0 * share
+        );
+    }
+    let targets = Targets::split(s, plan, written_modules);
+    let ranks = Ranks::of(s, plan, &rows, cx.r_adapter)?;
+    let written_rank = ranks.written(&mut writer);
+    let mut config = AdapterConfig::new(
+        base_model_name(s, base),
+        task_type(base, ft),
+        ranks.config_rank,
+        adapter::target_modules(&targets.modules, |last| paths_named(ft, last)),
+        modules_to_save,
+    );
+    config.lora_bias = rows.iter().any(|r| r.action == TensorAction::LoraBias);
+    config.target_parameters = targets.parameters(&ranks.fused);
+    // GPT-2's Conv1D layers store [in, out] (PEFT sets fan_in_fan_out per layer anyway).
+    config.fan_in_fan_out = rows
+        .iter()
+        .zip(&plan.items)
+        .any(|(r, i)| i.form == Form::Conv1D && r.action == TensorAction::Lora);
+    ranks.patterns(s, &targets, &mut config);
+    let report = RunReport {
+        phlora_version: env!("CARGO_PKG_VERSION"),
+        base: s.base.display().to_string(),
+        ft: s.ft.display().to_string(),
+        out: s.out.display().to_string(),
+        device: cx.device.clone(),
+        rank: ranks.config_rank,
+        svd: s.svd.method.as_str(),
+        oversample: (s.svd.method == Method::Randomized)
+            .then(|| s.svd.oversample_for(cx.r_adapter)),
+        power_iters: s.svd.power_iters,
+        seed: s.svd.seed,
+        out_dtype: cx.out_dtype.to_string(),
+        budget: cx.allocation.clone(),
+        summary,
+        tensors: rows,
+    };
+    let staged = added::stage(&mut writer, plan, ft)?;
+    if !staged.is_empty() {
+        tracing::info!(
+            "added tokens: {} written beside the adapter; resize the base's embeddings to the fine-tune's vocabulary and copy the new rows in before loading it (README: added tokens)",
+            staged.join(", ")
+        );
+    }
+    let config_json = serde_json::to_string_pretty(&config).expect("config serializes");
+    let report_json = serde_json::to_string_pretty(&report).expect("report serializes");
+    writer.commit(
+        &config_json,
+        &report_json,
+        &|key| written_rank.get(key).copied(),
+        s.max_shard_size,
+    )?;
+    Ok(report)
+}
+
+/// One report row per plan item (in plan order), the SVDs' flops, and the modules that got
+/// LoRA factors.
+fn report_rows(
+    plan: &Plan,
+    finished: Vec<Option<super::job::Finished>>,
+) -> (Vec<TensorReport>, f64, Vec<String>) {
     let mut svd_flops = 0f64;
     let mut written_modules: Vec<String> = Vec::new();
-    // rows[i] reports plan.items[i].
     let mut rows: Vec<TensorReport> = Vec::with_capacity(plan.items.len());
-    for (item, done) in plan.items.iter().zip(outcome.finished) {
+    for (item, done) in plan.items.iter().zip(finished) {
         match done {
             Some(done) => {
                 svd_flops += done.flops;
@@ -61,6 +157,18 @@ pub(super) fn assemble(
             )),
         }
     }
+    (rows, svd_flops, written_modules)
+}
+
+/// Norms are saved whole only if one changed; then every norm is written, so that PEFT's
+/// suffix matching on modules_to_save finds a tensor for each module it wraps. Returns
+/// modules_to_save.
+fn save_norms(
+    writer: &mut AdapterWriter,
+    plan: &Plan,
+    ft: &Checkpoint,
+    rows: &mut [TensorReport],
+) -> Result<Option<Vec<String>>> {
     let whole: Vec<(usize, &PlanItem)> = plan
         .items
         .iter()
@@ -70,44 +178,46 @@ pub(super) fn assemble(
     let any_whole_changed = whole
         .iter()
         .any(|&(n, _)| rows[n].action == TensorAction::SaveWhole);
-    let stages = outcome.stages;
-
-    // Norms are saved whole only if one changed; then every norm is written, so that PEFT's
-    // suffix matching on modules_to_save finds a tensor for each module it wraps.
-    let mut modules_to_save = None;
-    if any_whole_changed {
-        for &(index, item) in &whole {
-            let dtype = item.ft.float_dtype().expect("validated by the planner");
-            writer.add(
-                2 * index as u64,
-                adapter::whole_key(&item.name),
-                dtype.as_str(),
-                item.shape.clone(),
-                ft.bytes(&item.ft),
-            )?;
-        }
-        modules_to_save = Some(adapter::modules_to_save(
-            plan.norm_module_names().into_iter().collect(),
-        ));
-        // rows[i] reports plan.items[i].
-        for (row, item) in rows.iter_mut().zip(&plan.items) {
-            if item.action == Action::SaveWhole && row.action == TensorAction::Unchanged {
-                row.reason = Some(
-                    "unchanged, but written whole: PEFT wraps every norm named in modules_to_save"
-                        .into(),
-                );
-            }
-        }
-    } else {
+    if !any_whole_changed {
         for row in rows
             .iter_mut()
             .filter(|r| r.action == TensorAction::SaveWhole)
         {
             row.action = TensorAction::Unchanged;
         }
+        return Ok(None);
     }
-    // A lora_B.bias needs its layer's factors: a layer whose weight did not change (or got
-    // rank 0 under a budget) has none, so its bias is not carried after all.
+    for &(index, item) in &whole {
+        let dtype = item.ft.float_dtype().expect("validated by the planner");
+        writer.add(
+            2 * index as u64,
+            adapter::whole_key(&item.name),
+            dtype.as_str(),
+            item.shape.clone(),
+            ft.bytes(&item.ft),
+        )?;
+    }
+    for (row, item) in rows.iter_mut().zip(&plan.items) {
+        if item.action == Action::SaveWhole && row.action == TensorAction::Unchanged {
+            row.reason = Some(
+                "unchanged, but written whole: PEFT wraps every norm named in modules_to_save"
+                    .into(),
+            );
+        }
+    }
+    Ok(Some(adapter::modules_to_save(
+        plan.norm_module_names().into_iter().collect(),
+    )))
+}
+
+/// A lora_B.bias needs its layer's factors: a layer whose weight did not change (or got rank 0
+/// under a budget) has none, so its bias is not carried after all.
+fn drop_orphan_biases(
+    writer: &mut AdapterWriter,
+    plan: &Plan,
+    rows: &mut [TensorReport],
+    written_modules: &[String],
+) {
     for (row, item) in rows.iter_mut().zip(&plan.items) {
         if row.action == TensorAction::LoraBias && !written_modules.contains(&item.module) {
             writer.remove(&adapter::lora_b_bias_key(&item.module));
@@ -119,25 +229,11 @@ pub(super) fn assemble(
             );
         }
     }
-    if writer.num_tensors() == 0 {
-        return Err(Error::Settings(format!(
-            "nothing to write: no selected tensor differs between {} and {}",
-            s.base.display(),
-            s.ft.display()
-        )));
-    }
-    if written_modules.is_empty() {
-        return Err(no_lora_target(s, plan, &rows));
-    }
+}
 
-    let mut summary = summarize(&rows, plan, started, total_bytes, svd_flops, stages);
-    summary.workers = outcome.workers;
-    summary.device_pool_peak_bytes = cx.device_memory_peak;
-    if summary.delta_sumsq > 0.0 {
-        for row in &mut rows {
-            row.share = row.delta_norm * row.delta_norm / summary.delta_sumsq;
-        }
-    }
+/// Warnings for what the adapter leaves out: norms a non-PEFT target cannot save, tensors a
+/// LoRA cannot carry, and LoRA targets a budget gave rank 0.
+fn warn_left_out(s: &ExtractSettings, plan: &Plan, rows: &[TensorReport], summary: &Summary) {
     let dropped_norms: Vec<&TensorReport> = rows
         .iter()
         .zip(&plan.items)
@@ -174,198 +270,204 @@ pub(super) fn assemble(
             100.0 * starved_share
         );
     }
-    summary.low_energy = low_energy(&rows, plan);
-    if let Some(low) = &summary.low_energy {
-        tracing::warn!("{}", low.message());
-    }
-    if let Some((share, n)) = logit_shift_removed(&rows) {
-        tracing::info!(
-            "{n} output head(s) decomposed without their logit shift, which changes no probability: it held {:.1}% of their ‖ΔW‖² (report.json: logit_shift; verify compares that ΔW modulo the shift)",
-            100.0 * share
-        );
-    }
-    // MoE routers go to PEFT as target parameters (`mlp.gate.weight`): transformers v5 makes
-    // several of them router classes that target_modules cannot wrap. Their keys are the same.
-    let routers: Vec<String> = if s.target == Target::Peft {
-        written_modules
-            .iter()
-            .filter(|m| crate::plan::is_router(m, &plan.items))
-            .cloned()
-            .collect()
-    } else {
-        Vec::new()
-    };
-    written_modules.retain(|m| !routers.contains(m));
-    // With --fuse-experts, the other MLP layers named like experts (a dense MLP, a shared
-    // expert) go to PEFT as target parameters by path: PEFT's conversion to transformers v5
-    // turns every `gate_proj`/`up_proj`/`down_proj` in target_modules into the fused experts'
-    // parameters, which would drop their LoRA (seen with DeepSeek-V3).
-    let mlp_params: Vec<String> = if s.plan.fuse_experts {
-        written_modules
-            .iter()
-            .filter(|m| crate::names::fused_target(crate::names::last_segment(m)).is_some())
-            .cloned()
-            .collect()
-    } else {
-        Vec::new()
-    };
-    written_modules.retain(|m| !mlp_params.contains(m));
-    let targets = adapter::target_modules(&written_modules, |last| {
-        let mut paths: Vec<String> = ft
-            .tensors()
-            .iter()
-            .map(|t| crate::names::module_of(&t.name))
-            .filter(|m| crate::names::last_segment(m) == last)
-            .map(str::to_string)
-            .collect();
-        paths.dedup();
-        paths
-    });
-    // Ranks per module: one uniform r, or the most common one with rank_pattern (and
-    // alpha_pattern, so that every scaling is 1) for the others; or, portable, all padded
-    // to one rank vLLM accepts.
-    let module_ranks: Vec<(String, usize)> = rows
-        .iter()
-        .zip(&plan.items)
-        .filter(|(r, i)| {
-            matches!(r.action, TensorAction::Lora | TensorAction::LoraEmbedding)
-                && !matches!(i.form, Form::Expert(_))
-        })
-        .filter_map(|(r, item)| Some((item.module.clone(), r.rank?)))
-        .collect();
-    // Fused expert parameters: one rank per parameter (its largest expert's), ranked and
-    // patterned by their path like modules.
-    let fused = fused::fused_params(&rows, plan, s.rank.uniform().then_some(r_adapter));
-    fused::warn_unknown_order(&fused);
-    // Per-expert MoE weights all take one rank, the largest expert's (smaller experts are
-    // zero-padded at commit), and it is the adapter's r: PEFT converts a per-expert adapter to
-    // transformers v5's fused experts at the config's r, without rank_pattern, and vLLM needs
-    // one rank per module anyway.
-    let experts_rank = module_ranks
-        .iter()
-        .filter(|(m, _)| crate::names::expert_group(m).is_some())
-        .map(|(_, r)| *r)
-        .max();
-    let module_ranks: Vec<(String, usize)> = module_ranks
-        .into_iter()
-        .map(|(m, r)| {
-            let shared = crate::names::expert_group(&m).and(experts_rank);
-            (m, shared.unwrap_or(r))
-        })
-        .collect();
-    let module_ranks: Vec<(String, usize)> = module_ranks
-        .into_iter()
-        .chain(fused.iter().map(|p| (p.param.clone(), p.rank)))
-        .collect();
-    let (config_rank, pad_to) = adapter_ranks(
-        &s.rank,
-        r_adapter,
-        &module_ranks,
-        experts_rank,
-        s.target != Target::Peft,
-    )?;
-    // The rank each factor is written at, by tensor key.
-    let mut written_rank: HashMap<String, usize> = module_ranks
-        .iter()
-        .flat_map(|(m, r)| {
-            let r = pad_to.unwrap_or(*r);
-            [
-                adapter::lora_a_key(m),
-                adapter::lora_b_key(m),
-                adapter::embedding_a_key(m),
-                adapter::embedding_b_key(m),
-            ]
-            .map(|k| (k, r))
-        })
-        .collect();
-    for (p, keys) in fused.iter().zip(fused::peft_keys(&fused)) {
-        for (staged, key) in p.staged_keys().iter().zip(keys) {
-            writer.rename(staged, &key);
-            written_rank.insert(key, pad_to.unwrap_or(p.rank));
+}
+
+/// The modules with factors, by how the config names them: target_modules, and the ones PEFT
+/// must take as target_parameters.
+struct Targets {
+    modules: Vec<String>,
+    /// MoE routers (`mlp.gate`): transformers v5 makes several of them router classes that
+    /// target_modules cannot wrap. Their keys are the same.
+    routers: Vec<String>,
+    /// With --fuse-experts, the other MLP layers named like experts (a dense MLP, a shared
+    /// expert), by path: PEFT's conversion to transformers v5 turns every
+    /// `gate_proj`/`up_proj`/`down_proj` in target_modules into the fused experts'
+    /// parameters, which would drop their LoRA (seen with DeepSeek-V3).
+    mlp_params: Vec<String>,
+}
+
+impl Targets {
+    fn split(s: &ExtractSettings, plan: &Plan, mut modules: Vec<String>) -> Targets {
+        let routers: Vec<String> = if s.target == Target::Peft {
+            modules
+                .iter()
+                .filter(|m| crate::plan::is_router(m, &plan.items))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        modules.retain(|m| !routers.contains(m));
+        let mlp_params: Vec<String> = if s.plan.fuse_experts {
+            modules
+                .iter()
+                .filter(|m| crate::names::fused_target(crate::names::last_segment(m)).is_some())
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        modules.retain(|m| !mlp_params.contains(m));
+        Targets {
+            modules,
+            routers,
+            mlp_params,
         }
     }
-    let mut config = AdapterConfig::new(
-        base_model_name(s, base),
-        task_type(base, ft),
-        config_rank,
-        targets,
-        modules_to_save,
-    );
-    config.lora_bias = rows.iter().any(|r| r.action == TensorAction::LoraBias);
-    // Routers by suffix (`gate.weight`): transformers v5 renames some MoE blocks in memory
-    // (Mixtral's block_sparse_moe becomes mlp), and a suffix matches either name.
-    let mut router_names: Vec<String> = routers
-        .iter()
-        .map(|m| format!("{}.weight", crate::names::last_segment(m)))
-        .collect();
-    router_names.sort();
-    router_names.dedup();
-    let target_parameters: Vec<String> = router_names
-        .into_iter()
-        .chain(mlp_params.iter().map(|m| format!("{m}.weight")))
-        .chain(fused.iter().map(|p| p.param.clone()))
-        .collect();
-    if !target_parameters.is_empty() {
-        config.target_parameters = Some(target_parameters);
-    }
-    // GPT-2's Conv1D layers store [in, out] (PEFT sets fan_in_fan_out per layer anyway).
-    config.fan_in_fan_out = rows
-        .iter()
-        .zip(&plan.items)
-        .any(|(r, i)| i.form == Form::Conv1D && r.action == TensorAction::Lora);
-    // Under one rank every factor is padded to it, except a fused parameter whose experts
-    // stack parts (gate_up_proj from per-expert gate and up: twice the rank).
-    let patterned = |m: &String| !s.rank.uniform() || fused.iter().any(|p| &p.param == m);
-    if pad_to.is_none() {
-        for (module, r) in module_ranks
+
+    /// target_parameters: routers by suffix (`gate.weight`: transformers v5 renames some MoE
+    /// blocks in memory, Mixtral's block_sparse_moe becomes mlp, and a suffix matches either),
+    /// the MLP layers by path, and the fused expert parameters.
+    fn parameters(&self, fused: &[fused::FusedParam]) -> Option<Vec<String>> {
+        let mut router_names: Vec<String> = self
+            .routers
             .iter()
-            .filter(|(m, r)| *r != config_rank && patterned(m))
+            .map(|m| format!("{}.weight", crate::names::last_segment(m)))
+            .collect();
+        router_names.sort();
+        router_names.dedup();
+        let params: Vec<String> = router_names
+            .into_iter()
+            .chain(self.mlp_params.iter().map(|m| format!("{m}.weight")))
+            .chain(fused.iter().map(|p| p.param.clone()))
+            .collect();
+        (!params.is_empty()).then_some(params)
+    }
+
+    /// The key PEFT matches a module's rank_pattern entry against.
+    fn pattern_key(&self, module: &str) -> String {
+        if self.routers.iter().any(|m| m == module) {
+            crate::plan::router_pattern(module)
+        } else if self.mlp_params.iter().any(|m| m == module) {
+            // A target parameter's pattern is matched against the parameter's path.
+            regex::escape(&format!("{module}.weight"))
+        } else {
+            crate::names::expert_group(module).unwrap_or_else(|| regex::escape(module))
+        }
+    }
+}
+
+/// paths of `ft`'s modules whose last segment is `last`.
+fn paths_named(ft: &Checkpoint, last: &str) -> Vec<String> {
+    let mut paths: Vec<String> = ft
+        .tensors()
+        .iter()
+        .map(|t| crate::names::module_of(&t.name))
+        .filter(|m| crate::names::last_segment(m) == last)
+        .map(str::to_string)
+        .collect();
+    paths.dedup();
+    paths
+}
+
+/// Ranks per module: one uniform r, or the most common one with rank_pattern (and
+/// alpha_pattern, so that every scaling is 1) for the others; or, portable, all padded to one
+/// rank vLLM accepts.
+struct Ranks {
+    /// (module or fused parameter, rank).
+    modules: Vec<(String, usize)>,
+    /// Fused expert parameters: one rank per parameter (its largest expert's), ranked and
+    /// patterned by their path like modules.
+    fused: Vec<fused::FusedParam>,
+    config_rank: usize,
+    /// The rank every factor is padded to (a portable adapter).
+    pad_to: Option<usize>,
+}
+
+impl Ranks {
+    fn of(
+        s: &ExtractSettings,
+        plan: &Plan,
+        rows: &[TensorReport],
+        r_adapter: usize,
+    ) -> Result<Ranks> {
+        let module_ranks: Vec<(String, usize)> = rows
+            .iter()
+            .zip(&plan.items)
+            .filter(|(r, i)| {
+                matches!(r.action, TensorAction::Lora | TensorAction::LoraEmbedding)
+                    && !matches!(i.form, Form::Expert(_))
+            })
+            .filter_map(|(r, item)| Some((item.module.clone(), r.rank?)))
+            .collect();
+        let fused = fused::fused_params(rows, plan, s.rank.uniform().then_some(r_adapter));
+        fused::warn_unknown_order(&fused);
+        // Per-expert MoE weights all take one rank, the largest expert's (smaller experts are
+        // zero-padded at commit), and it is the adapter's r: PEFT converts a per-expert
+        // adapter to transformers v5's fused experts at the config's r, without rank_pattern,
+        // and vLLM needs one rank per module anyway.
+        let experts_rank = module_ranks
+            .iter()
+            .filter(|(m, _)| crate::names::expert_group(m).is_some())
+            .map(|(_, r)| *r)
+            .max();
+        let modules: Vec<(String, usize)> = module_ranks
+            .into_iter()
+            .map(|(m, r)| {
+                let shared = crate::names::expert_group(&m).and(experts_rank);
+                (m, shared.unwrap_or(r))
+            })
+            .chain(fused.iter().map(|p| (p.param.clone(), p.rank)))
+            .collect();
+        let (config_rank, pad_to) = adapter_ranks(
+            &s.rank,
+            r_adapter,
+            &modules,
+            experts_rank,
+            s.target != Target::Peft,
+        )?;
+        Ok(Ranks {
+            modules,
+            fused,
+            config_rank,
+            pad_to,
+        })
+    }
+
+    /// The rank each factor is written at, by tensor key; the fused parameters' staged keys
+    /// renamed to PEFT's.
+    fn written(&self, writer: &mut AdapterWriter) -> HashMap<String, usize> {
+        let mut written_rank: HashMap<String, usize> = self
+            .modules
+            .iter()
+            .flat_map(|(m, r)| {
+                let r = self.pad_to.unwrap_or(*r);
+                [
+                    adapter::lora_a_key(m),
+                    adapter::lora_b_key(m),
+                    adapter::embedding_a_key(m),
+                    adapter::embedding_b_key(m),
+                ]
+                .map(|k| (k, r))
+            })
+            .collect();
+        for (p, keys) in self.fused.iter().zip(fused::peft_keys(&self.fused)) {
+            for (staged, key) in p.staged_keys().iter().zip(keys) {
+                writer.rename(staged, &key);
+                written_rank.insert(key, self.pad_to.unwrap_or(p.rank));
+            }
+        }
+        written_rank
+    }
+
+    /// rank_pattern and alpha_pattern for the modules off the config's rank. Under one rank
+    /// every factor is padded to it, except a fused parameter whose experts stack parts
+    /// (gate_up_proj from per-expert gate and up: twice the rank).
+    fn patterns(&self, s: &ExtractSettings, targets: &Targets, config: &mut AdapterConfig) {
+        if self.pad_to.is_some() {
+            return;
+        }
+        let patterned = |m: &String| !s.rank.uniform() || self.fused.iter().any(|p| &p.param == m);
+        for (module, r) in self
+            .modules
+            .iter()
+            .filter(|(m, r)| *r != self.config_rank && patterned(m))
         {
-            // PEFT matches a target parameter's pattern against the parameter's path.
-            let key = if routers.contains(module) {
-                crate::plan::router_pattern(module)
-            } else if mlp_params.contains(module) {
-                regex::escape(&format!("{module}.weight"))
-            } else {
-                crate::names::expert_group(module).unwrap_or_else(|| regex::escape(module))
-            };
+            let key = targets.pattern_key(module);
             config.rank_pattern.insert(key.clone(), *r);
             config.alpha_pattern.insert(key, *r as f64);
         }
     }
-
-    let report = RunReport {
-        phlora_version: env!("CARGO_PKG_VERSION"),
-        base: s.base.display().to_string(),
-        ft: s.ft.display().to_string(),
-        out: s.out.display().to_string(),
-        device: cx.device.clone(),
-        rank: config_rank,
-        svd: s.svd.method.as_str(),
-        oversample: (s.svd.method == Method::Randomized).then(|| s.svd.oversample_for(r_adapter)),
-        power_iters: s.svd.power_iters,
-        seed: s.svd.seed,
-        out_dtype: out_dtype.to_string(),
-        budget: cx.allocation.clone(),
-        summary,
-        tensors: rows,
-    };
-    let staged = added::stage(&mut writer, plan, ft)?;
-    if !staged.is_empty() {
-        tracing::info!(
-            "added tokens: {} written beside the adapter; resize the base's embeddings to the fine-tune's vocabulary and copy the new rows in before loading it (README: added tokens)",
-            staged.join(", ")
-        );
-    }
-    let config_json = serde_json::to_string_pretty(&config).expect("config serializes");
-    let report_json = serde_json::to_string_pretty(&report).expect("report serializes");
-    writer.commit(
-        &config_json,
-        &report_json,
-        &|key| written_rank.get(key).copied(),
-        s.max_shard_size,
-    )?;
-    Ok(report)
 }
 
 /// Below these, an adapter keeps too little to be trusted: the LoRA targets' share of
