@@ -9,7 +9,8 @@
 #   diff /tmp/old.sha /tmp/new.sha && echo same bytes
 #
 # Optional: FT_PAIR=DIR with DIR/base and DIR/domain (a genuine fine-tune, scripts/make_finetune.py)
-# adds that pair. report.json, analysis.json and the plots carry timings or floats formatted for
+# adds that pair; FAMILY_PAIRS=DIR (scripts/family_pairs.py DIR) adds MoE (per-expert, fused,
+# gpt-oss), GPT-2 Conv1D and added-token pairs, each extracted and merged back. report.json, analysis.json and the plots carry timings or floats formatted for
 # people and are left out; their numbers are in the CSV.
 set -euo pipefail
 bin=$(realpath "$1")
@@ -58,6 +59,26 @@ if [ -n "${FT_PAIR:-}" ]; then
     q extract --base "$FT_PAIR/base" --ft "$FT_PAIR/domain" --out ft-r16 --device cpu -r 16
     q extract --base "$FT_PAIR/base" --ft "$FT_PAIR/domain" --out ft-budget --device cpu \
         --budget 2000000
+fi
+if [ -n "${FAMILY_PAIRS:-}" ]; then
+    f=$FAMILY_PAIRS
+    fx() { # name, pair, then extract arguments
+        local name=$1 p=$2; shift 2
+        q extract --base "$f/$p/base" --ft "$f/$p/ft" --out "$name" --device cpu "$@"
+        q merge --base "$f/$p/base" --adapter "$name" --out "$name-merged"
+    }
+    fx mixtral mixtral -r 8
+    fx qwen2moe qwen2moe -r 8
+    fx qwen2moe-fused qwen2moe -r 8 --fuse-experts
+    fx qwen2moe-budget qwen2moe --budget 150000 --fuse-experts
+    fx mixtral-budget mixtral --budget 100000
+    fx mixtral-vllm mixtral -r 8 --target vllm
+    fx fused fused -r 8
+    fx fused-budget fused --budget 100000
+    fx gptoss gptoss -r 8
+    fx gpt2 gpt2 -r 8
+    fx gpt2-bias gpt2 -r 8 --lora-bias --no-embeddings
+    fx added added -r 8 --added-tokens
 fi
 find . -type f \( -name '*.safetensors' -o -name 'adapter_config.json' -o -name '*.index.json' \
     -o -name 'analysis.csv' -o -path './merged/*.json' \) ! -path './*/base/*' ! -path './*/ft/*' \
