@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Behaviour check for refactors: runs one phlora binary over a fixed set of CPU extractions,
 # merges and analyses, and lists the SHA-256 of every output that must not change (adapter
-# tensors and config, merged checkpoints, analysis CSV). Run it with the old and the new
+# tensors and config, merged checkpoints, analysis CSV, verify's JSON). Run it with the old and
 # binary and compare the two lists:
 #
 #   scripts/same-bytes.sh OLD_BIN /tmp/sb-old >/tmp/old.sha
@@ -28,6 +28,8 @@ synth() { # dir, vocabulary, then synth arguments
 x() { # name, pair, then extract arguments
     local name=$1 pair=$2; shift 2
     q extract --base "$pair/base" --ft "$pair/ft" --out "$name" --device cpu "$@"
+    [[ " $* " == *" --shard "* ]] ||
+        "$bin" -q verify --base "$pair/base" --ft "$pair/ft" --adapter "$name" --json >"$name/verify.json"
 }
 
 synth bf16 1024
@@ -65,6 +67,7 @@ if [ -n "${FAMILY_PAIRS:-}" ]; then
     fx() { # name, pair, then extract arguments
         local name=$1 p=$2; shift 2
         q extract --base "$f/$p/base" --ft "$f/$p/ft" --out "$name" --device cpu "$@"
+        "$bin" -q verify --base "$f/$p/base" --ft "$f/$p/ft" --adapter "$name" --json >"$name/verify.json"
         q merge --base "$f/$p/base" --adapter "$name" --out "$name-merged"
     }
     fx mixtral mixtral -r 8
@@ -81,5 +84,5 @@ if [ -n "${FAMILY_PAIRS:-}" ]; then
     fx added added -r 8 --added-tokens
 fi
 find . -type f \( -name '*.safetensors' -o -name 'adapter_config.json' -o -name '*.index.json' \
-    -o -name 'analysis.csv' -o -path './merged/*.json' \) ! -path './*/base/*' ! -path './*/ft/*' \
+    -o -name 'analysis.csv' -o -name 'verify.json' -o -path './merged/*.json' \) ! -path './*/base/*' ! -path './*/ft/*' \
     | LC_ALL=C sort | xargs sha256sum

@@ -332,11 +332,35 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
     let ft = Checkpoint::open(&s.ft)?;
     let mut adapter = Adapter::open(&s.adapter)?;
     adapter.set_experts_layout(crate::plan::experts_in_out(base.config()));
+    check_fits(&adapter, &ft)?;
     let by_param: HashMap<&str, &LoraModule> = adapter
         .modules
         .iter()
         .map(|m| (m.param.as_str(), m))
         .collect();
+    let shifted = shift_removed(&adapter.dir);
+    let mut checks = Vec::new();
+    for (name, bt, ftt) in weight_pairs(&base, &ft)? {
+        let side = base_side(&base, bt, &ft, ftt, &name, adapter.added.as_ref())?;
+        if bt.float_dtype().is_none() || ftt.float_dtype().is_none() {
+            continue; // not a weight phlora reads (the adapter cannot touch it either)
+        }
+        let source = Source::of(&adapter, &by_param, &name, ftt);
+        let pair = Weight {
+            name: &name,
+            base: (&base, bt),
+            ft: (&ft, ftt),
+            side,
+            shifted: shifted.contains(&name),
+        };
+        checks.extend(check_weight(s, &adapter, &source, pair)?);
+    }
+    Ok(report(s, &adapter, checks))
+}
+
+/// Every module and whole tensor of the adapter must land on a float weight of the pair, of
+/// its shape.
+fn check_fits(adapter: &Adapter, ft: &Checkpoint) -> Result<()> {
     // Fused modules whose experts the fine-tune stores one by one (`--fuse-experts`).
     let reached_by_parts: std::collections::HashSet<&str> = ft
         .tensors()
@@ -353,7 +377,7 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
         }
         let t = ft.get(&name).or_else(|| {
             let shape = Adapter::weight_shape(m);
-            tied_counterpart(&ft, &name, &shape)
+            tied_counterpart(ft, &name, &shape)
         });
         let t = t.ok_or_else(|| {
             Error::tensor(
@@ -403,63 +427,84 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
             ));
         }
     }
-    let mut checks = Vec::new();
-    let mut carried = std::collections::HashSet::new();
-    // (name, base tensor, fine-tune tensor): by name, or a tied lm_head's embedding stand-in.
+    Ok(())
+}
+
+/// (name, base tensor, fine-tune tensor) for every tensor of the pair: by name, or a tied
+/// lm_head's embedding stand-in.
+fn weight_pairs<'a>(
+    base: &'a Checkpoint,
+    ft: &'a Checkpoint,
+) -> Result<Vec<(String, &'a TensorEntry, &'a TensorEntry)>> {
     let mut pairs: Vec<(String, &TensorEntry, &TensorEntry)> = Vec::new();
     for ftt in ft.tensors() {
         let bt = base
             .get(&ftt.name)
-            .or_else(|| tied_counterpart(&base, &ftt.name, &ftt.shape))
+            .or_else(|| tied_counterpart(base, &ftt.name, &ftt.shape))
             .ok_or_else(|| {
                 Error::tensor(ft.path_of(ftt), &ftt.name, "not in the base checkpoint")
             })?;
         pairs.push((ftt.name.clone(), bt, ftt));
     }
     for bt in base.tensors().iter().filter(|t| ft.get(&t.name).is_none()) {
-        if let Some(ftt) = tied_counterpart(&ft, &bt.name, &bt.shape) {
+        if let Some(ftt) = tied_counterpart(ft, &bt.name, &bt.shape) {
             pairs.push((bt.name.clone(), bt, ftt));
         }
     }
-    let shifted = shift_removed(&adapter.dir);
-    for (name, bt, ftt) in pairs {
-        let ftt_name = name;
-        let side = base_side(&base, bt, &ft, ftt, &ftt_name, adapter.added.as_ref())?;
-        if bt.float_dtype().is_none() || ftt.float_dtype().is_none() {
-            continue; // not a weight phlora reads (the adapter cannot touch it either)
-        }
-        let lora = by_param.get(ftt_name.as_str()).copied();
-        // A per-expert weight inside a fused module: its rows of the expert's update.
+    Ok(pairs)
+}
+
+/// Where the adapter's update to one weight comes from (all None: it makes none).
+struct Source<'a> {
+    lora: Option<&'a LoraModule>,
+    /// A per-expert weight inside a fused module: its rows of the expert's update.
+    part: Option<(&'a LoraModule, usize, usize)>,
+    /// A layer's bias that the adapter's lora_B.bias updates.
+    bias_of: Option<&'a LoraModule>,
+    whole: Option<&'a TensorEntry>,
+}
+
+impl<'a> Source<'a> {
+    fn of(
+        adapter: &'a Adapter,
+        by_param: &HashMap<&str, &'a LoraModule>,
+        name: &str,
+        ftt: &TensorEntry,
+    ) -> Source<'a> {
+        let lora = by_param.get(name).copied();
         let part = match ftt.shape[..] {
-            [rows, cols] if lora.is_none() => adapter.expert_part(&ftt_name, rows, cols),
+            [rows, cols] if lora.is_none() => adapter.expert_part(name, rows, cols),
             _ => None,
         };
-        // A layer's bias that the adapter's lora_B.bias updates.
-        let bias_of = ftt_name
+        let bias_of = name
             .strip_suffix(".bias")
             .and_then(|m| by_param.get(format!("{m}.weight").as_str()).copied())
             .filter(|m| m.bias.is_some());
-        let whole = adapter.whole.get(&ftt_name);
-        // The update the adapter makes to this weight (None: it makes none).
-        let update: Box<RowUpdate<'_>> = if let Some((m, expert, offset)) = part {
-            carried.insert(ftt_name.clone());
+        Source {
+            lora,
+            part,
+            bias_of,
+            whole: adapter.whole.get(name),
+        }
+    }
+
+    /// The update to rows r0..r1 (given the base's rows), as the loaders apply it.
+    fn update(&self, adapter: &'a Adapter, ftt: &TensorEntry) -> Box<RowUpdate<'a>> {
+        if let Some((m, expert, offset)) = self.part {
             let rows = adapter.expert_rows(m, expert, offset, offset + ftt.shape[0]);
             let cols = ftt.shape[1];
             Box::new(move |r0, r1, _| Some(rows[r0 * cols..r1 * cols].to_vec()))
-        } else if let Some(m) = lora {
-            carried.insert(ftt_name.clone());
+        } else if let Some(m) = self.lora {
             let (a, b) = adapter.factors(m);
             Box::new(move |r0, r1, _| Some(update_rows(m, &a, &b, r0, r1)))
-        } else if let Some(m) = bias_of {
-            carried.insert(ftt_name.clone());
+        } else if let Some(m) = self.bias_of {
             let bt_lora = m.bias.as_ref().expect("filtered");
             let file = &adapter.file;
             Box::new(move |r0, r1, _| {
                 let v = file.rows_f32(bt_lora, r0, r1);
                 Some(v.iter().map(|x| x * m.scaling as f32).collect())
             })
-        } else if let Some(w) = whole {
-            carried.insert(ftt_name.clone());
+        } else if let Some(w) = self.whole {
             let file = &adapter.file;
             Box::new(move |r0, r1, wb| {
                 // The saved tensor replaces the base: ΔŴ = W_saved − W_base.
@@ -468,42 +513,69 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
             })
         } else {
             Box::new(|_, _, _| None)
-        };
-        // An lm_head extract decomposed without its logit shift is compared modulo the shift
-        // (its column sums come from the same pass); its merged weight as it is.
-        let (raw, columns) = compare(side, &ft, ftt, &*update, shifted.contains(&ftt_name));
-        let (sums, logit_shift, weight_ee) = match columns {
-            Some((cd, ch)) => {
-                let (centred, share) = without_shift(raw, ftt.shape[0], &cd, &ch);
-                (centred, Some(share), Some(raw.ee))
-            }
-            None => (raw, None, None),
-        };
-        base.release(bt);
-        ft.release(ftt);
-        if sums.nonfinite > 0 {
-            return Err(Error::tensor(
-                ft.path_of(ftt),
-                &ftt_name,
-                format!(
-                    "{} NaN or Inf values in the base's or the fine-tune's weights",
-                    sums.nonfinite
-                ),
-            ));
         }
-        let lora = lora.or(part.map(|p| p.0));
-        if sums.nonfinite_update > 0 {
-            // The adapter's own tensors are finite (checked when it was opened): its update
-            // overflows.
-            let culprit = lora
-                .map(|m| &m.b)
-                .or(bias_of.and_then(|m| m.bias.as_ref()))
-                .or(whole);
-            let (path, key) = culprit.map_or_else(
-                || (adapter.dir.clone(), ftt_name.clone()),
-                |t| (adapter.file.path_of(t).to_path_buf(), t.name.clone()),
-            );
-            return Err(Error::tensor(
+    }
+}
+
+/// One weight of the pair, as verify compares it.
+struct Weight<'a> {
+    name: &'a str,
+    base: (&'a Checkpoint, &'a TensorEntry),
+    ft: (&'a Checkpoint, &'a TensorEntry),
+    side: BaseSide<'a>,
+    /// Extract decomposed it without its logit shift.
+    shifted: bool,
+}
+
+/// One weight's check and its ‖ΔW − update‖² (None: unchanged and untouched). An update that
+/// makes the weight NaN or Inf is an error naming the adapter tensor it comes from.
+fn check_weight(
+    s: &VerifySettings,
+    adapter: &Adapter,
+    source: &Source<'_>,
+    w: Weight<'_>,
+) -> Result<Option<(TensorCheck, f64)>> {
+    let ((base, bt), (ft, ftt), ftt_name) = (w.base, w.ft, w.name);
+    let update = source.update(adapter, ftt);
+    // An lm_head extract decomposed without its logit shift is compared modulo the shift (its
+    // column sums come from the same pass); its merged weight as it is.
+    let (raw, columns) = compare(w.side, ft, ftt, &*update, w.shifted);
+    let (sums, logit_shift, weight_ee) = match columns {
+        Some((cd, ch)) => {
+            let (centred, share) = without_shift(raw, ftt.shape[0], &cd, &ch);
+            (centred, Some(share), Some(raw.ee))
+        }
+        None => (raw, None, None),
+    };
+    base.release(bt);
+    ft.release(ftt);
+    if sums.nonfinite > 0 {
+        return Err(Error::tensor(
+            ft.path_of(ftt),
+            ftt_name,
+            format!(
+                "{} NaN or Inf values in the base's or the fine-tune's weights",
+                sums.nonfinite
+            ),
+        ));
+    }
+    let (lora, bias_of, whole) = (
+        source.lora.or(source.part.map(|p| p.0)),
+        source.bias_of,
+        source.whole,
+    );
+    if sums.nonfinite_update > 0 {
+        // The adapter's own tensors are finite (checked when it was opened): its update
+        // overflows.
+        let culprit = lora
+            .map(|m| &m.b)
+            .or(bias_of.and_then(|m| m.bias.as_ref()))
+            .or(whole);
+        let (path, key) = culprit.map_or_else(
+            || (adapter.dir.clone(), ftt_name.to_string()),
+            |t| (adapter.file.path_of(t).to_path_buf(), t.name.clone()),
+        );
+        return Err(Error::tensor(
                 path,
                 key,
                 format!(
@@ -511,42 +583,45 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
                     sums.nonfinite_update
                 ),
             ));
-        }
-        let kind = match (lora, whole) {
-            _ if bias_of.is_some() => CheckKind::LoraBias,
-            (Some(m), _) if m.embedding => CheckKind::LoraEmbedding,
-            (Some(_), _) => CheckKind::Lora,
-            (None, Some(_)) => CheckKind::SavedWhole,
-            // (A shift-only head leaves f32 rounding behind, as extract's own test allows.)
-            (None, None) if sums.dd > 0.0 && !logit_shift.is_some_and(|x| 1.0 - x <= 1e-6) => {
-                CheckKind::NotCarried
-            }
-            _ => continue, // unchanged and untouched
-        };
-        let mut c = TensorCheck {
-            name: ftt_name.clone(),
-            kind,
-            shape: ftt.shape.clone(),
-            rank: lora.map(|m| m.rank),
-            scaling: lora.map(|m| m.scaling),
-            delta_norm: sums.dd.sqrt(),
-            logit_shift,
-            cos_delta: ratio(sums.dh, (sums.dd * sums.hh).sqrt()),
-            rel_error_delta: ratio(sums.ee, sums.dd).sqrt(),
-            cos_weight: ratio(sums.mf, (sums.mm * sums.ff).sqrt()),
-            rel_error_weight: ratio(weight_ee.unwrap_or(sums.ee), sums.ff).sqrt(),
-            passed: true,
-        };
-        if sums.dd == 0.0 && sums.hh == 0.0 {
-            c.cos_delta = 1.0; // nothing to carry, nothing carried
-        }
-        if kind.is_factored() {
-            c.passed = s.min_cos.map_or(true, |t| c.cos_delta >= t)
-                && s.max_error.map_or(true, |t| c.rel_error_delta <= t)
-                && s.min_weight_cos.map_or(true, |t| c.cos_weight >= t);
-        }
-        checks.push((c, sums.ee));
     }
+    let kind = match (lora, whole) {
+        _ if bias_of.is_some() => CheckKind::LoraBias,
+        (Some(m), _) if m.embedding => CheckKind::LoraEmbedding,
+        (Some(_), _) => CheckKind::Lora,
+        (None, Some(_)) => CheckKind::SavedWhole,
+        // (A shift-only head leaves f32 rounding behind, as extract's own test allows.)
+        (None, None) if sums.dd > 0.0 && !logit_shift.is_some_and(|x| 1.0 - x <= 1e-6) => {
+            CheckKind::NotCarried
+        }
+        _ => return Ok(None), // unchanged and untouched
+    };
+    let mut c = TensorCheck {
+        name: ftt_name.to_string(),
+        kind,
+        shape: ftt.shape.clone(),
+        rank: lora.map(|m| m.rank),
+        scaling: lora.map(|m| m.scaling),
+        delta_norm: sums.dd.sqrt(),
+        logit_shift,
+        cos_delta: ratio(sums.dh, (sums.dd * sums.hh).sqrt()),
+        rel_error_delta: ratio(sums.ee, sums.dd).sqrt(),
+        cos_weight: ratio(sums.mf, (sums.mm * sums.ff).sqrt()),
+        rel_error_weight: ratio(weight_ee.unwrap_or(sums.ee), sums.ff).sqrt(),
+        passed: true,
+    };
+    if sums.dd == 0.0 && sums.hh == 0.0 {
+        c.cos_delta = 1.0; // nothing to carry, nothing carried
+    }
+    if kind.is_factored() {
+        c.passed = s.min_cos.map_or(true, |t| c.cos_delta >= t)
+            && s.max_error.map_or(true, |t| c.rel_error_delta <= t)
+            && s.min_weight_cos.map_or(true, |t| c.cos_weight >= t);
+    }
+    Ok(Some((c, sums.ee)))
+}
+
+/// The whole report from each weight's check and its ‖ΔW − update‖².
+fn report(s: &VerifySettings, adapter: &Adapter, checks: Vec<(TensorCheck, f64)>) -> VerifyReport {
     // Folds from +0.0: an empty f64 sum is -0.0, which prints as "-0.000%".
     let total = checks
         .iter()
@@ -565,7 +640,7 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
         })
     };
     let tensors: Vec<TensorCheck> = checks.iter().map(|(c, _)| c.clone()).collect();
-    Ok(VerifyReport {
+    VerifyReport {
         base: s.base.display().to_string(),
         ft: s.ft.display().to_string(),
         adapter: s.adapter.display().to_string(),
@@ -588,7 +663,7 @@ pub fn verify(s: &VerifySettings) -> Result<VerifyReport> {
         worst_rel_error_delta: loras().map(|c| c.rel_error_delta).fold(0.0, f64::max),
         passed: tensors.iter().all(|c| c.passed),
         tensors,
-    })
+    }
 }
 
 impl VerifyReport {
