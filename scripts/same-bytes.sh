@@ -2,7 +2,7 @@
 # Behaviour check for refactors: runs one phlora binary over a fixed set of CPU extractions,
 # merges and analyses, and lists the SHA-256 of every output that must not change (adapter
 # tensors and config, merged checkpoints, analysis CSV, verify's JSON). Run it with the old and
-# binary and compare the two lists:
+# the new binary and compare the two lists:
 #
 #   scripts/same-bytes.sh OLD_BIN /tmp/sb-old >/tmp/old.sha
 #   scripts/same-bytes.sh NEW_BIN /tmp/sb-new >/tmp/new.sha
