@@ -6,15 +6,15 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use super::fit::Fit;
+use super::place;
 use super::settings::ExtractSettings;
 use crate::adapter;
-use crate::adapter::writer::{pad_axis, ExpertPlace};
+use crate::adapter::writer::ExpertPlace;
 use crate::backend::{self, Backend, DeltaInput, DeltaStats};
 use crate::checkpoint::dtype::decode_into;
 use crate::checkpoint::{Checkpoint, DType, TensorEntry};
 use crate::error::{Error, Result};
 use crate::factor::Factoring;
-use crate::factor::Layout;
 use crate::linalg::center::{self, RowCentering};
 use crate::linalg::rank::RankPolicy;
 use crate::linalg::{self, blocked, rsvd, Method, SvdSettings};
@@ -180,6 +180,47 @@ pub(super) struct Finished {
     pub flops: f64,
 }
 
+impl Finished {
+    /// Nothing done yet: the plan's action, and its note as the reason.
+    pub fn new(index: usize, item: &PlanItem) -> Finished {
+        let mut row = TensorReport::new(&item.name, item.action.outcome(), &item.shape);
+        row.reason = item.note.clone();
+        Finished {
+            index,
+            row,
+            factors: None,
+            module: None,
+            spectrum: None,
+            base_sumsq: None,
+            extra: None,
+            stages: StageSeconds::default(),
+            flops: 0.0,
+        }
+    }
+}
+
+/// What a tensor that needs no decomposition comes to (and why, when the report says so):
+/// unchanged, only a logit shift, or rank 0 under a budget.
+fn nothing_to_decompose(
+    sumsq: f64,
+    without_shift: f64,
+    cap: usize,
+) -> Option<(TensorAction, Option<&'static str>)> {
+    if sumsq == 0.0 {
+        Some((TensorAction::Unchanged, None))
+    } else if without_shift <= 1e-6 * sumsq {
+        // What is left of a pure shift is rounding: ~1e-12 of ‖ΔW‖² (whole), ~1e-14 (blocks).
+        Some((
+            TensorAction::Unchanged,
+            Some("only a logit shift, which changes no probability"),
+        ))
+    } else if cap == 0 {
+        Some((TensorAction::NotCarried, Some("rank 0 under --budget")))
+    } else {
+        None
+    }
+}
+
 /// A tensor written as it is (a `lora_B.bias`), under its adapter key.
 pub(super) struct ExtraTensor {
     pub key: String,
@@ -234,76 +275,22 @@ const ENERGY_FIRST_RANK: usize = 32;
 
 impl<B: Factoring> LoraJob<'_, B> {
     pub fn run(&self) -> std::result::Result<Finished, JobError> {
-        let (be, item, ft) = (self.be, self.item, self.ft);
-        let mut row = TensorReport::new(&item.name, item.action.outcome(), &item.shape);
-        row.reason = item.note.clone();
-        let mut stages = StageSeconds::default();
-        let mut done = Finished {
-            index: self.index,
-            row: TensorReport::new(&item.name, item.action.outcome(), &item.shape),
-            factors: None,
-            module: None,
-            spectrum: None,
-            base_sumsq: None,
-            extra: None,
-            stages: StageSeconds::default(),
-            flops: 0.0,
-        };
+        let (be, item) = (self.be, self.item);
+        let mut done = Finished::new(self.index, item);
         let (rows, cols) = item.matrix();
-        let backend_err = |e: backend::BackendError| {
-            if e.out_of_memory {
-                JobError::OutOfMemory(e.message)
-            } else {
-                JobError::Failed(tensor_err(ft, &item.ft, e))
-            }
-        };
-        let linalg_err = |e: backend::BackendError| {
-            if e.out_of_memory {
-                JobError::OutOfMemory(e.message)
-            } else {
-                JobError::Failed(Error::Linalg {
-                    tensor: item.name.clone(),
-                    reason: e.message,
-                })
-            }
-        };
         let cap = self.policy.rank_for(&item.name, rows, cols);
         let clock = Instant::now();
-        // A budget's rules may weigh modules by ‖W_base‖²: measured in its first pass.
-        let (source, stats) = match self.fit {
-            Fit::Whole => {
-                let (delta, stats, base_sumsq) = self
-                    .blocks(rows)
-                    .form_measured(0, rows, self.spectrum_only)
-                    .map_err(backend_err)?;
-                check_finite(self.base, ft, item, &stats)?;
-                done.base_sumsq = base_sumsq;
-                (Source::Whole(delta), stats)
-            }
-            Fit::Blocked(step) => {
-                // ΔW is never formed whole: a first pass for ‖ΔW‖, ‖W_base‖², the finite
-                // check (so an unchanged matrix, e.g. a frozen embedding, costs one read, not
-                // 2q + 4) and the column sums a logit shift needs; then each product of the SVD
-                // and the residual re-form the blocks.
-                let first = host_delta(self.base, ft, item, item.remove_logit_shift)?;
-                row.row_blocks = Some(step);
-                if self.spectrum_only {
-                    done.base_sumsq = Some(first.base_sumsq);
-                }
-                (
-                    Source::Blocked(self.blocks(step), first.col_sums),
-                    first.stats,
-                )
-            }
-        };
+        let (source, stats) = self.form_delta(&mut done)?;
         // The decomposition holds all that is needed now: drop what is left of the pages.
         self.base.release(&item.base);
-        ft.release(&item.ft);
-        row.delta_norm = stats.sumsq.sqrt();
+        self.ft.release(&item.ft);
+        done.row.delta_norm = stats.sumsq.sqrt();
         // An output head decomposed without its logit shift: P·ΔW is what the adapter
         // carries, and what its energy and residual are measured against.
         let centering = match item.remove_logit_shift && stats.sumsq > 0.0 {
-            true => source.centering(be, stats.sumsq).map_err(backend_err)?,
+            true => source
+                .centering(be, stats.sumsq)
+                .map_err(|e| self.backend_err(e))?,
             false => None,
         };
         let removed = centering
@@ -311,91 +298,27 @@ impl<B: Factoring> LoraJob<'_, B> {
             .map_or(0.0, |p| p.removed_sumsq.min(stats.sumsq));
         let sumsq = stats.sumsq - removed;
         if centering.is_some() {
-            row.logit_shift = Some(removed / stats.sumsq);
+            done.row.logit_shift = Some(removed / stats.sumsq);
         }
-        stages.read += stats.read_seconds;
-        stages.h2d += stats.h2d_seconds;
-        stages.delta += (lap(clock) - stats.read_seconds - stats.h2d_seconds).max(0.0);
-        if stats.sumsq == 0.0 {
-            row.action = TensorAction::Unchanged;
-            done.row = row;
-            done.stages = stages;
+        done.stages.read += stats.read_seconds;
+        done.stages.h2d += stats.h2d_seconds;
+        done.stages.delta += (lap(clock) - stats.read_seconds - stats.h2d_seconds).max(0.0);
+        if let Some((action, reason)) = nothing_to_decompose(stats.sumsq, sumsq, cap) {
+            done.row.action = action;
+            if reason.is_some() {
+                done.row.reason = reason.map(str::to_string);
+            }
             return Ok(done);
         }
-        // What is left of a pure shift is rounding: ~1e-12 of ‖ΔW‖² (whole), ~1e-14 (blocks).
-        if sumsq <= 1e-6 * stats.sumsq {
-            row.action = TensorAction::Unchanged;
-            row.reason = Some("only a logit shift, which changes no probability".into());
-            done.row = row;
-            done.stages = stages;
-            return Ok(done);
-        }
-
-        if cap == 0 {
-            // A budget that gives this tensor nothing.
-            row.action = TensorAction::NotCarried;
-            row.reason = Some("rank 0 under --budget".into());
-            done.row = row;
-            done.stages = stages;
-            return Ok(done);
-        }
-
-        let clock = Instant::now();
-        let seed = crate::rng::seed_for(self.s.svd.seed, &item.name);
-        let mut r = match self.policy {
-            RankPolicy::Energy { .. } => ENERGY_FIRST_RANK.min(cap),
-            _ => cap,
-        };
         let p = centering.as_ref();
-        let mut t = source
-            .decompose(be, p, r, &self.s.svd, seed)
-            .map_err(linalg_err)?;
-        done.flops += rsvd::nominal_flops(rows, cols, t.sketch, self.s.svd.power_iters);
-        if let RankPolicy::Energy { target, .. } = *self.policy {
-            // σ from the sketch never exceed the true ones, so a rank that reaches the target
-            // on them reaches it on ΔW.
-            loop {
-                if let Some(need) = crate::linalg::rank::rank_for_energy(&t.s, sumsq, target) {
-                    r = need.max(1);
-                    t = t.truncate(be, r).map_err(backend_err)?;
-                    break;
-                }
-                if r >= cap {
-                    row.reason = Some(format!(
-                        "energy {target} not reached within the rank cap {cap}"
-                    ));
-                    break;
-                }
-                r = (2 * r).min(cap);
-                t = source
-                    .decompose(be, p, r, &self.s.svd, seed)
-                    .map_err(linalg_err)?;
-                done.flops += rsvd::nominal_flops(rows, cols, t.sketch, self.s.svd.power_iters);
-            }
-        }
-        match t.method {
-            Method::Randomized => stages.svd_randomized += lap(clock),
-            Method::Exact => {
-                stages.svd_exact += lap(clock);
-                done.flops = 0.0;
-            }
-        }
+        let (t, r) = self.decompose(&source, p, sumsq, cap, &mut done)?;
         if self.spectrum_only {
-            row.rank = Some(r);
+            done.row.rank = Some(r);
             done.spectrum = Some(t.s.clone());
-            done.row = row;
-            done.stages = stages;
             return Ok(done);
         }
-
         let clock = Instant::now();
-        // Embeddings, Conv1D weights and gpt-oss experts store [in, out]: A = (U√S)ᵀ,
-        // B = (√S·Vᵀ)ᵀ.
-        let layout = if item.action == Action::LoraEmbedding || item.stored_in_out() {
-            Layout::Embedding
-        } else {
-            Layout::Linear
-        };
+        let layout = place::layout_of(item);
         // A uniform policy pads every tensor to the adapter's rank; others keep their own
         // (rank_pattern; a portable adapter is padded when it is committed).
         let r_out = if self.policy.uniform() {
@@ -405,82 +328,135 @@ impl<B: Factoring> LoraJob<'_, B> {
         };
         let f = be
             .factor(&t, layout, r_out, self.out_dtype)
-            .map_err(backend_err)?;
-        stages.d2h += f.d2h_seconds;
-        stages.factor += (lap(clock) - f.d2h_seconds).max(0.0);
-
+            .map_err(|e| self.backend_err(e))?;
+        done.stages.d2h += f.d2h_seconds;
+        done.stages.factor += (lap(clock) - f.d2h_seconds).max(0.0);
         let clock = Instant::now();
         let res = source
             .residual_sumsq(be, p, &f.left, &f.right)
-            .map_err(backend_err)?;
-        stages.residual += lap(clock);
-
-        // A fused parameter's factors are staged under the parameter's own path; run() gives
-        // them PEFT's key once it knows which parameters of the module are targeted.
-        let (a_key, b_key) = match (&item.action, &item.form) {
-            (_, Form::Expert(e)) => (adapter::lora_a_key(&e.param), adapter::lora_b_key(&e.param)),
-            (Action::LoraLinear, _) => (
-                adapter::lora_a_key(&item.module),
-                adapter::lora_b_key(&item.module),
-            ),
-            _ => (
-                adapter::embedding_a_key(&item.module),
-                adapter::embedding_b_key(&item.module),
-            ),
-        };
-        // A conv LoRA: A [r, in, k…] (A's rows are the flattened filters), B [out, r, 1…].
-        let (mut a_shape, mut b_shape) = (f.a_shape.to_vec(), f.b_shape.to_vec());
-        if item.form == Form::Conv {
-            a_shape.truncate(1);
-            a_shape.extend_from_slice(&item.shape[1..]);
-            b_shape.resize(item.shape.len(), 1);
-        }
-        // A vocabulary that grew: the factors take the resized model's shape, zero on the new
-        // rows (those are written whole beside the adapter).
-        let (mut a_bytes, mut b_bytes) = (f.a_bytes, f.b_bytes);
-        if let Some(added) = &item.added {
-            let (shape, bytes, axis) = if layout == Layout::Embedding {
-                (&mut a_shape, &mut a_bytes, 1)
-            } else {
-                (&mut b_shape, &mut b_bytes, 0)
-            };
-            *bytes = pad_axis(bytes, shape, axis, added.ft_rows());
-            shape[axis] = added.ft_rows();
-        }
-        let expert = match &item.form {
-            Form::Expert(e) => Some(match &e.part {
-                None => ExpertPlace::whole(e.index, e.count, b_shape[0]),
-                Some(p) => ExpertPlace {
-                    index: e.index,
-                    count: e.count,
-                    part: p.part,
-                    out_offset: p.out_offset,
-                    out_total: p.out_total,
-                },
-            }),
-            _ => None,
-        };
+            .map_err(|e| self.backend_err(e))?;
+        done.stages.residual += lap(clock);
         let kept: f64 = t.s.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+        let row = &mut done.row;
         row.rank = Some(r);
         row.energy = Some((kept / sumsq).min(1.0));
         row.residual = Some((res / sumsq).sqrt());
         row.method = Some(t.method);
         row.sketch = (t.method == Method::Randomized).then_some(t.sketch);
-        done.row = row;
-        done.stages = stages;
         // A fused parameter's experts are target_parameters, not target_modules.
         done.module = (!matches!(item.form, Form::Expert(_))).then(|| item.module.clone());
-        done.factors = Some(FactorTensors {
-            a_key,
-            a_shape,
-            a_bytes,
-            b_key,
-            b_shape,
-            b_bytes,
-            dtype: self.out_dtype.as_str(),
-            expert,
-        });
+        done.factors = Some(place::factor_tensors(item, layout, f, self.out_dtype));
         Ok(done)
+    }
+
+    /// ΔW, whole or (too large for its share of memory) as row blocks re-formed on every pass,
+    /// with its statistics; ‖W_base‖² too for a budget's rules, measured in its first pass.
+    fn form_delta(
+        &self,
+        done: &mut Finished,
+    ) -> std::result::Result<(Source<'_, B>, DeltaStats), JobError> {
+        let (item, ft) = (self.item, self.ft);
+        let rows = item.matrix().0;
+        match self.fit {
+            Fit::Whole => {
+                let (delta, stats, base_sumsq) = self
+                    .blocks(rows)
+                    .form_measured(0, rows, self.spectrum_only)
+                    .map_err(|e| self.backend_err(e))?;
+                check_finite(self.base, ft, item, &stats)?;
+                done.base_sumsq = base_sumsq;
+                Ok((Source::Whole(delta), stats))
+            }
+            Fit::Blocked(step) => {
+                // ΔW is never formed whole: a first pass for ‖ΔW‖, ‖W_base‖², the finite
+                // check (so an unchanged matrix, e.g. a frozen embedding, costs one read, not
+                // 2q + 4) and the column sums a logit shift needs; then each product of the SVD
+                // and the residual re-form the blocks.
+                let first = host_delta(self.base, ft, item, item.remove_logit_shift)?;
+                done.row.row_blocks = Some(step);
+                if self.spectrum_only {
+                    done.base_sumsq = Some(first.base_sumsq);
+                }
+                Ok((
+                    Source::Blocked(self.blocks(step), first.col_sums),
+                    first.stats,
+                ))
+            }
+        }
+    }
+
+    /// The truncated SVD at the policy's rank (for an energy target, the smallest rank that
+    /// reaches it within `cap`), with its flops and time in `done`.
+    fn decompose(
+        &self,
+        source: &Source<'_, B>,
+        p: Option<&RowCentering<B::Mat>>,
+        sumsq: f64,
+        cap: usize,
+        done: &mut Finished,
+    ) -> std::result::Result<(linalg::OnDevice<B::Mat>, usize), JobError> {
+        let (be, item, svd) = (self.be, self.item, &self.s.svd);
+        let (rows, cols) = item.matrix();
+        let clock = Instant::now();
+        let seed = crate::rng::seed_for(svd.seed, &item.name);
+        let mut flops = 0.0;
+        let mut at_rank = |r: usize| {
+            let t = source
+                .decompose(be, p, r, svd, seed)
+                .map_err(|e| self.linalg_err(e))?;
+            flops += rsvd::nominal_flops(rows, cols, t.sketch, svd.power_iters);
+            Ok::<_, JobError>(t)
+        };
+        let (t, r) = match *self.policy {
+            RankPolicy::Energy { target, .. } => {
+                let (t, r, reached) = crate::linalg::rank::decompose_to_energy(
+                    target,
+                    sumsq,
+                    ENERGY_FIRST_RANK,
+                    cap,
+                    &mut at_rank,
+                    |t| &t.s,
+                    |t, r| t.truncate(be, r).map_err(|e| self.backend_err(e)),
+                )?;
+                if !reached {
+                    done.row.reason = Some(format!(
+                        "energy {target} not reached within the rank cap {cap}"
+                    ));
+                }
+                (t, r)
+            }
+            _ => (at_rank(cap)?, cap),
+        };
+        match t.method {
+            Method::Randomized => {
+                done.stages.svd_randomized += lap(clock);
+                done.flops += flops;
+            }
+            // The exact SVD's flops are not the randomized formula's.
+            Method::Exact => done.stages.svd_exact += lap(clock),
+        }
+        Ok((t, r))
+    }
+
+    /// A backend failure: out of device memory (retried smaller), else the tensor's error.
+    fn backend_err(&self, e: backend::BackendError) -> JobError {
+        if e.out_of_memory {
+            JobError::OutOfMemory(e.message)
+        } else {
+            JobError::Failed(tensor_err(self.ft, &self.item.ft, e))
+        }
+    }
+
+    /// A decomposition failure (out of device memory: retried smaller).
+    fn linalg_err(&self, e: backend::BackendError) -> JobError {
+        if e.out_of_memory {
+            JobError::OutOfMemory(e.message)
+        } else {
+            JobError::Failed(Error::Linalg {
+                tensor: self.item.name.clone(),
+                reason: e.message,
+            })
+        }
     }
 
     /// ΔW of this tensor as row blocks formed from the checkpoints.

@@ -14,6 +14,7 @@ mod job;
 mod journal;
 mod memory;
 mod pair;
+mod place;
 mod schedule;
 mod settings;
 pub mod shard;

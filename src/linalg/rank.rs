@@ -61,6 +61,35 @@ impl RankPolicy {
     }
 }
 
+/// The energy policy's search over ranks: a decomposition at `first` (or `cap`, if lower),
+/// doubling up to `cap` until its σ keep `target` of `total`, then cut to the smallest rank
+/// that does. σ from a sketch never exceed the true ones, so a rank that reaches the target on
+/// them reaches it on ΔW. Returns the decomposition, its rank, and whether the target was
+/// reached (else it is the one at `cap`).
+pub fn decompose_to_energy<T, E>(
+    target: f64,
+    total: f64,
+    first: usize,
+    cap: usize,
+    mut decompose: impl FnMut(usize) -> Result<T, E>,
+    singular_values: impl Fn(&T) -> &[f32],
+    truncate: impl FnOnce(T, usize) -> Result<T, E>,
+) -> Result<(T, usize, bool), E> {
+    let mut r = first.min(cap);
+    let mut t = decompose(r)?;
+    loop {
+        if let Some(need) = rank_for_energy(singular_values(&t), total, target) {
+            let r = need.max(1);
+            return Ok((truncate(t, r)?, r, true));
+        }
+        if r >= cap {
+            return Ok((t, r, false));
+        }
+        r = (2 * r).min(cap);
+        t = decompose(r)?;
+    }
+}
+
 /// The smallest rank r with Σ_{i≤r} σᵢ² ≥ target·total (σ descending); None if all of `s` do
 /// not reach it. A zero ΔW needs rank 0.
 pub fn rank_for_energy(s: &[f32], total: f64, target: f64) -> Option<usize> {
