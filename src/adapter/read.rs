@@ -154,81 +154,40 @@ fn open_weights(dir: &Path) -> Result<Checkpoint> {
     }
 }
 
+/// What the config says about every module's factors.
+struct Rules<'a> {
+    config_path: &'a Path,
+    r: usize,
+    lora_alpha: f64,
+    use_rslora: bool,
+    fan_in_fan_out: bool,
+    ranks: Patterns<usize>,
+    alphas: Patterns<f64>,
+}
+
+/// The adapter's tensors by what they are: factor pairs by module (A, B, whether an
+/// embedding's), tensors saved whole, and lora_B biases by module.
+#[derive(Default)]
+struct Sorted {
+    pairs: BTreeMap<String, (Option<TensorEntry>, Option<TensorEntry>, bool)>,
+    whole: BTreeMap<String, TensorEntry>,
+    biases: BTreeMap<String, TensorEntry>,
+}
+
 impl Adapter {
     pub fn open(dir: &Path) -> Result<Adapter> {
         let config_path = dir.join(CONFIG_FILE);
         let text = input::read_string(&config_path)?;
-        let raw: RawConfig = serde_json::from_str(&text).map_err(|e| {
+        let mut raw: RawConfig = serde_json::from_str(&text).map_err(|e| {
             Error::checkpoint(&config_path, format!("not a valid adapter config: {e}"))
         })?;
-        let bad = |msg: String| Error::checkpoint(&config_path, msg);
-        if let Some(t) = raw.peft_type.as_deref().filter(|t| *t != "LORA") {
-            return Err(bad(format!("peft_type is {t}; phlora reads LORA adapters")));
-        }
-        if raw.use_dora {
-            return Err(bad(
-                "use_dora is true: DoRA adapters are not supported".into()
-            ));
-        }
-        if let Some(b) = raw.bias.as_deref().filter(|b| *b != "none") {
-            return Err(bad(format!(
-                "bias is `{b}`: adapters with bias terms are not supported"
-            )));
-        }
-        let r = raw
-            .r
-            .filter(|&r| r > 0)
-            .ok_or_else(|| bad("r is missing or 0".into()))?;
-        let lora_alpha = raw.lora_alpha.unwrap_or(8.0);
-        let ranks = Patterns::new(raw.rank_pattern, &config_path, "rank_pattern")?;
-        let alphas = Patterns::new(raw.alpha_pattern, &config_path, "alpha_pattern")?;
+        let rules = Rules::of(&mut raw, &config_path)?;
         let file = open_weights(dir)?;
-
-        let mut pairs: BTreeMap<String, (Option<TensorEntry>, Option<TensorEntry>, bool)> =
-            BTreeMap::new();
-        let mut whole = BTreeMap::new();
-        let mut biases: BTreeMap<String, TensorEntry> = BTreeMap::new();
-        for t in file.tensors() {
-            let name = t.name.strip_prefix(KEY_PREFIX).ok_or_else(|| {
-                Error::tensor(
-                    file.path_of(t),
-                    &t.name,
-                    format!("key does not start with `{KEY_PREFIX}`"),
-                )
-            })?;
-            let part = [
-                (".lora_A.weight", 0, false),
-                (".lora_B.weight", 1, false),
-                (".lora_embedding_A", 0, true),
-                (".lora_embedding_B", 1, true),
-            ]
-            .into_iter()
-            .find_map(|(suffix, which, emb)| name.strip_suffix(suffix).map(|m| (m, which, emb)));
-            if let Some(module) = name.strip_suffix(".lora_B.bias") {
-                biases.insert(module.to_string(), t.clone());
-                continue;
-            }
-            match part {
-                Some((module, which, emb)) => {
-                    let slot = pairs.entry(module.to_string()).or_insert((None, None, emb));
-                    if which == 0 {
-                        slot.0 = Some(t.clone());
-                    } else {
-                        slot.1 = Some(t.clone());
-                    }
-                }
-                None if name.contains("lora_") => {
-                    return Err(Error::tensor(
-                        file.path_of(t),
-                        &t.name,
-                        "a LoRA tensor phlora does not read (bias, DoRA magnitude, …)",
-                    ));
-                }
-                None => {
-                    whole.insert(name.to_string(), t.clone());
-                }
-            }
-        }
+        let Sorted {
+            pairs,
+            whole,
+            mut biases,
+        } = sort_tensors(&file)?;
         let targeted = raw.target_parameters.unwrap_or_default();
         let targets =
             super::targets::Targets::new(raw.targets, !targeted.is_empty(), &config_path)?;
@@ -242,120 +201,15 @@ impl Adapter {
                 untargeted.push(module);
                 continue;
             }
-            let path = file.path_of(a.as_ref().or(b.as_ref()).expect("one of them is set"));
-            let (Some(a), Some(b)) = (a, b) else {
-                return Err(Error::tensor(
-                    path,
-                    &module,
-                    "has only one of its two LoRA factors",
-                ));
-            };
-            let param = as_parameter
-                .clone()
-                .unwrap_or_else(|| format!("{module}.weight"));
-            let fused = param != format!("{module}.weight");
-            let width = a.shape.first().copied().unwrap_or(0);
-            // B [out, r] (a conv's B [out, r, 1…]); A [r, in] (a conv's A [r, in, k…]).
-            let pairs_up = a.shape.len() >= 2
-                && b.shape.len() == a.shape.len()
-                && b.shape[1] == width
-                && b.shape[2..].iter().all(|&d| d == 1)
-                && width > 0
-                && (!fused || a.shape.len() == 2);
-            if !pairs_up {
-                return Err(Error::tensor(
-                    path,
-                    &module,
-                    format!(
-                        "factor shapes A {:?} and B {:?} do not pair (A [r, in], B [out, r])",
-                        a.shape, b.shape
-                    ),
-                ));
-            }
-            if a.float_dtype().is_none() || b.float_dtype().is_none() {
-                return Err(Error::tensor(
-                    path,
-                    &module,
-                    format!("factors in {:?}: phlora reads F32, F16 and BF16", a.dtype),
-                ));
-            }
-            // PEFT matches a targeted parameter's patterns against the parameter's path.
-            let pattern_key = if as_parameter.is_some() {
-                param.as_str()
-            } else {
-                module.as_str()
-            };
-            let r_module = ranks.get(pattern_key).unwrap_or(r);
-            let (rank, experts) = if fused {
-                if width % r_module != 0 {
-                    return Err(Error::tensor(
-                        path,
-                        &module,
-                        format!("A has {width} rows, not a multiple of r = {r_module} (target parameter `{param}`: A is [r·experts, in])"),
-                    ));
-                }
-                (r_module, width / r_module)
-            } else {
-                (width, 0)
-            };
-            if r_module != rank {
-                return Err(Error::tensor(
-                    path,
-                    &module,
-                    format!("factors have rank {rank} but the config says r = {r_module} for this module"),
-                ));
-            }
-            let alpha = alphas.get(pattern_key).unwrap_or(lora_alpha);
-            let scaling = if raw.use_rslora {
-                alpha / (rank as f64).sqrt()
-            } else {
-                alpha / rank as f64
-            };
-            if !(scaling as f32).is_finite() {
-                return Err(bad(format!(
-                    "lora_alpha {alpha} gives `{module}` a scaling of {scaling:e}, beyond what f32 holds: its update would be Inf"
-                )));
-            }
-            // PEFT applies fan_in_fan_out to Conv1D layers only (it turns it off, with a
-            // warning, for an nn.Linear such as GPT-2's lm_head).
-            let conv1d = crate::names::is_conv1d_module(&module);
-            let layout = if embedding || (raw.fan_in_fan_out && conv1d && !fused) {
-                Layout::Transposed
-            } else {
-                Layout::Linear
-            };
-            let bias = biases.remove(&module);
-            if let Some(bt) = &bias {
-                if bt.shape != [b.shape[0]] || bt.float_dtype().is_none() {
-                    return Err(Error::tensor(
-                        file.path_of(bt),
-                        &module,
-                        format!(
-                            "lora_B.bias is {:?} {:?}; B has {} rows",
-                            bt.dtype, bt.shape, b.shape[0]
-                        ),
-                    ));
-                }
-            }
-            if fused && bias.is_some() {
-                return Err(Error::tensor(
-                    path,
-                    &module,
-                    "a targeted parameter cannot have a lora_B.bias",
-                ));
-            }
-            modules.push(LoraModule {
-                param,
-                experts,
+            let factors = (a, b, embedding);
+            modules.push(lora_module(
+                &file,
+                &rules,
                 module,
-                layout,
-                a,
-                b,
-                rank,
-                scaling,
-                embedding,
-                bias,
-            });
+                factors,
+                as_parameter,
+                &mut biases,
+            )?);
         }
         if let Some((module, t)) = biases.into_iter().next() {
             return Err(Error::tensor(
@@ -364,20 +218,7 @@ impl Adapter {
                 "has a lora_B.bias but no LoRA factors",
             ));
         }
-        if modules.is_empty() && whole.is_empty() && !untargeted.is_empty() {
-            return Err(bad(format!(
-                "targets none of the {} module(s) with factors in the adapter (e.g. `{}`): PEFT would load it and change nothing",
-                untargeted.len(),
-                untargeted[0]
-            )));
-        }
-        if let Some(first) = untargeted.first() {
-            tracing::warn!(
-                "{}: {} module(s) with factors in the adapter are not targeted by its config (target_modules, exclude_modules, layers_to_transform), e.g. `{first}`: PEFT ignores them when it loads the adapter, and so do verify and merge",
-                config_path.display(),
-                untargeted.len()
-            );
-        }
+        check_targeted(&config_path, &modules, &whole, &untargeted)?;
         let added = open_added(dir)?;
         for ck in std::iter::once(&file).chain(added.as_ref()) {
             refuse_non_finite(ck)?;
@@ -387,8 +228,8 @@ impl Adapter {
             file,
             modules,
             whole,
-            r,
-            lora_alpha,
+            r: rules.r,
+            lora_alpha: rules.lora_alpha,
             use_rslora: raw.use_rslora,
             added,
         })
@@ -538,6 +379,268 @@ fn open_added(dir: &Path) -> Result<Option<Checkpoint>> {
         ));
     }
     Ok(Some(ck))
+}
+
+impl<'a> Rules<'a> {
+    /// The config's global settings, refused where phlora cannot read the adapter as PEFT
+    /// would load it.
+    fn of(raw: &mut RawConfig, config_path: &'a Path) -> Result<Rules<'a>> {
+        let bad = |msg: String| Error::checkpoint(config_path, msg);
+        if let Some(t) = raw.peft_type.as_deref().filter(|t| *t != "LORA") {
+            return Err(bad(format!("peft_type is {t}; phlora reads LORA adapters")));
+        }
+        if raw.use_dora {
+            return Err(bad(
+                "use_dora is true: DoRA adapters are not supported".into()
+            ));
+        }
+        if let Some(b) = raw.bias.as_deref().filter(|b| *b != "none") {
+            return Err(bad(format!(
+                "bias is `{b}`: adapters with bias terms are not supported"
+            )));
+        }
+        let r = raw
+            .r
+            .filter(|&r| r > 0)
+            .ok_or_else(|| bad("r is missing or 0".into()))?;
+        let lora_alpha = raw.lora_alpha.unwrap_or(8.0);
+        let ranks = Patterns::new(raw.rank_pattern.take(), config_path, "rank_pattern")?;
+        let alphas = Patterns::new(raw.alpha_pattern.take(), config_path, "alpha_pattern")?;
+        Ok(Rules {
+            config_path,
+            r,
+            lora_alpha,
+            use_rslora: raw.use_rslora,
+            fan_in_fan_out: raw.fan_in_fan_out,
+            ranks,
+            alphas,
+        })
+    }
+}
+
+/// Every tensor of the adapter's weights by what it is; a key outside PEFT's prefix, or a LoRA
+/// tensor phlora does not read, is an error naming it.
+fn sort_tensors(file: &Checkpoint) -> Result<Sorted> {
+    let mut sorted = Sorted::default();
+    let Sorted {
+        pairs,
+        whole,
+        biases,
+    } = &mut sorted;
+    for t in file.tensors() {
+        let name = t.name.strip_prefix(KEY_PREFIX).ok_or_else(|| {
+            Error::tensor(
+                file.path_of(t),
+                &t.name,
+                format!("key does not start with `{KEY_PREFIX}`"),
+            )
+        })?;
+        let part = [
+            (".lora_A.weight", 0, false),
+            (".lora_B.weight", 1, false),
+            (".lora_embedding_A", 0, true),
+            (".lora_embedding_B", 1, true),
+        ]
+        .into_iter()
+        .find_map(|(suffix, which, emb)| name.strip_suffix(suffix).map(|m| (m, which, emb)));
+        if let Some(module) = name.strip_suffix(".lora_B.bias") {
+            biases.insert(module.to_string(), t.clone());
+            continue;
+        }
+        match part {
+            Some((module, which, emb)) => {
+                let slot = pairs.entry(module.to_string()).or_insert((None, None, emb));
+                if which == 0 {
+                    slot.0 = Some(t.clone());
+                } else {
+                    slot.1 = Some(t.clone());
+                }
+            }
+            None if name.contains("lora_") => {
+                return Err(Error::tensor(
+                    file.path_of(t),
+                    &t.name,
+                    "a LoRA tensor phlora does not read (bias, DoRA magnitude, …)",
+                ));
+            }
+            None => {
+                whole.insert(name.to_string(), t.clone());
+            }
+        }
+    }
+    Ok(sorted)
+}
+
+/// One module's factors, checked against each other and the config: shapes that pair, float
+/// dtypes, the rank the config gives it, a finite scaling, and its lora_B.bias (taken out of
+/// `biases`).
+fn lora_module(
+    file: &Checkpoint,
+    rules: &Rules<'_>,
+    module: String,
+    (a, b, embedding): (Option<TensorEntry>, Option<TensorEntry>, bool),
+    as_parameter: Option<String>,
+    biases: &mut BTreeMap<String, TensorEntry>,
+) -> Result<LoraModule> {
+    let path = file.path_of(a.as_ref().or(b.as_ref()).expect("one of them is set"));
+    let (Some(a), Some(b)) = (a, b) else {
+        return Err(Error::tensor(
+            path,
+            &module,
+            "has only one of its two LoRA factors",
+        ));
+    };
+    let param = as_parameter
+        .clone()
+        .unwrap_or_else(|| format!("{module}.weight"));
+    let fused = param != format!("{module}.weight");
+    let width = a.shape.first().copied().unwrap_or(0);
+    // B [out, r] (a conv's B [out, r, 1…]); A [r, in] (a conv's A [r, in, k…]).
+    let pairs_up = a.shape.len() >= 2
+        && b.shape.len() == a.shape.len()
+        && b.shape[1] == width
+        && b.shape[2..].iter().all(|&d| d == 1)
+        && width > 0
+        && (!fused || a.shape.len() == 2);
+    if !pairs_up {
+        return Err(Error::tensor(
+            path,
+            &module,
+            format!(
+                "factor shapes A {:?} and B {:?} do not pair (A [r, in], B [out, r])",
+                a.shape, b.shape
+            ),
+        ));
+    }
+    if a.float_dtype().is_none() || b.float_dtype().is_none() {
+        return Err(Error::tensor(
+            path,
+            &module,
+            format!("factors in {:?}: phlora reads F32, F16 and BF16", a.dtype),
+        ));
+    }
+    // PEFT matches a targeted parameter's patterns against the parameter's path.
+    let pattern_key = if as_parameter.is_some() {
+        param.as_str()
+    } else {
+        module.as_str()
+    };
+    let (rank, experts, scaling) =
+        rules.rank_of(path, &module, &param, pattern_key, width, fused)?;
+    // PEFT applies fan_in_fan_out to Conv1D layers only (it turns it off, with a
+    // warning, for an nn.Linear such as GPT-2's lm_head).
+    let conv1d = crate::names::is_conv1d_module(&module);
+    let layout = if embedding || (rules.fan_in_fan_out && conv1d && !fused) {
+        Layout::Transposed
+    } else {
+        Layout::Linear
+    };
+    let bias = biases.remove(&module);
+    if let Some(bt) = &bias {
+        if bt.shape != [b.shape[0]] || bt.float_dtype().is_none() {
+            return Err(Error::tensor(
+                file.path_of(bt),
+                &module,
+                format!(
+                    "lora_B.bias is {:?} {:?}; B has {} rows",
+                    bt.dtype, bt.shape, b.shape[0]
+                ),
+            ));
+        }
+    }
+    if fused && bias.is_some() {
+        return Err(Error::tensor(
+            path,
+            &module,
+            "a targeted parameter cannot have a lora_B.bias",
+        ));
+    }
+    Ok(LoraModule {
+        param,
+        experts,
+        module,
+        layout,
+        a,
+        b,
+        rank,
+        scaling,
+        embedding,
+        bias,
+    })
+}
+
+impl Rules<'_> {
+    /// A module's rank, expert count (a targeted fused parameter's A is [r·experts, in]) and
+    /// scaling, as the config gives them; factors of another rank are an error.
+    fn rank_of(
+        &self,
+        path: &Path,
+        module: &str,
+        param: &str,
+        pattern_key: &str,
+        width: usize,
+        fused: bool,
+    ) -> Result<(usize, usize, f64)> {
+        let r_module = self.ranks.get(pattern_key).unwrap_or(self.r);
+        let (rank, experts) = if fused {
+            if width % r_module != 0 {
+                return Err(Error::tensor(
+                    path,
+                    module,
+                    format!("A has {width} rows, not a multiple of r = {r_module} (target parameter `{param}`: A is [r·experts, in])"),
+                ));
+            }
+            (r_module, width / r_module)
+        } else {
+            (width, 0)
+        };
+        if r_module != rank {
+            return Err(Error::tensor(
+                path,
+                module,
+                format!(
+                    "factors have rank {rank} but the config says r = {r_module} for this module"
+                ),
+            ));
+        }
+        let alpha = self.alphas.get(pattern_key).unwrap_or(self.lora_alpha);
+        let scaling = if self.use_rslora {
+            alpha / (rank as f64).sqrt()
+        } else {
+            alpha / rank as f64
+        };
+        if !(scaling as f32).is_finite() {
+            return Err(Error::checkpoint(self.config_path, format!(
+                "lora_alpha {alpha} gives `{module}` a scaling of {scaling:e}, beyond what f32 holds: its update would be Inf"
+            )));
+        }
+        Ok((rank, experts, scaling))
+    }
+}
+
+/// An adapter that targets none of its modules would load and change nothing: refused. Some
+/// untargeted ones: a warning (PEFT ignores them, and so do verify and merge).
+fn check_targeted(
+    config_path: &Path,
+    modules: &[LoraModule],
+    whole: &BTreeMap<String, TensorEntry>,
+    untargeted: &[String],
+) -> Result<()> {
+    if modules.is_empty() && whole.is_empty() && !untargeted.is_empty() {
+        return Err(Error::checkpoint(config_path, format!(
+            "targets none of the {} module(s) with factors in the adapter (e.g. `{}`): PEFT would load it and change nothing",
+            untargeted.len(),
+            untargeted[0]
+        )));
+    }
+    if let Some(first) = untargeted.first() {
+        tracing::warn!(
+            "{}: {} module(s) with factors in the adapter are not targeted by its config (target_modules, exclude_modules, layers_to_transform), e.g. `{first}`: PEFT ignores them when it loads the adapter, and so do verify and merge",
+            config_path.display(),
+            untargeted.len()
+        );
+    }
+    Ok(())
 }
 
 /// The parameter a key's module path stands for under `target_parameters`: PEFT nests one
