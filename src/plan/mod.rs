@@ -222,190 +222,42 @@ pub struct Plan {
 
 impl Plan {
     pub fn build(base: &Checkpoint, ft: &Checkpoint, opts: &PlanOptions) -> Result<Plan> {
-        let selected = |name: &str| {
-            (opts.include.is_empty() || opts.include.iter().any(|g| g.matches(name)))
-                && !opts.exclude.iter().any(|g| g.matches(name))
+        let mut b = Builder {
+            base,
+            ft,
+            opts,
+            gpt2: is_gpt2(base.config()) || is_gpt2(ft.config()),
+            items: Vec::new(),
+            notes: Vec::new(),
+            filtered_out: 0,
         };
-        let mut filtered_out = 0;
-        let mut items = Vec::new();
-        let mut notes: Vec<(String, String)> = Vec::new();
-        let gpt2 = is_gpt2(base.config()) || is_gpt2(ft.config());
         for f in ft.tensors() {
-            if is_scale_of_fp8(ft, f) {
-                continue; // read with its weight
-            }
-            if !selected(&f.name) {
-                filtered_out += 1;
-                continue;
-            }
-            let tied_base = || {
-                tied_counterpart(base, &f.name, &f.shape).inspect(|e| {
-                    notes.push((
-                        f.name.clone(),
-                        format!("the base ties lm_head to `{}`: ΔW is against it", e.name),
-                    ));
-                })
-            };
-            let b = base.get(&f.name).or_else(tied_base).ok_or_else(|| {
-                Error::tensor(
-                    ft.path_of(f),
-                    &f.name,
-                    format!(
-                        "present in the fine-tune but not in the base ({}); if this is intended, leave it out with --exclude",
-                        base.root().display()
-                    ),
-                )
-            })?;
-            let (f_view, added) = pair_shapes(base, b, ft, f, opts)?;
-            let f = &f_view;
-            let (base_scale, ft_scale) = (fp8_scale(base, b)?, fp8_scale(ft, f)?);
-            if added.is_some() && (base_scale.is_some() || ft_scale.is_some()) {
-                return Err(Error::tensor(
-                    ft.path_of(f),
-                    &f.name,
-                    "--added-tokens reads F32, F16 and BF16 embeddings, not FP8",
-                ));
-            }
-            let float =
-                |t: &TensorEntry, s: &Option<BlockScale>| t.float_dtype().is_some() || s.is_some();
-            let action = match (float(b, &base_scale), float(f, &ft_scale)) {
-                (true, true) => classify(&f.name, &f.shape, opts),
-                _ => {
-                    if base.bytes(b) == ft.bytes(f) && b.dtype == f.dtype {
-                        Action::Unchanged
-                    } else {
-                        let (path, dtype) = if f.float_dtype().is_none() {
-                            (ft.path_of(f), f.dtype)
-                        } else {
-                            (base.path_of(b), b.dtype)
-                        };
-                        return Err(Error::tensor(
-                            path,
-                            &f.name,
-                            format!(
-                                "dtype {dtype:?} is not supported (phlora reads F32, F16, BF16, and F8_E4M3 with a `_scale_inv`) and the tensor differs between the checkpoints; leave it out with --exclude"
-                            ),
-                        ));
-                    }
-                }
-            };
-            let form = if action != Action::LoraLinear {
-                Form::Matrix
-            } else if f.shape.len() == 3 && is_fused_experts(&f.name) {
-                let stored_in_out = experts_stored_in_out(ft, f)?;
-                items.extend(expert_items(f, b, stored_in_out));
-                continue;
-            } else if f.shape.len() > 2 {
-                Form::Conv
-            } else if gpt2 && is_conv1d_module(module_of(&f.name)) {
-                Form::Conv1D
-            } else {
-                Form::Matrix
-            };
-            if (base_scale.is_some() || ft_scale.is_some()) && form != Form::Matrix {
-                return Err(Error::tensor(
-                    ft.path_of(f),
-                    &f.name,
-                    "FP8 block scales are read for 2-D weights only",
-                ));
-            }
-            if let Some(a) = &added {
-                notes.push((
-                    f.name.clone(),
-                    format!(
-                        "the fine-tune adds {} rows (added tokens {}..{}): the LoRA covers the first {}, the new rows are written whole to {}",
-                        a.ft_rows() - a.base_rows,
-                        a.base_rows,
-                        a.ft_rows(),
-                        a.base_rows,
-                        crate::names::ADDED_TOKENS_FILE
-                    ),
-                ));
-            }
-            items.push(PlanItem {
-                form,
-                base_scale,
-                ft_scale,
-                added,
-                remove_logit_shift: false,
-                note: None,
-                module: module_of(&f.name).to_string(),
-                name: f.name.clone(),
-                shape: f.shape.clone(),
-                base: b.clone(),
-                ft: f.clone(),
-                action,
-            });
+            b.pair_ft_tensor(f)?;
         }
-        for b in base.tensors() {
-            if !selected(&b.name) || ft.get(&b.name).is_some() || is_scale_of_fp8(base, b) {
-                continue;
-            }
-            // The fine-tune ties lm_head to its embeddings: its lm_head is that tensor.
-            if let Some(f) = tied_counterpart(ft, &b.name, &b.shape)
-                .filter(|f| f.float_dtype().is_some() && b.float_dtype().is_some())
-            {
-                let (f_view, added) = pair_shapes(base, b, ft, f, opts)?;
-                let f = &f_view;
-                notes.push((
-                    b.name.clone(),
-                    format!(
-                        "the fine-tune ties lm_head to `{}`: ΔW is that minus the base's lm_head",
-                        f.name
-                    ),
-                ));
-                items.push(PlanItem {
-                    form: Form::Matrix,
-                    base_scale: None,
-                    ft_scale: None,
-                    added,
-                    remove_logit_shift: false,
-                    module: module_of(&b.name).to_string(),
-                    name: b.name.clone(),
-                    shape: b.shape.clone(),
-                    base: b.clone(),
-                    ft: f.clone(),
-                    action: classify(&b.name, &b.shape, opts),
-                    note: None,
-                });
-                continue;
-            }
-            return Err(Error::tensor(
-                base.path_of(b),
-                &b.name,
-                format!(
-                    "present in the base but not in the fine-tune ({}); if this is intended, leave it out with --exclude",
-                    ft.root().display()
-                ),
-            ));
+        for t in base.tensors() {
+            b.pair_base_only(t)?;
         }
         // A tied output layer: neither checkpoint stores lm_head, the model reuses its
         // embedding matrix there. A LoRA on the embedding does not reach the output projection,
         // so the change of the tied matrix is carried twice: on the embedding and on lm_head.
-        if let Some(item) = tied_output_item(base, ft, &items) {
-            if selected(&item.name) {
-                notes.push((item.name.clone(), item.note.clone().unwrap_or_default()));
-                items.push(item);
+        if let Some(item) = tied_output_item(base, ft, &b.items) {
+            if b.selected(&item.name) {
+                b.notes
+                    .push((item.name.clone(), item.note.clone().unwrap_or_default()));
+                b.items.push(item);
             }
         }
+        let Builder {
+            mut items,
+            notes,
+            filtered_out,
+            ..
+        } = b;
         if opts.fuse_experts {
             fuse_per_expert(&mut items, ft)?;
         }
-        // Biases ride on their layer's LoRA when asked (PEFT's lora_bias).
         if opts.lora_bias {
-            let targets: BTreeSet<String> = items
-                .iter()
-                .filter(|i| i.action == Action::LoraLinear)
-                .map(|i| i.module.clone())
-                .collect();
-            for i in items.iter_mut() {
-                if i.shape.len() == 1
-                    && last_segment(&i.name) == "bias"
-                    && targets.contains(&i.module)
-                {
-                    i.action = Action::LoraBias;
-                }
-            }
+            mark_lora_biases(&mut items);
         }
         if opts.remove_logit_shift {
             vocab::mark_logit_shift(&mut items, base, ft);
@@ -457,6 +309,212 @@ impl Plan {
             .filter(|i| i.action == Action::SaveWhole)
             .map(|i| last_segment(&i.module).to_string())
             .collect()
+    }
+}
+
+/// A plan being built: the items so far, the notes to attach to them, and what the filters
+/// left out.
+struct Builder<'a> {
+    base: &'a Checkpoint,
+    ft: &'a Checkpoint,
+    opts: &'a PlanOptions,
+    /// A GPT-2-family pair (its linear layers are Conv1D).
+    gpt2: bool,
+    items: Vec<PlanItem>,
+    notes: Vec<(String, String)>,
+    filtered_out: usize,
+}
+
+impl Builder<'_> {
+    /// Kept by --include/--exclude.
+    fn selected(&self, name: &str) -> bool {
+        let opts = self.opts;
+        (opts.include.is_empty() || opts.include.iter().any(|g| g.matches(name)))
+            && !opts.exclude.iter().any(|g| g.matches(name))
+    }
+
+    /// A fine-tune tensor with its base counterpart (by name, or a tied lm_head's embedding):
+    /// the item (or one per expert of a fused parameter) and what to do with it.
+    fn pair_ft_tensor(&mut self, f: &TensorEntry) -> Result<()> {
+        let (base, ft) = (self.base, self.ft);
+        if is_scale_of_fp8(ft, f) {
+            return Ok(()); // read with its weight
+        }
+        if !self.selected(&f.name) {
+            self.filtered_out += 1;
+            return Ok(());
+        }
+        let notes = &mut self.notes;
+        let tied_base = || {
+            tied_counterpart(base, &f.name, &f.shape).inspect(|e| {
+                notes.push((
+                    f.name.clone(),
+                    format!("the base ties lm_head to `{}`: ΔW is against it", e.name),
+                ));
+            })
+        };
+        let b = base.get(&f.name).or_else(tied_base).ok_or_else(|| {
+            Error::tensor(
+                ft.path_of(f),
+                &f.name,
+                format!(
+                    "present in the fine-tune but not in the base ({}); if this is intended, leave it out with --exclude",
+                    base.root().display()
+                ),
+            )
+        })?;
+        let (f_view, added) = pair_shapes(base, b, ft, f, self.opts)?;
+        let f = &f_view;
+        let (base_scale, ft_scale) = (fp8_scale(base, b)?, fp8_scale(ft, f)?);
+        if added.is_some() && (base_scale.is_some() || ft_scale.is_some()) {
+            return Err(Error::tensor(
+                ft.path_of(f),
+                &f.name,
+                "--added-tokens reads F32, F16 and BF16 embeddings, not FP8",
+            ));
+        }
+        let action = action_of((base, b), (ft, f), (&base_scale, &ft_scale), self.opts)?;
+        let form = if action != Action::LoraLinear {
+            Form::Matrix
+        } else if f.shape.len() == 3 && is_fused_experts(&f.name) {
+            let stored_in_out = experts_stored_in_out(ft, f)?;
+            self.items.extend(expert_items(f, b, stored_in_out));
+            return Ok(());
+        } else if f.shape.len() > 2 {
+            Form::Conv
+        } else if self.gpt2 && is_conv1d_module(module_of(&f.name)) {
+            Form::Conv1D
+        } else {
+            Form::Matrix
+        };
+        if (base_scale.is_some() || ft_scale.is_some()) && form != Form::Matrix {
+            return Err(Error::tensor(
+                ft.path_of(f),
+                &f.name,
+                "FP8 block scales are read for 2-D weights only",
+            ));
+        }
+        if let Some(a) = &added {
+            self.notes.push((
+                f.name.clone(),
+                format!(
+                    "the fine-tune adds {} rows (added tokens {}..{}): the LoRA covers the first {}, the new rows are written whole to {}",
+                    a.ft_rows() - a.base_rows,
+                    a.base_rows,
+                    a.ft_rows(),
+                    a.base_rows,
+                    crate::names::ADDED_TOKENS_FILE
+                ),
+            ));
+        }
+        self.items.push(PlanItem {
+            form,
+            base_scale,
+            ft_scale,
+            added,
+            remove_logit_shift: false,
+            note: None,
+            module: module_of(&f.name).to_string(),
+            name: f.name.clone(),
+            shape: f.shape.clone(),
+            base: b.clone(),
+            ft: f.clone(),
+            action,
+        });
+        Ok(())
+    }
+
+    /// A base tensor the fine-tune does not store under its name: a tied lm_head there (ΔW is
+    /// the fine-tune's embedding minus the base's lm_head), else an error.
+    fn pair_base_only(&mut self, b: &TensorEntry) -> Result<()> {
+        let (base, ft) = (self.base, self.ft);
+        if !self.selected(&b.name) || ft.get(&b.name).is_some() || is_scale_of_fp8(base, b) {
+            return Ok(());
+        }
+        // The fine-tune ties lm_head to its embeddings: its lm_head is that tensor.
+        if let Some(f) = tied_counterpart(ft, &b.name, &b.shape)
+            .filter(|f| f.float_dtype().is_some() && b.float_dtype().is_some())
+        {
+            let (f_view, added) = pair_shapes(base, b, ft, f, self.opts)?;
+            let f = &f_view;
+            self.notes.push((
+                b.name.clone(),
+                format!(
+                    "the fine-tune ties lm_head to `{}`: ΔW is that minus the base's lm_head",
+                    f.name
+                ),
+            ));
+            self.items.push(PlanItem {
+                form: Form::Matrix,
+                base_scale: None,
+                ft_scale: None,
+                added,
+                remove_logit_shift: false,
+                module: module_of(&b.name).to_string(),
+                name: b.name.clone(),
+                shape: b.shape.clone(),
+                base: b.clone(),
+                ft: f.clone(),
+                action: classify(&b.name, &b.shape, self.opts),
+                note: None,
+            });
+            return Ok(());
+        }
+        Err(Error::tensor(
+            base.path_of(b),
+            &b.name,
+            format!(
+                "present in the base but not in the fine-tune ({}); if this is intended, leave it out with --exclude",
+                ft.root().display()
+            ),
+        ))
+    }
+}
+
+/// What to do with a pair by its dtypes: classified by name and shape when both are float
+/// (or FP8 with scales); identical non-float tensors are unchanged; any other is an error.
+fn action_of(
+    (base, b): (&Checkpoint, &TensorEntry),
+    (ft, f): (&Checkpoint, &TensorEntry),
+    (base_scale, ft_scale): (&Option<BlockScale>, &Option<BlockScale>),
+    opts: &PlanOptions,
+) -> Result<Action> {
+    let float = |t: &TensorEntry, s: &Option<BlockScale>| t.float_dtype().is_some() || s.is_some();
+    let action = match (float(b, base_scale), float(f, ft_scale)) {
+        (true, true) => classify(&f.name, &f.shape, opts),
+        _ => {
+            if base.bytes(b) == ft.bytes(f) && b.dtype == f.dtype {
+                Action::Unchanged
+            } else {
+                let (path, dtype) = if f.float_dtype().is_none() {
+                    (ft.path_of(f), f.dtype)
+                } else {
+                    (base.path_of(b), b.dtype)
+                };
+                return Err(Error::tensor(
+                    path,
+                    &f.name,
+                    format!(
+                        "dtype {dtype:?} is not supported (phlora reads F32, F16, BF16, and F8_E4M3 with a `_scale_inv`) and the tensor differs between the checkpoints; leave it out with --exclude"
+                    ),
+                ));
+            }
+        }
+    };
+    Ok(action)
+}
+
+/// Biases ride on their layer's LoRA when asked (PEFT's lora_bias).
+fn mark_lora_biases(items: &mut [PlanItem]) {
+    let targets: BTreeSet<String> = items
+        .iter()
+        .filter(|i| i.action == Action::LoraLinear)
+        .map(|i| i.module.clone())
+        .collect();
+    for i in items.iter_mut() {
+        if i.shape.len() == 1 && last_segment(&i.name) == "bias" && targets.contains(&i.module) {
+            i.action = Action::LoraBias;
+        }
     }
 }
 
