@@ -5,7 +5,10 @@ use std::collections::HashMap;
 
 use super::spectra::TensorSpectrum;
 use crate::error::{Error, Result};
-use crate::linalg::rank::{allocate, default_floor, floor_cost, uniform_rank, RankRule, Spectrum};
+use crate::linalg::rank::{
+    allocate, default_floor, floor_cost, uniform_rank, RankPolicy, RankRule, Spectrum,
+};
+use crate::plan::Plan;
 use crate::report::BudgetAllocation;
 
 /// The spectra a budget shares: one per changed LoRA target, a tied lm_head folded into its
@@ -76,4 +79,29 @@ pub fn allocate_budget(
         uniform_rank: uniform_rank(&shape, params),
         ranks,
     })
+}
+
+/// A budget's ranks from its first pass: each LoRA target's spectrum, allocated by the
+/// budget's rule, as a per-tensor policy (and what the allocation was, for the report).
+pub(super) fn ranks_from_spectra(
+    policy: &RankPolicy,
+    plan: &Plan,
+    finished: &[Option<super::job::Finished>],
+) -> Result<(RankPolicy, BudgetAllocation)> {
+    let RankPolicy::Budget {
+        params,
+        max_rank,
+        rule,
+        min_rank,
+    } = *policy
+    else {
+        return Err(Error::Internal("a budget's ranks without a budget".into()));
+    };
+    let rows = super::spectra::spectrum_rows(plan, finished);
+    let chosen = allocate_budget(&rows, params, rule, min_rank)?;
+    let ranks = RankPolicy::PerTensor {
+        ranks: chosen.rank_map(),
+        max_rank,
+    };
+    Ok((ranks, chosen))
 }

@@ -6,10 +6,9 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use super::fit::Fit;
-use super::place;
+use super::place::{self, FactorTensors};
 use super::settings::ExtractSettings;
 use crate::adapter;
-use crate::adapter::writer::ExpertPlace;
 use crate::backend::{self, Backend, DeltaInput, DeltaStats};
 use crate::checkpoint::dtype::decode_into;
 use crate::checkpoint::{Checkpoint, DType, TensorEntry};
@@ -227,19 +226,6 @@ pub(super) struct ExtraTensor {
     pub dtype: &'static str,
     pub shape: Vec<usize>,
     pub bytes: Vec<u8>,
-}
-
-/// Encoded A and B, named as PEFT reads them.
-pub(super) struct FactorTensors {
-    pub a_key: String,
-    pub a_shape: Vec<usize>,
-    pub a_bytes: Vec<u8>,
-    pub b_key: String,
-    pub b_shape: Vec<usize>,
-    pub b_bytes: Vec<u8>,
-    pub dtype: &'static str,
-    /// One expert (or part of one) of a fused parameter: the writer packs them.
-    pub expert: Option<ExpertPlace>,
 }
 
 /// Why a tensor failed: out of device memory (the scheduler may retry smaller) or for good.

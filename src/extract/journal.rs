@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::job::{ExtraTensor, FactorTensors, Finished};
+use super::job::{ExtraTensor, Finished};
+use super::place::FactorTensors;
 use super::settings::ExtractSettings;
 use crate::adapter::writer::ExpertPlace;
 use crate::checkpoint::{input, Checkpoint, DType};

@@ -27,7 +27,6 @@ use pair::{dominant_lora_dtype, open_pair};
 use schedule::{budgets, device_names, first_worker, placements, progress_bar, warn_unused_bounds};
 use settings::side_files;
 pub use sink_bench::{bench_sink, SinkBench};
-use spectra::spectrum_rows;
 pub use spectra::{spectra, TensorSpectrum};
 
 pub use fit::BASELINE_RAM;
@@ -123,22 +122,7 @@ fn run<B: Factoring>(
     }
     let out_dtype = s.out_dtype.unwrap_or_else(|| dominant_lora_dtype(plan));
     let r_adapter = s.rank.adapter_rank();
-    // Factors are zero-padded to r, so a rank beyond every matrix's size only wastes memory
-    // and disk (r = 100000 would ask for gigabytes per tensor).
-    let useful = plan
-        .items
-        .iter()
-        .filter(|i| i.action.is_lora())
-        .map(|i| i.matrix().0.min(i.matrix().1))
-        .max();
-    if let (Some(useful), RankPolicy::Fixed(_)) = (useful.filter(|&u| r_adapter > u), &s.rank) {
-        return Err(Error::Settings(format!(
-            "--rank {r_adapter} exceeds the rank of every target matrix (at most {useful} here)"
-        )));
-    }
-    if let RankPolicy::Budget { params, .. } = s.rank {
-        check_budget(plan, params)?;
-    }
+    check_rank(s, plan, r_adapter)?;
     let budgets = budgets(groups, s)?;
     let placements_for =
         |policy: &RankPolicy| placements(first, s, &budgets, plan, policy, r_adapter);
@@ -152,45 +136,11 @@ fn run<B: Factoring>(
         )?),
         Some(_) => None,
     };
-    // The journal: a fresh one, or the interrupted run's with what it finished.
     let fingerprint = journal::Fingerprint::of(s, base, ft)?;
-    let mut resumed = Resumed::new(plan, &s.out);
-    let mut journal = if s.resume {
-        journal::Journal::resume(&s.out, &fingerprint, |j| {
-            resumed.take(plan, j, writer.as_mut())
-        })?
-    } else {
-        let old = journal::Journal::dir(&s.out);
-        if old.exists() && !s.overwrite {
-            return Err(Error::checkpoint(
-                &old,
-                "holds the journal of an interrupted run: pass --resume to continue it, or --force to start over",
-            ));
-        }
-        journal::Journal::start(&s.out, &fingerprint)?
-    };
+    let (mut journal, resumed) = open_journal(s, plan, &fingerprint, writer.as_mut())?;
     *journal_held = true;
-    let resumed = resumed.finish(&mut journal, writer.as_mut())?;
-    // Done already, or another shard's.
-    let owner = s
-        .shard
-        .map(|sh| (sh.index - 1, shard::assignment(plan, sh.count)));
-    let skip: Vec<bool> = (0..plan.items.len())
-        .map(|i| {
-            let others = owner
-                .as_ref()
-                .is_some_and(|(me, o)| o[i].is_some_and(|k| k != *me));
-            resumed[i].is_some() || others
-        })
-        .collect();
+    let skip = skipped(s, plan, &resumed);
     let no_skip = vec![false; plan.items.len()];
-    if s.resume {
-        tracing::info!(
-            "resuming: {} of {} tensors were finished by the interrupted run",
-            skip.iter().filter(|&&d| d).count(),
-            plan.items.len()
-        );
-    }
     let total_bytes = plan.input_bytes();
     let bar = progress_bar(s.progress, total_bytes, plan.items.len());
     let shared = |placements, policy, spectrum_only, skip| engine::Shared {
@@ -210,12 +160,7 @@ fn run<B: Factoring>(
     let mut allocation = None;
     let allocated;
     let policy = match &s.rank {
-        RankPolicy::Budget {
-            params,
-            max_rank,
-            rule,
-            min_rank,
-        } => {
+        RankPolicy::Budget { .. } => {
             // Spectra first (no factors), then the ranks, then the extraction at those ranks.
             let pass = engine::run_all(
                 groups,
@@ -225,12 +170,8 @@ fn run<B: Factoring>(
                 None,
             )?;
             writer = pass.writer;
-            let rows = spectrum_rows(plan, &pass.finished);
-            let chosen = budget::allocate_budget(&rows, *params, *rule, *min_rank)?;
-            allocated = RankPolicy::PerTensor {
-                ranks: chosen.rank_map(),
-                max_rank: *max_rank,
-            };
+            let (ranks, chosen) = budget::ranks_from_spectra(&s.rank, plan, &pass.finished)?;
+            allocated = ranks;
             allocation = Some(chosen);
             first_pass = Some(pass.stages);
             bar.reset();
@@ -292,6 +233,77 @@ fn run<B: Factoring>(
     })?;
     journal.remove();
     Ok(Ran::Adapter(Box::new(report)))
+}
+
+/// A fixed rank beyond every target matrix's size, or a budget below any rank 1: refused.
+fn check_rank(s: &ExtractSettings, plan: &Plan, r_adapter: usize) -> Result<()> {
+    // Factors are zero-padded to r, so a rank beyond every matrix's size only wastes memory
+    // and disk (r = 100000 would ask for gigabytes per tensor).
+    let useful = plan
+        .items
+        .iter()
+        .filter(|i| i.action.is_lora())
+        .map(|i| i.matrix().0.min(i.matrix().1))
+        .max();
+    if let (Some(useful), RankPolicy::Fixed(_)) = (useful.filter(|&u| r_adapter > u), &s.rank) {
+        return Err(Error::Settings(format!(
+            "--rank {r_adapter} exceeds the rank of every target matrix (at most {useful} here)"
+        )));
+    }
+    if let RankPolicy::Budget { params, .. } = s.rank {
+        check_budget(plan, params)?;
+    }
+    Ok(())
+}
+
+/// The journal: a fresh one, or the interrupted run's, with what it finished (staged into
+/// the writer as it is read) by plan index.
+fn open_journal(
+    s: &ExtractSettings,
+    plan: &Plan,
+    fingerprint: &journal::Fingerprint,
+    mut writer: Option<&mut AdapterWriter>,
+) -> Result<(journal::Journal, Vec<Option<job::Finished>>)> {
+    let mut resumed = Resumed::new(plan, &s.out);
+    let mut journal = if s.resume {
+        journal::Journal::resume(&s.out, fingerprint, |j| {
+            resumed.take(plan, j, writer.as_deref_mut())
+        })?
+    } else {
+        let old = journal::Journal::dir(&s.out);
+        if old.exists() && !s.overwrite {
+            return Err(Error::checkpoint(
+                &old,
+                "holds the journal of an interrupted run: pass --resume to continue it, or --force to start over",
+            ));
+        }
+        journal::Journal::start(&s.out, fingerprint)?
+    };
+    let resumed = resumed.finish(&mut journal, writer)?;
+    Ok((journal, resumed))
+}
+
+/// The tensors this run does not compute: done already (resumed), or another shard's.
+fn skipped(s: &ExtractSettings, plan: &Plan, resumed: &[Option<job::Finished>]) -> Vec<bool> {
+    let owner = s
+        .shard
+        .map(|sh| (sh.index - 1, shard::assignment(plan, sh.count)));
+    let skip: Vec<bool> = (0..plan.items.len())
+        .map(|i| {
+            let others = owner
+                .as_ref()
+                .is_some_and(|(me, o)| o[i].is_some_and(|k| k != *me));
+            resumed[i].is_some() || others
+        })
+        .collect();
+    if s.resume {
+        tracing::info!(
+            "resuming: {} of {} tensors were finished by the interrupted run",
+            skip.iter().filter(|&&d| d).count(),
+            plan.items.len()
+        );
+    }
+    skip
 }
 
 /// A budget below what the cheapest LoRA target's rank 1 costs can give nothing any rank:

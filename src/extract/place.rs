@@ -2,7 +2,6 @@
 //! them by: PEFT's key names, a conv LoRA's shapes, a grown vocabulary's zero rows, and an
 //! expert's place in its fused parameter.
 
-use super::job::FactorTensors;
 use crate::adapter;
 use crate::adapter::writer::{pad_axis, ExpertPlace};
 use crate::checkpoint::DType;
@@ -81,4 +80,17 @@ pub(super) fn layout_of(item: &PlanItem) -> Layout {
     } else {
         Layout::Linear
     }
+}
+
+/// Encoded A and B, named as PEFT reads them.
+pub(super) struct FactorTensors {
+    pub a_key: String,
+    pub a_shape: Vec<usize>,
+    pub a_bytes: Vec<u8>,
+    pub b_key: String,
+    pub b_shape: Vec<usize>,
+    pub b_bytes: Vec<u8>,
+    pub dtype: &'static str,
+    /// One expert (or part of one) of a fused parameter: the writer packs them.
+    pub expert: Option<ExpertPlace>,
 }

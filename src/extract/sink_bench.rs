@@ -9,8 +9,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::job::{FactorTensors, Finished};
+use super::job::Finished;
 use super::journal::{Fingerprint, Journal};
+use super::place::FactorTensors;
 use crate::adapter::AdapterWriter;
 use crate::error::Result;
 use crate::report::TensorAction;
