@@ -163,85 +163,15 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
         .iter()
         .map(|d| crate::outdir::OutLock::acquire_to_read(d, "combine"))
         .collect::<Result<Vec<_>>>()?;
-    let mut markers = Vec::new();
-    for d in dirs {
-        let path = d.join(PART_FILE);
-        if crate::checkpoint::input::kind(&path) == crate::checkpoint::input::Kind::Missing {
-            return Err(Error::checkpoint(
-                &path,
-                "not a finished part (run `extract --shard I/N` into it)",
-            ));
-        }
-        let text = crate::checkpoint::input::read_string(&path)?;
-        let m: PartMarker = serde_json::from_str(&text)
-            .map_err(|e| Error::checkpoint(&path, format!("not a valid part: {e}")))?;
-        let format = m.fingerprint.format;
-        if format != super::journal::JOURNAL_FORMAT {
-            return Err(Error::checkpoint(
-                &path,
-                format!(
-                    "a part of journal format {format}, written by another phlora (this one reads format {}): run that shard again",
-                    super::journal::JOURNAL_FORMAT
-                ),
-            ));
-        }
-        markers.push((d, m));
-    }
-    let first = &markers
-        .first()
-        .ok_or_else(|| Error::Settings("combine: no parts given".into()))?
-        .1;
+    let markers = dirs
+        .iter()
+        .map(|d| Ok((d, read_marker(d)?)))
+        .collect::<Result<Vec<_>>>()?;
+    check_one_run(dirs, &markers)?;
+    let first = &markers[0].1;
     let count = first.shard.count;
-    let mut seen = vec![None; count];
-    for (d, m) in &markers {
-        let same = m.shard.count == count
-            && m.fingerprint.same_files_anywhere(&first.fingerprint)
-            && m.fingerprint.settings == first.fingerprint.settings;
-        if !same {
-            return Err(Error::checkpoint(
-                d.join(PART_FILE),
-                format!(
-                    "is not a part of the same run as {} (other inputs, settings or shard count)",
-                    dirs[0].display()
-                ),
-            ));
-        }
-        if let Some(other) = seen[m.shard.index - 1].replace(*d) {
-            return Err(Error::Settings(format!(
-                "combine: shard {}/{count} is given twice ({} and {})",
-                m.shard.index,
-                other.display(),
-                d.display()
-            )));
-        }
-    }
-    if let Some(missing) = seen.iter().position(Option::is_none) {
-        return Err(Error::Settings(format!(
-            "combine: shard {}/{count} is missing; give all {count} parts",
-            missing + 1
-        )));
-    }
-    // The run's settings, with the paths that open the inputs from here.
-    let mut s = first.settings.clone();
-    let (named_base, named_ft) = (s.base.clone(), s.ft.clone());
-    s.base = options.base.clone().unwrap_or_else(|| first.base.clone());
-    s.ft = options.ft.clone().unwrap_or_else(|| first.ft.clone());
-    s.out = out.to_path_buf();
-    s.overwrite = options.overwrite;
-    if options.max_shard_size.is_some() {
-        s.max_shard_size = options.max_shard_size;
-    }
-    for (path, given, flag) in [
-        (&s.base, &options.base, "--base"),
-        (&s.ft, &options.ft, "--ft"),
-    ] {
-        if given.is_none() && !path.exists() {
-            return Err(Error::checkpoint(
-                path,
-                format!("the parts read this checkpoint here, and it is not on this machine: pass {flag} to say where it is"),
-            ));
-        }
-    }
+    let mut s = settings_here(first, out, options)?;
+    let (named_base, named_ft) = (first.settings.base.clone(), first.settings.ft.clone());
     crate::outdir::ensure_not_input(out, &[(&s.base, "base"), (&s.ft, "fine-tune")])?;
     let _lock = crate::outdir::OutLock::acquire(out, "combine")?;
     let (base, ft, plan) = super::pair::open_pair(&s)?;
@@ -259,42 +189,9 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
             }
         )));
     }
-    // Every part's tensors, by plan index, staged as each journal is read: the factors stay
-    // in the parts' journals (the adapter is written from there), not in memory.
     let mut writer =
         AdapterWriter::create(out, options.overwrite, super::settings::side_files(&s))?;
-    let mut finished: Vec<Option<job::Finished>> = (0..plan.items.len()).map(|_| None).collect();
-    let owner = assignment(&plan, count);
-    for (d, m) in &markers {
-        let data = Journal::data_path_in(d);
-        let journal = d.join(super::journal::JOURNAL_DIR);
-        Journal::read(d, |(mut done, at)| {
-            let i = done.index;
-            let refuse = |why: String| Err(Error::checkpoint(&journal, why));
-            if i >= plan.items.len() || plan.items[i].name != done.row.name {
-                return refuse(format!("tensor #{i} `{}` is not the plan's", done.row.name));
-            }
-            // Each tensor comes from the one part that computes it, once.
-            if owner[i] != Some(m.shard.index - 1) || finished[i].is_some() {
-                return refuse(format!(
-                    "holds `{}`, which is shard {}/{count}'s and not this part's (shard {}/{count}): a part copied over another?",
-                    done.row.name,
-                    owner[i].map_or(0, |k| k + 1),
-                    m.shard.index
-                ));
-            }
-            engine::stage_journaled(Some(&mut writer), &mut done, &data, at)?;
-            finished[i] = Some(done);
-            Ok(())
-        })?;
-    }
-    if let Some(i) = (0..plan.items.len()).find(|&i| owner[i].is_some() && finished[i].is_none()) {
-        return Err(Error::Settings(format!(
-            "combine: `{}` is missing from shard {}/{count}'s part",
-            plan.items[i].name,
-            owner[i].unwrap_or(0) + 1
-        )));
-    }
+    let finished = stage_parts(&plan, &markers, &mut writer)?;
     s.base = named_base;
     s.ft = named_ft;
     let stages = finished
@@ -324,6 +221,143 @@ pub fn combine(dirs: &[PathBuf], out: &Path, options: &CombineOptions) -> Result
         device_memory_peak: None,
     };
     assemble::assemble(&s, &base, &ft, &plan, outcome, &context)
+}
+
+/// A finished part's marker, of this phlora's journal format.
+fn read_marker(d: &Path) -> Result<PartMarker> {
+    let path = d.join(PART_FILE);
+    if crate::checkpoint::input::kind(&path) == crate::checkpoint::input::Kind::Missing {
+        return Err(Error::checkpoint(
+            &path,
+            "not a finished part (run `extract --shard I/N` into it)",
+        ));
+    }
+    let text = crate::checkpoint::input::read_string(&path)?;
+    let m: PartMarker = serde_json::from_str(&text)
+        .map_err(|e| Error::checkpoint(&path, format!("not a valid part: {e}")))?;
+    let format = m.fingerprint.format;
+    if format != super::journal::JOURNAL_FORMAT {
+        return Err(Error::checkpoint(
+            &path,
+            format!(
+                "a part of journal format {format}, written by another phlora (this one reads format {}): run that shard again",
+                super::journal::JOURNAL_FORMAT
+            ),
+        ));
+    }
+    Ok(m)
+}
+
+/// The parts are shards 1..N of one run (same inputs, settings and shard count), each given
+/// once, none missing.
+fn check_one_run(dirs: &[PathBuf], markers: &[(&PathBuf, PartMarker)]) -> Result<()> {
+    let first = &markers
+        .first()
+        .ok_or_else(|| Error::Settings("combine: no parts given".into()))?
+        .1;
+    let count = first.shard.count;
+    let mut seen = vec![None; count];
+    for (d, m) in markers {
+        let same = m.shard.count == count
+            && m.fingerprint.same_files_anywhere(&first.fingerprint)
+            && m.fingerprint.settings == first.fingerprint.settings;
+        if !same {
+            return Err(Error::checkpoint(
+                d.join(PART_FILE),
+                format!(
+                    "is not a part of the same run as {} (other inputs, settings or shard count)",
+                    dirs[0].display()
+                ),
+            ));
+        }
+        if let Some(other) = seen[m.shard.index - 1].replace(*d) {
+            return Err(Error::Settings(format!(
+                "combine: shard {}/{count} is given twice ({} and {})",
+                m.shard.index,
+                other.display(),
+                d.display()
+            )));
+        }
+    }
+    if let Some(missing) = seen.iter().position(Option::is_none) {
+        return Err(Error::Settings(format!(
+            "combine: shard {}/{count} is missing; give all {count} parts",
+            missing + 1
+        )));
+    }
+    Ok(())
+}
+
+/// The run's settings, with the paths that open the inputs from here and this OUT.
+fn settings_here(
+    first: &PartMarker,
+    out: &Path,
+    options: &CombineOptions,
+) -> Result<ExtractSettings> {
+    let mut s = first.settings.clone();
+    s.base = options.base.clone().unwrap_or_else(|| first.base.clone());
+    s.ft = options.ft.clone().unwrap_or_else(|| first.ft.clone());
+    s.out = out.to_path_buf();
+    s.overwrite = options.overwrite;
+    if options.max_shard_size.is_some() {
+        s.max_shard_size = options.max_shard_size;
+    }
+    for (path, given, flag) in [
+        (&s.base, &options.base, "--base"),
+        (&s.ft, &options.ft, "--ft"),
+    ] {
+        if given.is_none() && !path.exists() {
+            return Err(Error::checkpoint(
+                path,
+                format!("the parts read this checkpoint here, and it is not on this machine: pass {flag} to say where it is"),
+            ));
+        }
+    }
+    Ok(s)
+}
+
+/// Every part's tensors, by plan index, staged as each journal is read: the factors stay in
+/// the parts' journals (the adapter is written from there), not in memory. Each tensor must
+/// come once, from the part that computes it.
+fn stage_parts(
+    plan: &Plan,
+    markers: &[(&PathBuf, PartMarker)],
+    writer: &mut AdapterWriter,
+) -> Result<Vec<Option<job::Finished>>> {
+    let count = markers[0].1.shard.count;
+    let mut finished: Vec<Option<job::Finished>> = (0..plan.items.len()).map(|_| None).collect();
+    let owner = assignment(plan, count);
+    for (d, m) in markers {
+        let data = Journal::data_path_in(d);
+        let journal = d.join(super::journal::JOURNAL_DIR);
+        Journal::read(d, |(mut done, at)| {
+            let i = done.index;
+            let refuse = |why: String| Err(Error::checkpoint(&journal, why));
+            if i >= plan.items.len() || plan.items[i].name != done.row.name {
+                return refuse(format!("tensor #{i} `{}` is not the plan's", done.row.name));
+            }
+            // Each tensor comes from the one part that computes it, once.
+            if owner[i] != Some(m.shard.index - 1) || finished[i].is_some() {
+                return refuse(format!(
+                    "holds `{}`, which is shard {}/{count}'s and not this part's (shard {}/{count}): a part copied over another?",
+                    done.row.name,
+                    owner[i].map_or(0, |k| k + 1),
+                    m.shard.index
+                ));
+            }
+            engine::stage_journaled(Some(&mut *writer), &mut done, &data, at)?;
+            finished[i] = Some(done);
+            Ok(())
+        })?;
+    }
+    if let Some(i) = (0..plan.items.len()).find(|&i| owner[i].is_some() && finished[i].is_none()) {
+        return Err(Error::Settings(format!(
+            "combine: `{}` is missing from shard {}/{count}'s part",
+            plan.items[i].name,
+            owner[i].unwrap_or(0) + 1
+        )));
+    }
+    Ok(finished)
 }
 
 /// `--shard` cannot split what needs every tensor at once.
