@@ -46,82 +46,8 @@ pub fn out_dtype(s: &str) -> std::result::Result<OutDtype, String> {
 
 impl ExtractArgs {
     pub fn settings(&self, progress: bool) -> Result<ExtractSettings> {
-        let rank = match (self.rank, self.energy, &self.budget) {
-            (Some(0), _, _) => return Err(Error::Settings("--rank must be at least 1".into())),
-            (Some(r), _, _) => RankPolicy::Fixed(r),
-            (None, Some(t), _) if !(t > 0.0 && t <= 1.0) => {
-                return Err(Error::Settings(format!("--energy {t}: expected 0 < T ≤ 1")))
-            }
-            (None, Some(target), _) => RankPolicy::Energy {
-                target,
-                max_rank: self.max_rank,
-            },
-            (None, None, Some(params)) => RankPolicy::Budget {
-                params: *params,
-                max_rank: self.max_rank,
-                rule: self.rank_rule.into(),
-                min_rank: self.min_rank,
-            },
-            (None, None, None) => RankPolicy::Fixed(64),
-        };
-        if self.max_rank == 0 {
-            return Err(Error::Settings("--max-rank must be at least 1".into()));
-        }
-        if let Some(floor) = self.min_rank.filter(|&f| f > self.max_rank) {
-            return Err(Error::Settings(format!(
-                "--min-rank {floor} is above --max-rank {}",
-                self.max_rank
-            )));
-        }
-        let target = match (self.portable, self.target) {
-            (true, _) | (_, TargetArg::Portable) => Target::Portable,
-            (_, TargetArg::Vllm) => Target::Vllm,
-            (_, TargetArg::Peft) => Target::Peft,
-        };
-        let allowed = phlora::linalg::rank::PORTABLE_RANKS;
-        let largest = allowed[allowed.len() - 1];
-        let flag = if matches!(rank, RankPolicy::Fixed(_)) {
-            "--rank"
-        } else {
-            "--max-rank"
-        };
-        if target != Target::Peft && rank.adapter_rank() > largest {
-            return Err(Error::Settings(format!(
-                "--target {}: {flag} {} is above the largest rank vLLM accepts ({largest})",
-                target.as_str(),
-                rank.adapter_rank()
-            )));
-        }
-        if target != Target::Peft && self.lora_bias {
-            return Err(Error::Settings(format!(
-                "--target {}: vLLM rejects lora_B.bias keys; drop --lora-bias (the biases are then reported as not carried)",
-                target.as_str()
-            )));
-        }
-        if target != Target::Peft && self.fuse_experts {
-            return Err(Error::Settings(format!(
-                "--target {}: --fuse-experts writes PEFT's target_parameters, which vLLM and LoRAX cannot load (they take MoE LoRA per expert, as phlora writes it without --fuse-experts)",
-                target.as_str()
-            )));
-        }
-        if let (Target::Vllm, RankPolicy::Fixed(r)) = (target, &rank) {
-            if !allowed.contains(r) {
-                let up = allowed
-                    .iter()
-                    .find(|&&a| a > *r)
-                    .copied()
-                    .unwrap_or(largest);
-                let down = allowed
-                    .iter()
-                    .rev()
-                    .find(|&&a| a < *r)
-                    .copied()
-                    .unwrap_or(1);
-                return Err(Error::Settings(format!(
-                    "--target vllm: vLLM loads only ranks {allowed:?} (max_lora_rank), so it would reject r = {r}; use --rank {down} or --rank {up}, or --target portable to zero-pad rank {r} up to {up}"
-                )));
-            }
-        }
+        let rank = self.rank_policy()?;
+        let target = self.target_for(&rank)?;
         if self.power_iters > 20 {
             return Err(Error::Settings(
                 "--power-iters above 20 only costs time".into(),
@@ -183,6 +109,92 @@ impl ExtractArgs {
             progress,
             max_shard_size: self.max_shard_size,
         })
+    }
+
+    /// --rank, --energy or --budget (with their caps and floor), as a policy.
+    fn rank_policy(&self) -> Result<RankPolicy> {
+        let rank = match (self.rank, self.energy, &self.budget) {
+            (Some(0), _, _) => return Err(Error::Settings("--rank must be at least 1".into())),
+            (Some(r), _, _) => RankPolicy::Fixed(r),
+            (None, Some(t), _) if !(t > 0.0 && t <= 1.0) => {
+                return Err(Error::Settings(format!("--energy {t}: expected 0 < T ≤ 1")))
+            }
+            (None, Some(target), _) => RankPolicy::Energy {
+                target,
+                max_rank: self.max_rank,
+            },
+            (None, None, Some(params)) => RankPolicy::Budget {
+                params: *params,
+                max_rank: self.max_rank,
+                rule: self.rank_rule.into(),
+                min_rank: self.min_rank,
+            },
+            (None, None, None) => RankPolicy::Fixed(64),
+        };
+        if self.max_rank == 0 {
+            return Err(Error::Settings("--max-rank must be at least 1".into()));
+        }
+        if let Some(floor) = self.min_rank.filter(|&f| f > self.max_rank) {
+            return Err(Error::Settings(format!(
+                "--min-rank {floor} is above --max-rank {}",
+                self.max_rank
+            )));
+        }
+        Ok(rank)
+    }
+
+    /// --target (or --portable), refused with settings its loaders reject.
+    fn target_for(&self, rank: &RankPolicy) -> Result<Target> {
+        let target = match (self.portable, self.target) {
+            (true, _) | (_, TargetArg::Portable) => Target::Portable,
+            (_, TargetArg::Vllm) => Target::Vllm,
+            (_, TargetArg::Peft) => Target::Peft,
+        };
+        let allowed = phlora::linalg::rank::PORTABLE_RANKS;
+        let largest = allowed[allowed.len() - 1];
+        let flag = if matches!(rank, RankPolicy::Fixed(_)) {
+            "--rank"
+        } else {
+            "--max-rank"
+        };
+        if target != Target::Peft && rank.adapter_rank() > largest {
+            return Err(Error::Settings(format!(
+                "--target {}: {flag} {} is above the largest rank vLLM accepts ({largest})",
+                target.as_str(),
+                rank.adapter_rank()
+            )));
+        }
+        if target != Target::Peft && self.lora_bias {
+            return Err(Error::Settings(format!(
+                "--target {}: vLLM rejects lora_B.bias keys; drop --lora-bias (the biases are then reported as not carried)",
+                target.as_str()
+            )));
+        }
+        if target != Target::Peft && self.fuse_experts {
+            return Err(Error::Settings(format!(
+                "--target {}: --fuse-experts writes PEFT's target_parameters, which vLLM and LoRAX cannot load (they take MoE LoRA per expert, as phlora writes it without --fuse-experts)",
+                target.as_str()
+            )));
+        }
+        if let (Target::Vllm, RankPolicy::Fixed(r)) = (target, rank) {
+            if !allowed.contains(r) {
+                let up = allowed
+                    .iter()
+                    .find(|&&a| a > *r)
+                    .copied()
+                    .unwrap_or(largest);
+                let down = allowed
+                    .iter()
+                    .rev()
+                    .find(|&&a| a < *r)
+                    .copied()
+                    .unwrap_or(1);
+                return Err(Error::Settings(format!(
+                    "--target vllm: vLLM loads only ranks {allowed:?} (max_lora_rank), so it would reject r = {r}; use --rank {down} or --rank {up}, or --target portable to zero-pad rank {r} up to {up}"
+                )));
+            }
+        }
+        Ok(target)
     }
 }
 

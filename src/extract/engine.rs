@@ -6,7 +6,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
@@ -146,10 +146,15 @@ pub(super) fn run_all<B: Factoring>(
     journal: Option<&mut Journal>,
 ) -> Result<Outcome> {
     let total_workers: usize = groups.iter().map(|g| g.workers.len()).sum();
-    let order = queue(sh, total_workers);
-    let next = AtomicUsize::new(0);
-    let cancel = AtomicBool::new(false);
-    let errors: Mutex<Vec<(usize, Error)>> = Mutex::new(Vec::new());
+    let shared_queue = Queue {
+        order: queue(sh, total_workers),
+        next: AtomicUsize::new(0),
+        cancel: AtomicBool::new(false),
+        errors: Mutex::new(Vec::new()),
+        workers: total_workers,
+    };
+    let queue = &shared_queue;
+    let (order, cancel) = (&queue.order, &queue.cancel);
     let ledgers: Vec<Ledger> = budgets.iter().map(|&b| Ledger::new(b)).collect();
     let (tx, rx) = sync_channel::<Finished>(2 * total_workers);
     let started = Instant::now();
@@ -158,59 +163,14 @@ pub(super) fn run_all<B: Factoring>(
     let copies = sh.plan.tied_copies();
     let done_later = order.len() + copies.iter().filter(|(e, _)| !sh.skip[*e]).count();
     let (writer_result, times) = std::thread::scope(|scope| {
-        let writer_thread = scope.spawn(|| write_all(writer, journal, rx, sh, done_later, &cancel));
+        let writer_thread = scope.spawn(|| write_all(writer, journal, rx, sh, done_later, cancel));
         let mut handles = Vec::new();
         for (d, group) in groups.iter().enumerate() {
             for (w, be) in group.workers.iter().enumerate() {
                 let label = worker_label(be, w);
                 let (tx, ledger) = (tx.clone(), &ledgers[d]);
-                let (order, next, cancel, errors) = (&order, &next, &cancel, &errors);
                 handles.push(scope.spawn(move || {
-                    be.scope(|| {
-                        let mut me = WorkerLoop {
-                            be,
-                            sh,
-                            ledger,
-                            label,
-                            time: WorkerTime {
-                                worker: String::new(),
-                                tensors: 0,
-                                busy_seconds: 0.0,
-                                idle_seconds: 0.0,
-                            },
-                            stages: StageSeconds::default(),
-                        };
-                        me.time.worker = me.label.clone();
-                        while !cancel.load(Ordering::Relaxed) && !crate::interrupt::requested() {
-                            let at = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(&index) = order.get(at) else { break };
-                            // The disk reads ahead what some worker takes next.
-                            if let Some(&ahead) = order.get(at + total_workers) {
-                                let item = &sh.plan.items[ahead];
-                                sh.base.prefetch(&item.base);
-                                sh.ft.prefetch(&item.ft);
-                            }
-                            match me.one(index) {
-                                Ok(done) => {
-                                    let clock = Instant::now();
-                                    let sent = tx.send(done);
-                                    me.stages.idle += clock.elapsed().as_secs_f64();
-                                    if sent.is_err() {
-                                        break; // the writer failed; its error is reported
-                                    }
-                                }
-                                Err(e) => {
-                                    cancel.store(true, Ordering::Relaxed);
-                                    errors
-                                        .lock()
-                                        .unwrap_or_else(|p| p.into_inner())
-                                        .push((index, e));
-                                    break;
-                                }
-                            }
-                        }
-                        (me.time, me.stages)
-                    })
+                    be.scope(|| WorkerLoop::new(be, sh, ledger, label).drain(queue, &tx))
                 }));
             }
         }
@@ -243,7 +203,10 @@ pub(super) fn run_all<B: Factoring>(
             crate::error::panic_message(&*p)
         ))
     })?;
-    let mut errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut errors = shared_queue
+        .errors
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
     // The first failure in plan order, whatever the timing.
     errors.sort_by_key(|e| e.0);
     if let Some((_, e)) = errors.into_iter().next() {
@@ -375,6 +338,18 @@ pub(super) fn stage(
     Ok(())
 }
 
+/// The tensors in the order workers take them, shared by every worker.
+struct Queue {
+    order: Vec<usize>,
+    /// The next position in `order` to take.
+    next: AtomicUsize,
+    /// Set by the first failure: the others take no new tensor.
+    cancel: AtomicBool,
+    /// (plan index, error) of each failure.
+    errors: Mutex<Vec<(usize, Error)>>,
+    workers: usize,
+}
+
 /// One worker's state.
 struct WorkerLoop<'a, B: Factoring> {
     be: &'a B,
@@ -386,6 +361,65 @@ struct WorkerLoop<'a, B: Factoring> {
 }
 
 impl<B: Factoring> WorkerLoop<'_, B> {
+    fn new<'a>(
+        be: &'a B,
+        sh: &'a Shared<'a>,
+        ledger: &'a Ledger,
+        label: String,
+    ) -> WorkerLoop<'a, B> {
+        WorkerLoop {
+            be,
+            sh,
+            ledger,
+            time: WorkerTime {
+                worker: label.clone(),
+                tensors: 0,
+                busy_seconds: 0.0,
+                idle_seconds: 0.0,
+            },
+            label,
+            stages: StageSeconds::default(),
+        }
+    }
+
+    /// Takes tensors from the queue until it is empty, a worker failed, the writer went away
+    /// or an interrupt came; each result goes to the writer.
+    fn drain(mut self, queue: &Queue, tx: &SyncSender<Finished>) -> (WorkerTime, StageSeconds) {
+        let sh = self.sh;
+        while !queue.cancel.load(Ordering::Relaxed) && !crate::interrupt::requested() {
+            let at = queue.next.fetch_add(1, Ordering::Relaxed);
+            let Some(&index) = queue.order.get(at) else {
+                break;
+            };
+            // The disk reads ahead what some worker takes next.
+            if let Some(&ahead) = queue.order.get(at + queue.workers) {
+                let item = &sh.plan.items[ahead];
+                sh.base.prefetch(&item.base);
+                sh.ft.prefetch(&item.ft);
+            }
+            match self.one(index) {
+                Ok(done) => {
+                    let clock = Instant::now();
+                    let sent = tx.send(done);
+                    self.stages.idle += clock.elapsed().as_secs_f64();
+                    if sent.is_err() {
+                        break; // the writer failed; its error is reported
+                    }
+                }
+                Err(e) => {
+                    queue.cancel.store(true, Ordering::Relaxed);
+                    queue
+                        .errors
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((index, e));
+                    break;
+                }
+            }
+        }
+        (self.time, self.stages)
+    }
+
     /// The fit to retry a tensor in after the device ran out of memory on it, or the error
     /// that says why there is none.
     fn after_out_of_memory(
