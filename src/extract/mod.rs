@@ -105,6 +105,9 @@ fn extract_any(s: &ExtractSettings) -> Result<Ran> {
     }
 }
 
+/// One extraction on these workers, from checks to the adapter (or a shard's part). Longer
+/// than a screen, and on purpose: each step is a call, and the budget's first pass and the
+/// extraction share the closures over the run's state (placements, progress, the writer).
 fn run<B: Factoring>(
     groups: &[DeviceWorkers<B>],
     s: &ExtractSettings,
@@ -188,12 +191,7 @@ fn run<B: Factoring>(
         Some(&mut journal),
     )?;
     if crate::interrupt::requested() {
-        let done = outcome.finished.iter().flatten().count() + skip.iter().filter(|&&d| d).count();
-        return Err(Error::Interrupted(format!(
-            "{done} of {} tensors are finished and kept in {}; run the same command with --resume to continue",
-            plan.items.len(),
-            journal::Journal::dir(&s.out).display()
-        )));
+        return Err(interrupted(s, plan, &outcome, &skip));
     }
     for (slot, done) in outcome.finished.iter_mut().zip(resumed) {
         if done.is_some() {
@@ -222,17 +220,42 @@ fn run<B: Factoring>(
             .filter_map(|g| g.workers.first()?.device_memory_peak())
             .max(),
     };
-    let report = assemble::assemble(s, base, ft, plan, outcome, &context).map_err(|e| match e {
-        // Stopped while the adapter was written: every tensor is journaled.
+    let report = write_adapter(s, (base, ft, plan), outcome, &context)?;
+    journal.remove();
+    Ok(Ran::Adapter(Box::new(report)))
+}
+
+/// The adapter assembled and committed; an interrupt while it is written says how to resume
+/// (every tensor is journaled by then).
+fn write_adapter(
+    s: &ExtractSettings,
+    (base, ft, plan): (&Checkpoint, &Checkpoint, &Plan),
+    outcome: engine::Outcome,
+    context: &assemble::Context,
+) -> Result<RunReport> {
+    assemble::assemble(s, base, ft, plan, outcome, context).map_err(|e| match e {
         Error::Interrupted(what) => Error::Interrupted(format!(
             "{what}; all {} tensors are finished and kept in {}: run the same command with --resume to write it",
             plan.items.len(),
             journal::Journal::dir(&s.out).display()
         )),
         e => e,
-    })?;
-    journal.remove();
-    Ok(Ran::Adapter(Box::new(report)))
+    })
+}
+
+/// A run stopped by an interrupt: how much is finished, and how to go on.
+fn interrupted(
+    s: &ExtractSettings,
+    plan: &Plan,
+    outcome: &engine::Outcome,
+    skip: &[bool],
+) -> Error {
+    let done = outcome.finished.iter().flatten().count() + skip.iter().filter(|&&d| d).count();
+    Error::Interrupted(format!(
+        "{done} of {} tensors are finished and kept in {}; run the same command with --resume to continue",
+        plan.items.len(),
+        journal::Journal::dir(&s.out).display()
+    ))
 }
 
 /// A fixed rank beyond every target matrix's size, or a budget below any rank 1: refused.
