@@ -192,7 +192,7 @@ stage_e2e() {
     figure e2e cpu_seconds "$(jnum "$R/e2e-cpu.json" seconds)"
     figure e2e device_seconds "$(jnum "$R/e2e-dev.json" seconds)"
     figure e2e total_relative_error "$(jnum "$R/e2e-dev.json" total_relative_error)"
-    # CPU against the device, within the tolerances README promises across devices.
+    # CPU against the device, within the tolerances docs/determinism.md promises across devices.
     local others=("$WORK/dev")
     if [ "$DEVICE" = cuda ]; then
         e2e_run dev-f32 --device cuda --gemm f32 && others+=("$WORK/dev-f32") ||

@@ -38,7 +38,7 @@ FAMILIES = {
     "llama": ("llama", {}),
     "llama_tied": ("llama", {"tie_word_embeddings": True}),
     # Fine-tunes with 4 added tokens (vocabulary 96 → 100): --added-tokens, loaded by resizing
-    # the base and copying in the new rows (load_resized, the README's recipe).
+    # the base and copying in the new rows (load_resized, docs/models.md's recipe).
     "llama_added": ("llama", {}),
     "llama_tied_added": ("llama", {"tie_word_embeddings": True}),
     "mistral": ("mistral", {}),
@@ -191,7 +191,7 @@ def check_convnet(phlora, rank, work, tol):
 
 
 def load_resized(model, adapter_dir):
-    """The README's recipe for an adapter extracted with --added-tokens: resize the base's
+    """docs/models.md's recipe for an adapter extracted with --added-tokens: resize the base's
     embeddings to the fine-tune's vocabulary and copy in the new rows, then load the adapter."""
     from safetensors import safe_open
 
@@ -206,7 +206,7 @@ def load_resized(model, adapter_dir):
 
 
 def load_adapter(model, adapter_dir):
-    """PeftModel.from_pretrained, or for a sharded adapter (--max-shard-size) the README's
+    """PeftModel.from_pretrained, or for a sharded adapter (--max-shard-size) docs/adapter-format.md's
     recipe: PEFT reads only a single adapter_model.safetensors, so the shards are read and
     handed to PEFT as one state dict."""
     from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict

@@ -9,7 +9,7 @@ module's update from vLLM's LoRALayerWeights (scaling · B·A; an embedding's (B
 it with ΔW of the checkpoints. This runs vLLM's parsing code on the CPU, not a vLLM model: the
 model-side mapping (packed qkv/gate_up modules, the fused 3-D MoE layout) is not exercised.
 
-    pip install --no-deps vllm   # plus the modules its lora package imports (see README)
+    pip install --no-deps vllm   # plus the modules its lora package imports (see docs/loaders.md)
     python3 scripts/vllm_check.py WORK/llama/{base,ft,adapter} [...]
 
 Each argument triple is BASE FT ADAPTER. Exit status 0 when every adapter loads and every

@@ -58,7 +58,7 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Two or more adapters of the same pair (CPU and GPU, two GPUs, two versions) against the
     /// first: per module ‖ΔB·A‖/‖B·A‖, and from their report.json the residuals and ‖ΔW‖;
-    /// exit 3 when one is outside the tolerances README promises across devices.
+    /// exit 3 when one is outside the tolerances docs/determinism.md promises across devices.
     Compare(CompareArgs),
     /// Merge an adapter into its base: the full checkpoint in the base's own layout (same
     /// shards, index, dtypes; config and tokenizer files copied; untouched tensors byte for
@@ -461,7 +461,7 @@ pub struct ExtractArgs {
     /// A fine-tune whose vocabulary grew (added tokens): carry the rows both share as LoRA, and
     /// write the new rows whole to added_tokens.safetensors (with the fine-tune's tokenizer
     /// files). The factors are shaped for the resized model: resize the base's embeddings to
-    /// the fine-tune's vocabulary, copy in the new rows, then load the adapter (README: added
+    /// the fine-tune's vocabulary, copy in the new rows, then load the adapter (docs/models.md: added
     /// tokens). Without it a grown vocabulary is an error.
     #[arg(long)]
     pub added_tokens: bool,

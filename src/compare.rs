@@ -2,7 +2,7 @@
 //! by side, module by module: ‖s·B·A − s'·B'·A'‖ / ‖s·B·A‖ computed from the r×r Gram matrices in
 //! f64 (B·A is never formed, and singular-vector signs do not matter), and from the two
 //! report.json files the residual certificates and ‖ΔW‖ of every tensor. The tolerances are
-//! the ones README promises across devices.
+//! the ones docs/determinism.md promises across devices.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 /// How far two adapters of one pair may be apart and still agree.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Tolerances {
-    /// ‖ΔB·A‖/‖B·A‖ per module (README: within 1e-2; TF32 products measure ~1e-3).
+    /// ‖ΔB·A‖/‖B·A‖ per module (docs/determinism.md: within 1e-2; TF32 products measure ~1e-3).
     pub product: f64,
     /// |Δresidual| / max(residual, 1e-3) per tensor: the certificates are exact, so only
     /// rounding separates them.

@@ -119,7 +119,7 @@ pub(super) fn assemble(
     let staged = added::stage(&mut writer, plan, ft)?;
     if !staged.is_empty() {
         tracing::info!(
-            "added tokens: {} written beside the adapter; resize the base's embeddings to the fine-tune's vocabulary and copy the new rows in before loading it (README: added tokens)",
+            "added tokens: {} written beside the adapter; resize the base's embeddings to the fine-tune's vocabulary and copy the new rows in before loading it (docs/models.md: added tokens)",
             staged.join(", ")
         );
     }

@@ -78,7 +78,7 @@ pub(super) fn pair_shapes(
         ));
     } else {
         format!(
-            ": the vocabulary grew by {} rows (added tokens?), and a LoRA cannot carry new rows; pass --added-tokens to carry the shared rows as LoRA and write the new rows to {} (README: added tokens)",
+            ": the vocabulary grew by {} rows (added tokens?), and a LoRA cannot carry new rows; pass --added-tokens to carry the shared rows as LoRA and write the new rows to {} (docs/models.md: added tokens)",
             f.shape[0] - b.shape[0],
             crate::names::ADDED_TOKENS_FILE
         )

@@ -12,7 +12,7 @@ use super::error::{dim, CudaError, SolverCall};
 
 /// Same inputs, same bits (geqrf, syevd and gesvd may otherwise take faster non-deterministic
 /// paths): each worker has its own cuBLAS handle and stream too, so a GPU's adapter does not
-/// depend on timing (README: determinism).
+/// depend on timing (docs/determinism.md).
 pub(super) fn deterministic(h: cusolverDnHandle_t) -> Result<(), CudaError> {
     let mode = cusolverDeterministicMode_t::CUSOLVER_DETERMINISTIC_RESULTS;
     // SAFETY: h is a live handle of this worker.
