@@ -9,14 +9,14 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::extract::budget::allocate_budget;
-use crate::extract::{ExtractSettings, TensorSpectrum};
+use crate::extract::{SpectraSettings, TensorSpectrum};
 use crate::linalg::rank::{rank_for_energy, RankRule};
 use crate::report::BudgetAllocation;
 
 #[derive(Clone, Debug)]
 pub struct AnalyzeSettings {
-    /// Base, fine-tune, device, memory bounds, filters, SVD settings; `rank` is the cap.
-    pub extract: ExtractSettings,
+    /// Base, fine-tune, filters, the singular values computed, device and memory bounds.
+    pub spectra: SpectraSettings,
     pub ranks: Vec<usize>,
     pub energies: Vec<f64>,
     /// The energy of the heatmap.
@@ -130,7 +130,7 @@ fn profile(t: &TensorSpectrum, s: &AnalyzeSettings) -> TensorProfile {
 /// command writes the files.
 pub fn analyze(s: &AnalyzeSettings) -> Result<AnalysisReport> {
     let started = std::time::Instant::now();
-    let (spectra, device) = crate::extract::spectra(&s.extract)?;
+    let (spectra, device) = crate::extract::spectra(&s.spectra)?;
     let tensors: Vec<TensorProfile> = spectra.iter().map(|t| profile(t, s)).collect();
     if tensors.is_empty() {
         return Err(Error::Settings(
@@ -145,10 +145,10 @@ pub fn analyze(s: &AnalyzeSettings) -> Result<AnalysisReport> {
         None => Vec::new(),
     };
     Ok(AnalysisReport {
-        base: s.extract.base.display().to_string(),
-        ft: s.extract.ft.display().to_string(),
+        base: s.spectra.base.display().to_string(),
+        ft: s.spectra.ft.display().to_string(),
         device,
-        cap: s.extract.rank.adapter_rank(),
+        cap: s.spectra.max_rank,
         ranks: s.ranks.clone(),
         energies: s.energies.clone(),
         heatmap_energy: s.heatmap_energy,

@@ -132,7 +132,7 @@ impl Factoring for Cuda {
         dtype: DType,
     ) -> BackendResult<DeviceFactors<Self::Mat>> {
         let r = t.s.len();
-        if r > r_out {
+        if r > r_out || self.shape(&t.u).1 != r || self.shape(&t.v).1 != r {
             return Err(BackendError::new(format!(
                 "factor: rank {r} does not fit the adapter rank {r_out}"
             )));

@@ -17,7 +17,12 @@ pub fn parse_count(s: &str) -> Result<u64, String> {
     let t = s.trim();
     // "B" for billions, as model sizes are written (parse-size would read bytes).
     let t = match t.strip_suffix(['b', 'B']) {
-        Some(n) if n.ends_with(|c: char| c.is_ascii_digit() || c == '.') => format!("{n}G"),
+        Some(n)
+            if n.trim_end()
+                .ends_with(|c: char| c.is_ascii_digit() || c == '.') =>
+        {
+            format!("{n}G")
+        }
         _ => t.to_string(),
     };
     match parse_size::parse_size(&t) {
@@ -72,6 +77,7 @@ mod tests {
         assert_eq!(parse_count("1.5G"), Ok(1_500_000_000));
         assert_eq!(parse_count("7B"), Ok(7_000_000_000));
         assert_eq!(parse_count(" 2.5b "), Ok(2_500_000_000));
+        assert_eq!(parse_count("7 B"), Ok(7_000_000_000));
         for bad in ["", "lots", "0", "-3M", "B", "1.5X"] {
             assert!(parse_count(bad).is_err(), "{bad:?} was accepted");
         }

@@ -5,7 +5,7 @@ use super::Ui;
 use crate::cli::AnalyzeArgs;
 use phlora::analyze::{analyze, AnalysisReport, AnalyzeSettings};
 use phlora::error::{Error, Result};
-use phlora::extract::ExtractSettings;
+use phlora::extract::SpectraSettings;
 use phlora::plan::Glob;
 use phlora::plot;
 use phlora::staging::write_atomically;
@@ -27,14 +27,14 @@ pub fn run(a: &AnalyzeArgs, ui: Ui) -> Result<ExitCode> {
         return Err(Error::Settings("--max-rank must be at least 1".into()));
     }
     let device = a.device;
-    let mut extract = ExtractSettings::new(a.base.clone(), a.ft.clone(), a.out.clone(), cap);
-    extract.device = device;
-    extract.max_ram = a.max_ram;
-    extract.max_vram = a.max_vram;
-    extract.plan.include = a.include.iter().map(|g| Glob::new(g)).collect();
-    extract.plan.exclude = a.exclude.iter().map(|g| Glob::new(g)).collect();
-    extract.progress = !ui.quiet;
-    extract.plan.remove_logit_shift = a.remove_logit_shift;
+    let mut spectra = SpectraSettings::new(a.base.clone(), a.ft.clone(), cap);
+    spectra.device = device;
+    spectra.max_ram = a.max_ram;
+    spectra.max_vram = a.max_vram;
+    spectra.plan.include = a.include.iter().map(|g| Glob::new(g)).collect();
+    spectra.plan.exclude = a.exclude.iter().map(|g| Glob::new(g)).collect();
+    spectra.progress = !ui.quiet;
+    spectra.plan.remove_logit_shift = a.remove_logit_shift;
     if let Some(floor) = a.min_rank.filter(|&f| f > cap) {
         return Err(Error::Settings(format!(
             "--min-rank {floor} is above the ranks computed (--max-rank {cap})"
@@ -48,7 +48,7 @@ pub fn run(a: &AnalyzeArgs, ui: Ui) -> Result<ExitCode> {
     let settings = AnalyzeSettings {
         budget,
         min_rank: a.min_rank,
-        extract,
+        spectra,
         ranks: a.ranks.clone(),
         energies,
         heatmap_energy: a.heatmap_energy,

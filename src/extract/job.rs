@@ -184,6 +184,11 @@ impl Finished {
     pub fn new(index: usize, item: &PlanItem) -> Finished {
         let mut row = TensorReport::new(&item.name, item.action.outcome(), &item.shape);
         row.reason = item.note.clone();
+        Finished::of_row(index, row)
+    }
+
+    /// Only a report row so far.
+    pub fn of_row(index: usize, row: TensorReport) -> Finished {
         Finished {
             index,
             row,
@@ -670,21 +675,10 @@ pub(super) fn other_item(
             bytes,
         }
     });
-    let stages = StageSeconds {
-        delta: lap(clock),
-        ..StageSeconds::default()
-    };
-    Ok(Finished {
-        index,
-        row,
-        factors: None,
-        module: None,
-        spectrum: None,
-        base_sumsq: None,
-        extra,
-        stages,
-        flops: 0.0,
-    })
+    let mut done = Finished::of_row(index, row);
+    done.extra = extra;
+    done.stages.delta = lap(clock);
+    Ok(done)
 }
 
 fn lap(since: Instant) -> f64 {

@@ -27,7 +27,7 @@ use pair::{dominant_lora_dtype, open_pair};
 use schedule::{budgets, device_names, first_worker, placements, progress_bar, warn_unused_bounds};
 use settings::side_files;
 pub use sink_bench::{bench_sink, SinkBench};
-pub use spectra::{spectra, TensorSpectrum};
+pub use spectra::{spectra, SpectraSettings, TensorSpectrum};
 
 pub use fit::BASELINE_RAM;
 
@@ -140,8 +140,8 @@ fn run<B: Factoring>(
         Some(_) => None,
     };
     let fingerprint = journal::Fingerprint::of(s, base, ft)?;
-    let (mut journal, resumed) = open_journal(s, plan, &fingerprint, writer.as_mut())?;
-    *journal_held = true;
+    let (mut journal, resumed) =
+        open_journal(s, plan, &fingerprint, writer.as_mut(), journal_held)?;
     let skip = skipped(s, plan, &resumed);
     let no_skip = vec![false; plan.items.len()];
     let total_bytes = plan.input_bytes();
@@ -280,12 +280,14 @@ fn check_rank(s: &ExtractSettings, plan: &Plan, r_adapter: usize) -> Result<()> 
 }
 
 /// The journal: a fresh one, or the interrupted run's, with what it finished (staged into
-/// the writer as it is read) by plan index.
+/// the writer as it is read) by plan index. `held` is set as soon as this run holds one, so
+/// that a failure while the resumed records are finished is resumable too.
 fn open_journal(
     s: &ExtractSettings,
     plan: &Plan,
     fingerprint: &journal::Fingerprint,
     mut writer: Option<&mut AdapterWriter>,
+    held: &mut bool,
 ) -> Result<(journal::Journal, Vec<Option<job::Finished>>)> {
     let mut resumed = Resumed::new(plan, &s.out);
     let mut journal = if s.resume {
@@ -302,6 +304,7 @@ fn open_journal(
         }
         journal::Journal::start(&s.out, fingerprint)?
     };
+    *held = true;
     let resumed = resumed.finish(&mut journal, writer)?;
     Ok((journal, resumed))
 }

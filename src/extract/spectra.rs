@@ -2,15 +2,17 @@
 //! singular values with the same plan, workers and memory bounds as an extraction.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 use super::schedule::{budgets, device_names, first_worker, placements, progress_bar};
 use super::settings::ExtractSettings;
 use super::{engine, job, pair};
-use crate::backend::{self, DeviceWorkers, Workers};
+use crate::backend::{self, CudaOptions, Device, DeviceWorkers, Workers};
 use crate::checkpoint::{Checkpoint, DType};
 use crate::error::Result;
 use crate::factor::Factoring;
-use crate::plan::Plan;
+use crate::linalg::SvdSettings;
+use crate::plan::{Plan, PlanOptions};
 
 /// One LoRA target's leading singular values (`phlora analyze`).
 #[derive(Clone, Debug)]
@@ -29,10 +31,71 @@ pub struct TensorSpectrum {
     pub s: Vec<f32>,
 }
 
-/// The spectra of every LoRA target at the ranks of `s.rank` (its cap), without writing an
-/// adapter: the same plan, workers and memory bounds as extract. Returns them in plan order
-/// with the device's name.
-pub fn spectra(s: &ExtractSettings) -> Result<(Vec<TensorSpectrum>, String)> {
+/// What the spectrum-only pass reads and computes with (nothing is written): the pair, which
+/// tensors, how many singular values, and the device and memory bounds.
+#[derive(Clone, Debug)]
+pub struct SpectraSettings {
+    pub base: PathBuf,
+    pub ft: PathBuf,
+    /// Singular values computed per tensor (the randomized SVD's rank).
+    pub max_rank: usize,
+    pub svd: SvdSettings,
+    pub plan: PlanOptions,
+    pub device: Device,
+    pub cuda: CudaOptions,
+    pub max_ram: Option<u64>,
+    pub max_vram: Option<u64>,
+    pub devices: Option<Vec<usize>>,
+    pub in_flight: Option<usize>,
+    pub progress: bool,
+}
+
+impl SpectraSettings {
+    /// Every tensor of the pair, extract's defaults otherwise.
+    pub fn new(base: PathBuf, ft: PathBuf, max_rank: usize) -> Self {
+        let e = ExtractSettings::new(base, ft, PathBuf::new(), max_rank);
+        SpectraSettings {
+            base: e.base,
+            ft: e.ft,
+            max_rank,
+            svd: e.svd,
+            plan: e.plan,
+            device: e.device,
+            cuda: e.cuda,
+            max_ram: e.max_ram,
+            max_vram: e.max_vram,
+            devices: e.devices,
+            in_flight: e.in_flight,
+            progress: e.progress,
+        }
+    }
+
+    /// The pass runs through extract's stages: these settings as theirs, with no output.
+    fn as_extract(&self) -> ExtractSettings {
+        let mut e = ExtractSettings::new(
+            self.base.clone(),
+            self.ft.clone(),
+            PathBuf::new(),
+            self.max_rank,
+        );
+        e.svd = self.svd;
+        e.plan = self.plan.clone();
+        e.device = self.device;
+        e.cuda = self.cuda;
+        e.max_ram = self.max_ram;
+        e.max_vram = self.max_vram;
+        e.devices = self.devices.clone();
+        e.in_flight = self.in_flight;
+        e.progress = self.progress;
+        e
+    }
+}
+
+/// The spectra of every LoRA target at `s.max_rank`, without writing an adapter: the same
+/// plan, workers and memory bounds as extract. Returns them in plan order with the device's
+/// name.
+pub fn spectra(s: &SpectraSettings) -> Result<(Vec<TensorSpectrum>, String)> {
+    let s = &s.as_extract();
     let (base, ft, plan) = pair::open_pair(s)?;
     match backend::resolve_workers(&s.worker_request())? {
         Workers::Cpu(groups) => spectra_on(&groups, s, &base, &ft, &plan),

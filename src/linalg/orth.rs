@@ -56,21 +56,21 @@ fn cholesky_qr<B: Backend + ?Sized>(
 /// at GEMM speed (3× faster than Householder on the CPU); it squares the condition number, so
 /// it is guarded and falls back to Householder QR.
 pub fn orthonormalize<B: Backend + ?Sized>(be: &B, y: B::Mat) -> BackendResult<B::Mat> {
-    let (m, n) = be.shape(&y);
-    require_tall(m, n)?;
-    match cholesky_qr(be, &y, 2)? {
-        Some(q) => Ok(q),
-        None => be.householder_q(&y),
-    }
+    basis(be, y, 2)
 }
 
 /// A well-conditioned basis of the column space of a tall matrix (cond ≈ 1, orthonormal to
 /// about 1e-2 rather than to f32 precision): what the power iterations need, at half the cost
 /// of [`orthonormalize`]: one guarded CholeskyQR pass.
 pub fn range_basis<B: Backend + ?Sized>(be: &B, y: B::Mat) -> BackendResult<B::Mat> {
+    basis(be, y, 1)
+}
+
+/// `passes` guarded CholeskyQR passes, else Householder's Q.
+fn basis<B: Backend + ?Sized>(be: &B, y: B::Mat, passes: usize) -> BackendResult<B::Mat> {
     let (m, n) = be.shape(&y);
     require_tall(m, n)?;
-    match cholesky_qr(be, &y, 1)? {
+    match cholesky_qr(be, &y, passes)? {
         Some(q) => Ok(q),
         None => be.householder_q(&y),
     }
