@@ -1,6 +1,9 @@
-//! The plots of an analysis, drawn once as a list of shapes and written as SVG; the PNG is
-//! that SVG rendered by resvg with an embedded font (a DejaVu Sans subset, assets/), so the
-//! two agree and the text is the same on every machine.
+//! The plots of an analysis, drawn once as a list of shapes and written both as SVG and as a
+//! PNG rasterised by tiny-skia, the text set in an embedded font (a DejaVu Sans subset,
+//! assets/) that the SVG names too: the same labels, the same places, on every machine.
+
+use ab_glyph::{point, Font, FontRef, PxScale, ScaleFont};
+use tiny_skia::{Paint, PathBuilder, Pixmap, PremultipliedColorU8, Stroke, Transform};
 
 use crate::analyze::{AnalysisReport, TensorProfile};
 
@@ -135,34 +138,133 @@ impl Figure {
         s
     }
 
-    /// The SVG rendered to a compressed PNG of the same size.
+    /// The same drawing rasterised (tiny-skia: anti-aliased shapes; the text set in the
+    /// embedded font with ab_glyph, placed as the SVG places it), as a compressed PNG.
     pub fn png(&self) -> crate::Result<Vec<u8>> {
-        let broken = |what: &str, e: &dyn std::fmt::Display| {
-            crate::Error::Internal(format!("plot: {what}: {e}"))
-        };
-        let tree = resvg::usvg::Tree::from_str(&self.svg(), &render_options())
-            .map_err(|e| broken("the SVG does not parse", &e))?;
-        let mut pixmap = resvg::tiny_skia::Pixmap::new(self.w as u32, self.h as u32)
-            .ok_or_else(|| broken("no pixels", &format!("{}×{}", self.w, self.h)))?;
-        resvg::render(&tree, Default::default(), &mut pixmap.as_mut());
-        pixmap.encode_png().map_err(|e| broken("PNG encoding", &e))
+        let broken = |what: String| crate::Error::Internal(format!("plot: {what}"));
+        let font =
+            FontRef::try_from_slice(FONT).map_err(|e| broken(format!("the embedded font: {e}")))?;
+        let mut pixmap = Pixmap::new(self.w as u32, self.h as u32)
+            .ok_or_else(|| broken(format!("no pixels in {}×{}", self.w, self.h)))?;
+        pixmap.fill(tiny_skia::Color::WHITE);
+        for shape in &self.shapes {
+            match shape {
+                Shape::Rect { x, y, w, h, fill } => {
+                    let rect =
+                        tiny_skia::Rect::from_xywh(*x as f32, *y as f32, *w as f32, *h as f32);
+                    if let Some(rect) = rect {
+                        pixmap.fill_rect(rect, &paint(*fill), Transform::identity(), None);
+                    }
+                }
+                Shape::Line {
+                    points,
+                    color,
+                    width,
+                } => {
+                    let mut path = PathBuilder::new();
+                    for (i, &(x, y)) in points.iter().enumerate() {
+                        if i == 0 {
+                            path.move_to(x as f32, y as f32);
+                        } else {
+                            path.line_to(x as f32, y as f32);
+                        }
+                    }
+                    let stroke = Stroke {
+                        width: *width as f32,
+                        line_join: tiny_skia::LineJoin::Round,
+                        ..Stroke::default()
+                    };
+                    if let Some(path) = path.finish() {
+                        pixmap.stroke_path(
+                            &path,
+                            &paint(*color),
+                            &stroke,
+                            Transform::identity(),
+                            None,
+                        );
+                    }
+                }
+                Shape::Text {
+                    x,
+                    y,
+                    size,
+                    text,
+                    color,
+                    anchor,
+                } => draw_text(&mut pixmap, &font, (*x, *y), *size, text, *color, *anchor),
+            }
+        }
+        pixmap
+            .encode_png()
+            .map_err(|e| broken(format!("PNG encoding: {e}")))
     }
 }
 
-/// The font every label is set in.
+/// The font every label is set in (the SVG names it too).
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans-subset.ttf");
-const FONT_FAMILY: &str = "DejaVu Sans";
 
-/// resvg with the embedded font only (no system fonts: the same pixels everywhere).
-fn render_options() -> resvg::usvg::Options<'static> {
-    let mut options = resvg::usvg::Options {
-        font_family: FONT_FAMILY.into(),
-        ..Default::default()
-    };
-    let fonts = options.fontdb_mut();
-    fonts.load_font_data(FONT.to_vec());
-    fonts.set_sans_serif_family(FONT_FAMILY);
-    options
+fn paint(c: Rgb) -> Paint<'static> {
+    let mut p = Paint::default();
+    p.set_color_rgba8(c.0, c.1, c.2, 255);
+    p.anti_alias = true;
+    p
+}
+
+/// `text` at (x, baseline y), `size` px to the em as SVG's font-size, anchored at its start,
+/// middle or end (`anchor` 0, 1, 2), kerned; each glyph's coverage blended over the pixels.
+fn draw_text(
+    pixmap: &mut Pixmap,
+    font: &FontRef<'_>,
+    (x, y): (f64, f64),
+    size: f64,
+    text: &str,
+    color: Rgb,
+    anchor: u8,
+) {
+    let em = font.units_per_em().unwrap_or(2048.0);
+    let scaled = font.as_scaled(PxScale::from(size as f32 * font.height_unscaled() / em));
+    let mut glyphs = Vec::new();
+    let mut caret = 0f32;
+    let mut previous = None;
+    for c in text.chars() {
+        let id = font.glyph_id(c);
+        if let Some(p) = previous {
+            caret += scaled.kern(p, id);
+        }
+        glyphs.push((id, caret));
+        caret += scaled.h_advance(id);
+        previous = Some(id);
+    }
+    let start = x as f32 - [0.0, caret / 2.0, caret][usize::from(anchor.min(2))];
+    let (w, h) = (pixmap.width() as i32, pixmap.height() as i32);
+    let pixels = pixmap.pixels_mut();
+    for (id, at) in glyphs {
+        let glyph = id.with_scale_and_position(scaled.scale(), point(start + at, y as f32));
+        let Some(outline) = font.outline_glyph(glyph) else {
+            continue; // a space
+        };
+        let bounds = outline.px_bounds();
+        outline.draw(|gx, gy, coverage| {
+            let (px, py) = (
+                bounds.min.x as i32 + gx as i32,
+                bounds.min.y as i32 + gy as i32,
+            );
+            if (0..w).contains(&px) && (0..h).contains(&py) {
+                let pixel = &mut pixels[(py * w + px) as usize];
+                let a = coverage.clamp(0.0, 1.0);
+                let mix = |old: u8, new: u8| {
+                    (f32::from(old) * (1.0 - a) + f32::from(new) * a).round() as u8
+                };
+                *pixel = PremultipliedColorU8::from_rgba(
+                    mix(pixel.red(), color.0),
+                    mix(pixel.green(), color.1),
+                    mix(pixel.blue(), color.2),
+                    255,
+                )
+                .expect("opaque colours are valid");
+            }
+        });
+    }
 }
 
 /// E_r against r (log scale), one line per tensor (thin) and per module type's mean (thick).
@@ -391,7 +493,7 @@ mod tests {
         f.rect(0.0, 0.0, 120.0, 10.0, Rgb(10, 20, 30));
         f.text(4.0, 32.0, 16.0, "embed_tokens", BLACK, 0);
         let png = f.png().unwrap();
-        let img = resvg::tiny_skia::Pixmap::decode_png(&png).unwrap();
+        let img = tiny_skia::Pixmap::decode_png(&png).unwrap();
         assert_eq!((img.width(), img.height()), (120, 40));
         let at = |x: u32, y: u32| {
             let p = img.pixel(x, y).unwrap();
