@@ -488,7 +488,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_png_is_the_svg_rendered_with_real_text() {
+    fn the_png_draws_the_shapes_and_real_text() {
         let mut f = Figure::new(120, 40);
         f.rect(0.0, 0.0, 120.0, 10.0, Rgb(10, 20, 30));
         f.text(4.0, 32.0, 16.0, "embed_tokens", BLACK, 0);
