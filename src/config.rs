@@ -62,11 +62,9 @@ impl ExtractArgs {
             OutDtype::Auto => None,
             OutDtype::Fixed(d) => Some(d),
         };
-        let device = self.device;
         if self.in_flight == Some(0) {
             return Err(Error::Settings("--in-flight must be at least 1".into()));
         }
-        let (max_ram, max_vram) = (self.max_ram, self.max_vram);
         Ok(ExtractSettings {
             base: self.base.clone(),
             ft: self.ft.clone(),
@@ -82,13 +80,13 @@ impl ExtractArgs {
                 seed: self.seed,
             },
             out_dtype,
-            device,
+            device: self.device,
             cuda: CudaOptions {
                 tf32: self.gemm == GemmArg::Tf32,
                 ..CudaOptions::default()
             },
-            max_ram,
-            max_vram,
+            max_ram: self.max_ram,
+            max_vram: self.max_vram,
             devices: self.devices.clone(),
             in_flight: self.in_flight,
             plan: PlanOptions {

@@ -55,6 +55,11 @@ impl CheckKind {
     pub fn is_factored(self) -> bool {
         matches!(self, CheckKind::Lora | CheckKind::LoraEmbedding)
     }
+
+    /// Carried by the adapter's LoRA tensors: factors, or a lora_B.bias.
+    pub fn is_lora(self) -> bool {
+        self.is_factored() || self == CheckKind::LoraBias
+    }
 }
 
 impl std::fmt::Display for CheckKind {
@@ -631,14 +636,7 @@ fn report(s: &VerifySettings, adapter: &Adapter, checks: Vec<(TensorCheck, f64)>
         .iter()
         .filter(|(c, _)| c.kind == CheckKind::NotCarried)
         .fold(0.0, |a, (c, _)| a + c.delta_norm * c.delta_norm);
-    let loras = || {
-        checks.iter().map(|(c, _)| c).filter(|c| {
-            matches!(
-                c.kind,
-                CheckKind::Lora | CheckKind::LoraEmbedding | CheckKind::LoraBias
-            )
-        })
-    };
+    let loras = || checks.iter().map(|(c, _)| c).filter(|c| c.kind.is_lora());
     let tensors: Vec<TensorCheck> = checks.iter().map(|(c, _)| c.clone()).collect();
     VerifyReport {
         base: s.base.display().to_string(),

@@ -26,9 +26,8 @@ pub fn run(a: &AnalyzeArgs, ui: Ui) -> Result<ExitCode> {
     if cap == 0 {
         return Err(Error::Settings("--max-rank must be at least 1".into()));
     }
-    let device = a.device;
     let mut spectra = SpectraSettings::new(a.base.clone(), a.ft.clone(), cap);
-    spectra.device = device;
+    spectra.device = a.device;
     spectra.max_ram = a.max_ram;
     spectra.max_vram = a.max_vram;
     spectra.plan.include = a.include.iter().map(|g| Glob::new(g)).collect();

@@ -9,7 +9,6 @@ use faer::Mat;
 use phlora::checkpoint::dtype::{decode_into, encode_into};
 use phlora::checkpoint::writer::{write_file, HeaderEntry};
 use phlora::checkpoint::DType;
-use phlora::verify::CheckKind;
 
 /// A tensor to write: name, dtype, shape, values (row-major).
 pub type T = (String, DType, Vec<usize>, Vec<f32>);
@@ -361,20 +360,14 @@ pub fn merge_ok(base: &Path, adapter: &Path, out: &Path) {
 pub fn assert_lora_within(v: &phlora::verify::VerifyReport, tol: f64, what: &str) {
     // Not vacuous: there must be LoRA rows to hold to the bound.
     assert!(
-        v.tensors.iter().any(|t| matches!(
-            t.kind,
-            CheckKind::Lora | CheckKind::LoraEmbedding | CheckKind::LoraBias
-        )),
+        v.tensors.iter().any(|t| t.kind.is_lora()),
         "{what}: no LoRA module in the report: {:?}",
         v.tensors
     );
     assert!(
         v.tensors
             .iter()
-            .filter(|t| matches!(
-                t.kind,
-                CheckKind::Lora | CheckKind::LoraEmbedding | CheckKind::LoraBias
-            ))
+            .filter(|t| t.kind.is_lora())
             .all(|t| t.rel_error_delta < tol),
         "{what}: {:?}",
         v.tensors

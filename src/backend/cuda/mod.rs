@@ -864,8 +864,8 @@ impl Backend for Cuda {
             }
         });
         let scaled = self.upload(scaled.as_ref())?;
-        let plain = self.plain_short_wide(b)?;
-        self.gemm_with(false, plain.as_ref().unwrap_or(b), Op::T, &scaled, Op::N)
+        // GEMM reads B in either storage (unlike gram_eigh's raw pointers): no plain copy.
+        self.gemm_with(false, b, Op::T, &scaled, Op::N)
     }
 
     fn direct_short_wide_svd(&self, b: &CudaMat) -> Option<BackendResult<SvdParts<CudaMat>>> {
