@@ -23,6 +23,12 @@ pub enum OutDtype {
 For each weight matrix phlora takes ΔW = W_finetuned − W_base, keeps the top singular \
 directions with a (randomized) truncated SVD, and writes a PEFT adapter \
 (adapter_model.safetensors + adapter_config.json) with an exact error certificate per tensor.\n\n\
+Models: every --base/--ft (and inspect's PATH) is a folder (model.safetensors, or \
+model.safetensors.index.json + shards), a single .safetensors file, or a Hugging Face id, \
+ORG/NAME or ORG/NAME@REVISION (a branch, tag or commit hash), read from the local hub cache \
+(HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub) by the hub's own rules. A path \
+that exists always wins. phlora does not download: fetch both checkpoints first with the hub's \
+parallel tools (`hf download ORG/NAME`).\n\n\
 Start with `phlora demo`."
 )]
 pub struct Cli {
@@ -74,11 +80,11 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct AnalyzeArgs {
-    /// The base model (as for extract).
-    #[arg(long, value_name = "PATH")]
+    /// The base model (a path or a hub id, as for extract).
+    #[arg(long, value_name = "PATH|ID")]
     pub base: PathBuf,
     /// The fine-tuned model.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH|ID")]
     pub ft: PathBuf,
     /// Folder for analysis.json, analysis.csv, energy_curves.svg/.png, rank_heatmap.svg/.png
     /// (and allocation_<rule>.svg/.png with --budget).
@@ -144,12 +150,12 @@ pub struct AnalyzeArgs {
 
 #[derive(Debug, Args)]
 pub struct MergeArgs {
-    /// The base model (a folder, or a single .safetensors file).
-    #[arg(long, value_name = "PATH")]
+    /// The base model (a folder, a single .safetensors file, or a hub id ORG/NAME[@REVISION]).
+    #[arg(long, value_name = "PATH|ID")]
     pub base: PathBuf,
     /// The adapter folder, single-file or sharded (rank_pattern, alpha_pattern, use_rslora,
-    /// fan_in_fan_out and modules_to_save honoured).
-    #[arg(long, value_name = "DIR")]
+    /// fan_in_fan_out and modules_to_save honoured), or an adapter's hub id in the local cache.
+    #[arg(long, value_name = "DIR|ID")]
     pub adapter: PathBuf,
     /// Output folder for the merged checkpoint.
     #[arg(long, value_name = "DIR")]
@@ -174,11 +180,11 @@ pub struct CombineArgs {
     pub out: PathBuf,
     /// The base model as seen from this machine, when it is not at the path the parts read it
     /// from (another mount point). Its files must be the parts': same names, sizes,
-    /// modification times (copy with cp -p or rsync -a) and headers.
-    #[arg(long, value_name = "PATH")]
+    /// modification times (copy with cp -p or rsync -a) and headers. A path or a hub id.
+    #[arg(long, value_name = "PATH|ID")]
     pub base: Option<PathBuf>,
     /// The fine-tuned model as seen from this machine (as --base).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH|ID")]
     pub ft: Option<PathBuf>,
     /// Split the adapter's weights as extract's --max-shard-size does [default: the parts'
     /// setting].
@@ -197,16 +203,16 @@ pub struct CombineArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// The base model (as for extract).
-    #[arg(long, value_name = "PATH")]
+    /// The base model (a path or a hub id, as for extract).
+    #[arg(long, value_name = "PATH|ID")]
     pub base: PathBuf,
     /// The fine-tuned model the adapter should reproduce.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH|ID")]
     pub ft: PathBuf,
     /// The adapter folder (adapter_config.json + adapter_model.safetensors, or its shards and
     /// adapter_model.safetensors.index.json); rank_pattern, alpha_pattern, use_rslora and
-    /// fan_in_fan_out are honoured.
-    #[arg(long, value_name = "DIR")]
+    /// fan_in_fan_out are honoured. Or an adapter's hub id in the local cache.
+    #[arg(long, value_name = "DIR|ID")]
     pub adapter: PathBuf,
     /// Fail (exit 3) if any module's cos(B·A·scaling, ΔW) is below this, e.g. 0.95.
     #[arg(long, value_name = "COS")]
@@ -250,11 +256,11 @@ pub struct CompareArgs {
 
 #[derive(Debug, Args)]
 pub struct FloorArgs {
-    /// The base model (as for extract).
-    #[arg(long, value_name = "PATH")]
+    /// The base model (a path or a hub id, as for extract).
+    #[arg(long, value_name = "PATH|ID")]
     pub base: PathBuf,
     /// The fine-tuned model.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH|ID")]
     pub ft: PathBuf,
     /// Device: auto, cpu, cuda or cuda:N (as for extract).
     #[arg(long, default_value = "auto", value_parser = crate::config::device)]
@@ -326,12 +332,14 @@ pub enum GemmArg {
 
 #[derive(Debug, Args)]
 pub struct ExtractArgs {
-    /// The base model: a folder (model.safetensors or model.safetensors.index.json + shards) or
-    /// a single .safetensors file.
-    #[arg(long, value_name = "PATH")]
+    /// The base model: a folder (model.safetensors or model.safetensors.index.json + shards), a
+    /// single .safetensors file, or a Hugging Face id (ORG/NAME[@REVISION]) in the local hub
+    /// cache, which then names the base in adapter_config.json (with the commit as revision).
+    /// phlora does not download (`hf download ORG/NAME` first).
+    #[arg(long, value_name = "PATH|ID")]
     pub base: PathBuf,
-    /// The fully fine-tuned model, laid out like the base.
-    #[arg(long, value_name = "PATH")]
+    /// The fully fine-tuned model, laid out like the base (a path or a hub id, as --base).
+    #[arg(long, value_name = "PATH|ID")]
     pub ft: PathBuf,
     /// Output folder for adapter_model.safetensors (or its shards, --max-shard-size),
     /// adapter_config.json and report.json.
@@ -498,8 +506,8 @@ pub struct ExtractArgs {
     /// are small but matter for quality).
     #[arg(long)]
     pub no_norms: bool,
-    /// base_model_name_or_path for adapter_config.json [default: the base's config.json
-    /// `_name_or_path`, else the --base path].
+    /// base_model_name_or_path for adapter_config.json [default: the hub id when --base is
+    /// one, else the base's config.json `_name_or_path`, else the --base path].
     #[arg(long, value_name = "NAME")]
     pub base_name: Option<String>,
     /// Replace an adapter already in the output folder: without it, any file the run would
@@ -567,10 +575,13 @@ pub struct DemoArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// A model folder or .safetensors file.
+    /// A model folder, a .safetensors file, or a Hugging Face id (ORG/NAME[@REVISION]) in the
+    /// local hub cache.
+    #[arg(value_name = "PATH|ID")]
     pub path: PathBuf,
-    /// Pair with this base checkpoint: validates the pairing as extract would.
-    #[arg(long, value_name = "PATH")]
+    /// Pair with this base checkpoint (a path or a hub id): validates the pairing as extract
+    /// would.
+    #[arg(long, value_name = "PATH|ID")]
     pub base: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]

@@ -1,11 +1,14 @@
 //! Arguments → validated settings, before any work starts.
 
+use std::path::{Path, PathBuf};
+
 use crate::cli::{ExtractArgs, GemmArg, OutDtype, SvdArg, SynthArgs, TargetArg};
 use phlora::backend::{CudaOptions, Device};
 use phlora::checkpoint::DType;
 use phlora::error::{Error, Result};
 use phlora::extract::shard::Shard;
 use phlora::extract::{ExtractSettings, Target};
+use phlora::hub::{Expect, HubCache, ModelSource};
 use phlora::linalg::{rank::RankPolicy, Method, SvdSettings};
 use phlora::plan::{Glob, PlanOptions};
 use phlora::synth::SynthSettings;
@@ -44,6 +47,24 @@ pub fn out_dtype(s: &str) -> std::result::Result<OutDtype, String> {
         .ok_or_else(|| "expected auto, bf16, f16 or f32".into())
 }
 
+/// A model argument: the path when it exists, else a Hugging Face id from the local hub cache.
+pub fn model(arg: &Path) -> Result<ModelSource> {
+    HubCache::from_env().resolve(arg, Expect::Model)
+}
+
+/// The folder a model argument reads.
+pub fn model_path(arg: &Path) -> Result<PathBuf> {
+    Ok(model(arg)?.path().to_path_buf())
+}
+
+/// An adapter argument: a folder, or an adapter's hub id in the local cache.
+pub fn adapter_path(arg: &Path) -> Result<PathBuf> {
+    Ok(HubCache::from_env()
+        .resolve(arg, Expect::Adapter)?
+        .path()
+        .to_path_buf())
+}
+
 impl ExtractArgs {
     pub fn settings(&self, progress: bool) -> Result<ExtractSettings> {
         let rank = self.rank_policy()?;
@@ -65,9 +86,18 @@ impl ExtractArgs {
         if self.in_flight == Some(0) {
             return Err(Error::Settings("--in-flight must be at least 1".into()));
         }
+        let base = model(&self.base)?;
+        // A hub id names the base in the adapter's config, with its commit, so PEFT and vLLM
+        // resolve it by name.
+        // (A --base-name of another model keeps no revision: the commit is the hub id's.)
+        let (base_name, base_revision) = match (&self.base_name, base.hub()) {
+            (None, Some((id, commit))) => (Some(id.to_string()), Some(commit.to_string())),
+            (Some(n), Some((id, commit))) if n == id => (Some(n.clone()), Some(commit.to_string())),
+            (name, _) => (name.clone(), None),
+        };
         Ok(ExtractSettings {
-            base: self.base.clone(),
-            ft: self.ft.clone(),
+            base: base.path().to_path_buf(),
+            ft: model_path(&self.ft)?,
             out: self.out.clone(),
             rank,
             svd: SvdSettings {
@@ -99,7 +129,8 @@ impl ExtractArgs {
                 fuse_experts: self.fuse_experts,
                 remove_logit_shift: self.remove_logit_shift,
             },
-            base_name: self.base_name.clone(),
+            base_name,
+            base_revision,
             target,
             overwrite: self.force,
             resume: self.resume,

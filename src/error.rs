@@ -29,6 +29,11 @@ pub enum Error {
         reason: String,
     },
 
+    /// A Hugging Face model id that the local hub cache cannot serve (not cached, a revision
+    /// or shard missing); the reason says where it looked and how to fetch it.
+    #[error("{id}: {reason}")]
+    Hub { id: String, reason: String },
+
     /// The settings asked for something impossible or contradictory.
     #[error("invalid settings: {0}")]
     Settings(String),

@@ -16,6 +16,7 @@ pub mod error;
 pub mod extract;
 pub mod factor;
 pub mod floor;
+pub mod hub;
 pub mod interrupt;
 pub mod linalg;
 pub mod merge;

@@ -26,7 +26,11 @@ pub fn run(a: &AnalyzeArgs, ui: Ui) -> Result<ExitCode> {
     if cap == 0 {
         return Err(Error::Settings("--max-rank must be at least 1".into()));
     }
-    let mut spectra = SpectraSettings::new(a.base.clone(), a.ft.clone(), cap);
+    let mut spectra = SpectraSettings::new(
+        crate::config::model_path(&a.base)?,
+        crate::config::model_path(&a.ft)?,
+        cap,
+    );
     spectra.device = a.device;
     spectra.max_ram = a.max_ram;
     spectra.max_vram = a.max_vram;

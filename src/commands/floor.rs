@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use super::Ui;
 use crate::cli::FloorArgs;
+use crate::config::model_path;
 use phlora::backend::WorkerRequest;
 use phlora::error::{Error, Result};
 
@@ -16,7 +17,7 @@ pub fn run(a: &FloorArgs, ui: Ui) -> Result<ExitCode> {
         in_flight: a.in_flight,
         options: Default::default(),
     };
-    let r = phlora::floor::measure(&a.base, &a.ft, &req)?;
+    let r = phlora::floor::measure(&model_path(&a.base)?, &model_path(&a.ft)?, &req)?;
     let text = format!(
         "input floor: {:.1} MB ({} tensors, both checkpoints) in {:.3} s = {:.2} GB/s on {} ({} worker(s)); read {:.3} s, host-to-device wait {:.3} s (summed over workers)\n",
         r.bytes as f64 / 1e6,

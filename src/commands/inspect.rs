@@ -2,17 +2,18 @@ use std::process::ExitCode;
 
 use super::Ui;
 use crate::cli::InspectArgs;
+use crate::config::model_path;
 use phlora::checkpoint::Checkpoint;
 use phlora::error::Result;
 use phlora::plan::{classify, Action, Plan, PlanOptions};
 
 pub fn run(args: &InspectArgs, _ui: Ui) -> Result<ExitCode> {
-    let ck = Checkpoint::open(&args.path)?;
+    let ck = Checkpoint::open(&model_path(&args.path)?)?;
     let opts = PlanOptions::all();
     // With --base, the real planner runs (pairing, shapes, dtypes); without, names and shapes.
     let rows: Vec<(String, String, Vec<usize>, Action)> = match &args.base {
         Some(b) => {
-            let base = Checkpoint::open(b)?;
+            let base = Checkpoint::open(&model_path(b)?)?;
             Plan::build(&base, &ck, &opts)?
                 .items
                 .into_iter()

@@ -2,14 +2,15 @@ use std::process::ExitCode;
 
 use super::Ui;
 use crate::cli::MergeArgs;
+use crate::config::{adapter_path, model_path};
 use phlora::error::Result;
 use phlora::merge::{merge, MergeSettings};
 
 pub fn run(a: &MergeArgs, ui: Ui) -> Result<ExitCode> {
     phlora::interrupt::install();
     let report = merge(&MergeSettings {
-        base: a.base.clone(),
-        adapter: a.adapter.clone(),
+        base: model_path(&a.base)?,
+        adapter: adapter_path(&a.adapter)?,
         out: a.out.clone(),
         overwrite: a.force,
     })?;

@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use super::Ui;
 use crate::cli::VerifyArgs;
+use crate::config::{adapter_path, model_path};
 use phlora::error::{Error, Result};
 use phlora::verify::{verify, VerifySettings};
 
@@ -24,9 +25,9 @@ pub fn run(a: &VerifyArgs, ui: Ui) -> Result<ExitCode> {
         ));
     }
     let report = verify(&VerifySettings {
-        base: a.base.clone(),
-        ft: a.ft.clone(),
-        adapter: a.adapter.clone(),
+        base: model_path(&a.base)?,
+        ft: model_path(&a.ft)?,
+        adapter: adapter_path(&a.adapter)?,
         min_cos: a.min_cos,
         max_error: a.max_error,
         min_weight_cos: a.min_weight_cos,

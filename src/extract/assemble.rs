@@ -91,6 +91,7 @@ pub(super) fn assemble(
         adapter::target_modules(&targets.modules, |last| paths_named(ft, last)),
         modules_to_save,
     );
+    config.revision = s.base_revision.clone();
     config.lora_bias = rows.iter().any(|r| r.action == TensorAction::LoraBias);
     config.target_parameters = targets.parameters(&ranks.fused);
     // GPT-2's Conv1D layers store [in, out] (PEFT sets fan_in_fan_out per layer anyway).

@@ -134,6 +134,9 @@ struct FingerprintSettings<'a> {
     max_vram: Option<u64>,
     plan: &'a crate::plan::PlanOptions,
     base_name: Option<&'a str>,
+    /// Left out when none, so that journals written before it existed still match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base_revision: Option<&'a str>,
     target: super::settings::Target,
 }
 
@@ -149,6 +152,7 @@ impl<'a> FingerprintSettings<'a> {
             max_vram: s.max_vram,
             plan: &s.plan,
             base_name: s.base_name.as_deref(),
+            base_revision: s.base_revision.as_deref(),
             target: s.target,
         }
     }

@@ -58,6 +58,9 @@ pub struct ExtractSettings {
     pub plan: PlanOptions,
     /// `base_model_name_or_path`; `None`: from the base's config.json, else the base path.
     pub base_name: Option<String>,
+    /// The adapter config's `revision`: the base's commit, when --base was a hub id.
+    #[serde(default)]
+    pub base_revision: Option<String>,
     /// Which loaders the adapter is for.
     pub target: Target,
     /// Replace an adapter already in OUT.
@@ -102,6 +105,7 @@ impl ExtractSettings {
             in_flight: None,
             plan: PlanOptions::all(),
             base_name: None,
+            base_revision: None,
             target: Target::Peft,
             overwrite: false,
             resume: false,
