@@ -70,6 +70,13 @@ pub enum Command {
     /// shards, index, dtypes; config and tokenizer files copied; untouched tensors byte for
     /// byte), written atomically.
     Merge(MergeArgs),
+    /// Check an adapter (phlora's or any PEFT LoRA: mergekit's, PEFT's) against serving
+    /// engines' loading rules, as read from their sources (docs/engines.md names the
+    /// versions): for each engine, whether it refuses the adapter, loads it but computes
+    /// another update than PEFT would (a part ignored, another scale), or loads it as PEFT
+    /// does; why; and the phlora command that writes an adapter it takes. Exit 3 when a named
+    /// engine refuses it (with --strict, also when one computes another update).
+    Check(CheckArgs),
     /// Join the parts of a sharded run (`extract --shard I/N`) into one adapter.
     Combine(CombineArgs),
     /// The energy profile of a fine-tune without writing an adapter: E_r at chosen ranks, the
@@ -166,6 +173,35 @@ pub struct MergeArgs {
     #[arg(long)]
     pub force: bool,
     /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The adapter folder (adapter_config.json + its weights), or an adapter's hub id in the
+    /// local cache.
+    #[arg(value_name = "ADAPTER")]
+    pub adapter: PathBuf,
+    /// The engines: peft, vllm, sglang, lorax, llama.cpp (also for Ollama), or all; a list
+    /// (--for vllm,sglang) or the flag repeated.
+    #[arg(
+        long = "for",
+        value_name = "ENGINE",
+        value_delimiter = ',',
+        default_value = "all",
+        value_parser = crate::config::engines
+    )]
+    pub engines: Vec<Vec<phlora::check::Engine>>,
+    /// The base model (a path or a hub id): also check the factors' shapes and vocabulary
+    /// against it, and the limits of its architecture (vLLM's embedding modules and MoE
+    /// layout, llama.cpp's tied heads).
+    #[arg(long, value_name = "PATH|ID")]
+    pub base: Option<PathBuf>,
+    /// Also exit 3 when an engine loads the adapter but computes another update than PEFT.
+    #[arg(long)]
+    pub strict: bool,
+    /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
 }

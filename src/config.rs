@@ -30,6 +30,17 @@ pub fn count(s: &str) -> std::result::Result<u64, String> {
     phlora::size::parse_count(s)
 }
 
+/// An engine name for `check --for`, or `all`.
+pub fn engines(s: &str) -> std::result::Result<Vec<phlora::check::Engine>, String> {
+    use phlora::check::Engine;
+    if s.eq_ignore_ascii_case("all") {
+        return Ok(Engine::ALL.to_vec());
+    }
+    Engine::parse(s)
+        .map(|e| vec![e])
+        .ok_or_else(|| "expected peft, vllm, sglang, lorax, llama.cpp or all".into())
+}
+
 pub fn shard(s: &str) -> std::result::Result<Shard, String> {
     Shard::parse(s)
 }

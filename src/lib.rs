@@ -9,6 +9,7 @@ pub mod adapter;
 pub mod analyze;
 pub mod backend;
 pub mod bench;
+pub mod check;
 pub mod checkpoint;
 pub mod compare;
 pub mod console;

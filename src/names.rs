@@ -55,7 +55,11 @@ pub fn registration_rank(param: &str) -> (u8, &str) {
 
 /// A per-expert weight `<experts>.<N>.<proj>.weight`: (experts module, N, proj).
 pub fn per_expert_weight(name: &str) -> Option<(&str, usize, &str)> {
-    let module = name.strip_suffix(".weight")?;
+    per_expert_module(name.strip_suffix(".weight")?)
+}
+
+/// A per-expert module `<experts>.<N>.<proj>`: (experts module, N, proj).
+pub fn per_expert_module(module: &str) -> Option<(&str, usize, &str)> {
     let (rest, proj) = module.rsplit_once('.')?;
     let (experts, index) = rest.rsplit_once('.')?;
     let index = index.parse().ok()?;

@@ -14,6 +14,33 @@ pub use crate::names::{
     ADDED_TOKENS_FILE, CONFIG_FILE, INDEX_FILE, MODEL_FILE, REPORT_FILE, TOKENIZER_FILES,
 };
 
+/// PEFT's rule for which modules a config wraps (target_modules, exclude_modules,
+/// modules_to_save, layers_to_transform, layers_pattern), for a reader that does not open the
+/// factors (`check`). Configs PEFT refuses are refused with its reason.
+pub struct ConfigTargets(targets::Targets);
+
+impl ConfigTargets {
+    pub fn from_config(text: &str, path: &std::path::Path) -> crate::error::Result<ConfigTargets> {
+        #[derive(serde::Deserialize)]
+        struct Raw {
+            #[serde(flatten)]
+            targets: targets::RawTargets,
+            #[serde(default)]
+            target_parameters: Option<Vec<String>>,
+        }
+        let raw: Raw = serde_json::from_str(text).map_err(|e| {
+            crate::error::Error::checkpoint(path, format!("not a valid adapter config: {e}"))
+        })?;
+        let has_parameters = raw.target_parameters.is_some_and(|p| !p.is_empty());
+        targets::Targets::new(raw.targets, has_parameters, path).map(ConfigTargets)
+    }
+
+    /// PEFT wraps `module` (a path without `base_model.model.`).
+    pub fn wraps(&self, module: &str, embedding: bool) -> bool {
+        self.0.wraps(module, embedding)
+    }
+}
+
 /// Shard `index` (from 1) of `count`: `adapter_model-00001-of-00003.safetensors`.
 pub fn shard_file(index: usize, count: usize) -> String {
     format!("adapter_model-{index:05}-of-{count:05}.safetensors")

@@ -141,7 +141,8 @@ impl<T: Copy> Patterns<T> {
 
 /// The adapter's weights: the single file, or the shards its index names. Both at once is
 /// refused: loaders disagree on which one wins.
-fn open_weights(dir: &Path) -> Result<Checkpoint> {
+/// The adapter's weights file, or its index and shards (refused when both are there).
+pub fn open_weights(dir: &Path) -> Result<Checkpoint> {
     let (single, index) = (dir.join(MODEL_FILE), dir.join(INDEX_FILE));
     match (input::kind(&single), input::kind(&index)) {
         (_, Kind::Other | Kind::Folder) => Err(input::not_regular(&index)),

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 
 /// The config's fields that say which modules are wrapped, as written.
 #[derive(Deserialize, Default)]
-pub(super) struct RawTargets {
+pub(crate) struct RawTargets {
     #[serde(default)]
     target_modules: Option<OneOrMany<String>>,
     #[serde(default)]
@@ -97,7 +97,7 @@ pub(super) fn compile(pattern: &str, shown: &str, config: &Path, field: &str) ->
 }
 
 /// Which modules PEFT wraps.
-pub(super) struct Targets {
+pub(crate) struct Targets {
     target: Option<Rule>,
     exclude: Option<Rule>,
     saved: Vec<Regex>,
@@ -109,7 +109,7 @@ pub(super) struct Targets {
 }
 
 impl Targets {
-    pub(super) fn new(raw: RawTargets, has_parameters: bool, config: &Path) -> Result<Targets> {
+    pub(crate) fn new(raw: RawTargets, has_parameters: bool, config: &Path) -> Result<Targets> {
         let bad = |m: &str| Err(Error::checkpoint(config, m.to_string()));
         let regex_target = matches!(&raw.target_modules, Some(OneOrMany::One(s)) if !s.eq_ignore_ascii_case("all-linear"));
         // PEFT's LoraConfig refuses these combinations.
@@ -182,7 +182,7 @@ impl Targets {
     /// PEFT wraps module `key` (a path without `base_model.model.`; `embedding`: it has
     /// lora_embedding factors). Without target_modules (PEFT would take the model type's
     /// defaults, which an adapter file does not say), every module is taken as wrapped.
-    pub(super) fn wraps(&self, key: &str, embedding: bool) -> bool {
+    pub(crate) fn wraps(&self, key: &str, embedding: bool) -> bool {
         let excluded = match &self.exclude {
             Some(Rule::Regex(re)) => re.is_match(key),
             Some(Rule::Names(names)) => Rule::names_match(names, key).is_some(),

@@ -2,6 +2,7 @@
 
 mod analyze;
 mod bench;
+mod check;
 mod combine;
 mod compare;
 mod demo;
@@ -29,6 +30,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Floor(a) => floor::run(a, ui),
         Command::Verify(a) => verify::run(a, ui),
         Command::Merge(a) => merge::run(a, ui),
+        Command::Check(a) => check::run(a, ui),
         Command::Combine(a) => combine::run(a, ui),
         Command::Compare(a) => compare::run(a, ui),
         Command::Analyze(a) => analyze::run(a, ui),

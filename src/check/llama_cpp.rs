@@ -1,0 +1,133 @@
+//! llama.cpp's rules: `convert_lora_to_gguf.py` (which tensors it converts and which config
+//! fields it reads) and `llama_adapter_lora_init` (how the GGUF adapter is applied: one
+//! global alpha, scale alpha / rank per tensor).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::inventory::{Experts, Inventory};
+use super::{some, Finding, Severity::*};
+
+pub const SOURCES: &str = "llama.cpp (ggml-org/llama.cpp): convert_lora_to_gguf.py @0b03adaa, src/llama-adapter.cpp @0650ea8c, src/llama-adapter.h @215841fc";
+
+pub fn check(a: &Inventory) -> Vec<Finding> {
+    let mut out = converter(a);
+    out.extend(scale(a));
+    out
+}
+
+/// What convert_lora_to_gguf.py stops on.
+fn converter(a: &Inventory) -> Vec<Finding> {
+    let c = &a.config;
+    let mut out = Vec::new();
+    let mut refuse = |rule, msg: String| out.push(Finding::new(Refused, rule, msg));
+    if c.lora_alpha.is_none() {
+        refuse(
+            "llama.cpp.alpha",
+            "no lora_alpha: the converter raises KeyError('lora_alpha')".into(),
+        );
+    }
+    if a.sharded {
+        refuse("llama.cpp.sharded", "sharded weights: the converter reads only adapter_model.safetensors (phlora: no --max-shard-size)".into());
+    }
+    let mut unexpected: Vec<String> = a.whole.iter().filter(|w| !is_norm(w)).cloned().collect();
+    for m in &a.modules {
+        if m.bias {
+            unexpected.push(format!("{}.lora_B.bias", m.path));
+        }
+        if m.magnitude {
+            unexpected.push(format!("{}.lora_magnitude_vector", m.path));
+        }
+    }
+    unexpected.extend(
+        a.other
+            .iter()
+            .filter(|k| !k.ends_with(".base_layer.weight"))
+            .cloned(),
+    );
+    if !unexpected.is_empty() {
+        refuse("llama.cpp.keys", format!("{} tensors are not lora_A/lora_B: \"Unexpected name …: Not a lora_A or lora_B tensor\" (embeddings or heads saved whole, biases, DoRA; phlora: drop --lora-bias, and --added-tokens needs a resized base)", some(&unexpected)));
+    }
+    if a.factored().any(|m| m.experts == Experts::Fused) {
+        refuse("llama.cpp.fused_experts", "fused expert factors (target_parameters): \"Can not map tensor\" (phlora: leave out --fuse-experts; per-expert factors are stacked by the converter)".into());
+    }
+    if let Some(layer) = incomplete_experts(a) {
+        refuse("llama.cpp.experts", format!("{layer}: not every expert and projection has factors: \"Unprocessed experts\" (the converter stacks all of a layer's experts)"));
+    }
+    if a.config
+        .base_model_name_or_path
+        .as_deref()
+        .is_none_or(str::is_empty)
+    {
+        out.push(Finding::new(
+            Note,
+            "llama.cpp.base",
+            "no base_model_name_or_path: pass the base to the converter (--base)",
+        ));
+    }
+    out
+}
+
+/// Loads, but with another update than PEFT's.
+fn scale(a: &Inventory) -> Vec<Finding> {
+    let c = &a.config;
+    let mut out = Vec::new();
+    let mut differs = |rule, msg: String| out.push(Finding::new(Differs, rule, msg));
+    let norms: Vec<&String> = a.whole.iter().filter(|w| is_norm(w)).collect();
+    if !norms.is_empty() {
+        differs(
+            "llama.cpp.norms",
+            format!(
+                "{} norms saved whole pass the converter but are not applied (phlora: --no-norms)",
+                some(&norms)
+            ),
+        );
+    }
+    let alphas = c.alpha_overrides();
+    if !alphas.is_empty() {
+        differs("llama.cpp.alpha_pattern", format!("alpha_pattern for {} modules: a GGUF adapter has one alpha, so they are scaled by lora_alpha/rank instead (phlora: one fixed --rank writes no patterns)", alphas.len()));
+    }
+    if c.use_rslora {
+        differs("llama.cpp.rslora", "use_rslora: llama.cpp scales by alpha/r, not alpha/√r: the update is √r times too small".into());
+    }
+    if c.lora_alpha == Some(0.0) {
+        differs(
+            "llama.cpp.alpha_zero",
+            "lora_alpha = 0: llama.cpp then applies B·A unscaled, where PEFT's update is zero"
+                .into(),
+        );
+    }
+    match &a.base {
+        _ if !a.has_lm_head_lora() => {}
+        Some(b) if b.tied || b.is(&["gemma"]) => out.push(Finding::new(Refused, "llama.cpp.lm_head", format!("lm_head LoRA on {} (tied embeddings or the Gemma family): its GGUF has no separate output weight: \"lm_head is present in adapter, but is ignored in base model\" (phlora: --exclude lm_head)", b.name()))),
+        Some(_) => {}
+        None => out.push(Finding::new(Note, "llama.cpp.lm_head", "lm_head LoRA: refused on bases whose GGUF has no separate output weight (Gemma family, tied embeddings: \"lm_head is present in adapter, but is ignored in base model\"); check with --base")),
+    }
+    out
+}
+
+fn is_norm(param: &str) -> bool {
+    param.contains("_layernorm")
+        || param.contains(".norm")
+        || crate::names::is_norm_module(crate::names::module_of(param))
+}
+
+/// A layer whose per-expert factors leave some expert × projection out.
+fn incomplete_experts(a: &Inventory) -> Option<String> {
+    let mut groups: BTreeMap<&str, (BTreeSet<usize>, BTreeSet<&str>, usize)> = BTreeMap::new();
+    for m in a.factored().filter(|m| m.experts == Experts::PerExpert) {
+        let Some((experts, index, proj)) = crate::names::per_expert_module(&m.path) else {
+            continue;
+        };
+        let g = groups.entry(experts).or_default();
+        g.0.insert(index);
+        g.1.insert(proj);
+        g.2 += 1;
+    }
+    groups
+        .into_iter()
+        .find(|(_, (ids, projs, n))| {
+            let count = ids.iter().max().map_or(0, |m| m + 1);
+            *n != count * projs.len() || projs.len() < 3
+        })
+        .map(|(g, _)| g.to_string())
+}
