@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::*;
+use phlora::checkpoint::DType;
 
 const COMMIT_BASE: &str = "1111111111111111111111111111111111111111";
 const COMMIT_FT: &str = "2222222222222222222222222222222222222222";
@@ -210,5 +211,345 @@ fn a_hub_id_the_cache_cannot_serve_is_a_clear_error() {
             "broken link",
             &format!("--revision {COMMIT_BASE}"),
         ],
+    );
+}
+
+/// `phlora check --json` of `adapter`: (exit code, report).
+fn check(adapter: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let o = phlora_cmd()
+        .arg("check")
+        .arg(adapter)
+        .args(["--json", "--quiet"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    let report =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stderr(&o)));
+    (o.status.code(), report)
+}
+
+fn verdict<'a>(report: &'a serde_json::Value, engine: &str) -> &'a serde_json::Value {
+    report["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["engine"] == engine)
+        .unwrap_or_else(|| panic!("no verdict for {engine}: {report}"))
+}
+
+/// The rules that fired for `engine`, with their severities.
+fn rules(report: &serde_json::Value, engine: &str) -> Vec<(String, String)> {
+    verdict(report, engine)["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["rule"].as_str().unwrap().to_string(),
+                f["severity"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn has(report: &serde_json::Value, engine: &str, rule: &str, severity: &str) -> bool {
+    rules(report, engine)
+        .iter()
+        .any(|(r, s)| r == rule && s == severity)
+}
+
+/// Runs a fix command the report printed, on the pair in `root`, writing to `out`.
+fn run_fix(fix: &str, root: &Path, out: &Path, merged: &Path) {
+    let command = fix
+        .split("   (")
+        .next()
+        .unwrap()
+        .replace("BASE", root.join("base").to_str().unwrap())
+        .replace("MERGED", merged.to_str().unwrap())
+        .replace("FT", root.join("ft").to_str().unwrap())
+        .replace("OUT", out.to_str().unwrap())
+        .replace("phlora ", &format!("{} ", phlora_bin().display()));
+    let o = std::process::Command::new("sh")
+        .args(["-c", &format!("{command} --device cpu --quiet --force")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{command}: {}", stderr(&o));
+}
+
+fn phlora_bin() -> PathBuf {
+    std::env::var_os("PHLORA_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_phlora")))
+}
+
+#[test]
+fn check_reads_phloras_targets_as_each_engine_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("pair");
+    synth_pair(&root, "check_targets", 32, 2);
+    let base = root.join("base");
+    let extract = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let o = extract_pair(&root, &out, extra, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        out
+    };
+    // PEFT's target: norms through modules_to_save, which vLLM and SGLang refuse, LoRAX
+    // ignores, llama.cpp drops; LoRAX ignores the embedding LoRA too.
+    let peft = extract("peft", &["-r", "16"]);
+    let (code, r) = check(&peft, &["--base", base.to_str().unwrap()]);
+    assert_eq!(code, Some(3), "{r}");
+    assert_eq!(verdict(&r, "peft")["as_peft"], true, "{r}");
+    assert!(has(&r, "vllm", "vllm.modules_to_save", "refused"), "{r}");
+    assert!(
+        has(&r, "sglang", "sglang.modules_to_save", "refused"),
+        "{r}"
+    );
+    assert!(has(&r, "lorax", "lorax.embeddings", "differs"), "{r}");
+    assert!(has(&r, "llama.cpp", "llama.cpp.norms", "differs"), "{r}");
+    assert_eq!(verdict(&r, "llama.cpp")["loads"], true);
+    // PEFT alone takes it: exit 0. Ranks per module: SGLang refuses the patterns, llama.cpp
+    // has one alpha, LoRAX pads the odd ranks.
+    assert_eq!(check(&peft, &["--for", "peft"]).0, Some(0));
+    let energy = extract("energy", &["--energy", "0.9", "--no-norms"]);
+    let (_, r) = check(&energy, &[]);
+    assert!(has(&r, "sglang", "sglang.patterns", "refused"), "{r}");
+    assert!(
+        has(&r, "llama.cpp", "llama.cpp.alpha_pattern", "differs"),
+        "{r}"
+    );
+    // --target vllm: vLLM takes it; a sharded one it does not.
+    let vllm = extract("vllm", &["-r", "16", "--target", "vllm"]);
+    let (code, r) = check(&vllm, &["--for", "vllm", "--base", base.to_str().unwrap()]);
+    assert_eq!(
+        (code, &verdict(&r, "vllm")["as_peft"]),
+        (Some(0), &true.into()),
+        "{r}"
+    );
+    let sharded = extract(
+        "sharded",
+        &["-r", "16", "--target", "vllm", "--max-shard-size", "20K"],
+    );
+    let (code, r) = check(&sharded, &["--for", "vllm"]);
+    assert_eq!(code, Some(3));
+    assert!(has(&r, "vllm", "vllm.sharded", "refused"), "{r}");
+    // Against another base: every engine refuses factors that do not fit.
+    let other = tmp.path().join("other");
+    synth_pair(&other, "check_other", 48, 2);
+    let (code, r) = check(&vllm, &["--base", other.join("base").to_str().unwrap()]);
+    assert_eq!(code, Some(3));
+    for engine in ["peft", "vllm", "sglang", "lorax", "llama.cpp"] {
+        assert!(has(&r, engine, "base.shape", "refused"), "{engine}: {r}");
+    }
+}
+
+#[test]
+fn every_fix_check_prints_writes_an_adapter_the_engines_load_as_peft_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("pair");
+    synth_pair(&root, "check_fixes", 32, 2);
+    let base = root.join("base");
+    let start = tmp.path().join("start");
+    let o = extract_pair(&root, &start, &["--energy", "0.9"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Another tool's adapter (no report.json): the fix goes through the merged model.
+    let foreign = tmp.path().join("foreign");
+    copy_files(&start, &foreign, false);
+    fs::remove_file(foreign.join("report.json")).unwrap();
+    for (adapter, tag) in [(&start, "phlora"), (&foreign, "foreign")] {
+        let (_, r) = check(adapter, &["--base", base.to_str().unwrap()]);
+        assert_eq!(r["from_phlora"], tag == "phlora");
+        let mut fixes: Vec<(String, Vec<String>)> = Vec::new();
+        for v in r["verdicts"].as_array().unwrap() {
+            if let Some(fix) = v["fix"].as_str() {
+                fixes.push((
+                    fix.to_string(),
+                    vec![v["engine"].as_str().unwrap().to_string()],
+                ));
+            }
+        }
+        assert!(fixes.len() >= 3, "{r}");
+        let every: Vec<String> = fixes.iter().flat_map(|f| f.1.clone()).collect();
+        fixes.push((
+            r["fix_all"].as_str().expect("a fix for all").to_string(),
+            every,
+        ));
+        for (i, (fix, engines)) in fixes.iter().enumerate() {
+            if tag == "foreign" {
+                assert!(fix.starts_with("phlora merge"), "{fix}");
+            }
+            let out = tmp.path().join(format!("{tag}-fix{i}"));
+            run_fix(
+                fix,
+                &root,
+                &out,
+                &tmp.path().join(format!("{tag}-merged{i}")),
+            );
+            let (_, again) = check(&out, &["--base", base.to_str().unwrap()]);
+            for e in engines {
+                assert_eq!(
+                    verdict(&again, e)["as_peft"],
+                    true,
+                    "{fix} for {e}: {again}"
+                );
+            }
+        }
+    }
+}
+
+/// Rewrites an adapter's config with `edit`.
+fn edit_config(adapter: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = adapter.join("adapter_config.json");
+    let mut c = read_json(&path);
+    edit(&mut c);
+    fs::write(&path, c.to_string()).unwrap();
+}
+
+#[test]
+fn check_names_what_other_tools_adapters_hold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("pair");
+    synth_pair(&root, "check_foreign", 32, 1);
+    let made = tmp.path().join("made");
+    let o = extract_pair(
+        &root,
+        &made,
+        &["-r", "16", "--target", "portable", "--no-embeddings"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let variant = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let dir = tmp.path().join(name);
+        copy_files(&made, &dir, false);
+        edit_config(&dir, |c| edit(c));
+        check(&dir, &[]).1
+    };
+    let r = variant("dora", &|c| c["use_dora"] = true.into());
+    assert!(
+        has(&r, "vllm", "vllm.dora", "refused") && has(&r, "sglang", "sglang.dora", "refused"),
+        "{r}"
+    );
+    let r = variant("rslora", &|c| c["use_rslora"] = true.into());
+    for (engine, rule) in [
+        ("sglang", "sglang.rslora"),
+        ("lorax", "lorax.rslora"),
+        ("llama.cpp", "llama.cpp.rslora"),
+    ] {
+        assert!(has(&r, engine, rule, "differs"), "{engine}: {r}");
+    }
+    assert_eq!(
+        verdict(&r, "vllm")["as_peft"],
+        true,
+        "vLLM scales rsLoRA: {r}"
+    );
+    let r = variant("regex", &|c| {
+        c["target_modules"] = ".*\\.(q_proj|v_proj)".into()
+    });
+    assert!(has(&r, "sglang", "sglang.target_regex", "refused"), "{r}");
+    assert!(has(&r, "peft", "peft.untargeted", "differs"), "{r}");
+    let r = variant("no_alpha", &|c| {
+        c.as_object_mut().unwrap().remove("lora_alpha");
+    });
+    assert!(
+        has(&r, "llama.cpp", "llama.cpp.alpha", "refused")
+            && has(&r, "vllm", "vllm.required", "refused"),
+        "{r}"
+    );
+    let r = variant("big_rank", &|c| c["r"] = 600.into());
+    assert!(
+        has(&r, "vllm", "vllm.rank", "refused") && has(&r, "peft", "peft.rank", "refused"),
+        "{r}"
+    );
+    let r = variant("not_lora", &|c| c["peft_type"] = "LOHA".into());
+    for engine in ["peft", "vllm", "sglang", "lorax", "llama.cpp"] {
+        assert!(has(&r, engine, "peft_type", "refused"), "{engine}: {r}");
+    }
+    let r = variant("layers_pattern", &|c| c["layers_pattern"] = "layers".into());
+    assert!(has(&r, "peft", "peft.targets", "refused"), "{r}");
+
+    // A lora_B.bias and a DoRA magnitude in the file.
+    let extra = tmp.path().join("extra");
+    copy_files(&made, &extra, false);
+    let file = extra.join("adapter_model.safetensors");
+    let mut tensors: Vec<T> = read_safetensors(&file)
+        .into_iter()
+        .map(|(k, t)| tensor(&k, DType::F32, &t.shape, t.values))
+        .collect();
+    let q = "base_model.model.model.layers.0.self_attn.q_proj";
+    tensors.push(tensor(
+        &format!("{q}.lora_B.bias"),
+        DType::F32,
+        &[32],
+        vec![0.0; 32],
+    ));
+    tensors.push(tensor(
+        &format!("{q}.lora_magnitude_vector"),
+        DType::F32,
+        &[32],
+        vec![1.0; 32],
+    ));
+    write_single(&file, &tensors);
+    let (code, r) = check(&extra, &[]);
+    assert_eq!(code, Some(3));
+    assert!(has(&r, "vllm", "vllm.keys", "refused"), "{r}");
+    assert!(has(&r, "llama.cpp", "llama.cpp.keys", "refused"), "{r}");
+    assert!(
+        has(&r, "lorax", "lorax.dora", "differs") && has(&r, "lorax", "lorax.lora_bias", "differs"),
+        "{r}"
+    );
+}
+
+#[test]
+fn check_refuses_what_is_not_an_adapter_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| phlora_cmd().arg("check").args(args).output().unwrap();
+    let refused = |o: &Output, code: i32, needle: &str| {
+        let e = stderr(o);
+        assert_eq!(o.status.code(), Some(code), "{e}");
+        assert!(e.contains(needle), "missing {needle:?}: {e}");
+        assert!(!e.contains("panicked"), "{e}");
+    };
+    let empty = tmp.path().join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    refused(
+        &run(&[empty.to_str().unwrap()]),
+        1,
+        "no adapter_config.json",
+    );
+    fs::write(empty.join("adapter_config.json"), "{not json").unwrap();
+    refused(
+        &run(&[empty.to_str().unwrap()]),
+        1,
+        "adapter_config.json: not valid JSON",
+    );
+    fs::write(
+        empty.join("adapter_config.json"),
+        r#"{"peft_type": "LORA", "r": "eight"}"#,
+    )
+    .unwrap();
+    refused(&run(&[empty.to_str().unwrap()]), 1, "wrong type");
+    fs::write(
+        empty.join("adapter_config.json"),
+        r#"{"peft_type": "LORA", "r": 8}"#,
+    )
+    .unwrap();
+    refused(
+        &run(&[empty.to_str().unwrap()]),
+        1,
+        "adapter_model.safetensors",
+    );
+    std::os::unix::fs::symlink("gone.safetensors", empty.join("adapter_model.safetensors"))
+        .unwrap();
+    refused(
+        &run(&[empty.to_str().unwrap()]),
+        1,
+        "adapter_model.safetensors",
+    );
+    refused(&run(&["./no/such/adapter"]), 1, "no such file");
+    refused(
+        &run(&[empty.to_str().unwrap(), "--for", "tgi"]),
+        2,
+        "expected peft, vllm",
     );
 }

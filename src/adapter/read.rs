@@ -648,7 +648,9 @@ fn check_targeted(
 /// wrapper per targeted parameter of a module, the first registered innermost, so a path with
 /// k `.base_layer` suffixes is the parameter with k wrappers around it. Entries are full
 /// parameter paths or suffixes of them.
-fn targeted_parameter(path: &str, targeted: &[String]) -> Option<String> {
+/// The parameter a factor pair at `path` updates, when target_parameters names it (PEFT's
+/// ParamWrapper; nested `base_layer`s for a second parameter of the same module).
+pub fn targeted_parameter(path: &str, targeted: &[String]) -> Option<String> {
     if targeted.is_empty() {
         return None;
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::adapter::read::open_weights;
+use crate::adapter::read::{open_weights, targeted_parameter};
 use crate::adapter::{ConfigTargets, ADDED_TOKENS_FILE, CONFIG_FILE, KEY_PREFIX};
 use crate::checkpoint::input;
 use crate::error::{Error, Result};
@@ -119,6 +119,8 @@ pub struct Module {
     /// DoRA's `lora_magnitude_vector`.
     pub magnitude: bool,
     pub experts: Experts,
+    /// Targeted as a parameter (target_parameters), not as a module.
+    pub parameter: bool,
 }
 
 impl Module {
@@ -200,13 +202,16 @@ impl Base {
         })
     }
 
-    /// The architecture (or model type) contains one of `names` (lower-case, `_` ignored).
-    pub fn is(&self, names: &[&str]) -> bool {
-        let plain = |s: &str| s.replace('_', "");
-        self.architectures
-            .iter()
-            .chain(std::iter::once(&self.model_type))
-            .any(|a| names.iter().any(|n| plain(a).contains(&plain(n))))
+    /// The architecture is one of `classes` (lower-case; a trailing `*` matches a prefix),
+    /// or the model type one of `types`.
+    pub fn is(&self, classes: &[&str], types: &[&str]) -> bool {
+        let class = |a: &str| {
+            classes.iter().any(|c| match c.strip_suffix('*') {
+                Some(prefix) => a.starts_with(prefix),
+                None => a == *c,
+            })
+        };
+        self.architectures.iter().any(|a| class(a)) || types.contains(&self.model_type.as_str())
     }
 
     /// The architecture, for messages.
@@ -338,13 +343,7 @@ impl Inventory {
     }
 
     fn sort_keys<'a>(&mut self, keys: impl Iterator<Item = (&'a str, &'a Vec<usize>)>) {
-        let fused: BTreeSet<&str> = self
-            .config
-            .target_parameters
-            .iter()
-            .flatten()
-            .map(|s| s.as_str())
-            .collect();
+        let targeted = self.config.target_parameters.clone().unwrap_or_default();
         let mut modules: BTreeMap<String, Module> = BTreeMap::new();
         for (key, shape) in keys {
             let name = match key.strip_prefix(KEY_PREFIX) {
@@ -362,14 +361,18 @@ impl Inventory {
                 }
                 continue;
             };
-            let m = modules.entry(path.to_string()).or_insert_with(|| Module {
-                path: path.to_string(),
-                a: None,
-                b: None,
-                embedding: false,
-                bias: false,
-                magnitude: false,
-                experts: experts_of(path, &fused),
+            let m = modules.entry(path.to_string()).or_insert_with(|| {
+                let parameter = targeted_parameter(path, &targeted).is_some();
+                Module {
+                    path: path.to_string(),
+                    a: None,
+                    b: None,
+                    embedding: false,
+                    bias: false,
+                    magnitude: false,
+                    experts: experts_of(path, parameter),
+                    parameter,
+                }
             });
             match part {
                 Part::A { embedding } => {
@@ -397,9 +400,13 @@ impl Inventory {
             .filter(|m| m.a.is_some() || m.b.is_some())
     }
 
-    /// The distinct ranks of the file's factors.
+    /// The distinct ranks of the file's factors (a fused expert parameter's r·E rows are
+    /// not a rank).
     pub fn ranks(&self) -> BTreeSet<usize> {
-        self.factored().filter_map(Module::rank).collect()
+        self.factored()
+            .filter(|m| m.experts != Experts::Fused)
+            .filter_map(Module::rank)
+            .collect()
     }
 
     /// Modules PEFT's config would not wrap (their keys are ignored on load).
@@ -408,7 +415,7 @@ impl Inventory {
             return Vec::new();
         };
         self.factored()
-            .filter(|m| m.experts != Experts::Fused && !t.wraps(&m.path, m.embedding))
+            .filter(|m| !m.parameter && !t.wraps(&m.path, m.embedding))
             .map(|m| m.path.as_str())
             .collect()
     }
@@ -470,15 +477,10 @@ fn split_key(name: &str) -> Option<(&str, Part)> {
     })
 }
 
-fn experts_of(path: &str, fused: &BTreeSet<&str>) -> Experts {
+fn experts_of(path: &str, parameter: bool) -> Experts {
     if crate::names::per_expert_module(path).is_some() {
         Experts::PerExpert
-    } else if fused
-        .iter()
-        .any(|p| path.starts_with(crate::names::module_of(p)))
-        || path.ends_with(".experts")
-        || path.ends_with(".experts.base_layer")
-    {
+    } else if parameter && path.contains(".experts") {
         Experts::Fused
     } else {
         Experts::None

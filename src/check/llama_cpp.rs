@@ -19,7 +19,8 @@ pub fn check(a: &Inventory) -> Vec<Finding> {
 fn converter(a: &Inventory) -> Vec<Finding> {
     let c = &a.config;
     let mut out = Vec::new();
-    let mut refuse = |rule, msg: String| out.push(Finding::new(Refused, rule, msg));
+    let mut refusals = Vec::new();
+    let mut refuse = |rule, msg: String| refusals.push(Finding::new(Refused, rule, msg));
     if c.lora_alpha.is_none() {
         refuse(
             "llama.cpp.alpha",
@@ -47,8 +48,12 @@ fn converter(a: &Inventory) -> Vec<Finding> {
     if !unexpected.is_empty() {
         refuse("llama.cpp.keys", format!("{} tensors are not lora_A/lora_B: \"Unexpected name …: Not a lora_A or lora_B tensor\" (embeddings or heads saved whole, biases, DoRA; phlora: drop --lora-bias, and --added-tokens needs a resized base)", some(&unexpected)));
     }
-    if a.factored().any(|m| m.experts == Experts::Fused) {
-        refuse("llama.cpp.fused_experts", "fused expert factors (target_parameters): \"Can not map tensor\" (phlora: leave out --fuse-experts; per-expert factors are stacked by the converter)".into());
+    if let Some(f) = super::fused_experts(
+        a,
+        "llama.cpp.fused_experts",
+        "\"Can not map tensor\"; the converter stacks per-expert factors itself",
+    ) {
+        out.push(f);
     }
     if let Some(layer) = incomplete_experts(a) {
         refuse("llama.cpp.experts", format!("{layer}: not every expert and projection has factors: \"Unprocessed experts\" (the converter stacks all of a layer's experts)"));
@@ -56,7 +61,7 @@ fn converter(a: &Inventory) -> Vec<Finding> {
     if a.config
         .base_model_name_or_path
         .as_deref()
-        .is_none_or(str::is_empty)
+        .map_or(true, str::is_empty)
     {
         out.push(Finding::new(
             Note,
@@ -64,6 +69,7 @@ fn converter(a: &Inventory) -> Vec<Finding> {
             "no base_model_name_or_path: pass the base to the converter (--base)",
         ));
     }
+    out.extend(refusals);
     out
 }
 
@@ -71,7 +77,8 @@ fn converter(a: &Inventory) -> Vec<Finding> {
 fn scale(a: &Inventory) -> Vec<Finding> {
     let c = &a.config;
     let mut out = Vec::new();
-    let mut differs = |rule, msg: String| out.push(Finding::new(Differs, rule, msg));
+    let mut differing = Vec::new();
+    let mut differs = |rule, msg: String| differing.push(Finding::new(Differs, rule, msg));
     let norms: Vec<&String> = a.whole.iter().filter(|w| is_norm(w)).collect();
     if !norms.is_empty() {
         differs(
@@ -98,10 +105,11 @@ fn scale(a: &Inventory) -> Vec<Finding> {
     }
     match &a.base {
         _ if !a.has_lm_head_lora() => {}
-        Some(b) if b.tied || b.is(&["gemma"]) => out.push(Finding::new(Refused, "llama.cpp.lm_head", format!("lm_head LoRA on {} (tied embeddings or the Gemma family): its GGUF has no separate output weight: \"lm_head is present in adapter, but is ignored in base model\" (phlora: --exclude lm_head)", b.name()))),
+        Some(b) if b.tied || b.is(&["gemma*"], &[]) => out.push(Finding::new(Refused, "llama.cpp.lm_head", format!("lm_head LoRA on {} (tied embeddings or the Gemma family): its GGUF has no separate output weight: \"lm_head is present in adapter, but is ignored in base model\" (phlora: --exclude 'lm_head*')", b.name())).excluding(["lm_head*".to_string()])),
         Some(_) => {}
         None => out.push(Finding::new(Note, "llama.cpp.lm_head", "lm_head LoRA: refused on bases whose GGUF has no separate output weight (Gemma family, tied embeddings: \"lm_head is present in adapter, but is ignored in base model\"); check with --base")),
     }
+    out.extend(differing);
     out
 }
 

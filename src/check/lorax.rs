@@ -100,7 +100,8 @@ fn ranks(a: &Inventory) -> Vec<Finding> {
 /// What LoRAX skips without a word (its loader matches keys to the model's declared modules).
 fn ignored(a: &Inventory) -> Vec<Finding> {
     let mut out = Vec::new();
-    let mut differs = |rule, msg: String| out.push(Finding::new(Differs, rule, msg));
+    let mut differing = Vec::new();
+    let mut differs = |rule, msg: String| differing.push(Finding::new(Differs, rule, msg));
     if a.has_embedding_lora() {
         differs(
             "lorax.embeddings",
@@ -134,7 +135,7 @@ fn ignored(a: &Inventory) -> Vec<Finding> {
             "MoE expert LoRA is ignored (not implemented for block-sparse MoE)".into(),
         );
     }
-    let other: Vec<String> = kinds(a)
+    let other: Vec<String> = kinds(a, false)
         .into_iter()
         .filter(|k| !LAYERS.contains(&k.as_str()) && k != "embed_tokens")
         .collect();
@@ -167,6 +168,7 @@ fn ignored(a: &Inventory) -> Vec<Finding> {
             ),
         );
     }
+    out.extend(differing);
     out
 }
 

@@ -70,7 +70,8 @@ impl Engine {
     }
 
     /// The extract settings that write an adapter this engine loads as PEFT would, for this
-    /// adapter (its rank) and what the rules found.
+    /// adapter and what the rules found: one fixed rank, the adapter's largest (so no module
+    /// loses capacity), where the engine needs one.
     fn fix(self, a: &Inventory, findings: &[Finding]) -> Fix {
         let refused = |rule: &str| {
             findings
@@ -83,10 +84,12 @@ impl Engine {
             Engine::Vllm => Fix {
                 target: Some("vllm"),
                 no_embeddings: refused("vllm.embeddings"),
+                rank: Some(rank),
                 ..Fix::default()
             },
             Engine::Sglang => Fix {
                 target: Some("portable"),
+                rank: Some(rank),
                 ..Fix::default()
             },
             Engine::Lorax => Fix {
@@ -98,7 +101,7 @@ impl Engine {
             Engine::LlamaCpp => Fix {
                 no_norms: true,
                 rank: Some(rank),
-                exclude_lm_head: refused("llama.cpp.lm_head"),
+
                 ..Fix::default()
             },
         }
@@ -116,13 +119,14 @@ impl Engine {
 }
 
 /// The phlora extract settings an engine needs.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Fix {
     target: Option<&'static str>,
     no_embeddings: bool,
     no_norms: bool,
     rank: Option<usize>,
-    exclude_lm_head: bool,
+    /// Tensor globs the engine cannot serve (--exclude).
+    exclude: Vec<String>,
 }
 
 impl Fix {
@@ -140,11 +144,17 @@ impl Fix {
                 (Some(a), Some(b)) => Some(lorax::served_rank(a.max(b))),
                 (a, b) => a.or(b),
             },
-            exclude_lm_head: self.exclude_lm_head || o.exclude_lm_head,
+            exclude: {
+                let mut e = self.exclude;
+                e.extend(o.exclude);
+                e.sort();
+                e.dedup();
+                e
+            },
         }
     }
 
-    fn flags(self) -> String {
+    fn flags(&self) -> String {
         let mut s = String::new();
         // extract --target vllm takes only ranks from max_lora_rank's set; portable pads.
         let allowed = crate::linalg::rank::PORTABLE_RANKS;
@@ -164,8 +174,8 @@ impl Fix {
         if let Some(r) = self.rank {
             s += &format!(" --rank {r}");
         }
-        if self.exclude_lm_head {
-            s += " --exclude 'lm_head*'";
+        for glob in &self.exclude {
+            s += &format!(" --exclude '{glob}'");
         }
         s
     }
@@ -200,6 +210,9 @@ pub struct Finding {
     /// A stable name for the rule (for scripts): `vllm.modules_to_save`.
     pub rule: &'static str,
     pub message: String,
+    /// Tensors (extract's --exclude globs) an adapter for this engine must leave out.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
 }
 
 impl Finding {
@@ -208,7 +221,14 @@ impl Finding {
             severity,
             rule,
             message: message.into(),
+            exclude: Vec::new(),
         }
+    }
+
+    /// The same, with the tensors to leave out.
+    fn excluding(mut self, globs: impl IntoIterator<Item = String>) -> Finding {
+        self.exclude = globs.into_iter().collect();
+        self
     }
 }
 
@@ -295,7 +315,7 @@ pub fn check(dir: &Path, base: Option<&Path>, engines: &[Engine]) -> Result<Chec
         .collect();
     let fix_all = (fixes.len() > 1).then(|| {
         let all = fixes.into_iter().reduce(Fix::and).unwrap_or_default();
-        fix_command(all, &inv)
+        fix_command(&all, &inv)
     });
     Ok(CheckReport {
         fix_all,
@@ -312,13 +332,20 @@ fn verdict(engine: Engine, inv: &Inventory) -> (Verdict, Fix) {
     findings.sort_by_key(|f| f.severity);
     let loads = !findings.iter().any(|f| f.severity == Severity::Refused);
     let as_peft = loads && !findings.iter().any(|f| f.severity == Severity::Differs);
-    let fix = engine.fix(inv, &findings);
+    let mut fix = engine.fix(inv, &findings);
+    fix.exclude = findings
+        .iter()
+        .filter(|f| f.severity != Severity::Note)
+        .flat_map(|f| f.exclude.iter().cloned())
+        .collect();
+    fix.exclude.sort();
+    fix.exclude.dedup();
     let verdict = Verdict {
         engine: engine.name(),
         sources: engine.sources(),
         loads,
         as_peft,
-        fix: (!as_peft).then(|| fix_command(fix, inv)),
+        fix: (!as_peft).then(|| fix_command(&fix, inv)),
         findings,
     };
     (verdict, fix)
@@ -326,7 +353,7 @@ fn verdict(engine: Engine, inv: &Inventory) -> (Verdict, Fix) {
 
 /// The command that writes an adapter `engine` loads as PEFT does: phlora's own from its
 /// pair, another tool's through the merged model it stands for.
-fn fix_command(fix: Fix, inv: &Inventory) -> String {
+fn fix_command(fix: &Fix, inv: &Inventory) -> String {
     let flags = fix.flags();
     if inv.from_phlora() {
         format!("phlora extract --base BASE --ft FT --out OUT{flags}   (from the pair this adapter was extracted from)")
@@ -443,6 +470,22 @@ fn against_base(inv: &Inventory, base: &inventory::Base) -> Vec<Finding> {
     out
 }
 
+/// Fused expert factors (target_parameters) an engine cannot load: from a per-expert base
+/// phlora writes them per expert without --fuse-experts; a base that stores its experts
+/// fused (gpt-oss) has no per-expert form, so an adapter for this engine leaves them out.
+fn fused_experts(inv: &Inventory, rule: &'static str, why: &str) -> Option<Finding> {
+    inv.factored().any(|m| m.experts == inventory::Experts::Fused).then(|| {
+        let native = inv.base.as_ref().is_some_and(|b| !b.per_expert());
+        let msg = format!("fused expert factors (PEFT's target_parameters): {why}");
+        if native {
+            Finding::new(Severity::Refused, rule, format!("{msg} (the base stores its experts fused, so there is no per-expert form: phlora: --exclude '*.experts.*')"))
+                .excluding(["*.experts.*".to_string()])
+        } else {
+            Finding::new(Severity::Refused, rule, format!("{msg} (phlora: leave out --fuse-experts)"))
+        }
+    })
+}
+
 /// `n` items, the first few named: "3 (a, b, c)" / "40 (a, b, c, …)".
 fn some(items: &[impl AsRef<str>]) -> String {
     let shown: Vec<&str> = items.iter().take(3).map(|s| s.as_ref()).collect();
@@ -450,9 +493,14 @@ fn some(items: &[impl AsRef<str>]) -> String {
     format!("{} ({}{more})", items.len(), shown.join(", "))
 }
 
-/// The module kinds (last segments) of the factored modules, sorted and deduplicated.
-fn kinds(inv: &Inventory) -> Vec<String> {
-    let mut k: Vec<String> = inv.factored().map(|m| m.kind().to_string()).collect();
+/// The module kinds (last segments) of the factored modules, sorted and deduplicated
+/// (`fused`: with fused expert parameters, whose paths end in `experts` / `base_layer`).
+fn kinds(inv: &Inventory, fused: bool) -> Vec<String> {
+    let mut k: Vec<String> = inv
+        .factored()
+        .filter(|m| fused || m.experts != inventory::Experts::Fused)
+        .map(|m| m.kind().to_string())
+        .collect();
     k.sort();
     k.dedup();
     k

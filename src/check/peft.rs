@@ -8,7 +8,8 @@ pub const SOURCES: &str = "PEFT 0.21.2 (wheel from PyPI): tuners/lora/config.py 
 pub fn check(a: &Inventory) -> Vec<Finding> {
     let c = &a.config;
     let mut out = Vec::new();
-    let mut refuse = |rule, msg: String| out.push(Finding::new(Refused, rule, msg));
+    let mut refusals = Vec::new();
+    let mut refuse = |rule, msg: String| refusals.push(Finding::new(Refused, rule, msg));
     if let Some(r) = c.r.filter(|&r| r <= 0) {
         refuse("peft.r", format!("r = {r}: LoraConfig raises \"`r` should be a positive integer value but the value passed is {r}\""));
     }
@@ -16,7 +17,7 @@ pub fn check(a: &Inventory) -> Vec<Finding> {
         .rank_pattern
         .iter()
         .flatten()
-        .find(|(_, v)| v.as_i64().is_none_or(|v| v <= 0))
+        .find(|(_, v)| v.as_i64().map_or(true, |v| v <= 0))
     {
         refuse(
             "peft.rank_pattern",
@@ -54,6 +55,7 @@ pub fn check(a: &Inventory) -> Vec<Finding> {
         refuse("peft.rank", format!("{} modules' factors have another rank than r / rank_pattern give them: loading raises a size mismatch", some(&wrong_rank)));
     }
     out.extend(ignored(a));
+    out.extend(refusals);
     out
 }
 

@@ -35,7 +35,8 @@ const SUPPORTED: &[&str] = &[
 pub fn check(a: &Inventory) -> Vec<Finding> {
     let c = &a.config;
     let mut out = Vec::new();
-    let mut refuse = |rule, msg: String| out.push(Finding::new(Refused, rule, msg));
+    let mut refusals = Vec::new();
+    let mut refuse = |rule, msg: String| refusals.push(Finding::new(Refused, rule, msg));
     let missing = c.missing_required();
     if !missing.is_empty() {
         refuse(
@@ -79,12 +80,13 @@ pub fn check(a: &Inventory) -> Vec<Finding> {
     if !off.is_empty() && overrides.is_empty() {
         refuse("sglang.rank", format!("{} modules' factors are not of rank r = {r}: \"LoRA buffer shape … does not match weight shape\" on the first request", some(&off)));
     }
-    let unknown: Vec<String> = kinds(a)
+    let unknown: Vec<String> = kinds(a, false)
         .into_iter()
         .filter(|k| !SUPPORTED.contains(&k.as_str()))
         .collect();
     if !unknown.is_empty() {
-        refuse("sglang.modules", format!("modules SGLang has no LoRA layer for: {} (\"get_hidden_dim not implemented\" or not in --lora-target-modules)", unknown.join(", ")));
+        let globs: Vec<String> = unknown.iter().map(|k| format!("*.{k}.*")).collect();
+        out.push(Finding::new(Refused, "sglang.modules", format!("modules SGLang has no LoRA layer for: {} (\"get_hidden_dim not implemented\" or not in --lora-target-modules; phlora: --exclude {})", unknown.join(", "), globs.join(" --exclude "))).excluding(globs));
     }
     if let Some(layer) = q_without_v(a) {
         refuse("sglang.qkv", format!("layer {layer} has q_proj factors but no v_proj: stacking into qkv_proj raises a KeyError (sgl-project/sglang#25913)"));
@@ -92,14 +94,19 @@ pub fn check(a: &Inventory) -> Vec<Finding> {
     if a.added_tokens > 0 {
         refuse("sglang.added_tokens", format!("{} added tokens: \"LoRA serving currently doesn't support adapters that add tokens to the vocabulary\"", a.added_tokens));
     }
-    if a.factored().any(|m| m.experts == Experts::Fused) {
-        refuse("sglang.fused_experts", "fused expert factors in PEFT's target_parameters layout ([r·E, in]): SGLang's 3-D layout has a leading expert dimension (phlora: leave out --fuse-experts)".into());
+    if let Some(f) = super::fused_experts(
+        a,
+        "sglang.fused_experts",
+        "SGLang's 3-D layout has a leading expert dimension, not PEFT's [r·E, in]",
+    ) {
+        out.push(f);
     }
     let in_layers: Vec<&String> = a.whole.iter().filter(|w| w.contains(".layers.")).collect();
     if !in_layers.is_empty() {
         refuse("sglang.modules_to_save", format!("{} tensors saved whole inside layers (norms): \"Cannot find target module name\" on the first request (phlora: --target portable, or --no-norms)", some(&in_layers)));
     }
     out.extend(differs(a));
+    out.extend(refusals);
     out
 }
 

@@ -20,7 +20,8 @@ pub fn check(a: &Inventory) -> Vec<Finding> {
 fn config(a: &Inventory) -> Vec<Finding> {
     let c = &a.config;
     let (mut out, mut notes) = (Vec::new(), Vec::new());
-    let mut refuse = |rule, msg: String| out.push(Finding::new(Refused, rule, msg));
+    let mut refusals = Vec::new();
+    let mut refuse = |rule, msg: String| refusals.push(Finding::new(Refused, rule, msg));
     let missing = c.missing_required();
     if !missing.is_empty() {
         refuse(
@@ -97,6 +98,7 @@ fn config(a: &Inventory) -> Vec<Finding> {
         refuse("vllm.sharded", "the weights are sharded (an index): vLLM reads only adapter_model.safetensors (\"doesn't contain tensors\"; phlora: no --max-shard-size)".into());
     }
     out.extend(notes);
+    out.extend(refusals);
     out
 }
 
@@ -140,23 +142,29 @@ fn keys(a: &Inventory) -> Vec<Finding> {
 /// Architectures whose vLLM model class declares embedding modules (embed_tokens, lm_head
 /// LoRA), and some that declare none (model_executor/models/*.py, 0.33.0).
 const EMBEDDING_MODULES: &[&str] = &[
-    "llama", "qwen3", "mixtral", "granite", "exaone", "nemotron", "phimoe", "minicpm",
+    "llamaforcausallm",
+    "qwen3forcausallm",
+    "qwen3moeforcausallm",
+    "mixtralforcausallm",
+    "granite*",
+    "exaone*",
+    "nemotron*",
+    "phimoeforcausallm",
+    "minicpm*",
 ];
 const NO_EMBEDDING_MODULES: &[&str] = &[
-    "qwen2",
-    "gemma",
-    "phi3",
-    "deepseekv2",
-    "deepseek_v2",
-    "mistral",
+    "qwen2forcausallm",
+    "gemma*",
+    "phi3forcausallm",
+    "deepseekv2forcausallm",
+    "mistralforcausallm",
 ];
-/// MoE models vLLM wraps as fused 3-D experts (is_3d_moe_weight).
+/// MoE model types vLLM wraps as fused 3-D experts (is_3d_moe_weight).
 const FUSED_3D_MOE: &[&str] = &[
     "gpt_oss",
-    "gptoss",
     "qwen3_5",
+    "qwen3_5_moe",
     "qwen3_vl_moe",
-    "qwen3vlmoe",
     "qwen3_omni_moe",
     "interns1_pro",
 ];
@@ -168,9 +176,8 @@ fn layout_notes(a: &Inventory) -> Vec<Finding> {
     match &a.base {
         _ if !embeddings => {}
         None => out.push(Finding::new(Note, "vllm.embeddings", "embed_tokens / lm_head LoRA: loaded only for architectures that declare embedding modules (Llama, Qwen3, Qwen3-MoE, Mixtral; not Qwen2, Gemma, Phi-3, Mistral, DeepSeek-V2), at the base's vocabulary size (check with --base; phlora: --no-embeddings for the others)")),
-        // Qwen3 is checked before Qwen2's prefix rule can claim it.
-        Some(b) if b.is(NO_EMBEDDING_MODULES) && !b.is(&["qwen3"]) => out.push(Finding::new(Refused, "vllm.embeddings", format!("embed_tokens / lm_head LoRA on {}, whose vLLM model declares no embedding modules: \"expected target modules in … but received …\" (phlora: --no-embeddings)", b.name()))),
-        Some(b) if b.is(EMBEDDING_MODULES) => {}
+        Some(b) if b.is(NO_EMBEDDING_MODULES, &[]) => out.push(Finding::new(Refused, "vllm.embeddings", format!("embed_tokens / lm_head LoRA on {}, whose vLLM model declares no embedding modules: \"expected target modules in … but received …\" (phlora: --no-embeddings)", b.name()))),
+        Some(b) if b.is(EMBEDDING_MODULES, &[]) => {}
         Some(b) => out.push(Finding::new(Note, "vllm.embeddings", format!("embed_tokens / lm_head LoRA on {}: loaded only if its vLLM model declares embedding modules (phlora: --no-embeddings if it does not)", b.name()))),
     }
     if let Some(v) = a
@@ -190,7 +197,7 @@ fn layout_notes(a: &Inventory) -> Vec<Finding> {
     let fused_model = a
         .base
         .as_ref()
-        .map(|b| b.is(FUSED_3D_MOE) || (!b.per_expert() && (per_expert || fused)));
+        .map(|b| b.is(&[], FUSED_3D_MOE) || (!b.per_expert() && (per_expert || fused)));
     match (per_expert, fused, fused_model) {
         (true, true, _) => out.push(Finding::new(Refused, "vllm.experts", "per-expert and fused 3-D expert factors in one adapter: vLLM takes one layout per model")),
         (true, false, Some(true)) => out.push(Finding::new(Refused, "vllm.experts", "per-expert LoRA on a model vLLM wraps as fused 3-D experts: \"expected target modules … but received […experts.0…]\" (phlora: --fuse-experts)")),
