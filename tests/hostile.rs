@@ -410,6 +410,15 @@ fn mutated_adapters_never_panic() {
                 }
                 std::fs::write(case_dir.join(name), bytes).unwrap();
             }
+            // `check` reads the same files its own way (any config, any key): an error or a
+            // report, never a panic.
+            let checked = catch_unwind(AssertUnwindSafe(|| {
+                phlora::check::check(&case_dir, Some(&b), &phlora::check::Engine::ALL)
+            }));
+            assert!(
+                checked.is_ok(),
+                "{layout} case {case} (seed {seed}): check panicked"
+            );
             match catch_unwind(AssertUnwindSafe(|| verify_pair(&b, &f, &case_dir))) {
                 Ok(Ok(_)) => read += 1,
                 Ok(Err(_)) => refused += 1,

@@ -1,6 +1,7 @@
 //! Arbitrary bytes as an adapter folder (adapter_config.json + adapter_model.safetensors, split
 //! where the first two bytes say): opening it must give modules whose factors pair up, or an
-//! error — never a panic, a hang or an unbounded allocation. This is what verify and merge read.
+//! error — never a panic, a hang or an unbounded allocation. This is what verify and merge read;
+//! `phlora check` reads the same folder its own way, and must give a report or an error too.
 #![no_main]
 
 use std::path::PathBuf;
@@ -34,5 +35,9 @@ fuzz_target!(|data: &[u8]| {
             let bytes = adapter.file.bytes(&m.a);
             assert_eq!(bytes.len(), m.a.nbytes());
         }
+    }
+    if let Ok(report) = phlora::check::check(dir, None, &phlora::check::Engine::ALL) {
+        assert_eq!(report.verdicts.len(), phlora::check::Engine::ALL.len());
+        let _ = report.render();
     }
 });

@@ -87,6 +87,18 @@ fn ranks(a: &Inventory) -> Vec<Finding> {
     if !c.rank_overrides().is_empty() || !c.alpha_overrides().is_empty() {
         out.push(Finding::new(Differs, "lorax.patterns", "rank_pattern / alpha_pattern are dropped (PEFT 0.4.0): every module is scaled by the global lora_alpha/r (phlora: --target portable)"));
     }
+    let r = c.r.unwrap_or(8);
+    let off: Vec<String> = a
+        .factored()
+        .filter_map(|m| {
+            m.rank()
+                .filter(|&k| k as i64 != r && c.rank_overrides().is_empty())
+                .map(|k| format!("{} (rank {k})", m.path))
+        })
+        .collect();
+    if !off.is_empty() {
+        out.push(Finding::new(Differs, "lorax.config_rank", format!("{} modules' factors are not of rank r = {r}, which LoRAX scales every module by (lora_alpha/r; PEFT 0.4.0's default r is 8)", some(&off))));
+    }
     if c.use_rslora {
         out.push(Finding::new(
             Differs,
