@@ -508,3 +508,46 @@ fn added_tokens(dir: &Path) -> Result<usize> {
     }
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_split_into_module_and_part() {
+        let part =
+            |k: &str| split_key(k).map(|(p, part)| (p.to_string(), std::mem::discriminant(&part)));
+        let a = std::mem::discriminant(&Part::A { embedding: false });
+        assert_eq!(
+            part("model.layers.0.q_proj.lora_A.weight"),
+            Some(("model.layers.0.q_proj".into(), a))
+        );
+        assert_eq!(
+            part("model.embed_tokens.lora_embedding_A"),
+            Some(("model.embed_tokens".into(), a))
+        );
+        assert_eq!(
+            part("x.lora_magnitude_vector").map(|p| p.1),
+            Some(std::mem::discriminant(&Part::Magnitude))
+        );
+        assert_eq!(part("lora_A.weight"), None);
+        assert_eq!(part("model.norm.weight"), None);
+        // An unsaved state dict's adapter name is not a LoRA key.
+        assert_eq!(part("model.q_proj.lora_A.default.weight"), None);
+    }
+
+    #[test]
+    fn rank_patterns_match_by_peft_rule() {
+        let c: Config = serde_json::from_str(
+            r#"{"r": 8, "lora_alpha": 8, "rank_pattern": {"q_proj": 4, "model.layers.1.mlp.down_proj": 2}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.rank_for("model.layers.0.self_attn.q_proj"), 4);
+        assert_eq!(c.rank_for("model.layers.1.mlp.down_proj"), 2);
+        assert_eq!(c.rank_for("model.layers.0.mlp.down_proj"), 8);
+        assert_eq!(c.rank_for("model.layers.0.self_attn.xq_proj"), 8);
+        assert_eq!(c.rank_overrides().len(), 2);
+        assert!(c.alpha_overrides().is_empty());
+        assert!(c.missing_required() == ["target_modules"]);
+    }
+}

@@ -199,3 +199,21 @@ fn partial_kind(a: &Inventory) -> Option<String> {
         .find(|(_, l)| l.len() < all.len())
         .map(|(k, _)| k.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padding_follows_pad_rank_and_served_ranks_need_none() {
+        assert_eq!(
+            [1, 7, 8, 9, 16, 17, 40, 100].map(padded),
+            [8, 8, 8, 16, 16, 32, 48, 112]
+        );
+        for r in 1..=600 {
+            let s = served_rank(r);
+            assert!(s >= r && s % 16 == 0 && padded(s) == s, "{r} → {s}");
+            assert!(!matches!(s, 48 | 80 | 112), "{r} → {s}");
+        }
+    }
+}

@@ -355,8 +355,15 @@ fn verdict(engine: Engine, inv: &Inventory) -> (Verdict, Fix) {
 /// pair, another tool's through the merged model it stands for.
 fn fix_command(fix: &Fix, inv: &Inventory) -> String {
     let flags = fix.flags();
+    let dora = inv.config.use_dora || inv.modules.iter().any(|m| m.magnitude);
     if inv.from_phlora() {
         format!("phlora extract --base BASE --ft FT --out OUT{flags}   (from the pair this adapter was extracted from)")
+    } else if dora {
+        // phlora's merge reads plain LoRA; PEFT merges DoRA's magnitudes.
+        format!(
+            "python3 -c \"import sys, transformers, peft; m = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]), sys.argv[2]).merge_and_unload(); m.save_pretrained(sys.argv[3])\" BASE {} MERGED && phlora extract --base BASE --ft MERGED --out OUT{flags}   (DoRA merged by PEFT, then rewritten as a LoRA)",
+            inv.dir.display()
+        )
     } else {
         format!(
             "phlora merge --base BASE --adapter {} --out MERGED && phlora extract --base BASE --ft MERGED --out OUT{flags}   (the same update, rewritten)",

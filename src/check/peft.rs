@@ -24,6 +24,9 @@ pub fn check(a: &Inventory) -> Vec<Finding> {
             format!("rank_pattern[{k:?}] = {v}: ranks must be positive integers"),
         );
     }
+    if a.sharded {
+        refuse("peft.sharded", "sharded weights: PeftModel.from_pretrained reads adapter_model.safetensors (or .bin) only, and then takes the folder for a hub id (HFValidationError); load the shards as one state dict (docs/adapter-format.md), or extract without --max-shard-size".into());
+    }
     if let Err(e) = &a.targets {
         refuse("peft.targets", e.clone());
     }
@@ -62,6 +65,9 @@ pub fn check(a: &Inventory) -> Vec<Finding> {
 /// What PEFT loads without a word, and so drops.
 fn ignored(a: &Inventory) -> Vec<Finding> {
     let mut out = Vec::new();
+    if a.config.use_dora && !a.modules.iter().any(|m| m.magnitude) {
+        out.push(Finding::new(Differs, "peft.dora_magnitudes", "use_dora with no lora_magnitude_vector in the file: PEFT warns \"Found missing adapter keys\" and keeps the magnitudes at ‖W‖, which changes the update (drop use_dora, or save the magnitudes)"));
+    }
     let untargeted = a.untargeted();
     if !untargeted.is_empty() {
         out.push(Finding::new(Differs, "peft.untargeted", format!("{} modules have factors but the config does not target them: PEFT builds no LoRA layer for them and drops their keys silently", some(&untargeted))));
