@@ -5,21 +5,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::inventory::{Experts, Inventory};
-use super::{kinds, some, Finding, Severity::*};
+use super::{kinds, some, Finding, Severity::*, PROJECTIONS};
 
 pub const SOURCES: &str = "LoRAX (predibase/lorax, newest stored: server/lorax_server/adapters/lora.py, utils/adapter.py @1e223be1, utils/punica.py @095e892e, punica_kernels bgmv_config.h @a1230a58 / sgmv_config.h @538fcfd5, models/flash_llama.py @07725237; poetry.lock pins peft 0.4.0)";
 
 /// The modules LoRAX applies LoRA to on Llama-family models (flash_llama.py ADAPTER_LAYERS).
-const LAYERS: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "lm_head",
-];
+fn declared(kind: &str) -> bool {
+    PROJECTIONS.contains(&kind) || kind == "lm_head"
+}
 
 /// `pad_rank` on one GPU: at least 8, else up to a multiple of 16.
 fn padded(r: usize) -> usize {
@@ -49,7 +42,7 @@ pub fn check(a: &Inventory) -> Vec<Finding> {
 fn ranks(a: &Inventory) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut by_kind: BTreeMap<&str, BTreeSet<usize>> = BTreeMap::new();
-    for m in a.factored().filter(|m| LAYERS.contains(&m.kind())) {
+    for m in a.factored().filter(|m| declared(m.kind())) {
         if let Some(r) = m.rank() {
             by_kind.entry(m.kind()).or_default().insert(padded(r));
         }
@@ -149,7 +142,7 @@ fn ignored(a: &Inventory) -> Vec<Finding> {
     }
     let other: Vec<String> = kinds(a, false)
         .into_iter()
-        .filter(|k| !LAYERS.contains(&k.as_str()) && k != "embed_tokens")
+        .filter(|k| !declared(k) && k != "embed_tokens")
         .collect();
     if !other.is_empty() {
         differs("lorax.modules", format!("modules outside LoRAX's Llama-family set (q/k/v/o/gate/up/down_proj, lm_head) are ignored: {}", other.join(", ")));

@@ -493,6 +493,17 @@ fn fused_experts(inv: &Inventory, rule: &'static str, why: &str) -> Option<Findi
     })
 }
 
+/// The attention and MLP projections of Llama-family models, which every engine's LoRA takes.
+const PROJECTIONS: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// `n` items, the first few named: "3 (a, b, c)" / "40 (a, b, c, …)".
 fn some(items: &[impl AsRef<str>]) -> String {
     let shown: Vec<&str> = items.iter().take(3).map(|s| s.as_ref()).collect();

@@ -4,19 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::inventory::{Experts, Inventory};
-use super::{kinds, some, Finding, Severity::*};
+use super::{kinds, some, Finding, Severity::*, PROJECTIONS};
 
 pub const SOURCES: &str = "SGLang main, 2026 (sgl-project/sglang): python/sglang/srt/lora/lora_config.py @0ceb81fe, lora_manager.py @a40500b9, mem_pool.py @00639c4d, utils.py @01235a16, lora.py (2026 mainline); PRs #14105 (MoE), #14177 (embeddings)";
 
-/// Module names SGLang's LoRA layers take (`--lora-target-modules` choices and the known set).
-const SUPPORTED: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
+/// Module names SGLang's LoRA layers take beyond the projections (`--lora-target-modules`
+/// choices and utils.py's known set; w1/w2/w3 are renamed to gate/up/down for experts).
+const ALSO_SUPPORTED: &[&str] = &[
     "qkv_proj",
     "gate_up_proj",
     "embed_tokens",
@@ -82,7 +76,7 @@ pub fn check(a: &Inventory) -> Vec<Finding> {
     }
     let unknown: Vec<String> = kinds(a, false)
         .into_iter()
-        .filter(|k| !SUPPORTED.contains(&k.as_str()))
+        .filter(|k| !PROJECTIONS.contains(&k.as_str()) && !ALSO_SUPPORTED.contains(&k.as_str()))
         .collect();
     if !unknown.is_empty() {
         let globs: Vec<String> = unknown.iter().map(|k| format!("*.{k}.*")).collect();
