@@ -553,3 +553,45 @@ fn check_refuses_what_is_not_an_adapter_clearly() {
         "expected peft, vllm",
     );
 }
+
+#[test]
+fn the_architecture_decides_embeddings_in_vllm_and_the_fix_leaves_them_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("pair");
+    synth_pair(&root, "check_arch", 32, 1);
+    let out = tmp.path().join("vllm");
+    let o = extract_pair(&root, &out, &["-r", "16", "--target", "vllm"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The same weights under an architecture whose vLLM model declares no embedding modules.
+    let qwen2 = tmp.path().join("qwen2");
+    copy_files(&root.join("base"), &qwen2, false);
+    let mut config = read_json(&qwen2.join("config.json"));
+    config["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    fs::write(qwen2.join("config.json"), config.to_string()).unwrap();
+    let (_, llama) = check(
+        &out,
+        &[
+            "--for",
+            "vllm",
+            "--base",
+            root.join("base").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(verdict(&llama, "vllm")["as_peft"], true, "{llama}");
+    let (code, r) = check(&out, &["--for", "vllm", "--base", qwen2.to_str().unwrap()]);
+    assert_eq!(code, Some(3));
+    assert!(has(&r, "vllm", "vllm.embeddings", "refused"), "{r}");
+    let fix = verdict(&r, "vllm")["fix"].as_str().unwrap().to_string();
+    assert!(
+        fix.contains("--no-embeddings") && fix.contains("lm_head"),
+        "{fix}"
+    );
+    let fixed = tmp.path().join("fixed");
+    run_fix(&fix, &root, &fixed, &tmp.path().join("merged"));
+    let (code, again) = check(
+        &fixed,
+        &["--for", "vllm", "--base", qwen2.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(0), "{again}");
+    assert_eq!(verdict(&again, "vllm")["as_peft"], true, "{again}");
+}
