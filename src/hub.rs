@@ -38,7 +38,16 @@ impl HubId {
     /// most 96 characters. A bare `NAME` is not taken: it reads as a relative path.
     pub fn parse(s: &str) -> Option<HubId> {
         let (repo, revision) = match s.split_once('@') {
-            Some((r, rev)) if !rev.is_empty() && !rev.contains("..") => (r, Some(rev)),
+            // A revision is a ref path under refs/ (`main`, `refs/pr/1`) or a hash: never
+            // one that leaves the cache.
+            Some((r, rev))
+                if !rev.is_empty()
+                    && !rev.contains("..")
+                    && !rev.starts_with('/')
+                    && !rev.contains(['\\', '\0']) =>
+            {
+                (r, Some(rev))
+            }
             Some(_) => return None,
             None => (s, None),
         };
@@ -359,6 +368,7 @@ mod tests {
             "org/na me",
             "org/name@",
             "org/name@../../etc",
+            "org/name@/etc/passwd",
             "",
         ] {
             assert_eq!(HubId::parse(bad), None, "{bad}");
