@@ -419,7 +419,9 @@ pub struct ExtractArgs {
     /// modules_to_save. vllm: one rank vLLM accepts (1, 8, 16, 32, 64, 128, 256, 320, 512; a
     /// fixed --rank must be one of them, chosen ranks are zero-padded up), no modules_to_save
     /// (changed norms are left out, with a warning saying how much that drops). portable: what
-    /// vLLM, SGLang, LoRAX and TGI all load: as vllm, any rank padded up to an allowed one.
+    /// vLLM, SGLang, LoRAX and TGI all load: as vllm, any rank padded up to an allowed one
+    /// (LoRAX ignores embedding LoRA: add --no-embeddings; `phlora check` says what each
+    /// engine makes of an adapter, docs/engines.md).
     #[arg(long, value_enum, default_value_t = TargetArg::Peft)]
     pub target: TargetArg,
     /// Shorthand for --target portable.
