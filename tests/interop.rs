@@ -539,6 +539,8 @@ fn check_refuses_what_is_not_an_adapter_clearly() {
         1,
         "adapter_model.safetensors",
     );
+    fs::write(empty.join("adapter_model.bin"), b"\x80\x02").unwrap();
+    refused(&run(&[empty.to_str().unwrap()]), 1, "safetensors only");
     std::os::unix::fs::symlink("gone.safetensors", empty.join("adapter_model.safetensors"))
         .unwrap();
     refused(

@@ -319,6 +319,15 @@ impl Inventory {
             Error::checkpoint(&config_path, format!("a field of the wrong type: {e}"))
         })?;
         let targets = ConfigTargets::from_config(&text, &config_path).map_err(|e| e.to_string());
+        let safetensors = [crate::adapter::MODEL_FILE, crate::adapter::INDEX_FILE];
+        if safetensors.iter().all(|f| !dir.join(f).exists())
+            && dir.join("adapter_model.bin").exists()
+        {
+            return Err(Error::checkpoint(
+                dir,
+                "holds adapter_model.bin (a pickle) and no adapter_model.safetensors: phlora reads safetensors only (convert with safetensors.torch.save_file(torch.load(path, weights_only=True), ...))",
+            ));
+        }
         let weights = open_weights(dir)?;
         let mut inv = Inventory {
             dir: dir.to_path_buf(),
