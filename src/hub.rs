@@ -232,6 +232,7 @@ impl HubCache {
                 id.download_command(Some(&commit))
             ))
         })?;
+        tracing::debug!("{id}: commit {commit}, {}", snapshot.display());
         Ok(ModelSource::Hub {
             id: id.clone(),
             commit,
