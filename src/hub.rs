@@ -82,7 +82,7 @@ impl HubId {
             .map(|r| format!(" --revision {r}"))
             .unwrap_or_default();
         format!(
-            "hf download {}{rev} --include '*.safetensors' '*.json'   (huggingface_hub ≥ 0.34; `huggingface-cli download` with older ones)",
+            "hf download {}{rev}   (huggingface_hub ≥ 0.34; `huggingface-cli download` with older ones)",
             self.repo
         )
     }
@@ -144,7 +144,12 @@ impl HubCache {
     pub fn from_vars(var: impl Fn(&str) -> Option<OsString>) -> HubCache {
         let get = |k: &str| var(k).filter(|v| !v.is_empty());
         let home = || get("HOME").map(PathBuf::from).unwrap_or_else(|| "/".into());
+        // The hub's os.path.expandvars(os.path.expanduser(value)).
         let expand = |v: OsString| -> PathBuf {
+            let v = match v.to_str() {
+                Some(s) => OsString::from(expand_vars(s, &var)),
+                None => v,
+            };
             match v.to_str().and_then(|s| s.strip_prefix("~/")) {
                 Some(rest) => home().join(rest),
                 None if v == "~" => home(),
@@ -244,9 +249,14 @@ impl HubCache {
     /// revision itself when it is a full commit hash (as the hub reads it offline).
     fn commit_of(&self, id: &HubId, repo_dir: &Path) -> Result<String> {
         let revision = id.revision();
-        let is_hash = |s: &str| s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        // The hub's REGEX_COMMIT_HASH: 40 lower-case hex digits (anything else is a ref name).
+        let is_hash = |s: &str| {
+            s.len() == 40
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
         if is_hash(revision) {
-            return Ok(revision.to_ascii_lowercase());
+            return Ok(revision.to_string());
         }
         let ref_path = repo_dir.join("refs").join(revision);
         let fail = |reason: String| Error::Hub {
@@ -272,8 +282,41 @@ impl HubCache {
                 commit.chars().take(60).collect::<String>()
             )));
         }
-        Ok(commit.to_ascii_lowercase())
+        Ok(commit.to_string())
     }
+}
+
+/// Python's os.path.expandvars: `$NAME` and `${NAME}` replaced by set variables, anything
+/// else (an unset name, a lone `$`) left as it is.
+fn expand_vars(s: &str, var: &impl Fn(&str) -> Option<OsString>) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let (name, len) = match after.strip_prefix('{') {
+            Some(braced) => match braced.find('}') {
+                Some(end) => (&braced[..end], end + 2),
+                None => ("", 0),
+            },
+            None => {
+                let end = after
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(after.len());
+                (&after[..end], end)
+            }
+        };
+        match (
+            name.is_empty(),
+            var(name).and_then(|v| v.into_string().ok()),
+        ) {
+            (false, Some(value)) => out.push_str(&value),
+            _ => out.push_str(&rest[at..at + 1 + len]),
+        }
+        rest = &rest[at + 1 + len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// What `expect` needs that `dir` lacks (a file, a shard the index names, a broken link).
@@ -396,6 +439,15 @@ mod tests {
         assert_eq!(
             dir(&[("HUGGINGFACE_HUB_CACHE", "/old"), ("HF_HOME", "/h")]),
             PathBuf::from("/old")
+        );
+        // `$VAR` and `${VAR}` expand as the hub's expandvars does; unset names stay.
+        assert_eq!(
+            dir(&[
+                ("HF_HOME", "$SCRATCH/${USER}/hf-$NOPE"),
+                ("SCRATCH", "/s"),
+                ("USER", "u")
+            ]),
+            PathBuf::from("/s/u/hf-$NOPE/hub")
         );
         // Empty is unset; `~` expands as the hub's expanduser does.
         assert_eq!(

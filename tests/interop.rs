@@ -261,15 +261,23 @@ fn has(report: &serde_json::Value, engine: &str, rule: &str, severity: &str) -> 
 
 /// Runs a fix command the report printed, on the pair in `root`, writing to `out`.
 fn run_fix(fix: &str, root: &Path, out: &Path, merged: &Path) {
-    let command = fix
+    // The placeholders are whole words (a temporary path may hold "FT" or "OUT").
+    let (base, ft, bin) = (root.join("base"), root.join("ft"), phlora_bin());
+    let command: Vec<&str> = fix
         .split("   (")
         .next()
         .unwrap()
-        .replace("BASE", root.join("base").to_str().unwrap())
-        .replace("MERGED", merged.to_str().unwrap())
-        .replace("FT", root.join("ft").to_str().unwrap())
-        .replace("OUT", out.to_str().unwrap())
-        .replace("phlora ", &format!("{} ", phlora_bin().display()));
+        .split(' ')
+        .map(|word| match word {
+            "BASE" => base.to_str().unwrap(),
+            "FT" => ft.to_str().unwrap(),
+            "OUT" => out.to_str().unwrap(),
+            "MERGED" => merged.to_str().unwrap(),
+            "phlora" => bin.to_str().unwrap(),
+            w => w,
+        })
+        .collect();
+    let command = command.join(" ");
     let o = std::process::Command::new("sh")
         .args(["-c", &format!("{command} --device cpu --quiet --force")])
         .output()
@@ -419,9 +427,11 @@ fn check_names_what_other_tools_adapters_hold() {
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    // Each variant stands for another tool's adapter: no report.json.
     let variant = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
         let dir = tmp.path().join(name);
         copy_files(&made, &dir, false);
+        fs::remove_file(dir.join("report.json")).unwrap();
         edit_config(&dir, |c| edit(c));
         check(&dir, &[]).1
     };
@@ -461,10 +471,38 @@ fn check_names_what_other_tools_adapters_hold() {
         has(&r, "vllm", "vllm.rank", "refused") && has(&r, "peft", "peft.rank", "refused"),
         "{r}"
     );
+    // Another PEFT type: SGLang asserts LORA, the others read its factors as a LoRA, PEFT
+    // loads it by its own type's rules; no phlora command rewrites it.
     let r = variant("not_lora", &|c| c["peft_type"] = "LOHA".into());
-    for engine in ["peft", "vllm", "sglang", "lorax", "llama.cpp"] {
-        assert!(has(&r, engine, "peft_type", "refused"), "{engine}: {r}");
+    assert!(has(&r, "sglang", "peft_type", "refused"), "{r}");
+    assert!(has(&r, "peft", "peft_type", "note"), "{r}");
+    for engine in ["vllm", "lorax", "llama.cpp"] {
+        assert!(has(&r, engine, "peft_type", "differs"), "{engine}: {r}");
+        let fix = verdict(&r, engine)["fix"].as_str().unwrap();
+        assert!(fix.starts_with("none from phlora"), "{engine}: {fix}");
     }
+    // A tokenizer's added_tokens.json: only ids at or above the base vocabulary are new.
+    let base = root.join("base");
+    let tokens = |name: &str, id: u64| {
+        let dir = tmp.path().join(name);
+        copy_files(&made, &dir, false);
+        fs::write(
+            dir.join("added_tokens.json"),
+            format!("{{\"<tok>\": {id}}}"),
+        )
+        .unwrap();
+        check(&dir, &["--for", "sglang", "--base", base.to_str().unwrap()]).1
+    };
+    let inside = tokens("tokens_inside", 10);
+    assert!(
+        !has(&inside, "sglang", "sglang.added_tokens", "refused"),
+        "{inside}"
+    );
+    let new = tokens("tokens_new", 1024);
+    assert!(
+        has(&new, "sglang", "sglang.added_tokens", "refused"),
+        "{new}"
+    );
     let r = variant("layers_pattern", &|c| c["layers_pattern"] = "layers".into());
     assert!(has(&r, "peft", "peft.targets", "refused"), "{r}");
 
@@ -596,4 +634,58 @@ fn the_architecture_decides_embeddings_in_vllm_and_the_fix_leaves_them_out() {
     );
     assert_eq!(code, Some(0), "{again}");
     assert_eq!(verdict(&again, "vllm")["as_peft"], true, "{again}");
+}
+
+/// GPT-2's Conv1D weights are [in, out] (fan_in_fan_out): the factors phlora writes for them
+/// fit the base, and a base of other sizes does not.
+#[test]
+fn conv1d_factors_are_checked_against_the_base_in_their_own_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seed = fresh_seed("check_conv1d");
+    let shapes: [(&str, [usize; 2]); 3] = [
+        ("transformer.h.0.attn.c_attn.weight", [16, 48]),
+        ("transformer.h.0.mlp.c_fc.weight", [16, 40]),
+        ("transformer.h.0.mlp.c_proj.weight", [40, 16]),
+    ];
+    let write = |dir: &Path, scale: f32, grow: usize| {
+        let tensors: Vec<T> = shapes
+            .iter()
+            .enumerate()
+            .map(|(k, (name, [i, o]))| {
+                let base = normal(i * (o + grow), seed + k as u64);
+                let delta = normal(i * (o + grow), seed + 100 + k as u64);
+                let values = base
+                    .iter()
+                    .zip(&delta)
+                    .map(|(b, d)| b + scale * d)
+                    .collect();
+                tensor(name, DType::F32, &[*i, o + grow], values)
+            })
+            .collect();
+        write_single(&dir.join("model.safetensors"), &tensors);
+        let config = r#"{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}"#;
+        fs::write(dir.join("config.json"), config).unwrap();
+    };
+    let root = tmp.path().join("pair");
+    write(&root.join("base"), 0.0, 0);
+    write(&root.join("ft"), 0.1, 0);
+    let other = tmp.path().join("other");
+    write(&other, 0.0, 8);
+    let out = tmp.path().join("adapter");
+    let o = extract_pair(&root, &out, &["-r", "8", "--target", "vllm"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        read_json(&out.join("adapter_config.json"))["fan_in_fan_out"],
+        true
+    );
+    let (code, r) = check(&out, &["--base", root.join("base").to_str().unwrap()]);
+    assert!(!has(&r, "peft", "base.shape", "refused"), "{r}");
+    // PEFT takes it as it is (exit 3: SGLang and LoRAX have no Conv1D LoRA layers).
+    assert_eq!(
+        (code, &verdict(&r, "peft")["as_peft"]),
+        (Some(3), &true.into()),
+        "{r}"
+    );
+    let (_, r) = check(&out, &["--base", other.to_str().unwrap()]);
+    assert!(has(&r, "vllm", "base.shape", "refused"), "{r}");
 }

@@ -25,9 +25,11 @@ def _candidates():
     else:
         user = "posix_user"
     yield os.path.join(sysconfig.get_path("scripts", scheme=user), exe)
-    # `pip install --target DIR` puts the package in DIR and the command in DIR/bin.
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    yield os.path.join(here, "bin", exe)
+    # `pip install --target DIR` puts the package in DIR and the command in DIR/bin;
+    # `--prefix P` puts it in P/lib/pythonX.Y/site-packages and the command in P/bin.
+    site = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    yield os.path.join(site, "bin", exe)
+    yield os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(site))), "bin", exe)
     found = shutil.which(exe)
     if found:
         yield found

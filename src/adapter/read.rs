@@ -89,7 +89,7 @@ struct RawConfig {
 }
 
 /// A JSON object in file order: PEFT tries rank_pattern keys in insertion order.
-struct Ordered<T>(Vec<(String, T)>);
+pub(crate) struct Ordered<T>(pub(crate) Vec<(String, T)>);
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Ordered<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {

@@ -23,12 +23,16 @@ pub struct Config {
     pub target_modules: Option<Value>,
     pub rank_pattern: Option<BTreeMap<String, Value>>,
     pub alpha_pattern: Option<BTreeMap<String, Value>>,
+    #[serde(deserialize_with = "null_is_false")]
     pub use_rslora: bool,
+    #[serde(deserialize_with = "null_is_false")]
     pub use_dora: bool,
     pub bias: Option<String>,
+    #[serde(deserialize_with = "null_is_false")]
     pub lora_bias: bool,
     pub modules_to_save: Option<Vec<String>>,
     pub target_parameters: Option<Vec<String>>,
+    #[serde(deserialize_with = "null_is_false")]
     pub fan_in_fan_out: bool,
     pub layers_to_transform: Option<Value>,
     pub base_model_name_or_path: Option<String>,
@@ -36,8 +40,17 @@ pub struct Config {
     pub init_lora_weights: Option<Value>,
     pub layer_replication: Option<Value>,
     pub alora_invocation_tokens: Option<Value>,
+    #[serde(deserialize_with = "null_is_false")]
     pub use_qalora: bool,
     pub use_bdlora: Option<Value>,
+    /// rank_pattern compiled, in the file's order (PEFT takes the first match).
+    #[serde(skip)]
+    pub rank_rules: Vec<(regex::Regex, i64)>,
+}
+
+/// `null` where a flag is expected reads as false, as PEFT's dataclass takes it.
+fn null_is_false<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
 impl Config {
@@ -46,16 +59,13 @@ impl Config {
         self.target_modules.as_ref().and_then(Value::as_str)
     }
 
-    /// The rank the config gives `module`: its rank_pattern entry by PEFT's rule
-    /// (`(.*\.)?(key)$`), else `r` (PEFT's default 8).
+    /// The rank the config gives `module`: the first rank_pattern entry, in file order, that
+    /// matches by PEFT's rule (`(.*\.)?(key)$`), else `r` (PEFT's default 8).
     pub fn rank_for(&self, module: &str) -> i64 {
-        pattern_entries(&self.rank_pattern)
-            .find(|(k, _)| {
-                regex::Regex::new(&format!(r"^(?:.*\.)?(?:{k})$"))
-                    .is_ok_and(|re| re.is_match(module))
-            })
-            .and_then(|(_, v)| v.as_i64())
-            .unwrap_or(self.r.unwrap_or(8))
+        self.rank_rules
+            .iter()
+            .find(|(re, _)| re.is_match(module))
+            .map_or(self.r.unwrap_or(8), |(_, r)| *r)
     }
 
     /// Fields a LoraConfig needs that the file lacks (PEFT fills defaults; engines may not).
@@ -129,7 +139,7 @@ impl Module {
         let (a, b) = (self.a.as_ref()?, self.b.as_ref()?);
         let ra = *a.first()?;
         let rb = *b.get(1).or(b.first())?;
-        (ra == rb || self.embedding).then_some(ra)
+        (ra == rb).then_some(ra)
     }
 
     /// The last path segment: `q_proj`, `embed_tokens`, `lm_head`.
@@ -197,7 +207,7 @@ impl Base {
             tied: field("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(false)
-                || !shapes.contains_key("lm_head.weight"),
+                || !shapes.keys().any(|k| k.ends_with("lm_head.weight")),
             shapes,
         })
     }
@@ -245,8 +255,10 @@ pub struct Inventory {
     pub other: Vec<String>,
     /// Keys without the `base_model.model.` prefix.
     pub unprefixed: usize,
-    /// Rows of new vocabulary (added_tokens.safetensors, or added_tokens.json ids).
-    pub added_tokens: usize,
+    /// Rows of new vocabulary phlora wrote (added_tokens.safetensors).
+    pub added_rows: usize,
+    /// The ids in added_tokens.json (a tokenizer's; most are inside the base vocabulary).
+    pub added_ids: Vec<u64>,
     /// The weights are split into shards with an index.
     pub sharded: bool,
     /// The base model, when given.
@@ -315,9 +327,10 @@ impl Inventory {
             .filter(|k| !KNOWN_FIELDS.contains(&k.as_str()))
             .cloned()
             .collect();
-        let config: Config = serde_json::from_value(json.clone()).map_err(|e| {
+        let mut config: Config = serde_json::from_value(json.clone()).map_err(|e| {
             Error::checkpoint(&config_path, format!("a field of the wrong type: {e}"))
         })?;
+        config.rank_rules = rank_rules(&text);
         let targets = ConfigTargets::from_config(&text, &config_path).map_err(|e| e.to_string());
         let safetensors = [crate::adapter::MODEL_FILE, crate::adapter::INDEX_FILE];
         if safetensors.iter().all(|f| !dir.join(f).exists())
@@ -338,7 +351,8 @@ impl Inventory {
             whole: Vec::new(),
             other: Vec::new(),
             unprefixed: 0,
-            added_tokens: added_tokens(dir)?,
+            added_rows: added_rows(dir)?,
+            added_ids: added_ids(dir)?,
             sharded: weights.num_shards() > 1 || !dir.join(crate::adapter::MODEL_FILE).exists(),
             base: None,
         };
@@ -363,7 +377,10 @@ impl Inventory {
                 }
             };
             let Some((path, part)) = split_key(name) else {
-                if name.contains(".base_layer.") || name.contains("trainable_tokens") {
+                if name.contains(".base_layer.")
+                    || name.contains("trainable_tokens")
+                    || name.contains(".lora_")
+                {
                     self.other.push(key.to_string());
                 } else {
                     self.whole.push(name.to_string());
@@ -455,10 +472,50 @@ impl Inventory {
             .collect()
     }
 
+    /// The vocabulary size: the base's, else an embedding LoRA's.
+    pub fn vocab(&self) -> Option<usize> {
+        self.base.as_ref().and_then(|b| b.vocab_size).or_else(|| {
+            self.factored()
+                .find(|m| m.embedding)
+                .and_then(|m| m.a.as_ref()?.get(1).copied())
+        })
+    }
+
+    /// Tokens the adapter adds to the vocabulary: phlora's added rows, or added_tokens.json ids
+    /// at or above the vocabulary (None: the file has ids, but the vocabulary is unknown).
+    pub fn new_tokens(&self) -> Option<usize> {
+        if self.added_rows > 0 || self.added_ids.is_empty() {
+            return Some(self.added_rows);
+        }
+        let vocab = self.vocab()? as u64;
+        Some(self.added_ids.iter().filter(|&&id| id >= vocab).count())
+    }
+
     /// Was this adapter written by phlora (its report.json beside it)?
     pub fn from_phlora(&self) -> bool {
         self.dir.join(crate::adapter::REPORT_FILE).is_file()
     }
+}
+
+/// rank_pattern in file order, each key compiled once (a key that is no regex matches nothing).
+fn rank_rules(config: &str) -> Vec<(regex::Regex, i64)> {
+    #[derive(Deserialize)]
+    struct Patterns {
+        #[serde(default)]
+        rank_pattern: Option<crate::adapter::read::Ordered<Value>>,
+    }
+    let Ok(Patterns {
+        rank_pattern: Some(p),
+    }) = serde_json::from_str(config)
+    else {
+        return Vec::new();
+    };
+    p.0.into_iter()
+        .filter_map(|(k, v)| {
+            let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{k})$")).ok()?;
+            Some((re, v.as_i64()?))
+        })
+        .collect()
 }
 
 enum Part {
@@ -496,26 +553,33 @@ fn experts_of(path: &str, parameter: bool) -> Experts {
     }
 }
 
-/// New vocabulary rows: phlora's added_tokens.safetensors, or added_tokens.json's entries.
-fn added_tokens(dir: &Path) -> Result<usize> {
+/// New vocabulary rows phlora wrote: added_tokens.safetensors.
+fn added_rows(dir: &Path) -> Result<usize> {
     let st = dir.join(ADDED_TOKENS_FILE);
-    if st.is_file() {
-        let ck = crate::checkpoint::Checkpoint::open(&st)?;
-        return Ok(ck
-            .tensors()
-            .iter()
-            .map(|t| t.shape.first().copied().unwrap_or(0))
-            .max()
-            .unwrap_or(0));
+    if !st.is_file() {
+        return Ok(0);
     }
+    let ck = crate::checkpoint::Checkpoint::open(&st)?;
+    Ok(ck
+        .tensors()
+        .iter()
+        .map(|t| t.shape.first().copied().unwrap_or(0))
+        .max()
+        .unwrap_or(0))
+}
+
+/// The token ids in added_tokens.json, when the adapter ships one.
+fn added_ids(dir: &Path) -> Result<Vec<u64>> {
     let json = dir.join("added_tokens.json");
-    if json.is_file() {
-        let text = input::read_string(&json)?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::checkpoint(&json, format!("not valid JSON: {e}")))?;
-        return Ok(v.as_object().map_or(0, |o| o.len()));
+    if !json.is_file() {
+        return Ok(Vec::new());
     }
-    Ok(0)
+    let text = input::read_string(&json)?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::checkpoint(&json, format!("not valid JSON: {e}")))?;
+    Ok(v.as_object()
+        .map(|o| o.values().filter_map(Value::as_u64).collect())
+        .unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -547,15 +611,18 @@ mod tests {
 
     #[test]
     fn rank_patterns_match_by_peft_rule() {
-        let c: Config = serde_json::from_str(
-            r#"{"r": 8, "lora_alpha": 8, "rank_pattern": {"q_proj": 4, "model.layers.1.mlp.down_proj": 2}}"#,
-        )
-        .unwrap();
+        // File order decides where two keys match: a sorted map would try `.*_proj` before
+        // `q_proj`, and `model.layers.1.mlp.down_proj` before nothing.
+        let text = r#"{"r": 8, "lora_alpha": 8, "rank_pattern": {"q_proj": 4, ".*_proj": 6, "model.layers.1.mlp.down_proj": 2}}"#;
+        let mut c: Config = serde_json::from_str(text).unwrap();
+        c.rank_rules = rank_rules(text);
         assert_eq!(c.rank_for("model.layers.0.self_attn.q_proj"), 4);
-        assert_eq!(c.rank_for("model.layers.1.mlp.down_proj"), 2);
-        assert_eq!(c.rank_for("model.layers.0.mlp.down_proj"), 8);
-        assert_eq!(c.rank_for("model.layers.0.self_attn.xq_proj"), 8);
-        assert_eq!(c.rank_overrides().len(), 2);
+        assert_eq!(c.rank_for("model.layers.1.mlp.down_proj"), 6);
+        assert_eq!(c.rank_for("model.layers.0.mlp.down_proj"), 6);
+        // `(.*\.)?key$`: a key matches after a dot, not inside a name.
+        assert_eq!(c.rank_for("model.layers.0.self_attn.xq_proj"), 6);
+        assert_eq!(c.rank_for("model.norm"), 8);
+        assert_eq!(c.rank_overrides().len(), 3);
         assert!(c.alpha_overrides().is_empty());
         assert!(c.missing_required() == ["target_modules"]);
     }

@@ -105,7 +105,8 @@ fn scale(a: &Inventory) -> Vec<Finding> {
     }
     match &a.base {
         _ if !a.has_lm_head_lora() => {}
-        Some(b) if b.tied || b.is(&["gemma*"], &[]) => out.push(Finding::new(Refused, "llama.cpp.lm_head", format!("lm_head LoRA on {} (tied embeddings or the Gemma family): its GGUF has no separate output weight: \"lm_head is present in adapter, but is ignored in base model\" (phlora: --exclude 'lm_head*')", b.name())).excluding(["lm_head*".to_string()])),
+        Some(b) if b.is(&["gemma*"], &[]) => out.push(Finding::new(Refused, "llama.cpp.lm_head", format!("lm_head LoRA on {} (the Gemma family): its converter drops the output weight: \"lm_head is present in adapter, but is ignored in base model\" (phlora: --exclude 'lm_head*')", b.name())).excluding(["lm_head*".to_string()])),
+        Some(b) if b.tied => out.push(Finding::new(Note, "llama.cpp.lm_head", format!("lm_head LoRA on {}, whose embeddings are tied: its GGUF may hold no output weight, and the runtime then refuses the tensor (\"does not exist in base model\"; inferred; phlora: --exclude 'lm_head*')", b.name()))),
         Some(_) => {}
         None => out.push(Finding::new(Note, "llama.cpp.lm_head", "lm_head LoRA: refused on bases whose GGUF has no separate output weight (Gemma family, tied embeddings: \"lm_head is present in adapter, but is ignored in base model\"); check with --base")),
     }
@@ -134,8 +135,9 @@ fn incomplete_experts(a: &Inventory) -> Option<String> {
     groups
         .into_iter()
         .find(|(_, (ids, projs, n))| {
-            let count = ids.iter().max().map_or(0, |m| m + 1);
-            *n != count * projs.len() || projs.len() < 3
+            // Indices come from key names: no arithmetic on them can overflow.
+            let count = ids.iter().max().map_or(0, |m| m.saturating_add(1));
+            Some(*n) != count.checked_mul(projs.len()) || projs.len() < 3
         })
         .map(|(g, _)| g.to_string())
 }

@@ -19,7 +19,7 @@ fn padded(r: usize) -> usize {
     if r <= 8 {
         8
     } else {
-        r.div_ceil(16) * 16
+        r.div_ceil(16).saturating_mul(16)
     }
 }
 
@@ -67,6 +67,9 @@ fn ranks(a: &Inventory) -> Vec<Finding> {
     if !rescaled.is_empty() {
         out.push(Finding::new(Differs, "lorax.padding", format!("ranks padded ({}): LoRAX then scales later module types by alpha/padded instead of alpha/r (LoraWeights.load overwrites the shared config's r; phlora: a multiple of 16, e.g. --rank 64)", rescaled.join(", "))));
     }
+    if let Some(r) = all.iter().find(|&&r| padded(r) == 96) {
+        out.push(Finding::new(Note, "lorax.decode_96", format!("rank {r} runs at 96, for which the stored BGMV (decode) kernels have no instance; PR #630 may have added it (unconfirmed)")));
+    }
     if let Some(r) = all.iter().find(|&&r| r > 128) {
         out.push(Finding::new(
             Note,
@@ -105,7 +108,7 @@ fn ranks(a: &Inventory) -> Vec<Finding> {
 /// What LoRAX skips without a word (its loader matches keys to the model's declared modules).
 fn ignored(a: &Inventory) -> Vec<Finding> {
     let mut out = Vec::new();
-    let mut differing = Vec::new();
+    let (mut differing, mut leaving_out) = (Vec::new(), Vec::new());
     let mut differs = |rule, msg: String| differing.push(Finding::new(Differs, rule, msg));
     if a.has_embedding_lora() {
         differs(
@@ -135,17 +138,15 @@ fn ignored(a: &Inventory) -> Vec<Finding> {
         );
     }
     if a.factored().any(|m| m.experts != Experts::None) {
-        differs(
-            "lorax.experts",
-            "MoE expert LoRA is ignored (not implemented for block-sparse MoE)".into(),
-        );
+        leaving_out.push(Finding::new(Differs, "lorax.experts", "MoE expert LoRA is ignored (not implemented for block-sparse MoE; phlora: --exclude '*.experts.*' writes an adapter without them)").excluding(["*.experts.*".to_string()]));
     }
     let other: Vec<String> = kinds(a, false)
         .into_iter()
         .filter(|k| !declared(k) && k != "embed_tokens")
         .collect();
     if !other.is_empty() {
-        differs("lorax.modules", format!("modules outside LoRAX's Llama-family set (q/k/v/o/gate/up/down_proj, lm_head) are ignored: {}", other.join(", ")));
+        let globs: Vec<String> = other.iter().map(|k| format!("*.{k}.*")).collect();
+        leaving_out.push(Finding::new(Differs, "lorax.modules", format!("modules outside LoRAX's Llama-family set (q/k/v/o/gate/up/down_proj, lm_head) are ignored: {} (phlora: --exclude {})", other.join(", "), globs.join(" --exclude "))).excluding(globs));
     }
     if a.unprefixed > 0 {
         differs(
@@ -164,16 +165,14 @@ fn ignored(a: &Inventory) -> Vec<Finding> {
             ),
         );
     }
-    if a.added_tokens > 0 {
+    if let Some(n) = a.new_tokens().filter(|&n| n > 0) {
         differs(
             "lorax.added_tokens",
-            format!(
-                "{} added tokens: no vocabulary resize, their ids embed to zero",
-                a.added_tokens
-            ),
+            format!("{n} added tokens: no vocabulary resize, their ids embed to zero"),
         );
     }
     out.extend(differing);
+    out.extend(leaving_out);
     out
 }
 

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::extract::Target;
 pub use inventory::Inventory;
 
 /// An engine that loads PEFT LoRA adapters.
@@ -78,33 +79,36 @@ impl Engine {
                 .iter()
                 .any(|f| f.rule == rule && f.severity == Severity::Refused)
         };
+        // vLLM's largest max_lora_rank bounds every target that must load there.
         let rank = a.ranks().into_iter().max().unwrap_or(16);
-        match self {
+        let served = rank.min(512);
+        let blocked = blocked(a, findings);
+        let fix = match self {
             Engine::Peft => Fix::default(),
             Engine::Vllm => Fix {
-                target: Some("vllm"),
+                target: Some(Target::Vllm),
                 no_embeddings: refused("vllm.embeddings"),
-                rank: Some(rank),
+                rank: Some(served),
                 ..Fix::default()
             },
             Engine::Sglang => Fix {
-                target: Some("portable"),
-                rank: Some(rank),
+                target: Some(Target::Portable),
+                rank: Some(served),
                 ..Fix::default()
             },
             Engine::Lorax => Fix {
-                target: Some("portable"),
+                target: Some(Target::Portable),
                 no_embeddings: true,
-                rank: Some(lorax::served_rank(rank)),
+                rank: Some(lorax::served_rank(served)),
                 ..Fix::default()
             },
             Engine::LlamaCpp => Fix {
                 no_norms: true,
                 rank: Some(rank),
-
                 ..Fix::default()
             },
-        }
+        };
+        Fix { blocked, ..fix }
     }
 
     fn rules(self, a: &Inventory) -> Vec<Finding> {
@@ -121,12 +125,14 @@ impl Engine {
 /// The phlora extract settings an engine needs.
 #[derive(Clone, Debug, Default)]
 struct Fix {
-    target: Option<&'static str>,
+    target: Option<Target>,
     no_embeddings: bool,
     no_norms: bool,
     rank: Option<usize>,
     /// Tensor globs the engine cannot serve (--exclude).
     exclude: Vec<String>,
+    /// Why no phlora command gives this engine the adapter's update.
+    blocked: Option<String>,
 }
 
 impl Fix {
@@ -135,15 +141,15 @@ impl Fix {
         Fix {
             target: match (self.target, o.target) {
                 (Some(a), Some(b)) if a == b => Some(a),
-                (Some(_), Some(_)) => Some("portable"),
+                (Some(_), Some(_)) => Some(Target::Portable),
                 (a, b) => a.or(b),
             },
             no_embeddings: self.no_embeddings || o.no_embeddings,
             no_norms: self.no_norms || o.no_norms,
-            rank: match (self.rank, o.rank) {
-                (Some(a), Some(b)) => Some(lorax::served_rank(a.max(b))),
-                (a, b) => a.or(b),
-            },
+            // Every engine's rank derives from the adapter's, and LoRAX's rounding is the
+            // largest: the larger serves both.
+            rank: self.rank.max(o.rank),
+            blocked: self.blocked.or(o.blocked),
             exclude: {
                 let mut e = self.exclude;
                 e.extend(o.exclude);
@@ -158,12 +164,17 @@ impl Fix {
         let mut s = String::new();
         // extract --target vllm takes only ranks from max_lora_rank's set; portable pads.
         let allowed = crate::linalg::rank::PORTABLE_RANKS;
-        let target = match (self.target, self.rank) {
-            (Some("vllm"), Some(r)) if !allowed.contains(&r) => Some("portable"),
+        // Every target but peft must load in vLLM: its largest max_lora_rank bounds the rank.
+        let rank = match self.target {
+            Some(_) => self.rank.map(|r| r.min(512)),
+            None => self.rank,
+        };
+        let target = match (self.target, rank) {
+            (Some(Target::Vllm), Some(r)) if !allowed.contains(&r) => Some(Target::Portable),
             (t, _) => t,
         };
         if let Some(t) = target {
-            s += &format!(" --target {t}");
+            s += &format!(" --target {}", t.as_str());
         }
         if self.no_embeddings {
             s += " --no-embeddings";
@@ -171,7 +182,7 @@ impl Fix {
         if self.no_norms && target.is_none() {
             s += " --no-norms";
         }
-        if let Some(r) = self.rank {
+        if let Some(r) = rank {
             s += &format!(" --rank {r}");
         }
         for glob in &self.exclude {
@@ -354,41 +365,98 @@ fn verdict(engine: Engine, inv: &Inventory) -> (Verdict, Fix) {
 /// The command that writes an adapter `engine` loads as PEFT does: phlora's own from its
 /// pair, another tool's through the merged model it stands for.
 fn fix_command(fix: &Fix, inv: &Inventory) -> String {
+    if let Some(why) = &fix.blocked {
+        return format!("none from phlora: {why}");
+    }
     let flags = fix.flags();
+    let dir = shell_quote(&inv.dir.display().to_string());
     let dora = inv.config.use_dora || inv.modules.iter().any(|m| m.magnitude);
     if inv.from_phlora() {
         format!("phlora extract --base BASE --ft FT --out OUT{flags}   (from the pair this adapter was extracted from)")
     } else if dora {
         // phlora's merge reads plain LoRA; PEFT merges DoRA's magnitudes.
         format!(
-            "python3 -c \"import sys, transformers, peft; m = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]), sys.argv[2]).merge_and_unload(); m.save_pretrained(sys.argv[3])\" BASE {} MERGED && phlora extract --base BASE --ft MERGED --out OUT{flags}   (DoRA merged by PEFT, then rewritten as a LoRA)",
-            inv.dir.display()
+            "python3 -c \"import sys, transformers, peft; m = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]), sys.argv[2]).merge_and_unload(); m.save_pretrained(sys.argv[3])\" BASE {dir} MERGED && phlora extract --base BASE --ft MERGED --out OUT{flags}   (DoRA merged by PEFT, then rewritten as a LoRA)"
         )
     } else {
         format!(
-            "phlora merge --base BASE --adapter {} --out MERGED && phlora extract --base BASE --ft MERGED --out OUT{flags}   (the same update, rewritten)",
-            inv.dir.display()
+            "phlora merge --base BASE --adapter {dir} --out MERGED && phlora extract --base BASE --ft MERGED --out OUT{flags}   (the same update, rewritten)"
         )
     }
+}
+
+/// `s` as one shell word.
+fn shell_quote(s: &str) -> String {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Why no phlora command rewrites this adapter for an engine, if none does: phlora's merge
+/// reads plain LoRA (not another PEFT type, a config PEFT refuses, or an init that changes the
+/// base), and a round trip keeps which modules the update changes.
+fn blocked(inv: &Inventory, findings: &[Finding]) -> Option<String> {
+    const COVERAGE: [&str; 3] = ["sglang.qkv", "llama.cpp.experts", "lorax.partial"];
+    if let Some(f) = findings
+        .iter()
+        .find(|f| f.severity != Severity::Note && COVERAGE.contains(&f.rule))
+    {
+        return Some(format!("{}: the engine needs modules this update leaves unchanged, and an extraction from the merged model changes the same ones", f.rule));
+    }
+    if inv.from_phlora() {
+        return None;
+    }
+    let c = &inv.config;
+    if c.peft_type
+        .as_deref()
+        .is_some_and(|t| !t.eq_ignore_ascii_case("lora"))
+    {
+        return Some("phlora merge reads LoRA adapters only (merge it with PEFT's merge_and_unload, then phlora extract from the merged model)".into());
+    }
+    if let Err(e) = &inv.targets {
+        return Some(format!(
+            "PEFT refuses this config, and so does phlora merge ({e})"
+        ));
+    }
+    let init = c.init_lora_weights.as_ref().and_then(|v| v.as_str());
+    if init.is_some_and(|i| !i.eq_ignore_ascii_case("gaussian")) {
+        return Some(format!("init_lora_weights = {:?} changes the base weights when PEFT loads the adapter, so merging it into the original base is not its update: convert it first with PEFT's path_initial_model_for_weight_conversion", init.unwrap_or_default()));
+    }
+    None
 }
 
 /// Rules every engine shares: a LoRA at all, factors in pairs of one rank.
 fn common(engine: Engine, inv: &Inventory) -> Vec<Finding> {
     let mut out = Vec::new();
     let name = engine.name();
-    match inv.config.peft_type.as_deref() {
-        Some(t) if t.eq_ignore_ascii_case("lora") => {}
-        Some(t) => out.push(Finding::new(
+    match (inv.config.peft_type.as_deref(), engine) {
+        (Some(t), _) if t.eq_ignore_ascii_case("lora") => {}
+        // SGLang asserts the type; the others read any adapter's lora_A/lora_B as a LoRA.
+        (Some(t), Engine::Sglang) => out.push(Finding::new(
             Severity::Refused,
             "peft_type",
-            format!("peft_type is {t:?}: not a LoRA adapter ({name} loads LoRA only)"),
+            format!("peft_type is {t:?}: SGLang asserts LORA"),
         )),
-        None if engine == Engine::Sglang || engine == Engine::Peft => out.push(Finding::new(
+        (Some(t), Engine::Peft) => out.push(Finding::new(
+            Severity::Note,
+            "peft_type",
+            format!("peft_type is {t:?}, not LORA: PEFT loads it by that type's rules, which these (LoRA's) do not cover"),
+        )),
+        (Some(t), _) => out.push(Finding::new(
+            Severity::Differs,
+            "peft_type",
+            format!("peft_type is {t:?}, not LORA: {name} reads its lora_A/lora_B as a LoRA and ignores what the type adds"),
+        )),
+        (None, Engine::Sglang) => out.push(Finding::new(
             Severity::Refused,
             "peft_type",
-            "adapter_config.json has no peft_type",
+            "adapter_config.json has no peft_type (SGLang reads it without a default)",
         )),
-        None => {}
+        (None, _) => {}
     }
     if inv.factored().next().is_none() {
         out.push(Finding::new(
@@ -446,14 +514,18 @@ fn against_base(inv: &Inventory, base: &inventory::Base) -> Vec<Finding> {
             missing.push(m.path.clone());
             continue;
         };
-        let (rows, cols) = match (m.embedding, inv.config.fan_in_fan_out) {
-            (true, _) => (b.first().copied(), a.get(1).copied()),
-            (false, true) => (a.get(1).copied(), b.first().copied()),
-            (false, false) => (b.first().copied(), a.get(1).copied()),
-        };
-        let fits = match (m.embedding, inv.config.fan_in_fan_out) {
-            (true, _) | (false, true) => w.first() == cols.as_ref() && w.get(1) == rows.as_ref(),
-            (false, false) => w.first() == rows.as_ref() && w.get(1) == cols.as_ref(),
+        // A [r, in], B [out, r]; the weight is [out, in], or [in, out] for an embedding and
+        // for GPT-2's Conv1D layers (fan_in_fan_out). Convolutions' 4-D shapes are not checked.
+        if [w.len(), a.len(), b.len()] != [2, 2, 2] {
+            continue;
+        }
+        let (input, output) = (a[1], b[0]);
+        let transposed =
+            m.embedding || (inv.config.fan_in_fan_out && crate::names::is_conv1d_module(&m.path));
+        let fits = if transposed {
+            w[..] == [input, output]
+        } else {
+            w[..] == [output, input]
         };
         if !fits {
             misfit.push(format!("{} (A {a:?}, B {b:?}; base {w:?})", m.path));

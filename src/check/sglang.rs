@@ -29,7 +29,7 @@ const ALSO_SUPPORTED: &[&str] = &[
 pub fn check(a: &Inventory) -> Vec<Finding> {
     let c = &a.config;
     let mut out = Vec::new();
-    let mut refusals = Vec::new();
+    let (mut refusals, mut notes) = (Vec::new(), Vec::new());
     let mut refuse = |rule, msg: String| refusals.push(Finding::new(Refused, rule, msg));
     let missing = c.missing_required();
     if !missing.is_empty() {
@@ -82,11 +82,13 @@ pub fn check(a: &Inventory) -> Vec<Finding> {
         let globs: Vec<String> = unknown.iter().map(|k| format!("*.{k}.*")).collect();
         out.push(Finding::new(Refused, "sglang.modules", format!("modules SGLang has no LoRA layer for: {} (\"get_hidden_dim not implemented\" or not in --lora-target-modules; phlora: --exclude {})", unknown.join(", "), globs.join(" --exclude "))).excluding(globs));
     }
-    if let Some(layer) = q_without_v(a) {
-        refuse("sglang.qkv", format!("layer {layer} has q_proj factors but no v_proj: stacking into qkv_proj raises a KeyError (sgl-project/sglang#25913)"));
+    if let Some((layer, why)) = unstackable_qkv(a) {
+        refuse("sglang.qkv", format!("layer {layer}: {why}"));
     }
-    if a.added_tokens > 0 {
-        refuse("sglang.added_tokens", format!("{} added tokens: \"LoRA serving currently doesn't support adapters that add tokens to the vocabulary\"", a.added_tokens));
+    match a.new_tokens() {
+        Some(0) => {}
+        Some(n) => refuse("sglang.added_tokens", format!("{n} added tokens: \"LoRA serving currently doesn't support adapters that add tokens to the vocabulary\"")),
+        None => notes.push(Finding::new(Note, "sglang.added_tokens", "added_tokens.json: SGLang refuses ids at or above the base vocabulary (check with --base)")),
     }
     if let Some(f) = super::fused_experts(
         a,
@@ -101,6 +103,7 @@ pub fn check(a: &Inventory) -> Vec<Finding> {
     }
     out.extend(differs(a));
     out.extend(refusals);
+    out.extend(notes);
     out
 }
 
@@ -112,7 +115,7 @@ fn differs(a: &Inventory) -> Vec<Finding> {
     if !outside.is_empty() {
         out.push(Finding::new(
             Differs,
-            "sglang.modules_to_save",
+            "sglang.dropped_whole",
             format!(
                 "{} tensors saved whole (modules_to_save) are dropped silently",
                 some(&outside)
@@ -145,16 +148,24 @@ fn differs(a: &Inventory) -> Vec<Finding> {
     out
 }
 
-/// A layer with q_proj factors and none for v_proj.
-fn q_without_v(a: &Inventory) -> Option<usize> {
+/// A layer whose q/k/v factors SGLang cannot stack into qkv_proj: q_proj without v_proj
+/// (a KeyError, sgl-project/sglang#25913), or k/v without q_proj (left unstacked, they match no
+/// module on the first request; inferred from the code).
+fn unstackable_qkv(a: &Inventory) -> Option<(usize, &'static str)> {
     let mut by_layer: BTreeMap<usize, BTreeSet<&str>> = BTreeMap::new();
     for m in a.factored() {
         if let Some(l) = m.layer() {
             by_layer.entry(l).or_default().insert(m.kind());
         }
     }
-    by_layer
-        .into_iter()
-        .find(|(_, k)| k.contains("q_proj") && !k.contains("v_proj"))
-        .map(|(l, _)| l)
+    by_layer.into_iter().find_map(|(l, k)| {
+        let (q, kv) = (k.contains("q_proj"), k.contains("k_proj") || k.contains("v_proj"));
+        if q && !k.contains("v_proj") {
+            Some((l, "q_proj factors but no v_proj: stacking into qkv_proj raises a KeyError (sgl-project/sglang#25913)"))
+        } else if kv && !q {
+            Some((l, "k_proj / v_proj factors without q_proj: stacking is keyed on q_proj, so they stay unstacked and match no module (\"Cannot find target module name\", inferred)"))
+        } else {
+            None
+        }
+    })
 }

@@ -29,6 +29,25 @@ fn config(a: &Inventory) -> Vec<Finding> {
             format!("\"Missing required configuration fields: {missing:?}\""),
         );
     }
+    if let Some((k, v)) = c
+        .rank_pattern
+        .iter()
+        .flatten()
+        .find(|(_, v)| v.as_i64().map_or(true, |v| v <= 0))
+    {
+        refuse(
+            "vllm.rank",
+            format!(
+                "\"LoRA rank for `{k}` in `rank_pattern` must be a positive integer, got {v}.\""
+            ),
+        );
+    }
+    if let Some(r) = c.r.filter(|&r| r <= 0) {
+        refuse(
+            "vllm.rank",
+            format!("\"LoRA rank `r` must be a positive integer, got {r}.\""),
+        );
+    }
     if c.use_dora {
         refuse(
             "vllm.dora",
@@ -141,7 +160,7 @@ fn keys(a: &Inventory) -> Vec<Finding> {
 
 /// The `*ForCausalLM` architectures of vLLM 0.33.0's registry whose model class declares
 /// embedding modules (embed_tokens / lm_head LoRA), its own or inherited, and those that
-/// declare none: read from model_executor/models/*.py and registry.py (47 and 116 of 168).
+/// declare none: read from model_executor/models/*.py and registry.py (45 and 116 distinct names, lower-cased).
 const EMBEDDING_MODULES: &[&str] = &[
     "apertusforcausallm",
     "cohere2forcausallm",
@@ -153,7 +172,6 @@ const EMBEDDING_MODULES: &[&str] = &[
     "ernie4_5forcausallm",
     "exaone4forcausallm",
     "exaoneforcausallm",
-    "exaonemoeforcausallm",
     "exaonemoeforcausallm",
     "falconh1forcausallm",
     "graniteforcausallm",
@@ -171,7 +189,6 @@ const EMBEDDING_MODULES: &[&str] = &[
     "lfm2forcausallm",
     "lfm2moeforcausallm",
     "llama4forcausallm",
-    "llamaforcausallm",
     "minicpm3forcausallm",
     "minicpmforcausallm",
     "mixtralforcausallm",
@@ -332,7 +349,7 @@ fn layout_notes(a: &Inventory) -> Vec<Finding> {
     let embeddings = a.has_embedding_lora() || a.has_lm_head_lora();
     match &a.base {
         _ if !embeddings => {}
-        None => out.push(Finding::new(Note, "vllm.embeddings", "embed_tokens / lm_head LoRA: loaded only for the architectures whose vLLM model declares embedding modules (47 of 168 causal LMs in 0.33.0: Llama, Mixtral, Qwen3, Qwen3-MoE, Phi-3, Granite, …; not Qwen2, Qwen2-MoE, Gemma, Mistral, DeepSeek, gpt-oss), at the base's vocabulary size (check with --base; phlora: --no-embeddings --exclude 'lm_head*' for the others)")),
+        None => out.push(Finding::new(Note, "vllm.embeddings", "embed_tokens / lm_head LoRA: loaded only for the architectures whose vLLM model declares embedding modules (45 of 161 causal-LM architectures in 0.33.0: Llama, Mixtral, Qwen3, Qwen3-MoE, Phi-3, Granite, …; not Qwen2, Qwen2-MoE, Gemma, Mistral, DeepSeek, gpt-oss), at the base's vocabulary size (check with --base; phlora: --no-embeddings --exclude 'lm_head*' for the others)")),
         Some(b) if b.is(NO_EMBEDDING_MODULES, &[]) => out.push(Finding::new(Refused, "vllm.embeddings", format!("embed_tokens / lm_head LoRA on {}, whose vLLM model declares no embedding modules: \"expected target modules in … but received …\" (phlora: --no-embeddings --exclude 'lm_head*')", b.name())).excluding(a.has_lm_head_lora().then(|| "lm_head*".to_string()))),
         Some(b) if b.is(EMBEDDING_MODULES, &[]) => {}
         Some(b) => out.push(Finding::new(Note, "vllm.embeddings", format!("embed_tokens / lm_head LoRA on {}: loaded only if its vLLM model declares embedding modules (phlora: --no-embeddings --exclude 'lm_head*' if it does not)", b.name()))),
