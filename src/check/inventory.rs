@@ -68,6 +68,11 @@ impl Config {
             .map_or(self.r.unwrap_or(8), |(_, r)| *r)
     }
 
+    /// A rank_pattern entry that is not a positive integer.
+    pub fn bad_rank_pattern(&self) -> Option<(&str, &Value)> {
+        pattern_entries(&self.rank_pattern).find(|(_, v)| v.as_i64().map_or(true, |v| v <= 0))
+    }
+
     /// Fields a LoraConfig needs that the file lacks (PEFT fills defaults; engines may not).
     pub fn missing_required(&self) -> Vec<&'static str> {
         let mut m = Vec::new();

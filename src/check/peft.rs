@@ -13,12 +13,7 @@ pub fn check(a: &Inventory) -> Vec<Finding> {
     if let Some(r) = c.r.filter(|&r| r <= 0) {
         refuse("peft.r", format!("r = {r}: LoraConfig raises \"`r` should be a positive integer value but the value passed is {r}\""));
     }
-    if let Some((k, v)) = c
-        .rank_pattern
-        .iter()
-        .flatten()
-        .find(|(_, v)| v.as_i64().map_or(true, |v| v <= 0))
-    {
+    if let Some((k, v)) = c.bad_rank_pattern() {
         refuse(
             "peft.rank_pattern",
             format!("rank_pattern[{k:?}] = {v}: ranks must be positive integers"),

@@ -29,12 +29,7 @@ fn config(a: &Inventory) -> Vec<Finding> {
             format!("\"Missing required configuration fields: {missing:?}\""),
         );
     }
-    if let Some((k, v)) = c
-        .rank_pattern
-        .iter()
-        .flatten()
-        .find(|(_, v)| v.as_i64().map_or(true, |v| v <= 0))
-    {
+    if let Some((k, v)) = c.bad_rank_pattern() {
         refuse(
             "vllm.rank",
             format!(
