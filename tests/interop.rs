@@ -689,3 +689,64 @@ fn conv1d_factors_are_checked_against_the_base_in_their_own_layout() {
     let (_, r) = check(&out, &["--base", other.to_str().unwrap()]);
     assert!(has(&r, "vllm", "base.shape", "refused"), "{r}");
 }
+
+/// Tied embeddings: llama.cpp's output layer is token_embd, so it refuses an lm_head LoRA and
+/// aborts on an embedding LoRA; the fix leaves both out, and llama.cpp then takes the adapter.
+#[test]
+fn llama_cpp_on_tied_embeddings_refuses_head_and_embedding_lora_and_the_fix_leaves_them_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("pair");
+    let seed = fresh_seed("check_tied").to_string();
+    let o = phlora(&[
+        "synth",
+        "--out",
+        root.to_str().unwrap(),
+        "--hidden",
+        "32",
+        "--intermediate",
+        "64",
+        "--layers",
+        "1",
+        "--vocab",
+        "256",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--seed",
+        &seed,
+        "--tie-embeddings",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = tmp.path().join("adapter");
+    let o = extract_pair(&root, &out, &["-r", "8"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let base = root.join("base");
+    let (code, r) = check(
+        &out,
+        &["--for", "llama.cpp", "--base", base.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(3), "{r}");
+    assert!(has(&r, "llama.cpp", "llama.cpp.lm_head", "refused"), "{r}");
+    assert!(
+        has(&r, "llama.cpp", "llama.cpp.tied_embeddings", "refused"),
+        "{r}"
+    );
+    let fix = verdict(&r, "llama.cpp")["fix"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let fixed = tmp.path().join("fixed");
+    run_fix(&fix, &root, &fixed, &tmp.path().join("merged"));
+    let (code, again) = check(
+        &fixed,
+        &["--for", "llama.cpp", "--base", base.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(0), "{fix}: {again}");
+    assert_eq!(
+        verdict(&again, "llama.cpp")["as_peft"],
+        true,
+        "{fix}: {again}"
+    );
+}

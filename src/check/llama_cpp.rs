@@ -106,9 +106,12 @@ fn scale(a: &Inventory) -> Vec<Finding> {
     match &a.base {
         _ if !a.has_lm_head_lora() => {}
         Some(b) if b.is(&["gemma*"], &[]) => out.push(Finding::new(Refused, "llama.cpp.lm_head", format!("lm_head LoRA on {} (the Gemma family): its converter drops the output weight: \"lm_head is present in adapter, but is ignored in base model\" (phlora: --exclude 'lm_head*')", b.name())).excluding(["lm_head*".to_string()])),
-        Some(b) if b.tied => out.push(Finding::new(Note, "llama.cpp.lm_head", format!("lm_head LoRA on {}, whose embeddings are tied: its GGUF may hold no output weight, and the runtime then refuses the tensor (\"does not exist in base model\"; inferred; phlora: --exclude 'lm_head*')", b.name()))),
+        Some(b) if b.tied => out.push(Finding::new(Refused, "llama.cpp.lm_head", format!("lm_head LoRA on {}, whose embeddings are tied: llama.cpp's output layer is token_embd, so the adapter's output tensor is refused (measured with llama-cpp-python 0.3.36, issue 20; phlora: --exclude 'lm_head*')", b.name())).excluding(["lm_head*".to_string()])),
         Some(_) => {}
         None => out.push(Finding::new(Note, "llama.cpp.lm_head", "lm_head LoRA: refused on bases whose GGUF has no separate output weight (Gemma family, tied embeddings: \"lm_head is present in adapter, but is ignored in base model\"); check with --base")),
+    }
+    if let Some(b) = a.base.as_ref().filter(|b| b.tied && a.has_embedding_lora()) {
+        out.push(Finding::new(Refused, "llama.cpp.tied_embeddings", format!("embedding LoRA on {}, whose embeddings are tied: it loads, and the first decode aborts on a GGML assertion (its factors meet the output matmul; measured with llama-cpp-python 0.3.36, issue 20; phlora: --no-embeddings)", b.name())));
     }
     out.extend(differing);
     out

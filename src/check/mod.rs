@@ -104,6 +104,7 @@ impl Engine {
             },
             Engine::LlamaCpp => Fix {
                 no_norms: true,
+                no_embeddings: refused("llama.cpp.tied_embeddings"),
                 rank: Some(rank),
                 ..Fix::default()
             },
