@@ -17,6 +17,7 @@ pub mod error;
 pub mod extract;
 pub mod factor;
 pub mod floor;
+pub mod gguf;
 pub mod hub;
 pub mod interrupt;
 pub mod linalg;
