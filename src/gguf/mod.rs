@@ -3,6 +3,8 @@
 //! checks: every count and size is checked against the bytes that are there before anything
 //! is allocated, as the safetensors reader does.
 
+pub mod llama_cpp;
+
 use std::io::Write;
 
 /// `GGUF`, little-endian.
