@@ -72,11 +72,6 @@ fn energy_key(t: f64) -> String {
     format!("{t}")
 }
 
-/// The first path segment that is a number: the layer index.
-pub fn layer_of(name: &str) -> Option<usize> {
-    name.split('.').find_map(|p| p.parse().ok())
-}
-
 fn profile(t: &TensorSpectrum, s: &AnalyzeSettings) -> TensorProfile {
     let total = t.delta_norm * t.delta_norm;
     let full = t.s.len() >= t.shape[0].min(t.shape[1]);
@@ -115,7 +110,7 @@ fn profile(t: &TensorSpectrum, s: &AnalyzeSettings) -> TensorProfile {
     TensorProfile {
         name: t.name.clone(),
         module_type,
-        layer: layer_of(&t.name),
+        layer: crate::names::layer_of(&t.name),
         shape: t.shape.clone(),
         delta_norm: t.delta_norm,
         computed: t.s.len(),

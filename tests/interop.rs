@@ -696,29 +696,7 @@ fn conv1d_factors_are_checked_against_the_base_in_their_own_layout() {
 fn llama_cpp_on_tied_embeddings_refuses_head_and_embedding_lora_and_the_fix_leaves_them_out() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("pair");
-    let seed = fresh_seed("check_tied").to_string();
-    let o = phlora(&[
-        "synth",
-        "--out",
-        root.to_str().unwrap(),
-        "--hidden",
-        "32",
-        "--intermediate",
-        "64",
-        "--layers",
-        "1",
-        "--vocab",
-        "256",
-        "--heads",
-        "4",
-        "--kv-heads",
-        "2",
-        "--seed",
-        &seed,
-        "--tie-embeddings",
-        "--quiet",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    synth_pair_with(&root, "check_tied", 32, 1, &["--tie-embeddings"]);
     let out = tmp.path().join("adapter");
     let o = extract_pair(&root, &out, &["-r", "8"], &[]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -152,15 +152,9 @@ impl Module {
         crate::names::last_segment(&self.path)
     }
 
-    /// The layer index in `….layers.<n>.…`, if any.
+    /// The layer index, if any.
     pub fn layer(&self) -> Option<usize> {
-        let mut parts = self.path.split('.');
-        while let Some(p) = parts.next() {
-            if p == "layers" || p == "h" || p == "blocks" {
-                return parts.next().and_then(|n| n.parse().ok());
-            }
-        }
-        None
+        crate::names::layer_of(&self.path)
     }
 }
 
@@ -266,6 +260,8 @@ pub struct Inventory {
     pub added_ids: Vec<u64>,
     /// The weights are split into shards with an index.
     pub sharded: bool,
+    /// Written by phlora (its report.json beside it).
+    pub from_phlora: bool,
     /// The base model, when given.
     pub base: Option<Base>,
 }
@@ -359,6 +355,7 @@ impl Inventory {
             added_rows: added_rows(dir)?,
             added_ids: added_ids(dir)?,
             sharded: weights.num_shards() > 1 || !dir.join(crate::adapter::MODEL_FILE).exists(),
+            from_phlora: dir.join(crate::adapter::REPORT_FILE).is_file(),
             base: None,
         };
         inv.sort_keys(
@@ -459,24 +456,6 @@ impl Inventory {
         self.factored().any(|m| m.kind() == "lm_head")
     }
 
-    /// Whole tensors that are norms (a norm in modules_to_save).
-    pub fn whole_norms(&self) -> Vec<&str> {
-        self.whole
-            .iter()
-            .filter(|w| crate::names::is_norm_module(crate::names::module_of(w)))
-            .map(|s| s.as_str())
-            .collect()
-    }
-
-    /// Whole tensors that are not norms (an embedding or head saved whole, a score layer).
-    pub fn whole_others(&self) -> Vec<&str> {
-        self.whole
-            .iter()
-            .filter(|w| !crate::names::is_norm_module(crate::names::module_of(w)))
-            .map(|s| s.as_str())
-            .collect()
-    }
-
     /// The vocabulary size: the base's, else an embedding LoRA's.
     pub fn vocab(&self) -> Option<usize> {
         self.base.as_ref().and_then(|b| b.vocab_size).or_else(|| {
@@ -496,9 +475,18 @@ impl Inventory {
         Some(self.added_ids.iter().filter(|&&id| id >= vocab).count())
     }
 
-    /// Was this adapter written by phlora (its report.json beside it)?
-    pub fn from_phlora(&self) -> bool {
-        self.dir.join(crate::adapter::REPORT_FILE).is_file()
+    /// Keys of the LoRA kinds only PEFT applies: `lora_B.bias` and DoRA's magnitudes.
+    pub fn bias_and_magnitude_keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        for m in &self.modules {
+            if m.bias {
+                keys.push(format!("{}.lora_B.bias", m.path));
+            }
+            if m.magnitude {
+                keys.push(format!("{}.lora_magnitude_vector", m.path));
+            }
+        }
+        keys
     }
 }
 

@@ -31,14 +31,7 @@ fn converter(a: &Inventory) -> Vec<Finding> {
         refuse("llama.cpp.sharded", "sharded weights: the converter reads only adapter_model.safetensors (phlora: no --max-shard-size)".into());
     }
     let mut unexpected: Vec<String> = a.whole.iter().filter(|w| !is_norm(w)).cloned().collect();
-    for m in &a.modules {
-        if m.bias {
-            unexpected.push(format!("{}.lora_B.bias", m.path));
-        }
-        if m.magnitude {
-            unexpected.push(format!("{}.lora_magnitude_vector", m.path));
-        }
-    }
+    unexpected.extend(a.bias_and_magnitude_keys());
     unexpected.extend(
         a.other
             .iter()

@@ -79,27 +79,26 @@ impl Engine {
                 .iter()
                 .any(|f| f.rule == rule && f.severity == Severity::Refused)
         };
-        // vLLM's largest max_lora_rank bounds every target that must load there.
+        // (`flags` bounds the rank of every target that must load in vLLM.)
         let rank = a.ranks().into_iter().max().unwrap_or(16);
-        let served = rank.min(512);
         let blocked = blocked(a, findings);
         let fix = match self {
             Engine::Peft => Fix::default(),
             Engine::Vllm => Fix {
                 target: Some(Target::Vllm),
                 no_embeddings: refused("vllm.embeddings"),
-                rank: Some(served),
+                rank: Some(rank),
                 ..Fix::default()
             },
             Engine::Sglang => Fix {
                 target: Some(Target::Portable),
-                rank: Some(served),
+                rank: Some(rank),
                 ..Fix::default()
             },
             Engine::Lorax => Fix {
                 target: Some(Target::Portable),
                 no_embeddings: true,
-                rank: Some(lorax::served_rank(served)),
+                rank: Some(lorax::served_rank(rank)),
                 ..Fix::default()
             },
             Engine::LlamaCpp => Fix {
@@ -165,9 +164,11 @@ impl Fix {
         let mut s = String::new();
         // extract --target vllm takes only ranks from max_lora_rank's set; portable pads.
         let allowed = crate::linalg::rank::PORTABLE_RANKS;
-        // Every target but peft must load in vLLM: its largest max_lora_rank bounds the rank.
+        // Every target but peft must load in vLLM: its largest max_lora_rank bounds the rank
+        // (a multiple of 16, so LoRAX's rounding survives it).
+        let largest = allowed[allowed.len() - 1];
         let rank = match self.target {
-            Some(_) => self.rank.map(|r| r.min(512)),
+            Some(_) => self.rank.map(|r| r.min(largest)),
             None => self.rank,
         };
         let target = match (self.target, rank) {
@@ -333,7 +334,7 @@ pub fn check(dir: &Path, base: Option<&Path>, engines: &[Engine]) -> Result<Chec
         fix_all,
         adapter: dir.to_path_buf(),
         base: inv.base.as_ref().map(|b| b.path.clone()),
-        from_phlora: inv.from_phlora(),
+        from_phlora: inv.from_phlora,
         verdicts,
     })
 }
@@ -372,7 +373,7 @@ fn fix_command(fix: &Fix, inv: &Inventory) -> String {
     let flags = fix.flags();
     let dir = shell_quote(&inv.dir.display().to_string());
     let dora = inv.config.use_dora || inv.modules.iter().any(|m| m.magnitude);
-    if inv.from_phlora() {
+    if inv.from_phlora {
         format!("phlora extract --base BASE --ft FT --out OUT{flags}   (from the pair this adapter was extracted from)")
     } else if dora {
         // phlora's merge reads plain LoRA; PEFT merges DoRA's magnitudes.
@@ -408,7 +409,7 @@ fn blocked(inv: &Inventory, findings: &[Finding]) -> Option<String> {
     {
         return Some(format!("{}: the engine needs modules this update leaves unchanged, and an extraction from the merged model changes the same ones", f.rule));
     }
-    if inv.from_phlora() {
+    if inv.from_phlora {
         return None;
     }
     let c = &inv.config;

@@ -118,20 +118,7 @@ fn config(a: &Inventory) -> Vec<Finding> {
 
 fn keys(a: &Inventory) -> Vec<Finding> {
     let mut out = Vec::new();
-    let mut bad: Vec<String> = a
-        .modules
-        .iter()
-        .flat_map(|m| {
-            let mut v = Vec::new();
-            if m.bias {
-                v.push(format!("{}.lora_B.bias", m.path));
-            }
-            if m.magnitude {
-                v.push(format!("{}.lora_magnitude_vector", m.path));
-            }
-            v
-        })
-        .collect();
+    let mut bad = a.bias_and_magnitude_keys();
     bad.extend(
         a.other
             .iter()

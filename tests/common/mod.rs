@@ -281,32 +281,42 @@ pub fn extract_pair(
 
 /// A small Llama-shaped synth pair in ROOT/base and ROOT/ft (fresh seed for `tag`).
 pub fn synth_pair(root: &Path, tag: &str, hidden: usize, layers: usize) {
+    synth_pair_with(root, tag, hidden, layers, &[]);
+}
+
+/// [`synth_pair`] with more `phlora synth` arguments (e.g. `--tie-embeddings`).
+pub fn synth_pair_with(root: &Path, tag: &str, hidden: usize, layers: usize, extra: &[&str]) {
     let (seed, hidden, inter, layers) = (
         fresh_seed(tag).to_string(),
         hidden.to_string(),
         (2 * hidden).to_string(),
         layers.to_string(),
     );
-    let o = phlora(&[
-        "synth",
-        "--out",
-        root.to_str().unwrap(),
-        "--hidden",
-        &hidden,
-        "--intermediate",
-        &inter,
-        "--layers",
-        &layers,
-        "--vocab",
-        "1024",
-        "--heads",
-        "4",
-        "--kv-heads",
-        "2",
-        "--seed",
-        &seed,
-        "--quiet",
-    ]);
+    let o = phlora(
+        &[
+            "synth",
+            "--out",
+            root.to_str().unwrap(),
+            "--hidden",
+            &hidden,
+            "--intermediate",
+            &inter,
+            "--layers",
+            &layers,
+            "--vocab",
+            "1024",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--seed",
+            &seed,
+            "--quiet",
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
