@@ -77,6 +77,12 @@ pub enum Command {
     /// does; why; and the phlora command that writes an adapter it takes. Exit 3 when a named
     /// engine refuses it (with --strict, also when one computes another update).
     Check(CheckArgs),
+    /// Convert a PEFT LoRA adapter (phlora's or another tool's) to llama.cpp's GGUF LoRA, for
+    /// llama.cpp and Ollama: every module at its exact scale (per-module ranks, alpha_pattern
+    /// and rsLoRA baked into B), Q/K rows permuted as llama.cpp's converter permutes the
+    /// base's. What GGUF LoRA cannot carry (norms, tensors saved whole, biases, an embedding
+    /// or head tied to token_embd) is left out, with its share of ‖ΔW‖² (docs/gguf.md).
+    Convert(ConvertArgs),
     /// Join the parts of a sharded run (`extract --shard I/N`) into one adapter.
     Combine(CombineArgs),
     /// The energy profile of a fine-tune without writing an adapter: E_r at chosen ranks, the
@@ -202,6 +208,61 @@ pub struct CheckArgs {
     #[arg(long)]
     pub strict: bool,
     /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ConvertTo {
+    /// llama.cpp's GGUF LoRA (GGUF v3, general.type = adapter).
+    Gguf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GgufTypeArg {
+    F32,
+    F16,
+    Bf16,
+    /// 8-bit blocks of 32; a tensor whose ne[0] is no multiple of 32 (lora_b's is the rank)
+    /// falls back to f16, as in llama.cpp's converter.
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl GgufTypeArg {
+    pub fn tensor_type(self) -> phlora::gguf::TensorType {
+        use phlora::gguf::TensorType;
+        match self {
+            GgufTypeArg::F32 => TensorType::F32,
+            GgufTypeArg::F16 => TensorType::F16,
+            GgufTypeArg::Bf16 => TensorType::BF16,
+            GgufTypeArg::Q8_0 => TensorType::Q8_0,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The adapter folder (adapter_config.json + its weights), or an adapter's hub id.
+    #[arg(value_name = "ADAPTER")]
+    pub adapter: PathBuf,
+    /// The format to write.
+    #[arg(long, value_enum)]
+    pub to: ConvertTo,
+    /// The base model: a folder with its config.json (architecture, heads; the weights are
+    /// optional and, when there, size the left-out tensors saved whole), or a hub id.
+    #[arg(long, value_name = "DIR|ID")]
+    pub base: PathBuf,
+    /// The file to write [default: ADAPTER/adapter.gguf].
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Tensor type of the factors [default: the adapter's own dtype].
+    #[arg(long = "type", value_enum, value_name = "TYPE")]
+    pub tensor_type: Option<GgufTypeArg>,
+    /// Replace an existing output file.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -358,6 +419,8 @@ pub enum TargetArg {
     Peft,
     Vllm,
     Portable,
+    #[value(name = "llama.cpp")]
+    LlamaCpp,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -421,9 +484,14 @@ pub struct ExtractArgs {
     /// (changed norms are left out, with a warning saying how much that drops). portable: what
     /// vLLM, SGLang, LoRAX and TGI all load: as vllm, any rank padded up to an allowed one
     /// (LoRAX ignores embedding LoRA: add --no-embeddings; `phlora check` says what each
-    /// engine makes of an adapter, docs/engines.md).
+    /// engine makes of an adapter, docs/engines.md). llama.cpp (also for Ollama): the PEFT
+    /// adapter, and OUT/adapter.gguf converted from it (as `phlora convert`: each module's
+    /// exact scale, what GGUF LoRA cannot carry reported with its share of ‖ΔW‖²).
     #[arg(long, value_enum, default_value_t = TargetArg::Peft)]
     pub target: TargetArg,
+    /// --target llama.cpp: the GGUF's tensor type [default: the adapter's dtype].
+    #[arg(long, value_enum, value_name = "TYPE")]
+    pub gguf_type: Option<GgufTypeArg>,
     /// Shorthand for --target portable.
     #[arg(long, conflicts_with = "target")]
     pub portable: bool,

@@ -2,7 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::cli::{ExtractArgs, GemmArg, OutDtype, SvdArg, SynthArgs, TargetArg};
+use crate::cli::{ExtractArgs, GemmArg, GgufTypeArg, OutDtype, SvdArg, SynthArgs, TargetArg};
+use phlora::adapter::gguf::GgufSettings;
 use phlora::backend::{CudaOptions, Device};
 use phlora::checkpoint::DType;
 use phlora::error::{Error, Result};
@@ -148,6 +149,7 @@ impl ExtractArgs {
             shard: self.shard,
             progress,
             max_shard_size: self.max_shard_size,
+            gguf: self.gguf(&base)?,
         })
     }
 
@@ -183,12 +185,36 @@ impl ExtractArgs {
         Ok(rank)
     }
 
+    /// --target llama.cpp's conversion, checked against the base before any work.
+    fn gguf(&self, base: &ModelSource) -> Result<Option<GgufSettings>> {
+        if self.target != TargetArg::LlamaCpp {
+            if self.gguf_type.is_some() {
+                return Err(Error::Settings(
+                    "--gguf-type is for --target llama.cpp".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        if self.shard.is_some() {
+            return Err(Error::Settings(
+                "--target llama.cpp with --shard: a shard writes a part, not an adapter; join the parts with `phlora combine`, then `phlora convert ADAPTER --to gguf --base BASE`".into(),
+            ));
+        }
+        // An architecture llama.cpp's names are not known for is refused now, not after the
+        // extraction.
+        phlora::adapter::gguf::BaseModel::read(base.path())?;
+        Ok(Some(GgufSettings {
+            tensor_type: self.gguf_type.map(GgufTypeArg::tensor_type),
+        }))
+    }
+
     /// --target (or --portable), refused with settings its loaders reject.
     fn target_for(&self, rank: &RankPolicy) -> Result<Target> {
         let target = match (self.portable, self.target) {
             (true, _) | (_, TargetArg::Portable) => Target::Portable,
             (_, TargetArg::Vllm) => Target::Vllm,
-            (_, TargetArg::Peft) => Target::Peft,
+            // llama.cpp: the PEFT adapter as for peft, converted after.
+            (_, TargetArg::Peft | TargetArg::LlamaCpp) => Target::Peft,
         };
         let allowed = phlora::linalg::rank::PORTABLE_RANKS;
         let largest = allowed[allowed.len() - 1];

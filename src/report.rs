@@ -278,6 +278,9 @@ pub struct RunReport {
     pub budget: Option<BudgetAllocation>,
     pub summary: Summary,
     pub tensors: Vec<TensorReport>,
+    /// `--target llama.cpp`: what adapter.gguf carries and leaves out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gguf: Option<crate::adapter::gguf::GgufExport>,
 }
 
 impl RunReport {

@@ -121,19 +121,51 @@ pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Publishes one file whole: `bytes` go to a temporary name beside `path`, are synced, and the
 /// rename puts them in place, so a reader sees the old file or the new one, never half of one.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    publish(path, |f| {
+        f.write_all(bytes)
+            .map_err(|e| Error::io(path, "cannot write", e))
+    })
+    .map(drop)
+}
+
+/// [`write_atomically`] for a file written as a stream: `write` fills the temporary file; on
+/// its error (or a panic) the temporary file is removed and `path` is left as it was. The
+/// file's size comes back.
+pub fn publish(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<File>) -> Result<()>,
+) -> Result<u64> {
     let name = path
         .file_name()
         .map_or_else(Default::default, |n| n.to_string_lossy());
     let tmp = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-    write_synced(&tmp, bytes)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, "cannot move into place", e)
-    })?;
+    struct Remove<'a>(&'a Path, bool);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            if !self.1 {
+                let _ = std::fs::remove_file(self.0);
+            }
+        }
+    }
+    let mut guard = Remove(&tmp, false);
+    let file = File::create(&tmp).map_err(|e| Error::io(&tmp, "cannot create", e))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    write(&mut out)?;
+    let file = out
+        .into_inner()
+        .map_err(|e| Error::io(&tmp, "cannot write", e.into_error()))?;
+    file.sync_all()
+        .map_err(|e| Error::io(&tmp, "cannot write", e))?;
+    let size = file
+        .metadata()
+        .map_err(|e| Error::io(&tmp, "cannot read", e))?
+        .len();
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "cannot move into place", e))?;
+    guard.1 = true;
     if let Some(dir) = path.parent().and_then(|d| File::open(d).ok()) {
         let _ = dir.sync_all();
     }
-    Ok(())
+    Ok(size)
 }
 
 /// Staging folders of processes that are gone (killed before they could clean up).

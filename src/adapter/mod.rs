@@ -1,5 +1,6 @@
 //! PEFT LoRA adapters: key names, `adapter_config.json`, and an atomic, streaming writer.
 
+pub mod gguf;
 pub mod read;
 mod targets;
 pub mod writer;

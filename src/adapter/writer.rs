@@ -13,6 +13,7 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use super::gguf::GGUF_FILE;
 use super::{
     is_weights_file, shard_file, ADDED_TOKENS_FILE, CONFIG_FILE, INDEX_FILE, MODEL_FILE,
     REPORT_FILE,
@@ -92,7 +93,7 @@ impl AdapterWriter {
     pub fn create(out: &Path, overwrite: bool, side_files: &[&str]) -> Result<AdapterWriter> {
         let replaces = |name: &str| {
             is_weights_file(name)
-                || [CONFIG_FILE, REPORT_FILE, ADDED_TOKENS_FILE].contains(&name)
+                || [CONFIG_FILE, REPORT_FILE, ADDED_TOKENS_FILE, GGUF_FILE].contains(&name)
                 || side_files.contains(&name)
         };
         let staged = StagedOutput::create(out, "staging", &replaces, "the adapter", overwrite)?;
@@ -323,7 +324,11 @@ impl AdapterWriter {
         // The config goes last, and an older adapter's config first: it must not pair with the
         // new weights, even briefly. Nor may an older adapter's added rows, or weights files of
         // another layout (a single file beside a new index, shards of another count).
-        let mut unlink_first = vec![PathBuf::from(CONFIG_FILE), PathBuf::from(ADDED_TOKENS_FILE)];
+        // An older adapter.gguf is of the older factors: gone too (`--target llama.cpp` writes
+        // the new one after this commit).
+        let mut unlink_first = [CONFIG_FILE, ADDED_TOKENS_FILE, GGUF_FILE]
+            .map(PathBuf::from)
+            .to_vec();
         unlink_first.extend(self.stale_weights(&weights));
         let mut names = weights;
         names.extend(self.side_files.iter().cloned());

@@ -37,6 +37,9 @@ pub(super) fn show(report: &RunReport, ui: Ui, json: bool) -> Result<()> {
     if !ui.quiet {
         phlora::say_raw!("{}", report.table());
         phlora::say!("adapter written to {}", report.out);
+        if let Some(g) = &report.gguf {
+            phlora::say_raw!("{}", super::convert::render(g));
+        }
     }
     if json {
         let summary = serde_json::json!({
@@ -48,6 +51,7 @@ pub(super) fn show(report: &RunReport, ui: Ui, json: bool) -> Result<()> {
             "svd": report.svd,
             "out_dtype": report.out_dtype,
             "summary": report.summary,
+            "gguf": report.gguf,
         });
         phlora::outln!(
             "{}",

@@ -5,6 +5,7 @@ mod bench;
 mod check;
 mod combine;
 mod compare;
+mod convert;
 mod demo;
 mod extract;
 mod floor;
@@ -31,6 +32,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Verify(a) => verify::run(a, ui),
         Command::Merge(a) => merge::run(a, ui),
         Command::Check(a) => check::run(a, ui),
+        Command::Convert(a) => convert::run(a, ui),
         Command::Combine(a) => combine::run(a, ui),
         Command::Compare(a) => compare::run(a, ui),
         Command::Analyze(a) => analyze::run(a, ui),

@@ -116,6 +116,7 @@ pub(super) fn assemble(
         budget: cx.allocation.clone(),
         summary,
         tensors: rows,
+        gguf: None,
     };
     let staged = added::stage(&mut writer, plan, ft)?;
     if !staged.is_empty() {

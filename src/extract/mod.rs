@@ -87,6 +87,10 @@ fn extract_any(s: &ExtractSettings) -> Result<Ran> {
     };
     // The journal is for runs that can go on: interrupted, or stopped by the disk or the
     // device. An error in the inputs or settings would only come back on --resume.
+    let result = match result {
+        Ok(Ran::Adapter(report)) => with_gguf(s, *report).map(|r| Ran::Adapter(Box::new(r))),
+        other => other,
+    };
     match result {
         Err(e @ (Error::Io { .. } | Error::Device(_))) if journal_held => {
             Err(Error::Resumable {
@@ -103,6 +107,33 @@ fn extract_any(s: &ExtractSettings) -> Result<Ran> {
         }
         other => other,
     }
+}
+
+/// `--target llama.cpp`: adapter.gguf from the adapter just committed (still under the lock),
+/// and report.json again with what it carries and leaves out.
+fn with_gguf(s: &ExtractSettings, mut report: RunReport) -> Result<RunReport> {
+    use crate::adapter::gguf::{convert, GGUF_FILE};
+    let Some(g) = s.gguf else {
+        return Ok(report);
+    };
+    let path = s.out.join(GGUF_FILE);
+    let export = convert(&s.out, &s.base, &path, g.tensor_type).map_err(|e| {
+        Error::checkpoint(
+            &path,
+            format!(
+                "not written: {e}. The PEFT adapter in {} is complete; `phlora convert {} --to gguf --base BASE` converts it once the cause is fixed",
+                s.out.display(),
+                s.out.display()
+            ),
+        )
+    })?;
+    if let Some(w) = export.warning() {
+        tracing::warn!("{w}");
+    }
+    report.gguf = Some(export);
+    let json = serde_json::to_string_pretty(&report).expect("report serializes");
+    crate::staging::write_atomically(&s.out.join(crate::adapter::REPORT_FILE), json.as_bytes())?;
+    Ok(report)
 }
 
 /// One extraction on these workers, from checks to the adapter (or a shard's part). Longer

@@ -76,6 +76,10 @@ pub struct ExtractSettings {
     /// fingerprint, so a resume or a combine may choose another.
     #[serde(default)]
     pub max_shard_size: Option<u64>,
+    /// `--target llama.cpp`: also OUT/adapter.gguf, converted from the committed adapter.
+    /// Not in the fingerprint: the PEFT adapter is the same either way.
+    #[serde(default)]
+    pub gguf: Option<crate::adapter::gguf::GgufSettings>,
 }
 
 impl ExtractSettings {
@@ -112,6 +116,7 @@ impl ExtractSettings {
             shard: None,
             progress: false,
             max_shard_size: None,
+            gguf: None,
         }
     }
 }

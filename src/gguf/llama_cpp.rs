@@ -3,8 +3,20 @@
 //! gguf-py's tensor_mapping.py): the architecture name, each HF module's GGUF tensor, and the
 //! row permutation llama.cpp's converter applies to Llama-family Q and K.
 
+/// The transformers classes [`architecture`] knows, for messages.
+pub const SUPPORTED: &[&str] = &[
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",
+];
+
 /// llama.cpp's architecture for a transformers `architectures` entry (None: not supported).
-/// Mistral converts as llama.
+/// Mistral converts as llama; Gemma 3's multimodal class as its text model.
 pub fn architecture(hf: &str) -> Option<&'static str> {
     Some(match hf {
         "LlamaForCausalLM" | "MistralForCausalLM" => "llama",
@@ -12,7 +24,7 @@ pub fn architecture(hf: &str) -> Option<&'static str> {
         "Qwen3ForCausalLM" => "qwen3",
         "GemmaForCausalLM" => "gemma",
         "Gemma2ForCausalLM" => "gemma2",
-        "Gemma3ForCausalLM" => "gemma3",
+        "Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration" => "gemma3",
         _ => return None,
     })
 }

@@ -40,11 +40,13 @@ impl Value {
 }
 
 /// The tensor types adapters use (ggml's codes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TensorType {
     F32,
     F16,
     BF16,
+    /// Blocks of 32 along ne[0]: an f16 scale and 32 int8 values (34 bytes).
+    Q8_0,
 }
 
 impl TensorType {
@@ -52,6 +54,7 @@ impl TensorType {
         match self {
             TensorType::F32 => 0,
             TensorType::F16 => 1,
+            TensorType::Q8_0 => 8,
             TensorType::BF16 => 30,
         }
     }
@@ -60,16 +63,53 @@ impl TensorType {
         match c {
             0 => Some(TensorType::F32),
             1 => Some(TensorType::F16),
+            8 => Some(TensorType::Q8_0),
             30 => Some(TensorType::BF16),
             _ => None,
         }
     }
 
-    pub fn element_bytes(self) -> u64 {
+    /// Elements per block along ne[0], and a block's bytes (ggml's type traits).
+    pub fn block(self) -> (u64, u64) {
         match self {
-            TensorType::F32 => 4,
-            TensorType::F16 | TensorType::BF16 => 2,
+            TensorType::F32 => (1, 4),
+            TensorType::F16 | TensorType::BF16 => (1, 2),
+            TensorType::Q8_0 => (Q8_0_BLOCK as u64, 34),
         }
+    }
+
+    /// The name llama.cpp's tools print (`f32`, `q8_0`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TensorType::F32 => "f32",
+            TensorType::F16 => "f16",
+            TensorType::BF16 => "bf16",
+            TensorType::Q8_0 => "q8_0",
+        }
+    }
+}
+
+/// Q8_0's block length.
+pub const Q8_0_BLOCK: usize = 32;
+
+/// `values` (a whole number of blocks) as Q8_0, as gguf-py's quants.py encodes it: per block
+/// d = max|x| / 127, q = round(x / d) half away from zero, then d as f16 and the 32 int8s.
+pub fn encode_q8_0(values: &[f32], out: &mut Vec<u8>) {
+    debug_assert_eq!(values.len() % Q8_0_BLOCK, 0);
+    for block in values.chunks(Q8_0_BLOCK) {
+        let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let d = amax / 127.0;
+        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+        out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|x| (x * id).round() as i8 as u8));
+    }
+}
+
+/// The inverse of [`encode_q8_0`] (for tests and checks).
+pub fn decode_q8_0(bytes: &[u8], out: &mut Vec<f32>) {
+    for block in bytes.chunks(34) {
+        let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+        out.extend(block[2..].iter().map(|&q| d * (q as i8) as f32));
     }
 }
 
@@ -92,11 +132,10 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
-    /// Its data's size in bytes (checked: a hostile shape is an error, not an overflow).
+    /// Its data's size in bytes (checked: a hostile shape, or a block type whose ne[0] is no
+    /// whole number of blocks, is None, not an overflow).
     pub fn nbytes(&self) -> Option<u64> {
-        self.ne
-            .iter()
-            .try_fold(self.dtype.element_bytes(), |n, &d| n.checked_mul(d))
+        nbytes(&self.ne, self.dtype)
     }
 }
 
@@ -109,6 +148,18 @@ pub struct File {
     pub data_start: u64,
 }
 
+fn nbytes(ne: &[u64], dtype: TensorType) -> Option<u64> {
+    let (block, block_bytes) = dtype.block();
+    let (&first, rest) = ne.split_first()?;
+    if first % block != 0 {
+        return None;
+    }
+    rest.iter()
+        .try_fold((first / block).checked_mul(block_bytes)?, |n, &d| {
+            n.checked_mul(d)
+        })
+}
+
 fn padding(n: u64) -> u64 {
     (ALIGNMENT - n % ALIGNMENT) % ALIGNMENT
 }
@@ -118,73 +169,160 @@ fn put_string(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// Writes a GGUF v3 file: the metadata in the given order, then the tensors, each aligned.
-/// Refuses what llama.cpp's reader would (long names, data that does not match its shape).
+/// A tensor's place in the header: `ne` in ggml order (the row-major shape reversed).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub ne: Vec<u64>,
+    pub dtype: TensorType,
+}
+
+/// A GGUF v3 file written as a stream: the header first (metadata in the given order, every
+/// tensor's info and offset), then each tensor's bytes in the header's order, each padded to
+/// the alignment. Refuses what llama.cpp's reader would (long, empty or repeated names, more
+/// than 4 dimensions, data that does not match its shape) before writing anything.
+pub struct Writer<W: Write> {
+    out: W,
+    sizes: Vec<(String, u64)>,
+    next: usize,
+}
+
+impl<W: Write> Writer<W> {
+    pub fn start(
+        mut out: W,
+        metadata: &[(&str, Value)],
+        tensors: &[TensorSpec],
+    ) -> Result<Writer<W>, String> {
+        let sizes = check_header(metadata, tensors)?;
+        let mut head = Vec::new();
+        head.extend_from_slice(&MAGIC);
+        head.extend_from_slice(&VERSION.to_le_bytes());
+        head.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+        head.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+        for (key, value) in metadata {
+            put_string(&mut head, key);
+            head.extend_from_slice(&value.type_code().to_le_bytes());
+            match value {
+                Value::U32(v) => head.extend_from_slice(&v.to_le_bytes()),
+                Value::I32(v) => head.extend_from_slice(&v.to_le_bytes()),
+                Value::F32(v) => head.extend_from_slice(&v.to_le_bytes()),
+                Value::Bool(v) => head.push(u8::from(*v)),
+                Value::String(s) => put_string(&mut head, s),
+                Value::U64(v) => head.extend_from_slice(&v.to_le_bytes()),
+            }
+        }
+        let mut offset = 0u64;
+        for (t, size) in tensors.iter().zip(&sizes) {
+            put_string(&mut head, &t.name);
+            head.extend_from_slice(&(t.ne.len() as u32).to_le_bytes());
+            for d in &t.ne {
+                head.extend_from_slice(&d.to_le_bytes());
+            }
+            head.extend_from_slice(&t.dtype.code().to_le_bytes());
+            head.extend_from_slice(&offset.to_le_bytes());
+            offset = offset
+                .checked_add(size + padding(*size))
+                .ok_or("the tensors' sizes overflow")?;
+        }
+        head.resize(head.len() + padding(head.len() as u64) as usize, 0);
+        out.write_all(&head).map_err(|e| e.to_string())?;
+        Ok(Writer {
+            out,
+            sizes: tensors.iter().map(|t| t.name.clone()).zip(sizes).collect(),
+            next: 0,
+        })
+    }
+
+    /// The next tensor's data, in the header's order.
+    pub fn tensor(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let (name, size) = self
+            .sizes
+            .get(self.next)
+            .ok_or("more tensors than the header names")?;
+        if bytes.len() as u64 != *size {
+            return Err(format!(
+                "tensor `{name}`: {} bytes of data where its shape takes {size}",
+                bytes.len()
+            ));
+        }
+        self.out
+            .write_all(bytes)
+            .and_then(|()| self.out.write_all(&vec![0; padding(*size) as usize]))
+            .map_err(|e| e.to_string())?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Every tensor written: the stream back.
+    pub fn finish(self) -> Result<W, String> {
+        match self.sizes.get(self.next) {
+            Some((name, _)) => Err(format!("tensor `{name}` was never written")),
+            None => Ok(self.out),
+        }
+    }
+}
+
+/// The header's checks; each tensor's data size.
+fn check_header(metadata: &[(&str, Value)], tensors: &[TensorSpec]) -> Result<Vec<u64>, String> {
+    let mut keys: Vec<&str> = metadata.iter().map(|(k, _)| *k).collect();
+    let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    for (what, list) in [("metadata key", &mut keys), ("tensor", &mut names)] {
+        list.sort_unstable();
+        if let Some(w) = list.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("{what} `{}` twice", w[0]));
+        }
+        if list.first() == Some(&"") {
+            return Err(format!("an empty {what} name"));
+        }
+    }
+    tensors
+        .iter()
+        .map(|t| {
+            if t.name.len() >= MAX_NAME {
+                return Err(format!(
+                    "tensor name `{}` is {} bytes; GGUF takes under {MAX_NAME}",
+                    t.name,
+                    t.name.len()
+                ));
+            }
+            if t.ne.is_empty() || t.ne.len() > 4 {
+                return Err(format!(
+                    "tensor `{}`: {} dimensions (ggml takes 1 to 4)",
+                    t.name,
+                    t.ne.len()
+                ));
+            }
+            nbytes(&t.ne, t.dtype).ok_or_else(|| {
+                format!(
+                    "tensor `{}`: shape {:?} is no whole number of {} blocks, or overflows",
+                    t.name,
+                    t.ne,
+                    t.dtype.as_str()
+                )
+            })
+        })
+        .collect()
+}
+
+/// Writes a whole GGUF v3 file from tensors in memory (see [`Writer`]).
 pub fn write(
     out: &mut impl Write,
     metadata: &[(&str, Value)],
     tensors: &[Tensor],
 ) -> Result<(), String> {
-    let mut head = Vec::new();
-    head.extend_from_slice(&MAGIC);
-    head.extend_from_slice(&VERSION.to_le_bytes());
-    head.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
-    head.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
-    for (key, value) in metadata {
-        put_string(&mut head, key);
-        head.extend_from_slice(&value.type_code().to_le_bytes());
-        match value {
-            Value::U32(v) => head.extend_from_slice(&v.to_le_bytes()),
-            Value::I32(v) => head.extend_from_slice(&v.to_le_bytes()),
-            Value::F32(v) => head.extend_from_slice(&v.to_le_bytes()),
-            Value::Bool(v) => head.push(u8::from(*v)),
-            Value::String(s) => put_string(&mut head, s),
-            Value::U64(v) => head.extend_from_slice(&v.to_le_bytes()),
-        }
-    }
-    let mut offset = 0u64;
-    for t in tensors {
-        if t.name.len() >= MAX_NAME {
-            return Err(format!(
-                "tensor name `{}` is {} bytes; GGUF takes under {MAX_NAME}",
-                t.name,
-                t.name.len()
-            ));
-        }
-        let info = TensorInfo {
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|t| TensorSpec {
             name: t.name.to_string(),
             ne: t.ne.clone(),
             dtype: t.dtype,
-            offset,
-        };
-        if info.nbytes() != Some(t.bytes.len() as u64) {
-            return Err(format!(
-                "tensor `{}`: {} bytes of data for shape {:?} of {:?}",
-                t.name,
-                t.bytes.len(),
-                t.ne,
-                t.dtype
-            ));
-        }
-        put_string(&mut head, t.name);
-        head.extend_from_slice(&(t.ne.len() as u32).to_le_bytes());
-        for d in &t.ne {
-            head.extend_from_slice(&d.to_le_bytes());
-        }
-        head.extend_from_slice(&t.dtype.code().to_le_bytes());
-        head.extend_from_slice(&offset.to_le_bytes());
-        let size = t.bytes.len() as u64;
-        offset += size + padding(size);
-    }
-    head.resize(head.len() + padding(head.len() as u64) as usize, 0);
-    let io = |e: std::io::Error| e.to_string();
-    out.write_all(&head).map_err(io)?;
+        })
+        .collect();
+    let mut w = Writer::start(out, metadata, &specs)?;
     for t in tensors {
-        out.write_all(t.bytes).map_err(io)?;
-        out.write_all(&vec![0; padding(t.bytes.len() as u64) as usize])
-            .map_err(io)?;
+        w.tensor(t.bytes)?;
     }
-    Ok(())
+    w.finish().map(drop)
 }
 
 /// A cursor over untrusted bytes: every read is bounds-checked.
@@ -293,7 +431,7 @@ pub fn parse(bytes: &[u8]) -> Result<File, String> {
             .collect::<Result<Vec<_>, _>>()?;
         let code = c.u32()?;
         let dtype = TensorType::from_code(code)
-            .ok_or_else(|| format!("tensor `{name}`: type {code} is not F32, F16 or BF16"))?;
+            .ok_or_else(|| format!("tensor `{name}`: type {code} is not F32, F16, BF16 or Q8_0"))?;
         let offset = c.u64()?;
         tensors.push(TensorInfo {
             name,
@@ -302,12 +440,20 @@ pub fn parse(bytes: &[u8]) -> Result<File, String> {
             offset,
         });
     }
+    let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("tensor `{}` twice", w[0]));
+    }
     let data_start = c.at as u64 + padding(c.at as u64);
     let mut expected = 0u64;
     for t in &tensors {
-        let size = t
-            .nbytes()
-            .ok_or_else(|| format!("tensor `{}`: shape {:?} overflows", t.name, t.ne))?;
+        let size = t.nbytes().ok_or_else(|| {
+            format!(
+                "tensor `{}`: shape {:?} overflows, or is no whole number of {:?} blocks",
+                t.name, t.ne, t.dtype
+            )
+        })?;
         if t.offset != expected {
             return Err(format!(
                 "tensor `{}` at offset {}, where the tensors before it end at {expected}",
@@ -419,7 +565,49 @@ mod tests {
         };
         assert!(write(&mut Vec::new(), &[], &[t])
             .unwrap_err()
-            .contains("4 bytes of data"));
+            .contains("4 bytes of data where its shape takes 8"));
+    }
+
+    #[test]
+    fn q8_0_blocks_are_sized_and_round_trip_within_half_a_step() {
+        let mut rng = crate::rng::Rng::new(11);
+        let values: Vec<f32> = (0..64).map(|_| rng.normal() as f32).collect();
+        let mut bytes = Vec::new();
+        encode_q8_0(&values, &mut bytes);
+        assert_eq!(bytes.len(), 2 * 34);
+        assert_eq!(nbytes(&[32, 2], TensorType::Q8_0), Some(68));
+        assert_eq!(nbytes(&[16, 2], TensorType::Q8_0), None, "half a block");
+        let mut back = Vec::new();
+        decode_q8_0(&bytes, &mut back);
+        for (block, got) in values.chunks(32).zip(back.chunks(32)) {
+            let step = block.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+            for (x, y) in block.iter().zip(got) {
+                assert!((x - y).abs() <= 0.5 * step * 1.01 + 1e-6, "{x} vs {y}");
+            }
+        }
+        let mut zero = Vec::new();
+        encode_q8_0(&[0.0; 32], &mut zero);
+        assert!(
+            zero.iter().all(|&b| b == 0),
+            "an all-zero block encodes d = 0"
+        );
+    }
+
+    #[test]
+    fn duplicate_names_are_refused_on_both_sides() {
+        let t = |name| Tensor {
+            name,
+            ne: vec![1],
+            dtype: TensorType::F32,
+            bytes: &[0; 4],
+        };
+        assert!(write(&mut Vec::new(), &[], &[t("a"), t("a")])
+            .unwrap_err()
+            .contains("twice"));
+        let kv = [("k", Value::U32(1)), ("k", Value::U32(2))];
+        assert!(write(&mut Vec::new(), &kv, &[])
+            .unwrap_err()
+            .contains("twice"));
     }
 
     #[test]
