@@ -10,7 +10,8 @@ the PEFT adapter (PeftModel). Reported per pair:
   exact    max |logit| difference between llama.cpp (base.gguf + adapter.gguf) and the HF base
            with only the adapter's LoRA products added (what GGUF LoRA carries), against the
            same difference with no adapter (base.gguf against the HF base: the two runtimes'
-           own floor). The GGUF is exact when the two are of one size.
+           own floor). The GGUF is exact when the two are of one size; an f32 GGUF fails the
+           run above 20× the floor (and 1e-3), a cast one (--gguf-type) is only reported.
   KL       mean KL(fine-tune ‖ model) over the scored positions, and top-1 agreement with the
            fine-tune, for llama.cpp + adapter.gguf (against ft.gguf in llama.cpp), for PEFT
            (against the HF fine-tune), and for the GGUF's part applied in transformers
@@ -244,14 +245,8 @@ def check_pair(name, base, ft, eval_path, args):
     run([args.phlora, "extract", "--base", base, "--ft", ft, "--out", ad, "--target", "llama.cpp",
          "--force", "--quiet", "--out-dtype", "f32", *args.extract.split()])
     export = json.load(open(os.path.join(ad, "report.json")))["gguf"]
-    ggufs = {}
-    for which, folder in [("base", base), ("ft", ft)]:
-        path = os.path.join(work, f"{which}.gguf")
-        script = os.path.join(work, "convert.py")
-        open(script, "w").write(CONVERT.format(tree=args.llama_cpp))
-        run([sys.executable, script, "--", folder, "--outfile", path, "--outtype", "f32"],
-            cwd=args.llama_cpp)
-        ggufs[which] = path
+    ggufs = {w: convert_base(f, os.path.join(work, f"{w}.gguf"), args)
+             for w, f in [("base", base), ("ft", ft)]}
     cfg = json.load(open(os.path.join(base, "config.json")))
     vocab = cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
     rows = read_eval(eval_path, args.limit, vocab, args.seed)
@@ -278,13 +273,69 @@ def check_pair(name, base, ft, eval_path, args):
                   floor=floor, exact=exact, kl_llamacpp=kl_lc, top1_llamacpp=top1_lc,
                   kl_peft=kl_peft, top1_peft=top1_peft, kl_base=kl_none, top1_base=top1_none,
                   kl_carried_hf=kl_carried, top1_carried_hf=top1_carried,
-                  ok=exact <= max(20 * floor, 1e-3))
+                  tensor_type=export["tensor_type"],
+                  # A cast (f16, bf16, q8_0) is reported, not judged.
+                  ok=exact <= max(20 * floor, 1e-3) or export["tensor_type"] != "f32")
     if args.official:
         out = os.path.join(work, "official.gguf")
         try:
             run([sys.executable, os.path.join(args.llama_cpp, "convert_lora_to_gguf.py"), ad,
                  "--base", base, "--outfile", out, "--outtype", "f32"], cwd=args.llama_cpp)
-            result["official_exact"] = max_diff(llama_logits(ggufs["base"], rows, lora=out), reference)
+            official = llama_logits(ggufs["base"], rows, lora=out)
+            result["official_exact"] = max_diff(official, reference)
+            result["official_kl"], result["official_top1"] = kl_and_top1(lc_ft, official, rows)
+        except RuntimeError as e:
+            result["official_error"] = str(e).strip().splitlines()[-1][:200]
+    return result
+
+
+def convert_base(folder, path, args):
+    script = os.path.join(os.path.dirname(path), "convert.py")
+    open(script, "w").write(CONVERT.format(tree=args.llama_cpp))
+    run([sys.executable, script, "--", folder, "--outfile", path, "--outtype", "f32"],
+        cwd=args.llama_cpp)
+    return path
+
+
+def check_peft_adapter(name, base, args):
+    """A LoRA written by PEFT itself on BASE (per-module ranks and alphas, rsLoRA, random
+    factors), converted by `phlora convert` in each of --types, in llama.cpp against PeftModel."""
+    import torch
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+    work = os.path.join(args.work, name)
+    os.makedirs(work, exist_ok=True)
+    ad = os.path.join(work, "peft-adapter")
+    load = lambda: transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    torch.manual_seed(args.seed)
+    config = LoraConfig(r=16, lora_alpha=24, use_rslora=True, init_lora_weights=False,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                        rank_pattern={"q_proj": 8, "down_proj": 32}, alpha_pattern={"v_proj": 4})
+    model = get_peft_model(load(), config)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.2)
+    model.save_pretrained(ad)
+    cfg = json.load(open(os.path.join(base, "config.json")))
+    rows = read_eval(None, args.limit, cfg["vocab_size"], args.seed)
+    peft = hf_logits(PeftModel.from_pretrained(load(), ad).eval(), rows)
+    base_gguf = convert_base(base, os.path.join(work, "base.gguf"), args)
+    floor = max_diff(llama_logits(base_gguf, rows), hf_logits(load(), rows))
+    result = dict(pair=name, arch="peft", floor=floor, ok=True)
+    for t in args.types.split(","):
+        out = os.path.join(work, f"adapter-{t}.gguf")
+        run([args.phlora, "convert", ad, "--to", "gguf", "--base", base, "--out", out,
+             "--type", t, "--force", "--quiet"])
+        result[f"exact_{t}"] = max_diff(llama_logits(base_gguf, rows, lora=out), peft)
+        if t == "f32":
+            result["ok"] = result["exact_f32"] <= max(20 * floor, 1e-3)
+    if args.official:
+        out = os.path.join(work, "official.gguf")
+        try:
+            run([sys.executable, os.path.join(args.llama_cpp, "convert_lora_to_gguf.py"), ad,
+                 "--base", base, "--outfile", out, "--outtype", "f32"], cwd=args.llama_cpp)
+            result["official_exact"] = max_diff(llama_logits(base_gguf, rows, lora=out), peft)
         except RuntimeError as e:
             result["official_error"] = str(e).strip().splitlines()[-1][:200]
     return result
@@ -297,6 +348,9 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--pair", action="append", default=[], help="NAME=BASE:FT[:EVAL.jsonl]")
     ap.add_argument("--family", action="append", default=[], choices=sorted(FAMILIES))
+    ap.add_argument("--peft-adapter", action="append", default=[], metavar="NAME=BASE",
+                    help="a LoRA made by PEFT on BASE, converted by phlora convert in each of --types")
+    ap.add_argument("--types", default="f32,f16,bf16,q8_0", help="for --peft-adapter")
     ap.add_argument("--extract", default="--rank 16", help="more extract arguments (quoted)")
     ap.add_argument("--limit", type=int, default=64, help="sequences scored per pair")
     ap.add_argument("--seed", type=int, default=0)
@@ -315,9 +369,12 @@ def main():
         base, ft = make_family_pair(fam, root, args.seed + 100 * i)
         pairs.append((fam, base, ft, None))
     results, failed = [], False
-    for name, base, ft, ev in pairs:
+    jobs = [(check_pair, (n, b, f, e, args)) for n, b, f, e in pairs]
+    jobs += [(check_peft_adapter, (*spec.split("=", 1), args)) for spec in args.peft_adapter]
+    for fn, job in jobs:
+        name = job[0]
         try:
-            r = check_pair(name, base, ft, ev, args)
+            r = fn(*job)
         except Exception as e:  # one pair's failure is reported, the others still run
             r = dict(pair=name, ok=False, error=f"{type(e).__name__}: {str(e)[-600:]}")
         results.append(r)
@@ -331,11 +388,18 @@ def main():
         if "error" in r:
             print(f"{r['pair']:10} ERROR {r['error']}")
             continue
+        if r["arch"] == "peft":
+            print(f"{r['pair']:10} a PEFT-made LoRA, phlora convert: floor {r['floor']:.1e}, "
+                  + ", ".join(f"{k[6:]} {v:.1e}" for k, v in r.items() if k.startswith("exact_"))
+                  + (f"; official {r['official_exact']:.1e}" if "official_exact" in r else "")
+                  + (f"; official: {r['official_error']}" if "official_error" in r else ""))
+            continue
         print(f"{r['pair']:10} {r['arch']:7} {r['modules']:4d} {100*r['left_out_share']:6.2f} "
               f"{r['floor']:8.1e} {r['exact']:8.1e} {r['kl_llamacpp']:8.1e} {r['kl_carried_hf']:8.1e} "
               f"{r['kl_peft']:8.1e} {r['kl_base']:8.4f} {r['top1_llamacpp']:9.3f} "
               f"{r['top1_carried_hf']:9.3f} {r['top1_peft']:9.3f}"
-              + (f"  official: {r['official_exact']:.1e}" if "official_exact" in r else "")
+              + (f"  official: {r['official_exact']:.1e}, KL {r['official_kl']:.1e}, top1 {r['official_top1']:.3f}"
+                 if "official_exact" in r else "")
               + (f"  official: {r['official_error']}" if "official_error" in r else ""))
     return 1 if failed else 0
 
