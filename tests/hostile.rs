@@ -384,7 +384,17 @@ fn mutated_adapters_never_panic() {
             .map(|n| std::fs::read(good.join(n)).unwrap())
             .collect();
         let (mut read, mut refused) = (0, 0);
+        let mut converted = 0;
         let case_dir = dir.path().join(format!("case-{layout}"));
+        // What convert --to gguf needs of the base: its config.
+        let base_config = dir.path().join("base-config");
+        std::fs::create_dir_all(&base_config).unwrap();
+        std::fs::write(
+            base_config.join("config.json"),
+            r#"{"architectures": ["LlamaForCausalLM"], "num_attention_heads": 1, "hidden_size": 4, "vocab_size": 8}"#,
+        )
+        .unwrap();
+        let gguf_out = dir.path().join(format!("{layout}.gguf"));
         std::fs::create_dir_all(&case_dir).unwrap();
         for case in 0..600 {
             let victim = below(files.len());
@@ -419,6 +429,16 @@ fn mutated_adapters_never_panic() {
                 checked.is_ok(),
                 "{layout} case {case} (seed {seed}): check panicked"
             );
+            // So does the GGUF conversion: a file or an error (and then no file).
+            let _ = std::fs::remove_file(&gguf_out);
+            let gguf = catch_unwind(AssertUnwindSafe(|| {
+                phlora::adapter::gguf::convert(&case_dir, &base_config, &gguf_out, None)
+            }));
+            match gguf {
+                Ok(Ok(_)) => converted += 1,
+                Ok(Err(_)) => assert!(!gguf_out.exists(), "{layout} case {case}: a failed conversion left a file"),
+                Err(_) => panic!("{layout} case {case} (seed {seed}): convert panicked"),
+            }
             match catch_unwind(AssertUnwindSafe(|| verify_pair(&b, &f, &case_dir))) {
                 Ok(Ok(_)) => read += 1,
                 Ok(Err(_)) => refused += 1,
@@ -433,6 +453,10 @@ fn mutated_adapters_never_panic() {
         assert!(
             read > 20 && refused > 20,
             "{layout}: read {read}, refused {refused}"
+        );
+        assert!(
+            converted > 20 && converted < 600,
+            "{layout}: {converted} of 600 converted"
         );
     }
 }

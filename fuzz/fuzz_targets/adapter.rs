@@ -1,7 +1,8 @@
 //! Arbitrary bytes as an adapter folder (adapter_config.json + adapter_model.safetensors, split
 //! where the first two bytes say): opening it must give modules whose factors pair up, or an
 //! error — never a panic, a hang or an unbounded allocation. This is what verify and merge read;
-//! `phlora check` reads the same folder its own way, and must give a report or an error too.
+//! `phlora check` reads the same folder its own way, and must give a report or an error too;
+//! so must the GGUF conversion (a file, or an error and no file).
 #![no_main]
 
 use std::path::PathBuf;
@@ -14,7 +15,12 @@ fn folder() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let d = std::env::temp_dir().join(format!("phlora-fuzz-adapter-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+        std::fs::create_dir_all(d.join("base")).unwrap();
+        std::fs::write(
+            d.join("base/config.json"),
+            r#"{"architectures": ["LlamaForCausalLM"], "num_attention_heads": 1}"#,
+        )
+        .unwrap();
         d
     })
 }
@@ -35,6 +41,11 @@ fuzz_target!(|data: &[u8]| {
             let bytes = adapter.file.bytes(&m.a);
             assert_eq!(bytes.len(), m.a.nbytes());
         }
+    }
+    let gguf = dir.join("out.gguf");
+    let _ = std::fs::remove_file(&gguf);
+    if phlora::adapter::gguf::convert(dir, &dir.join("base"), &gguf, None).is_err() {
+        assert!(!gguf.exists());
     }
     if let Ok(report) = phlora::check::check(dir, None, &phlora::check::Engine::ALL) {
         assert_eq!(report.verdicts.len(), phlora::check::Engine::ALL.len());
