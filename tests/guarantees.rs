@@ -658,7 +658,11 @@ fn files_in_out_are_replaced_only_with_force() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     common::synth_pair(root, "stray", 64, 1);
-    for stray in ["report.json", "adapter_model-00001-of-00002.safetensors"] {
+    for stray in [
+        "report.json",
+        "adapter_model-00001-of-00002.safetensors",
+        "adapter.gguf",
+    ] {
         let out = root.join(format!("out-{stray}"));
         std::fs::create_dir_all(&out).unwrap();
         std::fs::write(out.join(stray), b"mine").unwrap();

@@ -436,7 +436,10 @@ fn mutated_adapters_never_panic() {
             }));
             match gguf {
                 Ok(Ok(_)) => converted += 1,
-                Ok(Err(_)) => assert!(!gguf_out.exists(), "{layout} case {case}: a failed conversion left a file"),
+                Ok(Err(_)) => assert!(
+                    !gguf_out.exists(),
+                    "{layout} case {case}: a failed conversion left a file"
+                ),
                 Err(_) => panic!("{layout} case {case} (seed {seed}): convert panicked"),
             }
             match catch_unwind(AssertUnwindSafe(|| verify_pair(&b, &f, &case_dir))) {
