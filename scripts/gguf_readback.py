@@ -35,7 +35,10 @@ ARCH = {
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "Gemma3ForConditionalGeneration": "gemma3",
 }
+# convert_lora_to_gguf.py's prefixes for a multimodal model's language model.
+PREFIXES = [("model.language_model.", "model."), ("language_model.model.", "model."), ("language_model.", "")]
 # Relative error of the product allowed per tensor type (the cast of scale·B and A).
 TOLERANCE = {"F32": 1e-5, "F16": 3e-3, "BF16": 2e-2, "Q8_0": 3e-2}
 
@@ -84,7 +87,7 @@ def main():
     base_cfg = json.load(open(os.path.join(args.base, "config.json")))
     text = base_cfg.get("text_config", base_cfg)
     arch = ARCH[base_cfg["architectures"][0]]
-    heads = text["num_attention_heads"]
+    heads = text.get("num_attention_heads")
     kv_heads = text.get("num_key_value_heads", heads)
     failures = []
 
@@ -126,7 +129,12 @@ def main():
             peft = scaling * (B @ A)
             if embedding:
                 peft = peft.T  # [vocab, embd]
-            name = name_map.get_name(module + ".weight", try_suffixes=(".weight",))
+            text = module
+            for prefix, to in PREFIXES:
+                if text.startswith(prefix):
+                    text = to + text[len(prefix):]
+                    break
+            name = name_map.get_name(text + ".weight", try_suffixes=(".weight",))
             if name is None or name + ".lora_a" not in tensors:
                 left_out.append(module)
                 continue

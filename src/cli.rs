@@ -223,8 +223,8 @@ pub enum GgufTypeArg {
     F32,
     F16,
     Bf16,
-    /// 8-bit blocks of 32; a tensor whose ne[0] is no multiple of 32 (lora_b's is the rank)
-    /// falls back to f16, as in llama.cpp's converter.
+    /// 8-bit blocks of 32; a tensor whose ne[0] is no multiple of 32 (the rank, for lora_b and
+    /// an embedding's lora_a) falls back to f16, as in llama.cpp's converter.
     #[value(name = "q8_0")]
     Q8_0,
 }

@@ -202,7 +202,8 @@ impl ExtractArgs {
         }
         // An architecture llama.cpp's names are not known for is refused now, not after the
         // extraction.
-        phlora::adapter::gguf::BaseModel::read(base.path())?;
+        let model = phlora::adapter::gguf::BaseModel::read(base.path())?;
+        model.check_weights(&phlora::checkpoint::Checkpoint::open(base.path())?)?;
         Ok(Some(GgufSettings {
             tensor_type: self.gguf_type.map(GgufTypeArg::tensor_type),
         }))

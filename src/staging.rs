@@ -138,7 +138,9 @@ pub fn publish(
     let name = path
         .file_name()
         .map_or_else(Default::default, |n| n.to_string_lossy());
-    let tmp = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    let prefix = format!(".{name}.partial-");
+    let tmp = path.with_file_name(format!("{prefix}{}", std::process::id()));
+    remove_dead_partials(path, &prefix);
     struct Remove<'a>(&'a Path, bool);
     impl Drop for Remove<'_> {
         fn drop(&mut self) {
@@ -166,6 +168,23 @@ pub fn publish(
         let _ = dir.sync_all();
     }
     Ok(size)
+}
+
+/// `publish`'s temporary files beside `path` whose writer is gone (killed mid-write).
+fn remove_dead_partials(path: &Path, prefix: &str) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix(prefix)
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| pid != std::process::id() && !process_alive(pid)) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Staging folders of processes that are gone (killed before they could clean up).

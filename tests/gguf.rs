@@ -116,20 +116,36 @@ fn gguf_name(module: &str) -> Option<String> {
     Some(format!("blk.{layer}.{g}.weight"))
 }
 
-/// Checks every module of the PEFT adapter in `adapter` against the GGUF at `path`; returns
-/// the modules found in the GGUF and the worst relative error.
-fn check_against_peft(
-    adapter: &Path,
-    path: &Path,
-    heads: (usize, usize),
+/// What a conversion reported leaving out (`gguf` in report.json, or convert --json).
+fn left_out_names(export: &serde_json::Value) -> Vec<String> {
+    export["left_out"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// How a GGUF is expected to look.
+struct Expect<'a> {
+    arch: &'a str,
+    /// Q and K heads of the row permutation (None: not permuted).
+    heads: Option<(usize, usize)>,
+    /// Parameters the conversion reported leaving out.
+    left_out: Vec<String>,
     tol: f64,
-) -> (Vec<String>, f64) {
+}
+
+/// Checks every module of the PEFT adapter in `adapter` against the GGUF at `path`: each is
+/// in the GGUF (its update PEFT's) or reported left out. Returns the modules in the GGUF,
+/// the worst relative error, and the largest rank written.
+fn check_against_peft(adapter: &Path, path: &Path, x: &Expect) -> (Vec<String>, f64, usize) {
     let config = read_json(&adapter.join("adapter_config.json"));
     let st = read_safetensors(&adapter.join("adapter_model.safetensors"));
     let (file, tensors) = read_gguf(path);
     assert_eq!(string(&file, "general.type"), "adapter");
     assert_eq!(string(&file, "adapter.type"), "lora");
-    assert_eq!(string(&file, "general.architecture"), "llama");
+    assert_eq!(string(&file, "general.architecture"), x.arch);
     assert_eq!(
         file.get("adapter.lora.alpha"),
         Some(&Value::F32(0.0)),
@@ -141,7 +157,7 @@ fn check_against_peft(
     );
     let rslora = config["use_rslora"].as_bool().unwrap_or(false);
     let mut found = Vec::new();
-    let mut worst = 0f64;
+    let (mut worst, mut largest) = (0f64, 0usize);
     for (key, a) in &st {
         let (module, b_key, embedding) = if let Some(m) = key.strip_suffix(".lora_A.weight") {
             (m, format!("{m}.lora_B.weight"), false)
@@ -152,13 +168,15 @@ fn check_against_peft(
         };
         let b = &st[&b_key];
         let module = module.strip_prefix("base_model.model.").unwrap();
-        let Some(name) = gguf_name(module) else {
-            continue;
-        };
+        let name = gguf_name(module).unwrap_or_else(|| panic!("{module}: no GGUF name"));
         let (Some(la), Some(lb)) = (
             tensors.get(&format!("{name}.lora_a")),
             tensors.get(&format!("{name}.lora_b")),
         ) else {
+            assert!(
+                x.left_out.contains(&format!("{module}.weight")),
+                "{module} is neither in the GGUF nor reported left out"
+            );
             continue;
         };
         found.push(name.clone());
@@ -181,15 +199,14 @@ fn check_against_peft(
         };
         let (out, inn) = if embedding { (ca, rb) } else { (rb, ca) };
         let peft = |i: usize, j: usize| if embedding { ba(j, i) } else { ba(i, j) };
-        let order: Vec<usize> = if name.contains("attn_q") {
-            permuted_rows(out, heads.0)
-        } else if name.contains("attn_k") {
-            permuted_rows(out, heads.1)
-        } else {
-            (0..out).collect()
+        let order: Vec<usize> = match x.heads {
+            Some((q, _)) if name.contains("attn_q") => permuted_rows(out, q),
+            Some((_, k)) if name.contains("attn_k") => permuted_rows(out, k),
+            _ => (0..out).collect(),
         };
         // llama-adapter.cpp's shape checks, and the product it applies.
         let rank = lb.cols; // b->ne[0]
+        largest = largest.max(rank);
         if embedding {
             assert_eq!(
                 (la.rows, la.cols),
@@ -232,7 +249,7 @@ fn check_against_peft(
         }
         let rel = (diff / norm.max(1e-30)).sqrt();
         assert!(
-            rel < tol,
+            rel < x.tol,
             "{name} ({:?}): llama.cpp's update differs from PEFT's by {rel:.2e}",
             la.dtype
         );
@@ -244,7 +261,38 @@ fn check_against_peft(
         "every GGUF pair is a module of the adapter"
     );
     found.sort();
-    (found, worst)
+    (found, worst, largest)
+}
+
+fn llama(left_out: Vec<String>, tol: f64) -> Expect<'static> {
+    Expect {
+        arch: "llama",
+        heads: Some((4, 2)),
+        left_out,
+        tol,
+    }
+}
+
+fn convert(adapter: &Path, base: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "convert",
+        adapter.to_str().unwrap(),
+        "--to",
+        "gguf",
+        "--base",
+        base.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    phlora(&args)
+}
+
+fn export_of(o: &std::process::Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", stderr(o));
+    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 #[test]
@@ -271,7 +319,7 @@ fn extract_for_llama_cpp_writes_a_gguf_whose_updates_are_pefts() {
     let err = stderr(&o);
     assert!(err.contains("left out: 5 norms"), "{err}");
     assert!(
-        err.contains("WARN") && err.contains("of its ‖ΔW‖²"),
+        err.matches("WARN").count() == 1 && err.contains("of its ‖ΔW‖²"),
         "one warning: {err}"
     );
     let config = read_json(&out.join("adapter_config.json"));
@@ -281,19 +329,17 @@ fn extract_for_llama_cpp_writes_a_gguf_whose_updates_are_pefts() {
             .is_some_and(|p| !p.is_empty()),
         "per-module ranks"
     );
-    let (found, _) = check_against_peft(&out, &out.join("adapter.gguf"), (4, 2), 1e-5);
-    // 2 layers × 7 projections, the embedding and the (untied) head.
-    assert_eq!(found.len(), 16, "{found:?}");
-    assert!(
-        found.contains(&"token_embd.weight".to_string())
-            && found.contains(&"output.weight".to_string())
-    );
     let report = read_json(&out.join("report.json"));
     let left = report["gguf"]["left_out"].as_array().unwrap();
     assert_eq!(left.len(), 5);
     assert!(left
         .iter()
         .all(|l| l["reason"] == "norm" && l["sq_norm"].as_f64().unwrap() > 0.0));
+    let x = llama(left_out_names(&report["gguf"]), 1e-5);
+    let (found, _, _) = check_against_peft(&out, &out.join("adapter.gguf"), &x);
+    // 2 layers × 7 projections, the embedding and the (untied) head.
+    assert_eq!(found.len(), 16, "{found:?}");
+    assert!(found.contains(&"token_embd.weight".into()) && found.contains(&"output.weight".into()));
 
     // Another scale per module: the GGUF keeps each one exactly (llama.cpp's converter would
     // write one alpha for all).
@@ -308,23 +354,25 @@ fn extract_for_llama_cpp_writes_a_gguf_whose_updates_are_pefts() {
     std::fs::write(edited.join("adapter_config.json"), c.to_string()).unwrap();
     for (t, tol) in [("f32", 1e-5), ("f16", 3e-3), ("bf16", 2e-2), ("q8_0", 3e-2)] {
         let path = dir.path().join(format!("edited-{t}.gguf"));
-        let o = phlora(&[
-            "convert",
-            edited.to_str().unwrap(),
-            "--to",
-            "gguf",
-            "--base",
-            root.join("base").to_str().unwrap(),
-            "--out",
-            path.to_str().unwrap(),
-            "--type",
-            t,
-            "--quiet",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let (found, worst) = check_against_peft(&edited, &path, (4, 2), tol);
+        let export = export_of(&convert(&edited, &root.join("base"), &path, &["--type", t]));
+        let x = llama(left_out_names(&export), tol);
+        let (found, worst, _) = check_against_peft(&edited, &path, &x);
         assert_eq!(found.len(), 16, "{t}");
         assert!(worst > 0.0 || t == "f32", "{t}: a cast shows");
+        // q8_0 needs ne[0] a multiple of 32: the others are f16, and counted.
+        let (file, tensors) = read_gguf(&path);
+        let off_block = file.tensors.iter().filter(|i| i.ne[0] % 32 != 0).count();
+        let as_f16 = tensors
+            .values()
+            .filter(|m| m.dtype == TensorType::F16)
+            .count();
+        if t == "q8_0" {
+            assert!(off_block > 0 && off_block < file.tensors.len());
+            assert_eq!(export["f16_fallbacks"].as_u64(), Some(off_block as u64));
+            assert_eq!(as_f16, off_block);
+        } else {
+            assert_eq!(export["f16_fallbacks"].as_u64(), Some(0), "{t}");
+        }
     }
 }
 
@@ -344,15 +392,100 @@ fn a_tied_base_gets_no_embedding_or_head_lora_and_says_so() {
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(err.contains("embedding LoRA on a tied base"), "{err}");
-    let (found, _) = check_against_peft(&out, &out.join("adapter.gguf"), (4, 2), 1e-5);
-    assert_eq!(found.len(), 7, "the projections only: {found:?}");
     let report = read_json(&out.join("report.json"));
+    let x = llama(left_out_names(&report["gguf"]), 1e-5);
+    let (found, _, _) = check_against_peft(&out, &out.join("adapter.gguf"), &x);
+    assert_eq!(found.len(), 7, "the projections only: {found:?}");
     let left = report["gguf"]["left_out"].as_array().unwrap();
     assert!(
         left.iter()
             .any(|l| l["reason"] == "tied_embedding" && l["sq_norm"].as_f64().unwrap() > 0.0),
         "{left:?}"
     );
+}
+
+#[test]
+fn other_families_padded_ranks_and_gemmas_embedding() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("pair");
+    synth_pair(&root, "gguf-families", 64, 1);
+    // --target portable zero-pads every module to one rank: the GGUF drops the padding.
+    let out = dir.path().join("portable");
+    let o = extract_pair(
+        &root,
+        &out,
+        &[
+            "--energy",
+            "0.8",
+            "--max-rank",
+            "32",
+            "--portable",
+            "--no-norms",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = read_json(&out.join("adapter_config.json"))["r"]
+        .as_u64()
+        .unwrap() as usize;
+    let path = dir.path().join("portable.gguf");
+    let export = export_of(&convert(&out, &root.join("base"), &path, &[]));
+    let (found, _, largest) =
+        check_against_peft(&out, &path, &llama(left_out_names(&export), 1e-5));
+    assert_eq!(found.len(), 9);
+    assert!(
+        largest < r,
+        "zero components dropped: rank {largest} written of r = {r}"
+    );
+
+    // The same factors on a Qwen2 base: llama.cpp's qwen2 rows are not permuted.
+    let as_base = |class: &str, tie: bool| {
+        let d = dir.path().join(class);
+        std::fs::create_dir_all(&d).unwrap();
+        let mut c = read_json(&root.join("base/config.json"));
+        c["architectures"] = serde_json::json!([class]);
+        c["tie_word_embeddings"] = tie.into();
+        std::fs::write(d.join("config.json"), c.to_string()).unwrap();
+        d
+    };
+    let path = dir.path().join("qwen2.gguf");
+    let export = export_of(&convert(
+        &out,
+        &as_base("Qwen2ForCausalLM", false),
+        &path,
+        &[],
+    ));
+    assert_eq!(export["architecture"], "qwen2");
+    let x = Expect {
+        arch: "qwen2",
+        heads: None,
+        left_out: left_out_names(&export),
+        tol: 1e-5,
+    };
+    assert_eq!(check_against_peft(&out, &path, &x).0.len(), 9);
+    // Gemma: llama.cpp's output is token_embd even untied, so neither head nor embedding LoRA.
+    let path = dir.path().join("gemma.gguf");
+    let export = export_of(&convert(
+        &out,
+        &as_base("GemmaForCausalLM", false),
+        &path,
+        &[],
+    ));
+    let mut reasons: Vec<&str> = export["left_out"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap())
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, ["tied_embedding", "tied_head"], "{export}");
+    let x = Expect {
+        arch: "gemma",
+        heads: None,
+        left_out: left_out_names(&export),
+        tol: 1e-5,
+    };
+    assert_eq!(check_against_peft(&out, &path, &x).0.len(), 7);
 }
 
 #[test]
@@ -406,6 +539,63 @@ fn what_llama_cpp_cannot_take_is_refused_before_any_work_or_leaves_nothing_behin
     assert!(convert(&["--base", base.to_str().unwrap(), "--force"])
         .status
         .success());
+    // A scale f16 cannot hold, found while the file is written: an error naming the module,
+    // and neither the file nor its temporary file is left.
+    let huge = dir.path().join("huge");
+    copy_files(&ad, &huge, false);
+    let mut c = read_json(&huge.join("adapter_config.json"));
+    c["lora_alpha"] = 1e9.into();
+    std::fs::write(huge.join("adapter_config.json"), c.to_string()).unwrap();
+    let target = dir.path().join("h.gguf");
+    let o = phlora(&[
+        "convert",
+        huge.to_str().unwrap(),
+        "--to",
+        "gguf",
+        "--base",
+        base.to_str().unwrap(),
+        "--out",
+        target.to_str().unwrap(),
+        "--type",
+        "f16",
+        "--quiet",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("beyond f16's range") && stderr(&o).contains("lora_b"),
+        "{}",
+        stderr(&o)
+    );
+    let names = || -> Vec<String> {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert!(
+        !names().iter().any(|n| n.contains("h.gguf")),
+        "{:?}",
+        names()
+    );
+    // An interrupted writer's temporary file (its process gone) is removed by the next.
+    let stale = dir.path().join(".h.gguf.partial-4000000");
+    std::fs::write(&stale, b"half").unwrap();
+    let o = phlora(&[
+        "convert",
+        huge.to_str().unwrap(),
+        "--to",
+        "gguf",
+        "--base",
+        base.to_str().unwrap(),
+        "--out",
+        target.to_str().unwrap(),
+        "--type",
+        "bf16",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stale.exists() && target.exists());
     // A base of another size: a clear error, no file, no temporary file.
     let wrong = dir.path().join("wrong");
     std::fs::create_dir_all(&wrong).unwrap();

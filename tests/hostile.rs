@@ -386,9 +386,11 @@ fn mutated_adapters_never_panic() {
         let (mut read, mut refused) = (0, 0);
         let mut converted = 0;
         let case_dir = dir.path().join(format!("case-{layout}"));
-        // What convert --to gguf needs of the base: its config.
+        // What convert --to gguf reads of the base: its config, and its weights (they size
+        // the tensors saved whole).
         let base_config = dir.path().join("base-config");
         std::fs::create_dir_all(&base_config).unwrap();
+        std::fs::copy(&b, base_config.join("model.safetensors")).unwrap();
         std::fs::write(
             base_config.join("config.json"),
             r#"{"architectures": ["LlamaForCausalLM"], "num_attention_heads": 1, "hidden_size": 4, "vocab_size": 8}"#,

@@ -38,8 +38,10 @@ pub struct BaseModel {
     pub class: String,
     /// llama.cpp's architecture name.
     pub arch: &'static str,
-    pub heads: usize,
-    pub kv_heads: usize,
+    /// Attention heads (needed where Q/K rows are permuted; Gemma 3's multimodal configs
+    /// leave them out).
+    pub heads: Option<usize>,
+    pub kv_heads: Option<usize>,
     pub hidden: Option<usize>,
     pub vocab: Option<usize>,
     /// The output head is the embedding matrix (llama.cpp's `output` is `token_embd`).
@@ -77,11 +79,13 @@ impl BaseModel {
                 ),
             )
         })?;
-        let heads = count("num_attention_heads")
-            .filter(|&h| h > 0)
-            .ok_or_else(|| {
-                Error::checkpoint(&config, "no num_attention_heads: the Q/K layout needs it")
-            })?;
+        let heads = count("num_attention_heads").filter(|&h| h > 0);
+        if heads.is_none() && llama_cpp::permutes_qk(arch) {
+            return Err(Error::checkpoint(
+                &config,
+                "no num_attention_heads: llama.cpp's Q/K row order needs it",
+            ));
+        }
         // transformers' default for Gemma is tied; for the others, untied.
         let tied = field("tie_word_embeddings")
             .and_then(Json::as_bool)
@@ -90,12 +94,52 @@ impl BaseModel {
             class,
             arch,
             heads,
-            kv_heads: count("num_key_value_heads").unwrap_or(heads),
+            kv_heads: count("num_key_value_heads").filter(|&h| h > 0).or(heads),
             hidden: count("hidden_size"),
             vocab: count("vocab_size"),
             tied,
             config,
         })
+    }
+}
+
+impl BaseModel {
+    /// The heads of llama.cpp's Q/K row permutation for a module's GGUF tensor (None: not
+    /// permuted).
+    fn permuted_heads(&self, gguf_name: &str) -> Option<usize> {
+        match gguf_name.rsplit('.').next() {
+            Some("attn_q") if llama_cpp::permutes_qk(self.arch) => self.heads,
+            Some("attn_k") if llama_cpp::permutes_qk(self.arch) => self.kv_heads,
+            _ => None,
+        }
+    }
+
+    /// The base's own Q and K weights split into the heads the permutation needs: checked
+    /// before an extraction, not after it.
+    pub fn check_weights(&self, weights: &Checkpoint) -> Result<()> {
+        for t in weights.tensors() {
+            let Some(module) = t.name.strip_suffix(".weight") else {
+                continue;
+            };
+            let Some(name) = llama_cpp::tensor_name(&text_module(module)) else {
+                continue;
+            };
+            let Some(heads) = self.permuted_heads(&name) else {
+                continue;
+            };
+            let rows = t.shape.first().copied().unwrap_or(0);
+            if llama_cpp::qk_row_order(rows, heads).is_none() {
+                return Err(Error::tensor(
+                    weights.path_of(t),
+                    &t.name,
+                    format!(
+                        "{rows} rows do not split into {heads} heads of an even size, as llama.cpp's Q/K row order needs ({})",
+                        self.config.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -133,7 +177,7 @@ impl Reason {
             Reason::Bias => "lora_B biases (GGUF LoRA has none)",
             Reason::FusedExperts => "fused expert parameters (write per-expert LoRA: extract without --fuse-experts)",
             Reason::NoTensor => "modules llama.cpp has no tensor for",
-            Reason::TiedEmbedding => "embedding LoRA on a tied base (llama.cpp's output is token_embd: it aborts the first decode)",
+            Reason::TiedEmbedding => "embedding LoRA on a tied base or a Gemma (llama.cpp's output is token_embd: it aborts the first decode)",
             Reason::TiedHead => "lm_head LoRA on a base whose GGUF has no output tensor (tied embeddings, or the Gemma family)",
             Reason::Vocabulary => "factors over another vocabulary than the base's",
             Reason::Layout => "convolution or fan_in_fan_out weights",
@@ -192,7 +236,8 @@ impl GgufExport {
             .map(|r| {
                 let parts: Vec<&LeftOut> = self.left_out.iter().filter(|l| l.reason == r).collect();
                 let share = if parts.iter().any(|l| l.sq_norm.is_none()) {
-                    "share unknown: the base's weights were not given".to_string()
+                    "size not known: new rows, or a tensor the base's weights do not size"
+                        .to_string()
                 } else if total > 0.0 {
                     let sq: f64 = parts.iter().filter_map(|l| l.sq_norm).sum();
                     format!("{:.2}% of the adapter's ‖ΔW‖²", 100.0 * sq / total)
@@ -292,15 +337,22 @@ pub fn convert(
     }
     let specs = specs(&pairs, tensor_type);
     let metadata = metadata(&model, adapter_dir);
-    let meta: Vec<(&str, gguf::Value)> = metadata.iter().map(|(k, v)| (*k, v.clone())).collect();
     let bytes = crate::staging::publish(out, |file| {
         let mut w =
-            gguf::Writer::start(file, &meta, &specs).map_err(|e| Error::checkpoint(out, e))?;
+            gguf::Writer::start(file, &metadata, &specs).map_err(|e| Error::checkpoint(out, e))?;
         for (pair, types) in pairs.iter().zip(specs.chunks(2)) {
+            // Between two modules: the temporary file goes, nothing half-written stays.
+            crate::interrupt::check(&out.display().to_string())?;
             let (a, b) = gguf_factors(&adapter, pair);
             for (values, spec) in [a, b].iter().zip(types) {
-                w.tensor(&encode(values, spec.dtype))
-                    .map_err(|e| Error::checkpoint(out, e))?;
+                let bytes = encode(values, spec.dtype).map_err(|why| {
+                    Error::tensor(
+                        &adapter.dir,
+                        &pair.module.param,
+                        format!("{}: {why}", spec.name),
+                    )
+                })?;
+                w.tensor(&bytes).map_err(|e| Error::checkpoint(out, e))?;
             }
         }
         let file = w.finish().map_err(|e| Error::checkpoint(out, e))?;
@@ -413,7 +465,8 @@ fn place<'a>(
         return Ok(Err(Reason::Layout));
     }
     let (token_embd, output) = (name == "token_embd", name == "output");
-    if token_embd && model.tied {
+    // llama.cpp's Gemma graphs take the output from token_embd, tied or not.
+    if token_embd && (model.tied || model.arch.starts_with("gemma")) {
         return Ok(Err(Reason::TiedEmbedding));
     }
     if output && (model.tied || model.arch.starts_with("gemma")) {
@@ -436,11 +489,7 @@ fn place<'a>(
         ));
     }
     check_hidden(adapter, m, &name, &weight, model)?;
-    let permute = match name.rsplit('.').next() {
-        Some("attn_q") if llama_cpp::permutes_qk(model.arch) => Some(model.heads),
-        Some("attn_k") if llama_cpp::permutes_qk(model.arch) => Some(model.kv_heads),
-        _ => None,
-    };
+    let permute = model.permuted_heads(&name);
     if let Some(heads) = permute.filter(|&h| llama_cpp::qk_row_order(weight[0], h).is_none()) {
         return Err(Error::tensor(
             &adapter.dir,
@@ -549,9 +598,9 @@ fn whole_left_out(adapter: &Adapter, weights: Option<&Checkpoint>) -> Vec<LeftOu
         .whole
         .iter()
         .map(|(param, t)| {
-            let base = weights
-                .and_then(|w| w.get(param))
-                .filter(|b| b.shape == t.shape && b.float_dtype().is_some());
+            let base = weights.and_then(|w| w.get(param)).filter(|b| {
+                b.shape == t.shape && b.float_dtype().is_some() && t.float_dtype().is_some()
+            });
             let sq_norm = base.and_then(|b| {
                 let w = weights?;
                 let rows = t.shape.first().copied().unwrap_or(1).max(1);
@@ -635,7 +684,21 @@ fn gguf_factors(adapter: &Adapter, p: &Pair) -> (Vec<f32>, Vec<f32>) {
     (a_out, scaled_b)
 }
 
-fn encode(values: &[f32], t: TensorType) -> Vec<u8> {
+/// The values in `t`, or why they do not fit it (each module's scale is in its lora_b, which
+/// can take it past f16's range; q8_0 keeps each block's scale as an f16).
+fn encode(values: &[f32], t: TensorType) -> std::result::Result<Vec<u8>, String> {
+    let largest = values.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let limit = match t {
+        TensorType::F16 => f32::from(half::f16::MAX),
+        TensorType::Q8_0 => 127.0 * f32::from(half::f16::MAX),
+        TensorType::F32 | TensorType::BF16 => f32::MAX,
+    };
+    if largest > limit {
+        return Err(format!(
+            "a value of {largest:e} (the module's scale is in lora_b) is beyond {}'s range; use --type bf16 or f32",
+            t.as_str()
+        ));
+    }
     let mut out = Vec::with_capacity(values.len() * 4);
     match t {
         TensorType::F32 => dtype::encode_into(DType::F32, values, &mut out),
@@ -643,5 +706,83 @@ fn encode(values: &[f32], t: TensorType) -> Vec<u8> {
         TensorType::BF16 => dtype::encode_into(DType::BF16, values, &mut out),
         TensorType::Q8_0 => gguf::encode_q8_0(values, &mut out),
     }
-    out
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base_config(json: &str) -> (tempfile::TempDir, Result<BaseModel>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), json).unwrap();
+        let model = BaseModel::read(dir.path());
+        (dir, model)
+    }
+
+    #[test]
+    fn a_base_config_gives_llama_cpps_architecture_heads_and_tying() {
+        // Gemma 3's multimodal configs keep the text model's fields in text_config, and the
+        // released ones leave the heads out: only Llama's Q/K order needs them.
+        let (_d, m) = base_config(
+            r#"{"architectures": ["Gemma3ForConditionalGeneration"],
+                "text_config": {"hidden_size": 2560, "vocab_size": 262208}}"#,
+        );
+        let m = m.unwrap();
+        assert_eq!((m.arch, m.heads, m.hidden), ("gemma3", None, Some(2560)));
+        assert!(m.tied, "transformers ties Gemma by default");
+        assert_eq!(m.permuted_heads("blk.0.attn_q"), None);
+        let (_d, m) = base_config(
+            r#"{"architectures": ["MistralForCausalLM"], "num_attention_heads": 32,
+                "num_key_value_heads": 8, "tie_word_embeddings": false}"#,
+        );
+        let m = m.unwrap();
+        assert_eq!(m.arch, "llama");
+        assert_eq!(m.permuted_heads("blk.3.attn_q"), Some(32));
+        assert_eq!(m.permuted_heads("blk.3.attn_k"), Some(8));
+        assert_eq!(m.permuted_heads("blk.3.attn_v"), None);
+        assert!(!m.tied);
+        let (_d, m) = base_config(r#"{"architectures": ["LlamaForCausalLM"]}"#);
+        assert!(m.unwrap_err().to_string().contains("num_attention_heads"));
+        let (_d, m) = base_config(r#"{"architectures": ["MixtralForCausalLM"]}"#);
+        let e = m.unwrap_err().to_string();
+        assert!(
+            e.contains("MixtralForCausalLM") && e.contains("Qwen3ForCausalLM"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn multimodal_wrappers_are_stripped_to_the_language_models_paths() {
+        for (hf, gguf) in [
+            (
+                "model.language_model.layers.2.self_attn.o_proj",
+                Some("blk.2.attn_output"),
+            ),
+            (
+                "language_model.model.layers.0.mlp.up_proj",
+                Some("blk.0.ffn_up"),
+            ),
+            ("language_model.lm_head", Some("output")),
+            ("model.language_model.embed_tokens", Some("token_embd")),
+            ("model.vision_tower.encoder.layers.0.self_attn.q_proj", None),
+        ] {
+            assert_eq!(
+                llama_cpp::tensor_name(&text_module(hf)).as_deref(),
+                gguf,
+                "{hf}"
+            );
+        }
+    }
+
+    #[test]
+    fn casts_beyond_a_types_range_are_refused_not_written_as_inf() {
+        assert!(encode(&[7e4], TensorType::F16).unwrap_err().contains("f16"));
+        assert!(encode(&[7e4], TensorType::BF16).is_ok());
+        assert!(encode(&[6e4; 32], TensorType::Q8_0).is_ok());
+        assert!(encode(&[1e7; 32], TensorType::Q8_0)
+            .unwrap_err()
+            .contains("q8_0"));
+        assert_eq!(encode(&[1.5, -2.0], TensorType::F16).unwrap().len(), 4);
+    }
 }

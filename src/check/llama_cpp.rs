@@ -12,11 +12,17 @@ pub const SOURCES: &str = "llama.cpp (ggml-org/llama.cpp): convert_lora_to_gguf.
 pub fn check(a: &Inventory) -> Vec<Finding> {
     let mut out = converter(a);
     out.extend(scale(a));
-    out.push(Finding::new(
+    // (On a base whose architecture phlora's converter does not know, it has nothing to offer.)
+    let convertible = a.base.as_ref().map_or(true, |b| {
+        crate::gguf::llama_cpp::SUPPORTED
+            .iter()
+            .any(|c| b.architectures.contains(&c.to_ascii_lowercase()))
+    });
+    out.extend(convertible.then(|| Finding::new(
         Note,
         "llama.cpp.phlora_convert",
         "these rules are llama.cpp's convert_lora_to_gguf.py's: `phlora convert ADAPTER --to gguf --base BASE` (or extract --target llama.cpp) writes the GGUF itself, every module at its exact scale (rank_pattern, alpha_pattern, rsLoRA), and leaves out what llama.cpp cannot apply (norms, tensors saved whole, biases, an embedding or head tied to token_embd) with its share of ‖ΔW‖²",
-    ));
+    )));
     out
 }
 

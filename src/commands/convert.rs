@@ -27,6 +27,7 @@ pub fn run(a: &ConvertArgs, ui: Ui) -> Result<ExitCode> {
             "already exists; pass --force to replace it",
         ));
     }
+    phlora::interrupt::install();
     // An extract writing into the adapter's folder is kept out while it is read.
     let _lock = phlora::outdir::OutLock::acquire_to_read(&adapter, "convert")?;
     let tensor_type = a.tensor_type.map(GgufTypeArg::tensor_type);

@@ -117,8 +117,13 @@ fn with_gguf(s: &ExtractSettings, mut report: RunReport) -> Result<RunReport> {
         return Ok(report);
     };
     let path = s.out.join(GGUF_FILE);
-    let export = convert(&s.out, &s.base, &path, g.tensor_type).map_err(|e| {
-        Error::checkpoint(
+    let export = convert(&s.out, &s.base, &path, g.tensor_type).map_err(|e| match e {
+        Error::Interrupted(what) => Error::Interrupted(format!(
+            "{what}; the PEFT adapter in {} is complete: `phlora convert {} --to gguf --base BASE` writes it",
+            s.out.display(),
+            s.out.display()
+        )),
+        e => Error::checkpoint(
             &path,
             format!(
                 "not written: {e}. The PEFT adapter in {} is complete; `phlora convert {} --to gguf --base BASE` converts it once the cause is fixed",
@@ -132,7 +137,14 @@ fn with_gguf(s: &ExtractSettings, mut report: RunReport) -> Result<RunReport> {
     }
     report.gguf = Some(export);
     let json = serde_json::to_string_pretty(&report).expect("report serializes");
-    crate::staging::write_atomically(&s.out.join(crate::adapter::REPORT_FILE), json.as_bytes())?;
+    let report_path = s.out.join(crate::adapter::REPORT_FILE);
+    // (Not an Io error: that would say to --resume, and the journal went at the commit.)
+    crate::staging::write_atomically(&report_path, json.as_bytes()).map_err(|e| {
+        Error::checkpoint(
+            &report_path,
+            format!("adapter.gguf is written, report.json not updated with it: {e}"),
+        )
+    })?;
     Ok(report)
 }
 
