@@ -11,12 +11,12 @@ pub fn last_segment(path: &str) -> &str {
     path.rsplit_once('.').map_or(path, |(_, l)| l)
 }
 
-/// GPT-2's Conv1D layers (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) store [in, out].
 /// The first path segment that is a number: the layer index.
 pub fn layer_of(name: &str) -> Option<usize> {
     name.split('.').find_map(|p| p.parse().ok())
 }
 
+/// GPT-2's Conv1D layers (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) store [in, out].
 pub fn is_conv1d_module(module: &str) -> bool {
     matches!(
         last_segment(module),

@@ -176,39 +176,35 @@ fn remove_dead_partials(path: &Path, prefix: &str) {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let pid = name
-            .strip_prefix(prefix)
-            .and_then(|p| p.parse::<u32>().ok());
-        if pid.is_some_and(|pid| pid != std::process::id() && !process_alive(pid)) {
-            let _ = std::fs::remove_file(e.path());
-        }
+    for e in left_by_dead_runs(dir, prefix) {
+        let _ = std::fs::remove_file(e.path());
     }
 }
 
 /// Staging folders of processes that are gone (killed before they could clean up).
 fn remove_orphans(out: &Path, tag: &str) {
-    let prefix = format!(".phlora-{tag}-");
-    let Ok(entries) = std::fs::read_dir(out) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(&prefix)
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !process_alive(pid) {
-            tracing::info!(
-                "{}: removing the staging folder of a run that was killed",
-                e.path().display()
-            );
-            let _ = std::fs::remove_dir_all(e.path());
-        }
+    for e in left_by_dead_runs(out, &format!(".phlora-{tag}-")) {
+        tracing::info!(
+            "{}: removing the staging folder of a run that was killed",
+            e.path().display()
+        );
+        let _ = std::fs::remove_dir_all(e.path());
     }
+}
+
+/// The entries of `dir` named `<prefix><pid>` for a pid that is not this process and not alive.
+fn left_by_dead_runs(dir: &Path, prefix: &str) -> Vec<std::fs::DirEntry> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix(prefix)
+                .and_then(|p| p.parse::<u32>().ok())
+                .is_some_and(|pid| pid != std::process::id() && !process_alive(pid))
+        })
+        .collect()
 }
 
 #[cfg(target_os = "linux")]

@@ -60,8 +60,7 @@ impl BaseModel {
         let text = crate::checkpoint::input::read_string(&config)?;
         let json: Json = serde_json::from_str(&text)
             .map_err(|e| Error::checkpoint(&config, format!("not valid JSON: {e}")))?;
-        let text_config = json.get("text_config");
-        let field = |k: &str| json.get(k).or_else(|| text_config.and_then(|c| c.get(k)));
+        let field = |k: &str| crate::checkpoint::config_field(&json, k);
         let count = |k: &str| field(k).and_then(Json::as_u64).map(|v| v as usize);
         let class = json
             .get("architectures")
@@ -283,14 +282,18 @@ impl GgufExport {
     }
 }
 
-/// One module's place in the GGUF.
-struct Pair<'a> {
-    module: &'a LoraModule,
+/// Where a module goes in the GGUF.
+struct Place {
     /// The base tensor's GGUF name, with `.weight`.
     base: String,
-    embedding: bool,
     /// Heads of the Q/K row permutation.
     permute: Option<usize>,
+}
+
+/// One module's pair of tensors in the GGUF.
+struct Pair<'a> {
+    module: &'a LoraModule,
+    place: Place,
     /// Rank components kept (those with a non-zero row of A and column of B).
     keep: Vec<usize>,
     sq_norm: f64,
@@ -372,7 +375,7 @@ pub fn convert(
 }
 
 /// The GGUF tensor type for an adapter's dtype.
-pub fn tensor_type_of(d: DType) -> TensorType {
+fn tensor_type_of(d: DType) -> TensorType {
     match d {
         DType::F32 => TensorType::F32,
         DType::F16 => TensorType::F16,
@@ -409,14 +412,17 @@ fn metadata(model: &BaseModel, adapter_dir: &Path) -> Vec<(&'static str, gguf::V
 fn place_all<'a>(adapter: &'a Adapter, model: &BaseModel) -> Result<(Vec<Pair<'a>>, Vec<LeftOut>)> {
     let (mut pairs, mut left_out) = (Vec::new(), Vec::new());
     for m in &adapter.modules {
+        // (The factors are decoded again when written: the kept ranks go in the header,
+        // before any tensor's data, and holding every module's factors would double the
+        // adapter in memory.)
         let (a, b) = adapter.factors(m);
         let sq_norm = sq_norm_of(m, &a, &b);
         match place(adapter, m, model)? {
-            Ok(placed) => pairs.push(Pair {
+            Ok(place) => pairs.push(Pair {
                 module: m,
+                place,
                 keep: kept_components(m, &a, &b),
                 sq_norm,
-                ..placed
             }),
             Err(reason) => left_out.push(LeftOut {
                 name: m.param.clone(),
@@ -450,11 +456,11 @@ fn place_all<'a>(adapter: &'a Adapter, model: &BaseModel) -> Result<(Vec<Pair<'a
 
 /// Where one module goes, or why it cannot (an Err of the outer Result: the adapter does not
 /// fit the base).
-fn place<'a>(
-    adapter: &'a Adapter,
-    m: &'a LoraModule,
+fn place(
+    adapter: &Adapter,
+    m: &LoraModule,
     model: &BaseModel,
-) -> Result<std::result::Result<Pair<'a>, Reason>> {
+) -> Result<std::result::Result<Place, Reason>> {
     if m.experts > 0 {
         return Ok(Err(Reason::FusedExperts));
     }
@@ -501,13 +507,9 @@ fn place<'a>(
             ),
         ));
     }
-    Ok(Ok(Pair {
-        module: m,
+    Ok(Ok(Place {
         base: format!("{name}.weight"),
-        embedding: m.embedding,
         permute,
-        keep: Vec::new(),
-        sq_norm: 0.0,
     }))
 }
 
@@ -569,24 +571,24 @@ fn text_module(module: &str) -> String {
 /// ‖scaling · B·A‖²_F = scaling² · Σ (BᵀB) ⊙ (A·Aᵀ), through the r×r Gram matrices (in f32
 /// products summed in f64: a share, not a certificate); a fused module's experts one by one.
 fn sq_norm_of(m: &LoraModule, a: &faer::Mat<f32>, b: &faer::Mat<f32>) -> f64 {
-    let (r, experts) = (m.rank, m.experts.max(1));
     let mut sq = 0f64;
-    for e in 0..experts {
-        // Expert e: rows e·r + k of A, columns k·E + e of B (one expert: all of them).
-        let (ae, be) = if m.experts > 0 {
-            (
-                faer::Mat::from_fn(r, a.ncols(), |k, j| a[(e * r + k, j)]),
-                faer::Mat::from_fn(b.nrows(), r, |i, k| b[(i, k * experts + e)]),
-            )
-        } else {
-            (a.clone(), b.clone())
-        };
-        let ga = &ae * ae.transpose();
-        let gb = be.transpose() * &be;
-        for j in 0..r {
-            for i in 0..r {
+    let mut add_gram_product = |a: faer::MatRef<f32>, b: faer::MatRef<f32>| {
+        let (ga, gb) = (a * a.transpose(), b.transpose() * b);
+        for j in 0..ga.ncols() {
+            for i in 0..ga.nrows() {
                 sq += ga[(i, j)] as f64 * gb[(i, j)] as f64;
             }
+        }
+    };
+    if m.experts == 0 {
+        add_gram_product(a.as_ref(), b.as_ref());
+    } else {
+        // Expert e: rows e·r + k of A, columns k·E + e of B.
+        let (r, experts) = (m.rank, m.experts);
+        for e in 0..experts {
+            let ae = faer::Mat::from_fn(r, a.ncols(), |k, j| a[(e * r + k, j)]);
+            let be = faer::Mat::from_fn(b.nrows(), r, |i, k| b[(i, k * experts + e)]);
+            add_gram_product(ae.as_ref(), be.as_ref());
         }
     }
     m.scaling * m.scaling * sq
@@ -635,7 +637,7 @@ fn specs(pairs: &[Pair], wanted: TensorType) -> Vec<TensorSpec> {
     for p in pairs {
         let r = p.keep.len() as u64;
         let (rows_b, cols_a) = (p.module.b.shape[0] as u64, p.module.a.shape[1] as u64);
-        let (ne_a, ne_b) = if p.embedding {
+        let (ne_a, ne_b) = if p.module.embedding {
             (vec![r, cols_a], vec![r, rows_b])
         } else {
             (vec![cols_a, r], vec![r, rows_b])
@@ -647,7 +649,7 @@ fn specs(pairs: &[Pair], wanted: TensorType) -> Vec<TensorSpec> {
                 t => t,
             };
             out.push(TensorSpec {
-                name: format!("{}.{suffix}", p.base),
+                name: format!("{}.{suffix}", p.place.base),
                 ne,
                 dtype,
             });
@@ -663,7 +665,7 @@ fn gguf_factors(adapter: &Adapter, p: &Pair) -> (Vec<f32>, Vec<f32>) {
     let (a, b) = (&a, &b);
     let s = p.module.scaling as f32;
     let (keep, out_rows) = (&p.keep, b.nrows());
-    let order: Vec<usize> = match p.permute {
+    let order: Vec<usize> = match p.place.permute {
         Some(heads) => llama_cpp::qk_row_order(out_rows, heads).expect("checked when placed"),
         None => (0..out_rows).collect(),
     };
@@ -671,7 +673,7 @@ fn gguf_factors(adapter: &Adapter, p: &Pair) -> (Vec<f32>, Vec<f32>) {
         .iter()
         .flat_map(|&o| keep.iter().map(move |&k| s * b[(o, k)]))
         .collect();
-    let a_out: Vec<f32> = if p.embedding {
+    let a_out: Vec<f32> = if p.module.embedding {
         // Aᵀ: row t holds token t's r coordinates.
         (0..a.ncols())
             .flat_map(|t| keep.iter().map(move |&k| a[(k, t)]))

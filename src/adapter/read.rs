@@ -141,7 +141,6 @@ impl<T: Copy> Patterns<T> {
 
 /// The adapter's weights: the single file, or the shards its index names. Both at once is
 /// refused: loaders disagree on which one wins.
-/// The adapter's weights file, or its index and shards (refused when both are there).
 pub fn open_weights(dir: &Path) -> Result<Checkpoint> {
     let (single, index) = (dir.join(MODEL_FILE), dir.join(INDEX_FILE));
     match (input::kind(&single), input::kind(&index)) {
@@ -648,8 +647,6 @@ fn check_targeted(
 /// wrapper per targeted parameter of a module, the first registered innermost, so a path with
 /// k `.base_layer` suffixes is the parameter with k wrappers around it. Entries are full
 /// parameter paths or suffixes of them.
-/// The parameter a factor pair at `path` updates, when target_parameters names it (PEFT's
-/// ParamWrapper; nested `base_layer`s for a second parameter of the same module).
 pub fn targeted_parameter(path: &str, targeted: &[String]) -> Option<String> {
     if targeted.is_empty() {
         return None;

@@ -174,12 +174,7 @@ impl Base {
     pub fn open(path: &Path) -> Result<Base> {
         let ck = crate::checkpoint::Checkpoint::open(path)?;
         let config = ck.config();
-        let text_config = config.and_then(|c| c.get("text_config"));
-        let field = |k: &str| {
-            config
-                .and_then(|c| c.get(k))
-                .or_else(|| text_config.and_then(|c| c.get(k)))
-        };
+        let field = |k: &str| config.and_then(|c| crate::checkpoint::config_field(c, k));
         let shapes: BTreeMap<String, Vec<usize>> = ck
             .tensors()
             .iter()

@@ -362,6 +362,14 @@ fn read_config(path: &Path) -> Result<Option<serde_json::Value>> {
     }
 }
 
+/// A field of a model's config.json, or of its `text_config` (multimodal classes keep the
+/// language model's fields there).
+pub fn config_field<'a>(config: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    config
+        .get(key)
+        .or_else(|| config.get("text_config").and_then(|c| c.get(key)))
+}
+
 /// Rows r0..r1 of `t`, continued past its last row by the rows of `more` (a vocabulary with
 /// its added rows, as the resized model has them).
 pub fn stacked_rows(

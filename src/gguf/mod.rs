@@ -113,14 +113,6 @@ pub fn decode_q8_0(bytes: &[u8], out: &mut Vec<f32>) {
     }
 }
 
-/// A tensor to write: `ne` in ggml order (the row-major shape reversed).
-pub struct Tensor<'a> {
-    pub name: &'a str,
-    pub ne: Vec<u64>,
-    pub dtype: TensorType,
-    pub bytes: &'a [u8],
-}
-
 /// A tensor as the file describes it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorInfo {
@@ -304,27 +296,6 @@ fn check_header(metadata: &[(&str, Value)], tensors: &[TensorSpec]) -> Result<Ve
         .collect()
 }
 
-/// Writes a whole GGUF v3 file from tensors in memory (see [`Writer`]).
-pub fn write(
-    out: &mut impl Write,
-    metadata: &[(&str, Value)],
-    tensors: &[Tensor],
-) -> Result<(), String> {
-    let specs: Vec<TensorSpec> = tensors
-        .iter()
-        .map(|t| TensorSpec {
-            name: t.name.to_string(),
-            ne: t.ne.clone(),
-            dtype: t.dtype,
-        })
-        .collect();
-    let mut w = Writer::start(out, metadata, &specs)?;
-    for t in tensors {
-        w.tensor(t.bytes)?;
-    }
-    w.finish().map(drop)
-}
-
 /// A cursor over untrusted bytes: every read is bounds-checked.
 struct Cursor<'a> {
     bytes: &'a [u8],
@@ -493,6 +464,35 @@ impl File {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tensor to write from memory: `ne` in ggml order (the row-major shape reversed).
+    struct Tensor<'a> {
+        name: &'a str,
+        ne: Vec<u64>,
+        dtype: TensorType,
+        bytes: &'a [u8],
+    }
+
+    /// Writes a whole GGUF v3 file from tensors in memory (see [`Writer`]).
+    fn write(
+        out: &mut impl Write,
+        metadata: &[(&str, Value)],
+        tensors: &[Tensor],
+    ) -> Result<(), String> {
+        let specs: Vec<TensorSpec> = tensors
+            .iter()
+            .map(|t| TensorSpec {
+                name: t.name.to_string(),
+                ne: t.ne.clone(),
+                dtype: t.dtype,
+            })
+            .collect();
+        let mut w = Writer::start(out, metadata, &specs)?;
+        for t in tensors {
+            w.tensor(t.bytes)?;
+        }
+        w.finish().map(drop)
+    }
 
     fn sample() -> Vec<u8> {
         let a: Vec<u8> = (0..3 * 5).flat_map(|i| (i as f32).to_le_bytes()).collect();
