@@ -276,17 +276,26 @@ def check_pair(name, base, ft, eval_path, args):
                   tensor_type=export["tensor_type"],
                   # A cast (f16, bf16, q8_0) is reported, not judged.
                   ok=exact <= max(20 * floor, 1e-3) or export["tensor_type"] != "f32")
-    if args.official:
-        out = os.path.join(work, "official.gguf")
-        try:
-            run([sys.executable, os.path.join(args.llama_cpp, "convert_lora_to_gguf.py"), ad,
-                 "--base", base, "--outfile", out, "--outtype", "f32"], cwd=args.llama_cpp)
-            official = llama_logits(ggufs["base"], rows, lora=out)
-            result["official_exact"] = max_diff(official, reference)
-            result["official_kl"], result["official_top1"] = kl_and_top1(lc_ft, official, rows)
-        except RuntimeError as e:
-            result["official_error"] = str(e).strip().splitlines()[-1][:200]
+    official = official_logits(ad, base, ggufs["base"], rows, work, args, result)
+    if official is not None:
+        result["official_exact"] = max_diff(official, reference)
+        result["official_kl"], result["official_top1"] = kl_and_top1(lc_ft, official, rows)
     return result
+
+
+def official_logits(ad, base, base_gguf, rows, work, args, result):
+    """With --official: llama.cpp's logits with the adapter converted by its own
+    convert_lora_to_gguf.py, or None (its error, or llama.cpp's crash, in `result`)."""
+    if not args.official:
+        return None
+    out = os.path.join(work, "official.gguf")
+    try:
+        run([sys.executable, os.path.join(args.llama_cpp, "convert_lora_to_gguf.py"), ad,
+             "--base", base, "--outfile", out, "--outtype", "f32"], cwd=args.llama_cpp)
+        return llama_logits(base_gguf, rows, lora=out)
+    except RuntimeError as e:
+        result["official_error"] = str(e).strip().splitlines()[-1][:200]
+        return None
 
 
 def convert_base(folder, path, args):
@@ -330,14 +339,9 @@ def check_peft_adapter(name, base, args):
         result[f"exact_{t}"] = max_diff(llama_logits(base_gguf, rows, lora=out), peft)
         if t == "f32":
             result["ok"] = result["exact_f32"] <= max(20 * floor, 1e-3)
-    if args.official:
-        out = os.path.join(work, "official.gguf")
-        try:
-            run([sys.executable, os.path.join(args.llama_cpp, "convert_lora_to_gguf.py"), ad,
-                 "--base", base, "--outfile", out, "--outtype", "f32"], cwd=args.llama_cpp)
-            result["official_exact"] = max_diff(llama_logits(base_gguf, rows, lora=out), peft)
-        except RuntimeError as e:
-            result["official_error"] = str(e).strip().splitlines()[-1][:200]
+    official = official_logits(ad, base, base_gguf, rows, work, args, result)
+    if official is not None:
+        result["official_exact"] = max_diff(official, peft)
     return result
 
 

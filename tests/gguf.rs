@@ -273,7 +273,13 @@ fn llama(left_out: Vec<String>, tol: f64) -> Expect<'static> {
     }
 }
 
-fn convert(adapter: &Path, base: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+/// `phlora convert ADAPTER --to gguf --base BASE [--out OUT] --quiet --json EXTRA…`.
+fn convert_with(
+    adapter: &Path,
+    base: &Path,
+    out: Option<&Path>,
+    extra: &[&str],
+) -> std::process::Output {
     let mut args = vec![
         "convert",
         adapter.to_str().unwrap(),
@@ -281,13 +287,28 @@ fn convert(adapter: &Path, base: &Path, out: &Path, extra: &[&str]) -> std::proc
         "gguf",
         "--base",
         base.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
         "--quiet",
         "--json",
     ];
+    if let Some(out) = out {
+        args.extend(["--out", out.to_str().unwrap()]);
+    }
     args.extend_from_slice(extra);
     phlora(&args)
+}
+
+fn convert(adapter: &Path, base: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    convert_with(adapter, base, Some(out), extra)
+}
+
+/// The names in `dir` that contain `part` (a file, or a temporary file beside it).
+fn named_like(dir: &Path, part: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(part))
+        .collect()
 }
 
 fn export_of(o: &std::process::Output) -> serde_json::Value {
@@ -521,22 +542,21 @@ fn what_llama_cpp_cannot_take_is_refused_before_any_work_or_leaves_nothing_behin
     let ad = dir.path().join("ad");
     let o = extract_pair(&root, &ad, &["--rank", "4"], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let convert = |extra: &[&str]| {
-        let mut args = vec!["convert", ad.to_str().unwrap(), "--to", "gguf", "--quiet"];
-        args.extend_from_slice(extra);
-        phlora(&args)
-    };
     let base = root.join("base");
-    let o = convert(&["--base", base.to_str().unwrap()]);
+    let o = convert_with(&ad, &base, None, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = convert(&["--base", base.to_str().unwrap()]);
+    assert!(
+        ad.join("adapter.gguf").exists(),
+        "ADAPTER/adapter.gguf by default"
+    );
+    let o = convert_with(&ad, &base, None, &[]);
     assert_eq!(
         o.status.code(),
         Some(1),
         "an existing file is not replaced without --force"
     );
     assert!(stderr(&o).contains("--force"));
-    assert!(convert(&["--base", base.to_str().unwrap(), "--force"])
+    assert!(convert_with(&ad, &base, None, &["--force"])
         .status
         .success());
     // A scale f16 cannot hold, found while the file is written: an error naming the module,
@@ -547,53 +567,19 @@ fn what_llama_cpp_cannot_take_is_refused_before_any_work_or_leaves_nothing_behin
     c["lora_alpha"] = 1e9.into();
     std::fs::write(huge.join("adapter_config.json"), c.to_string()).unwrap();
     let target = dir.path().join("h.gguf");
-    let o = phlora(&[
-        "convert",
-        huge.to_str().unwrap(),
-        "--to",
-        "gguf",
-        "--base",
-        base.to_str().unwrap(),
-        "--out",
-        target.to_str().unwrap(),
-        "--type",
-        "f16",
-        "--quiet",
-    ]);
+    let o = convert(&huge, &base, &target, &["--type", "f16"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
         stderr(&o).contains("beyond f16's range") && stderr(&o).contains("lora_b"),
         "{}",
         stderr(&o)
     );
-    let names = || -> Vec<String> {
-        std::fs::read_dir(dir.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect()
-    };
-    assert!(
-        !names().iter().any(|n| n.contains("h.gguf")),
-        "{:?}",
-        names()
-    );
+    let left = named_like(dir.path(), "h.gguf");
+    assert!(left.is_empty(), "{left:?}");
     // An interrupted writer's temporary file (its process gone) is removed by the next.
     let stale = dir.path().join(".h.gguf.partial-4000000");
     std::fs::write(&stale, b"half").unwrap();
-    let o = phlora(&[
-        "convert",
-        huge.to_str().unwrap(),
-        "--to",
-        "gguf",
-        "--base",
-        base.to_str().unwrap(),
-        "--out",
-        target.to_str().unwrap(),
-        "--type",
-        "bf16",
-        "--quiet",
-    ]);
+    let o = convert(&huge, &base, &target, &["--type", "bf16"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stale.exists() && target.exists());
     // A base of another size: a clear error, no file, no temporary file.
@@ -603,23 +589,11 @@ fn what_llama_cpp_cannot_take_is_refused_before_any_work_or_leaves_nothing_behin
     c["hidden_size"] = 48.into();
     std::fs::write(wrong.join("config.json"), c.to_string()).unwrap();
     let target = dir.path().join("w.gguf");
-    let o = convert(&[
-        "--base",
-        wrong.to_str().unwrap(),
-        "--out",
-        target.to_str().unwrap(),
-    ]);
+    let o = convert(&ad, &wrong, &target, &[]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("hidden_size 48"), "{}", stderr(&o));
-    let left: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
-    assert!(
-        !left.iter().any(|n| n.to_string_lossy().contains("w.gguf")),
-        "{left:?}"
-    );
+    let left = named_like(dir.path(), "w.gguf");
+    assert!(left.is_empty(), "{left:?}");
     // A rerun as --target peft removes the GGUF of the older factors.
     let o = extract_pair(&root, &ad, &["--rank", "4", "--force"], &[]);
     assert!(o.status.success());
